@@ -1,0 +1,119 @@
+//! The QUIC side of the wire protocol, shared by the relay and the client: reading and writing length-delimited
+//! frames on quinn streams, the single rustls crypto provider (ring), transport settings, and UDP sockets with
+//! buffers large enough for loopback load.
+//!
+//! Holds no protocol decisions (those are in `relay-proto`) and no cryptography beyond QUIC's own TLS.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use relay_proto::auth::{EXPORTER_LABEL, EXPORTER_LEN};
+use relay_proto::frame::{self, FrameError, PREFIX_LEN};
+
+/// UDP send and receive buffer size. The 208 KiB Linux default drops datagrams under loopback load.
+pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why a frame could not be read from a stream.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The peer announced an oversized frame or sent a body that does not decode.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    /// The stream failed (reset by the peer, connection lost).
+    #[error("stream error: {0}")]
+    Stream(#[from] quinn::ReadError),
+}
+
+/// Why a frame could not be written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The message is larger than the maximum frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream failed.
+    #[error("stream error: {0}")]
+    Stream(#[from] quinn::WriteError),
+}
+
+fn read_exact_error(e: quinn::ReadExactError) -> ReadError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(_) => ReadError::Truncated,
+        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
+    }
+}
+
+/// Reads one frame. `Ok(None)` when the peer finished the stream cleanly between frames. The body buffer is
+/// allocated only after its announced length has been checked against `max`.
+pub async fn read_frame<M: Message + Default>(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<M>, ReadError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    let mut filled = 0;
+    while filled < PREFIX_LEN {
+        match recv.read(&mut prefix[filled..]).await? {
+            Some(n) => filled += n,
+            None if filled == 0 => return Ok(None),
+            None => return Err(ReadError::Truncated),
+        }
+    }
+    let len = frame::body_len(prefix, max)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(read_exact_error)?;
+    Ok(Some(frame::decode_body(&body)?))
+}
+
+/// Writes one frame.
+pub async fn write_frame<M: Message>(send: &mut quinn::SendStream, msg: &M) -> Result<(), WriteError> {
+    let bytes = frame::encode(msg)?;
+    send.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// The process's one rustls crypto provider (ring). Every rustls config is built with it explicitly, so a second
+/// provider compiled into the binary can never make rustls panic.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Transport settings shared by both ends.
+pub fn transport_config(max_bidi_streams: u32, idle_timeout: Duration, keep_alive: Option<Duration>) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(max_bidi_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
+    t.keep_alive_interval(keep_alive);
+    t
+}
+
+/// Binds a UDP socket with enlarged buffers (best effort: the kernel may cap them at `net.core.rmem_max`).
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES).ok();
+    socket.set_send_buffer_size(SOCKET_BUFFER_BYTES).ok();
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Creates an endpoint on `addr` with tuned socket buffers.
+pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let socket = udp_socket(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime found for quinn"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+}
+
+/// The TLS keying material that authentication transcripts are bound to.
+pub fn exporter(conn: &quinn::Connection) -> Result<[u8; EXPORTER_LEN], quinn::crypto::ExportKeyingMaterialError> {
+    let mut out = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")?;
+    Ok(out)
+}

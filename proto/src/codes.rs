@@ -1,0 +1,42 @@
+//! Error codes: the stable `ErrorCode` carried in error frames, and the QUIC application codes used when a stream or
+//! connection has to be closed because of what the peer sent.
+
+pub use crate::wire::ErrorCode;
+use crate::wire::{server_frame::Body, Error, ServerFrame};
+
+/// QUIC application error codes for `RESET_STREAM` / `STOP_SENDING` / `CONNECTION_CLOSE`. Stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum StreamCloseCode {
+    /// Orderly close, nothing wrong.
+    Done = 0,
+    /// The peer sent a malformed or unexpected frame.
+    ProtocolError = 1,
+    /// The peer announced a frame larger than the maximum.
+    FrameTooLarge = 2,
+    /// The relay is shutting down.
+    Shutdown = 3,
+    /// The peer exceeded a limit (streams, rate) and this stream or connection is refused.
+    Refused = 4,
+}
+
+impl StreamCloseCode {
+    /// The numeric code on the wire.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+impl ServerFrame {
+    /// An error frame with a stable code and a human-readable message.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { body: Some(Body::Error(Error { code: code as i32, message: message.into() })) }
+    }
+}
+
+/// Prost's generated `Error::code()` maps an unknown number to `Unspecified`.
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.code().as_str_name(), self.code, self.message)
+    }
+}

@@ -1,0 +1,36 @@
+//! Consent Relay wire protocol: the schema (prost types generated from `protos/relay.proto`), the length-delimited
+//! framing codec, protocol constants, error codes and the pure parts of authentication (transcripts, account ids,
+//! phone number validation).
+//!
+//! This crate does no I/O and depends on nothing async: bytes go in, values or typed errors come out. The relay and
+//! the client are thin drivers around it.
+
+pub mod auth;
+pub mod codes;
+pub mod frame;
+pub mod phone;
+
+/// The prost types generated from `protos/relay.proto` (package `relay.v1`).
+#[allow(missing_docs, clippy::all)]
+pub mod wire {
+    include!(concat!(env!("OUT_DIR"), "/relay.v1.rs"));
+}
+
+pub use auth::{AccountId, ACCOUNT_ID_LEN};
+pub use codes::{ErrorCode, StreamCloseCode};
+pub use frame::{FrameError, MAX_FRAME_LEN};
+pub use phone::{PhoneError, PhoneNumber};
+
+/// ALPN identifier of protocol version 1; both endpoints refuse a QUIC connection without it.
+pub const ALPN: &[u8] = b"consent-relay/1";
+
+/// The protocol version carried in `Register` and `Auth`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Current wall-clock time in milliseconds since the Unix epoch (0 if the clock is before the epoch).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
