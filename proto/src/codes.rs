@@ -2,7 +2,7 @@
 //! connection has to be closed because of what the peer sent.
 
 pub use crate::wire::ErrorCode;
-use crate::wire::{server_frame::Body, Error, ServerFrame};
+use crate::wire::{Error, ServerFrame, server_frame::Body};
 
 /// QUIC application error codes for `RESET_STREAM` / `STOP_SENDING` / `CONNECTION_CLOSE`. Stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,7 +88,7 @@ pub fn encode<M: Message>(msg: &M) -> Result<Bytes, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{client_frame::Body, ClientFrame, Lookup};
+    use crate::wire::{ClientFrame, Lookup, client_frame::Body};
 
     fn lookup(phone: &str) -> ClientFrame {
         ClientFrame { body: Some(Body::Lookup(Lookup { phone: phone.into() })) }

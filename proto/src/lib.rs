@@ -16,7 +16,7 @@ pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/relay.v1.rs"));
 }
 
-pub use auth::{AccountId, ACCOUNT_ID_LEN};
+pub use auth::{ACCOUNT_ID_LEN, AccountId};
 pub use codes::{ErrorCode, StreamCloseCode};
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use phone::{PhoneError, PhoneNumber};

@@ -1,1 +1,21 @@
-pub fn x(){}
+//! relayd: the Consent Relay QUIC store-and-forward relay.
+//!
+//! The relay stores and forwards opaque envelopes. It never links AEAD, ratchet or KEM code, so it cannot decrypt
+//! what it carries; it stores no sender for an envelope; its message path reads no phone number or device info.
+//! A send is acknowledged only once the envelope is durable (group commit).
+//!
+//! Modules: [`config`] (settings and limits), [`tls`] (certificate), [`store`] (sled trees, group commit),
+//! [`relay`] (endpoint and connections), [`session`] (requests on a connection), [`delivery`] (push and acks),
+//! [`reject`] (error codes), [`ratelimit`].
+
+pub mod config;
+pub mod delivery;
+pub mod ratelimit;
+pub mod reject;
+pub mod relay;
+pub mod session;
+pub mod store;
+pub mod tls;
+
+pub use config::Config;
+pub use relay::{RelayHandle, StartError, start};

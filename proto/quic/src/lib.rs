@@ -51,7 +51,10 @@ fn read_exact_error(e: quinn::ReadExactError) -> ReadError {
 
 /// Reads one frame. `Ok(None)` when the peer finished the stream cleanly between frames. The body buffer is
 /// allocated only after its announced length has been checked against `max`.
-pub async fn read_frame<M: Message + Default>(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<M>, ReadError> {
+pub async fn read_frame<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<M>, ReadError> {
     let mut prefix = [0u8; PREFIX_LEN];
     let mut filled = 0;
     while filled < PREFIX_LEN {
@@ -81,7 +84,11 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Transport settings shared by both ends.
-pub fn transport_config(max_bidi_streams: u32, idle_timeout: Duration, keep_alive: Option<Duration>) -> quinn::TransportConfig {
+pub fn transport_config(
+    max_bidi_streams: u32,
+    idle_timeout: Duration,
+    keep_alive: Option<Duration>,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(max_bidi_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
@@ -106,8 +113,7 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 /// Creates an endpoint on `addr` with tuned socket buffers.
 pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
     let socket = udp_socket(addr)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime found for quinn"))?;
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found for quinn"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }
 

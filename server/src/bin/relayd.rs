@@ -1,1 +1,68 @@
-fn main(){}
+//! `relayd [--config FILE] [--data DIR] [--listen ADDR]`: runs the relay until SIGINT or SIGTERM.
+//!
+//! When ready it prints exactly one line on stdout, `listening on <ip:port> cert-sha256 <hex>`; logs go to stderr
+//! (`RUST_LOG` sets the level, default `info`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use relay_server::Config;
+
+#[derive(Parser)]
+#[command(name = "relayd", version, about = "Consent Relay: end-to-end encrypted store-and-forward relay over QUIC")]
+struct Args {
+    /// TOML configuration file (every key optional; flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory: sled store, certificate and key [default: ./relay-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// UDP address to listen on [default: 127.0.0.1:4433].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(data) = args.data {
+        config.data_dir = data;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let relay = relay_server::start(config).await.context("relayd could not start")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", relay.ready_line())?;
+        out.flush()?;
+    }
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Relay configuration: a TOML file (every key optional) overridden by command-line flags, with documented defaults
+//! and one `check()` that rejects bad combinations before the relay starts.
+//!
+//! ```toml
+//! listen = "127.0.0.1:4433"
+//! data_dir = "./relay-data"
+//!
+//! [limits]
+//! max_envelope_bytes = 65536          # largest envelope accepted by `Send`
+//! mailbox_max_messages = 10000        # per-recipient quota, messages
+//! mailbox_max_bytes = 67108864        # per-recipient quota, envelope bytes (64 MiB)
+//! message_ttl_secs = 2592000          # undelivered envelopes expire after 30 days
+//! expiry_sweep_secs = 60              # how often expired envelopes are removed
+//! lookups_per_minute = 60             # phone lookups per account (burst = the same number)
+//! max_streams_per_connection = 256    # concurrent bidirectional streams per connection
+//! delivery_window = 256               # envelopes pushed but not yet acknowledged, per delivery stream
+//! idle_timeout_secs = 60              # connection idle timeout
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_proto::MAX_FRAME_LEN;
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./relay-data";
+
+/// Full relay configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// UDP address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Directory holding the sled store and the TLS certificate and key.
+    pub data_dir: PathBuf,
+    /// Quotas and limits.
+    pub limits: Limits,
+}
+
+/// Quotas and limits, each with the default documented in the module header.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest envelope accepted, in bytes.
+    pub max_envelope_bytes: usize,
+    /// Most envelopes queued for one recipient.
+    pub mailbox_max_messages: u64,
+    /// Most envelope bytes queued for one recipient.
+    pub mailbox_max_bytes: u64,
+    /// Lifetime of an undelivered envelope, in seconds.
+    pub message_ttl_secs: u64,
+    /// Interval between sweeps of expired envelopes, in seconds.
+    pub expiry_sweep_secs: u64,
+    /// Phone-number lookups allowed per account per minute.
+    pub lookups_per_minute: u32,
+    /// Concurrent bidirectional streams a client may open on one connection.
+    pub max_streams_per_connection: u32,
+    /// Envelopes pushed on a delivery stream and not yet acknowledged, at most.
+    pub delivery_window: usize,
+    /// Idle timeout of a connection, in seconds.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 4433))),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_envelope_bytes: 64 * 1024,
+            mailbox_max_messages: 10_000,
+            mailbox_max_bytes: 64 * 1024 * 1024,
+            message_ttl_secs: 30 * 24 * 3600,
+            expiry_sweep_secs: 60,
+            lookups_per_minute: 60,
+            max_streams_per_connection: 256,
+            delivery_window: 256,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// Rejects values the relay cannot honour.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        // An envelope travels in a Send frame with a few bytes of framing around it.
+        let max_envelope = MAX_FRAME_LEN - 1024;
+        if l.max_envelope_bytes == 0 || l.max_envelope_bytes > max_envelope {
+            return invalid(format!("limits.max_envelope_bytes must be between 1 and {max_envelope}"));
+        }
+        if l.mailbox_max_messages == 0 {
+            return invalid("limits.mailbox_max_messages must be at least 1".into());
+        }
+        if l.mailbox_max_bytes < l.max_envelope_bytes as u64 {
+            return invalid("limits.mailbox_max_bytes must be at least limits.max_envelope_bytes".into());
+        }
+        if l.message_ttl_secs == 0 || l.expiry_sweep_secs == 0 {
+            return invalid("limits.message_ttl_secs and limits.expiry_sweep_secs must be at least 1".into());
+        }
+        if l.lookups_per_minute == 0 {
+            return invalid("limits.lookups_per_minute must be at least 1".into());
+        }
+        if !(2..=10_000).contains(&l.max_streams_per_connection) {
+            return invalid("limits.max_streams_per_connection must be between 2 and 10000".into());
+        }
+        if !(1..=100_000).contains(&l.delivery_window) {
+            return invalid("limits.delivery_window must be between 1 and 100000".into());
+        }
+        if !(1..=3600).contains(&l.idle_timeout_secs) {
+            return invalid("limits.idle_timeout_secs must be between 1 and 3600".into());
+        }
+        Ok(())
+    }
+}
+
+impl Limits {
+    /// Message lifetime as a duration.
+    pub fn message_ttl(&self) -> Duration {
+        Duration::from_secs(self.message_ttl_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_pass_check() {
+        Config::default().check().expect("defaults are valid");
+    }
+
+    #[test]
+    fn partial_file_keeps_defaults_and_unknown_keys_fail() {
+        let c: Config = toml::from_str("[limits]\nmailbox_max_messages = 5\n").expect("valid toml");
+        assert_eq!(c.limits.mailbox_max_messages, 5);
+        assert_eq!(c.limits.max_envelope_bytes, Limits::default().max_envelope_bytes);
+        assert!(toml::from_str::<Config>("[limits]\nmailbox_max_mesages = 5\n").is_err());
+    }
+
+    #[test]
+    fn check_rejects_impossible_values() {
+        let mut c = Config::default();
+        c.limits.max_envelope_bytes = MAX_FRAME_LEN;
+        assert!(c.check().is_err());
+        let mut c = Config::default();
+        c.limits.mailbox_max_bytes = 10;
+        assert!(c.check().is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! Delivery: pushing a mailbox to its owner over the connection's delivery stream.
+//!
+//! The mailbox in the store is the only source of truth. A delivery stream keeps a cursor (the highest server id it
+//! has pushed) and, whenever the mailbox may have changed, pushes entries above the cursor, at most `window` of them
+//! unacknowledged at a time, so a client that never reads or never acks costs bounded memory: the backlog stays in
+//! sled. Senders wake delivery streams through [`Subscribers`] after their envelope is durable. Acks remove entries
+//! from the authenticated account's own mailbox only.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use relay_proto::wire::{Acked, ClientFrame, Deliver, QueueEmpty, ServerFrame, client_frame, server_frame};
+use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, StreamCloseCode};
+use relay_quic::{ReadError, read_frame, write_frame};
+use tokio::sync::{mpsc, watch};
+
+use crate::reject::Reject;
+use crate::relay::Shared;
+
+/// Wake-ups for online recipients, one watch channel per account with at least one delivery stream.
+#[derive(Default)]
+pub struct Subscribers {
+    map: Mutex<HashMap<AccountId, watch::Sender<u64>>>,
+}
+
+/// A registration in [`Subscribers`]; unregisters on drop.
+pub struct Subscription {
+    registry: Arc<Subscribers>,
+    account: AccountId,
+    rx: watch::Receiver<u64>,
+}
+
+impl Subscribers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, watch::Sender<u64>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a delivery stream of `account`.
+    pub fn subscribe(self: &Arc<Self>, account: AccountId) -> Subscription {
+        let rx = self.lock().entry(account).or_insert_with(|| watch::Sender::new(0)).subscribe();
+        Subscription { registry: self.clone(), account, rx }
+    }
+
+    /// Tells `account`'s delivery streams, if any, that its mailbox changed.
+    pub fn notify(&self, account: &AccountId) {
+        if let Some(tx) = self.lock().get(account) {
+            tx.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// Number of accounts with a delivery stream open.
+    pub fn online(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut map = self.registry.lock();
+        if map.get(&self.account).is_some_and(|tx| tx.receiver_count() <= 1) {
+            map.remove(&self.account);
+        }
+    }
+}
+
+enum Incoming {
+    Ack(Vec<u64>),
+    Bad(Reject, StreamCloseCode),
+}
+
+/// Reads the client's half of a delivery stream: only `Ack` frames are expected. Runs in its own task so that the
+/// push loop never cancels a half-read frame.
+async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>) {
+    loop {
+        let item = match read_frame::<ClientFrame>(&mut recv, MAX_FRAME_LEN).await {
+            Ok(Some(ClientFrame { body: Some(client_frame::Body::Ack(ack)) })) => Incoming::Ack(ack.server_ids),
+            Ok(Some(ClientFrame { body: Some(client_frame::Body::Subscribe(_)) })) => Incoming::Bad(
+                Reject::new(ErrorCode::AlreadySubscribed, "this stream is already the delivery stream"),
+                StreamCloseCode::ProtocolError,
+            ),
+            Ok(Some(_)) => Incoming::Bad(
+                Reject::invalid("only Ack frames are accepted on the delivery stream"),
+                StreamCloseCode::ProtocolError,
+            ),
+            Ok(None) | Err(ReadError::Stream(_)) => return,
+            Err(e) => {
+                let (code, close) = crate::session::frame_error_codes(&e);
+                Incoming::Bad(Reject::new(code, e.to_string()), close)
+            }
+        };
+        let stop = match &item {
+            Incoming::Bad(_, close) => Some(*close),
+            Incoming::Ack(_) => None,
+        };
+        if let Some(close) = stop {
+            recv.stop(close.code().into()).ok();
+        }
+        if tx.send(item).await.is_err() || stop.is_some() {
+            return;
+        }
+    }
+}
+
+fn frame(body: server_frame::Body) -> ServerFrame {
+    ServerFrame { body: Some(body) }
+}
+
+/// Serves a delivery stream of `account` until the client closes it, the connection ends or it misbehaves.
+pub async fn run(shared: Arc<Shared>, account: AccountId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    if let Err(e) = push_loop(&shared, account, &mut send, recv).await {
+        tracing::debug!(error = %e, "delivery stream ended");
+    }
+}
+
+async fn push_loop(
+    shared: &Shared,
+    account: AccountId,
+    send: &mut quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), relay_quic::WriteError> {
+    let mut subscription = shared.subscribers.subscribe(account);
+    let (tx, mut incoming) = mpsc::channel(8);
+    let reader = tokio::spawn(read_acks(recv, tx));
+    let _abort_reader = AbortOnDrop(reader);
+    let window = shared.limits.delivery_window;
+    let mut cursor = 0u64;
+    let mut in_flight = BTreeSet::new();
+    let mut told_empty = false;
+    loop {
+        let room = window.saturating_sub(in_flight.len());
+        if room > 0 {
+            // Mark the change seen before scanning: a send that lands during the scan wakes us again.
+            subscription.rx.borrow_and_update();
+            let batch = match shared.store.mailboxes.scan(&account, cursor, room, relay_proto::now_ms()) {
+                Ok(b) => b,
+                Err(e) => {
+                    write_frame(send, &Reject::from(e).to_frame()).await?;
+                    return Ok(());
+                }
+            };
+            for e in &batch {
+                let deliver = Deliver { server_id: e.id, stored_at_ms: e.stored_at_ms, envelope: e.envelope.clone() };
+                write_frame(send, &frame(server_frame::Body::Deliver(deliver))).await?;
+                cursor = e.id;
+                in_flight.insert(e.id);
+                told_empty = false;
+            }
+            if batch.len() < room && !told_empty {
+                write_frame(send, &frame(server_frame::Body::QueueEmpty(QueueEmpty {}))).await?;
+                told_empty = true;
+            }
+        }
+        let has_room = in_flight.len() < window;
+        tokio::select! {
+            changed = subscription.rx.changed(), if has_room => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            item = incoming.recv() => match item {
+                Some(Incoming::Ack(ids)) => {
+                    let removed = match shared.store.mailboxes.remove(&account, &ids) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            write_frame(send, &Reject::from(e).to_frame()).await?;
+                            return Ok(());
+                        }
+                    };
+                    for id in &ids {
+                        in_flight.remove(id);
+                    }
+                    write_frame(send, &frame(server_frame::Body::Acked(Acked { removed }))).await?;
+                }
+                Some(Incoming::Bad(reject, _)) => {
+                    // The reader already stopped the client's half with the close code; the error frame still
+                    // reaches the client before our half finishes.
+                    write_frame(send, &reject.to_frame()).await?;
+                    send.finish().ok();
+                    return Ok(());
+                }
+                None => {
+                    send.finish().ok();
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,73 @@
+//! `Reject`: why the relay refused a request, with the stable wire code. Every internal error is mapped to a wire
+//! error here and nowhere else. Messages are for humans and contain no personal data.
+
+use relay_proto::ErrorCode;
+use relay_proto::wire::ServerFrame;
+
+use crate::store::{CommitError, DirectoryError, MailboxError};
+
+/// A refused request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl Reject {
+    /// A reject with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// The request is well-formed protobuf but makes no sense (wrong lengths, missing fields).
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, message)
+    }
+
+    /// The operation needs an authenticated connection.
+    pub fn unauthenticated() -> Self {
+        Self::new(ErrorCode::Unauthenticated, "authenticate with Auth or Register first")
+    }
+
+    /// The error frame sent to the client.
+    pub fn to_frame(&self) -> ServerFrame {
+        ServerFrame::error(self.code, self.message.clone())
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> Reject {
+    tracing::error!(error = %e, "storage failure");
+    Reject::new(ErrorCode::StorageUnavailable, "the relay could not store this request; nothing was acknowledged")
+}
+
+impl From<MailboxError> for Reject {
+    fn from(e: MailboxError) -> Self {
+        match e {
+            MailboxError::QuotaExceeded { .. } => Reject::new(ErrorCode::QuotaExceeded, format!("recipient's {e}")),
+            MailboxError::Store(e) => storage(e),
+        }
+    }
+}
+
+impl From<DirectoryError> for Reject {
+    fn from(e: DirectoryError) -> Self {
+        match e {
+            DirectoryError::PhoneTaken => Reject::new(ErrorCode::PhoneTaken, e.to_string()),
+            DirectoryError::Corrupt | DirectoryError::Store(_) => storage(e),
+        }
+    }
+}
+
+impl From<CommitError> for Reject {
+    fn from(e: CommitError) -> Self {
+        storage(e)
+    }
+}
+
+impl From<sled::Error> for Reject {
+    fn from(e: sled::Error) -> Self {
+        storage(e)
+    }
+}

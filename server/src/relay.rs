@@ -1,0 +1,191 @@
+//! The relay process: binds the QUIC endpoint, accepts connections, runs the expiry sweep, shuts down cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_proto::StreamCloseCode;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::config::{Config, Limits};
+use crate::delivery::Subscribers;
+use crate::ratelimit::RateLimiter;
+use crate::session::{Session, serve_stream};
+use crate::store::{MailboxLimits, Store};
+use crate::tls::Identity;
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The durable store.
+    pub store: Store,
+    /// Limits in force.
+    pub limits: Limits,
+    /// Online recipients.
+    pub subscribers: Arc<Subscribers>,
+    /// Phone lookups per account.
+    pub lookups: RateLimiter<relay_proto::AccountId>,
+}
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory could not be created.
+    #[error("data directory {0}: {1}")]
+    DataDir(std::path::PathBuf, std::io::Error),
+    /// The TLS identity could not be loaded or created.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The store could not be opened (another relay may be using it).
+    #[error("cannot open store: {0}")]
+    Store(#[from] sled::Error),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    local_addr: SocketAddr,
+    fingerprint: String,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// The bound address (the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Hex SHA-256 of the relay's certificate.
+    pub fn cert_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The line the relay prints on stdout when it is ready.
+    pub fn ready_line(&self) -> String {
+        format!("listening on {} cert-sha256 {}", self.local_addr, self.fingerprint)
+    }
+
+    /// Stops accepting, closes connections, flushes the store and waits until everything is released.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        self.task.await.ok();
+    }
+}
+
+/// Starts a relay with `config` on the current tokio runtime.
+pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
+    config.check()?;
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
+    let identity = Identity::load_or_create(data)?;
+    let limits = config.limits.clone();
+    let mailbox_limits = MailboxLimits {
+        max_messages: limits.mailbox_max_messages,
+        max_bytes: limits.mailbox_max_bytes,
+        ttl_ms: limits.message_ttl_secs.saturating_mul(1000),
+    };
+    let store = Store::open(&data.join("store"), mailbox_limits)?;
+
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(identity.server_crypto()?));
+    server.transport_config(Arc::new(relay_quic::transport_config(
+        limits.max_streams_per_connection,
+        Duration::from_secs(limits.idle_timeout_secs),
+        None,
+    )));
+    let endpoint = relay_quic::endpoint(config.listen, Some(server)).map_err(|e| StartError::Bind(config.listen, e))?;
+    let local_addr = endpoint.local_addr().map_err(|e| StartError::Bind(config.listen, e))?;
+
+    let shared = Arc::new(Shared {
+        store,
+        lookups: RateLimiter::new(limits.lookups_per_minute),
+        subscribers: Arc::new(Subscribers::default()),
+        limits,
+    });
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(run(endpoint, shared, rx));
+    Ok(RelayHandle { local_addr, fingerprint: identity.fingerprint(), shutdown, task })
+}
+
+async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    let sweeper = tokio::spawn(sweep_expired(shared.clone()));
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                next_id += 1;
+                let span = tracing::info_span!("conn", id = next_id, remote = %incoming.remote_address());
+                connections.spawn(serve_connection(shared.clone(), incoming).instrument(span));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    sweeper.abort();
+    endpoint.close(StreamCloseCode::Shutdown.code().into(), b"relay shutting down");
+    if tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.is_err() {
+        tracing::warn!("connections did not close within 2 s");
+    }
+    connections.shutdown().await;
+    if let Err(e) = shared.store.commit.durable().await {
+        tracing::error!(error = %e, "final flush failed");
+    }
+    tracing::info!("relay stopped");
+}
+
+async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let exporter = match relay_quic::exporter(&conn) {
+        Ok(x) => x,
+        Err(_) => {
+            conn.close(StreamCloseCode::ProtocolError.code().into(), b"no keying material");
+            return;
+        }
+    };
+    tracing::debug!("connected");
+    let session = Arc::new(Session::new(exporter));
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(shared.clone(), session.clone(), send, recv).in_current_span());
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "connection closed");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+async fn sweep_expired(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(shared.limits.expiry_sweep_secs));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let s = shared.clone();
+        match tokio::task::spawn_blocking(move || s.store.mailboxes.sweep_expired(relay_proto::now_ms())).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired envelopes removed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+            _ => {}
+        }
+    }
+}

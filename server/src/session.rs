@@ -1,0 +1,224 @@
+//! One client connection: its authentication state and its request streams.
+//!
+//! Each bidirectional stream carries request frames answered in order; a stream that sends `Subscribe` becomes the
+//! delivery stream. A refused request gets an error frame and the stream stays usable. A frame that is oversized,
+//! undecodable or cut short gets an error frame, and then that stream (only) is closed with a protocol error code;
+//! the connection and its other streams go on.
+//!
+//! Authentication (`Auth`, or `Register` for a new account) is a signature by the account's identity key over a
+//! transcript bound to this connection's TLS keying material, so it cannot be replayed on another connection. A
+//! connection authenticates once, as one account.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use relay_proto::auth::{EXPORTER_LEN, KEY_LEN, auth_transcript, register_transcript};
+use relay_proto::frame::FrameError;
+use relay_proto::wire::{
+    Ack, Acked, Auth, AuthOk, ClientFrame, Lookup, LookupResult, Register, Registered, Send, SendAck, ServerFrame,
+    client_frame::Body as Req, server_frame::Body as Resp,
+};
+use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, PhoneNumber, StreamCloseCode};
+use relay_quic::{ReadError, read_frame, write_frame};
+
+use crate::reject::Reject;
+use crate::relay::Shared;
+use crate::store::directory::AccountKeys;
+
+/// Longest accepted device-info field, in bytes.
+pub const MAX_DEVICE_FIELD: usize = 64;
+
+/// Per-connection state.
+pub struct Session {
+    exporter: [u8; EXPORTER_LEN],
+    account: OnceLock<AccountId>,
+}
+
+impl Session {
+    /// A new, unauthenticated session bound to the connection's exported keying material.
+    pub fn new(exporter: [u8; EXPORTER_LEN]) -> Self {
+        Self { exporter, account: OnceLock::new() }
+    }
+
+    fn account(&self) -> Result<AccountId, Reject> {
+        self.account.get().copied().ok_or_else(Reject::unauthenticated)
+    }
+
+    fn authenticate(&self, account: AccountId) -> Result<(), Reject> {
+        let current = *self.account.get_or_init(|| account);
+        if current != account {
+            return Err(Reject::invalid("this connection is already authenticated as another account"));
+        }
+        Ok(())
+    }
+}
+
+/// The error code and stream close code for a frame that could not be read.
+pub(crate) fn frame_error_codes(e: &ReadError) -> (ErrorCode, StreamCloseCode) {
+    match e {
+        ReadError::Frame(FrameError::TooLarge { .. }) => (ErrorCode::FrameTooLarge, StreamCloseCode::FrameTooLarge),
+        _ => (ErrorCode::MalformedFrame, StreamCloseCode::ProtocolError),
+    }
+}
+
+/// Serves one request stream.
+pub async fn serve_stream(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    loop {
+        let frame = match read_frame::<ClientFrame>(&mut recv, MAX_FRAME_LEN).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                send.finish().ok();
+                return;
+            }
+            Err(ReadError::Stream(_)) => return,
+            Err(e) => {
+                let (code, close) = frame_error_codes(&e);
+                tracing::debug!(error = %e, "bad frame, closing stream");
+                recv.stop(close.code().into()).ok();
+                write_frame(&mut send, &Reject::new(code, e.to_string()).to_frame()).await.ok();
+                send.finish().ok();
+                return;
+            }
+        };
+        let reply = match frame.body {
+            Some(Req::Subscribe(_)) => match session.account() {
+                Ok(account) => return crate::delivery::run(shared, account, send, recv).await,
+                Err(reject) => Err(reject),
+            },
+            Some(Req::Register(r)) => register(&shared, &session, r).await,
+            Some(Req::Auth(a)) => auth(&shared, &session, a),
+            Some(Req::Lookup(l)) => lookup(&shared, &session, l),
+            Some(Req::Send(s)) => send_envelope(&shared, &session, s).await,
+            Some(Req::Ack(a)) => ack(&shared, &session, a),
+            None => Err(Reject::invalid("empty or unknown request")),
+        };
+        let frame = reply.unwrap_or_else(|r| r.to_frame());
+        if write_frame(&mut send, &frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn resp(body: Resp) -> Result<ServerFrame, Reject> {
+    Ok(ServerFrame { body: Some(body) })
+}
+
+fn key32(bytes: &[u8], what: &str) -> Result<[u8; KEY_LEN], Reject> {
+    bytes.try_into().map_err(|_| Reject::invalid(format!("{what} must be {KEY_LEN} bytes")))
+}
+
+fn check_version(v: u32) -> Result<(), Reject> {
+    if v != PROTOCOL_VERSION {
+        return Err(Reject::new(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {v} is not supported (this relay speaks {PROTOCOL_VERSION})"),
+        ));
+    }
+    Ok(())
+}
+
+fn verify(identity_key: &[u8; KEY_LEN], transcript: &[u8], signature: &[u8]) -> Result<(), Reject> {
+    let bad = || Reject::new(ErrorCode::BadSignature, "signature does not verify for this identity key and connection");
+    let key = VerifyingKey::from_bytes(identity_key).map_err(|_| bad())?;
+    let sig = Signature::from_slice(signature).map_err(|_| bad())?;
+    key.verify_strict(transcript, &sig).map_err(|_| bad())
+}
+
+async fn register(shared: &Shared, session: &Session, r: Register) -> Result<ServerFrame, Reject> {
+    check_version(r.protocol_version)?;
+    let identity_key = key32(&r.identity_key, "identity_key")?;
+    let sealing_key = key32(&r.sealing_key, "sealing_key")?;
+    let phone = PhoneNumber::parse(&r.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
+    let device = r.device.unwrap_or_default();
+    for (name, value) in [("model", &device.model), ("os", &device.os), ("app_version", &device.app_version)] {
+        if value.len() > MAX_DEVICE_FIELD || value.chars().any(char::is_control) {
+            return Err(Reject::invalid(format!(
+                "device {name} must be at most {MAX_DEVICE_FIELD} bytes of printable text"
+            )));
+        }
+    }
+    let transcript = register_transcript(&session.exporter, &identity_key, &sealing_key, phone.as_str(), &device);
+    verify(&identity_key, &transcript, &r.signature)?;
+    let account = AccountId::from_identity_key(&identity_key);
+    if session.account.get().is_some_and(|a| *a != account) {
+        return Err(Reject::invalid("this connection is already authenticated as another account"));
+    }
+    let keys = AccountKeys { identity_key, sealing_key };
+    let (account, created) = shared.store.directory.register(keys, &phone, device, relay_proto::now_ms())?;
+    shared.store.commit.durable().await?;
+    session.authenticate(account)?;
+    tracing::info!(%account, created, "registered");
+    resp(Resp::Registered(Registered { account_id: account.as_bytes().to_vec().into(), created }))
+}
+
+fn auth(shared: &Shared, session: &Session, a: Auth) -> Result<ServerFrame, Reject> {
+    check_version(a.protocol_version)?;
+    let account = AccountId::from_slice(&a.account_id).ok_or_else(|| Reject::invalid("account_id must be 16 bytes"))?;
+    let keys = shared
+        .store
+        .directory
+        .keys(&account)?
+        .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account: register first"))?;
+    verify(&keys.identity_key, &auth_transcript(&session.exporter, &account), &a.signature)?;
+    session.authenticate(account)?;
+    tracing::debug!(%account, "authenticated");
+    resp(Resp::AuthOk(AuthOk { account_id: a.account_id, server_time_ms: relay_proto::now_ms() }))
+}
+
+fn lookup(shared: &Shared, session: &Session, l: Lookup) -> Result<ServerFrame, Reject> {
+    let account = session.account()?;
+    if !shared.lookups.allow(account, Instant::now()) {
+        return Err(Reject::new(
+            ErrorCode::RateLimited,
+            format!("at most {} lookups per minute", shared.limits.lookups_per_minute),
+        ));
+    }
+    let phone = PhoneNumber::parse(&l.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
+    let (found, keys) = shared
+        .store
+        .directory
+        .lookup(&phone)?
+        .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no account with this phone number"))?;
+    resp(Resp::LookupResult(LookupResult {
+        account_id: found.as_bytes().to_vec().into(),
+        identity_key: keys.identity_key.to_vec().into(),
+        sealing_key: keys.sealing_key.to_vec().into(),
+    }))
+}
+
+/// The message path: stores an opaque envelope for the recipient and acknowledges once it is durable. It records
+/// nothing about the sender and reads no phone number or device info.
+async fn send_envelope(shared: &Shared, session: &Session, s: Send) -> Result<ServerFrame, Reject> {
+    session.account()?;
+    let recipient =
+        AccountId::from_slice(&s.recipient).ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
+    let max = shared.limits.max_envelope_bytes;
+    if s.envelope.len() > max {
+        return Err(Reject::new(
+            ErrorCode::EnvelopeTooLarge,
+            format!("envelope of {} bytes exceeds the limit of {max} bytes", s.envelope.len()),
+        ));
+    }
+    if s.envelope.is_empty() {
+        return Err(Reject::invalid("empty envelope"));
+    }
+    if !shared.store.directory.exists(&recipient)? {
+        return Err(Reject::new(ErrorCode::UnknownRecipient, "no such recipient account"));
+    }
+    let stored = shared.store.mailboxes.append(&recipient, &s.envelope, relay_proto::now_ms())?;
+    shared.store.commit.durable().await?;
+    shared.subscribers.notify(&recipient);
+    resp(Resp::SendAck(SendAck { server_id: stored.id, stored_at_ms: stored.stored_at_ms }))
+}
+
+fn ack(shared: &Shared, session: &Session, a: Ack) -> Result<ServerFrame, Reject> {
+    let account = session.account()?;
+    let removed = shared.store.mailboxes.remove(&account, &a.server_ids)?;
+    resp(Resp::Acked(Acked { removed }))
+}

@@ -1,0 +1,140 @@
+//! Group commit: every acknowledged write waits for a flush of the database, but concurrent writers share one flush.
+//!
+//! A writer first applies its change to sled (in memory), then takes a ticket and waits until a flush that started
+//! after the ticket was issued has completed. One flusher task runs flushes back to back while tickets are
+//! outstanding, so under load each `fsync` covers every write that arrived during the previous one. Nothing is ever
+//! acknowledged before the flush that covers it has succeeded; a failed flush fails every ticket it covered.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::{Notify, watch};
+
+/// A flush failed: the writes it covered may not be durable and must not be acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("storage flush failed: {0}")]
+pub struct CommitError(pub String);
+
+#[derive(Debug, Clone, Default)]
+struct Flushed {
+    /// Every ticket up to this one is durable.
+    durable: u64,
+    /// Every ticket above `durable` and up to this one was covered by a failed flush.
+    failed: u64,
+    error: Option<String>,
+}
+
+/// Counters describing the flushes done so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitStats {
+    /// Flushes completed.
+    pub flushes: u64,
+    /// Tickets (acknowledged writes) covered by those flushes.
+    pub tickets: u64,
+}
+
+/// The group-commit barrier.
+pub struct GroupCommit {
+    issued: AtomicU64,
+    wake: Arc<Notify>,
+    flushed: watch::Sender<Flushed>,
+    flushes: AtomicU64,
+}
+
+impl GroupCommit {
+    /// Starts the flusher task for `db`. The task ends when the last `Arc` is dropped.
+    pub fn start(db: sled::Db) -> Arc<Self> {
+        let gc = Arc::new(Self {
+            issued: AtomicU64::new(0),
+            wake: Arc::new(Notify::new()),
+            flushed: watch::Sender::new(Flushed::default()),
+            flushes: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&gc);
+        let wake = gc.wake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(gc) = weak.upgrade() else { return };
+                let target = gc.issued.load(Ordering::SeqCst);
+                let done = {
+                    let f = gc.flushed.borrow();
+                    f.durable.max(f.failed)
+                };
+                if target <= done {
+                    // A permit stored by `notify_one` before this point makes the wait return at once.
+                    drop(gc);
+                    wake.notified().await;
+                    continue;
+                }
+                let started = Instant::now();
+                let result = db.flush_async().await;
+                gc.flushes.fetch_add(1, Ordering::Relaxed);
+                gc.flushed.send_modify(|f| match result {
+                    Ok(_) => f.durable = target,
+                    Err(ref e) => {
+                        f.failed = target;
+                        f.error = Some(e.to_string());
+                    }
+                });
+                tracing::trace!(target, elapsed_us = started.elapsed().as_micros() as u64, "group flush");
+            }
+        });
+        gc
+    }
+
+    /// Waits until every write applied before this call is durable.
+    ///
+    /// Callers apply their write first, then await this: the ticket is taken after the write, so the flush that
+    /// serves it started after the write and covers it.
+    pub async fn durable(&self) -> Result<(), CommitError> {
+        let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut rx = self.flushed.subscribe();
+        self.wake.notify_one();
+        let state = rx
+            .wait_for(|f| f.durable >= ticket || f.failed >= ticket)
+            .await
+            .map_err(|_| CommitError("store closed".into()))?;
+        if state.durable >= ticket { Ok(()) } else { Err(CommitError(state.error.clone().unwrap_or_default())) }
+    }
+
+    /// Flushes done and tickets served so far.
+    pub fn stats(&self) -> CommitStats {
+        CommitStats { flushes: self.flushes.load(Ordering::Relaxed), tickets: self.flushed.borrow().durable }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        // Wakes the flusher so that it sees the last reference is gone and exits.
+        self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_share_flushes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new().path(dir.path()).open().expect("open");
+        let tree = db.open_tree("t").expect("tree");
+        let gc = GroupCommit::start(db.clone());
+        let mut tasks = Vec::new();
+        for i in 0u32..500 {
+            let (gc, tree) = (gc.clone(), tree.clone());
+            tasks.push(tokio::spawn(async move {
+                tree.insert(i.to_be_bytes(), &[1u8; 64][..]).expect("insert");
+                gc.durable().await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("durable");
+        }
+        let stats = gc.stats();
+        assert_eq!(stats.tickets, 500);
+        assert!(stats.flushes < 500, "{} flushes for 500 writes: no grouping", stats.flushes);
+        assert_eq!(tree.len(), 500);
+    }
+}

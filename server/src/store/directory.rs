@@ -1,0 +1,168 @@
+//! The directory: accounts, their public keys, phone numbers and device info.
+//!
+//! Keys (what authentication and routing need) live in their own tree, apart from the profile (phone number and
+//! device info), so that the message path can check that a recipient exists without reading personal data.
+//! A phone number maps to at most one account; registering it with another identity key is refused.
+
+use prost::Message;
+use relay_proto::auth::KEY_LEN;
+use relay_proto::wire::DeviceInfo;
+use relay_proto::{AccountId, PhoneNumber};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// Public keys of an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountKeys {
+    /// Ed25519 identity key.
+    pub identity_key: [u8; KEY_LEN],
+    /// X25519 key that envelopes are sealed to.
+    pub sealing_key: [u8; KEY_LEN],
+}
+
+impl AccountKeys {
+    fn to_bytes(self) -> [u8; 2 * KEY_LEN] {
+        let mut b = [0u8; 2 * KEY_LEN];
+        b[..KEY_LEN].copy_from_slice(&self.identity_key);
+        b[KEY_LEN..].copy_from_slice(&self.sealing_key);
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        Some(Self { identity_key: b.get(..KEY_LEN)?.try_into().ok()?, sealing_key: b.get(KEY_LEN..)?.try_into().ok()? })
+    }
+}
+
+/// Stored profile of an account (personal data).
+#[derive(Clone, PartialEq, Message)]
+struct Profile {
+    #[prost(string, tag = "1")]
+    phone: String,
+    #[prost(message, optional, tag = "2")]
+    device: Option<DeviceInfo>,
+    #[prost(uint64, tag = "3")]
+    registered_at_ms: u64,
+}
+
+/// Why a directory operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirectoryError {
+    /// The phone number belongs to another account.
+    #[error("phone number already registered to another account")]
+    PhoneTaken,
+    /// A stored record does not decode.
+    #[error("corrupt directory record")]
+    Corrupt,
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] sled::Error),
+}
+
+/// The directory trees.
+pub struct Directory {
+    identities: sled::Tree,
+    profiles: sled::Tree,
+    phones: sled::Tree,
+}
+
+impl Directory {
+    pub(crate) fn new(identities: sled::Tree, profiles: sled::Tree, phones: sled::Tree) -> Self {
+        Self { identities, profiles, phones }
+    }
+
+    /// Creates the account of `keys.identity_key`, or updates its sealing key, phone and device info. Returns the
+    /// account id and whether it was created. Not yet durable: await the group commit before acknowledging.
+    pub fn register(
+        &self,
+        keys: AccountKeys,
+        phone: &PhoneNumber,
+        device: DeviceInfo,
+        now_ms: u64,
+    ) -> Result<(AccountId, bool), DirectoryError> {
+        let account = AccountId::from_identity_key(&keys.identity_key);
+        let result = (&self.identities, &self.profiles, &self.phones).transaction(|(ids, profiles, phones)| {
+            if let Some(owner) = phones.get(phone.as_str())?
+                && owner.as_ref() != account.as_bytes()
+            {
+                return Err(ConflictableTransactionError::Abort(DirectoryError::PhoneTaken));
+            }
+            let previous = profiles.get(account.as_bytes())?;
+            let mut registered_at_ms = now_ms;
+            if let Some(prev) = &previous {
+                let prev = Profile::decode(prev.as_ref())
+                    .map_err(|_| ConflictableTransactionError::Abort(DirectoryError::Corrupt))?;
+                if prev.phone != phone.as_str() {
+                    phones.remove(prev.phone.as_bytes())?;
+                }
+                registered_at_ms = prev.registered_at_ms;
+            }
+            let profile = Profile { phone: phone.as_str().to_owned(), device: Some(device.clone()), registered_at_ms };
+            ids.insert(&account.as_bytes()[..], &keys.to_bytes()[..])?;
+            profiles.insert(&account.as_bytes()[..], profile.encode_to_vec())?;
+            phones.insert(phone.as_str(), &account.as_bytes()[..])?;
+            Ok(previous.is_none())
+        });
+        match result {
+            Ok(created) => Ok((account, created)),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Public keys of `account`, if it exists.
+    pub fn keys(&self, account: &AccountId) -> Result<Option<AccountKeys>, DirectoryError> {
+        match self.identities.get(account.as_bytes())? {
+            Some(v) => AccountKeys::from_bytes(&v).map(Some).ok_or(DirectoryError::Corrupt),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `account` exists (reads only the keys tree).
+    pub fn exists(&self, account: &AccountId) -> Result<bool, DirectoryError> {
+        Ok(self.identities.contains_key(account.as_bytes())?)
+    }
+
+    /// The account registered with `phone` and its keys.
+    pub fn lookup(&self, phone: &PhoneNumber) -> Result<Option<(AccountId, AccountKeys)>, DirectoryError> {
+        let Some(id) = self.phones.get(phone.as_str())? else { return Ok(None) };
+        let account = AccountId::from_slice(&id).ok_or(DirectoryError::Corrupt)?;
+        Ok(self.keys(&account)?.map(|k| (account, k)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn directory() -> Directory {
+        let db = sled::Config::new().temporary(true).open().expect("open");
+        Directory::new(
+            db.open_tree("i").expect("tree"),
+            db.open_tree("p").expect("tree"),
+            db.open_tree("n").expect("tree"),
+        )
+    }
+
+    fn keys(n: u8) -> AccountKeys {
+        AccountKeys { identity_key: [n; 32], sealing_key: [n + 100; 32] }
+    }
+
+    #[test]
+    fn register_lookup_update_and_phone_ownership() {
+        let d = directory();
+        let p1 = PhoneNumber::parse("+33612345678").expect("valid");
+        let p2 = PhoneNumber::parse("+33698765432").expect("valid");
+        let (a, created) = d.register(keys(1), &p1, DeviceInfo::default(), 1).expect("register");
+        assert!(created);
+        assert_eq!(d.lookup(&p1).expect("lookup"), Some((a, keys(1))));
+        assert!(matches!(d.register(keys(2), &p1, DeviceInfo::default(), 2), Err(DirectoryError::PhoneTaken)));
+        // The same identity moves to a new number: the old one is released.
+        let (a2, created) = d.register(keys(1), &p2, DeviceInfo::default(), 3).expect("update");
+        assert_eq!((a2, created), (a, false));
+        assert_eq!(d.lookup(&p1).expect("lookup"), None);
+        let (b, _) = d.register(keys(2), &p1, DeviceInfo::default(), 4).expect("number is free again");
+        assert!(d.exists(&b).expect("exists"));
+        assert!(!d.exists(&AccountId([9; 16])).expect("exists"));
+    }
+}

@@ -1,0 +1,53 @@
+//! Durable state of the relay, in one sled database under `<data_dir>/store`.
+//!
+//! One tree per concern, all named in [`trees`]. The message path ([`Mailboxes`]) and the directory ([`Directory`])
+//! share nothing but the database handle and the [`GroupCommit`] that makes their writes durable. Each is a narrow
+//! concrete type today so that a distributed engine can later replace it behind the same methods.
+
+pub mod commit;
+pub mod directory;
+pub mod mailbox;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use commit::{CommitError, GroupCommit};
+pub use directory::{Directory, DirectoryError};
+pub use mailbox::{MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
+
+/// Names of the sled trees. Nothing else in the relay opens a tree.
+pub mod trees {
+    /// `recipient account id (16) ‖ server id (8, big-endian)` → `stored_at_ms (8) ‖ expires_at_ms (8) ‖ envelope`.
+    pub const MAILBOXES: &str = "mailboxes";
+    /// `account id` → `identity key (32) ‖ sealing key (32)`: all that authentication and routing need.
+    pub const IDENTITIES: &str = "identities";
+    /// `account id` → profile record (phone, device info). Never read by the message path.
+    pub const PROFILES: &str = "profiles";
+    /// `E.164 phone` → `account id`.
+    pub const PHONES: &str = "phones";
+}
+
+/// The opened store.
+pub struct Store {
+    /// Per-recipient queues of opaque envelopes.
+    pub mailboxes: Mailboxes,
+    /// Accounts, keys, phone numbers and device info.
+    pub directory: Directory,
+    /// Durability barrier shared by every write that is acknowledged to a client.
+    pub commit: Arc<GroupCommit>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime: it starts the flusher task.
+    pub fn open(dir: &Path, limits: MailboxLimits) -> Result<Self, sled::Error> {
+        let db = sled::Config::new().path(dir).open()?;
+        let mailboxes = Mailboxes::new(db.open_tree(trees::MAILBOXES)?, db.clone(), limits);
+        let directory = Directory::new(
+            db.open_tree(trees::IDENTITIES)?,
+            db.open_tree(trees::PROFILES)?,
+            db.open_tree(trees::PHONES)?,
+        );
+        let commit = GroupCommit::start(db);
+        Ok(Self { mailboxes, directory, commit })
+    }
+}

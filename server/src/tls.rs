@@ -1,0 +1,96 @@
+//! The relay's TLS identity: a self-signed certificate generated on first start and kept in the data directory
+//! (`cert.der`, `key.der`, the key readable by the owner only). Clients pin it by the SHA-256 of the DER certificate.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+
+/// The certificate and key the relay presents.
+pub struct Identity {
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+/// Why the TLS identity could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// Reading or writing the files failed.
+    #[error("TLS identity files: {0}")]
+    Io(#[from] std::io::Error),
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls rejected the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn rejected the TLS configuration (missing TLS 1.3 suite).
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+}
+
+impl Identity {
+    /// Loads the identity from `dir`, generating and storing a new one if there is none yet.
+    pub fn load_or_create(dir: &Path) -> Result<Self, TlsError> {
+        let cert_path = dir.join("cert.der");
+        let key_path = dir.join("key.der");
+        if cert_path.exists() && key_path.exists() {
+            let cert = CertificateDer::from(std::fs::read(&cert_path)?);
+            let key = PrivatePkcs8KeyDer::from(std::fs::read(&key_path)?);
+            return Ok(Self { cert, key });
+        }
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "consent-relay".to_owned()])?;
+        let cert = generated.cert.der().clone();
+        let key = PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der());
+        write_private(&key_path, key.secret_pkcs8_der())?;
+        std::fs::write(&cert_path, cert.as_ref())?;
+        Ok(Self { cert, key })
+    }
+
+    /// Lowercase hex SHA-256 of the DER certificate: what clients pin.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(Sha256::digest(self.cert.as_ref()))
+    }
+
+    /// rustls server configuration: TLS 1.3 only, our ALPN, no 0-RTT (early data can be replayed).
+    pub fn server_crypto(&self) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+        let mut tls = rustls::ServerConfig::builder_with_provider(relay_quic::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
+        tls.alpn_protocols = vec![relay_proto::ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_created_once_and_reloaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Identity::load_or_create(dir.path()).expect("create");
+        let again = Identity::load_or_create(dir.path()).expect("reload");
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        assert_eq!(first.fingerprint().len(), 64);
+        first.server_crypto().expect("valid rustls config");
+    }
+}
