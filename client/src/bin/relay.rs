@@ -1,1 +1,205 @@
-fn main() {}
+//! `relay`: the Consent Relay command-line client.
+//!
+//! ```text
+//! relay --home D init --phone +33612345678 [--device-model M] [--os O]
+//! relay --home D register --server 127.0.0.1:4433 --cert-sha256 HEX
+//! relay --home D send --to +33698765432 "text"
+//! relay --home D recv [--wait SECS] [--json]
+//! relay --home D chat --to +33698765432
+//! ```
+//! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use relay_client::messenger::{self, Accepted};
+use relay_client::{Device, Home, InboxEvent, Messenger, ReceivedMessage};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Parser)]
+#[command(name = "relay", version, about = "Consent Relay client: end-to-end encrypted messaging from a terminal")]
+struct Cli {
+    /// Directory holding this client's keys and state [default: <config dir>/consent-relay].
+    #[arg(long, global = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create keys and local state for a phone number.
+    Init {
+        /// Own phone number, E.164 (e.g. +33612345678).
+        #[arg(long)]
+        phone: String,
+        /// Device model reported to the relay.
+        #[arg(long, default_value = "unknown")]
+        device_model: String,
+        /// Operating system reported to the relay.
+        #[arg(long, default_value = std::env::consts::OS)]
+        os: String,
+    },
+    /// Register with a relay, pinning its certificate.
+    Register {
+        /// Relay address, ip:port.
+        #[arg(long)]
+        server: String,
+        /// SHA-256 of the relay's certificate (printed by relayd at start).
+        #[arg(long)]
+        cert_sha256: String,
+    },
+    /// Send a message; exits 0 only once the relay has stored it durably.
+    Send {
+        /// Recipient's phone number.
+        #[arg(long)]
+        to: String,
+        /// The text.
+        text: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print and acknowledge received messages. Drains the mailbox; if it was empty, waits up to --wait seconds for
+    /// the first message.
+    Recv {
+        /// Seconds to wait when nothing is queued.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+        /// One JSON object per line: id, from, from_account, text, sent_at, stored_at, server_id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive chat: lines typed are sent to --to, incoming messages are printed.
+    Chat {
+        /// The other party's phone number.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = Home::new(cli.home.unwrap_or_else(Home::default_dir));
+    match cli.command {
+        Command::Init { phone, device_model, os } => {
+            let device = Device { model: device_model, os, app_version: env!("CARGO_PKG_VERSION").to_owned() };
+            let id = messenger::init(&home, &phone, device)?;
+            println!("initialised {} for {phone}, account {}", home.dir().display(), id.account_id());
+        }
+        Command::Register { server, cert_sha256 } => {
+            let (m, created) = Messenger::register(&home, &server, &cert_sha256).await?;
+            let what = if created { "registered" } else { "updated registration of" };
+            println!("{what} {} as account {} on {server}", m.phone(), m.account_id());
+            m.close().await;
+        }
+        Command::Send { to, text, json } => {
+            let mut m = Messenger::open(&home).await?;
+            let sent = m.send_text(&to, &text).await?;
+            if json {
+                println!("{}", serde_json::to_string(&sent)?);
+            } else {
+                println!("sent {} (relay id {})", sent.id, sent.server_id);
+            }
+            m.close().await;
+        }
+        Command::Recv { wait, json } => {
+            let mut m = Messenger::open(&home).await?;
+            let got = m.receive(1, Duration::from_secs(wait)).await?;
+            for msg in &got {
+                print_message(msg, json)?;
+            }
+            m.close().await;
+        }
+        Command::Chat { to } => chat(&home, &to).await?,
+    }
+    Ok(())
+}
+
+fn print_message(m: &ReceivedMessage, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(m)?);
+    } else {
+        println!("[{}] {}: {}", format_time(m.sent_at), m.from, m.text);
+    }
+    Ok(())
+}
+
+fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}
+
+async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
+    let mut m = Messenger::open(home).await?;
+    let peer = m.contact(to).await.with_context(|| format!("cannot chat with {to}"))?;
+    let mut inbox = m.inbox().await?;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    eprintln!("chatting with {to} as {} — type a line and press Enter; Ctrl-D to quit", m.phone());
+    let mut pending = Vec::new();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line? {
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => {
+                    let sent = m.send_to(&peer, &line).await?;
+                    tracing::debug!(id = %sent.id, "sent");
+                }
+                None => break,
+            },
+            event = inbox.next() => match event {
+                Some(Ok(InboxEvent::Deliver(d))) => {
+                    match m.accept(&d) {
+                        Accepted::New(msg) => print_message(&msg, false)?,
+                        Accepted::Duplicate => {}
+                        Accepted::Unreadable(e) => eprintln!("(dropped an unreadable message: {e})"),
+                    }
+                    pending.push(d.server_id);
+                }
+                Some(Ok(InboxEvent::QueueEmpty)) => {
+                    if !pending.is_empty() {
+                        m.save_seen()?;
+                        inbox.ack(&pending).await?;
+                        pending.clear();
+                    }
+                }
+                Some(Ok(InboxEvent::Acked(_))) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("relay closed the connection"),
+            }
+        }
+    }
+    if !pending.is_empty() {
+        m.save_seen()?;
+        inbox.ack(&pending).await?;
+        // Give the relay a moment to process the final acknowledgement before closing.
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(e)) = inbox.next().await {
+                if matches!(e, InboxEvent::Acked(_)) {
+                    break;
+                }
+            }
+        })
+        .await
+        .ok();
+    }
+    m.close().await;
+    Ok(())
+}

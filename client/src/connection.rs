@@ -1,0 +1,276 @@
+//! A connection to a relay: QUIC with the relay's certificate pinned, then the wire protocol's requests.
+//!
+//! Each request runs on its own bidirectional stream, so concurrent requests (many sends at once) do not wait for
+//! each other. The delivery stream ([`Inbox`]) is read by its own task and handed over through a channel, so a
+//! caller can `select!` on it safely.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use relay_proto::auth::{EXPORTER_LEN, auth_transcript, register_transcript};
+use relay_proto::wire::{
+    self, Ack, Auth, ClientFrame, Deliver, DeviceInfo, Lookup, Register, SendAck, ServerFrame, Subscribe,
+    client_frame::Body as Req, server_frame::Body as Resp,
+};
+use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use relay_quic::{read_frame, write_frame};
+use tokio::sync::mpsc;
+
+use crate::identity::Identity;
+use crate::pin::PinnedCert;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The connection could not be set up.
+    #[error("cannot connect to relay: {0}")]
+    Connect(String),
+    /// The relay refused the request.
+    #[error("relay refused: {0}")]
+    Rejected(wire::Error),
+    /// The relay answered something the protocol does not allow here.
+    #[error("protocol violation by relay: {0}")]
+    Protocol(String),
+    /// The connection failed.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A frame could not be written.
+    #[error(transparent)]
+    Write(#[from] relay_quic::WriteError),
+    /// A frame could not be read.
+    #[error(transparent)]
+    Read(#[from] relay_quic::ReadError),
+}
+
+impl ClientError {
+    /// The relay's error code, if the relay refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Rejected(e) => Some(e.code()),
+            _ => None,
+        }
+    }
+}
+
+/// A contact as the directory returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    /// Account id.
+    pub account: AccountId,
+    /// Ed25519 identity key.
+    pub identity_key: [u8; 32],
+    /// X25519 sealing key.
+    pub sealing_key: [u8; 32],
+}
+
+/// An open connection to a relay.
+pub struct Connection {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    exporter: [u8; EXPORTER_LEN],
+}
+
+/// Builds the quinn client configuration that pins `fingerprint`.
+pub fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = relay_quic::crypto_provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Connect(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert::new(fingerprint, provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![relay_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(relay_quic::transport_config(
+        1024,
+        Duration::from_secs(60),
+        Some(Duration::from_secs(10)),
+    )));
+    Ok(config)
+}
+
+impl Connection {
+    /// Connects to the relay at `addr`, accepting only the certificate with SHA-256 `fingerprint`.
+    pub async fn connect(addr: SocketAddr, fingerprint: [u8; 32]) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .map_err(|_| ClientError::Connect("bad bind address".into()))?;
+        let mut endpoint = relay_quic::endpoint(bind, None).map_err(|e| ClientError::Connect(e.to_string()))?;
+        endpoint.set_default_client_config(client_config(fingerprint)?);
+        let conn = endpoint
+            .connect(addr, "consent-relay")
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let exporter = relay_quic::exporter(&conn).map_err(|_| ClientError::Connect("no keying material".into()))?;
+        Ok(Self { endpoint, conn, exporter })
+    }
+
+    /// The underlying QUIC connection (for tests that speak raw frames).
+    pub fn quic(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Sends one request on a new stream and returns the relay's answer; an error frame becomes
+    /// [`ClientError::Rejected`].
+    pub async fn request(&self, body: Req) -> Result<Resp, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_frame(&mut send, &ClientFrame { body: Some(body) }).await?;
+        send.finish().ok();
+        match read_frame::<ServerFrame>(&mut recv, MAX_FRAME_LEN).await? {
+            Some(ServerFrame { body: Some(Resp::Error(e)) }) => Err(ClientError::Rejected(e)),
+            Some(ServerFrame { body: Some(body) }) => Ok(body),
+            Some(ServerFrame { body: None }) => Err(ClientError::Protocol("empty response".into())),
+            None => Err(ClientError::Protocol("stream closed without a response".into())),
+        }
+    }
+
+    /// Registers (or updates) `identity`'s account and authenticates this connection as it. Returns whether the
+    /// account was created.
+    pub async fn register(&self, identity: &Identity, phone: &str, device: DeviceInfo) -> Result<bool, ClientError> {
+        let (ik, sk) = (identity.identity_key(), identity.sealing_key());
+        let signature = identity.sign(&register_transcript(&self.exporter, &ik, &sk, phone, &device));
+        let req = Register {
+            protocol_version: PROTOCOL_VERSION,
+            identity_key: Bytes::copy_from_slice(&ik),
+            sealing_key: Bytes::copy_from_slice(&sk),
+            phone: phone.to_owned(),
+            device: Some(device),
+            signature: Bytes::copy_from_slice(&signature),
+        };
+        match self.request(Req::Register(req)).await? {
+            Resp::Registered(r) if r.account_id.as_ref() == identity.account_id().as_bytes() => Ok(r.created),
+            other => Err(unexpected("Registered", &other)),
+        }
+    }
+
+    /// Authenticates this connection as `identity`'s account.
+    pub async fn authenticate(&self, identity: &Identity) -> Result<(), ClientError> {
+        let account = identity.account_id();
+        let signature = identity.sign(&auth_transcript(&self.exporter, &account));
+        let req = Auth {
+            protocol_version: PROTOCOL_VERSION,
+            account_id: Bytes::copy_from_slice(account.as_bytes()),
+            signature: Bytes::copy_from_slice(&signature),
+        };
+        match self.request(Req::Auth(req)).await? {
+            Resp::AuthOk(_) => Ok(()),
+            other => Err(unexpected("AuthOk", &other)),
+        }
+    }
+
+    /// Looks up the account registered with `phone`.
+    pub async fn lookup(&self, phone: &str) -> Result<DirectoryEntry, ClientError> {
+        match self.request(Req::Lookup(Lookup { phone: phone.to_owned() })).await? {
+            Resp::LookupResult(r) => {
+                let bad = || ClientError::Protocol("malformed lookup result".into());
+                Ok(DirectoryEntry {
+                    account: AccountId::from_slice(&r.account_id).ok_or_else(bad)?,
+                    identity_key: r.identity_key.as_ref().try_into().map_err(|_| bad())?,
+                    sealing_key: r.sealing_key.as_ref().try_into().map_err(|_| bad())?,
+                })
+            }
+            other => Err(unexpected("LookupResult", &other)),
+        }
+    }
+
+    /// Stores `envelope` for `recipient`; returns once the relay has acknowledged it durably.
+    pub async fn send(&self, recipient: &AccountId, envelope: Bytes) -> Result<SendAck, ClientError> {
+        let req = wire::Send { recipient: Bytes::copy_from_slice(recipient.as_bytes()), envelope };
+        match self.request(Req::Send(req)).await? {
+            Resp::SendAck(a) => Ok(a),
+            other => Err(unexpected("SendAck", &other)),
+        }
+    }
+
+    /// Acknowledges delivered envelopes outside the delivery stream; returns how many the relay removed.
+    pub async fn ack(&self, server_ids: Vec<u64>) -> Result<u32, ClientError> {
+        match self.request(Req::Ack(Ack { server_ids })).await? {
+            Resp::Acked(a) => Ok(a.removed),
+            other => Err(unexpected("Acked", &other)),
+        }
+    }
+
+    /// Opens the delivery stream.
+    pub async fn subscribe(&self) -> Result<Inbox, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_frame(&mut send, &ClientFrame { body: Some(Req::Subscribe(Subscribe {})) }).await?;
+        let (tx, events) = mpsc::channel(1024);
+        tokio::spawn(read_inbox(recv, tx));
+        Ok(Inbox { send, events })
+    }
+
+    /// Closes the connection and waits briefly for the relay to see it.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await.ok();
+    }
+}
+
+fn unexpected(wanted: &str, got: &Resp) -> ClientError {
+    let name = match got {
+        Resp::Registered(_) => "Registered",
+        Resp::AuthOk(_) => "AuthOk",
+        Resp::LookupResult(_) => "LookupResult",
+        Resp::SendAck(_) => "SendAck",
+        Resp::Deliver(_) => "Deliver",
+        Resp::QueueEmpty(_) => "QueueEmpty",
+        Resp::Acked(_) => "Acked",
+        Resp::Error(_) => "Error",
+    };
+    ClientError::Protocol(format!("expected {wanted}, got {name}"))
+}
+
+/// What the delivery stream yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InboxEvent {
+    /// An envelope from the mailbox.
+    Deliver(Deliver),
+    /// Everything in the mailbox right now has been delivered.
+    QueueEmpty,
+    /// The relay processed an `Ack` and removed this many envelopes.
+    Acked(u32),
+}
+
+/// The delivery stream of a connection.
+pub struct Inbox {
+    send: quinn::SendStream,
+    events: mpsc::Receiver<Result<InboxEvent, ClientError>>,
+}
+
+async fn read_inbox(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<InboxEvent, ClientError>>) {
+    loop {
+        let event = match read_frame::<ServerFrame>(&mut recv, MAX_FRAME_LEN).await {
+            Ok(Some(ServerFrame { body: Some(Resp::Deliver(d)) })) => Ok(InboxEvent::Deliver(d)),
+            Ok(Some(ServerFrame { body: Some(Resp::QueueEmpty(_)) })) => Ok(InboxEvent::QueueEmpty),
+            Ok(Some(ServerFrame { body: Some(Resp::Acked(a)) })) => Ok(InboxEvent::Acked(a.removed)),
+            Ok(Some(ServerFrame { body: Some(Resp::Error(e)) })) => Err(ClientError::Rejected(e)),
+            Ok(Some(_)) => Err(ClientError::Protocol("unexpected frame on the delivery stream".into())),
+            Ok(None) => return,
+            Err(e) => Err(e.into()),
+        };
+        let stop = event.is_err();
+        if tx.send(event).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+impl Inbox {
+    /// The next event; `None` when the relay closed the stream. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Result<InboxEvent, ClientError>> {
+        self.events.recv().await
+    }
+
+    /// Acknowledges envelopes by server id; the relay answers with [`InboxEvent::Acked`].
+    pub async fn ack(&mut self, server_ids: &[u64]) -> Result<(), ClientError> {
+        write_frame(&mut self.send, &ClientFrame { body: Some(Req::Ack(Ack { server_ids: server_ids.to_vec() })) })
+            .await?;
+        Ok(())
+    }
+}

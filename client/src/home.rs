@@ -1,0 +1,287 @@
+//! The client's local state in its home directory (`--home`):
+//!
+//! - `identity.json` — secret keys (mode 0600; never logged);
+//! - `profile.json` — phone number, device info, and once registered, the relay's address and pinned certificate;
+//! - `contacts.json` — phone number → account id and public keys, as first looked up;
+//! - `seen.json` — ids of the most recent received messages, for de-duplication.
+//!
+//! Every file is written to a temporary name, synced, then renamed, so a crash leaves the old or the new version.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::identity::Identity;
+
+/// How many received message ids are remembered for de-duplication.
+pub const SEEN_CAPACITY: usize = 10_000;
+
+/// Why local state could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HomeError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A file does not parse.
+    #[error("{path} is corrupt: {source}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: serde_json::Error,
+    },
+    /// The home has not been initialised.
+    #[error("no identity in {0}: run `relay --home {0} init --phone +...` first")]
+    NotInitialised(PathBuf),
+    /// The home already has an identity.
+    #[error("{0} already holds an identity; refusing to overwrite it")]
+    AlreadyInitialised(PathBuf),
+    /// The home has no relay yet.
+    #[error("not registered with a relay: run `relay register --server ADDR --cert-sha256 HEX` first")]
+    NotRegistered,
+}
+
+/// Device information reported at registration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Device model.
+    pub model: String,
+    /// Operating system.
+    pub os: String,
+    /// Client version.
+    pub app_version: String,
+}
+
+/// The relay this home is registered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// `ip:port`.
+    pub server: String,
+    /// Pinned certificate SHA-256, hex.
+    pub cert_sha256: String,
+}
+
+/// `profile.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Own phone number (E.164).
+    pub phone: String,
+    /// Own device.
+    pub device: Device,
+    /// The relay, once registered.
+    pub relay: Option<RelayInfo>,
+}
+
+/// A contact in `contacts.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// Account id, hex.
+    pub account_id: String,
+    /// Ed25519 identity key, hex.
+    pub identity_key: String,
+    /// X25519 sealing key, hex.
+    pub sealing_key: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdentityFile {
+    identity_secret: String,
+    sealing_secret: String,
+}
+
+/// Ids of received messages, oldest first, bounded.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Seen {
+    order: VecDeque<String>,
+    #[serde(skip)]
+    set: HashSet<String>,
+}
+
+impl Seen {
+    /// Records `id`; false if it was already there.
+    pub fn insert(&mut self, id: &str) -> bool {
+        if !self.set.insert(id.to_owned()) {
+            return false;
+        }
+        self.order.push_back(id.to_owned());
+        while self.order.len() > SEEN_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// Whether `id` was seen.
+    pub fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+}
+
+/// A client home directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    /// The home at `dir` (nothing is read yet).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The default home: `<config dir>/consent-relay`.
+    pub fn default_dir() -> PathBuf {
+        dirs::config_dir().unwrap_or_else(|| PathBuf::from(".")).join("consent-relay")
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Creates the home with fresh keys and `profile`; refuses if it already holds an identity.
+    pub fn init(&self, profile: &Profile) -> Result<Identity, HomeError> {
+        let id_path = self.path("identity.json");
+        if id_path.exists() {
+            return Err(HomeError::AlreadyInitialised(self.dir.clone()));
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|source| HomeError::Io { path: self.dir.clone(), source })?;
+        let identity = Identity::generate();
+        let (a, b) = identity.secrets();
+        let file = IdentityFile { identity_secret: hex::encode(a), sealing_secret: hex::encode(b) };
+        self.write_json("identity.json", &file, true)?;
+        self.save_profile(profile)?;
+        Ok(identity)
+    }
+
+    /// Loads the keys.
+    pub fn identity(&self) -> Result<Identity, HomeError> {
+        let path = self.path("identity.json");
+        if !path.exists() {
+            return Err(HomeError::NotInitialised(self.dir.clone()));
+        }
+        let f: IdentityFile = self.read_json("identity.json")?;
+        let decode = |s: &str| {
+            let mut k = [0u8; 32];
+            hex::decode_to_slice(s, &mut k)
+                .map(|_| k)
+                .map_err(|e| HomeError::Corrupt { path: path.clone(), source: serde::de::Error::custom(e.to_string()) })
+        };
+        Ok(Identity::from_secrets(decode(&f.identity_secret)?, decode(&f.sealing_secret)?))
+    }
+
+    /// Loads the profile.
+    pub fn profile(&self) -> Result<Profile, HomeError> {
+        if !self.path("profile.json").exists() {
+            return Err(HomeError::NotInitialised(self.dir.clone()));
+        }
+        self.read_json("profile.json")
+    }
+
+    /// Saves the profile.
+    pub fn save_profile(&self, p: &Profile) -> Result<(), HomeError> {
+        self.write_json("profile.json", p, false)
+    }
+
+    /// Loads the contacts.
+    pub fn contacts(&self) -> Result<BTreeMap<String, Contact>, HomeError> {
+        self.read_json_or_default("contacts.json")
+    }
+
+    /// Saves the contacts.
+    pub fn save_contacts(&self, c: &BTreeMap<String, Contact>) -> Result<(), HomeError> {
+        self.write_json("contacts.json", c, false)
+    }
+
+    /// Loads the seen-message ids.
+    pub fn seen(&self) -> Result<Seen, HomeError> {
+        let mut s: Seen = self.read_json_or_default("seen.json")?;
+        s.set = s.order.iter().cloned().collect();
+        Ok(s)
+    }
+
+    /// Saves the seen-message ids.
+    pub fn save_seen(&self, s: &Seen) -> Result<(), HomeError> {
+        self.write_json("seen.json", s, false)
+    }
+
+    fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T, HomeError> {
+        let path = self.path(name);
+        let text = std::fs::read_to_string(&path).map_err(|source| HomeError::Io { path: path.clone(), source })?;
+        serde_json::from_str(&text).map_err(|source| HomeError::Corrupt { path, source })
+    }
+
+    fn read_json_or_default<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, HomeError> {
+        if self.path(name).exists() { self.read_json(name) } else { Ok(T::default()) }
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, value: &T, private: bool) -> Result<(), HomeError> {
+        let path = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        let io = |source| HomeError::Io { path: path.clone(), source };
+        let text =
+            serde_json::to_vec_pretty(value).map_err(|source| HomeError::Corrupt { path: path.clone(), source })?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(if private { 0o600 } else { 0o644 });
+        }
+        let mut f = opts.open(&tmp).map_err(io)?;
+        f.write_all(&text).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_load_and_refuse_overwrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path().join("h"));
+        let profile = Profile { phone: "+33612345678".into(), device: Device::default(), relay: None };
+        let id = home.init(&profile).expect("init");
+        assert_eq!(home.identity().expect("load").account_id(), id.account_id());
+        assert_eq!(home.profile().expect("profile"), profile);
+        assert!(matches!(home.init(&profile), Err(HomeError::AlreadyInitialised(_))));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("h/identity.json")).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o077, 0, "secret key file must not be readable by others");
+        }
+    }
+
+    #[test]
+    fn seen_is_bounded_and_persisted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        let mut s = home.seen().expect("empty");
+        assert!(s.insert("a"));
+        assert!(!s.insert("a"));
+        for i in 0..SEEN_CAPACITY {
+            s.insert(&i.to_string());
+        }
+        assert!(!s.contains("a"), "oldest id evicted");
+        home.save_seen(&s).expect("save");
+        let s = home.seen().expect("load");
+        assert!(s.contains("0") && s.contains(&(SEEN_CAPACITY - 1).to_string()));
+    }
+}

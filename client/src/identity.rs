@@ -1,0 +1,67 @@
+//! The device's long-term keys: an Ed25519 identity key (signs authentication and message content) and an X25519
+//! key that sealed envelopes are encrypted to. Secret bytes never appear in `Debug` output or logs.
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use relay_proto::AccountId;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// The device's key pairs.
+#[derive(Clone)]
+pub struct Identity {
+    signing: SigningKey,
+    sealing: StaticSecret,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", self.account_id())
+    }
+}
+
+impl Identity {
+    /// Fresh random keys.
+    pub fn generate() -> Self {
+        let mut rng = rand::rng();
+        Self { signing: SigningKey::generate(&mut rng), sealing: StaticSecret::random_from_rng(&mut rng) }
+    }
+
+    /// Keys from their secret bytes.
+    pub fn from_secrets(signing: [u8; 32], sealing: [u8; 32]) -> Self {
+        Self { signing: SigningKey::from_bytes(&signing), sealing: StaticSecret::from(sealing) }
+    }
+
+    /// The secret bytes (identity, sealing), for the key file.
+    pub fn secrets(&self) -> ([u8; 32], [u8; 32]) {
+        (self.signing.to_bytes(), self.sealing.to_bytes())
+    }
+
+    /// Ed25519 public identity key.
+    pub fn identity_key(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    /// The verifying key.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.signing.verifying_key()
+    }
+
+    /// X25519 public key for sealed envelopes.
+    pub fn sealing_key(&self) -> [u8; 32] {
+        PublicKey::from(&self.sealing).to_bytes()
+    }
+
+    /// The X25519 secret, for opening envelopes.
+    pub(crate) fn sealing_secret(&self) -> &StaticSecret {
+        &self.sealing
+    }
+
+    /// The account id the relay derives from the identity key.
+    pub fn account_id(&self) -> AccountId {
+        AccountId::from_identity_key(&self.identity_key())
+    }
+
+    /// Signs `msg` with the identity key.
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        self.signing.sign(msg).to_bytes()
+    }
+}
