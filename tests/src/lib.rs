@@ -1,1 +1,270 @@
-pub fn x() {}
+//! Integration harness: starts real relays on loopback for tests, in-process or as `relayd` child processes, each
+//! in its own temporary data directory, and builds clients from the client library.
+//!
+//! A child-process relay can be stopped cleanly (SIGTERM), killed (SIGKILL) and restarted on the same address and
+//! data directory, which is how durability through crashes is tested. Everything a relay wrote (store, certificate,
+//! its log on stderr) stays under [`TestRelay::dir`] until the `TestRelay` is dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use relay_client::{Device, Home, Messenger};
+use relay_server::{Config, RelayHandle};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a child relay may take to print its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Running {
+    InProcess(RelayHandle),
+    Process(Child),
+    Stopped,
+}
+
+/// A relay under test.
+pub struct TestRelay {
+    dir: tempfile::TempDir,
+    config: Config,
+    addr: SocketAddr,
+    fingerprint: String,
+    running: Running,
+}
+
+/// Path of the `relayd` binary: `$RELAYD_BIN`, or beside the test executable's `deps/` directory (where
+/// `cargo test --workspace` builds it).
+pub fn relayd_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("RELAYD_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow!("cannot locate target directory"))?;
+    let path = dir.join("relayd");
+    if !path.exists() {
+        bail!("{} not found: build it with `cargo build --workspace` or set RELAYD_BIN", path.display());
+    }
+    Ok(path)
+}
+
+fn loopback_config(dir: &Path) -> Config {
+    Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), data_dir: dir.join("data"), ..Config::default() }
+}
+
+impl TestRelay {
+    /// A relay in this process with default limits.
+    pub async fn in_process() -> Result<Self> {
+        Self::in_process_with(|_| {}).await
+    }
+
+    /// A relay in this process; `tweak` adjusts the configuration (limits) before start.
+    pub async fn in_process_with(tweak: impl FnOnce(&mut Config)) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut config = loopback_config(dir.path());
+        tweak(&mut config);
+        let handle = relay_server::start(config.clone()).await?;
+        let (addr, fingerprint) = (handle.local_addr(), handle.cert_fingerprint().to_owned());
+        Ok(Self { dir, config, addr, fingerprint, running: Running::InProcess(handle) })
+    }
+
+    /// A `relayd` child process with default limits.
+    pub async fn process() -> Result<Self> {
+        Self::process_with(|_| {}).await
+    }
+
+    /// A `relayd` child process; `tweak` adjusts the configuration, passed to it as a TOML file.
+    pub async fn process_with(tweak: impl FnOnce(&mut Config)) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut config = loopback_config(dir.path());
+        tweak(&mut config);
+        let mut relay = Self {
+            dir,
+            config,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            fingerprint: String::new(),
+            running: Running::Stopped,
+        };
+        relay.spawn().await?;
+        Ok(relay)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let l = &self.config.limits;
+        let toml = format!(
+            "[limits]\nmax_envelope_bytes = {}\nmailbox_max_messages = {}\nmailbox_max_bytes = {}\nmessage_ttl_secs = {}\n\
+             expiry_sweep_secs = {}\nlookups_per_minute = {}\nmax_streams_per_connection = {}\ndelivery_window = {}\n\
+             idle_timeout_secs = {}\n",
+            l.max_envelope_bytes,
+            l.mailbox_max_messages,
+            l.mailbox_max_bytes,
+            l.message_ttl_secs,
+            l.expiry_sweep_secs,
+            l.lookups_per_minute,
+            l.max_streams_per_connection,
+            l.delivery_window,
+            l.idle_timeout_secs
+        );
+        let config_path = self.dir.path().join("relayd.toml");
+        std::fs::write(&config_path, toml)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let listen = if self.addr.port() == 0 { self.config.listen } else { self.addr };
+        let mut child = Command::new(relayd_path()?)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--data")
+            .arg(&self.config.data_dir)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start relayd")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+            .await
+            .context("relayd did not become ready in time")??
+            .ok_or_else(|| anyhow!("relayd exited before it was ready; see {}", self.log_path().display()))?;
+        let (addr, fingerprint) = parse_ready_line(&line)?;
+        self.addr = addr;
+        self.fingerprint = fingerprint;
+        self.running = Running::Process(child);
+        Ok(())
+    }
+
+    /// The relay's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Hex SHA-256 of the relay's certificate.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The relay's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// The temporary directory holding the data directory and, for child processes, `relayd.log`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The child process's stderr log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("relayd.log")
+    }
+
+    /// Stops the relay cleanly (SIGTERM for a child process) and waits for it to release its store.
+    pub async fn stop(&mut self) -> Result<()> {
+        match std::mem::replace(&mut self.running, Running::Stopped) {
+            Running::InProcess(h) => h.shutdown().await,
+            Running::Process(mut child) => {
+                let pid = child.id().ok_or_else(|| anyhow!("relayd already exited"))?;
+                let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+                if !status.success() {
+                    bail!("kill -TERM {pid} failed");
+                }
+                let exit = tokio::time::timeout(Duration::from_secs(20), child.wait()).await??;
+                if !exit.success() {
+                    bail!("relayd exited with {exit} after SIGTERM");
+                }
+            }
+            Running::Stopped => {}
+        }
+        Ok(())
+    }
+
+    /// Kills a child-process relay with SIGKILL: no shutdown code runs.
+    pub async fn kill(&mut self) -> Result<()> {
+        match std::mem::replace(&mut self.running, Running::Stopped) {
+            Running::Process(mut child) => {
+                child.kill().await?;
+                Ok(())
+            }
+            other => {
+                self.running = other;
+                bail!("only a child-process relay can be killed")
+            }
+        }
+    }
+
+    /// Starts a stopped or killed child-process relay again, on the same address and data directory.
+    pub async fn restart(&mut self) -> Result<()> {
+        if !matches!(self.running, Running::Stopped) {
+            bail!("relay is still running");
+        }
+        self.spawn().await?;
+        Ok(())
+    }
+
+    /// A registered client with a fresh home for `phone`.
+    pub async fn user(&self, phone: &str) -> Result<TestUser> {
+        let home_dir = tempfile::tempdir()?;
+        let home = Home::new(home_dir.path());
+        relay_client::messenger::init(
+            &home,
+            phone,
+            Device { model: "test".into(), os: "linux".into(), app_version: "0".into() },
+        )?;
+        let (messenger, _) = Messenger::register(&home, &self.addr.to_string(), &self.fingerprint).await?;
+        Ok(TestUser { home_dir, home, messenger })
+    }
+}
+
+/// Parses `listening on <ip:port> cert-sha256 <hex>`.
+pub fn parse_ready_line(line: &str) -> Result<(SocketAddr, String)> {
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    match parts.as_slice() {
+        ["listening", "on", addr, "cert-sha256", fp] if fp.len() == 64 && fp.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Ok((addr.parse()?, (*fp).to_owned()))
+        }
+        _ => bail!("unexpected ready line from relayd: {line:?}"),
+    }
+}
+
+/// A registered client and its home directory.
+pub struct TestUser {
+    home_dir: tempfile::TempDir,
+    /// The home.
+    pub home: Home,
+    /// The connected client.
+    pub messenger: Messenger,
+}
+
+impl TestUser {
+    /// The home directory.
+    pub fn home_dir(&self) -> &Path {
+        self.home_dir.path()
+    }
+
+    /// Reconnects (a new connection, same home), e.g. after a relay restart.
+    pub async fn reconnect(&mut self) -> Result<()> {
+        self.messenger = Messenger::open(&self.home).await?;
+        Ok(())
+    }
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Result<Vec<PathBuf>> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if std::fs::read(&path)?.windows(needle.len()).any(|w| w == needle) {
+                hits.push(path);
+            }
+        }
+    }
+    Ok(hits)
+}

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use relay_server::Config;
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(name = "relayd", version, about = "Consent Relay: end-to-end encrypted store-and-forward relay over QUIC")]
@@ -45,24 +46,20 @@ async fn main() -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    // Handlers are installed before the ready line: a supervisor may signal as soon as it has read it.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let relay = relay_server::start(config).await.context("relayd could not start")?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", relay.ready_line())?;
         out.flush()?;
     }
-    shutdown_signal().await?;
-    tracing::info!("shutting down");
-    relay.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
+    tracing::info!("shutting down");
+    relay.shutdown().await;
     Ok(())
 }

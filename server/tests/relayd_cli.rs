@@ -1,0 +1,77 @@
+//! The `relayd` binary as an operator runs it: the ready line, clean shutdown on SIGTERM, config errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn relayd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_relayd"))
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            panic!("relayd did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn prints_one_ready_line_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = relayd()
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn relayd");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(parts.len(), 5, "{line:?}");
+    assert_eq!((parts[0], parts[1], parts[3]), ("listening", "on", "cert-sha256"));
+    let addr: std::net::SocketAddr = parts[2].parse().expect("address");
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "real port printed: {addr}");
+    assert!(parts[4].len() == 64 && parts[4].chars().all(|c| c.is_ascii_hexdigit()));
+    assert!(dir.path().join("data/cert.der").exists() && dir.path().join("data/key.der").exists());
+
+    // A second relay on the same data directory refuses to start instead of corrupting the store.
+    let second = relayd()
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run second relayd");
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("cannot open store"));
+
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+    let mut rest = String::new();
+    stdout.read_line(&mut rest).expect("eof");
+    assert!(rest.is_empty(), "exactly one line on stdout, then {rest:?}");
+}
+
+#[test]
+fn invalid_config_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("relayd.toml");
+    std::fs::write(&cfg, "[limits]\nmax_envelope_bytes = 0\n").expect("write");
+    let out = relayd().arg("--config").arg(&cfg).arg("--data").arg(dir.path()).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_envelope_bytes"), "{out:?}");
+
+    std::fs::write(&cfg, "[limits]\nno_such_key = 1\n").expect("write");
+    let out = relayd().arg("--config").arg(&cfg).arg("--data").arg(dir.path()).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"), "{out:?}");
+}

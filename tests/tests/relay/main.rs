@@ -1,0 +1,20 @@
+//! Integration tests against real relays on loopback: one binary, a module per area.
+
+mod access;
+mod bad_input;
+mod durability;
+mod messaging;
+mod privacy;
+
+use std::time::Duration;
+
+/// Upper bound for any single wait in these tests; they never sleep for a fixed time to "let things happen".
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Runs `f` with a bound, failing the test if it does not finish.
+pub async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {WAIT:?}"),
+    }
+}

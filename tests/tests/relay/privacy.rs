@@ -1,0 +1,76 @@
+//! What the relay keeps: no plaintext anywhere in its data directory or log, and no sender in mailbox entries.
+//! Also quotas and lookup limits, which bound what one user can make the relay store or reveal.
+
+use relay_proto::ErrorCode;
+use relay_tests::{TestRelay, files_containing};
+
+const MARKER: &str = "MARKER-7f3a9c-plaintext-never-on-relay";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_data_dir_and_log_hold_no_plaintext_and_entries_name_no_sender() {
+    let mut relay = TestRelay::process().await.expect("relay");
+    let mut alice = relay.user("+33612345678").await.expect("alice");
+    let bob = relay.user("+33698765432").await.expect("bob");
+    for i in 0..20 {
+        alice.messenger.send_text("+33698765432", &format!("{MARKER} {i}")).await.expect("send");
+    }
+    let alice_identity = alice.home.identity().expect("keys");
+    let alice_account = alice_identity.account_id();
+    // Stop the relay cleanly so that everything it holds is on disk, then search the raw bytes.
+    relay.stop().await.expect("stop");
+    assert!(files_containing(relay.dir(), b"MARKER-7f3a9c").expect("scan").is_empty(), "plaintext on the relay");
+    assert!(std::fs::metadata(relay.log_path()).expect("log").len() > 0, "the scan covered a non-empty log");
+
+    // Every stored envelope is queued for Bob and contains neither Alice's account id, her identity key nor her
+    // phone number.
+    let db = sled::open(relay.data_dir().join("store")).expect("open the stopped relay's store");
+    let mailboxes = db.open_tree(relay_server::store::trees::MAILBOXES).expect("tree");
+    assert_eq!(mailboxes.len(), 20);
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    for entry in mailboxes.iter() {
+        let (k, v) = entry.expect("entry");
+        assert_eq!(&k[..16], bob.messenger.account_id().as_bytes(), "keyed by recipient only");
+        for (what, needle) in [
+            ("account id", &alice_account.as_bytes()[..]),
+            ("identity key", &alice_identity.identity_key()[..]),
+            ("phone", b"33612345678"),
+        ] {
+            assert!(!contains(&k, needle) && !contains(&v, needle), "sender {what} in a mailbox entry");
+        }
+    }
+}
+
+#[tokio::test]
+async fn mailbox_quota_gives_a_clear_error_and_frees_up_after_delivery() {
+    let relay = TestRelay::in_process_with(|c| c.limits.mailbox_max_messages = 3).await.expect("relay");
+    let mut alice = relay.user("+33612345678").await.expect("alice");
+    let mut bob = relay.user("+33698765432").await.expect("bob");
+    for i in 0..3 {
+        alice.messenger.send_text("+33698765432", &format!("q{i}")).await.expect("within quota");
+    }
+    let err = alice.messenger.send_text("+33698765432", "q3").await.expect_err("over quota");
+    let code = match &err {
+        relay_client::MessengerError::Client(c) => c.code(),
+        _ => None,
+    };
+    assert_eq!(code, Some(ErrorCode::QuotaExceeded), "{err}");
+    assert!(err.to_string().contains("mailbox full"), "message says why: {err}");
+
+    assert_eq!(bob.messenger.receive(3, crate::WAIT).await.expect("drain").len(), 3);
+    alice.messenger.send_text("+33698765432", "room again").await.expect("quota released by acks");
+}
+
+#[tokio::test]
+async fn phone_lookups_are_rate_limited_per_account() {
+    let relay = TestRelay::in_process_with(|c| c.limits.lookups_per_minute = 3).await.expect("relay");
+    let alice = relay.user("+33612345678").await.expect("alice");
+    let other = relay.user("+33698765432").await.expect("other");
+    let conn = alice.messenger.connection();
+    for _ in 0..3 {
+        conn.lookup("+33698765432").await.expect("within limit");
+    }
+    let err = conn.lookup("+33698765432").await.expect_err("limited");
+    assert_eq!(err.code(), Some(ErrorCode::RateLimited));
+    // Another account's budget is its own.
+    other.messenger.connection().lookup("+33612345678").await.expect("other account unaffected");
+}
