@@ -37,6 +37,7 @@ impl ServerFrame {
 /// Prost's generated `Error::code()` maps an unknown number to `Unspecified`.
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code().as_str_name(), self.code, self.message)
+        let name = self.code().as_str_name();
+        write!(f, "{} ({}): {}", name.strip_prefix("ERROR_CODE_").unwrap_or(name), self.code, self.message)
     }
 }

@@ -15,7 +15,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use relay_client::messenger::{self, Accepted};
-use relay_client::{Device, Home, InboxEvent, Messenger, ReceivedMessage};
+use relay_client::{Device, Home, InboxEvent, Messenger, MessengerError, ReceivedMessage};
+use relay_proto::ErrorCode;
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Parser)]
@@ -149,7 +150,7 @@ fn format_time(ms: u64) -> String {
 
 async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     let mut m = Messenger::open(home).await?;
-    let peer = m.contact(to).await.with_context(|| format!("cannot chat with {to}"))?;
+    relay_proto::PhoneNumber::parse(to).with_context(|| format!("invalid phone number {to:?}"))?;
     let mut inbox = m.inbox().await?;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     eprintln!("chatting with {to} as {} — type a line and press Enter; Ctrl-D to quit", m.phone());
@@ -158,10 +159,14 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
         tokio::select! {
             line = lines.next_line() => match line? {
                 Some(line) if line.trim().is_empty() => {}
-                Some(line) => {
-                    let sent = m.send_to(&peer, &line).await?;
-                    tracing::debug!(id = %sent.id, "sent");
-                }
+                Some(line) => match m.send_text(to, &line).await {
+                    Ok(sent) => tracing::debug!(id = %sent.id, "sent"),
+                    // The peer may not have registered yet: say so and keep the chat open.
+                    Err(MessengerError::Client(e)) if e.code() == Some(ErrorCode::NotFound) => {
+                        eprintln!("(not sent: {to} is not registered on this relay yet)");
+                    }
+                    Err(e) => return Err(e.into()),
+                },
                 None => break,
             },
             event = inbox.next() => match event {

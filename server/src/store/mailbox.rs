@@ -39,6 +39,15 @@ pub struct StoredEnvelope {
     pub envelope: Bytes,
 }
 
+/// Where an appended envelope was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Server-assigned id.
+    pub id: u64,
+    /// When the relay stored it.
+    pub stored_at_ms: u64,
+}
+
 /// Why a mailbox operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -81,11 +90,12 @@ fn key(recipient: &AccountId, id: u64) -> [u8; KEY_LEN] {
     k
 }
 
-fn decode(k: &[u8], v: &[u8]) -> Option<StoredEnvelope> {
+fn decode(k: &[u8], v: &sled::IVec) -> Option<StoredEnvelope> {
     let id = u64::from_be_bytes(k.get(ACCOUNT_ID_LEN..KEY_LEN)?.try_into().ok()?);
     let stored_at_ms = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
     let expires_at_ms = u64::from_be_bytes(v.get(8..HEADER_LEN)?.try_into().ok()?);
-    let envelope = Bytes::copy_from_slice(&v[HEADER_LEN..]);
+    // Shares the sled buffer instead of copying the envelope.
+    let envelope = Bytes::from_owner(v.clone()).slice(HEADER_LEN..);
     Some(StoredEnvelope { id, stored_at_ms, expires_at_ms, envelope })
 }
 
@@ -115,7 +125,7 @@ impl Mailboxes {
 
     /// Stores `envelope` for `recipient`. The entry is not yet durable: the caller must await the group commit
     /// before acknowledging it.
-    pub fn append(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<StoredEnvelope, MailboxError> {
+    pub fn append(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<Appended, MailboxError> {
         let len = envelope.len() as u64;
         {
             let mut usage = self.usage_lock();
@@ -144,7 +154,7 @@ impl Mailboxes {
         stored
     }
 
-    fn insert(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<StoredEnvelope, MailboxError> {
+    fn insert(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<Appended, MailboxError> {
         // sled's ids start at 0; ours start at 1 so that 0 can mean "before the first entry" in `scan`.
         let id = self.ids.generate_id()?.saturating_add(1);
         let expires_at_ms = now_ms.saturating_add(self.limits.ttl_ms);
@@ -153,7 +163,7 @@ impl Mailboxes {
         v.extend_from_slice(&expires_at_ms.to_be_bytes());
         v.extend_from_slice(envelope);
         self.tree.insert(key(recipient, id), v)?;
-        Ok(StoredEnvelope { id, stored_at_ms: now_ms, expires_at_ms, envelope: Bytes::copy_from_slice(envelope) })
+        Ok(Appended { id, stored_at_ms: now_ms })
     }
 
     fn release(&self, recipient: &AccountId, messages: u64, bytes: u64) {

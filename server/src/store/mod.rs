@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub use commit::{CommitError, GroupCommit};
 pub use directory::{Directory, DirectoryError};
-pub use mailbox::{MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
+pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
 
 /// Names of the sled trees. Nothing else in the relay opens a tree.
 pub mod trees {

@@ -20,6 +20,10 @@ async fn relay_data_dir_and_log_hold_no_plaintext_and_entries_name_no_sender() {
     relay.stop().await.expect("stop");
     assert!(files_containing(relay.dir(), b"MARKER-7f3a9c").expect("scan").is_empty(), "plaintext on the relay");
     assert!(std::fs::metadata(relay.log_path()).expect("log").len() > 0, "the scan covered a non-empty log");
+    // The log (at debug level) names no phone number either.
+    for phone in [b"33612345678", b"33698765432"] {
+        assert!(files_containing(relay.dir(), phone).expect("scan").iter().all(|p| !p.ends_with("relayd.log")));
+    }
 
     // Every stored envelope is queued for Bob and contains neither Alice's account id, her identity key nor her
     // phone number.
@@ -58,6 +62,25 @@ async fn mailbox_quota_gives_a_clear_error_and_frees_up_after_delivery() {
 
     assert_eq!(bob.messenger.receive(3, crate::WAIT).await.expect("drain").len(), 3);
     alice.messenger.send_text("+33698765432", "room again").await.expect("quota released by acks");
+}
+
+#[tokio::test]
+async fn undelivered_envelopes_expire_after_their_ttl() {
+    let relay = TestRelay::in_process_with(|c| {
+        c.limits.message_ttl_secs = 1;
+        c.limits.expiry_sweep_secs = 1;
+    })
+    .await
+    .expect("relay");
+    let mut alice = relay.user("+33612345678").await.expect("alice");
+    let mut bob = relay.user("+33698765432").await.expect("bob");
+    alice.messenger.send_text("+33698765432", "short-lived").await.expect("send");
+    // Past the TTL (not a timing assertion: any delay above one second gives the same result).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let got = bob.messenger.receive(0, std::time::Duration::ZERO).await.expect("receive");
+    assert!(got.is_empty(), "expired envelope delivered: {got:?}");
+    alice.messenger.send_text("+33698765432", "fresh").await.expect("send");
+    assert_eq!(bob.messenger.receive(1, crate::WAIT).await.expect("receive")[0].text, "fresh");
 }
 
 #[tokio::test]
