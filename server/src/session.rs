@@ -6,8 +6,10 @@
 //! the connection and its other streams go on.
 //!
 //! Authentication (`Auth`, or `Register` for a new account) is a signature by the account's identity key over a
-//! transcript bound to this connection's TLS keying material, so it cannot be replayed on another connection. A
-//! connection authenticates once, as one account.
+//! transcript whose challenge is 32 bytes of keying material exported from this connection's TLS session. Both
+//! sides derive it independently, it depends on fresh randomness from both, and no other connection has the same
+//! value, so it serves as the server's challenge without an extra round trip, and a signature cannot be replayed on
+//! another connection. A connection authenticates once, as one account.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

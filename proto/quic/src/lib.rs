@@ -42,15 +42,12 @@ pub enum WriteError {
     Stream(#[from] quinn::WriteError),
 }
 
-fn read_exact_error(e: quinn::ReadExactError) -> ReadError {
-    match e {
-        quinn::ReadExactError::FinishedEarly(_) => ReadError::Truncated,
-        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
-    }
-}
+/// The body buffer reserved up front; beyond this it grows only as bytes actually arrive.
+const INITIAL_BODY_CAPACITY: usize = 16 * 1024;
 
-/// Reads one frame. `Ok(None)` when the peer finished the stream cleanly between frames. The body buffer is
-/// allocated only after its announced length has been checked against `max`.
+/// Reads one frame. `Ok(None)` when the peer finished the stream cleanly between frames. The announced length is
+/// checked against `max` before anything is allocated, and memory then grows only with bytes actually received
+/// (which QUIC flow control bounds), so announcing a large frame and stalling costs the reader almost nothing.
 pub async fn read_frame<M: Message + Default>(
     recv: &mut quinn::RecvStream,
     max: usize,
@@ -65,8 +62,13 @@ pub async fn read_frame<M: Message + Default>(
         }
     }
     let len = frame::body_len(prefix, max)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(read_exact_error)?;
+    let mut body = Vec::with_capacity(len.min(INITIAL_BODY_CAPACITY));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(ReadError::Truncated),
+        }
+    }
     Ok(Some(frame::decode_body(&body)?))
 }
 
@@ -90,6 +92,9 @@ pub fn transport_config(
     keep_alive: Option<Duration>,
 ) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    // Flow control bounds what a peer can make us buffer: two maximal frames per stream, 16 MiB per connection.
+    t.stream_receive_window(quinn::VarInt::from_u32(2 * relay_proto::MAX_FRAME_LEN as u32));
+    t.receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.max_concurrent_bidi_streams(max_bidi_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
@@ -106,6 +111,14 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     }
     socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES).ok();
     socket.set_send_buffer_size(SOCKET_BUFFER_BYTES).ok();
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    if granted < SOCKET_BUFFER_BYTES {
+        tracing::warn!(
+            granted,
+            wanted = SOCKET_BUFFER_BYTES,
+            "UDP receive buffer capped by the kernel (raise net.core.rmem_max): datagrams may drop under load"
+        );
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
