@@ -4,16 +4,19 @@
 //! holds the arrival time, the expiry time and the envelope bytes: nothing about the sender, nothing decrypted.
 //! Every operation takes the recipient from its caller (the authenticated account), so one account can neither read
 //! nor remove another's entries. Appends are checked against a per-mailbox quota of messages and bytes; usage is
-//! counted in memory, loaded from the tree the first time a mailbox is touched after start.
+//! counted in memory, loaded from the tree the first time a mailbox is touched after start, under one of a fixed set
+//! of shard locks (so appends to different mailboxes rarely wait for each other).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 use relay_proto::{ACCOUNT_ID_LEN, AccountId};
 
 const HEADER_LEN: usize = 16;
 const KEY_LEN: usize = ACCOUNT_ID_LEN + 8;
+/// Lock shards for mailbox appends and usage counters.
+const SHARDS: usize = 64;
 
 /// Quota and lifetime of mailbox entries.
 #[derive(Debug, Clone, Copy)]
@@ -80,7 +83,7 @@ pub struct Mailboxes {
     tree: sled::Tree,
     ids: sled::Db,
     limits: MailboxLimits,
-    usage: Mutex<HashMap<AccountId, Usage>>,
+    shards: Box<[Mutex<HashMap<AccountId, Usage>>]>,
 }
 
 fn key(recipient: &AccountId, id: u64) -> [u8; KEY_LEN] {
@@ -105,12 +108,14 @@ fn envelope_len(v: &[u8]) -> u64 {
 
 impl Mailboxes {
     pub(crate) fn new(tree: sled::Tree, ids: sled::Db, limits: MailboxLimits) -> Self {
-        Self { tree, ids, limits, usage: Mutex::new(HashMap::new()) }
+        Self { tree, ids, limits, shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
     }
 
-    fn usage_lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, Usage>> {
-        // A poisoned lock only means another thread panicked mid-update of counters; they stay usable.
-        self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, recipient: &AccountId) -> MutexGuard<'_, HashMap<AccountId, Usage>> {
+        // Account ids are hash outputs, so their first byte spreads mailboxes evenly over the shards. A poisoned
+        // lock only means another thread panicked mid-update of counters; they stay usable.
+        let i = usize::from(recipient.0[0]) % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn load_usage(&self, recipient: &AccountId) -> Result<Usage, sled::Error> {
@@ -125,36 +130,28 @@ impl Mailboxes {
 
     /// Stores `envelope` for `recipient`. The entry is not yet durable: the caller must await the group commit
     /// before acknowledging it.
+    ///
+    /// The recipient's shard lock is held from the quota check through id generation to the insert, so entries of
+    /// one mailbox become visible in id order: a delivery stream that follows the mailbox with a cursor can never
+    /// pass over an entry that is inserted later with a lower id.
     pub fn append(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<Appended, MailboxError> {
         let len = envelope.len() as u64;
-        {
-            let mut usage = self.usage_lock();
-            let u = match usage.get_mut(recipient) {
-                Some(u) => u,
-                None => {
-                    let loaded = self.load_usage(recipient)?;
-                    usage.entry(*recipient).or_insert(loaded)
-                }
-            };
-            if u.messages + 1 > self.limits.max_messages || u.bytes + len > self.limits.max_bytes {
-                return Err(MailboxError::QuotaExceeded {
-                    messages: u.messages,
-                    bytes: u.bytes,
-                    max_messages: self.limits.max_messages,
-                    max_bytes: self.limits.max_bytes,
-                });
+        let mut shard = self.shard(recipient);
+        let usage = match shard.get_mut(recipient) {
+            Some(u) => u,
+            None => {
+                let loaded = self.load_usage(recipient)?;
+                shard.entry(*recipient).or_insert(loaded)
             }
-            u.messages += 1;
-            u.bytes += len;
+        };
+        if usage.messages + 1 > self.limits.max_messages || usage.bytes + len > self.limits.max_bytes {
+            return Err(MailboxError::QuotaExceeded {
+                messages: usage.messages,
+                bytes: usage.bytes,
+                max_messages: self.limits.max_messages,
+                max_bytes: self.limits.max_bytes,
+            });
         }
-        let stored = self.insert(recipient, envelope, now_ms);
-        if stored.is_err() {
-            self.release(recipient, 1, len);
-        }
-        stored
-    }
-
-    fn insert(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<Appended, MailboxError> {
         // sled's ids start at 0; ours start at 1 so that 0 can mean "before the first entry" in `scan`.
         let id = self.ids.generate_id()?.saturating_add(1);
         let expires_at_ms = now_ms.saturating_add(self.limits.ttl_ms);
@@ -163,11 +160,13 @@ impl Mailboxes {
         v.extend_from_slice(&expires_at_ms.to_be_bytes());
         v.extend_from_slice(envelope);
         self.tree.insert(key(recipient, id), v)?;
+        usage.messages += 1;
+        usage.bytes += len;
         Ok(Appended { id, stored_at_ms: now_ms })
     }
 
     fn release(&self, recipient: &AccountId, messages: u64, bytes: u64) {
-        if let Some(u) = self.usage_lock().get_mut(recipient) {
+        if let Some(u) = self.shard(recipient).get_mut(recipient) {
             u.messages = u.messages.saturating_sub(messages);
             u.bytes = u.bytes.saturating_sub(bytes);
         }
@@ -231,7 +230,7 @@ impl Mailboxes {
 
     /// Entries queued for `recipient` (from the usage counters).
     pub fn depth(&self, recipient: &AccountId) -> Result<u64, sled::Error> {
-        if let Some(u) = self.usage_lock().get(recipient) {
+        if let Some(u) = self.shard(recipient).get(recipient) {
             return Ok(u.messages);
         }
         Ok(self.load_usage(recipient)?.messages)
@@ -287,6 +286,39 @@ mod tests {
         assert_eq!(m.scan(&a, 0, 10, 2000).expect("scan").len(), 1);
         assert_eq!(m.sweep_expired(2000).expect("sweep"), 1);
         assert_eq!(m.depth(&a).expect("depth"), 1);
+    }
+
+    /// A reader that follows a mailbox with a cursor (as a delivery stream does) must see every entry: an entry
+    /// must never become visible after an entry with a higher id for the same recipient.
+    #[test]
+    fn cursor_readers_miss_nothing_under_concurrent_appends() {
+        let (_d, m) = mailboxes(1_000_000, 1 << 40);
+        let m = std::sync::Arc::new(m);
+        let a = AccountId([1; 16]);
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..3000 {
+                        m.append(&a, b"x", 0).expect("append");
+                    }
+                })
+            })
+            .collect();
+        let (mut cursor, mut seen) = (0, 0usize);
+        while seen < 12_000 {
+            for e in m.scan(&a, cursor, 1000, 0).expect("scan") {
+                cursor = e.id;
+                seen += 1;
+            }
+            if writers.iter().all(|w| w.is_finished()) && m.scan(&a, cursor, 1, 0).expect("scan").is_empty() {
+                break;
+            }
+        }
+        for w in writers {
+            w.join().expect("writer");
+        }
+        assert_eq!(seen, 12_000, "a cursor reader skipped entries that were inserted out of id order");
     }
 
     #[test]

@@ -88,6 +88,36 @@ async fn thousand_concurrent_sends_are_acked_and_delivered_exactly_once() {
     assert_eq!(texts, (0..N).map(|i| format!("msg {i}")).collect::<HashSet<_>>(), "each exactly once");
 }
 
+/// Several senders at once to a recipient that is online: every envelope must be pushed on the recipient's open
+/// delivery stream, even though concurrent sends reach the store in an order different from their ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_to_an_online_recipient_are_all_pushed() {
+    const SENDERS: usize = 4;
+    const EACH: usize = 100;
+    let relay = TestRelay::in_process().await.expect("relay");
+    let mut bob = relay.user("+33698765432").await.expect("bob");
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let mut u = relay.user(&format!("+3361000000{s}")).await.expect("sender");
+        let to = u.messenger.contact("+33698765432").await.expect("lookup");
+        senders.push((Arc::new(u.messenger), to));
+    }
+    let receiving = tokio::spawn(async move { bob.messenger.receive(SENDERS * EACH, WAIT).await });
+    let mut sends = JoinSet::new();
+    for i in 0..EACH {
+        for (s, (m, to)) in senders.iter().enumerate() {
+            let (m, to) = (m.clone(), to.clone());
+            sends.spawn(async move { m.send_to(&to, &format!("{s}/{i}")).await });
+        }
+    }
+    while let Some(r) = bounded("sends", sends.join_next()).await {
+        r.expect("join").expect("acknowledged");
+    }
+    let got = bounded("receive", receiving).await.expect("join").expect("receive");
+    let texts: HashSet<_> = got.iter().map(|m| m.text.clone()).collect();
+    assert_eq!(texts.len(), SENDERS * EACH, "pushed on the open stream, each once");
+}
+
 #[tokio::test]
 async fn redelivery_after_unacked_disconnect_reaches_the_application_once() {
     let relay = TestRelay::in_process().await.expect("relay");
