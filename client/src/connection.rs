@@ -11,8 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use relay_proto::auth::{EXPORTER_LEN, auth_transcript, register_transcript};
 use relay_proto::wire::{
-    self, Ack, Auth, ClientFrame, Deliver, DeviceInfo, Lookup, Register, SendAck, ServerFrame, Subscribe,
-    client_frame::Body as Req, server_frame::Body as Resp,
+    self, Ack, Auth, Bundle, ClientFrame, Deliver, DeviceInfo, FetchBundle, Lookup, PrekeyCounts, Register, SealedSend,
+    SendAck, ServerFrame, SetAccessKey, Subscribe, UploadPrekeys, client_frame::Body as Req,
+    server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_quic::{read_frame, write_frame};
@@ -149,8 +150,8 @@ impl Connection {
         }
     }
 
-    /// Authenticates this connection as `identity`'s account.
-    pub async fn authenticate(&self, identity: &Identity) -> Result<(), ClientError> {
+    /// Authenticates this connection as `identity`'s account; returns the relay's prekey counts for it.
+    pub async fn authenticate(&self, identity: &Identity) -> Result<PrekeyCounts, ClientError> {
         let account = identity.account_id();
         let signature = identity.sign(&auth_transcript(&self.exporter, &account));
         let req = Auth {
@@ -159,7 +160,7 @@ impl Connection {
             signature: Bytes::copy_from_slice(&signature),
         };
         match self.request(Req::Auth(req)).await? {
-            Resp::AuthOk(_) => Ok(()),
+            Resp::AuthOk(ok) => Ok(ok.prekeys.unwrap_or_default()),
             other => Err(unexpected("AuthOk", &other)),
         }
     }
@@ -185,6 +186,51 @@ impl Connection {
         match self.request(Req::Send(req)).await? {
             Resp::SendAck(a) => Ok(a),
             other => Err(unexpected("SendAck", &other)),
+        }
+    }
+
+    /// Stores `envelope` for `recipient` without naming the sender, authorised by the recipient's access key. Use it
+    /// on a connection that is not authenticated, or the relay learns who is sending.
+    pub async fn sealed_send(
+        &self,
+        recipient: &AccountId,
+        envelope: Bytes,
+        access_key: &[u8],
+    ) -> Result<SendAck, ClientError> {
+        let req = SealedSend {
+            recipient: Bytes::copy_from_slice(recipient.as_bytes()),
+            envelope,
+            access_key: Bytes::copy_from_slice(access_key),
+        };
+        match self.request(Req::SealedSend(req)).await? {
+            Resp::SendAck(a) => Ok(a),
+            other => Err(unexpected("SendAck", &other)),
+        }
+    }
+
+    /// Publishes prekeys; returns the counts the relay now holds.
+    pub async fn upload_prekeys(&self, upload: UploadPrekeys) -> Result<PrekeyCounts, ClientError> {
+        match self.request(Req::UploadPrekeys(upload)).await? {
+            Resp::PrekeyCounts(c) => Ok(c),
+            other => Err(unexpected("PrekeyCounts", &other)),
+        }
+    }
+
+    /// Fetches (and so consumes one-time prekeys of) `account`'s prekey bundle.
+    pub async fn fetch_bundle(&self, account: &AccountId) -> Result<Bundle, ClientError> {
+        let req = FetchBundle { account_id: Bytes::copy_from_slice(account.as_bytes()) };
+        match self.request(Req::FetchBundle(req)).await? {
+            Resp::Bundle(b) if b.account_id.as_ref() == account.as_bytes() => Ok(b),
+            other => Err(unexpected("Bundle", &other)),
+        }
+    }
+
+    /// Sets the verifier (SHA-256) of the access key senders must present for sealed sends to this account.
+    pub async fn set_access_key(&self, verifier: [u8; 32]) -> Result<(), ClientError> {
+        let req = SetAccessKey { verifier: Bytes::copy_from_slice(&verifier) };
+        match self.request(Req::SetAccessKey(req)).await? {
+            Resp::AccessKeySet(_) => Ok(()),
+            other => Err(unexpected("AccessKeySet", &other)),
         }
     }
 
@@ -221,6 +267,9 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::Deliver(_) => "Deliver",
         Resp::QueueEmpty(_) => "QueueEmpty",
         Resp::Acked(_) => "Acked",
+        Resp::PrekeyCounts(_) => "PrekeyCounts",
+        Resp::Bundle(_) => "Bundle",
+        Resp::AccessKeySet(_) => "AccessKeySet",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

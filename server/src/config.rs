@@ -11,7 +11,8 @@
 //! mailbox_max_bytes = 67108864        # per-recipient quota, envelope bytes (64 MiB)
 //! message_ttl_secs = 2592000          # undelivered envelopes expire after 30 days
 //! expiry_sweep_secs = 60              # how often expired envelopes are removed
-//! lookups_per_minute = 60             # phone lookups per account (burst = the same number)
+//! lookups_per_minute = 60             # phone lookups and bundle fetches per account (burst = the same number)
+//! sealed_sends_per_minute = 600       # sealed-sender sends per recipient (burst = the same number)
 //! max_streams_per_connection = 256    # concurrent bidirectional streams per connection
 //! delivery_window = 256               # envelopes pushed but not yet acknowledged, per delivery stream
 //! idle_timeout_secs = 60              # connection idle timeout
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use relay_proto::MAX_FRAME_LEN;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -30,7 +31,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 pub const DEFAULT_DATA_DIR: &str = "./relay-data";
 
 /// Full relay configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// UDP address to listen on; port 0 picks a free port.
@@ -42,7 +43,7 @@ pub struct Config {
 }
 
 /// Quotas and limits, each with the default documented in the module header.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest envelope accepted, in bytes.
@@ -55,8 +56,10 @@ pub struct Limits {
     pub message_ttl_secs: u64,
     /// Interval between sweeps of expired envelopes, in seconds.
     pub expiry_sweep_secs: u64,
-    /// Phone-number lookups allowed per account per minute.
+    /// Phone-number lookups and prekey-bundle fetches allowed per account per minute.
     pub lookups_per_minute: u32,
+    /// Sealed-sender sends accepted per recipient per minute.
+    pub sealed_sends_per_minute: u32,
     /// Concurrent bidirectional streams a client may open on one connection.
     pub max_streams_per_connection: u32,
     /// Envelopes pushed on a delivery stream and not yet acknowledged, at most.
@@ -84,6 +87,7 @@ impl Default for Limits {
             message_ttl_secs: 30 * 24 * 3600,
             expiry_sweep_secs: 60,
             lookups_per_minute: 60,
+            sealed_sends_per_minute: 600,
             max_streams_per_connection: 256,
             delivery_window: 256,
             idle_timeout_secs: 60,
@@ -117,6 +121,11 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The configuration as a TOML file.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// Reads a TOML config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
@@ -141,8 +150,8 @@ impl Config {
         if l.message_ttl_secs == 0 || l.expiry_sweep_secs == 0 {
             return invalid("limits.message_ttl_secs and limits.expiry_sweep_secs must be at least 1".into());
         }
-        if l.lookups_per_minute == 0 {
-            return invalid("limits.lookups_per_minute must be at least 1".into());
+        if l.lookups_per_minute == 0 || l.sealed_sends_per_minute == 0 {
+            return invalid("limits.lookups_per_minute and limits.sealed_sends_per_minute must be at least 1".into());
         }
         if !(2..=10_000).contains(&l.max_streams_per_connection) {
             return invalid("limits.max_streams_per_connection must be between 2 and 10000".into());
@@ -179,6 +188,15 @@ mod tests {
         assert_eq!(c.limits.mailbox_max_messages, 5);
         assert_eq!(c.limits.max_envelope_bytes, Limits::default().max_envelope_bytes);
         assert!(toml::from_str::<Config>("[limits]\nmailbox_max_mesages = 5\n").is_err());
+    }
+
+    #[test]
+    fn toml_round_trip() {
+        let mut c = Config::default();
+        c.limits.mailbox_max_messages = 7;
+        let back: Config = toml::from_str(&c.to_toml().expect("serialize")).expect("parse");
+        assert_eq!(back.limits.mailbox_max_messages, 7);
+        assert_eq!(back.listen, c.listen);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use relay_proto::ErrorCode;
 use relay_proto::wire::ServerFrame;
 
-use crate::store::{CommitError, DirectoryError, MailboxError};
+use crate::store::{CommitError, DirectoryError, MailboxError, PrekeyError};
 
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +56,15 @@ impl From<DirectoryError> for Reject {
         match e {
             DirectoryError::PhoneTaken => Reject::new(ErrorCode::PhoneTaken, e.to_string()),
             DirectoryError::Corrupt | DirectoryError::Store(_) => storage(e),
+        }
+    }
+}
+
+impl From<PrekeyError> for Reject {
+    fn from(e: PrekeyError) -> Self {
+        match e {
+            PrekeyError::Invalid(m) => Reject::invalid(m),
+            PrekeyError::Corrupt | PrekeyError::Store(_) => storage(e),
         }
     }
 }

@@ -24,8 +24,10 @@ pub struct Shared {
     pub limits: Limits,
     /// Online recipients.
     pub subscribers: Arc<Subscribers>,
-    /// Phone lookups per account.
+    /// Phone lookups and bundle fetches per account.
     pub lookups: RateLimiter<relay_proto::AccountId>,
+    /// Sealed sends per recipient.
+    pub sealed_sends: RateLimiter<relay_proto::AccountId>,
 }
 
 /// Why the relay could not start.
@@ -106,6 +108,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let shared = Arc::new(Shared {
         store,
         lookups: RateLimiter::new(limits.lookups_per_minute),
+        sealed_sends: RateLimiter::new(limits.sealed_sends_per_minute),
         subscribers: Arc::new(Subscribers::default()),
         limits,
     });

@@ -18,7 +18,8 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use relay_proto::auth::{EXPORTER_LEN, KEY_LEN, auth_transcript, register_transcript};
 use relay_proto::frame::FrameError;
 use relay_proto::wire::{
-    Ack, Acked, Auth, AuthOk, ClientFrame, Lookup, LookupResult, Register, Registered, Send, SendAck, ServerFrame,
+    AccessKeySet, Ack, Acked, Auth, AuthOk, Bundle, ClientFrame, FetchBundle, Lookup, LookupResult, PrekeyCounts,
+    Register, Registered, SealedSend, Send, SendAck, ServerFrame, SetAccessKey, UploadPrekeys,
     client_frame::Body as Req, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, PhoneNumber, StreamCloseCode};
@@ -30,6 +31,10 @@ use crate::store::directory::AccountKeys;
 
 /// Longest accepted device-info field, in bytes.
 pub const MAX_DEVICE_FIELD: usize = 64;
+/// Length of a sealed-sender access key.
+pub const ACCESS_KEY_LEN: usize = 32;
+/// Clients are told to replenish a one-time prekey pool below this many keys.
+pub const PREKEY_LOW_WATERMARK: u32 = 20;
 
 /// Per-connection state.
 pub struct Session {
@@ -98,6 +103,10 @@ pub async fn serve_stream(
             Some(Req::Lookup(l)) => lookup(&shared, &session, l),
             Some(Req::Send(s)) => send_envelope(&shared, &session, s).await,
             Some(Req::Ack(a)) => ack(&shared, &session, a),
+            Some(Req::UploadPrekeys(u)) => upload_prekeys(&shared, &session, u).await,
+            Some(Req::FetchBundle(f)) => fetch_bundle(&shared, &session, f).await,
+            Some(Req::SetAccessKey(k)) => set_access_key(&shared, &session, k).await,
+            Some(Req::SealedSend(s)) => sealed_send(&shared, s).await,
             None => Err(Reject::invalid("empty or unknown request")),
         };
         let frame = reply.unwrap_or_else(|r| r.to_frame());
@@ -170,7 +179,8 @@ fn auth(shared: &Shared, session: &Session, a: Auth) -> Result<ServerFrame, Reje
     verify(&keys.identity_key, &auth_transcript(&session.exporter, &account), &a.signature)?;
     session.authenticate(account)?;
     tracing::debug!(%account, "authenticated");
-    resp(Resp::AuthOk(AuthOk { account_id: a.account_id, server_time_ms: relay_proto::now_ms() }))
+    let prekeys = Some(prekey_counts(shared, &account)?);
+    resp(Resp::AuthOk(AuthOk { account_id: a.account_id, server_time_ms: relay_proto::now_ms(), prekeys }))
 }
 
 fn lookup(shared: &Shared, session: &Session, l: Lookup) -> Result<ServerFrame, Reject> {
@@ -196,27 +206,109 @@ fn lookup(shared: &Shared, session: &Session, l: Lookup) -> Result<ServerFrame, 
 
 /// The message path: stores an opaque envelope for the recipient and acknowledges once it is durable. It records
 /// nothing about the sender and reads no phone number or device info.
-async fn send_envelope(shared: &Shared, session: &Session, s: Send) -> Result<ServerFrame, Reject> {
-    session.account()?;
+async fn store_envelope(shared: &Shared, recipient: &[u8], envelope: &[u8]) -> Result<ServerFrame, Reject> {
     let recipient =
-        AccountId::from_slice(&s.recipient).ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
+        AccountId::from_slice(recipient).ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
     let max = shared.limits.max_envelope_bytes;
-    if s.envelope.len() > max {
+    if envelope.len() > max {
         return Err(Reject::new(
             ErrorCode::EnvelopeTooLarge,
-            format!("envelope of {} bytes exceeds the limit of {max} bytes", s.envelope.len()),
+            format!("envelope of {} bytes exceeds the limit of {max} bytes", envelope.len()),
         ));
     }
-    if s.envelope.is_empty() {
+    if envelope.is_empty() {
         return Err(Reject::invalid("empty envelope"));
     }
     if !shared.store.directory.exists(&recipient)? {
         return Err(Reject::new(ErrorCode::UnknownRecipient, "no such recipient account"));
     }
-    let stored = shared.store.mailboxes.append(&recipient, &s.envelope, relay_proto::now_ms())?;
+    let stored = shared.store.mailboxes.append(&recipient, envelope, relay_proto::now_ms())?;
     shared.store.commit.durable().await?;
     shared.subscribers.notify(&recipient);
     resp(Resp::SendAck(SendAck { server_id: stored.id, stored_at_ms: stored.stored_at_ms }))
+}
+
+async fn send_envelope(shared: &Shared, session: &Session, s: Send) -> Result<ServerFrame, Reject> {
+    session.account()?;
+    store_envelope(shared, &s.recipient, &s.envelope).await
+}
+
+/// A send that names no sender, on any connection: authorised by the recipient's access key, and limited per
+/// recipient (on top of the mailbox quota) so that a leaked key cannot flood a mailbox faster than the limit.
+async fn sealed_send(shared: &Shared, s: SealedSend) -> Result<ServerFrame, Reject> {
+    let recipient =
+        AccountId::from_slice(&s.recipient).ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
+    let bad_key = || Reject::new(ErrorCode::BadAccessKey, "access key not valid for this recipient");
+    if s.access_key.len() != ACCESS_KEY_LEN || !shared.store.prekeys.access_allowed(&recipient, &s.access_key)? {
+        return Err(bad_key());
+    }
+    if !shared.sealed_sends.allow(recipient, Instant::now()) {
+        return Err(Reject::new(
+            ErrorCode::RateLimited,
+            format!("at most {} sealed sends per minute to one recipient", shared.limits.sealed_sends_per_minute),
+        ));
+    }
+    store_envelope(shared, &s.recipient, &s.envelope).await
+}
+
+fn prekey_counts(shared: &Shared, account: &AccountId) -> Result<PrekeyCounts, Reject> {
+    let c = shared.store.prekeys.counts(account)?;
+    Ok(PrekeyCounts {
+        one_time_prekeys: c.one_time,
+        kem_prekeys: c.kem,
+        low_watermark: PREKEY_LOW_WATERMARK,
+        has_signed_prekey: c.signed,
+        has_last_resort_kem_prekey: c.last_resort,
+    })
+}
+
+async fn upload_prekeys(shared: &Shared, session: &Session, u: UploadPrekeys) -> Result<ServerFrame, Reject> {
+    let account = session.account()?;
+    shared.store.prekeys.upload(
+        &account,
+        u.signed_prekey.as_ref(),
+        &u.one_time_prekeys,
+        &u.kem_prekeys,
+        u.last_resort_kem_prekey.as_ref(),
+    )?;
+    shared.store.commit.durable().await?;
+    resp(Resp::PrekeyCounts(prekey_counts(shared, &account)?))
+}
+
+async fn fetch_bundle(shared: &Shared, session: &Session, f: FetchBundle) -> Result<ServerFrame, Reject> {
+    let me = session.account()?;
+    if !shared.lookups.allow(me, Instant::now()) {
+        return Err(Reject::new(
+            ErrorCode::RateLimited,
+            format!("at most {} lookups and bundle fetches per minute", shared.limits.lookups_per_minute),
+        ));
+    }
+    let account = AccountId::from_slice(&f.account_id).ok_or_else(|| Reject::invalid("account_id must be 16 bytes"))?;
+    let keys =
+        shared.store.directory.keys(&account)?.ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account"))?;
+    let taken = shared
+        .store
+        .prekeys
+        .take_bundle(&account)?
+        .ok_or_else(|| Reject::new(ErrorCode::NoPrekeys, "this account has not published prekeys"))?;
+    // The consumed one-time keys must stay consumed across a crash before the bundle is handed out.
+    shared.store.commit.durable().await?;
+    resp(Resp::Bundle(Bundle {
+        account_id: f.account_id,
+        identity_key: keys.identity_key.to_vec().into(),
+        identity_dh_key: keys.sealing_key.to_vec().into(),
+        signed_prekey: Some(taken.signed),
+        one_time_prekey: taken.one_time,
+        kem_prekey: Some(taken.kem),
+        kem_last_resort: taken.kem_last_resort,
+    }))
+}
+
+async fn set_access_key(shared: &Shared, session: &Session, k: SetAccessKey) -> Result<ServerFrame, Reject> {
+    let account = session.account()?;
+    shared.store.prekeys.set_access_verifier(&account, &k.verifier)?;
+    shared.store.commit.durable().await?;
+    resp(Resp::AccessKeySet(AccessKeySet {}))
 }
 
 fn ack(shared: &Shared, session: &Session, a: Ack) -> Result<ServerFrame, Reject> {

@@ -91,21 +91,7 @@ impl TestRelay {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let l = &self.config.limits;
-        let toml = format!(
-            "[limits]\nmax_envelope_bytes = {}\nmailbox_max_messages = {}\nmailbox_max_bytes = {}\nmessage_ttl_secs = {}\n\
-             expiry_sweep_secs = {}\nlookups_per_minute = {}\nmax_streams_per_connection = {}\ndelivery_window = {}\n\
-             idle_timeout_secs = {}\n",
-            l.max_envelope_bytes,
-            l.mailbox_max_messages,
-            l.mailbox_max_bytes,
-            l.message_ttl_secs,
-            l.expiry_sweep_secs,
-            l.lookups_per_minute,
-            l.max_streams_per_connection,
-            l.delivery_window,
-            l.idle_timeout_secs
-        );
+        let toml = self.config.to_toml()?;
         let config_path = self.dir.path().join("relayd.toml");
         std::fs::write(&config_path, toml)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;

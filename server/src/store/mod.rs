@@ -7,6 +7,7 @@
 pub mod commit;
 pub mod directory;
 pub mod mailbox;
+pub mod prekeys;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 pub use commit::{CommitError, GroupCommit};
 pub use directory::{Directory, DirectoryError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
+pub use prekeys::{PrekeyError, Prekeys};
 
 /// Names of the sled trees. Nothing else in the relay opens a tree.
 pub mod trees {
@@ -25,6 +27,10 @@ pub mod trees {
     pub const PROFILES: &str = "profiles";
     /// `E.164 phone` → `account id`.
     pub const PHONES: &str = "phones";
+    /// `account id ‖ kind [‖ key id]` → public prekey (and signature).
+    pub const PREKEYS: &str = "prekeys";
+    /// `account id` → SHA-256 of the account's sealed-sender access key.
+    pub const ACCESS_KEYS: &str = "access_keys";
 }
 
 /// The opened store.
@@ -33,6 +39,8 @@ pub struct Store {
     pub mailboxes: Mailboxes,
     /// Accounts, keys, phone numbers and device info.
     pub directory: Directory,
+    /// Published prekeys and access keys.
+    pub prekeys: Prekeys,
     /// Durability barrier shared by every write that is acknowledged to a client.
     pub commit: Arc<GroupCommit>,
 }
@@ -47,7 +55,8 @@ impl Store {
             db.open_tree(trees::PROFILES)?,
             db.open_tree(trees::PHONES)?,
         );
+        let prekeys = Prekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?);
         let commit = GroupCommit::start(db);
-        Ok(Self { mailboxes, directory, commit })
+        Ok(Self { mailboxes, directory, prekeys, commit })
     }
 }

@@ -1,0 +1,323 @@
+//! Published prekeys and sealed-sender access keys.
+//!
+//! The relay stores public prekeys as opaque, size-checked bytes and hands them out; it verifies no prekey signature
+//! (clients do, before use) and holds no secret. One-time prekeys are removed as they are handed out with a
+//! compare-and-swap, so two fetches never get the same one even when they race. Layout of the `prekeys` tree:
+//! `account ‖ kind (1 byte)` for the single signed prekey and last-resort KEM prekey, `account ‖ kind ‖ id (4, BE)`
+//! for pooled one-time prekeys. The `access_keys` tree maps an account to the SHA-256 of its access key.
+
+use relay_proto::wire::{KemPrekey, OneTimePrekey, SignedPrekey};
+use relay_proto::{ACCOUNT_ID_LEN, AccountId};
+use sha2::{Digest, Sha256};
+
+/// Length of an X25519 public key.
+pub const X25519_LEN: usize = 32;
+/// Length of an ML-KEM-768 encapsulation key.
+pub const KEM_PUBLIC_LEN: usize = 1184;
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// Most one-time prekeys of each kind kept per account.
+pub const MAX_POOL: usize = 1000;
+
+const SIGNED: u8 = 0;
+const ONE_TIME: u8 = 1;
+const KEM_ONE_TIME: u8 = 2;
+const KEM_LAST_RESORT: u8 = 3;
+
+/// Why a prekey operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrekeyError {
+    /// A key or signature has the wrong size, or too many keys were sent.
+    #[error("{0}")]
+    Invalid(String),
+    /// A stored record does not decode.
+    #[error("corrupt prekey record")]
+    Corrupt,
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] sled::Error),
+}
+
+/// How many prekeys an account has published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// One-time X25519 prekeys left.
+    pub one_time: u32,
+    /// One-time ML-KEM prekeys left.
+    pub kem: u32,
+    /// A signed prekey is published.
+    pub signed: bool,
+    /// A last-resort KEM prekey is published.
+    pub last_resort: bool,
+}
+
+/// What a bundle fetch takes from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Taken {
+    /// The signed prekey.
+    pub signed: SignedPrekey,
+    /// A one-time X25519 prekey, unless the pool was empty.
+    pub one_time: Option<OneTimePrekey>,
+    /// A one-time KEM prekey, or the last-resort one when the pool was empty.
+    pub kem: KemPrekey,
+    /// Whether `kem` is the last-resort key.
+    pub kem_last_resort: bool,
+}
+
+/// The prekey and access-key trees.
+pub struct Prekeys {
+    prekeys: sled::Tree,
+    access: sled::Tree,
+}
+
+fn prefix(account: &AccountId, kind: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(ACCOUNT_ID_LEN + 5);
+    k.extend_from_slice(account.as_bytes());
+    k.push(kind);
+    k
+}
+
+fn pooled_key(account: &AccountId, kind: u8, id: u32) -> Vec<u8> {
+    let mut k = prefix(account, kind);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<(), PrekeyError> {
+    if got != want {
+        return Err(PrekeyError::Invalid(format!("{what} must be {want} bytes, got {got}")));
+    }
+    Ok(())
+}
+
+fn check_kem(k: &KemPrekey) -> Result<(), PrekeyError> {
+    check_len("KEM prekey", k.public_key.len(), KEM_PUBLIC_LEN)?;
+    check_len("KEM prekey signature", k.signature.len(), SIGNATURE_LEN)
+}
+
+fn encode_kem(k: &KemPrekey) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + KEM_PUBLIC_LEN + SIGNATURE_LEN);
+    v.extend_from_slice(&k.id.to_be_bytes());
+    v.extend_from_slice(&k.public_key);
+    v.extend_from_slice(&k.signature);
+    v
+}
+
+fn decode_kem(v: &[u8]) -> Option<KemPrekey> {
+    if v.len() != 4 + KEM_PUBLIC_LEN + SIGNATURE_LEN {
+        return None;
+    }
+    let id = u32::from_be_bytes(v[..4].try_into().ok()?);
+    let public_key = v[4..4 + KEM_PUBLIC_LEN].to_vec().into();
+    let signature = v[4 + KEM_PUBLIC_LEN..].to_vec().into();
+    Some(KemPrekey { id, public_key, signature })
+}
+
+impl Prekeys {
+    pub(crate) fn new(prekeys: sled::Tree, access: sled::Tree) -> Self {
+        Self { prekeys, access }
+    }
+
+    /// Stores what `account` uploads. Not yet durable: await the group commit before answering.
+    pub fn upload(
+        &self,
+        account: &AccountId,
+        signed: Option<&SignedPrekey>,
+        one_time: &[OneTimePrekey],
+        kem: &[KemPrekey],
+        last_resort: Option<&KemPrekey>,
+    ) -> Result<Counts, PrekeyError> {
+        if let Some(s) = signed {
+            check_len("signed prekey", s.public_key.len(), X25519_LEN)?;
+            check_len("signed prekey signature", s.signature.len(), SIGNATURE_LEN)?;
+        }
+        for k in one_time {
+            check_len("one-time prekey", k.public_key.len(), X25519_LEN)?;
+        }
+        for k in kem.iter().chain(last_resort) {
+            check_kem(k)?;
+        }
+        let before = self.counts(account)?;
+        if before.one_time as usize + one_time.len() > MAX_POOL || before.kem as usize + kem.len() > MAX_POOL {
+            return Err(PrekeyError::Invalid(format!("at most {MAX_POOL} one-time prekeys of each kind")));
+        }
+        let mut batch = sled::Batch::default();
+        if let Some(s) = signed {
+            let mut v = Vec::with_capacity(4 + X25519_LEN + SIGNATURE_LEN);
+            v.extend_from_slice(&s.id.to_be_bytes());
+            v.extend_from_slice(&s.public_key);
+            v.extend_from_slice(&s.signature);
+            batch.insert(prefix(account, SIGNED), v);
+        }
+        for k in one_time {
+            batch.insert(pooled_key(account, ONE_TIME, k.id), k.public_key.to_vec());
+        }
+        for k in kem {
+            batch.insert(pooled_key(account, KEM_ONE_TIME, k.id), encode_kem(k));
+        }
+        if let Some(k) = last_resort {
+            batch.insert(prefix(account, KEM_LAST_RESORT), encode_kem(k));
+        }
+        self.prekeys.apply_batch(batch)?;
+        self.counts(account)
+    }
+
+    /// Prekeys published by `account`.
+    pub fn counts(&self, account: &AccountId) -> Result<Counts, PrekeyError> {
+        let count = |kind| -> Result<u32, sled::Error> {
+            let mut n = 0u32;
+            for item in self.prekeys.scan_prefix(prefix(account, kind)) {
+                item?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        Ok(Counts {
+            one_time: count(ONE_TIME)?,
+            kem: count(KEM_ONE_TIME)?,
+            signed: self.prekeys.contains_key(prefix(account, SIGNED))?,
+            last_resort: self.prekeys.contains_key(prefix(account, KEM_LAST_RESORT))?,
+        })
+    }
+
+    /// Removes and returns the lowest-id pooled prekey of `kind`, racing safely with other takers.
+    fn take_pooled(&self, account: &AccountId, kind: u8) -> Result<Option<(u32, sled::IVec)>, PrekeyError> {
+        loop {
+            let Some(item) = self.prekeys.scan_prefix(prefix(account, kind)).next() else { return Ok(None) };
+            let (k, v) = item?;
+            if self.prekeys.compare_and_swap(&k, Some(&v), None::<&[u8]>)?.is_err() {
+                continue; // another fetch took it first
+            }
+            let id = k.get(ACCOUNT_ID_LEN + 1..).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+            return id.map(|id| Some((id, v))).ok_or(PrekeyError::Corrupt);
+        }
+    }
+
+    /// Takes a bundle's worth of prekeys of `account`: `None` if it has no signed prekey or no KEM prekey at all.
+    /// Not yet durable: await the group commit before answering, so a consumed one-time key is never handed out
+    /// twice across a crash.
+    pub fn take_bundle(&self, account: &AccountId) -> Result<Option<Taken>, PrekeyError> {
+        let Some(sv) = self.prekeys.get(prefix(account, SIGNED))? else { return Ok(None) };
+        if sv.len() != 4 + X25519_LEN + SIGNATURE_LEN {
+            return Err(PrekeyError::Corrupt);
+        }
+        let signed = SignedPrekey {
+            id: u32::from_be_bytes(sv[..4].try_into().map_err(|_| PrekeyError::Corrupt)?),
+            public_key: sv[4..4 + X25519_LEN].to_vec().into(),
+            signature: sv[4 + X25519_LEN..].to_vec().into(),
+        };
+        let (kem, kem_last_resort) = match self.take_pooled(account, KEM_ONE_TIME)? {
+            Some((_, v)) => (decode_kem(&v).ok_or(PrekeyError::Corrupt)?, false),
+            None => match self.prekeys.get(prefix(account, KEM_LAST_RESORT))? {
+                Some(v) => (decode_kem(&v).ok_or(PrekeyError::Corrupt)?, true),
+                None => return Ok(None),
+            },
+        };
+        let one_time =
+            self.take_pooled(account, ONE_TIME)?.map(|(id, v)| OneTimePrekey { id, public_key: v.to_vec().into() });
+        Ok(Some(Taken { signed, one_time, kem, kem_last_resort }))
+    }
+
+    /// Sets the access-key verifier (SHA-256 of the access key) of `account`.
+    pub fn set_access_verifier(&self, account: &AccountId, verifier: &[u8]) -> Result<(), PrekeyError> {
+        check_len("access key verifier", verifier.len(), 32)?;
+        self.access.insert(account.as_bytes(), verifier)?;
+        Ok(())
+    }
+
+    /// Whether `access_key` is the current access key of `account` (false if it has none).
+    pub fn access_allowed(&self, account: &AccountId, access_key: &[u8]) -> Result<bool, PrekeyError> {
+        let Some(verifier) = self.access.get(account.as_bytes())? else { return Ok(false) };
+        let presented = Sha256::digest(access_key);
+        // Constant-time comparison: the verifier is secret-derived.
+        let diff = presented.iter().zip(verifier.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        Ok(verifier.len() == presented.len() && diff == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn store() -> Prekeys {
+        let db = sled::Config::new().temporary(true).open().expect("open");
+        Prekeys::new(db.open_tree("p").expect("tree"), db.open_tree("a").expect("tree"))
+    }
+
+    fn kem(id: u32) -> KemPrekey {
+        KemPrekey { id, public_key: vec![id as u8; KEM_PUBLIC_LEN].into(), signature: vec![1; 64].into() }
+    }
+
+    fn signed() -> SignedPrekey {
+        SignedPrekey { id: 1, public_key: vec![2; 32].into(), signature: vec![3; 64].into() }
+    }
+
+    #[test]
+    fn bundle_consumes_one_time_keys_then_falls_back_to_last_resort() {
+        let p = store();
+        let a = AccountId([1; 16]);
+        assert_eq!(p.take_bundle(&a).expect("take"), None, "nothing published");
+        let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
+        let c = p.upload(&a, Some(&signed()), &ot, &[kem(10)], Some(&kem(99))).expect("upload");
+        assert_eq!(c, Counts { one_time: 1, kem: 1, signed: true, last_resort: true });
+        let first = p.take_bundle(&a).expect("take").expect("bundle");
+        assert_eq!(first.one_time.map(|k| k.id), Some(7));
+        assert_eq!((first.kem.id, first.kem_last_resort), (10, false));
+        let second = p.take_bundle(&a).expect("take").expect("bundle");
+        assert_eq!(second.one_time, None, "pool empty: no one-time X25519 key");
+        assert_eq!((second.kem.id, second.kem_last_resort), (99, true));
+        assert_eq!(p.counts(&a).expect("counts"), Counts { one_time: 0, kem: 0, signed: true, last_resort: true });
+    }
+
+    #[test]
+    fn racing_fetches_never_share_a_one_time_key() {
+        let p = Arc::new(store());
+        let a = AccountId([1; 16]);
+        let ot: Vec<_> = (0..200).map(|i| OneTimePrekey { id: i, public_key: vec![0; 32].into() }).collect();
+        let kems: Vec<_> = (0..200).map(kem).collect();
+        p.upload(&a, Some(&signed()), &ot, &kems, Some(&kem(999))).expect("upload");
+        let takers: Vec<_> = (0..4)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || (0..60).filter_map(|_| p.take_bundle(&a).expect("take")).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        let mut kem_ids = std::collections::HashSet::new();
+        for t in takers {
+            for b in t.join().expect("join") {
+                if let Some(k) = b.one_time {
+                    assert!(ids.insert(k.id), "one-time prekey {} handed out twice", k.id);
+                }
+                if !b.kem_last_resort {
+                    assert!(kem_ids.insert(b.kem.id), "KEM prekey {} handed out twice", b.kem.id);
+                }
+            }
+        }
+        assert_eq!((ids.len(), kem_ids.len()), (200, 200));
+    }
+
+    #[test]
+    fn sizes_and_pool_bound_are_checked() {
+        let p = store();
+        let a = AccountId([1; 16]);
+        let bad = SignedPrekey { id: 1, public_key: vec![2; 31].into(), signature: vec![3; 64].into() };
+        assert!(matches!(p.upload(&a, Some(&bad), &[], &[], None), Err(PrekeyError::Invalid(_))));
+        let too_many: Vec<_> =
+            (0..=MAX_POOL as u32).map(|i| OneTimePrekey { id: i, public_key: vec![0; 32].into() }).collect();
+        assert!(matches!(p.upload(&a, None, &too_many, &[], None), Err(PrekeyError::Invalid(_))));
+    }
+
+    #[test]
+    fn access_key_checks() {
+        let p = store();
+        let a = AccountId([1; 16]);
+        assert!(!p.access_allowed(&a, b"anything").expect("check"), "no key set: sealed sends refused");
+        p.set_access_verifier(&a, &Sha256::digest(b"secret-key")).expect("set");
+        assert!(p.access_allowed(&a, b"secret-key").expect("check"));
+        assert!(!p.access_allowed(&a, b"secret-kez").expect("check"));
+        assert!(!p.access_allowed(&AccountId([2; 16]), b"secret-key").expect("check"));
+    }
+}
