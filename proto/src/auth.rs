@@ -64,6 +64,11 @@ impl fmt::Debug for AccountId {
     }
 }
 
+/// SHA-256 of `data` (access-key verifiers are computed with it on both sides).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
 fn put_field(out: &mut Vec<u8>, field: &[u8]) {
     // Fields are bounded by the frame size, far below u32::MAX.
     out.extend_from_slice(&(field.len() as u32).to_be_bytes());

@@ -4,6 +4,7 @@ mod access;
 mod bad_input;
 mod durability;
 mod messaging;
+mod prekeys;
 mod privacy;
 
 use std::time::Duration;
