@@ -80,21 +80,52 @@ pub struct Profile {
     pub relay: Option<RelayInfo>,
 }
 
-/// A contact in `contacts.json`.
+/// A contact in `contacts.json`: the identity first seen for a phone number (trust on first use).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contact {
     /// Account id, hex.
     pub account_id: String,
     /// Ed25519 identity key, hex.
     pub identity_key: String,
-    /// X25519 sealing key, hex.
+    /// X25519 identity DH key (sealed envelopes are encrypted to it), hex.
     pub sealing_key: String,
+    /// The contact's sealed-sender access key, hex, once they have shared it in a message.
+    #[serde(default)]
+    pub access_key: Option<String>,
+    /// A different identity now registered for this phone number, not yet accepted by the user. While it is set,
+    /// messages to this contact are held.
+    #[serde(default)]
+    pub changed: Option<ChangedIdentity>,
+}
+
+/// A new identity seen for a contact's phone number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedIdentity {
+    /// New account id, hex.
+    pub account_id: String,
+    /// New Ed25519 identity key, hex.
+    pub identity_key: String,
+    /// New X25519 identity DH key, hex.
+    pub sealing_key: String,
+}
+
+/// A message held because the recipient's identity changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMessage {
+    /// Recipient phone number.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// When it was held (ms since the Unix epoch).
+    pub held_at: u64,
 }
 
 #[derive(Serialize, Deserialize)]
 struct IdentityFile {
     identity_secret: String,
     sealing_secret: String,
+    /// This account's sealed-sender access key (shared with contacts inside encrypted messages).
+    access_key: String,
 }
 
 /// Ids of received messages, oldest first, bounded.
@@ -161,7 +192,12 @@ impl Home {
         std::fs::create_dir_all(&self.dir).map_err(|source| HomeError::Io { path: self.dir.clone(), source })?;
         let identity = Identity::generate();
         let (a, b) = identity.secrets();
-        let file = IdentityFile { identity_secret: hex::encode(a), sealing_secret: hex::encode(b) };
+        let access_key: [u8; 32] = rand::random();
+        let file = IdentityFile {
+            identity_secret: hex::encode(a),
+            sealing_secret: hex::encode(b),
+            access_key: hex::encode(access_key),
+        };
         self.write_json("identity.json", &file, true)?;
         self.save_profile(profile)?;
         Ok(identity)
@@ -181,6 +217,36 @@ impl Home {
                 .map_err(|e| HomeError::Corrupt { path: path.clone(), source: serde::de::Error::custom(e.to_string()) })
         };
         Ok(Identity::from_secrets(decode(&f.identity_secret)?, decode(&f.sealing_secret)?))
+    }
+
+    /// This account's sealed-sender access key.
+    pub fn access_key(&self) -> Result<[u8; 32], HomeError> {
+        let path = self.path("identity.json");
+        let f: IdentityFile = self.read_json("identity.json")?;
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(&f.access_key, &mut k)
+            .map_err(|e| HomeError::Corrupt { path, source: serde::de::Error::custom(e.to_string()) })?;
+        Ok(k)
+    }
+
+    /// Loads the messages held for contacts whose identity changed.
+    pub fn held(&self) -> Result<Vec<HeldMessage>, HomeError> {
+        self.read_json_or_default("held.json")
+    }
+
+    /// Saves the held messages.
+    pub fn save_held(&self, held: &[HeldMessage]) -> Result<(), HomeError> {
+        self.write_json("held.json", &held, false)
+    }
+
+    /// Loads a private JSON document (`name` in the home), or its default when absent.
+    pub fn load_private<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, HomeError> {
+        self.read_json_or_default(name)
+    }
+
+    /// Saves a private JSON document (mode 0600).
+    pub fn save_private<T: Serialize>(&self, name: &str, value: &T) -> Result<(), HomeError> {
+        self.write_json(name, value, true)
     }
 
     /// Loads the profile.

@@ -159,6 +159,8 @@ impl Messenger {
             account_id: entry.account.to_string(),
             identity_key: hex::encode(entry.identity_key),
             sealing_key: hex::encode(entry.sealing_key),
+            access_key: None,
+            changed: None,
         };
         self.contacts.insert(phone.to_owned(), contact);
         self.home.save_contacts(&self.contacts)?;
