@@ -16,9 +16,11 @@
 //! [`ratchet`] (per-message keys), [`message`] (encoding), [`safety`] (what two people compare to detect a
 //! substituted identity key).
 
+pub mod pqxdh;
 pub mod prekeys;
 
 
+pub use pqxdh::{InitialHeader, SharedSecret, initiate, respond};
 pub use prekeys::{OneTimePrekey, PrekeyBundle, PrekeyStore, SignedKemPrekey, SignedPrekey, verify_bundle};
 
 /// Which kind of prekey an error is about.
