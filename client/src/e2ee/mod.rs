@@ -18,10 +18,12 @@
 
 pub mod pqxdh;
 pub mod prekeys;
+pub mod ratchet;
 
 
 pub use pqxdh::{InitialHeader, SharedSecret, initiate, respond};
 pub use prekeys::{OneTimePrekey, PrekeyBundle, PrekeyStore, SignedKemPrekey, SignedPrekey, verify_bundle};
+pub use ratchet::{Header, RatchetMessage, RatchetState};
 
 /// Which kind of prekey an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
