@@ -16,11 +16,15 @@
 //! [`ratchet`] (per-message keys), [`message`] (encoding), [`safety`] (what two people compare to detect a
 //! substituted identity key).
 
+pub mod message;
 pub mod pqxdh;
 pub mod prekeys;
 pub mod ratchet;
 
+#[cfg(test)]
+mod tests;
 
+pub use message::E2eeMessage;
 pub use pqxdh::{InitialHeader, SharedSecret, initiate, respond};
 pub use prekeys::{OneTimePrekey, PrekeyBundle, PrekeyStore, SignedKemPrekey, SignedPrekey, verify_bundle};
 pub use ratchet::{Header, RatchetMessage, RatchetState};
