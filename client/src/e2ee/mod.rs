@@ -20,6 +20,7 @@ pub mod message;
 pub mod pqxdh;
 pub mod prekeys;
 pub mod ratchet;
+pub mod safety;
 
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ pub use message::E2eeMessage;
 pub use pqxdh::{InitialHeader, SharedSecret, initiate, respond};
 pub use prekeys::{OneTimePrekey, PrekeyBundle, PrekeyStore, SignedKemPrekey, SignedPrekey, verify_bundle};
 pub use ratchet::{Header, RatchetMessage, RatchetState};
+pub use safety::SafetyNumber;
 
 /// Which kind of prekey an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
