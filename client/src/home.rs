@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::identity::Identity;
 
-/// How many received message ids are remembered for de-duplication.
-pub const SEEN_CAPACITY: usize = 10_000;
+/// How many received message and envelope ids are remembered for de-duplication.
+pub const SEEN_CAPACITY: usize = 20_000;
 
 /// Why local state could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -89,13 +89,13 @@ pub struct Contact {
     pub identity_key: String,
     /// X25519 identity DH key (sealed envelopes are encrypted to it), hex.
     pub sealing_key: String,
-    /// The contact's sealed-sender access key, hex, once they have shared it in a message.
-    #[serde(default)]
-    pub access_key: Option<String>,
     /// A different identity now registered for this phone number, not yet accepted by the user. While it is set,
     /// messages to this contact are held.
     #[serde(default)]
     pub changed: Option<ChangedIdentity>,
+    /// When the directory last confirmed this identity for the number (ms since the Unix epoch).
+    #[serde(default)]
+    pub checked_at: u64,
 }
 
 /// A new identity seen for a contact's phone number.

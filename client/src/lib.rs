@@ -6,12 +6,14 @@
 //! [`messenger`] (what the CLI and applications use).
 
 pub mod connection;
+pub mod content;
 pub mod e2ee;
 pub mod home;
 pub mod identity;
 pub mod messenger;
 pub mod pin;
 pub mod sealed;
+pub mod sessions;
 
 pub use connection::{ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 pub use home::{Device, Home};

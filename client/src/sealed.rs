@@ -1,14 +1,16 @@
-//! Sealed envelopes (interim, until the Double Ratchet lands): each envelope is encrypted to the recipient's X25519
-//! key with a fresh ephemeral key, and carries the sender's identity only inside the ciphertext.
+//! Sealed sender: the outer layer of every envelope. It hides the sender from the relay and binds the inner,
+//! end-to-end encrypted payload to the sender's identity.
 //!
-//! Envelope: `0x01 ‖ ephemeral public key (32) ‖ ChaCha20-Poly1305 ciphertext and tag`.
-//! Key: HKDF-SHA256 with salt `ephemeral ‖ recipient`, the X25519 shared secret as input key material and info
-//! `consent-relay sealed box v1`. The nonce is zero: the key is used for this one message only. The associated data
-//! is `0x01 ‖ ephemeral ‖ recipient`. A non-contributory shared secret (low-order key) is refused.
+//! Envelope: `0x01 ‖ ephemeral public key (32) ‖ ChaCha20-Poly1305 ciphertext and tag`, encrypted to the
+//! recipient's X25519 identity key with a fresh ephemeral key. Key: HKDF-SHA256 with salt `ephemeral ‖ recipient`,
+//! the X25519 shared secret as input key material and info `consent-relay sealed box v1`. The nonce is zero: the key
+//! is used for this one message only. The associated data is `0x01 ‖ ephemeral ‖ recipient`. A non-contributory
+//! shared secret (low-order key) is refused.
 //!
-//! Plaintext: a [`SealedMessage`] whose fields (sender identity key and phone, message id, time, text, recipient
-//! account) are signed by the sender's identity key, so the recipient knows who wrote it and that it was written
-//! for them; the relay sees none of it.
+//! Plaintext: a [`SealedMessage`]: the sender's Ed25519 identity key and phone number, the recipient's account, and
+//! the payload (a Double Ratchet message, see `e2ee`), all signed by the sender's identity key. The signature is what
+//! ties the payload (and, in a session's first message, the sender's X25519 identity key inside it) to the Ed25519
+//! identity the recipient knows; the relay sees none of it, so its mailbox entries name no sender.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
@@ -59,50 +61,46 @@ pub struct SealedMessage {
     /// Sender's phone number as the sender states it.
     #[prost(string, tag = "2")]
     pub sender_phone: String,
-    /// Random id chosen by the sender, used to de-duplicate.
-    #[prost(bytes = "vec", tag = "3")]
-    pub message_id: Vec<u8>,
-    /// When the sender wrote it.
-    #[prost(uint64, tag = "4")]
-    pub sent_at_ms: u64,
-    /// The text.
-    #[prost(string, tag = "5")]
-    pub text: String,
     /// Account the sender addressed it to.
-    #[prost(bytes = "vec", tag = "6")]
+    #[prost(bytes = "vec", tag = "3")]
     pub recipient_account: Vec<u8>,
+    /// The end-to-end encrypted payload.
+    #[prost(bytes = "vec", tag = "4")]
+    pub payload: Vec<u8>,
     /// Ed25519 signature over the fields above.
-    #[prost(bytes = "vec", tag = "7")]
+    #[prost(bytes = "vec", tag = "5")]
     pub signature: Vec<u8>,
 }
 
 impl SealedMessage {
     fn signed_bytes(&self) -> Vec<u8> {
         let unsigned = Self { signature: Vec::new(), ..self.clone() };
-        let mut out = b"consent-relay sealed message v1".to_vec();
+        let mut out = b"consent-relay sealed message v2".to_vec();
         out.extend_from_slice(&unsigned.encode_to_vec());
         out
     }
 
-    /// A signed message from `sender` to `recipient`.
-    pub fn new(sender: &Identity, sender_phone: &str, recipient: &AccountId, message_id: [u8; 16], text: &str) -> Self {
+    /// A signed message from `sender` to `recipient` carrying `payload`.
+    pub fn new(sender: &Identity, sender_phone: &str, recipient: &AccountId, payload: Vec<u8>) -> Self {
         let mut m = Self {
             sender_identity_key: sender.identity_key().to_vec(),
             sender_phone: sender_phone.to_owned(),
-            message_id: message_id.to_vec(),
-            sent_at_ms: relay_proto::now_ms(),
-            text: text.to_owned(),
             recipient_account: recipient.as_bytes().to_vec(),
+            payload,
             signature: Vec::new(),
         };
         m.signature = sender.sign(&m.signed_bytes()).to_vec();
         m
     }
 
+    /// The sender's Ed25519 identity key.
+    pub fn sender_key(&self) -> Option<[u8; 32]> {
+        self.sender_identity_key.as_slice().try_into().ok()
+    }
+
     /// The sender's account id (derived from the signed identity key).
     pub fn sender_account(&self) -> Option<AccountId> {
-        let key: [u8; 32] = self.sender_identity_key.as_slice().try_into().ok()?;
-        Some(AccountId::from_identity_key(&key))
+        self.sender_key().map(|k| AccountId::from_identity_key(&k))
     }
 }
 
@@ -159,16 +157,15 @@ pub fn open(me: &Identity, envelope: &[u8]) -> Result<Vec<u8>, OpenError> {
         .map_err(|_| OpenError::Decrypt)
 }
 
-/// Signs and seals a text message to `recipient`.
+/// Signs `payload` as `sender` and seals it to `recipient`.
 pub fn seal_message(
     sender: &Identity,
     sender_phone: &str,
     recipient: &AccountId,
     recipient_sealing_key: &[u8; 32],
-    message_id: [u8; 16],
-    text: &str,
+    payload: Vec<u8>,
 ) -> Result<Vec<u8>, OpenError> {
-    let m = SealedMessage::new(sender, sender_phone, recipient, message_id, text);
+    let m = SealedMessage::new(sender, sender_phone, recipient, payload);
     seal(recipient_sealing_key, &m.encode_to_vec())
 }
 
@@ -176,15 +173,12 @@ pub fn seal_message(
 pub fn open_message(me: &Identity, envelope: &[u8]) -> Result<SealedMessage, OpenError> {
     let plain = open(me, envelope)?;
     let m = SealedMessage::decode(plain.as_slice()).map_err(|_| OpenError::Content)?;
-    let key: [u8; 32] = m.sender_identity_key.as_slice().try_into().map_err(|_| OpenError::Content)?;
+    let key = m.sender_key().ok_or(OpenError::Content)?;
     let vk = VerifyingKey::from_bytes(&key).map_err(|_| OpenError::Signature)?;
     let sig = Signature::from_slice(&m.signature).map_err(|_| OpenError::Signature)?;
     vk.verify_strict(&m.signed_bytes(), &sig).map_err(|_| OpenError::Signature)?;
     if m.recipient_account != me.account_id().as_bytes() {
         return Err(OpenError::WrongRecipient);
-    }
-    if m.message_id.len() != 16 {
-        return Err(OpenError::Content);
     }
     Ok(m)
 }
@@ -196,13 +190,13 @@ mod tests {
     #[test]
     fn round_trip_and_sender_identity_hidden() {
         let (alice, bob) = (Identity::generate(), Identity::generate());
-        let env = seal_message(&alice, "+33612345678", &bob.account_id(), &bob.sealing_key(), [7; 16], "MARKER-hello")
+        let env = seal_message(&alice, "+33612345678", &bob.account_id(), &bob.sealing_key(), b"MARKER-hello".to_vec())
             .expect("seal");
         let hay = String::from_utf8_lossy(&env);
         assert!(!hay.contains("MARKER") && !hay.contains("33612345678"));
         assert!(!env.windows(32).any(|w| w == alice.identity_key()), "sender key must not be visible");
         let m = open_message(&bob, &env).expect("open");
-        assert_eq!((m.text.as_str(), m.sender_phone.as_str()), ("MARKER-hello", "+33612345678"));
+        assert_eq!((m.payload.as_slice(), m.sender_phone.as_str()), (&b"MARKER-hello"[..], "+33612345678"));
         assert_eq!(m.sender_account(), Some(alice.account_id()));
     }
 
@@ -210,7 +204,7 @@ mod tests {
     fn tampering_wrong_key_and_forgery_are_refused() {
         let (alice, bob, eve) = (Identity::generate(), Identity::generate(), Identity::generate());
         let env =
-            seal_message(&alice, "+33612345678", &bob.account_id(), &bob.sealing_key(), [1; 16], "hi").expect("seal");
+            seal_message(&alice, "+33612345678", &bob.account_id(), &bob.sealing_key(), b"hi".to_vec()).expect("seal");
         for i in [0, 5, env.len() - 1] {
             let mut bad = env.clone();
             bad[i] ^= 1;
@@ -219,12 +213,12 @@ mod tests {
         assert_eq!(open_message(&eve, &env), Err(OpenError::Decrypt));
         assert_eq!(open_message(&bob, &env[..20]), Err(OpenError::Format));
         // Eve re-seals Alice's signed content with a changed text: the signature breaks.
-        let mut m = SealedMessage::new(&alice, "+33612345678", &bob.account_id(), [2; 16], "hi");
-        m.text = "pay eve".into();
+        let mut m = SealedMessage::new(&alice, "+33612345678", &bob.account_id(), b"hi".to_vec());
+        m.payload = b"pay eve".to_vec();
         let forged = seal(&bob.sealing_key(), &m.encode_to_vec()).expect("seal");
         assert_eq!(open_message(&bob, &forged), Err(OpenError::Signature));
         // Content signed for Bob and re-sealed to Eve is refused by Eve.
-        let m = SealedMessage::new(&alice, "+33612345678", &bob.account_id(), [3; 16], "for bob");
+        let m = SealedMessage::new(&alice, "+33612345678", &bob.account_id(), b"for bob".to_vec());
         let resealed = seal(&eve.sealing_key(), &m.encode_to_vec()).expect("seal");
         assert_eq!(open_message(&eve, &resealed), Err(OpenError::WrongRecipient));
     }

@@ -205,6 +205,18 @@ impl TestRelay {
     }
 }
 
+impl TestRelay {
+    /// A connection registered (and authenticated) as a fresh identity for `phone`, without a messenger: nothing is
+    /// published or stored on the client side, for tests that speak the protocol directly.
+    pub async fn raw_user(&self, phone: &str) -> Result<(relay_client::Connection, relay_client::Identity)> {
+        let fp = relay_client::pin::parse_fingerprint(&self.fingerprint).ok_or_else(|| anyhow!("bad fingerprint"))?;
+        let conn = relay_client::Connection::connect(self.addr, fp).await?;
+        let identity = relay_client::Identity::generate();
+        conn.register(&identity, phone, Default::default()).await?;
+        Ok((conn, identity))
+    }
+}
+
 /// Parses `listening on <ip:port> cert-sha256 <hex>`.
 pub fn parse_ready_line(line: &str) -> Result<(SocketAddr, String)> {
     let parts: Vec<&str> = line.split_whitespace().collect();
@@ -226,6 +238,11 @@ pub struct TestUser {
 }
 
 impl TestUser {
+    /// The messenger, and the guard that keeps the home directory alive (drop it last).
+    pub fn split(self) -> (Messenger, tempfile::TempDir) {
+        (self.messenger, self.home_dir)
+    }
+
     /// The home directory.
     pub fn home_dir(&self) -> &Path {
         self.home_dir.path()

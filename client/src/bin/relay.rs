@@ -79,6 +79,16 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Show the safety number with a contact, to compare out of band; with --accept, trust a changed identity and
+    /// send the messages held for it.
+    Verify {
+        /// The contact's phone number.
+        #[arg(long)]
+        with: String,
+        /// Accept the contact's new identity key.
+        #[arg(long)]
+        accept: bool,
+    },
 }
 
 #[tokio::main]
@@ -117,7 +127,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&sent)?);
             } else {
-                println!("sent {} (relay id {})", sent.id, sent.server_id);
+                let how = if sent.sealed { "sealed sender" } else { "first contact, sender known to the relay" };
+                println!("sent {} (relay id {}, {how})", sent.id, sent.server_id);
             }
             m.close().await;
         }
@@ -130,11 +141,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             m.close().await;
         }
         Command::Chat { to } => chat(&home, &to).await?,
+        Command::Verify { with, accept } => verify(&home, &with, accept).await?,
     }
     Ok(())
 }
 
+/// Sends one chat line. The peer is resolved (one directory lookup) on the first line only, so a long chat does not
+/// spend the lookup rate limit; while its identity change is pending, lines are held.
+async fn send_line(
+    m: &mut Messenger,
+    peer: &mut Option<relay_client::DirectoryEntry>,
+    to: &str,
+    line: &str,
+) -> Result<relay_client::Sent, MessengerError> {
+    if peer.is_none() {
+        match m.contact(to).await {
+            Ok(entry) => *peer = Some(entry),
+            Err(MessengerError::IdentityChanged { .. }) => return m.send_text(to, line).await,
+            Err(e) => return Err(e),
+        }
+    }
+    match peer {
+        Some(p) => m.send_to(p, line).await,
+        None => m.send_text(to, line).await,
+    }
+}
+
+async fn verify(home: &Home, with: &str, accept: bool) -> anyhow::Result<()> {
+    let mut m = Messenger::open(home).await?;
+    if !m.contacts().contains_key(with) {
+        // Not a contact yet: resolve it now (first use).
+        m.contact(with).await?;
+    }
+    let (current, changed) = m.safety_numbers(with)?;
+    match (changed, accept) {
+        (None, _) => {
+            println!("safety number with {with}:\n{current}");
+            println!("compare it with the one {with} sees; if they match, nobody is in the middle");
+        }
+        (Some(new), false) => {
+            println!("SAFETY NUMBER CHANGED for {with}: it now uses a different identity key.");
+            println!("previous safety number:\n{current}\nnew safety number:\n{new}");
+            let held = m.held()?.iter().filter(|h| h.to == with).count();
+            println!("{held} message(s) held. If the new number matches what {with} sees, run:");
+            println!("  relay --home {} verify --with {with} --accept", home.dir().display());
+            m.close().await;
+            std::process::exit(2);
+        }
+        (Some(new), true) => {
+            let sent = m.accept_identity(with).await?;
+            println!("accepted the new identity of {with}; safety number:\n{new}");
+            println!("sent {} held message(s)", sent.len());
+        }
+    }
+    m.close().await;
+    Ok(())
+}
+
 fn print_message(m: &ReceivedMessage, json: bool) -> anyhow::Result<()> {
+    if m.identity_changed && !json {
+        println!("!! SAFETY NUMBER CHANGED: the next message claims to be from {} with a new identity key", m.from);
+    }
     if json {
         println!("{}", serde_json::to_string(m)?);
     } else {
@@ -155,23 +222,25 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     eprintln!("chatting with {to} as {} — type a line and press Enter; Ctrl-D to quit", m.phone());
     let mut pending = Vec::new();
+    let mut peer = None;
     loop {
         tokio::select! {
             line = lines.next_line() => match line? {
                 Some(line) if line.trim().is_empty() => {}
-                Some(line) => match m.send_text(to, &line).await {
+                Some(line) => match send_line(&mut m, &mut peer, to, &line).await {
                     Ok(sent) => tracing::debug!(id = %sent.id, "sent"),
                     // The peer may not have registered yet: say so and keep the chat open.
-                    Err(MessengerError::Client(e)) if e.code() == Some(ErrorCode::NotFound) => {
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                         eprintln!("(not sent: {to} is not registered on this relay yet)");
                     }
+                    Err(e @ MessengerError::IdentityChanged { .. }) => eprintln!("{e}"),
                     Err(e) => return Err(e.into()),
                 },
                 None => break,
             },
             event = inbox.next() => match event {
                 Some(Ok(InboxEvent::Deliver(d))) => {
-                    match m.accept(&d) {
+                    match m.accept(&d).await {
                         Accepted::New(msg) => print_message(&msg, false)?,
                         Accepted::Duplicate => {}
                         Accepted::Unreadable(e) => eprintln!("(dropped an unreadable message: {e})"),
@@ -180,7 +249,7 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
                 }
                 Some(Ok(InboxEvent::QueueEmpty)) => {
                     if !pending.is_empty() {
-                        m.save_seen()?;
+                        m.save_seen().await?;
                         inbox.ack(&pending).await?;
                         pending.clear();
                     }
@@ -192,7 +261,7 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
         }
     }
     if !pending.is_empty() {
-        m.save_seen()?;
+        m.save_seen().await?;
         inbox.ack(&pending).await?;
         // Give the relay a moment to process the final acknowledgement before closing.
         tokio::time::timeout(Duration::from_secs(2), async {

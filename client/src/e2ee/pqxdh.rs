@@ -27,7 +27,7 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::prekeys::{KEM_CIPHERTEXT_LEN, PrekeyBundle, PrekeyStore, kem_public, verify_bundle};
-use super::{E2eeError, Secret, x25519};
+use super::{E2eeError, Secret, hex_bytes, x25519};
 use crate::identity::Identity;
 
 const INFO: &[u8] = b"ConsentRelay_X25519_SHA-256_ML-KEM-768";
@@ -37,18 +37,24 @@ pub const AD_LEN: usize = 128;
 /// F ‖ four DH outputs ‖ SS.
 const MAX_KM_LEN: usize = 32 + 4 * 32 + 32;
 
-/// What Alice sends ahead of her first ratchet message so that Bob can derive the same secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What Alice sends ahead of her first ratchet message so that Bob can derive the same secret. Public values only;
+/// serde (hex) lets the messenger keep it until Bob has answered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InitialHeader {
     /// Alice's Ed25519 identity key.
+    #[serde(with = "hex_bytes")]
     pub identity_key: [u8; 32],
     /// Alice's X25519 identity key (IK_A).
+    #[serde(with = "hex_bytes")]
     pub identity_dh_key: [u8; 32],
     /// Alice's Ed25519 signature binding `identity_dh_key` to `identity_key`.
+    #[serde(with = "hex_bytes")]
     pub identity_dh_signature: [u8; 64],
     /// Alice's ephemeral X25519 key (EK_A).
+    #[serde(with = "hex_bytes")]
     pub ephemeral: [u8; 32],
     /// ML-KEM-768 ciphertext (CT), [`KEM_CIPHERTEXT_LEN`] bytes.
+    #[serde(with = "hex_bytes")]
     pub kem_ciphertext: Vec<u8>,
     /// Which of Bob's signed prekeys Alice used.
     pub signed_prekey_id: u32,

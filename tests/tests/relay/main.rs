@@ -3,6 +3,7 @@
 mod access;
 mod bad_input;
 mod durability;
+mod e2ee;
 mod messaging;
 mod prekeys;
 mod privacy;

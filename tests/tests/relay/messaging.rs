@@ -14,7 +14,7 @@ async fn next_message(m: &mut Messenger, inbox: &mut relay_client::Inbox) -> rel
     loop {
         match bounded("delivery", inbox.next()).await {
             Some(Ok(InboxEvent::Deliver(d))) => {
-                let Accepted::New(msg) = m.accept(&d) else { panic!("expected a new message") };
+                let Accepted::New(msg) = m.accept(&d).await else { panic!("expected a new message") };
                 inbox.ack(&[d.server_id]).await.expect("ack");
                 return msg;
             }
@@ -97,10 +97,13 @@ async fn concurrent_senders_to_an_online_recipient_are_all_pushed() {
     let relay = TestRelay::in_process().await.expect("relay");
     let mut bob = relay.user("+33698765432").await.expect("bob");
     let mut senders = Vec::new();
+    let mut homes = Vec::new();
     for s in 0..SENDERS {
         let mut u = relay.user(&format!("+3361000000{s}")).await.expect("sender");
         let to = u.messenger.contact("+33698765432").await.expect("lookup");
-        senders.push((Arc::new(u.messenger), to));
+        let (m, home) = u.split();
+        homes.push(home);
+        senders.push((Arc::new(m), to));
     }
     let receiving = tokio::spawn(async move { bob.messenger.receive(SENDERS * EACH, WAIT).await });
     let mut sends = JoinSet::new();
@@ -134,8 +137,8 @@ async fn redelivery_after_unacked_disconnect_reaches_the_application_once() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    assert!(matches!(bob.messenger.accept(&d), Accepted::New(_)));
-    bob.messenger.save_seen().expect("save");
+    assert!(matches!(bob.messenger.accept(&d).await, Accepted::New(_)));
+    bob.messenger.save_seen().await.expect("save");
     drop(inbox);
     bob.reconnect().await.expect("reconnect");
 

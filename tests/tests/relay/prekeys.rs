@@ -23,14 +23,14 @@ fn upload() -> UploadPrekeys {
 #[tokio::test]
 async fn bundles_consume_one_time_keys_and_fall_back_to_last_resort() {
     let relay = TestRelay::in_process().await.expect("relay");
-    let alice = relay.user("+33612345678").await.expect("alice");
-    let bob = relay.user("+33698765432").await.expect("bob");
-    let counts = alice.messenger.connection().upload_prekeys(upload()).await.expect("upload");
+    let (alice, alice_identity) = relay.raw_user("+33612345678").await.expect("alice");
+    let (bob, bob_identity) = relay.raw_user("+33698765432").await.expect("bob");
+    let counts = alice.upload_prekeys(upload()).await.expect("upload");
     assert_eq!((counts.one_time_prekeys, counts.kem_prekeys), (2, 1));
     assert!(counts.has_signed_prekey && counts.has_last_resort_kem_prekey);
 
-    let conn = bob.messenger.connection();
-    let alice_id = alice.messenger.account_id();
+    let conn = &bob;
+    let alice_id = alice_identity.account_id();
     let b1 = conn.fetch_bundle(&alice_id).await.expect("bundle");
     let b2 = conn.fetch_bundle(&alice_id).await.expect("bundle");
     let b3 = conn.fetch_bundle(&alice_id).await.expect("bundle");
@@ -39,25 +39,25 @@ async fn bundles_consume_one_time_keys_and_fall_back_to_last_resort() {
     let kem_id = |b: &relay_proto::wire::Bundle| (b.kem_prekey.as_ref().map(|k| k.id), b.kem_last_resort);
     assert_eq!(kem_id(&b1), (Some(20), false));
     assert_eq!(kem_id(&b2), (Some(99), true));
-    assert_eq!(b1.identity_dh_key.as_ref(), alice.home.identity().expect("keys").sealing_key());
+    assert_eq!(b1.identity_dh_key.as_ref(), alice_identity.sealing_key());
 
     // The owner learns that its pools ran dry when it next authenticates.
     let fp = relay_client::pin::parse_fingerprint(relay.fingerprint()).expect("fp");
     let again = Connection::connect(relay.addr(), fp).await.expect("connect");
-    let counts = again.authenticate(&alice.home.identity().expect("keys")).await.expect("auth");
+    let counts = again.authenticate(&alice_identity).await.expect("auth");
     assert_eq!((counts.one_time_prekeys, counts.kem_prekeys), (0, 0));
     assert!(counts.low_watermark > 0);
 
     // Bob has published nothing.
-    let err = alice.messenger.connection().fetch_bundle(&bob.messenger.account_id()).await.expect_err("none");
+    let err = alice.fetch_bundle(&bob_identity.account_id()).await.expect_err("none");
     assert_eq!(err.code(), Some(ErrorCode::NoPrekeys));
 }
 
 #[tokio::test]
 async fn sealed_sends_need_the_recipients_access_key_and_nothing_else() {
     let relay = TestRelay::in_process().await.expect("relay");
-    let bob = relay.user("+33698765432").await.expect("bob");
-    let bob_id = bob.messenger.account_id();
+    let (bob, bob_identity) = relay.raw_user("+33698765432").await.expect("bob");
+    let bob_id = bob_identity.account_id();
     let fp = relay_client::pin::parse_fingerprint(relay.fingerprint()).expect("fp");
     let anonymous = Connection::connect(relay.addr(), fp).await.expect("connect");
     let envelope = Bytes::from_static(b"opaque sealed envelope");
@@ -66,7 +66,7 @@ async fn sealed_sends_need_the_recipients_access_key_and_nothing_else() {
     let err = anonymous.sealed_send(&bob_id, envelope.clone(), &[7; 32]).await.expect_err("no key");
     assert_eq!(err.code(), Some(ErrorCode::BadAccessKey));
     let access_key = [42u8; 32];
-    bob.messenger.connection().set_access_key(sha256(&access_key)).await.expect("set");
+    bob.set_access_key(sha256(&access_key)).await.expect("set");
     let err = anonymous.sealed_send(&bob_id, envelope.clone(), &[7; 32]).await.expect_err("wrong key");
     assert_eq!(err.code(), Some(ErrorCode::BadAccessKey));
     anonymous.sealed_send(&bob_id, envelope.clone(), &access_key).await.expect("right key");
@@ -75,7 +75,7 @@ async fn sealed_sends_need_the_recipients_access_key_and_nothing_else() {
     let err = anonymous.lookup("+33698765432").await.expect_err("lookup");
     assert_eq!(err.code(), Some(ErrorCode::Unauthenticated));
 
-    let mut inbox = bob.messenger.inbox().await.expect("inbox");
+    let mut inbox = bob.subscribe().await.expect("inbox");
     loop {
         match crate::bounded("delivery", inbox.next()).await {
             Some(Ok(InboxEvent::Deliver(d))) => {
@@ -91,14 +91,14 @@ async fn sealed_sends_need_the_recipients_access_key_and_nothing_else() {
 #[tokio::test]
 async fn sealed_sends_are_rate_limited_per_recipient() {
     let relay = TestRelay::in_process_with(|c| c.limits.sealed_sends_per_minute = 3).await.expect("relay");
-    let bob = relay.user("+33698765432").await.expect("bob");
+    let (bob, bob_identity) = relay.raw_user("+33698765432").await.expect("bob");
     let key = [1u8; 32];
-    bob.messenger.connection().set_access_key(sha256(&key)).await.expect("set");
+    bob.set_access_key(sha256(&key)).await.expect("set");
     let fp = relay_client::pin::parse_fingerprint(relay.fingerprint()).expect("fp");
     let anonymous = Connection::connect(relay.addr(), fp).await.expect("connect");
     for _ in 0..3 {
-        anonymous.sealed_send(&bob.messenger.account_id(), Bytes::from_static(b"x"), &key).await.expect("within");
+        anonymous.sealed_send(&bob_identity.account_id(), Bytes::from_static(b"x"), &key).await.expect("within");
     }
-    let err = anonymous.sealed_send(&bob.messenger.account_id(), Bytes::from_static(b"x"), &key).await;
+    let err = anonymous.sealed_send(&bob_identity.account_id(), Bytes::from_static(b"x"), &key).await;
     assert_eq!(err.expect_err("limited").code(), Some(ErrorCode::RateLimited));
 }

@@ -1,0 +1,403 @@
+//! The device's end-to-end state and its persistence: the prekey store (`prekeys.json`) and one Double Ratchet
+//! session per peer account (`session-<account>.json`), each file private (0600) in the home, rewritten (synced,
+//! then renamed) when it changes:
+//! - after encrypting, before the message leaves the device, so a crash can never make the device reuse a key;
+//! - after decrypting, at the latest in [`Sessions::flush`], which the messenger calls before acknowledging
+//!   deliveries to the relay. A crash before that only means the relay delivers again and the old state decrypts
+//!   again, so receiving a batch costs one write per peer instead of one per message.
+//!
+//! A session is started from a peer's prekey bundle (PQXDH) by [`Sessions::start`]; until the peer answers, every
+//! message carries the PQXDH header. A first message from a peer starts the responder side.
+//!
+//! When both sides start a session at the same time, each ends up with two: the one it initiated and the one the
+//! other initiated. So a peer keeps up to [`MAX_STATES`] session states, newest first; a message is tried against
+//! each, and the state that decrypts it becomes the current one. Both sides thus converge on one session within a
+//! round trip, and no message of either session is lost.
+
+use std::collections::HashMap;
+
+use relay_proto::AccountId;
+use relay_proto::wire::{self, KemPrekey, OneTimePrekey, PrekeyCounts, SignedPrekey, UploadPrekeys};
+use serde::{Deserialize, Serialize};
+
+use crate::e2ee::E2eeError;
+use crate::e2ee::message::E2eeMessage;
+use crate::e2ee::pqxdh::{self, InitialHeader};
+use crate::e2ee::prekeys::{self, PrekeyBundle, PrekeyStore};
+use crate::e2ee::ratchet::{RatchetMessage, RatchetState};
+use crate::home::{Home, HomeError};
+use crate::identity::Identity;
+
+/// Session states kept per peer (the current one and those it replaced).
+pub const MAX_STATES: usize = 4;
+/// One-time prekeys of each kind generated per replenishment.
+pub const PREKEY_BATCH: usize = 100;
+/// The signed prekey is rotated after this long (the previous one stays usable for a grace period).
+pub const SIGNED_PREKEY_ROTATION_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Why an end-to-end operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The cryptography refused (bad signature, tampered, replayed, unknown prekey...).
+    #[error(transparent)]
+    E2ee(#[from] E2eeError),
+    /// Local state.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    /// The relay's bundle is not well formed.
+    #[error("malformed prekey bundle from the relay: {0}")]
+    Bundle(&'static str),
+    /// A bundle or message names another identity than expected.
+    #[error("identity key mismatch: {0}")]
+    IdentityMismatch(&'static str),
+    /// A ratchet message arrived for a session this device does not have.
+    #[error("no session with the sender (it may have been reset): ask them to send again")]
+    NoSession,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PrekeyFile {
+    store: PrekeyStore,
+    signed_rotated_at_ms: u64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct SessionState {
+    #[serde(with = "crate::e2ee::hex_bytes")]
+    ad: Vec<u8>,
+    ratchet: RatchetState,
+    /// Sent with every message until the peer has answered.
+    pending_header: Option<InitialHeader>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct PeerSession {
+    #[serde(with = "crate::e2ee::hex_bytes")]
+    peer_identity_key: [u8; 32],
+    /// Newest (current) first, at most [`MAX_STATES`].
+    states: Vec<SessionState>,
+    /// The peer's sealed-sender access key, once it shared it.
+    #[serde(default, with = "hex_opt")]
+    access_key: Option<[u8; 32]>,
+}
+
+impl PeerSession {
+    /// Makes `state` the current one.
+    fn push(&mut self, state: SessionState) {
+        self.states.insert(0, state);
+        self.states.truncate(MAX_STATES);
+    }
+
+    /// Decrypts with the first state that accepts the message and makes it current; `answered` clears its pending
+    /// header. Nothing changes if no state accepts it; the error is the current state's.
+    fn decrypt(&mut self, message: &RatchetMessage, answered: bool) -> Result<Vec<u8>, E2eeError> {
+        let mut first_error = None;
+        for i in 0..self.states.len() {
+            let mut trial = self.states[i].ratchet.clone();
+            match trial.decrypt(message, &self.states[i].ad) {
+                Ok(plain) => {
+                    let mut state = self.states.remove(i);
+                    state.ratchet = trial;
+                    if answered {
+                        state.pending_header = None;
+                    }
+                    self.states.insert(0, state);
+                    return Ok(plain);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(E2eeError::Malformed("no session state")))
+    }
+}
+
+mod hex_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(k) => s.serialize_some(&hex::encode(k)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(&text, &mut k).map_err(serde::de::Error::custom)?;
+        Ok(Some(k))
+    }
+}
+
+/// Prekeys and sessions of this device.
+pub struct Sessions {
+    home: Home,
+    identity: Identity,
+    prekeys: PrekeyFile,
+    peers: HashMap<AccountId, PeerSession>,
+    /// Peers (and the prekey store) changed by decryption and not yet written.
+    dirty: std::collections::HashSet<AccountId>,
+    prekeys_dirty: bool,
+}
+
+fn session_file(peer: &AccountId) -> String {
+    format!("session-{peer}.json")
+}
+
+fn key32(b: &[u8], what: &'static str) -> Result<[u8; 32], SessionError> {
+    b.try_into().map_err(|_| SessionError::Bundle(what))
+}
+
+fn sig64(b: &[u8], what: &'static str) -> Result<[u8; 64], SessionError> {
+    b.try_into().map_err(|_| SessionError::Bundle(what))
+}
+
+/// Converts the relay's bundle into the form the key agreement checks.
+fn bundle_of(b: &wire::Bundle) -> Result<PrekeyBundle, SessionError> {
+    let spk = b.signed_prekey.as_ref().ok_or(SessionError::Bundle("no signed prekey"))?;
+    let kem = b.kem_prekey.as_ref().ok_or(SessionError::Bundle("no KEM prekey"))?;
+    Ok(PrekeyBundle {
+        identity_key: key32(&b.identity_key, "identity key")?,
+        identity_dh_key: key32(&b.identity_dh_key, "identity DH key")?,
+        signed_prekey: prekeys::SignedPrekey {
+            id: spk.id,
+            public: key32(&spk.public_key, "signed prekey")?,
+            signature: sig64(&spk.signature, "signed prekey signature")?,
+        },
+        one_time_prekey: b
+            .one_time_prekey
+            .as_ref()
+            .map(|k| {
+                Ok::<_, SessionError>(prekeys::OneTimePrekey {
+                    id: k.id,
+                    public: key32(&k.public_key, "one-time prekey")?,
+                })
+            })
+            .transpose()?,
+        kem_prekey: prekeys::SignedKemPrekey {
+            id: kem.id,
+            public: kem.public_key.to_vec(),
+            signature: sig64(&kem.signature, "KEM prekey signature")?,
+            last_resort: b.kem_last_resort,
+        },
+    })
+}
+
+fn wire_kem(k: &prekeys::SignedKemPrekey) -> KemPrekey {
+    KemPrekey { id: k.id, public_key: k.public.clone().into(), signature: k.signature.to_vec().into() }
+}
+
+fn wire_signed(k: &prekeys::SignedPrekey) -> SignedPrekey {
+    SignedPrekey { id: k.id, public_key: k.public.to_vec().into(), signature: k.signature.to_vec().into() }
+}
+
+impl Sessions {
+    /// Loads the prekey store (creating one on first use); sessions are loaded when first needed.
+    pub fn load(home: &Home, identity: &Identity) -> Result<Self, SessionError> {
+        let stored: Option<PrekeyFile> = home.load_private("prekeys.json")?;
+        let prekeys = match stored {
+            Some(p) => p,
+            None => {
+                let p =
+                    PrekeyFile { store: PrekeyStore::generate(identity), signed_rotated_at_ms: relay_proto::now_ms() };
+                home.save_private("prekeys.json", &Some(&p))?;
+                p
+            }
+        };
+        Ok(Self {
+            home: home.clone(),
+            identity: identity.clone(),
+            prekeys,
+            peers: HashMap::new(),
+            dirty: Default::default(),
+            prekeys_dirty: false,
+        })
+    }
+
+    fn save_prekeys(&self) -> Result<(), SessionError> {
+        Ok(self.home.save_private("prekeys.json", &Some(&self.prekeys))?)
+    }
+
+    /// What to upload so that the relay holds enough prekeys, given its counts; `None` if nothing is needed.
+    /// Generates (and persists) new keys as needed, and rotates the signed prekey when it is old.
+    pub fn replenish(&mut self, counts: &PrekeyCounts) -> Result<Option<UploadPrekeys>, SessionError> {
+        let now = relay_proto::now_ms();
+        let mut upload = UploadPrekeys::default();
+        let store = &mut self.prekeys.store;
+        let rotate = now.saturating_sub(self.prekeys.signed_rotated_at_ms) > SIGNED_PREKEY_ROTATION_MS;
+        if rotate {
+            store.rotate_signed_prekey(&self.identity, now);
+            self.prekeys.signed_rotated_at_ms = now;
+        }
+        store.expire_signed_prekeys(now);
+        if rotate || !counts.has_signed_prekey {
+            upload.signed_prekey = Some(wire_signed(&store.signed_prekey()));
+        }
+        if !counts.has_last_resort_kem_prekey {
+            upload.last_resort_kem_prekey = Some(wire_kem(&store.last_resort_kem_prekey()));
+        }
+        if counts.one_time_prekeys < counts.low_watermark {
+            upload.one_time_prekeys = store
+                .generate_one_time(PREKEY_BATCH)
+                .iter()
+                .map(|k| OneTimePrekey { id: k.id, public_key: k.public.to_vec().into() })
+                .collect();
+        }
+        if counts.kem_prekeys < counts.low_watermark {
+            upload.kem_prekeys = store.generate_kem(&self.identity, PREKEY_BATCH).iter().map(wire_kem).collect();
+        }
+        if upload == UploadPrekeys::default() {
+            return Ok(None);
+        }
+        self.save_prekeys()?;
+        Ok(Some(upload))
+    }
+
+    fn peer(&mut self, peer: &AccountId) -> Result<Option<&mut PeerSession>, SessionError> {
+        if !self.peers.contains_key(peer) {
+            let stored: Option<PeerSession> = self.home.load_private(&session_file(peer))?;
+            match stored {
+                Some(s) => {
+                    self.peers.insert(*peer, s);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.peers.get_mut(peer))
+    }
+
+    fn save_peer(&mut self, peer: &AccountId) -> Result<(), SessionError> {
+        self.dirty.remove(peer);
+        Ok(self.home.save_private(&session_file(peer), &self.peers.get(peer))?)
+    }
+
+    /// Writes every state changed by decryption since the last flush.
+    pub fn flush(&mut self) -> Result<(), SessionError> {
+        if self.prekeys_dirty {
+            self.save_prekeys()?;
+            self.prekeys_dirty = false;
+        }
+        let dirty: Vec<_> = self.dirty.iter().copied().collect();
+        for peer in dirty {
+            self.save_peer(&peer)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a session with `peer` exists.
+    pub fn has(&mut self, peer: &AccountId) -> Result<bool, SessionError> {
+        Ok(self.peer(peer)?.is_some())
+    }
+
+    /// Starts a session from `peer`'s bundle (PQXDH as initiator), after checking that the bundle is signed by
+    /// `expected_identity_key`, the identity the user trusts for that peer.
+    pub fn start(&mut self, bundle: &wire::Bundle, expected_identity_key: &[u8; 32]) -> Result<(), SessionError> {
+        let peer = AccountId::from_slice(&bundle.account_id).ok_or(SessionError::Bundle("account id"))?;
+        let bundle = bundle_of(bundle)?;
+        if &bundle.identity_key != expected_identity_key || AccountId::from_identity_key(&bundle.identity_key) != peer {
+            return Err(SessionError::IdentityMismatch("the bundle is not signed by the contact's identity key"));
+        }
+        let (header, secret, ad) = pqxdh::initiate(&self.identity, &bundle)?;
+        let ratchet = RatchetState::init_initiator(&secret, &bundle.signed_prekey.public)?;
+        let state = SessionState { ad, ratchet, pending_header: Some(header) };
+        match self.peer(&peer)? {
+            Some(s) => s.push(state),
+            None => {
+                let session =
+                    PeerSession { peer_identity_key: bundle.identity_key, states: vec![state], access_key: None };
+                self.peers.insert(peer, session);
+            }
+        }
+        self.save_peer(&peer)
+    }
+
+    /// Encrypts `plaintext` for `peer`; the new state is persisted before the message is returned.
+    pub fn encrypt(&mut self, peer: &AccountId, plaintext: &[u8]) -> Result<Vec<u8>, SessionError> {
+        let s = self.peer(peer)?.ok_or(SessionError::NoSession)?;
+        let s = s.states.first_mut().ok_or(SessionError::NoSession)?;
+        let message = s.ratchet.encrypt(plaintext, &s.ad)?;
+        let out = match &s.pending_header {
+            Some(header) => E2eeMessage::PreKey { header: header.clone(), message },
+            None => E2eeMessage::Ratchet(message),
+        };
+        self.save_peer(peer)?;
+        Ok(out.encode())
+    }
+
+    /// Decrypts `payload` from the holder of `sender_identity_key` (as authenticated by the sealed-sender layer),
+    /// starting the responder side of a session for a first message. State changes only if the message decrypts;
+    /// it is written by the next [`Sessions::flush`].
+    pub fn decrypt(&mut self, sender_identity_key: &[u8; 32], payload: &[u8]) -> Result<Vec<u8>, SessionError> {
+        let sender = AccountId::from_identity_key(sender_identity_key);
+        match E2eeMessage::decode(payload)? {
+            E2eeMessage::PreKey { header, message } => {
+                if &header.identity_key != sender_identity_key {
+                    return Err(SessionError::IdentityMismatch("session header names another identity"));
+                }
+                // A PreKey message of a session we already have (its initiator has not heard from us yet).
+                if let Some(s) = self.peer(&sender)?
+                    && let Ok(plain) = s.decrypt(&message, false)
+                {
+                    self.dirty.insert(sender);
+                    return Ok(plain);
+                }
+                let mut store = self.prekeys.store.clone();
+                let (secret, ad) = pqxdh::respond(&self.identity, &mut store, &header)?;
+                let spk = store.signed_prekey_secret(header.signed_prekey_id)?;
+                let mut ratchet = RatchetState::init_responder(&secret, &spk);
+                let plain = ratchet.decrypt(&message, &ad)?;
+                let state = SessionState { ad, ratchet, pending_header: None };
+                self.prekeys.store = store;
+                self.prekeys_dirty = true;
+                match self.peer(&sender)? {
+                    Some(s) => s.push(state),
+                    None => {
+                        let session = PeerSession {
+                            peer_identity_key: *sender_identity_key,
+                            states: vec![state],
+                            access_key: None,
+                        };
+                        self.peers.insert(sender, session);
+                    }
+                }
+                self.dirty.insert(sender);
+                Ok(plain)
+            }
+            E2eeMessage::Ratchet(message) => {
+                let s = self.peer(&sender)?.ok_or(SessionError::NoSession)?;
+                if &s.peer_identity_key != sender_identity_key {
+                    return Err(SessionError::IdentityMismatch("session belongs to another identity"));
+                }
+                // A plain ratchet message means the peer has the session: no more PQXDH header on that one.
+                let plain = s.decrypt(&message, true)?;
+                self.dirty.insert(sender);
+                Ok(plain)
+            }
+        }
+    }
+
+    /// The sealed-sender access key `peer` shared, if any.
+    pub fn peer_access_key(&mut self, peer: &AccountId) -> Option<[u8; 32]> {
+        self.peer(peer).ok().flatten().and_then(|s| s.access_key)
+    }
+
+    /// Records (or forgets) `peer`'s access key.
+    pub fn set_peer_access_key(&mut self, peer: &AccountId, key: Option<[u8; 32]>) -> Result<(), SessionError> {
+        if let Some(s) = self.peer(peer)?
+            && s.access_key != key
+        {
+            s.access_key = key;
+            self.save_peer(peer)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the session with `peer` (after its identity changed).
+    pub fn forget(&mut self, peer: &AccountId) -> Result<(), SessionError> {
+        self.peers.remove(peer);
+        Ok(self.home.save_private(&session_file(peer), &None::<PeerSession>)?)
+    }
+}
