@@ -11,6 +11,21 @@
 //! the payload (a Double Ratchet message, see `e2ee`), all signed by the sender's identity key. The signature is what
 //! ties the payload (and, in a session's first message, the sender's X25519 identity key inside it) to the Ed25519
 //! identity the recipient knows; the relay sees none of it, so its mailbox entries name no sender.
+//!
+//! # How a sealed send is authorised without naming the sender
+//! - Every account has a random 32-byte *access key* (made at `init`, kept in `identity.json`). At registration the
+//!   client gives the relay only its SHA-256 (`SetAccessKey`); setting a new one revokes the old.
+//! - Every message carries the sender's own access key inside the Double Ratchet plaintext, so only contacts the
+//!   account has written to learn it.
+//! - A sender that holds the recipient's access key sends with `SealedSend` on a second QUIC connection that never
+//!   authenticates. The relay checks SHA-256(key) against the stored verifier (in constant time) and stores the
+//!   envelope; it has no account for that connection, so it can neither store nor log a sender.
+//! - Before a contact has shared its key (first contact), the envelope goes over the authenticated connection with
+//!   `Send`: the relay then sees which connection submitted it, but stores and logs no sender either way.
+//! - Abuse: without the key, sealed sends are refused (`BAD_ACCESS_KEY`); with it, they are rate-limited per
+//!   recipient (`sealed_sends_per_minute`) and bounded by the mailbox quota; a recipient that is spammed by a contact
+//!   rotates its key (the other contacts learn the new one from its next messages). What the relay still sees is the
+//!   connecting IP address and the timing.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
