@@ -134,10 +134,13 @@ async fn push_loop(
             let batch = match shared.store.mailboxes.scan(&account, cursor, room, relay_proto::now_ms()) {
                 Ok(b) => b,
                 Err(e) => {
-                    write_frame(send, &Reject::from(e).to_frame()).await?;
+                    let reject = Reject::from(e);
+                    shared.metrics.error(reject.code);
+                    write_frame(send, &reject.to_frame()).await?;
                     return Ok(());
                 }
             };
+            shared.metrics.delivered(batch.len() as u64);
             for e in &batch {
                 let deliver = Deliver { server_id: e.id, stored_at_ms: e.stored_at_ms, envelope: e.envelope.clone() };
                 write_frame(send, &frame(server_frame::Body::Deliver(deliver))).await?;
@@ -162,16 +165,20 @@ async fn push_loop(
                     let removed = match shared.store.mailboxes.remove(&account, &ids) {
                         Ok(n) => n,
                         Err(e) => {
-                            write_frame(send, &Reject::from(e).to_frame()).await?;
+                            let reject = Reject::from(e);
+                            shared.metrics.error(reject.code);
+                            write_frame(send, &reject.to_frame()).await?;
                             return Ok(());
                         }
                     };
+                    shared.metrics.acknowledged(u64::from(removed));
                     for id in &ids {
                         in_flight.remove(id);
                     }
                     write_frame(send, &frame(server_frame::Body::Acked(Acked { removed }))).await?;
                 }
                 Some(Incoming::Bad(reject, _)) => {
+                    shared.metrics.error(reject.code);
                     // The reader already stopped the client's half with the close code; the error frame still
                     // reaches the client before our half finishes.
                     write_frame(send, &reject.to_frame()).await?;

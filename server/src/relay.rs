@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, Limits};
 use crate::delivery::Subscribers;
+use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::session::{Session, serve_stream};
 use crate::store::{MailboxLimits, Store};
@@ -28,6 +29,8 @@ pub struct Shared {
     pub lookups: RateLimiter<relay_proto::AccountId>,
     /// Sealed sends per recipient.
     pub sealed_sends: RateLimiter<relay_proto::AccountId>,
+    /// Aggregate counters for the metrics endpoint.
+    pub metrics: Metrics,
 }
 
 /// Why the relay could not start.
@@ -49,11 +52,15 @@ pub enum StartError {
     /// The UDP socket could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    /// The metrics TCP port could not be bound.
+    #[error("cannot serve metrics on {0}: {1}")]
+    MetricsBind(SocketAddr, std::io::Error),
 }
 
 /// A running relay.
 pub struct RelayHandle {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     fingerprint: String,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -63,6 +70,11 @@ impl RelayHandle {
     /// The bound address (the real port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound metrics address, when metrics are enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Hex SHA-256 of the relay's certificate.
@@ -110,11 +122,29 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         lookups: RateLimiter::new(limits.lookups_per_minute),
         sealed_sends: RateLimiter::new(limits.sealed_sends_per_minute),
         subscribers: Arc::new(Subscribers::default()),
+        metrics: Metrics::default(),
         limits,
     });
+    let (metrics, metrics_addr) = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| StartError::MetricsBind(addr, e))?;
+            let bound = listener.local_addr().map_err(|e| StartError::MetricsBind(addr, e))?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(addr = %bound, "metrics served on a non-loopback address");
+            }
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+            (Some(tokio::spawn(crate::metrics::serve(listener, shared.clone()))), Some(bound))
+        }
+        None => (None, None),
+    };
     let (shutdown, rx) = watch::channel(false);
-    let task = tokio::spawn(run(endpoint, shared, rx));
-    Ok(RelayHandle { local_addr, fingerprint: identity.fingerprint(), shutdown, task })
+    let task = tokio::spawn(async move {
+        run(endpoint, shared, rx).await;
+        if let Some(m) = metrics {
+            m.abort();
+        }
+    });
+    Ok(RelayHandle { local_addr, metrics_addr, fingerprint: identity.fingerprint(), shutdown, task })
 }
 
 async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -161,6 +191,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     tracing::debug!("connected");
+    let _open = shared.metrics.connection();
     let session = Arc::new(Session::new(exporter));
     let mut streams = JoinSet::new();
     loop {

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use tokio::sync::{Notify, watch};
 
+use crate::metrics::{BATCH_BOUNDS, Histogram, LATENCY_BOUNDS_NS};
+
 /// A flush failed: the writes it covered may not be durable and must not be acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("storage flush failed: {0}")]
@@ -40,6 +42,8 @@ pub struct GroupCommit {
     wake: Arc<Notify>,
     flushed: watch::Sender<Flushed>,
     flushes: AtomicU64,
+    batch_sizes: Histogram,
+    latencies: Histogram,
 }
 
 impl GroupCommit {
@@ -50,6 +54,8 @@ impl GroupCommit {
             wake: Arc::new(Notify::new()),
             flushed: watch::Sender::new(Flushed::default()),
             flushes: AtomicU64::new(0),
+            batch_sizes: Histogram::new(BATCH_BOUNDS, 1.0),
+            latencies: Histogram::new(LATENCY_BOUNDS_NS, 1e9),
         });
         let weak = Arc::downgrade(&gc);
         let wake = gc.wake.clone();
@@ -70,6 +76,8 @@ impl GroupCommit {
                 let started = Instant::now();
                 let result = db.flush_async().await;
                 gc.flushes.fetch_add(1, Ordering::Relaxed);
+                gc.batch_sizes.record(target - done);
+                gc.latencies.record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
                 gc.flushed.send_modify(|f| match result {
                     Ok(_) => f.durable = target,
                     Err(ref e) => {
@@ -96,6 +104,16 @@ impl GroupCommit {
             .await
             .map_err(|_| CommitError("store closed".into()))?;
         if state.durable >= ticket { Ok(()) } else { Err(CommitError(state.error.clone().unwrap_or_default())) }
+    }
+
+    /// Writes covered per flush.
+    pub fn batch_sizes(&self) -> &Histogram {
+        &self.batch_sizes
+    }
+
+    /// Duration of each flush.
+    pub fn latencies(&self) -> &Histogram {
+        &self.latencies
     }
 
     /// Flushes done and tickets served so far.

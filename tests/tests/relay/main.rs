@@ -4,6 +4,7 @@ mod access;
 mod bad_input;
 mod durability;
 mod messaging;
+mod metrics;
 mod prekeys;
 mod privacy;
 
