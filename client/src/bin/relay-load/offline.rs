@@ -82,8 +82,8 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     // The recipients come online: connect and authenticate first, then drain.
     let connect_started = Instant::now();
     let mut connecting = JoinSet::new();
-    for i in half..n {
-        let (endpoints, identity) = (endpoints.clone(), clients[i].identity.clone());
+    for (i, client) in clients.iter().enumerate().skip(half) {
+        let (endpoints, identity) = (endpoints.clone(), client.identity.clone());
         let (addr, fp) = (relay.addr, relay.fingerprint);
         connecting.spawn(async move {
             let conn = Connection::connect_on(endpoints.for_client(i), addr, fp).await?;
