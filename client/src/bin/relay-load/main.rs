@@ -71,6 +71,10 @@ pub struct Load {
     /// Hard bound on the whole run, set-up included; what is done by then is reported as incomplete.
     #[arg(long, default_value_t = 120)]
     pub seconds: u64,
+    /// Open loop: total sends per second over all clients, each send due at a fixed time and its latency counted
+    /// from then; without it every client sends as fast as its window allows (closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Connections sharing one client UDP socket.
     #[arg(long, default_value_t = 50)]
     pub per_endpoint: usize,

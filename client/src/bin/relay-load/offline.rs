@@ -68,6 +68,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         size: load.size,
         window: load.window,
         deadline,
+        rate: load.rate,
     };
     let senders = clients[..half].iter().enumerate().filter_map(|(i, c)| Some((i, c.conn.clone()?))).collect();
     let send_started = clock.now_us();
@@ -106,12 +107,21 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let (stop, stopped) = watch::channel(false);
     let mut receivers = JoinSet::new();
     let drain_started = clock.now_us();
+    let server_before_drain = relay.stats();
+    let client_before_drain = crate::relayd::ProcStats::read(None).ok();
     for conn in &online {
         let inbox = conn.subscribe().await?;
         receivers.spawn(traffic::receive(inbox, clock, counters.clone(), stopped.clone()));
     }
     let drained = traffic::wait_until(deadline, || counters.delivered.load(Ordering::Relaxed) >= acked).await;
     let drain_end = counters.last_delivery_us.load(Ordering::Relaxed).max(drain_started + 1);
+    let drain_wall = (clock.now_us() - drain_started) as f64 / 1e6;
+    if let (Some(b), Some(a)) = (server_before_drain, relay.stats()) {
+        report.set("server_cpu_drain_pct", round2((a.cpu_s - b.cpu_s) / drain_wall * 100.0), false);
+    }
+    if let (Some(b), Ok(a)) = (client_before_drain, crate::relayd::ProcStats::read(None)) {
+        report.set("client_cpu_drain_pct", round2((a.cpu_s - b.cpu_s) / drain_wall * 100.0), false);
+    }
     usage.finish(relay, &mut report);
     stop.send_replace(true);
     progress.finish().await;

@@ -71,6 +71,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         size: load.size,
         window: load.window,
         deadline,
+        rate: load.rate,
     };
     let senders = conns.iter().cloned().enumerate().collect();
     let sent = traffic::send_all(senders, plan, clock, counters.clone()).await;

@@ -53,6 +53,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         size: load.size,
         window: load.window,
         deadline,
+        rate: load.rate,
     };
     let senders = clients.iter().enumerate().skip(1).filter_map(|(i, c)| Some((i, c.conn.clone()?))).collect();
     let started = Instant::now();

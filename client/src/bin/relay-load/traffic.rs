@@ -36,12 +36,17 @@ impl Clock {
     pub fn now_us(&self) -> u64 {
         self.0.elapsed().as_micros() as u64
     }
+
+    /// The instant `us` microseconds after the start.
+    pub fn at(&self, us: u64) -> Instant {
+        self.0 + Duration::from_micros(us)
+    }
 }
 
-/// A payload of `size` bytes: the stamp, then `filler`.
-pub fn payload(clock: &Clock, sender: u32, seq: u32, filler: &[u8]) -> Bytes {
+/// A payload of `size` bytes: the stamp (sent at `sent_us`), then `filler`.
+pub fn payload(sent_us: u64, sender: u32, seq: u32, filler: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(HEADER_LEN + filler.len());
-    b.put_u64(clock.now_us());
+    b.put_u64(sent_us);
     b.put_u32(sender);
     b.put_u32(seq);
     b.put_slice(filler);
@@ -89,6 +94,8 @@ pub struct SendPlan {
     pub window: usize,
     /// Stop starting sends after this.
     pub deadline: Instant,
+    /// Open loop: total sends per second over all senders; `None` sends as fast as the window allows.
+    pub rate: Option<f64>,
 }
 
 /// What the senders did.
@@ -116,6 +123,9 @@ pub async fn send_all(
     counters: Arc<Counters>,
 ) -> SendOutcome {
     let clients = plan.accounts.len();
+    // Open loop: each sender's n-th send is due at start + n × interval, whatever happened to earlier ones.
+    let interval_us = plan.rate.map(|r| senders.len() as f64 / r.max(1e-3) * 1e6);
+    let start_us = clock.now_us();
     let plan = Arc::new(plan);
     let mut workers = JoinSet::new();
     for (me, conn) in senders {
@@ -140,10 +150,20 @@ pub async fn send_all(
                             break r;
                         }
                     };
+                    // Latency counts from when a send was due, not from when a window slot freed up for it, so a
+                    // slow relay cannot hide its queueing (coordinated omission).
+                    let due_us = match interval_us {
+                        Some(iv) => {
+                            let due = start_us + (seq as f64 * iv) as u64;
+                            tokio::time::sleep_until(clock.at(due).into()).await;
+                            due
+                        }
+                        None => clock.now_us(),
+                    };
                     // Indices and sequence numbers fit in u32: checked when the arguments were parsed.
-                    let body = payload(&clock, me as u32, seq as u32, &filler);
+                    let body = payload(due_us, me as u32, seq as u32, &filler);
                     counters.sent.fetch_add(1, Ordering::Relaxed);
-                    let started = Instant::now();
+                    let started = clock.at(due_us);
                     let left = plan.deadline.saturating_duration_since(started);
                     match tokio::time::timeout(left, conn.send(&plan.accounts[to], body)).await {
                         Ok(Ok(_)) => {
