@@ -101,15 +101,24 @@ impl Connection {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|_| ClientError::Connect("bad bind address".into()))?;
-        let mut endpoint = relay_quic::endpoint(bind, None).map_err(|e| ClientError::Connect(e.to_string()))?;
-        endpoint.set_default_client_config(client_config(fingerprint)?);
+        let endpoint = relay_quic::endpoint(bind, None).map_err(|e| ClientError::Connect(e.to_string()))?;
+        Self::connect_on(&endpoint, addr, fingerprint).await
+    }
+
+    /// Like [`Connection::connect`], but through an existing client endpoint, so that many connections share one
+    /// UDP socket (the load tool opens thousands). [`Connection::close`] then waits for the whole endpoint.
+    pub async fn connect_on(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        fingerprint: [u8; 32],
+    ) -> Result<Self, ClientError> {
         let conn = endpoint
-            .connect(addr, "consent-relay")
+            .connect_with(client_config(fingerprint)?, addr, "consent-relay")
             .map_err(|e| ClientError::Connect(e.to_string()))?
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let exporter = relay_quic::exporter(&conn).map_err(|_| ClientError::Connect("no keying material".into()))?;
-        Ok(Self { endpoint, conn, exporter })
+        Ok(Self { endpoint: endpoint.clone(), conn, exporter })
     }
 
     /// The underlying QUIC connection (for tests that speak raw frames).

@@ -17,6 +17,9 @@
 //! delivery_window = 256               # envelopes pushed but not yet acknowledged, per delivery stream
 //! idle_timeout_secs = 60              # connection idle timeout
 //! ```
+//!
+//! `metrics_listen = "127.0.0.1:9464"` (absent by default) serves aggregate Prometheus metrics over HTTP on that
+//! TCP address; keep it on loopback or a private network.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the sled store and the TLS certificate and key.
     pub data_dir: PathBuf,
+    /// TCP address of the Prometheus metrics endpoint (`GET /metrics`); `None`, the default, serves none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Quotas and limits.
     pub limits: Limits,
 }
@@ -73,6 +79,7 @@ impl Default for Config {
         Self {
             listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 4433))),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            metrics_listen: None,
             limits: Limits::default(),
         }
     }

@@ -5,10 +5,16 @@
 //! unacknowledged at a time, so a client that never reads or never acks costs bounded memory: the backlog stays in
 //! sled. Senders wake delivery streams through [`Subscribers`] after their envelope is durable. Acks remove entries
 //! from the authenticated account's own mailbox only.
+//!
+//! The mailbox is scanned only when it may hold something new: at start, after a wake-up, and after acks when the
+//! last scan stopped at a full window. The frames of one scan (and the `QueueEmpty` that may follow them) are
+//! encoded into one buffer and written at once, so they share QUIC packets.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
+use relay_proto::frame::encode_into;
 use relay_proto::wire::{Acked, ClientFrame, Deliver, QueueEmpty, ServerFrame, client_frame, server_frame};
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, StreamCloseCode};
 use relay_quic::{ReadError, read_frame, write_frame};
@@ -126,28 +132,40 @@ async fn push_loop(
     let mut cursor = 0u64;
     let mut in_flight = BTreeSet::new();
     let mut told_empty = false;
+    // Whether the mailbox may hold entries above the cursor.
+    let mut maybe_more = true;
+    let mut out = BytesMut::new();
     loop {
         let room = window.saturating_sub(in_flight.len());
-        if room > 0 {
+        if room > 0 && maybe_more {
             // Mark the change seen before scanning: a send that lands during the scan wakes us again.
             subscription.rx.borrow_and_update();
             let batch = match shared.store.mailboxes.scan(&account, cursor, room, relay_proto::now_ms()) {
                 Ok(b) => b,
                 Err(e) => {
-                    write_frame(send, &Reject::from(e).to_frame()).await?;
+                    let reject = Reject::from(e);
+                    shared.metrics.error(reject.code);
+                    write_frame(send, &reject.to_frame()).await?;
                     return Ok(());
                 }
             };
+            shared.metrics.delivered(batch.len() as u64);
+            out.clear();
             for e in &batch {
                 let deliver = Deliver { server_id: e.id, stored_at_ms: e.stored_at_ms, envelope: e.envelope.clone() };
-                write_frame(send, &frame(server_frame::Body::Deliver(deliver))).await?;
+                encode_into(&frame(server_frame::Body::Deliver(deliver)), &mut out)?;
                 cursor = e.id;
                 in_flight.insert(e.id);
                 told_empty = false;
             }
-            if batch.len() < room && !told_empty {
-                write_frame(send, &frame(server_frame::Body::QueueEmpty(QueueEmpty {}))).await?;
+            // A batch that filled the window may have left entries behind; one that did not has emptied the mailbox.
+            maybe_more = batch.len() == room;
+            if !maybe_more && !told_empty {
+                encode_into(&frame(server_frame::Body::QueueEmpty(QueueEmpty {})), &mut out)?;
                 told_empty = true;
+            }
+            if !out.is_empty() {
+                send.write_all(&out).await.map_err(relay_quic::WriteError::from)?;
             }
         }
         let has_room = in_flight.len() < window;
@@ -156,22 +174,27 @@ async fn push_loop(
                 if changed.is_err() {
                     return Ok(());
                 }
+                maybe_more = true;
             }
             item = incoming.recv() => match item {
                 Some(Incoming::Ack(ids)) => {
                     let removed = match shared.store.mailboxes.remove(&account, &ids) {
                         Ok(n) => n,
                         Err(e) => {
-                            write_frame(send, &Reject::from(e).to_frame()).await?;
+                            let reject = Reject::from(e);
+                            shared.metrics.error(reject.code);
+                            write_frame(send, &reject.to_frame()).await?;
                             return Ok(());
                         }
                     };
+                    shared.metrics.acknowledged(u64::from(removed));
                     for id in &ids {
                         in_flight.remove(id);
                     }
                     write_frame(send, &frame(server_frame::Body::Acked(Acked { removed }))).await?;
                 }
                 Some(Incoming::Bad(reject, _)) => {
+                    shared.metrics.error(reject.code);
                     // The reader already stopped the client's half with the close code; the error frame still
                     // reaches the client before our half finishes.
                     write_frame(send, &reject.to_frame()).await?;

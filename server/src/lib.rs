@@ -6,10 +6,11 @@
 //!
 //! Modules: [`config`] (settings and limits), [`tls`] (certificate), [`store`] (sled trees, group commit),
 //! [`relay`] (endpoint and connections), [`session`] (requests on a connection), [`delivery`] (push and acks),
-//! [`reject`] (error codes), [`ratelimit`].
+//! [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in).
 
 pub mod config;
 pub mod delivery;
+pub mod metrics;
 pub mod ratelimit;
 pub mod reject;
 pub mod relay;

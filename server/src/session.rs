@@ -86,6 +86,7 @@ pub async fn serve_stream(
             Err(ReadError::Stream(_)) => return,
             Err(e) => {
                 let (code, close) = frame_error_codes(&e);
+                shared.metrics.error(code);
                 tracing::debug!(error = %e, "bad frame, closing stream");
                 recv.stop(close.code().into()).ok();
                 write_frame(&mut send, &Reject::new(code, e.to_string()).to_frame()).await.ok();
@@ -109,7 +110,10 @@ pub async fn serve_stream(
             Some(Req::SealedSend(s)) => sealed_send(&shared, s).await,
             None => Err(Reject::invalid("empty or unknown request")),
         };
-        let frame = reply.unwrap_or_else(|r| r.to_frame());
+        let frame = reply.unwrap_or_else(|r| {
+            shared.metrics.error(r.code);
+            r.to_frame()
+        });
         if write_frame(&mut send, &frame).await.is_err() {
             return;
         }
@@ -224,6 +228,7 @@ async fn store_envelope(shared: &Shared, recipient: &[u8], envelope: &[u8]) -> R
     }
     let stored = shared.store.mailboxes.append(&recipient, envelope, relay_proto::now_ms())?;
     shared.store.commit.durable().await?;
+    shared.metrics.stored();
     shared.subscribers.notify(&recipient);
     resp(Resp::SendAck(SendAck { server_id: stored.id, stored_at_ms: stored.stored_at_ms }))
 }

@@ -1,4 +1,4 @@
-//! `relayd [--config FILE] [--data DIR] [--listen ADDR]`: runs the relay until SIGINT or SIGTERM.
+//! `relayd [--config FILE] [--data DIR] [--listen ADDR] [--metrics ADDR]`: runs the relay until SIGINT or SIGTERM.
 //!
 //! When ready it prints exactly one line on stdout, `listening on <ip:port> cert-sha256 <hex>`; logs go to stderr
 //! (`RUST_LOG` sets the level, default `info`).
@@ -24,6 +24,9 @@ struct Args {
     /// UDP address to listen on [default: 127.0.0.1:4433].
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Serve aggregate Prometheus metrics on this TCP address, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -45,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(metrics) = args.metrics {
+        config.metrics_listen = Some(metrics);
     }
     // Handlers are installed before the ready line: a supervisor may signal as soon as it has read it.
     let mut term = signal(SignalKind::terminate())?;

@@ -4,12 +4,22 @@
 //! after the ticket was issued has completed. One flusher task runs flushes back to back while tickets are
 //! outstanding, so under load each `fsync` covers every write that arrived during the previous one. Nothing is ever
 //! acknowledged before the flush that covers it has succeeded; a failed flush fails every ticket it covered.
+//!
+//! Flushes start at most every [`MIN_FLUSH_INTERVAL`]. Where `fsync` is fast, back-to-back flushes would each cover
+//! a handful of writes and spend a flush's CPU (sealing sled's log buffer, a write, an `fsync`, thread hand-offs) on
+//! each; spacing them makes every flush under load cover the whole interval's writes, for at most that much added
+//! latency. A write after a quiet interval is flushed at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
+
+use crate::metrics::{BATCH_BOUNDS, Histogram, LATENCY_BOUNDS_NS};
+
+/// Shortest time between the starts of two flushes.
+pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
 /// A flush failed: the writes it covered may not be durable and must not be acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -40,6 +50,8 @@ pub struct GroupCommit {
     wake: Arc<Notify>,
     flushed: watch::Sender<Flushed>,
     flushes: AtomicU64,
+    batch_sizes: Histogram,
+    latencies: Histogram,
 }
 
 impl GroupCommit {
@@ -50,10 +62,13 @@ impl GroupCommit {
             wake: Arc::new(Notify::new()),
             flushed: watch::Sender::new(Flushed::default()),
             flushes: AtomicU64::new(0),
+            batch_sizes: Histogram::new(BATCH_BOUNDS, 1.0),
+            latencies: Histogram::new(LATENCY_BOUNDS_NS, 1e9),
         });
         let weak = Arc::downgrade(&gc);
         let wake = gc.wake.clone();
         tokio::spawn(async move {
+            let mut last_start: Option<Instant> = None;
             loop {
                 let Some(gc) = weak.upgrade() else { return };
                 let target = gc.issued.load(Ordering::SeqCst);
@@ -67,9 +82,20 @@ impl GroupCommit {
                     wake.notified().await;
                     continue;
                 }
+                let now = Instant::now();
+                let next = last_start.map(|t| t + MIN_FLUSH_INTERVAL).filter(|next| *next > now);
+                if let Some(next) = next {
+                    // Writes arriving meanwhile join this flush.
+                    drop(gc);
+                    tokio::time::sleep_until(next.into()).await;
+                    continue;
+                }
                 let started = Instant::now();
+                last_start = Some(started);
                 let result = db.flush_async().await;
                 gc.flushes.fetch_add(1, Ordering::Relaxed);
+                gc.batch_sizes.record(target - done);
+                gc.latencies.record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
                 gc.flushed.send_modify(|f| match result {
                     Ok(_) => f.durable = target,
                     Err(ref e) => {
@@ -96,6 +122,16 @@ impl GroupCommit {
             .await
             .map_err(|_| CommitError("store closed".into()))?;
         if state.durable >= ticket { Ok(()) } else { Err(CommitError(state.error.clone().unwrap_or_default())) }
+    }
+
+    /// Writes covered per flush.
+    pub fn batch_sizes(&self) -> &Histogram {
+        &self.batch_sizes
+    }
+
+    /// Duration of each flush.
+    pub fn latencies(&self) -> &Histogram {
+        &self.latencies
     }
 
     /// Flushes done and tickets served so far.

@@ -8,6 +8,7 @@
 //! of shard locks (so appends to different mailboxes rarely wait for each other).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -84,6 +85,8 @@ pub struct Mailboxes {
     ids: sled::Db,
     limits: MailboxLimits,
     shards: Box<[Mutex<HashMap<AccountId, Usage>>]>,
+    /// Entries in all mailboxes (for metrics).
+    queued: AtomicU64,
 }
 
 fn key(recipient: &AccountId, id: u64) -> [u8; KEY_LEN] {
@@ -108,7 +111,9 @@ fn envelope_len(v: &[u8]) -> u64 {
 
 impl Mailboxes {
     pub(crate) fn new(tree: sled::Tree, ids: sled::Db, limits: MailboxLimits) -> Self {
-        Self { tree, ids, limits, shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        // Counting the entries walks the tree once, at start.
+        let queued = AtomicU64::new(tree.len() as u64);
+        Self { tree, ids, limits, shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), queued }
     }
 
     fn shard(&self, recipient: &AccountId) -> MutexGuard<'_, HashMap<AccountId, Usage>> {
@@ -162,10 +167,12 @@ impl Mailboxes {
         self.tree.insert(key(recipient, id), v)?;
         usage.messages += 1;
         usage.bytes += len;
+        self.queued.fetch_add(1, Ordering::Relaxed);
         Ok(Appended { id, stored_at_ms: now_ms })
     }
 
     fn release(&self, recipient: &AccountId, messages: u64, bytes: u64) {
+        self.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| Some(q.saturating_sub(messages))).ok();
         if let Some(u) = self.shard(recipient).get_mut(recipient) {
             u.messages = u.messages.saturating_sub(messages);
             u.bytes = u.bytes.saturating_sub(bytes);
@@ -226,6 +233,11 @@ impl Mailboxes {
             }
         }
         Ok(removed)
+    }
+
+    /// Entries queued in all mailboxes.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Entries queued for `recipient` (from the usage counters).

@@ -5,6 +5,7 @@ mod bad_input;
 mod durability;
 mod e2ee;
 mod messaging;
+mod metrics;
 mod prekeys;
 mod privacy;
 

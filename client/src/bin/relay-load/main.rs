@@ -1,0 +1,196 @@
+//! `relay-load`: how fast is a relay? Subcommands, each bounded in message count and in time (`--seconds`):
+//!
+//! - `echo`: the transport ceiling, a bare QUIC echo server in this process with the relay's QUIC and TLS settings,
+//!   driven exactly like `online` (same clients, frame size and window), with no relay logic behind it;
+//! - `online`: N registered clients each send M envelopes to random other clients, W in flight each, everyone
+//!   subscribed; measures delivered msg/s and send-to-deliver latency;
+//! - `offline-drain`: half the clients are offline while the other half send to them, then they connect and drain;
+//! - `connections`: K idle authenticated connections held open, server memory per connection;
+//! - `stalled`: one recipient subscribes and never reads while senders fill its mailbox, to show that the relay's
+//!   memory stays bounded.
+//!
+//! Against a relay it starts itself (a `relayd` child process on 127.0.0.1:0 in a temporary directory, whose CPU time
+//! and memory it reads from /proc) or one given by `--server ADDR --cert-sha256 HEX`. Each run prints one summary
+//! line on stdout and, with `--json FILE`, writes a JSON report. Load clients register with fresh identities and
+//! synthetic phone numbers (+1555…); payloads are random bytes, never anything a person wrote.
+
+mod clients;
+mod conns;
+mod echo;
+mod offline;
+mod online;
+mod progress;
+mod relayd;
+mod report;
+mod stalled;
+mod traffic;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "relay-load", version, about = "Load generator and benchmarks for Consent Relay")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Bare QUIC echo in this process: the transport ceiling for `online`.
+    Echo(Load),
+    /// Every client online: send to random others, measure delivery.
+    Online(RelayLoad),
+    /// Half the recipients offline while sending, then they connect and drain.
+    OfflineDrain(RelayLoad),
+    /// Hold many idle authenticated connections; server memory per connection.
+    Connections(ConnectionsArgs),
+    /// One recipient that never reads while senders fill its mailbox; relay memory must stay bounded.
+    Stalled(RelayLoad),
+}
+
+/// Settings common to every mode.
+#[derive(Args, Clone, Debug)]
+pub struct Load {
+    /// Number of clients (connections) [default: 100; connections: 10000].
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Messages each client sends.
+    #[arg(long, default_value_t = 1000)]
+    pub msgs: u64,
+    /// Envelope (echo: frame payload) size in bytes, at least 16.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Requests in flight per client.
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    /// Hard bound on the whole run, set-up included; what is done by then is reported as incomplete.
+    #[arg(long, default_value_t = 120)]
+    pub seconds: u64,
+    /// Open loop: total sends per second over all clients, each send due at a fixed time and its latency counted
+    /// from then; without it every client sends as fast as its window allows (closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Connections sharing one client UDP socket.
+    #[arg(long, default_value_t = 50)]
+    pub per_endpoint: usize,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Where the relay under test is.
+#[derive(Args, Clone, Debug)]
+pub struct Target {
+    /// Use this running relay instead of starting one.
+    #[arg(long, requires = "cert_sha256")]
+    pub server: Option<SocketAddr>,
+    /// SHA-256 of the running relay's certificate (hex).
+    #[arg(long, requires = "server")]
+    pub cert_sha256: Option<String>,
+    /// The relayd binary to start [default: `relayd` beside this executable].
+    #[arg(long, conflicts_with = "server")]
+    pub relayd: Option<PathBuf>,
+}
+
+/// Settings of the modes that run against a relay.
+#[derive(Args, Clone, Debug)]
+pub struct RelayLoad {
+    #[command(flatten)]
+    load: Load,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Settings of `connections`.
+#[derive(Args, Clone, Debug)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    load: Load,
+    #[command(flatten)]
+    target: Target,
+    /// Seconds to hold the connections open before measuring.
+    #[arg(long, default_value_t = 3)]
+    hold: u64,
+    /// Also open each connection's delivery stream (an online, idle client).
+    #[arg(long)]
+    subscribe: bool,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+}
+
+impl Load {
+    fn check(&self, default_clients: usize, min_clients: usize) -> Result<usize> {
+        let clients = self.clients.unwrap_or(default_clients);
+        if clients < min_clients {
+            bail!("--clients must be at least {min_clients}");
+        }
+        if self.size < traffic::HEADER_LEN || self.size > 64 * 1024 {
+            bail!("--size must be between {} and 65536", traffic::HEADER_LEN);
+        }
+        if self.window == 0 || self.per_endpoint == 0 || self.seconds == 0 {
+            bail!("--window, --per-endpoint and --seconds must be at least 1");
+        }
+        if u32::try_from(self.msgs).is_err() || u32::try_from(clients).is_err() {
+            bail!("--msgs and --clients must fit in 32 bits");
+        }
+        Ok(clients)
+    }
+
+    fn limit(&self) -> Duration {
+        Duration::from_secs(self.seconds)
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let (report, json) = match cli.mode {
+        Mode::Echo(l) => {
+            let clients = l.check(100, 1)?;
+            (echo::run(&l, clients).await?, l.json)
+        }
+        Mode::Online(r) => {
+            let clients = r.load.check(100, 2)?;
+            (online::run(&r.load, &r.target, clients).await?, r.load.json)
+        }
+        Mode::OfflineDrain(r) => {
+            let clients = r.load.check(100, 2)?;
+            (offline::run(&r.load, &r.target, clients).await?, r.load.json)
+        }
+        Mode::Connections(c) => {
+            let clients = c.load.check(10_000, 1)?;
+            let settings = conns::Settings {
+                hold: Duration::from_secs(c.hold),
+                subscribe: c.subscribe,
+                concurrency: c.concurrency.max(1),
+            };
+            (conns::run(&c.load, &c.target, clients, settings).await?, c.load.json)
+        }
+        Mode::Stalled(r) => {
+            let clients = r.load.check(4, 2)?;
+            (stalled::run(&r.load, &r.target, clients).await?, r.load.json)
+        }
+    };
+    println!("{}", report.summary_line());
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if !report.complete {
+        bail!("the run did not finish within --seconds; the figures above cover what was done");
+    }
+    Ok(())
+}
