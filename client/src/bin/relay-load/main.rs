@@ -16,6 +16,7 @@
 
 mod clients;
 mod conns;
+mod e2ee;
 mod echo;
 mod offline;
 mod online;
@@ -81,6 +82,10 @@ pub struct Load {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// `online` only: real end-to-end encryption (Double Ratchet sessions per pair and the sealed-sender envelope)
+    /// instead of random opaque payloads; each client then sends to its next 8 clients.
+    #[arg(long)]
+    pub e2ee: bool,
 }
 
 /// Where the relay under test is.
@@ -157,6 +162,15 @@ async fn main() -> Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    let e2ee_elsewhere = match &cli.mode {
+        Mode::Echo(l) => l.e2ee,
+        Mode::Online(_) => false,
+        Mode::OfflineDrain(r) | Mode::Stalled(r) => r.load.e2ee,
+        Mode::Connections(c) => c.load.e2ee,
+    };
+    if e2ee_elsewhere {
+        bail!("--e2ee applies to `online` only");
+    }
     let (report, json) = match cli.mode {
         Mode::Echo(l) => {
             let clients = l.check(100, 1)?;

@@ -69,6 +69,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         window: load.window,
         deadline,
         rate: load.rate,
+        e2ee: None,
     };
     let senders = clients[..half].iter().enumerate().filter_map(|(i, c)| Some((i, c.conn.clone()?))).collect();
     let send_started = clock.now_us();
@@ -111,7 +112,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let client_before_drain = crate::relayd::ProcStats::read(None).ok();
     for conn in &online {
         let inbox = conn.subscribe().await?;
-        receivers.spawn(traffic::receive(inbox, clock, counters.clone(), stopped.clone()));
+        receivers.spawn(traffic::receive(inbox, clock, counters.clone(), stopped.clone(), None));
     }
     let drained = traffic::wait_until(deadline, || counters.delivered.load(Ordering::Relaxed) >= acked).await;
     let drain_end = counters.last_delivery_us.load(Ordering::Relaxed).max(drain_started + 1);

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::clients::{Endpoints, register_all};
+use crate::e2ee::{self, Pairs};
 use crate::relayd::{Overrides, Relay, Usage};
 use crate::report::{Latency, Report, round2};
 use crate::traffic::{self, Clock, Counters, SendPlan};
@@ -37,15 +38,24 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let endpoints = Arc::new(Endpoints::new(n, load.per_endpoint)?);
     let (clients, _) = register_all(&endpoints, n, relay.addr, relay.fingerprint, REGISTER_CONCURRENCY).await?;
     let conns: Vec<_> = clients.iter().filter_map(|c| c.conn.clone()).collect();
+    let pairs = if load.e2ee {
+        let set_up = Instant::now();
+        let pairs = Arc::new(Pairs::establish(clients.iter().map(|c| c.identity.clone()).collect())?);
+        eprintln!("e2ee: {} sessions set up in {:.2} s", n * e2ee::PEERS.min(n - 1), set_up.elapsed().as_secs_f64());
+        Some(pairs)
+    } else {
+        None
+    };
     let accounts = Arc::new(clients.iter().map(|c| c.account).collect::<Vec<_>>());
     let clock = Clock::start();
     let counters = Arc::new(Counters::default());
 
     let (stop, stopped) = watch::channel(false);
     let mut receivers = JoinSet::new();
-    for conn in &conns {
+    for (me, conn) in conns.iter().enumerate() {
         let inbox = conn.subscribe().await?;
-        receivers.spawn(traffic::receive(inbox, clock, counters.clone(), stopped.clone()));
+        let e2ee = pairs.clone().map(|p| (p, me));
+        receivers.spawn(traffic::receive(inbox, clock, counters.clone(), stopped.clone(), e2ee));
     }
 
     let total = load.msgs * n as u64;
@@ -72,6 +82,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         window: load.window,
         deadline,
         rate: load.rate,
+        e2ee: pairs.clone(),
     };
     let senders = conns.iter().cloned().enumerate().collect();
     let sent = traffic::send_all(senders, plan, clock, counters.clone()).await;
@@ -79,7 +90,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let complete =
         traffic::wait_until(deadline, || counters.delivered.load(Ordering::Relaxed) >= acked).await && acked == total;
     let end_us = counters.last_delivery_us.load(Ordering::Relaxed).max(first_send_us + 1);
-    let mut report = Report::new("online", load, n);
+    let mut report = Report::new(if load.e2ee { "online-e2ee" } else { "online" }, load, n);
     usage.finish(relay, &mut report);
     stop.send_replace(true);
     progress.finish().await;

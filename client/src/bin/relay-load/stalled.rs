@@ -54,6 +54,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         window: load.window,
         deadline,
         rate: load.rate,
+        e2ee: None,
     };
     let senders = clients.iter().enumerate().skip(1).filter_map(|(i, c)| Some((i, c.conn.clone()?))).collect();
     let started = Instant::now();

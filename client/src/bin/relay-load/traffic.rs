@@ -19,6 +19,8 @@ use relay_proto::AccountId;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::e2ee::Pairs;
+
 /// Bytes of the stamp at the start of every payload.
 pub const HEADER_LEN: usize = 16;
 
@@ -96,6 +98,8 @@ pub struct SendPlan {
     pub deadline: Instant,
     /// Open loop: total sends per second over all senders; `None` sends as fast as the window allows.
     pub rate: Option<f64>,
+    /// End-to-end sessions (`--e2ee`): recipients are the sender's session peers and payloads are encrypted.
+    pub e2ee: Option<Arc<Pairs>>,
 }
 
 /// What the senders did.
@@ -144,11 +148,14 @@ pub async fn send_all(
                     if seq >= plan.msgs || Instant::now() >= plan.deadline {
                         break;
                     }
-                    let to = loop {
-                        let r = plan.recipients[rng.random_range(0..plan.recipients.len())];
-                        if r != me || plan.recipients.len() == 1 {
-                            break r;
-                        }
+                    let to = match &plan.e2ee {
+                        Some(pairs) => pairs.recipient(me, rng.random_range(0..usize::MAX)),
+                        None => loop {
+                            let r = plan.recipients[rng.random_range(0..plan.recipients.len())];
+                            if r != me || plan.recipients.len() == 1 {
+                                break r;
+                            }
+                        },
                     };
                     // Latency counts from when a send was due, not from when a window slot freed up for it, so a
                     // slow relay cannot hide its queueing (coordinated omission).
@@ -161,7 +168,17 @@ pub async fn send_all(
                         None => clock.now_us(),
                     };
                     // Indices and sequence numbers fit in u32: checked when the arguments were parsed.
-                    let body = payload(due_us, me as u32, seq as u32, &filler);
+                    let mut body = payload(due_us, me as u32, seq as u32, &filler);
+                    if let Some(pairs) = &plan.e2ee {
+                        match pairs.seal(me, to, &body) {
+                            Ok(sealed) => body = sealed,
+                            Err(e) => {
+                                *errors.entry(format!("encrypt: {e}")).or_default() += 1;
+                                counters.errors.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
+                    }
                     counters.sent.fetch_add(1, Ordering::Relaxed);
                     let started = clock.at(due_us);
                     let left = plan.deadline.saturating_duration_since(started);
@@ -218,6 +235,7 @@ pub async fn receive(
     clock: Clock,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
+    e2ee: Option<(Arc<Pairs>, usize)>,
 ) -> Received {
     let mut out = Received { latency: crate::report::histogram(), delivered: 0, errors: BTreeMap::new() };
     let mut seen = HashSet::new();
@@ -229,7 +247,22 @@ pub async fn receive(
             event = inbox.next(), if pending.len() < MAX_ACK_BATCH => match event {
                 Some(Ok(InboxEvent::Deliver(d))) => {
                     pending.push(d.server_id);
-                    let Some((sent, sender, seq)) = stamp(&d.envelope) else {
+                    let opened;
+                    let body = match &e2ee {
+                        Some((pairs, me)) => match pairs.open(*me, &d.envelope) {
+                            Ok(plain) => {
+                                opened = plain;
+                                &opened[..]
+                            }
+                            Err(e) => {
+                                *out.errors.entry(format!("decrypt: {e}")).or_default() += 1;
+                                counters.errors.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        },
+                        None => &d.envelope[..],
+                    };
+                    let Some((sent, sender, seq)) = stamp(body) else {
                         *out.errors.entry("unstamped delivery".into()).or_default() += 1;
                         continue;
                     };
