@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use relay_proto::auth::{EXPORTER_LEN, auth_transcript, register_transcript};
 use relay_proto::wire::{
-    self, Ack, Auth, Bundle, ClientFrame, Deliver, DeviceInfo, FetchBundle, Lookup, PrekeyCounts, Register, SealedSend,
-    SendAck, ServerFrame, SetAccessKey, Subscribe, UploadPrekeys, client_frame::Body as Req,
-    server_frame::Body as Resp,
+    self, Ack, Auth, Bundle, ClientFrame, ConsentList, ConsentRecorded, Deliver, DeviceInfo, FetchBundle, ListConsent,
+    Lookup, PrekeyCounts, PutConsent, Register, SealedSend, SendAck, ServerFrame, SetAccessKey, Subscribe,
+    UploadPrekeys, client_frame::Body as Req, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_quic::{read_frame, write_frame};
@@ -243,6 +243,23 @@ impl Connection {
         }
     }
 
+    /// Records a signed consent statement; returns once the relay holds it durably.
+    pub async fn put_consent(&self, statement: Vec<u8>, signature: [u8; 64]) -> Result<ConsentRecorded, ClientError> {
+        let req = PutConsent { statement: statement.into(), signature: Bytes::copy_from_slice(&signature) };
+        match self.request(Req::PutConsent(req)).await? {
+            Resp::ConsentRecorded(r) => Ok(r),
+            other => Err(unexpected("ConsentRecorded", &other)),
+        }
+    }
+
+    /// The account's latest consent statement per pair, and its last sequence number.
+    pub async fn list_consent(&self) -> Result<ConsentList, ClientError> {
+        match self.request(Req::ListConsent(ListConsent {})).await? {
+            Resp::ConsentList(l) => Ok(l),
+            other => Err(unexpected("ConsentList", &other)),
+        }
+    }
+
     /// Acknowledges delivered envelopes outside the delivery stream; returns how many the relay removed.
     pub async fn ack(&self, server_ids: Vec<u64>) -> Result<u32, ClientError> {
         match self.request(Req::Ack(Ack { server_ids })).await? {
@@ -279,6 +296,8 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::PrekeyCounts(_) => "PrekeyCounts",
         Resp::Bundle(_) => "Bundle",
         Resp::AccessKeySet(_) => "AccessKeySet",
+        Resp::ConsentRecorded(_) => "ConsentRecorded",
+        Resp::ConsentList(_) => "ConsentList",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

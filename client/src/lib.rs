@@ -6,6 +6,7 @@
 //! [`messenger`] (what the CLI and applications use).
 
 pub mod connection;
+pub mod consent;
 pub mod content;
 pub mod e2ee;
 pub mod home;

@@ -257,6 +257,16 @@ impl Messenger {
         &self.identity
     }
 
+    /// The home directory.
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    /// The relay's address, `ip:port`.
+    pub fn relay_address(&self) -> String {
+        self.relay.0.to_string()
+    }
+
     /// The authenticated connection.
     pub fn connection(&self) -> &Connection {
         &self.conn

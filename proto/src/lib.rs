@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod codes;
+pub mod consent;
 pub mod frame;
 pub mod phone;
 

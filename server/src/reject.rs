@@ -4,7 +4,7 @@
 use relay_proto::ErrorCode;
 use relay_proto::wire::ServerFrame;
 
-use crate::store::{CommitError, DirectoryError, MailboxError, PrekeyError};
+use crate::store::{CommitError, DirectoryError, MailboxError, PrekeyError, RegistryError};
 
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +65,15 @@ impl From<PrekeyError> for Reject {
         match e {
             PrekeyError::Invalid(m) => Reject::invalid(m),
             PrekeyError::Corrupt | PrekeyError::Store(_) => storage(e),
+        }
+    }
+}
+
+impl From<RegistryError> for Reject {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Rejected(c) => Reject::new(ErrorCode::ConsentRejected, c.to_string()),
+            RegistryError::Corrupt | RegistryError::Store(_) => storage(e),
         }
     }
 }

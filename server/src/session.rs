@@ -16,11 +16,12 @@ use std::time::Instant;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use relay_proto::auth::{EXPORTER_LEN, KEY_LEN, auth_transcript, register_transcript};
+use relay_proto::consent::{ConsentError, ConsentStatement};
 use relay_proto::frame::FrameError;
 use relay_proto::wire::{
-    AccessKeySet, Ack, Acked, Auth, AuthOk, Bundle, ClientFrame, FetchBundle, Lookup, LookupResult, PrekeyCounts,
-    Register, Registered, SealedSend, Send, SendAck, ServerFrame, SetAccessKey, UploadPrekeys,
-    client_frame::Body as Req, server_frame::Body as Resp,
+    AccessKeySet, Ack, Acked, Auth, AuthOk, Bundle, ClientFrame, ConsentList, ConsentRecorded, FetchBundle, Lookup,
+    LookupResult, PrekeyCounts, PutConsent, Register, Registered, SealedSend, Send, SendAck, ServerFrame, SetAccessKey,
+    SignedStatement, UploadPrekeys, client_frame::Body as Req, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, PhoneNumber, StreamCloseCode};
 use relay_quic::{ReadError, read_frame, write_frame};
@@ -108,6 +109,8 @@ pub async fn serve_stream(
             Some(Req::FetchBundle(f)) => fetch_bundle(&shared, &session, f).await,
             Some(Req::SetAccessKey(k)) => set_access_key(&shared, &session, k).await,
             Some(Req::SealedSend(s)) => sealed_send(&shared, s).await,
+            Some(Req::PutConsent(c)) => put_consent(&shared, &session, c).await,
+            Some(Req::ListConsent(_)) => list_consent(&shared, &session),
             None => Err(Reject::invalid("empty or unknown request")),
         };
         let frame = reply.unwrap_or_else(|r| {
@@ -314,6 +317,48 @@ async fn set_access_key(shared: &Shared, session: &Session, k: SetAccessKey) -> 
     shared.store.prekeys.set_access_verifier(&account, &k.verifier)?;
     shared.store.commit.durable().await?;
     resp(Resp::AccessKeySet(AccessKeySet {}))
+}
+
+/// Records a consent statement: it must be the caller's own, signed by the caller's identity key, for a purpose in
+/// the catalogue (a grant: under its current notice), with a sequence number above the last. Acknowledged only once
+/// durable, so that an acknowledged withdrawal is what the export interface reads from then on.
+async fn put_consent(shared: &Shared, session: &Session, c: PutConsent) -> Result<ServerFrame, Reject> {
+    let account = session.account()?;
+    let rejected = |m: String| Reject::new(ErrorCode::ConsentRejected, m);
+    let statement = ConsentStatement::decode(&c.statement).map_err(|e| rejected(e.to_string()))?;
+    if statement.account != account {
+        return Err(rejected(ConsentError::WrongAccount.to_string()));
+    }
+    let keys = shared.store.directory.keys(&account)?.ok_or_else(Reject::unauthenticated)?;
+    let signature: [u8; 64] =
+        c.signature.as_ref().try_into().map_err(|_| rejected(ConsentError::BadSignature.to_string()))?;
+    verify(&keys.identity_key, &statement.signed_bytes(), &signature)
+        .map_err(|_| rejected(ConsentError::BadSignature.to_string()))?;
+    let now = relay_proto::now_ms();
+    shared.store.consent.record(&statement, &signature, now)?;
+    shared.store.commit.durable().await?;
+    resp(Resp::ConsentRecorded(ConsentRecorded {
+        sequence: statement.sequence,
+        recorded_at_ms: now,
+        statement_hash: statement.hash().to_vec().into(),
+    }))
+}
+
+fn list_consent(shared: &Shared, session: &Session) -> Result<ServerFrame, Reject> {
+    let account = session.account()?;
+    let latest = shared
+        .store
+        .consent
+        .latest(&account)?
+        .into_iter()
+        .map(|r| SignedStatement {
+            statement: r.encoded.into(),
+            signature: r.signature.to_vec().into(),
+            recorded_at_ms: r.recorded_at_ms,
+        })
+        .collect();
+    let last_sequence = shared.store.consent.last_sequence(&account)?;
+    resp(Resp::ConsentList(ConsentList { latest, last_sequence }))
 }
 
 fn ack(shared: &Shared, session: &Session, a: Ack) -> Result<ServerFrame, Reject> {

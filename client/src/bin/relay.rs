@@ -79,6 +79,12 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Consent to sharing your phone number and device info with an affiliate, per purpose. Everything is denied
+    /// until you grant it; messaging never depends on it.
+    Consent {
+        #[command(subcommand)]
+        action: ConsentAction,
+    },
     /// Show the safety number with a contact, to compare out of band; with --accept, trust a changed identity and
     /// send the messages held for it.
     Verify {
@@ -88,6 +94,49 @@ enum Command {
         /// Accept the contact's new identity key.
         #[arg(long)]
         accept: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsentAction {
+    /// Grant one affiliate one purpose (shows the notice; prints a receipt).
+    Grant {
+        /// Affiliate id (e.g. adsco).
+        #[arg(long)]
+        affiliate: String,
+        /// Purpose: security, analytics, advertising or business_messaging.
+        #[arg(long)]
+        purpose: String,
+        /// Let the grant lapse after this many days.
+        #[arg(long)]
+        expires_days: Option<u64>,
+        /// Print the receipt as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw one affiliate's consent for one purpose, with immediate effect.
+    Withdraw {
+        /// Affiliate id.
+        #[arg(long)]
+        affiliate: String,
+        /// Purpose.
+        #[arg(long)]
+        purpose: String,
+        /// Print the receipt as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw everything granted so far.
+    RejectAll {
+        /// Print the receipts as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what is granted; everything not listed as granted is denied.
+    Show {
+        /// One JSON object per pair, one per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -142,7 +191,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Chat { to } => chat(&home, &to).await?,
         Command::Verify { with, accept } => verify(&home, &with, accept).await?,
+        Command::Consent { action } => consent(&home, action).await?,
     }
+    Ok(())
+}
+
+async fn consent(home: &Home, action: ConsentAction) -> anyhow::Result<()> {
+    use relay_proto::consent::Decision;
+    let m = Messenger::open(home).await?;
+    let print_receipt = |r: &relay_client::consent::Receipt, json: bool| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string(r)?);
+        } else {
+            let until = r.expires_at.map(|e| format!(" until {} (UTC)", format_date(e))).unwrap_or_default();
+            println!(
+                "{}: {} for {}{until} (statement {}, receipt {})",
+                r.decision, r.affiliate, r.purpose, r.sequence, r.receipt_id
+            );
+        }
+        Ok(())
+    };
+    match action {
+        ConsentAction::Grant { affiliate, purpose, expires_days, json } => {
+            let r = m.decide_consent(&affiliate, &purpose, Decision::Grant, expires_days).await?;
+            if !json {
+                println!("notice (version {}): {}", r.notice_version, r.notice);
+            }
+            print_receipt(&r, json)?;
+        }
+        ConsentAction::Withdraw { affiliate, purpose, json } => {
+            let r = m.decide_consent(&affiliate, &purpose, Decision::Withdraw, None).await?;
+            print_receipt(&r, json)?;
+        }
+        ConsentAction::RejectAll { json } => {
+            let receipts = m.reject_all_consent().await?;
+            for r in &receipts {
+                print_receipt(r, json)?;
+            }
+            if !json {
+                println!("everything is now denied ({} withdrawn)", receipts.len());
+            }
+        }
+        ConsentAction::Show { json } => {
+            let pairs = m.consent_state().await?;
+            for p in &pairs {
+                if json {
+                    println!("{}", serde_json::to_string(p)?);
+                } else {
+                    println!("{:<12} {:<20} {}", p.affiliate, p.purpose, p.status);
+                }
+            }
+            if !json {
+                println!("(every other affiliate and purpose: denied)");
+            }
+        }
+    }
+    m.close().await;
     Ok(())
 }
 
@@ -208,6 +312,20 @@ fn print_message(m: &ReceivedMessage, json: bool) -> anyhow::Result<()> {
         println!("[{}] {}: {}", format_time(m.sent_at), m.from, m.text);
     }
     Ok(())
+}
+
+/// `YYYY-MM-DD` (UTC) of a time in ms since the Unix epoch (civil-from-days, proleptic Gregorian calendar).
+fn format_date(ms: u64) -> String {
+    let z = (ms / 86_400_000) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn format_time(ms: u64) -> String {
@@ -276,4 +394,14 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     }
     m.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates() {
+        assert_eq!(super::format_date(0), "1970-01-01");
+        assert_eq!(super::format_date(951_782_400_000), "2000-02-29");
+        assert_eq!(super::format_date(1_795_507_359_132), "2026-11-24");
+    }
 }

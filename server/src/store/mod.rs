@@ -5,6 +5,7 @@
 //! concrete type today so that a distributed engine can later replace it behind the same methods.
 
 pub mod commit;
+pub mod consent;
 pub mod directory;
 pub mod mailbox;
 pub mod prekeys;
@@ -13,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use commit::{CommitError, GroupCommit};
+pub use consent::{ConsentRegistry, RegistryError};
 pub use directory::{Directory, DirectoryError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
 pub use prekeys::{PrekeyError, Prekeys};
@@ -31,6 +33,8 @@ pub mod trees {
     pub const PREKEYS: &str = "prekeys";
     /// `account id` → SHA-256 of the account's sealed-sender access key.
     pub const ACCESS_KEYS: &str = "access_keys";
+    /// Consent statements: last sequence, latest per (affiliate, purpose), full history (see `store::consent`).
+    pub const CONSENT: &str = "consent";
 }
 
 /// The opened store.
@@ -41,6 +45,8 @@ pub struct Store {
     pub directory: Directory,
     /// Published prekeys and access keys.
     pub prekeys: Prekeys,
+    /// Signed consent statements.
+    pub consent: ConsentRegistry,
     /// Durability barrier shared by every write that is acknowledged to a client.
     pub commit: Arc<GroupCommit>,
 }
@@ -56,7 +62,8 @@ impl Store {
             db.open_tree(trees::PHONES)?,
         );
         let prekeys = Prekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?);
+        let consent = ConsentRegistry::new(db.open_tree(trees::CONSENT)?);
         let commit = GroupCommit::start(db);
-        Ok(Self { mailboxes, directory, prekeys, commit })
+        Ok(Self { mailboxes, directory, prekeys, consent, commit })
     }
 }

@@ -2,6 +2,7 @@
 
 mod access;
 mod bad_input;
+mod consent;
 mod durability;
 mod e2ee;
 mod messaging;
