@@ -10,6 +10,7 @@ pub mod codes;
 pub mod consent;
 pub mod frame;
 pub mod phone;
+pub mod time;
 
 /// The prost types generated from `protos/relay.proto` (package `relay.v1`).
 #[allow(missing_docs, clippy::all)]

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod delivery;
+pub mod exporter;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reject;

@@ -203,7 +203,8 @@ async fn consent(home: &Home, action: ConsentAction) -> anyhow::Result<()> {
         if json {
             println!("{}", serde_json::to_string(r)?);
         } else {
-            let until = r.expires_at.map(|e| format!(" until {} (UTC)", format_date(e))).unwrap_or_default();
+            let until =
+                r.expires_at.map(|e| format!(" until {} (UTC)", relay_proto::time::date(e))).unwrap_or_default();
             println!(
                 "{}: {} for {}{until} (statement {}, receipt {})",
                 r.decision, r.affiliate, r.purpose, r.sequence, r.receipt_id
@@ -314,20 +315,6 @@ fn print_message(m: &ReceivedMessage, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `YYYY-MM-DD` (UTC) of a time in ms since the Unix epoch (civil-from-days, proleptic Gregorian calendar).
-fn format_date(ms: u64) -> String {
-    let z = (ms / 86_400_000) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
 fn format_time(ms: u64) -> String {
     let secs = ms / 1000;
     format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
@@ -394,14 +381,4 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     }
     m.close().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dates() {
-        assert_eq!(super::format_date(0), "1970-01-01");
-        assert_eq!(super::format_date(951_782_400_000), "2000-02-29");
-        assert_eq!(super::format_date(1_795_507_359_132), "2026-11-24");
-    }
 }
