@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod codes;
 pub mod frame;
+pub mod merkle;
 pub mod phone;
 
 /// The prost types generated from `protos/relay.proto` (package `relay.v1`).
