@@ -9,13 +9,19 @@
 //! out. The verification functions take untrusted input: they never panic, reject a proof of the wrong length before
 //! hashing anything, and do at most a few hundred hash computations whatever the sizes claimed.
 //!
+//! The log's leaves are [`ExportLeaf`] records: field names and hashes, never the exported data itself. Tree heads
+//! are signed with Ed25519 over a domain-separated encoding ([`TreeHead::encode`]).
+//!
 //! A proof does not by itself bind the tree size: an audit path for leaf 0 of a 4-leaf tree also checks as an audit
 //! path for leaf 0 of a 3-leaf tree with the same root, because a verifier cannot tell a leaf hash from a node hash in
 //! the path. Sizes must therefore come from a signed tree head, which binds the size and the root together.
 
 use std::fmt;
 
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
+
+use crate::auth::SIGNATURE_LEN;
 
 /// Length of every hash in the tree (SHA-256).
 pub const HASH_LEN: usize = 32;
@@ -65,6 +71,43 @@ pub enum MerkleError {
     /// The consistency proof leads to an old root other than the one presented.
     #[error("consistency proof does not lead to the old root presented")]
     OldRootMismatch,
+    /// The tree head signature does not verify under the log's key.
+    #[error("tree head signature does not verify")]
+    BadSignature,
+    /// An encoded export leaf ends before its last field.
+    #[error("export leaf is truncated")]
+    LeafTruncated,
+    /// An encoded export leaf has bytes after its last field.
+    #[error("export leaf has {extra} trailing bytes")]
+    LeafTrailingBytes {
+        /// How many bytes follow the last field.
+        extra: usize,
+    },
+    /// An encoded export leaf starts with a version this code does not know.
+    #[error("unsupported export leaf version {version}")]
+    LeafVersion {
+        /// The version byte found.
+        version: u8,
+    },
+    /// A string of an export leaf is longer than [`MAX_LEAF_STRING_LEN`].
+    #[error("export leaf string of {len} bytes exceeds the maximum of {max} bytes")]
+    LeafStringTooLong {
+        /// The length of the string, in bytes.
+        len: usize,
+        /// The maximum in force.
+        max: usize,
+    },
+    /// An export leaf lists more than [`MAX_LEAF_FIELDS`] field names.
+    #[error("export leaf lists {count} fields, more than the maximum of {max}")]
+    LeafTooManyFields {
+        /// The number of field names.
+        count: usize,
+        /// The maximum in force.
+        max: usize,
+    },
+    /// A string of an encoded export leaf is not UTF-8.
+    #[error("export leaf string is not UTF-8")]
+    LeafNotUtf8,
 }
 
 /// The RFC 6962 hash of a leaf: SHA-256(0x00 ‖ leaf).
@@ -284,6 +327,13 @@ impl MerkleLog {
     }
 }
 
+impl MerkleLog {
+    /// The head of the whole log, stamped with `timestamp_ms` (milliseconds since the Unix epoch), ready to sign.
+    pub fn tree_head(&self, timestamp_ms: u64) -> TreeHead {
+        TreeHead { size: self.len(), root: self.root(), timestamp_ms }
+    }
+}
+
 impl fmt::Debug for MerkleLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MerkleLog").field("len", &self.len()).field("root", &hex::encode(self.root())).finish()
@@ -407,6 +457,207 @@ pub fn verify_consistency(
         return Err(MerkleError::RootMismatch);
     }
     Ok(())
+}
+
+/// Domain-separation label that starts the signed encoding of a tree head.
+pub const TREE_HEAD_LABEL: &[u8] = b"consent-relay tree head v1";
+
+/// Length of the signed encoding of a tree head: label, size, timestamp, root.
+pub const TREE_HEAD_LEN: usize = TREE_HEAD_LABEL.len() + 8 + 8 + HASH_LEN;
+
+/// What the log commits to at one moment: its size and root, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeHead {
+    /// Number of leaves.
+    pub size: u64,
+    /// Root of the tree over those leaves.
+    pub root: Hash,
+    /// When the head was made, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+impl TreeHead {
+    /// The canonical bytes that are signed: [`TREE_HEAD_LABEL`] ‖ size (u64 BE) ‖ timestamp_ms (u64 BE) ‖ root. Every
+    /// part has a fixed length, so no two heads share an encoding.
+    pub fn encode(&self) -> [u8; TREE_HEAD_LEN] {
+        let mut out = [0u8; TREE_HEAD_LEN];
+        let (label, rest) = out.split_at_mut(TREE_HEAD_LABEL.len());
+        label.copy_from_slice(TREE_HEAD_LABEL);
+        let (size, rest) = rest.split_at_mut(8);
+        size.copy_from_slice(&self.size.to_be_bytes());
+        let (timestamp, root) = rest.split_at_mut(8);
+        timestamp.copy_from_slice(&self.timestamp_ms.to_be_bytes());
+        root.copy_from_slice(&self.root);
+        out
+    }
+
+    /// Signs the head with the log's key.
+    pub fn sign(&self, key: &SigningKey) -> SignedTreeHead {
+        SignedTreeHead { head: *self, signature: key.sign(&self.encode()).to_bytes() }
+    }
+}
+
+/// A tree head with the log's Ed25519 signature over [`TreeHead::encode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedTreeHead {
+    /// The head signed.
+    pub head: TreeHead,
+    /// The Ed25519 signature.
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+impl SignedTreeHead {
+    /// Checks the signature with `verify_strict` (no small-order keys or malleable signatures).
+    pub fn verify(&self, key: &VerifyingKey) -> Result<(), MerkleError> {
+        let signature = Signature::from_bytes(&self.signature);
+        key.verify_strict(&self.head.encode(), &signature).map_err(|_| MerkleError::BadSignature)
+    }
+}
+
+/// The version byte that starts every encoded [`ExportLeaf`].
+pub const EXPORT_LEAF_VERSION: u8 = 1;
+
+/// Maximum length, in bytes, of each string of an [`ExportLeaf`] (affiliate, purpose, each field name).
+pub const MAX_LEAF_STRING_LEN: usize = 256;
+
+/// Maximum number of field names in an [`ExportLeaf`].
+pub const MAX_LEAF_FIELDS: usize = 16;
+
+/// The record the export log holds for one metadata export to an affiliate.
+///
+/// It holds **no personal data**: it names the fields that were exported (`"phone_number"`, `"device_model"`), never
+/// their values, and refers to the exported payload and to the consent statement only by hash. The log is shown to
+/// users and auditors, so nothing that identifies a person may go in a string. A hash of low-entropy data is no
+/// protection either: anyone can hash every phone number. `payload_hash` must therefore be computed over the payload
+/// as shipped (for instance the ciphertext sent to the affiliate) or over an encoding that includes a random salt,
+/// never over a bare phone number or device string.
+///
+/// The encoding ([`ExportLeaf::encode`]) is canonical: a version byte, fixed-length fields as they are, each string
+/// prefixed with its length (u16 BE), the field list with its count (u8); [`ExportLeaf::decode`] accepts exactly the
+/// encodings `encode` produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportLeaf {
+    /// Identifier of the export (random, chosen by the exporter).
+    pub export_id: [u8; 16],
+    /// Identifier of the affiliate that received the export.
+    pub affiliate: String,
+    /// The purpose the consent was given for, as named in the consent statement.
+    pub purpose: String,
+    /// Names of the metadata fields exported (never their values).
+    pub fields: Vec<String>,
+    /// SHA-256 of the payload as shipped, or of a salted encoding of it (see above).
+    pub payload_hash: Hash,
+    /// SHA-256 of the signed consent statement that allowed the export.
+    pub consent_hash: Hash,
+    /// When the export was made, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+}
+
+impl ExportLeaf {
+    /// Checks the limits that make a leaf encodable: at most [`MAX_LEAF_FIELDS`] field names and at most
+    /// [`MAX_LEAF_STRING_LEN`] bytes per string.
+    pub fn check(&self) -> Result<(), MerkleError> {
+        if self.fields.len() > MAX_LEAF_FIELDS {
+            return Err(MerkleError::LeafTooManyFields { count: self.fields.len(), max: MAX_LEAF_FIELDS });
+        }
+        for s in [&self.affiliate, &self.purpose].into_iter().chain(&self.fields) {
+            if s.len() > MAX_LEAF_STRING_LEN {
+                return Err(MerkleError::LeafStringTooLong { len: s.len(), max: MAX_LEAF_STRING_LEN });
+            }
+        }
+        Ok(())
+    }
+
+    /// The canonical encoding: version ‖ export_id ‖ affiliate ‖ purpose ‖ field count (u8) ‖ fields ‖ payload_hash ‖
+    /// consent_hash ‖ time_ms (u64 BE), each string as its length (u16 BE) then its UTF-8 bytes. Fails if
+    /// [`ExportLeaf::check`] does.
+    pub fn encode(&self) -> Result<Vec<u8>, MerkleError> {
+        self.check()?;
+        let strings: usize =
+            [&self.affiliate, &self.purpose].into_iter().chain(&self.fields).map(|s| 2 + s.len()).sum();
+        let mut out = Vec::with_capacity(1 + 16 + strings + 1 + 2 * HASH_LEN + 8);
+        out.push(EXPORT_LEAF_VERSION);
+        out.extend_from_slice(&self.export_id);
+        put_str(&mut out, &self.affiliate);
+        put_str(&mut out, &self.purpose);
+        // At most MAX_LEAF_FIELDS, checked above.
+        out.push(self.fields.len() as u8);
+        for field in &self.fields {
+            put_str(&mut out, field);
+        }
+        out.extend_from_slice(&self.payload_hash);
+        out.extend_from_slice(&self.consent_hash);
+        out.extend_from_slice(&self.time_ms.to_be_bytes());
+        Ok(out)
+    }
+
+    /// Decodes the canonical encoding, rejecting unknown versions, over-long strings, too many fields, invalid UTF-8,
+    /// truncation and trailing bytes. Lengths are checked before anything is allocated.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MerkleError> {
+        let mut r = Reader(bytes);
+        let [version] = r.array()?;
+        if version != EXPORT_LEAF_VERSION {
+            return Err(MerkleError::LeafVersion { version });
+        }
+        let export_id = r.array()?;
+        let affiliate = r.string()?;
+        let purpose = r.string()?;
+        let [count] = r.array()?;
+        let count = usize::from(count);
+        if count > MAX_LEAF_FIELDS {
+            return Err(MerkleError::LeafTooManyFields { count, max: MAX_LEAF_FIELDS });
+        }
+        let mut fields = Vec::with_capacity(count);
+        for _ in 0..count {
+            fields.push(r.string()?);
+        }
+        let payload_hash = r.array()?;
+        let consent_hash = r.array()?;
+        let time_ms = u64::from_be_bytes(r.array()?);
+        if !r.0.is_empty() {
+            return Err(MerkleError::LeafTrailingBytes { extra: r.0.len() });
+        }
+        Ok(Self { export_id, affiliate, purpose, fields, payload_hash, consent_hash, time_ms })
+    }
+
+    /// The leaf hash under which the export is logged: [`leaf_hash`] of [`ExportLeaf::encode`].
+    pub fn leaf_hash(&self) -> Result<Hash, MerkleError> {
+        Ok(leaf_hash(&self.encode()?))
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // At most MAX_LEAF_STRING_LEN bytes, checked by `ExportLeaf::check`.
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The unread rest of an encoded export leaf.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MerkleError> {
+        if self.0.len() < n {
+            return Err(MerkleError::LeafTruncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], MerkleError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn string(&mut self) -> Result<String, MerkleError> {
+        let len = usize::from(u16::from_be_bytes(self.array()?));
+        if len > MAX_LEAF_STRING_LEN {
+            return Err(MerkleError::LeafStringTooLong { len, max: MAX_LEAF_STRING_LEN });
+        }
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| MerkleError::LeafNotUtf8)
+    }
 }
 
 #[cfg(test)]
@@ -859,6 +1110,188 @@ mod tests {
                 assert!(verify_consistency(size - 1, size, &old_root, &forged.root(), &bridge).is_err());
             }
         }
+    }
+
+    #[test]
+    fn tree_head_encoding_is_fixed_and_canonical() {
+        let head = TreeHead { size: 0x0102_0304_0506_0708, root: [0xaa; 32], timestamp_ms: 0x1112_1314_1516_1718 };
+        let bytes = head.encode();
+        assert_eq!(bytes.len(), 26 + 8 + 8 + 32);
+        assert_eq!(&bytes[..26], b"consent-relay tree head v1");
+        assert_eq!(&bytes[26..34], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&bytes[34..42], &[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18]);
+        assert_eq!(&bytes[42..], &[0xaa; 32]);
+    }
+
+    #[test]
+    fn signed_tree_heads_verify_and_bind_size_root_and_time() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let other = SigningKey::from_bytes(&[8; 32]);
+        let mut log = MerkleLog::new();
+        for leaf in test_leaves(10) {
+            log.append(&leaf);
+        }
+        let head = log.tree_head(1_700_000_000_000);
+        assert_eq!(head, TreeHead { size: 10, root: log.root(), timestamp_ms: 1_700_000_000_000 });
+        let signed = head.sign(&key);
+        assert_eq!(signed.verify(&key.verifying_key()), Ok(()));
+        // Ed25519 is deterministic: the same head signs the same way.
+        assert_eq!(head.sign(&key), signed);
+
+        assert_eq!(signed.verify(&other.verifying_key()), Err(MerkleError::BadSignature));
+        assert_eq!(head.sign(&other).verify(&key.verifying_key()), Err(MerkleError::BadSignature));
+        let altered = [
+            TreeHead { size: 11, ..head },
+            TreeHead { size: 9, ..head },
+            TreeHead { root: log.root_at(9).expect("in range"), ..head },
+            TreeHead { root: flip_bit(&head.root, 200), ..head },
+            TreeHead { timestamp_ms: head.timestamp_ms + 1, ..head },
+        ];
+        for changed in altered {
+            let forged = SignedTreeHead { head: changed, ..signed };
+            assert_eq!(forged.verify(&key.verifying_key()), Err(MerkleError::BadSignature), "{changed:?}");
+        }
+        for bit in 0..SIGNATURE_LEN * 8 {
+            let mut forged = signed;
+            forged.signature[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(forged.verify(&key.verifying_key()), Err(MerkleError::BadSignature), "bit {bit}");
+        }
+    }
+
+    fn sample_leaf() -> ExportLeaf {
+        ExportLeaf {
+            export_id: [0x42; 16],
+            affiliate: "affiliate-7".into(),
+            purpose: "fraud-prevention".into(),
+            fields: vec!["phone_number".into(), "device_model".into(), "app_version".into()],
+            payload_hash: [0x11; 32],
+            consent_hash: [0x22; 32],
+            time_ms: 1_700_000_000_123,
+        }
+    }
+
+    /// SplitMix64: a few lines of seeded randomness, no dependency.
+    struct SplitMix(u64);
+
+    impl SplitMix {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn export_leaf_round_trips_and_hashes_its_encoding() {
+        let leaf = sample_leaf();
+        let bytes = leaf.encode().expect("within limits");
+        assert_eq!(bytes[0], EXPORT_LEAF_VERSION);
+        assert_eq!(&bytes[1..17], &[0x42; 16]);
+        assert_eq!(&bytes[17..19], &[0, 11]);
+        assert_eq!(&bytes[bytes.len() - 8..], &1_700_000_000_123u64.to_be_bytes());
+        let strings = 2 + 11 + 2 + 16 + (2 + 12) + (2 + 12) + (2 + 11);
+        assert_eq!(bytes.len(), 1 + 16 + strings + 1 + 32 + 32 + 8);
+        assert_eq!(ExportLeaf::decode(&bytes), Ok(leaf.clone()));
+        assert_eq!(leaf.leaf_hash(), Ok(leaf_hash(&bytes)));
+
+        // The limits themselves are allowed, and empty strings and lists too.
+        let full = ExportLeaf {
+            affiliate: "a".repeat(MAX_LEAF_STRING_LEN),
+            purpose: String::new(),
+            fields: vec!["é".repeat(MAX_LEAF_STRING_LEN / 2); MAX_LEAF_FIELDS],
+            ..leaf.clone()
+        };
+        assert_eq!(ExportLeaf::decode(&full.encode().expect("at the limits")), Ok(full));
+        let empty = ExportLeaf { fields: Vec::new(), ..leaf.clone() };
+        assert_eq!(ExportLeaf::decode(&empty.encode().expect("within limits")), Ok(empty));
+
+        // Unambiguous: moving a byte from one string to the next changes the encoding.
+        let a = ExportLeaf { affiliate: "ab".into(), purpose: "c".into(), ..leaf.clone() };
+        let b = ExportLeaf { affiliate: "a".into(), purpose: "bc".into(), ..leaf.clone() };
+        assert_ne!(a.encode(), b.encode());
+        let a = ExportLeaf { fields: vec!["ab".into()], ..leaf.clone() };
+        let b = ExportLeaf { fields: vec!["a".into(), "b".into()], ..leaf };
+        assert_ne!(a.leaf_hash(), b.leaf_hash());
+    }
+
+    #[test]
+    fn export_leaf_limits_are_enforced_both_ways() {
+        let leaf = sample_leaf();
+        let long = "x".repeat(MAX_LEAF_STRING_LEN + 1);
+        let too_long = MerkleError::LeafStringTooLong { len: MAX_LEAF_STRING_LEN + 1, max: MAX_LEAF_STRING_LEN };
+        assert_eq!(ExportLeaf { affiliate: long.clone(), ..leaf.clone() }.encode(), Err(too_long.clone()));
+        assert_eq!(ExportLeaf { purpose: long.clone(), ..leaf.clone() }.encode(), Err(too_long.clone()));
+        assert_eq!(ExportLeaf { fields: vec![long], ..leaf.clone() }.leaf_hash(), Err(too_long.clone()));
+        let many = ExportLeaf { fields: vec!["f".into(); MAX_LEAF_FIELDS + 1], ..leaf.clone() };
+        let too_many = Err(MerkleError::LeafTooManyFields { count: MAX_LEAF_FIELDS + 1, max: MAX_LEAF_FIELDS });
+        assert_eq!(many.encode(), too_many);
+
+        // Hand-made encodings past the limits are refused too.
+        let bytes = leaf.encode().expect("within limits");
+        let mut long_affiliate = bytes[..17].to_vec();
+        long_affiliate.extend_from_slice(&257u16.to_be_bytes());
+        long_affiliate.extend_from_slice(&[b'x'; 257]);
+        assert_eq!(ExportLeaf::decode(&long_affiliate), Err(too_long));
+        let mut huge = bytes[..17].to_vec();
+        huge.extend_from_slice(&u16::MAX.to_be_bytes());
+        assert!(matches!(ExportLeaf::decode(&huge), Err(MerkleError::LeafStringTooLong { len: 65535, .. })));
+        let count_at = 17 + 2 + 11 + 2 + 16;
+        assert_eq!(bytes[count_at], 3);
+        let mut seventeen = bytes.clone();
+        seventeen[count_at] = 17;
+        assert_eq!(ExportLeaf::decode(&seventeen), Err(MerkleError::LeafTooManyFields { count: 17, max: 16 }));
+
+        let mut version = bytes.clone();
+        version[0] = 2;
+        assert_eq!(ExportLeaf::decode(&version), Err(MerkleError::LeafVersion { version: 2 }));
+        let mut not_utf8 = bytes.clone();
+        not_utf8[19] = 0xff;
+        assert_eq!(ExportLeaf::decode(&not_utf8), Err(MerkleError::LeafNotUtf8));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(ExportLeaf::decode(&trailing), Err(MerkleError::LeafTrailingBytes { extra: 1 }));
+        for len in 0..bytes.len() {
+            assert_eq!(ExportLeaf::decode(&bytes[..len]), Err(MerkleError::LeafTruncated), "prefix of {len}");
+        }
+    }
+
+    #[test]
+    fn export_leaf_decoder_survives_random_and_mutated_input() {
+        let mut rng = SplitMix(0x5eed_c0de);
+        for _ in 0..20_000 {
+            let len = rng.below(400);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            assert!(ExportLeaf::decode(&bytes).is_err(), "random {bytes:?}");
+            // Even with the right version byte in front.
+            if let Some(first) = bytes.first_mut() {
+                *first = EXPORT_LEAF_VERSION;
+                assert!(ExportLeaf::decode(&bytes).is_err(), "random {bytes:?}");
+            }
+        }
+        // Mutated valid encodings: whatever decodes must re-encode to the very same bytes (one encoding per leaf).
+        let valid = sample_leaf().encode().expect("within limits");
+        let mut decoded = 0;
+        for _ in 0..20_000 {
+            let mut bytes = valid.clone();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(bytes.len());
+                bytes[at] = rng.next() as u8;
+            }
+            if rng.below(4) == 0 {
+                bytes.truncate(rng.below(bytes.len() + 1));
+            }
+            if let Ok(leaf) = ExportLeaf::decode(&bytes) {
+                assert_eq!(leaf.encode().as_ref(), Ok(&bytes));
+                decoded += 1;
+            }
+        }
+        assert!(decoded > 0, "some mutations only touch hashes and must still decode");
     }
 
     #[test]
