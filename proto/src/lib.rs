@@ -9,6 +9,7 @@ pub mod auth;
 pub mod codes;
 pub mod consent;
 pub mod frame;
+pub mod merkle;
 pub mod phone;
 pub mod time;
 
