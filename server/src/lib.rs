@@ -11,6 +11,7 @@
 pub mod config;
 pub mod delivery;
 pub mod exporter;
+pub mod fence;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reject;

@@ -37,6 +37,8 @@ pub struct Shared {
     pub lookups: RateLimiter<relay_proto::AccountId>,
     /// Sealed sends per recipient.
     pub sealed_sends: RateLimiter<relay_proto::AccountId>,
+    /// Leases of exports in flight, which acknowledged withdrawals wait for.
+    pub fence: crate::fence::Fence,
     /// Aggregate counters for the metrics endpoint.
     pub metrics: Metrics,
 }
@@ -129,6 +131,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         store,
         lookups: RateLimiter::new(limits.lookups_per_minute),
         sealed_sends: RateLimiter::new(limits.sealed_sends_per_minute),
+        fence: Default::default(),
         subscribers: Arc::new(Subscribers::default()),
         metrics: Metrics::default(),
         limits,

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use relay_proto::auth::{EXPORTER_LEN, KEY_LEN, auth_transcript, register_transcript};
-use relay_proto::consent::{ConsentError, ConsentStatement};
+use relay_proto::consent::{ConsentError, ConsentStatement, Decision};
 use relay_proto::frame::FrameError;
 use relay_proto::wire::{
     AccessKeySet, Ack, Acked, Auth, AuthOk, Bundle, ClientFrame, ConsentList, ConsentRecorded, FetchBundle, Lookup,
@@ -337,6 +337,11 @@ async fn put_consent(shared: &Shared, session: &Session, c: PutConsent) -> Resul
     let now = relay_proto::now_ms();
     shared.store.consent.record(&statement, &signature, now)?;
     shared.store.commit.durable().await?;
+    if statement.decision == Decision::Withdraw {
+        // The withdrawal fence: an export of this pair in flight finishes (or its lease lapses) before the user hears
+        // that the withdrawal took effect; any later export attempt reads the withdrawal and is refused.
+        shared.fence.wait_clear(&(account, statement.purpose, statement.affiliate.clone())).await;
+    }
     resp(Resp::ConsentRecorded(ConsentRecorded {
         sequence: statement.sequence,
         recorded_at_ms: now,
