@@ -97,3 +97,29 @@ async fn phone_lookups_are_rate_limited_per_account() {
     // Another account's budget is its own.
     other.messenger.connection().lookup("+33612345678").await.expect("other account unaffected");
 }
+
+/// Invariant 2: the message path never reads phone numbers or device info. With every profile (phone number and
+/// device info) removed from a relay's store, registration state aside, messages still flow both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messaging_reads_no_profile_data() {
+    let mut relay = TestRelay::process().await.expect("relay");
+    let mut alice = relay.user("+33612345678").await.expect("alice");
+    let mut bob = relay.user("+33698765432").await.expect("bob");
+    alice.messenger.contact("+33698765432").await.expect("alice knows bob");
+    bob.messenger.contact("+33612345678").await.expect("bob knows alice");
+    relay.stop().await.expect("stop");
+    {
+        let db = sled::open(relay.data_dir().join("store")).expect("open the stopped relay's store");
+        let profiles = db.open_tree(relay_server::store::trees::PROFILES).expect("tree");
+        assert_eq!(profiles.len(), 2);
+        profiles.clear().expect("clear");
+        db.flush().expect("flush");
+    }
+    relay.restart().await.expect("restart");
+    alice.reconnect().await.expect("alice reconnects");
+    bob.reconnect().await.expect("bob reconnects");
+    alice.messenger.send_text("+33698765432", "no profile needed").await.expect("send");
+    assert_eq!(bob.messenger.receive(1, crate::WAIT).await.expect("receive")[0].text, "no profile needed");
+    bob.messenger.send_text("+33612345678", "nor here").await.expect("reply");
+    assert_eq!(alice.messenger.receive(1, crate::WAIT).await.expect("receive")[0].text, "nor here");
+}
