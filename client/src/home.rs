@@ -229,6 +229,15 @@ impl Home {
         Ok(k)
     }
 
+    /// Replaces this account's access key with a fresh random one and returns it.
+    pub fn rotate_access_key(&self) -> Result<[u8; 32], HomeError> {
+        let mut f: IdentityFile = self.read_json("identity.json")?;
+        let key: [u8; 32] = rand::random();
+        f.access_key = hex::encode(key);
+        self.write_json("identity.json", &f, true)?;
+        Ok(key)
+    }
+
     /// Loads the messages held for contacts whose identity changed.
     pub fn held(&self) -> Result<Vec<HeldMessage>, HomeError> {
         self.read_json_or_default("held.json")

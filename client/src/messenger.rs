@@ -380,6 +380,16 @@ impl Messenger {
         self.anonymous.get_or_try_init(|| Connection::connect(self.relay.0, self.relay.1)).await
     }
 
+    /// Replaces this account's sealed-sender access key: the relay refuses sealed sends under the old one at once,
+    /// so contacts fall back to sending over their authenticated connection until this account's next message to
+    /// them carries the new key. The way to cut off a contact that abuses sealed sending.
+    pub async fn rotate_access_key(&mut self) -> Result<(), MessengerError> {
+        let key = self.home.rotate_access_key()?;
+        self.conn.set_access_key(relay_proto::auth::sha256(&key)).await?;
+        self.access_key = key;
+        Ok(())
+    }
+
     /// Messages held because their recipient's identity changed.
     pub fn held(&self) -> Result<Vec<HeldMessage>, MessengerError> {
         Ok(self.home.held()?)

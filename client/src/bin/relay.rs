@@ -85,6 +85,8 @@ enum Command {
         #[command(subcommand)]
         action: ConsentAction,
     },
+    /// Replace your sealed-sender access key (contacts learn the new one from your next message to them).
+    RotateAccessKey,
     /// Show the safety number with a contact, to compare out of band; with --accept, trust a changed identity and
     /// send the messages held for it.
     Verify {
@@ -192,6 +194,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat { to } => chat(&home, &to).await?,
         Command::Verify { with, accept } => verify(&home, &with, accept).await?,
         Command::Consent { action } => consent(&home, action).await?,
+        Command::RotateAccessKey => {
+            let mut m = Messenger::open(&home).await?;
+            m.rotate_access_key().await?;
+            println!("access key replaced: sealed sends under the old one are refused from now on");
+            m.close().await;
+        }
     }
     Ok(())
 }

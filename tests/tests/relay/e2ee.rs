@@ -127,3 +127,26 @@ async fn changed_identity_holds_messages_until_accepted() {
     let got = drain(&mut new_bob, 2).await;
     assert_eq!(got.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["held 1", "held 2"]);
 }
+
+/// Rotating the access key cuts off sealed sends under the old one at once; the contact falls back to its
+/// authenticated connection (nothing is lost) and goes back to sealed sends once it has the new key.
+#[tokio::test]
+async fn a_rotated_access_key_stops_old_sealed_sends_without_losing_messages() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let mut alice = relay.user(PHONES[0]).await.expect("alice");
+    let mut bob = relay.user(PHONES[1]).await.expect("bob");
+    alice.messenger.send_text(PHONES[1], "hi").await.expect("send");
+    drain(&mut bob, 1).await;
+    assert!(bob.messenger.send_text(PHONES[0], "sealed").await.expect("send").sealed);
+    drain(&mut alice, 1).await;
+
+    alice.messenger.rotate_access_key().await.expect("rotate");
+    let fallback = bob.messenger.send_text(PHONES[0], "after rotation").await.expect("send");
+    assert!(!fallback.sealed, "the old key is refused; bob falls back to his authenticated connection");
+    assert_eq!(drain(&mut alice, 1).await[0].text, "after rotation");
+
+    alice.messenger.send_text(PHONES[1], "here is my new key").await.expect("send");
+    drain(&mut bob, 1).await;
+    assert!(bob.messenger.send_text(PHONES[0], "sealed again").await.expect("send").sealed);
+    assert_eq!(drain(&mut alice, 1).await[0].text, "sealed again");
+}
