@@ -82,6 +82,8 @@ impl ExportHandler {
         let mut changes = Vec::new();
         let mut next_cursor = c.after_cursor;
         for (cursor, r) in self.consent.changes(c.after_cursor, MAX_CONSENT_CHANGES)? {
+            // Past this entry even if it is skipped below, so that the exporter's next page moves on.
+            next_cursor = cursor;
             let account = r.statement.account;
             let Some(keys) = self.directory.keys(&account)? else {
                 tracing::warn!(%account, "consent statement of an account missing from the directory");
@@ -89,7 +91,6 @@ impl ExportHandler {
             };
             let subject =
                 if self.in_force_latest(&r, now)? { self.directory.profile(&account)?.map(subject) } else { None };
-            next_cursor = cursor;
             changes.push(ConsentChange {
                 cursor,
                 account_id: account.as_bytes().to_vec().into(),
