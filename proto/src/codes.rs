@@ -2,7 +2,7 @@
 //! connection has to be closed because of what the peer sent.
 
 pub use crate::wire::ErrorCode;
-use crate::wire::{Error, ServerFrame, server_frame::Body};
+use crate::wire::{Error, ExportResponse, ServerFrame, export_response, server_frame::Body};
 
 /// QUIC application error codes for `RESET_STREAM` / `STOP_SENDING` / `CONNECTION_CLOSE`. Stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,13 @@ impl ServerFrame {
     /// An error frame with a stable code and a human-readable message.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { body: Some(Body::Error(Error { code: code as i32, message: message.into() })) }
+    }
+}
+
+impl ExportResponse {
+    /// An error frame of the export protocol.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { body: Some(export_response::Body::Error(Error { code: code as i32, message: message.into() })) }
     }
 }
 

@@ -27,6 +27,12 @@ pub use phone::{PhoneError, PhoneNumber};
 /// ALPN identifier of protocol version 1; both endpoints refuse a QUIC connection without it.
 pub const ALPN: &[u8] = b"consent-relay/1";
 
+/// ALPN identifier of the export protocol (version 1), spoken on the relay's separate export endpoint only.
+pub const EXPORT_ALPN: &[u8] = b"consent-relay-export/1";
+
+/// Most consent changes in one `ConsentChangeList`.
+pub const MAX_CONSENT_CHANGES: usize = 256;
+
 /// The protocol version carried in `Register` and `Auth`.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -20,6 +20,10 @@
 //!
 //! `metrics_listen = "127.0.0.1:9464"` (absent by default) serves aggregate Prometheus metrics over HTTP on that
 //! TCP address; keep it on loopback or a private network.
+//!
+//! `export_listen = "127.0.0.1:4434"` (absent by default: off) opens the export interface, a second QUIC endpoint
+//! for the metadata exporter (see `docs/exporter.md`). It requires `exporter_cert_sha256`, the hex SHA-256 of the
+//! exporter's DER certificate: the only client certificate that endpoint accepts. One without the other is refused.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +48,13 @@ pub struct Config {
     /// TCP address of the Prometheus metrics endpoint (`GET /metrics`); `None`, the default, serves none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// UDP address of the export interface (mutual TLS, for the metadata exporter); `None`, the default, opens none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export_listen: Option<SocketAddr>,
+    /// Hex SHA-256 of the exporter's DER certificate, the one client certificate the export interface accepts.
+    /// Required with `export_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exporter_cert_sha256: Option<String>,
     /// Quotas and limits.
     pub limits: Limits,
 }
@@ -80,6 +91,8 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 4433))),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             metrics_listen: None,
+            export_listen: None,
+            exporter_cert_sha256: None,
             limits: Limits::default(),
         }
     }
@@ -169,7 +182,27 @@ impl Config {
         if !(1..=3600).contains(&l.idle_timeout_secs) {
             return invalid("limits.idle_timeout_secs must be between 1 and 3600".into());
         }
+        match (&self.export_listen, &self.exporter_cert_sha256) {
+            (None, None) => {}
+            (Some(_), None) => return invalid("export_listen requires exporter_cert_sha256".into()),
+            (None, Some(_)) => return invalid("exporter_cert_sha256 is set but export_listen is not".into()),
+            (Some(addr), Some(fp)) => {
+                if self.exporter_fingerprint().is_none() {
+                    return invalid(format!("exporter_cert_sha256 must be 64 hex digits, not {fp:?}"));
+                }
+                if *addr == self.listen && addr.port() != 0 {
+                    return invalid("export_listen must differ from listen".into());
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The pinned exporter certificate hash, if `exporter_cert_sha256` is 64 hex digits.
+    pub fn exporter_fingerprint(&self) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(self.exporter_cert_sha256.as_deref()?.trim(), &mut out).ok()?;
+        Some(out)
     }
 }
 
@@ -214,5 +247,20 @@ mod tests {
         let mut c = Config::default();
         c.limits.mailbox_max_bytes = 10;
         assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn export_interface_needs_both_keys() {
+        let addr = Some(SocketAddr::from(([127, 0, 0, 1], 4434)));
+        let fp = Some("ab".repeat(32));
+        let with = |listen, cert| Config { export_listen: listen, exporter_cert_sha256: cert, ..Config::default() };
+        with(addr, fp.clone()).check().expect("both set");
+        assert!(with(addr, None).check().is_err(), "listen without a pinned certificate");
+        assert!(with(None, fp.clone()).check().is_err(), "a pinned certificate without listen");
+        assert!(with(addr, Some("xyz".into())).check().is_err(), "not hex");
+        assert!(with(addr, Some("ab".repeat(31))).check().is_err(), "too short");
+        let c = with(addr, fp);
+        let back: Config = toml::from_str(&c.to_toml().expect("serialize")).expect("parse");
+        assert_eq!((back.export_listen, back.exporter_cert_sha256), (c.export_listen, c.exporter_cert_sha256));
     }
 }

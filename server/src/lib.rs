@@ -6,10 +6,12 @@
 //!
 //! Modules: [`config`] (settings and limits), [`tls`] (certificate), [`store`] (sled trees, group commit),
 //! [`relay`] (endpoint and connections), [`session`] (requests on a connection), [`delivery`] (push and acks),
-//! [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in).
+//! [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in), [`fence`] (export
+//! leases that withdrawals wait for), [`export`] (the exporter's mutual-TLS endpoint, opt-in).
 
 pub mod config;
 pub mod delivery;
+pub mod export;
 pub mod exporter;
 pub mod fence;
 pub mod metrics;

@@ -38,7 +38,7 @@ pub struct Shared {
     /// Sealed sends per recipient.
     pub sealed_sends: RateLimiter<relay_proto::AccountId>,
     /// Leases of exports in flight, which acknowledged withdrawals wait for.
-    pub fence: crate::fence::Fence,
+    pub fence: Arc<crate::fence::Fence>,
     /// Aggregate counters for the metrics endpoint.
     pub metrics: Metrics,
 }
@@ -62,6 +62,9 @@ pub enum StartError {
     /// The UDP socket could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    /// The export interface's UDP socket could not be bound.
+    #[error("cannot open the export interface on {0}: {1}")]
+    ExportBind(SocketAddr, std::io::Error),
     /// The metrics TCP port could not be bound.
     #[error("cannot serve metrics on {0}: {1}")]
     MetricsBind(SocketAddr, std::io::Error),
@@ -71,6 +74,7 @@ pub enum StartError {
 pub struct RelayHandle {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    export_addr: Option<SocketAddr>,
     fingerprint: String,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -87,7 +91,12 @@ impl RelayHandle {
         self.metrics_addr
     }
 
-    /// Hex SHA-256 of the relay's certificate.
+    /// The bound address of the export interface, when it is enabled.
+    pub fn export_addr(&self) -> Option<SocketAddr> {
+        self.export_addr
+    }
+
+    /// Hex SHA-256 of the relay's certificate (on both endpoints).
     pub fn cert_fingerprint(&self) -> &str {
         &self.fingerprint
     }
@@ -127,11 +136,33 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let endpoint = relay_quic::endpoint(config.listen, Some(server)).map_err(|e| StartError::Bind(config.listen, e))?;
     let local_addr = endpoint.local_addr().map_err(|e| StartError::Bind(config.listen, e))?;
 
+    let fence = Arc::new(crate::fence::Fence::default());
+    let export = match (config.export_listen, config.exporter_fingerprint()) {
+        (Some(addr), Some(pinned)) => {
+            let verifier = crate::export::tls::PinnedClientCert::new(pinned, relay_quic::crypto_provider());
+            let mut server =
+                quinn::ServerConfig::with_crypto(Arc::new(identity.export_server_crypto(Arc::new(verifier))?));
+            server.transport_config(Arc::new(relay_quic::transport_config(
+                crate::export::EXPORT_STREAMS,
+                Duration::from_secs(limits.idle_timeout_secs),
+                None,
+            )));
+            let endpoint = relay_quic::endpoint(addr, Some(server)).map_err(|e| StartError::ExportBind(addr, e))?;
+            let bound = endpoint.local_addr().map_err(|e| StartError::ExportBind(addr, e))?;
+            tracing::info!(addr = %bound, "export interface on {bound} (mutual TLS, exporter certificate pinned)");
+            // Built from the registry, the directory and the fence only: no mailbox handle (see `export`).
+            let handler =
+                crate::export::ExportHandler::new(store.consent.clone(), store.directory.clone(), fence.clone());
+            Some((endpoint, bound, Arc::new(handler)))
+        }
+        _ => None,
+    };
+    let export_addr = export.as_ref().map(|(_, bound, _)| *bound);
     let shared = Arc::new(Shared {
         store,
         lookups: RateLimiter::new(limits.lookups_per_minute),
         sealed_sends: RateLimiter::new(limits.sealed_sends_per_minute),
-        fence: Default::default(),
+        fence,
         subscribers: Arc::new(Subscribers::default()),
         metrics: Metrics::default(),
         limits,
@@ -149,13 +180,18 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         None => (None, None),
     };
     let (shutdown, rx) = watch::channel(false);
+    let export_task =
+        export.map(|(endpoint, _, handler)| tokio::spawn(crate::export::run(endpoint, handler, rx.clone())));
     let task = tokio::spawn(async move {
         run(endpoint, shared, rx).await;
+        if let Some(t) = export_task {
+            t.await.ok();
+        }
         if let Some(m) = metrics {
             m.abort();
         }
     });
-    Ok(RelayHandle { local_addr, metrics_addr, fingerprint: identity.fingerprint(), shutdown, task })
+    Ok(RelayHandle { local_addr, metrics_addr, export_addr, fingerprint: identity.fingerprint(), shutdown, task })
 }
 
 async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {

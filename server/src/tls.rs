@@ -51,7 +51,22 @@ impl Identity {
 
     /// Lowercase hex SHA-256 of the DER certificate: what clients pin.
     pub fn fingerprint(&self) -> String {
-        hex::encode(Sha256::digest(self.cert.as_ref()))
+        cert_fingerprint(self.cert.as_ref())
+    }
+
+    /// rustls server configuration of the export interface: TLS 1.3 only, the export ALPN, no 0-RTT, and client
+    /// certificates checked by `client_auth` (see `export::tls`).
+    pub fn export_server_crypto(
+        &self,
+        client_auth: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+        let mut tls = rustls::ServerConfig::builder_with_provider(relay_quic::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(client_auth)
+            .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
+        tls.alpn_protocols = vec![relay_proto::EXPORT_ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
     }
 
     /// rustls server configuration: TLS 1.3 only, our ALPN, no 0-RTT (early data can be replayed).
@@ -64,6 +79,11 @@ impl Identity {
         tls.max_early_data_size = 0;
         quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
     }
+}
+
+/// Lowercase hex SHA-256 of a DER certificate: how certificates are pinned, by clients and by the export interface.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

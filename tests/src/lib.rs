@@ -4,6 +4,11 @@
 //! A child-process relay can be stopped cleanly (SIGTERM), killed (SIGKILL) and restarted on the same address and
 //! data directory, which is how durability through crashes is tested. Everything a relay wrote (store, certificate,
 //! its log on stderr) stays under [`TestRelay::dir`] until the `TestRelay` is dropped.
+//!
+//! [`TestRelay::with_export`] starts an in-process relay with its export interface open for a test exporter
+//! identity; [`export::ExportClient`] is the minimal exporter-side client the tests speak it with.
+
+pub mod export;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +36,7 @@ pub struct TestRelay {
     config: Config,
     addr: SocketAddr,
     fingerprint: String,
+    export_addr: Option<SocketAddr>,
     running: Running,
 }
 
@@ -66,7 +72,30 @@ impl TestRelay {
         tweak(&mut config);
         let handle = relay_server::start(config.clone()).await?;
         let (addr, fingerprint) = (handle.local_addr(), handle.cert_fingerprint().to_owned());
-        Ok(Self { dir, config, addr, fingerprint, running: Running::InProcess(handle) })
+        let export_addr = handle.export_addr();
+        Ok(Self { dir, config, addr, fingerprint, export_addr, running: Running::InProcess(handle) })
+    }
+
+    /// A relay in this process with its export interface on `127.0.0.1:0`, accepting only `exporter`'s certificate.
+    pub async fn with_export(exporter: &export::ExporterIdentity) -> Result<Self> {
+        let fingerprint = exporter.fingerprint();
+        Self::in_process_with(|c| {
+            c.export_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+            c.exporter_cert_sha256 = Some(fingerprint);
+        })
+        .await
+    }
+
+    /// The bound address of the export interface, when it is enabled.
+    pub fn export_addr(&self) -> Option<SocketAddr> {
+        self.export_addr
+    }
+
+    /// Connects an export client presenting `identity` (or no client certificate), pinning the relay's certificate.
+    pub async fn exporter(&self, identity: Option<&export::ExporterIdentity>) -> Result<export::ExportClient> {
+        let addr = self.export_addr.ok_or_else(|| anyhow!("the export interface is not enabled"))?;
+        let fp = relay_client::pin::parse_fingerprint(&self.fingerprint).ok_or_else(|| anyhow!("bad fingerprint"))?;
+        export::ExportClient::connect(addr, fp, identity).await
     }
 
     /// A `relayd` child process with default limits.
@@ -84,6 +113,7 @@ impl TestRelay {
             config,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             fingerprint: String::new(),
+            export_addr: None,
             running: Running::Stopped,
         };
         relay.spawn().await?;

@@ -1,4 +1,5 @@
-//! `relayd [--config FILE] [--data DIR] [--listen ADDR] [--metrics ADDR]`: runs the relay until SIGINT or SIGTERM.
+//! `relayd [--config FILE] [--data DIR] [--listen ADDR] [--metrics ADDR] [--export-listen ADDR
+//! --exporter-cert-sha256 HEX]`: runs the relay until SIGINT or SIGTERM.
 //!
 //! When ready it prints exactly one line on stdout, `listening on <ip:port> cert-sha256 <hex>`; logs go to stderr
 //! (`RUST_LOG` sets the level, default `info`).
@@ -27,6 +28,12 @@ struct Args {
     /// Serve aggregate Prometheus metrics on this TCP address, e.g. 127.0.0.1:9464 [default: off].
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Open the export interface for the metadata exporter on this UDP address [default: off].
+    #[arg(long)]
+    export_listen: Option<SocketAddr>,
+    /// Hex SHA-256 of the exporter's certificate, the only client certificate the export interface accepts.
+    #[arg(long)]
+    exporter_cert_sha256: Option<String>,
 }
 
 #[tokio::main]
@@ -51,6 +58,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(metrics) = args.metrics {
         config.metrics_listen = Some(metrics);
+    }
+    if let Some(export) = args.export_listen {
+        config.export_listen = Some(export);
+    }
+    if let Some(fp) = args.exporter_cert_sha256 {
+        config.exporter_cert_sha256 = Some(fp);
     }
     // Handlers are installed before the ready line: a supervisor may signal as soon as it has read it.
     let mut term = signal(SignalKind::terminate())?;

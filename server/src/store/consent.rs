@@ -1,9 +1,13 @@
 //! The consent registry: every consent statement an account signed, and the latest one per (affiliate, purpose).
 //!
-//! One tree, three key families (so that one transaction covers a statement's checks and writes):
+//! One tree, four key families and a counter (so that one transaction covers a statement's checks and writes):
 //! - `0 ‖ account` → the highest sequence number recorded (8 bytes, BE);
 //! - `1 ‖ account ‖ purpose ‖ affiliate` → the latest record for that pair;
-//! - `2 ‖ account ‖ sequence (BE)` → every record, in order (the history an auditor checks exports against).
+//! - `2 ‖ account ‖ sequence (BE)` → every record, in order (the history an auditor checks exports against);
+//! - `3 ‖ cursor (BE)` → `account ‖ sequence (BE)`: the history across accounts in recording order, which the export
+//!   interface pages through;
+//! - `4` → the last cursor given out (8 bytes, BE). It is read and written inside the recording transaction, so
+//!   cursors become visible in order: a reader that has seen cursor n never later finds a new entry below n.
 //!
 //! A record is `recorded_at_ms (8) ‖ signature (64) ‖ canonical statement`. The registry stores statements that the
 //! session layer has already verified; it enforces that sequence numbers strictly increase per account, so a
@@ -17,6 +21,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 const SEQ: u8 = 0;
 const LATEST: u8 = 1;
 const HISTORY: u8 = 2;
+const CHANGES: u8 = 3;
+const LAST_CURSOR: u8 = 4;
 const SIGNATURE_LEN: usize = 64;
 
 /// A statement as stored, with its signature and when the relay recorded it.
@@ -73,6 +79,16 @@ fn history_key(account: &AccountId, sequence: u64) -> Vec<u8> {
     k
 }
 
+fn change_key(cursor: u64) -> Vec<u8> {
+    let mut k = vec![CHANGES];
+    k.extend_from_slice(&cursor.to_be_bytes());
+    k
+}
+
+fn be_u64(v: &[u8]) -> Result<u64, RegistryError> {
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| RegistryError::Corrupt)?))
+}
+
 fn encode_record(encoded: &[u8], signature: &[u8; SIGNATURE_LEN], recorded_at_ms: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + SIGNATURE_LEN + encoded.len());
     v.extend_from_slice(&recorded_at_ms.to_be_bytes());
@@ -97,7 +113,8 @@ fn decode_unvalidated(encoded: &[u8]) -> Result<ConsentStatement, RegistryError>
     ConsentStatement::decode_stored(encoded).map_err(|_| RegistryError::Corrupt)
 }
 
-/// The consent tree.
+/// The consent tree (a cheap handle: clones share the tree).
+#[derive(Clone)]
 pub struct ConsentRegistry {
     tree: sled::Tree,
 }
@@ -130,9 +147,17 @@ impl ConsentRegistry {
                     ConsentError::StaleSequence { got: statement.sequence, last },
                 )));
             }
+            let cursor = match t.get([LAST_CURSOR])? {
+                Some(v) => be_u64(&v).map_err(ConflictableTransactionError::Abort)?,
+                None => 0,
+            } + 1;
             t.insert(seq_key(&account), &statement.sequence.to_be_bytes()[..])?;
             t.insert(latest_key(&account, statement.purpose, &statement.affiliate), record.clone())?;
             t.insert(history_key(&account, statement.sequence), record.clone())?;
+            t.insert(&[LAST_CURSOR][..], &cursor.to_be_bytes()[..])?;
+            let mut change = account.as_bytes().to_vec();
+            change.extend_from_slice(&statement.sequence.to_be_bytes());
+            t.insert(change_key(cursor), change)?;
             Ok(())
         });
         match result {
@@ -163,6 +188,23 @@ impl ConsentRegistry {
         affiliate: &str,
     ) -> Result<Option<Recorded>, RegistryError> {
         self.tree.get(latest_key(account, purpose, affiliate))?.map(|v| decode_record(&v)).transpose()
+    }
+
+    /// Up to `limit` statements of any account recorded after `after` (a cursor; 0 for the start), in recording
+    /// order, each with its cursor.
+    pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<(u64, Recorded)>, RegistryError> {
+        let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for item in self.tree.range(change_key(start)..change_key(u64::MAX)).take(limit) {
+            let (k, v) = item?;
+            let cursor = be_u64(k.get(1..).ok_or(RegistryError::Corrupt)?)?;
+            let account = AccountId::from_slice(v.get(..ACCOUNT_ID_LEN).ok_or(RegistryError::Corrupt)?)
+                .ok_or(RegistryError::Corrupt)?;
+            let sequence = be_u64(v.get(ACCOUNT_ID_LEN..).ok_or(RegistryError::Corrupt)?)?;
+            let record = self.tree.get(history_key(&account, sequence))?.ok_or(RegistryError::Corrupt)?;
+            out.push((cursor, decode_record(&record)?));
+        }
+        Ok(out)
     }
 
     /// Every statement of `account`, oldest first.
@@ -210,6 +252,27 @@ mod tests {
         assert_eq!(r.history(&a).expect("history").iter().map(|h| h.statement.sequence).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(r.last_sequence(&a).expect("seq"), 3);
         assert_eq!(r.latest_for(&a, Purpose::Advertising, "otherco").expect("get"), None, "default: nothing");
+    }
+
+    #[test]
+    fn changes_page_through_every_account_in_recording_order() {
+        let r = registry();
+        let other = |seq| ConsentStatement {
+            account: AccountId([2; 16]),
+            ..statement(seq, "adsco", Purpose::Security, Decision::Grant)
+        };
+        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant), &[0; 64], 10).expect("record");
+        r.record(&other(1), &[0; 64], 11).expect("record");
+        r.record(&statement(2, "adsco", Purpose::Advertising, Decision::Withdraw), &[0; 64], 12).expect("record");
+        assert!(r.record(&other(1), &[0; 64], 13).is_err(), "a refused statement gets no cursor");
+        let all = r.changes(0, 10).expect("changes");
+        let seen: Vec<_> =
+            all.iter().map(|(c, rec)| (*c, rec.statement.account.0[0], rec.statement.sequence)).collect();
+        assert_eq!(seen, [(1, 1, 1), (2, 2, 1), (3, 1, 2)]);
+        let page: Vec<_> = r.changes(1, 1).expect("changes").into_iter().map(|(c, _)| c).collect();
+        assert_eq!(page, [2]);
+        assert!(r.changes(3, 10).expect("changes").is_empty());
+        assert!(r.changes(u64::MAX, 10).expect("changes").is_empty());
     }
 
     #[test]

@@ -44,6 +44,15 @@ struct Profile {
     registered_at_ms: u64,
 }
 
+/// The personal data of an account, as the export interface hands it out where consent is in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountProfile {
+    /// E.164 phone number.
+    pub phone: String,
+    /// Device info given at the last registration.
+    pub device: DeviceInfo,
+}
+
 /// Why a directory operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,7 +68,8 @@ pub enum DirectoryError {
     Store(#[from] sled::Error),
 }
 
-/// The directory trees.
+/// The directory trees (a cheap handle: clones share the trees).
+#[derive(Clone)]
 pub struct Directory {
     identities: sled::Tree,
     profiles: sled::Tree,
@@ -123,6 +133,14 @@ impl Directory {
         Ok(self.identities.contains_key(account.as_bytes())?)
     }
 
+    /// The profile (phone number and device info) of `account`, if it exists. Personal data: only the export
+    /// interface reads it, never the message path.
+    pub fn profile(&self, account: &AccountId) -> Result<Option<AccountProfile>, DirectoryError> {
+        let Some(v) = self.profiles.get(account.as_bytes())? else { return Ok(None) };
+        let p = Profile::decode(v.as_ref()).map_err(|_| DirectoryError::Corrupt)?;
+        Ok(Some(AccountProfile { phone: p.phone, device: p.device.unwrap_or_default() }))
+    }
+
     /// The account registered with `phone` and its keys.
     pub fn lookup(&self, phone: &PhoneNumber) -> Result<Option<(AccountId, AccountKeys)>, DirectoryError> {
         let Some(id) = self.phones.get(phone.as_str())? else { return Ok(None) };
@@ -164,5 +182,7 @@ mod tests {
         let (b, _) = d.register(keys(2), &p1, DeviceInfo::default(), 4).expect("number is free again");
         assert!(d.exists(&b).expect("exists"));
         assert!(!d.exists(&AccountId([9; 16])).expect("exists"));
+        assert_eq!(d.profile(&a).expect("profile").map(|p| p.phone), Some(p2.as_str().to_owned()));
+        assert_eq!(d.profile(&AccountId([9; 16])).expect("profile"), None);
     }
 }

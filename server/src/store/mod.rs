@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
-pub use directory::{Directory, DirectoryError};
+pub use directory::{AccountProfile, Directory, DirectoryError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
 pub use prekeys::{PrekeyError, Prekeys};
 
@@ -33,7 +33,8 @@ pub mod trees {
     pub const PREKEYS: &str = "prekeys";
     /// `account id` → SHA-256 of the account's sealed-sender access key.
     pub const ACCESS_KEYS: &str = "access_keys";
-    /// Consent statements: last sequence, latest per (affiliate, purpose), full history (see `store::consent`).
+    /// Consent statements: last sequence, latest per (affiliate, purpose), full history, global recording order
+    /// (see `store::consent`).
     pub const CONSENT: &str = "consent";
 }
 

@@ -5,6 +5,7 @@ mod bad_input;
 mod consent;
 mod durability;
 mod e2ee;
+mod export;
 mod messaging;
 mod metrics;
 mod prekeys;

@@ -1,0 +1,156 @@
+//! The export protocol's requests, answered from the consent registry, the directory's profiles and the fence.
+//!
+//! Contract: an [`ExportHandler`] is built from those three and nothing else. It holds no `Mailboxes` handle (nor
+//! the `Store` or the relay's `Shared` state), so no request of the export protocol can read, write or count a
+//! mailbox, whatever it carries (invariant 2 of `docs/exporter.md`). Personal data (a [`Subject`]) leaves only for a
+//! pair whose latest statement is a grant in force now; `BeginExport` takes its lease *before* it reads the
+//! registry, so it either finishes before a withdrawal is acknowledged or sees the withdrawal and is denied.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use relay_proto::consent::{Decision, Purpose, valid_affiliate_id};
+use relay_proto::wire::{
+    BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ExportDenied, ExportEnded, ExportGranted,
+    ExportResponse, Subject, export_request::Body as Req, export_response::Body as Resp,
+};
+use relay_proto::{AccountId, MAX_CONSENT_CHANGES};
+
+use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
+use crate::reject::Reject;
+use crate::store::consent::Recorded;
+use crate::store::{AccountProfile, ConsentRegistry, Directory};
+
+/// Answers export requests. Cheap to share: every connection of the export interface uses the same one.
+pub struct ExportHandler {
+    consent: ConsentRegistry,
+    directory: Directory,
+    fence: Arc<Fence>,
+}
+
+fn resp(body: Resp) -> Result<ExportResponse, Reject> {
+    Ok(ExportResponse { body: Some(body) })
+}
+
+fn subject(p: AccountProfile) -> Subject {
+    Subject { phone: p.phone, device: Some(p.device) }
+}
+
+/// The pair named by a request, checked like any peer input.
+fn pair(account_id: &[u8], affiliate: &str, purpose: &str) -> Result<Pair, Reject> {
+    let account = AccountId::from_slice(account_id).ok_or_else(|| Reject::invalid("account_id must be 16 bytes"))?;
+    let purpose = Purpose::parse(purpose).ok_or_else(|| Reject::invalid("unknown purpose"))?;
+    if !valid_affiliate_id(affiliate) {
+        return Err(Reject::invalid("invalid affiliate id"));
+    }
+    Ok((account, purpose, affiliate.to_owned()))
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ExportHandler {
+    /// A handler over the consent registry, the directory (for profiles) and the withdrawal fence: all it may use.
+    pub fn new(consent: ConsentRegistry, directory: Directory, fence: Arc<Fence>) -> Self {
+        Self { consent, directory, fence }
+    }
+
+    /// Answers one request; a refused one becomes an error frame.
+    pub fn handle(&self, body: Option<Req>) -> ExportResponse {
+        let reply = match body {
+            Some(Req::ConsentChanges(c)) => self.consent_changes(c),
+            Some(Req::BeginExport(b)) => self.begin_export(b),
+            Some(Req::EndExport(e)) => self.end_export(e),
+            None => Err(Reject::invalid("empty or unknown export request")),
+        };
+        reply.unwrap_or_else(|r| ExportResponse::error(r.code, r.message))
+    }
+
+    /// Whether `r` is a grant that is the latest statement for its pair and in force at `now_ms`.
+    fn in_force_latest(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
+        if r.statement.decision != Decision::Grant || !r.statement.in_force(now_ms) {
+            return Ok(false);
+        }
+        let s = &r.statement;
+        let latest = self.consent.latest_for(&s.account, s.purpose, &s.affiliate)?;
+        Ok(latest.is_some_and(|l| l.statement.sequence == s.sequence))
+    }
+
+    fn consent_changes(&self, c: ConsentChanges) -> Result<ExportResponse, Reject> {
+        let now = relay_proto::now_ms();
+        let mut changes = Vec::new();
+        let mut next_cursor = c.after_cursor;
+        for (cursor, r) in self.consent.changes(c.after_cursor, MAX_CONSENT_CHANGES)? {
+            // Past this entry even if it is skipped below, so that the exporter's next page moves on.
+            next_cursor = cursor;
+            let account = r.statement.account;
+            let Some(keys) = self.directory.keys(&account)? else {
+                tracing::warn!(%account, "consent statement of an account missing from the directory");
+                continue;
+            };
+            let subject =
+                if self.in_force_latest(&r, now)? { self.directory.profile(&account)?.map(subject) } else { None };
+            changes.push(ConsentChange {
+                cursor,
+                account_id: account.as_bytes().to_vec().into(),
+                identity_key: keys.identity_key.to_vec().into(),
+                statement: r.encoded.into(),
+                signature: r.signature.to_vec().into(),
+                recorded_at_ms: r.recorded_at_ms,
+                subject,
+            });
+        }
+        resp(Resp::ConsentChangeList(ConsentChangeList { changes, next_cursor }))
+    }
+
+    fn begin_export(&self, b: BeginExport) -> Result<ExportResponse, Reject> {
+        let pair = pair(&b.account_id, &b.affiliate, &b.purpose)?;
+        let hash: [u8; 32] =
+            b.statement_hash.as_ref().try_into().map_err(|_| Reject::invalid("statement_hash must be 32 bytes"))?;
+        // The lease first, then the registry read (the fence's ordering; see the module header).
+        let (lease, deadline) = self.fence.acquire(pair.clone(), Instant::now(), LEASE_TTL);
+        let deadline_ms = relay_proto::now_ms().saturating_add(ms(deadline.saturating_duration_since(Instant::now())));
+        match self.check_grant(&pair, &hash) {
+            Ok(Ok(subject)) => {
+                tracing::debug!(account = %pair.0, purpose = %pair.1, lease = lease.0, "export lease granted");
+                resp(Resp::ExportGranted(ExportGranted { lease_id: lease.0, deadline_ms, subject: Some(subject) }))
+            }
+            Ok(Err(reason)) => {
+                self.fence.release(&pair, lease);
+                resp(Resp::ExportDenied(ExportDenied { reason: reason.into() }))
+            }
+            Err(reject) => {
+                self.fence.release(&pair, lease);
+                Err(reject)
+            }
+        }
+    }
+
+    /// With the lease held: the subject if the pair's latest statement is `hash` and in force, else why not.
+    fn check_grant(
+        &self,
+        (account, purpose, affiliate): &Pair,
+        hash: &[u8; 32],
+    ) -> Result<Result<Subject, &'static str>, Reject> {
+        let Some(latest) = self.consent.latest_for(account, *purpose, affiliate)? else {
+            return Ok(Err("no consent recorded for this pair"));
+        };
+        if latest.statement.hash() != *hash {
+            return Ok(Err("not the latest statement for this pair"));
+        }
+        if latest.statement.decision != Decision::Grant || !latest.statement.in_force(relay_proto::now_ms()) {
+            return Ok(Err("consent is not in force for this pair"));
+        }
+        match self.directory.profile(account)? {
+            Some(p) => Ok(Ok(subject(p))),
+            None => Ok(Err("no such account")),
+        }
+    }
+
+    fn end_export(&self, e: EndExport) -> Result<ExportResponse, Reject> {
+        let pair = pair(&e.account_id, &e.affiliate, &e.purpose)?;
+        self.fence.release(&pair, LeaseId(e.lease_id));
+        resp(Resp::ExportEnded(ExportEnded {}))
+    }
+}

@@ -1,0 +1,102 @@
+//! The export interface: a second QUIC endpoint (`export_listen`, off by default) for the metadata exporter only.
+//!
+//! It speaks its own ALPN ([`relay_proto::EXPORT_ALPN`]) and requires mutual TLS: the relay accepts exactly the
+//! client certificate pinned by `exporter_cert_sha256` ([`tls`]). Requests are served by an
+//! [`handler::ExportHandler`] built from the consent registry, the directory and the withdrawal fence only; this
+//! module hands it nothing else, and in particular never a `Mailboxes` handle, so the export interface cannot serve
+//! or alter a mailbox. Framing is as on the messaging endpoint: one bidirectional stream per exchange, each request
+//! answered in order; a frame that does not decode (a messaging `ClientFrame`, say) is refused and closes its stream.
+
+pub mod handler;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_proto::wire::{ExportRequest, ExportResponse};
+use relay_proto::{MAX_FRAME_LEN, StreamCloseCode};
+use relay_quic::{ReadError, read_frame, write_frame};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+pub use handler::ExportHandler;
+
+/// Concurrent request streams per exporter connection.
+pub const EXPORT_STREAMS: u32 = 64;
+
+/// Accepts exporter connections until `shutdown`, then closes the endpoint.
+pub async fn run(endpoint: quinn::Endpoint, handler: Arc<ExportHandler>, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                next_id += 1;
+                let span = tracing::info_span!("export", id = next_id, remote = %incoming.remote_address());
+                connections.spawn(serve_connection(handler.clone(), incoming).instrument(span));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    endpoint.close(StreamCloseCode::Shutdown.code().into(), b"relay shutting down");
+    if tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.is_err() {
+        tracing::warn!("export connections did not close within 2 s");
+    }
+    connections.shutdown().await;
+}
+
+async fn serve_connection(handler: Arc<ExportHandler>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // Includes every refused client certificate.
+            tracing::info!(error = %e, "export handshake failed");
+            return;
+        }
+    };
+    tracing::info!("exporter connected");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(handler.clone(), send, recv).in_current_span());
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "export connection closed");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_stream(handler: Arc<ExportHandler>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    loop {
+        let request = match read_frame::<ExportRequest>(&mut recv, MAX_FRAME_LEN).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                send.finish().ok();
+                return;
+            }
+            Err(ReadError::Stream(_)) => return,
+            Err(e) => {
+                let (code, close) = crate::session::frame_error_codes(&e);
+                tracing::debug!(error = %e, "bad export frame, closing stream");
+                recv.stop(close.code().into()).ok();
+                write_frame(&mut send, &ExportResponse::error(code, e.to_string())).await.ok();
+                send.finish().ok();
+                return;
+            }
+        };
+        // Registry and profile reads are short sled look-ups, like the messaging handlers' reads.
+        let reply = handler.handle(request.body);
+        if write_frame(&mut send, &reply).await.is_err() {
+            return;
+        }
+    }
+}
