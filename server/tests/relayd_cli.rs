@@ -75,3 +75,41 @@ fn invalid_config_is_refused_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"), "{out:?}");
 }
+
+#[test]
+fn export_interface_flags_keep_one_ready_line_and_are_checked_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fp = "ab".repeat(32);
+    let mut child = relayd()
+        .args(["--listen", "127.0.0.1:0", "--export-listen", "127.0.0.1:0", "--exporter-cert-sha256", &fp, "--data"])
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn relayd");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    assert!(line.starts_with("listening on 127.0.0.1:") && line.contains(" cert-sha256 "), "{line:?}");
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    let mut rest = String::new();
+    stdout.read_line(&mut rest).expect("eof");
+    assert!(rest.is_empty(), "still exactly one line on stdout, then {rest:?}");
+
+    // One without the other is refused before anything starts.
+    let out = relayd()
+        .args(["--listen", "127.0.0.1:0", "--export-listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("other"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exporter_cert_sha256"), "{out:?}");
+    let out = relayd()
+        .args(["--listen", "127.0.0.1:0", "--export-listen", "127.0.0.1:0", "--exporter-cert-sha256", "xyz", "--data"])
+        .arg(dir.path().join("other"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "a malformed fingerprint is refused");
+}
