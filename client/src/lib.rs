@@ -1,9 +1,12 @@
 //! Consent Relay client library: connect to a relay with its certificate pinned, register and authenticate with the
-//! device's identity key, send and receive sealed messages, keep local state in a home directory.
+//! device's identity key, exchange end-to-end encrypted messages, manage consent, keep local state in a home
+//! directory. All end-to-end cryptography lives here; the relay never links it.
 //!
-//! Layers, bottom up: [`pin`] (certificate pinning), [`identity`] (keys), [`sealed`] (end-to-end envelope
-//! encryption, client-side only), [`connection`] (the wire protocol over QUIC), [`home`] (local files),
-//! [`messenger`] (what the CLI and applications use).
+//! Layers, bottom up: [`pin`] (certificate pinning), [`identity`] (keys), [`e2ee`] (prekeys, PQXDH, Double
+//! Ratchet, safety numbers: pure, no I/O), [`sealed`] (the sealed-sender envelope), [`content`] (message
+//! plaintext), [`connection`] (the wire protocol over QUIC), [`home`] (local files), [`sessions`] (end-to-end
+//! state and its persistence), [`messenger`] (what the CLI and applications use), [`consent`] (signed consent
+//! statements and receipts).
 
 pub mod connection;
 pub mod consent;

@@ -7,7 +7,8 @@
 //! Modules: [`config`] (settings and limits), [`tls`] (certificate), [`store`] (sled trees, group commit),
 //! [`relay`] (endpoint and connections), [`session`] (requests on a connection), [`delivery`] (push and acks),
 //! [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in), [`fence`] (export
-//! leases that withdrawals wait for), [`export`] (the exporter's mutual-TLS endpoint, opt-in).
+//! leases that withdrawals wait for), [`export`] (the exporter's mutual-TLS endpoint, opt-in), [`exporter`] (the
+//! exporter's building blocks: affiliates catalogue, payloads, pseudonyms, webhook signatures).
 
 pub mod config;
 pub mod delivery;

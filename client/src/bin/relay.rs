@@ -22,7 +22,7 @@ use tokio::io::AsyncBufReadExt;
 #[derive(Parser)]
 #[command(name = "relay", version, about = "Consent Relay client: end-to-end encrypted messaging from a terminal")]
 struct Cli {
-    /// Directory holding this client's keys and state [default: <config dir>/consent-relay].
+    /// Directory holding this client's keys and state [default: ~/.config/consent-relay, or $XDG_CONFIG_HOME/consent-relay].
     #[arg(long, global = true)]
     home: Option<PathBuf>,
     #[command(subcommand)]
