@@ -234,6 +234,13 @@ impl Messenger {
         })
     }
 
+    /// Asks the relay how many prekeys it still holds for this account and tops the pools up if they are low. Runs
+    /// at every connect; long-lived clients (chat) call it now and then, since peers consume one-time keys.
+    pub async fn refresh_prekeys(&self) -> Result<(), MessengerError> {
+        let counts = self.conn.upload_prekeys(Default::default()).await?;
+        self.replenish(&counts).await
+    }
+
     async fn replenish(&self, counts: &relay_proto::wire::PrekeyCounts) -> Result<(), MessengerError> {
         let upload = self.sessions.lock().await.replenish(counts)?;
         if let Some(upload) = upload {

@@ -336,8 +336,16 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     eprintln!("chatting with {to} as {} — type a line and press Enter; Ctrl-D to quit", m.phone());
     let mut pending = Vec::new();
     let mut peer = None;
+    // Peers consume one-time prekeys while we chat: top the pools up now and then.
+    let mut refresh = tokio::time::interval(Duration::from_secs(300));
+    refresh.tick().await;
     loop {
         tokio::select! {
+            _ = refresh.tick() => {
+                if let Err(e) = m.refresh_prekeys().await {
+                    eprintln!("(could not replenish prekeys: {e})");
+                }
+            }
             line = lines.next_line() => match line? {
                 Some(line) if line.trim().is_empty() => {}
                 Some(line) => match send_line(&mut m, &mut peer, to, &line).await {

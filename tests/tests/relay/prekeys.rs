@@ -102,3 +102,31 @@ async fn sealed_sends_are_rate_limited_per_recipient() {
     let err = anonymous.sealed_send(&bob_identity.account_id(), Bytes::from_static(b"x"), &key).await;
     assert_eq!(err.expect_err("limited").code(), Some(ErrorCode::RateLimited));
 }
+
+/// Peers consume one-time prekeys; a client tops its pools up when it refreshes (and at every connect).
+#[tokio::test]
+async fn a_client_replenishes_its_pools_when_peers_drained_them() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let alice = relay.user("+33612345678").await.expect("alice");
+    let alice_id = alice.messenger.account_id();
+    // Two peers (each within its own lookup budget) take 100 bundles: the pools that registration filled run dry.
+    let (p1, _) = relay.raw_user("+33611111111").await.expect("peer");
+    let (p2, _) = relay.raw_user("+33622222222").await.expect("peer");
+    for peer in [&p1, &p2] {
+        for _ in 0..50 {
+            peer.fetch_bundle(&alice_id).await.expect("bundle");
+        }
+    }
+    let counts = alice.messenger.connection().upload_prekeys(Default::default()).await.expect("counts");
+    assert_eq!((counts.one_time_prekeys, counts.kem_prekeys), (0, 0));
+
+    alice.messenger.refresh_prekeys().await.expect("refresh");
+    let counts = alice.messenger.connection().upload_prekeys(Default::default()).await.expect("counts");
+    assert!(
+        counts.one_time_prekeys >= counts.low_watermark && counts.kem_prekeys >= counts.low_watermark,
+        "{counts:?}"
+    );
+    // And a fresh bundle has a one-time key again, that Alice can answer.
+    let b = p1.fetch_bundle(&alice_id).await.expect("bundle");
+    assert!(b.one_time_prekey.is_some() && !b.kem_last_resort);
+}
