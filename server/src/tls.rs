@@ -69,6 +69,23 @@ impl Identity {
         quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
     }
 
+    /// QUIC client configuration of the exporter on the export interface: TLS 1.3 only, the export ALPN, this
+    /// identity as the client certificate, and only the relay certificate with SHA-256 `relay_fingerprint` accepted.
+    pub fn export_client_crypto(
+        &self,
+        relay_fingerprint: [u8; 32],
+    ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
+        let provider = relay_quic::crypto_provider();
+        let verifier = Arc::new(crate::export::tls::PinnedServerCert::new(relay_fingerprint, provider.clone()));
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
+        tls.alpn_protocols = vec![relay_proto::EXPORT_ALPN.to_vec()];
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
+    }
+
     /// rustls server configuration: TLS 1.3 only, our ALPN, no 0-RTT (early data can be replayed).
     pub fn server_crypto(&self) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
         let mut tls = rustls::ServerConfig::builder_with_provider(relay_quic::crypto_provider())

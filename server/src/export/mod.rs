@@ -7,6 +7,7 @@
 //! or alter a mailbox. Framing is as on the messaging endpoint: one bidirectional stream per exchange, each request
 //! answered in order; a frame that does not decode (a messaging `ClientFrame`, say) is refused and closes its stream.
 
+pub mod client;
 pub mod handler;
 pub mod tls;
 
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+pub use client::{ClientError, ExportClient};
 pub use handler::ExportHandler;
 
 /// Concurrent request streams per exporter connection.

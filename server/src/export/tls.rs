@@ -1,12 +1,13 @@
 //! Mutual TLS of the export interface: the relay accepts exactly one client certificate, the exporter's, pinned by
 //! its SHA-256 in the configuration. The handshake signature is still verified with that certificate's key, so the
-//! peer must hold the exporter's private key, not merely a copy of its certificate.
+//! peer must hold the exporter's private key, not merely a copy of its certificate. The exporter, in turn, accepts
+//! exactly the relay certificate it was given the SHA-256 of ([`PinnedServerCert`]).
 
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -59,6 +60,61 @@ impl ClientCertVerifier for PinnedClientCert {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // The endpoint speaks TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A server-certificate verifier for the exporter: accepts only the relay certificate with this SHA-256, and checks
+/// the handshake signature with its key.
+#[derive(Debug)]
+pub struct PinnedServerCert {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedServerCert {
+    /// Accepts only the server certificate whose DER encoding has SHA-256 `fingerprint`.
+    pub fn new(fingerprint: [u8; 32], provider: Arc<CryptoProvider>) -> Self {
+        Self { fingerprint, provider }
+    }
+}
+
+impl ServerCertVerifier for PinnedServerCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if Sha256::digest(end_entity.as_ref()).as_slice() == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The export interface speaks TLS 1.3 only.
         Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 

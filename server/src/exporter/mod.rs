@@ -1,11 +1,17 @@
 //! The metadata exporter's building blocks (the `relay-exporter` process is built on them): the affiliates
 //! catalogue, payloads with exactly the allowed fields, per-affiliate phone pseudonyms, and Standard Webhooks
-//! signatures. Pure logic, no I/O beyond reading the catalogue file.
+//! signatures (pure logic); and the `relay-exporter` process built on them: the feed reader ([`feed`]), the durable
+//! outbox ([`outbox`]), a minimal webhook client ([`http`]) and the loop that ties them ([`process`]).
 //!
 //! The exporter never reads mailboxes: nothing here can name a mailbox tree or an envelope.
 
 pub mod affiliates;
+pub mod feed;
+pub mod http;
+pub mod outbox;
 pub mod payload;
+pub mod process;
 pub mod webhook;
 
 pub use affiliates::{Affiliate, Catalogue, CatalogueError, Field};
+pub use process::{Exporter, ExporterError, Progress};

@@ -1,0 +1,78 @@
+//! `relay-exporter --data DIR --relay ADDR --relay-cert-sha256 HEX --affiliates FILE [--poll-ms N]`: the metadata
+//! exporter. Reads the relay's consent feed over the export interface and delivers signed webhooks to affiliates,
+//! within the withdrawal fence, until SIGINT or SIGTERM.
+//!
+//! On first start it creates its TLS identity and pseudonym key in `--data`. When ready it prints exactly one line
+//! on stdout, `exporter cert-sha256 <hex>` (relayd's `--exporter-cert-sha256`); logs go to stderr (`RUST_LOG`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use relay_server::exporter::{Catalogue, Exporter};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "relay-exporter", version, about = "Consent Relay metadata exporter: consent-gated signed webhooks")]
+struct Args {
+    /// Data directory: TLS identity, pseudonym key, outbox.
+    #[arg(long)]
+    data: PathBuf,
+    /// UDP address of the relay's export interface (relayd's --export-listen).
+    #[arg(long)]
+    relay: SocketAddr,
+    /// Hex SHA-256 of the relay's certificate (from relayd's ready line).
+    #[arg(long)]
+    relay_cert_sha256: String,
+    /// Affiliates catalogue (TOML).
+    #[arg(long)]
+    affiliates: PathBuf,
+    /// Feed poll interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    poll_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let fingerprint: [u8; 32] = hex::decode(&args.relay_cert_sha256)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .context("--relay-cert-sha256 must be 64 hex digits")?;
+    if args.poll_ms == 0 {
+        bail!("--poll-ms must be at least 1");
+    }
+    let catalogue = Catalogue::from_file(&args.affiliates)?;
+    let exporter = Exporter::open(&args.data, catalogue, Duration::from_millis(args.poll_ms))
+        .context("relay-exporter could not start")?;
+    // Handlers are installed before the ready line: a supervisor may signal as soon as it has read it.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "exporter cert-sha256 {}", exporter.fingerprint())?;
+        out.flush()?;
+    }
+    let (stop, shutdown) = watch::channel(false);
+    let mut run = tokio::spawn(exporter.run(args.relay, fingerprint, shutdown));
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+        result = &mut run => return Ok(result??),
+    }
+    tracing::info!("shutting down");
+    stop.send(true).ok();
+    run.await??;
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! The `relay-exporter` process: its data dir (TLS identity, pseudonym master key, sled store), and the loop that
+//! reads the relay's consent feed into the outbox and delivers due webhooks.
+//!
+//! Contract (the withdrawal fence, `docs/exporter.md`): an export is sent only inside a lease from `BeginExport`
+//! asked immediately before that attempt, never started with less than [`HTTP_TIMEOUT`] left before the lease's
+//! deadline, and the lease is released with `EndExport` after it. A denied export is dropped. An entry leaves the
+//! outbox only on a 2xx answer, a denial, or a withdrawal of its pair; failures are retried with exponential backoff
+//! (1 s doubling to 10 min, with jitter). Feed and delivery run in one task, one after the other, so a withdrawal
+//! read from the feed cannot race a delivery of the same entry. Logs carry no personal data.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_proto::wire::{
+    BeginExport, ConsentChanges, EndExport, export_request::Body as Req, export_response::Body as Resp,
+};
+use tokio::sync::watch;
+
+use super::affiliates::Catalogue;
+use super::feed::{self, Applied};
+use super::http::{self, HttpError, Url};
+use super::outbox::{Entry, Kind, Store, StoreError};
+use super::webhook;
+use crate::export::client::{ClientError, ExportClient};
+use crate::tls::{Identity, TlsError};
+
+/// Bound of one webhook request; shorter than the relay's lease.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// First retry delay.
+pub const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest retry delay.
+pub const RETRY_MAX: Duration = Duration::from_secs(600);
+/// Feed pages read per pass.
+pub const PAGES_PER_PASS: usize = 16;
+/// Deliveries attempted per pass.
+pub const DELIVERIES_PER_PASS: usize = 64;
+
+/// Why the exporter could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExporterError {
+    /// The data dir or key file could not be used.
+    #[error("exporter data dir: {0}")]
+    Io(#[from] std::io::Error),
+    /// The pseudonym key file is not 32 bytes.
+    #[error("pseudonym key file {0} is not 32 bytes")]
+    BadKey(PathBuf),
+    /// The TLS identity could not be loaded or created.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An affiliate's endpoint cannot be used by this exporter.
+    #[error("affiliate {affiliate:?}: {source}")]
+    Endpoint {
+        /// The affiliate.
+        affiliate: String,
+        /// Why.
+        source: HttpError,
+    },
+}
+
+/// What the exporter has done so far, for operators and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Passes (feed read, then due deliveries) completed without a relay error.
+    pub passes: u64,
+    /// The committed feed cursor.
+    pub cursor: u64,
+    /// Changes read from the feed since start.
+    pub changes: u64,
+    /// Entries in the outbox after the last pass.
+    pub outbox: usize,
+    /// Webhooks acknowledged with 2xx since start.
+    pub delivered: u64,
+}
+
+/// The exporter, opened on its data dir.
+pub struct Exporter {
+    identity: Identity,
+    master_key: [u8; 32],
+    store: Store,
+    catalogue: Catalogue,
+    endpoints: std::collections::BTreeMap<String, Url>,
+    poll: Duration,
+    progress: watch::Sender<Progress>,
+}
+
+fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
+    if !path.exists() {
+        let key: [u8; 32] = rand::random();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut file = opts.open(path)?;
+        file.write_all(&key)?;
+        file.sync_all()?;
+    }
+    std::fs::read(path)?.try_into().map_err(|_| ExporterError::BadKey(path.to_owned()))
+}
+
+/// The retry delay after `attempts` failures: 1 s doubling to 10 min, within ±20 %.
+pub fn backoff(attempts: u32) -> Duration {
+    let base = RETRY_BASE.saturating_mul(1u32 << attempts.saturating_sub(1).min(20)).min(RETRY_MAX);
+    let ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+    let jitter = rand::random::<u64>() % (ms * 2 / 5 + 1);
+    Duration::from_millis(ms * 4 / 5 + jitter)
+}
+
+impl Exporter {
+    /// Opens the data dir, creating the TLS identity, the pseudonym key (mode 0600) and the store on first start.
+    /// Refuses a catalogue with an endpoint this exporter cannot deliver to (https).
+    pub fn open(data_dir: &Path, catalogue: Catalogue, poll: Duration) -> Result<Self, ExporterError> {
+        std::fs::create_dir_all(data_dir)?;
+        let mut endpoints = std::collections::BTreeMap::new();
+        for a in catalogue.iter() {
+            let url = http::parse_url(&a.endpoint)
+                .map_err(|source| ExporterError::Endpoint { affiliate: a.id.clone(), source })?;
+            endpoints.insert(a.id.clone(), url);
+        }
+        let identity = Identity::load_or_create(data_dir)?;
+        let master_key = load_or_create_key(&data_dir.join("pseudonym.key"))?;
+        let store = Store::open(&data_dir.join("db"))?;
+        let progress =
+            watch::Sender::new(Progress { cursor: store.cursor()?, outbox: store.len(), ..Progress::default() });
+        Ok(Self { identity, master_key, store, catalogue, endpoints, poll, progress })
+    }
+
+    /// Hex SHA-256 of the exporter's certificate: the relay's `exporter_cert_sha256`.
+    pub fn fingerprint(&self) -> String {
+        self.identity.fingerprint()
+    }
+
+    /// Follows the exporter's progress.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// Runs until `shutdown` turns true: connects to the relay at `relay` (pinning `relay_fingerprint`), and every
+    /// poll interval reads the feed and delivers what is due. Relay errors drop the connection and are retried.
+    pub async fn run(
+        self,
+        relay: SocketAddr,
+        relay_fingerprint: [u8; 32],
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ExporterError> {
+        let mut client: Option<ExportClient> = None;
+        while !*shutdown.borrow() {
+            if client.as_ref().is_some_and(ExportClient::is_closed) {
+                client = None;
+            }
+            if client.is_none() {
+                match ExportClient::connect(relay, relay_fingerprint, &self.identity).await {
+                    Ok(c) => {
+                        tracing::info!("connected to the relay's export interface");
+                        client = Some(c);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot reach the relay; retrying"),
+                }
+            }
+            if let Some(c) = &client {
+                match self.pass(c).await {
+                    Ok(()) => self.progress.send_modify(|p| {
+                        p.passes += 1;
+                        p.outbox = self.store.len();
+                    }),
+                    Err(PassError::Relay(e)) => {
+                        tracing::warn!(error = %e, "export interface error; reconnecting");
+                        if let Some(c) = client.take() {
+                            c.close().await;
+                        }
+                    }
+                    Err(PassError::Store(e)) => return Err(e.into()),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => {}
+                () = tokio::time::sleep(self.poll) => {}
+            }
+        }
+        if let Some(c) = client {
+            c.close().await;
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    async fn pass(&self, client: &ExportClient) -> Result<(), PassError> {
+        self.read_feed(client).await?;
+        self.deliver_due(client).await
+    }
+
+    async fn read_feed(&self, client: &ExportClient) -> Result<(), PassError> {
+        for _ in 0..PAGES_PER_PASS {
+            let after_cursor = self.store.cursor()?;
+            let list = match client.request(Req::ConsentChanges(ConsentChanges { after_cursor })).await? {
+                Resp::ConsentChangeList(l) => l,
+                _ => return Err(ClientError::Unexpected("expected a ConsentChangeList".into()).into()),
+            };
+            if list.changes.is_empty() && list.next_cursor <= after_cursor {
+                return Ok(());
+            }
+            let now = relay_proto::now_ms();
+            for change in &list.changes {
+                match feed::apply(&self.store, &self.catalogue, &self.master_key, change, now)? {
+                    Applied::Withdrawn { dropped, notified } if dropped > 0 || notified => {
+                        tracing::info!(dropped, notified, "withdrawal applied to the outbox");
+                    }
+                    _ => {}
+                }
+            }
+            // The cursor moves only once the outbox writes of these changes are durable.
+            self.store.flush().await?;
+            self.store.set_cursor(list.next_cursor.max(after_cursor))?;
+            self.store.flush().await?;
+            let read = list.changes.len() as u64;
+            self.progress.send_modify(|p| {
+                p.cursor = list.next_cursor.max(after_cursor);
+                p.changes += read;
+            });
+        }
+        Ok(())
+    }
+
+    async fn deliver_due(&self, client: &ExportClient) -> Result<(), PassError> {
+        for (id, entry) in self.store.due(relay_proto::now_ms(), DELIVERIES_PER_PASS)? {
+            self.deliver(client, &id, entry).await?;
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    async fn deliver(&self, client: &ExportClient, id: &str, mut entry: Entry) -> Result<(), PassError> {
+        let (Some(affiliate), Some(url)) = (self.catalogue.get(&entry.affiliate), self.endpoints.get(&entry.affiliate))
+        else {
+            tracing::warn!(webhook = id, "affiliate no longer in the catalogue; entry dropped");
+            self.store.remove(id)?;
+            return Ok(());
+        };
+        let outcome = match entry.kind {
+            Kind::Withdrawn => self.post(url, &affiliate.secret, id, &entry.body).await,
+            Kind::Export => {
+                let (account_id, statement_hash) =
+                    match (hex::decode(&entry.account), hex::decode(&entry.statement_hash)) {
+                        (Ok(a), Ok(h)) => (a, h),
+                        _ => return Err(StoreError::Corrupt(format!("outbox entry {id}")).into()),
+                    };
+                let begin = BeginExport {
+                    account_id: account_id.clone().into(),
+                    affiliate: entry.affiliate.clone(),
+                    purpose: entry.purpose.clone(),
+                    statement_hash: statement_hash.into(),
+                };
+                let granted = match client.request(Req::BeginExport(begin)).await? {
+                    Resp::ExportGranted(g) => g,
+                    Resp::ExportDenied(d) => {
+                        tracing::info!(webhook = id, reason = %d.reason, "export denied by the relay; dropped");
+                        self.store.remove(id)?;
+                        return Ok(());
+                    }
+                    _ => return Err(ClientError::Unexpected("expected ExportGranted or ExportDenied".into()).into()),
+                };
+                let left = granted.deadline_ms.saturating_sub(relay_proto::now_ms());
+                let outcome = if u128::from(left) < HTTP_TIMEOUT.as_millis() {
+                    Err("lease too short to start a request".to_owned())
+                } else {
+                    self.post(url, &affiliate.secret, id, &entry.body).await
+                };
+                let end = EndExport {
+                    account_id: account_id.into(),
+                    affiliate: entry.affiliate.clone(),
+                    purpose: entry.purpose.clone(),
+                    lease_id: granted.lease_id,
+                };
+                let ended = client.request(Req::EndExport(end)).await;
+                self.settle(id, &mut entry, outcome)?;
+                ended?;
+                return Ok(());
+            }
+        };
+        self.settle(id, &mut entry, outcome)?;
+        Ok(())
+    }
+
+    /// Records an attempt's outcome: removed (and the pair marked delivered) on 2xx, rescheduled otherwise.
+    fn settle(&self, id: &str, entry: &mut Entry, outcome: Result<u16, String>) -> Result<(), StoreError> {
+        match outcome {
+            Ok(status) if (200..300).contains(&status) => {
+                if entry.kind == Kind::Export {
+                    self.store.mark_delivered(&entry.pair_key(), &entry.pseudonym)?;
+                }
+                self.store.remove(id)?;
+                self.progress.send_modify(|p| p.delivered += 1);
+                tracing::info!(webhook = id, status, "webhook delivered");
+            }
+            other => {
+                entry.attempts = entry.attempts.saturating_add(1);
+                let delay = backoff(entry.attempts);
+                entry.next_attempt_ms =
+                    relay_proto::now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                match other {
+                    Ok(status) => tracing::info!(webhook = id, status, ?delay, "webhook refused; will retry"),
+                    Err(e) => tracing::info!(webhook = id, error = %e, ?delay, "webhook failed; will retry"),
+                }
+                self.store.put(id, entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn post(&self, url: &Url, key: &[u8], id: &str, body: &str) -> Result<u16, String> {
+        let timestamp = relay_proto::now_ms() / 1000;
+        let headers = [
+            ("content-type", "application/json".to_owned()),
+            ("webhook-id", id.to_owned()),
+            ("webhook-timestamp", timestamp.to_string()),
+            ("webhook-signature", webhook::sign(key, id, timestamp, body.as_bytes())),
+        ];
+        http::post(url, &headers, body.as_bytes(), HTTP_TIMEOUT).await.map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error(transparent)]
+    Relay(#[from] ClientError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_ten_minutes_with_jitter() {
+        for _ in 0..32 {
+            let first = backoff(1);
+            assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200), "{first:?}");
+            let third = backoff(3);
+            assert!(third >= Duration::from_millis(3200) && third <= Duration::from_millis(4800), "{third:?}");
+            assert!(backoff(40) <= RETRY_MAX * 6 / 5 && backoff(40) >= RETRY_MAX * 4 / 5);
+        }
+    }
+
+    #[test]
+    fn the_key_file_is_created_once_owner_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("pseudonym.key");
+        let key = load_or_create_key(&path).expect("create");
+        assert_eq!(load_or_create_key(&path).expect("load"), key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+        }
+        std::fs::write(&path, b"short").expect("write");
+        assert!(matches!(load_or_create_key(&path), Err(ExporterError::BadKey(_))));
+    }
+
+    #[test]
+    fn https_endpoints_are_refused_at_start() {
+        let text = include_str!("../../affiliates.example.toml").replacen("http://", "https://", 1);
+        let catalogue = Catalogue::parse(&text).expect("catalogue");
+        let dir = tempfile::tempdir().expect("dir");
+        let err = Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).err().expect("refused");
+        assert!(err.to_string().contains("https is not yet"), "{err}");
+    }
+}
