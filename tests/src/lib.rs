@@ -7,7 +7,10 @@
 //!
 //! [`TestRelay::with_export`] starts an in-process relay with its export interface open for a test exporter
 //! identity; [`export::ExportClient`] is the minimal exporter-side client the tests speak it with.
+//! [`affiliate::Sink`] is an affiliate's webhook endpoint and [`affiliate::TestExporter`] the exporter process logic
+//! running in-process against such a relay.
 
+pub mod affiliate;
 pub mod export;
 
 use std::net::SocketAddr;
@@ -78,7 +81,12 @@ impl TestRelay {
 
     /// A relay in this process with its export interface on `127.0.0.1:0`, accepting only `exporter`'s certificate.
     pub async fn with_export(exporter: &export::ExporterIdentity) -> Result<Self> {
-        let fingerprint = exporter.fingerprint();
+        Self::with_export_for(exporter.fingerprint()).await
+    }
+
+    /// A relay in this process with its export interface on `127.0.0.1:0`, accepting only the client certificate
+    /// with this hex SHA-256.
+    pub async fn with_export_for(fingerprint: String) -> Result<Self> {
         Self::in_process_with(|c| {
             c.export_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
             c.exporter_cert_sha256 = Some(fingerprint);

@@ -6,6 +6,7 @@ mod consent;
 mod durability;
 mod e2ee;
 mod export;
+mod exporter;
 mod messaging;
 mod metrics;
 mod prekeys;

@@ -1,0 +1,253 @@
+//! Affiliates for tests: [`Sink`], a tiny HTTP/1.1 webhook endpoint on `127.0.0.1:0` that checks every request's
+//! Standard Webhooks signature and records it; and [`TestExporter`], the `relay-exporter` logic running in this
+//! process against a [`TestRelay`] with its export interface open, with a catalogue that points at the sinks.
+//!
+//! A sink answers 200, or 503 while its `fail` switch is on, and records every attempt. Waiting is always bounded
+//! ([`crate::START_TIMEOUT`]-style timeouts given by the caller); nothing here sleeps for a fixed time.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine;
+use relay_server::exporter::{Catalogue, Exporter, Progress, webhook};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::TestRelay;
+
+/// Largest request head or body a sink reads.
+const MAX_REQUEST: usize = 1 << 20;
+
+/// One request a sink received.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// `webhook-id`.
+    pub id: String,
+    /// The body, parsed (`Null` if it is not JSON).
+    pub body: Value,
+    /// The raw body.
+    pub raw: String,
+    /// Whether `webhook-signature` verified with the affiliate's key.
+    pub signature_ok: bool,
+    /// The status the sink answered.
+    pub status: u16,
+}
+
+/// An affiliate's webhook endpoint.
+pub struct Sink {
+    addr: SocketAddr,
+    key: Vec<u8>,
+    fail: Arc<AtomicBool>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    changed: watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Sink {
+    /// A sink verifying signatures with `key`, listening on `127.0.0.1:0`.
+    pub async fn start(key: &[u8]) -> Result<Self> {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let addr = listener.local_addr()?;
+        let fail = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let (tx, changed) = watch::channel(0usize);
+        let (k, f, a) = (key.to_vec(), fail.clone(), attempts.clone());
+        let task = tokio::spawn(async move {
+            // Ends when the sink is dropped (the task is aborted) or the listener fails.
+            while let Ok((stream, _)) = listener.accept().await {
+                let (k, f, a, tx) = (k.clone(), f.clone(), a.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(attempt) = serve(stream, &k, &f).await {
+                        let n = {
+                            let mut all = a.lock().unwrap_or_else(|e| e.into_inner());
+                            all.push(attempt);
+                            all.len()
+                        };
+                        tx.send_replace(n);
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, key: key.to_vec(), fail, attempts, changed, task })
+    }
+
+    /// The webhook URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/hooks", self.addr)
+    }
+
+    /// The `whsec_` secret for the catalogue.
+    pub fn secret(&self) -> String {
+        format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(&self.key))
+    }
+
+    /// While on, every request is answered 503.
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// Every request received so far, in order.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.attempts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The events processed: the first 200-answered request of each webhook id (the affiliate's dedupe by id).
+    pub fn events(&self) -> Vec<Attempt> {
+        let mut seen = BTreeMap::new();
+        for a in self.attempts().into_iter().filter(|a| a.status == 200) {
+            seen.entry(a.id.clone()).or_insert(a);
+        }
+        seen.into_values().collect()
+    }
+
+    /// Waits, at most `bound`, until `done(attempts)` holds.
+    pub async fn wait_until(&self, bound: Duration, done: impl Fn(&[Attempt]) -> bool) -> Result<Vec<Attempt>> {
+        let mut changed = self.changed.clone();
+        tokio::time::timeout(bound, async {
+            loop {
+                let all = self.attempts();
+                if done(&all) {
+                    return Ok(all);
+                }
+                changed.changed().await.map_err(|_| anyhow!("sink stopped"))?;
+            }
+        })
+        .await
+        .context("sink did not receive what was expected in time")?
+    }
+
+    /// Waits, at most `bound`, until `n` events (distinct ids answered 200) have been received.
+    pub async fn wait_events(&self, n: usize, bound: Duration) -> Result<Vec<Attempt>> {
+        self.wait_until(bound, |_| self.events().len() >= n).await?;
+        Ok(self.events())
+    }
+}
+
+/// Reads one request, checks its signature, answers it.
+async fn serve(mut stream: TcpStream, key: &[u8], fail: &AtomicBool) -> Result<Attempt> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_REQUEST {
+            bail!("request head too large");
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before the end of the head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end])?.to_owned();
+    let headers: BTreeMap<String, String> = head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers.get("content-length").context("no content-length")?.parse()?;
+    if len > MAX_REQUEST {
+        bail!("body too large");
+    }
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before the end of the body");
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    let id = headers.get("webhook-id").cloned().unwrap_or_default();
+    let timestamp = headers.get("webhook-timestamp").and_then(|t| t.parse().ok()).unwrap_or(0);
+    let signature = headers.get("webhook-signature").map(String::as_str).unwrap_or("");
+    let signature_ok = headers.get("content-type").map(String::as_str) == Some("application/json")
+        && webhook::verify(key, &id, timestamp, &body, signature);
+    let status = if fail.load(Ordering::SeqCst) { 503 } else { 200 };
+    let reason = if status == 200 { "OK" } else { "Service Unavailable" };
+    let answer = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    stream.write_all(answer.as_bytes()).await?;
+    stream.shutdown().await.ok();
+    let raw = String::from_utf8_lossy(&body).into_owned();
+    Ok(Attempt { id, body: serde_json::from_str(&raw).unwrap_or(Value::Null), raw, signature_ok, status })
+}
+
+/// The exporter logic running in this process, with its own data dir.
+pub struct TestExporter {
+    _dir: tempfile::TempDir,
+    progress: watch::Receiver<Progress>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for TestExporter {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl TestExporter {
+    /// Starts a relay with its export interface open for a new exporter whose catalogue is `catalogue` (TOML),
+    /// then the exporter against it, polling every 20 ms.
+    pub async fn start(catalogue: &str) -> Result<(TestRelay, Self)> {
+        let dir = tempfile::tempdir()?;
+        let catalogue = Catalogue::parse(catalogue)?;
+        let exporter = Exporter::open(&dir.path().join("exporter"), catalogue, Duration::from_millis(20))?;
+        let relay = TestRelay::with_export_for(exporter.fingerprint()).await?;
+        let addr = relay.export_addr().ok_or_else(|| anyhow!("no export interface"))?;
+        let fp = relay_client::pin::parse_fingerprint(relay.fingerprint()).ok_or_else(|| anyhow!("bad fingerprint"))?;
+        let progress = exporter.progress();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            if let Err(e) = exporter.run(addr, fp, shutdown).await {
+                tracing::error!(error = %e, "test exporter stopped");
+            }
+        });
+        Ok((relay, Self { _dir: dir, progress, stop, task: Some(task) }))
+    }
+
+    /// The exporter's progress now.
+    pub fn progress(&self) -> Progress {
+        *self.progress.borrow()
+    }
+
+    /// Waits, at most `bound`, until `done(progress)` holds; the progress then.
+    pub async fn wait_until(&self, bound: Duration, done: impl Fn(&Progress) -> bool) -> Result<Progress> {
+        let mut rx = self.progress.clone();
+        let p = tokio::time::timeout(bound, rx.wait_for(|p| done(p)))
+            .await
+            .context("the exporter did not get there in time")?
+            .map_err(|_| anyhow!("the exporter stopped"))?;
+        Ok(*p)
+    }
+
+    /// Waits until the exporter has completed `n` more passes (feed read, then due deliveries) than now: a pass
+    /// that started after this call has then finished.
+    pub async fn wait_passes(&self, n: u64, bound: Duration) -> Result<Progress> {
+        let start = self.progress().passes;
+        self.wait_until(bound, |p| p.passes >= start + n).await
+    }
+
+    /// Stops the exporter and waits for it to release its store.
+    pub async fn stop(mut self) -> Result<()> {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            task.await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! The `relay-exporter` logic end to end: a real relay with its export interface, the exporter in-process, and
+//! affiliates as HTTP sinks. Default deny, exactly the catalogue's fields per pair, signatures, pseudonyms that
+//! differ per affiliate, retries until the affiliate is back (each webhook id processed once), and the withdrawal
+//! fence: a queued export never leaves after the withdrawal is acknowledged, and an affiliate that received data
+//! gets a `consent.withdrawn` notice with the pseudonym only.
+
+use relay_proto::consent::{ConsentStatement, Decision};
+use relay_server::exporter::feed::webhook_id;
+use relay_tests::TestRelay;
+use relay_tests::affiliate::{Sink, TestExporter};
+use serde_json::Value;
+
+use crate::WAIT;
+
+const ALICE: &str = "+33612345678";
+
+struct Setup {
+    relay: TestRelay,
+    exporter: TestExporter,
+    adsco: Sink,
+    shieldco: Sink,
+}
+
+async fn setup() -> Setup {
+    let adsco = Sink::start(b"adsco webhook key 0123456789").await.expect("adsco sink");
+    let shieldco = Sink::start(b"shieldco webhook key 98765432").await.expect("shieldco sink");
+    let catalogue = format!(
+        r#"
+[[affiliate]]
+id = "adsco"
+name = "AdsCo SAS"
+country = "FR"
+endpoint = "{}"
+secret = "{}"
+[affiliate.purposes]
+advertising = ["phone_pseudonym", "device_model"]
+analytics = ["device_model", "os", "app_version"]
+
+[[affiliate]]
+id = "shieldco"
+name = "ShieldCo GmbH"
+country = "DE"
+endpoint = "{}"
+secret = "{}"
+[affiliate.purposes]
+security = ["phone_pseudonym", "os"]
+"#,
+        adsco.url(),
+        adsco.secret(),
+        shieldco.url(),
+        shieldco.secret()
+    );
+    let (relay, exporter) = TestExporter::start(&catalogue).await.expect("relay and exporter");
+    Setup { relay, exporter, adsco, shieldco }
+}
+
+fn statement_hash(statement_hex: &str) -> [u8; 32] {
+    ConsentStatement::decode_stored(&hex::decode(statement_hex).expect("hex")).expect("statement").hash()
+}
+
+fn data_keys(body: &Value) -> Vec<String> {
+    body["data"].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn nothing_leaves_without_a_grant_the_catalogue_allows() {
+    let s = setup().await;
+    let _alice = s.relay.user(ALICE).await.expect("alice, who never grants");
+    let bob = s.relay.user("+33655555555").await.expect("bob");
+    // Granted by the user, but not in the catalogue for these affiliates.
+    bob.messenger.decide_consent("shieldco", "advertising", Decision::Grant, None).await.expect("grant");
+    bob.messenger.decide_consent("adsco", "security", Decision::Grant, None).await.expect("grant");
+    s.exporter.wait_until(WAIT, |p| p.changes >= 2).await.expect("feed read");
+    let p = s.exporter.wait_passes(2, WAIT).await.expect("passes");
+    assert_eq!(p.outbox, 0, "nothing queued");
+    assert_eq!(p.delivered, 0);
+    assert!(s.adsco.attempts().is_empty(), "{:?}", s.adsco.attempts());
+    assert!(s.shieldco.attempts().is_empty(), "{:?}", s.shieldco.attempts());
+}
+
+#[tokio::test]
+async fn a_grant_delivers_exactly_the_catalogue_fields_signed_and_pseudonymised_per_affiliate() {
+    let s = setup().await;
+    let alice = s.relay.user(ALICE).await.expect("alice");
+    let ads = alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    let sec = alice.messenger.decide_consent("shieldco", "security", Decision::Grant, None).await.expect("grant");
+    alice.messenger.decide_consent("shieldco", "advertising", Decision::Grant, None).await.expect("not in catalogue");
+
+    let adsco = s.adsco.wait_events(1, WAIT).await.expect("adsco export");
+    let shieldco = s.shieldco.wait_events(1, WAIT).await.expect("shieldco export");
+    s.exporter.wait_until(WAIT, |p| p.changes >= 3 && p.outbox == 0).await.expect("all processed");
+    s.exporter.wait_passes(2, WAIT).await.expect("passes");
+
+    let a = &adsco[0];
+    assert_eq!(s.adsco.attempts().len(), 1, "one request, no duplicate");
+    assert_eq!(s.adsco.events().len(), 1, "nothing for (adsco, analytics)");
+    assert!(a.signature_ok, "adsco verifies the signature");
+    let hash = statement_hash(&ads.statement);
+    assert_eq!(a.id, webhook_id(&hash, "adsco"));
+    assert_eq!(a.body["type"], "user.metadata.exported");
+    assert!(a.body["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", a.raw);
+    assert_eq!(data_keys(&a.body), ["consent", "device_model", "phone_pseudonym", "purpose"]);
+    assert_eq!(a.body["data"]["purpose"], "advertising");
+    assert_eq!(a.body["data"]["consent"], hex::encode(hash));
+    assert_eq!(a.body["data"]["device_model"], "test");
+
+    let b = &shieldco[0];
+    assert_eq!(s.shieldco.attempts().len(), 1, "nothing for (shieldco, advertising)");
+    assert!(b.signature_ok, "shieldco verifies the signature");
+    assert_eq!(data_keys(&b.body), ["consent", "os", "phone_pseudonym", "purpose"]);
+    assert_eq!(b.body["data"]["purpose"], "security");
+    assert_eq!(b.body["data"]["consent"], hex::encode(statement_hash(&sec.statement)));
+
+    let (pa, pb) = (a.body["data"]["phone_pseudonym"].as_str(), b.body["data"]["phone_pseudonym"].as_str());
+    assert!(pa.is_some_and(|p| p.len() == 64), "{pa:?}");
+    assert_ne!(pa, pb, "pseudonyms are unlinkable across affiliates");
+    for raw in [&a.raw, &b.raw] {
+        assert!(!raw.contains("612345678"), "no raw phone number: {raw}");
+    }
+}
+
+#[tokio::test]
+async fn an_affiliate_that_is_down_gets_the_export_once_it_is_back() {
+    let s = setup().await;
+    s.adsco.set_failing(true);
+    let alice = s.relay.user(ALICE).await.expect("alice");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    s.adsco.wait_until(WAIT, |a| !a.is_empty()).await.expect("a first, failed attempt");
+    assert_eq!(s.exporter.progress().delivered, 0);
+    s.adsco.set_failing(false);
+    let events = s.adsco.wait_events(1, WAIT).await.expect("delivered after the retry");
+    s.exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("outbox empty");
+    s.exporter.wait_passes(2, WAIT).await.expect("passes");
+
+    let attempts = s.adsco.attempts();
+    assert!(attempts.len() >= 2, "{attempts:?}");
+    assert_eq!(attempts[0].status, 503);
+    assert!(attempts.iter().all(|a| a.id == events[0].id && a.signature_ok), "same webhook id on every retry");
+    assert!(attempts.iter().all(|a| a.raw == events[0].raw), "same body on every retry");
+    assert_eq!(attempts.iter().filter(|a| a.status == 200).count(), 1, "removed after the 2xx");
+    assert_eq!(s.adsco.events().len(), 1);
+}
+
+#[tokio::test]
+async fn a_withdrawal_stops_a_queued_export_for_good() {
+    let s = setup().await;
+    s.adsco.set_failing(true);
+    let alice = s.relay.user(ALICE).await.expect("alice");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    s.adsco.wait_until(WAIT, |a| !a.is_empty()).await.expect("queued and failing");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Withdraw, None).await.expect("withdraw");
+    // Acknowledged: from now on nothing of that export may leave, even with the affiliate back.
+    let failed = s.adsco.attempts().len();
+    s.adsco.set_failing(false);
+    s.exporter.wait_until(WAIT, |p| p.changes >= 2 && p.outbox == 0).await.expect("outbox gone through");
+    s.exporter.wait_passes(2, WAIT).await.expect("passes");
+    let attempts = s.adsco.attempts();
+    assert_eq!(attempts.len(), failed, "no attempt after the withdrawal was acknowledged: {attempts:?}");
+    assert!(attempts.iter().all(|a| a.status == 503));
+    assert!(s.adsco.events().is_empty(), "never delivered, so no withdrawal notice either");
+    assert_eq!(s.exporter.progress().delivered, 0);
+}
+
+#[tokio::test]
+async fn an_affiliate_that_received_data_is_told_of_the_withdrawal_by_pseudonym() {
+    let s = setup().await;
+    let alice = s.relay.user(ALICE).await.expect("alice");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    let export = s.adsco.wait_events(1, WAIT).await.expect("export").remove(0);
+    let withdrawal =
+        alice.messenger.decide_consent("adsco", "advertising", Decision::Withdraw, None).await.expect("withdraw");
+    let events = s.adsco.wait_events(2, WAIT).await.expect("withdrawal notice");
+    let notice = events.iter().find(|e| e.id != export.id).expect("the notice");
+    assert!(notice.signature_ok);
+    assert_eq!(notice.id, webhook_id(&statement_hash(&withdrawal.statement), "adsco"));
+    assert_eq!(notice.body["type"], "consent.withdrawn");
+    assert_eq!(data_keys(&notice.body), ["purpose", "subject"]);
+    assert_eq!(notice.body["data"]["purpose"], "advertising");
+    assert_eq!(notice.body["data"]["subject"], export.body["data"]["phone_pseudonym"]);
+    assert!(!notice.raw.contains("612345678"), "{}", notice.raw);
+    s.exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("outbox empty");
+    s.exporter.wait_passes(2, WAIT).await.expect("passes");
+    assert_eq!(s.adsco.events().len(), 2, "one export, one notice");
+    assert!(s.shieldco.attempts().is_empty());
+}
