@@ -2,8 +2,8 @@
 //! Standard Webhooks signature and records it; and [`TestExporter`], the `relay-exporter` logic running in this
 //! process against a [`TestRelay`] with its export interface open, with a catalogue that points at the sinks.
 //!
-//! A sink answers 200, or 503 while its `fail` switch is on, and records every attempt. Waiting is always bounded
-//! ([`crate::START_TIMEOUT`]-style timeouts given by the caller); nothing here sleeps for a fixed time.
+//! A sink answers 200, or 503 while its `fail` switch is on, and records every attempt. Every wait takes a bound
+//! from the caller and wakes on recorded requests or exporter progress; nothing here sleeps for a fixed time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

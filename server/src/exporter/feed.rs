@@ -141,3 +141,98 @@ pub fn apply(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::{Signer, SigningKey};
+    use relay_proto::consent::Purpose;
+    use relay_proto::wire::{DeviceInfo, Subject};
+
+    use super::*;
+    use crate::exporter::outbox::Kind;
+
+    const CATALOGUE: &str = include_str!("../../affiliates.example.toml");
+
+    fn change(key: &SigningKey, affiliate: &str, decision: Decision, sequence: u64) -> ConsentChange {
+        let account = AccountId::from_identity_key(key.verifying_key().as_bytes());
+        let statement = ConsentStatement {
+            account,
+            affiliate: affiliate.into(),
+            purpose: Purpose::Advertising,
+            decision,
+            notice_hash: Purpose::Advertising.notice().hash(),
+            sequence,
+            time_ms: 1_000,
+            expires_ms: None,
+        };
+        let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.2.3".into() };
+        ConsentChange {
+            cursor: sequence,
+            account_id: account.as_bytes().to_vec().into(),
+            identity_key: key.verifying_key().as_bytes().to_vec().into(),
+            statement: statement.encode().into(),
+            signature: key.sign(&statement.signed_bytes()).to_bytes().to_vec().into(),
+            recorded_at_ms: 1_000,
+            subject: (decision == Decision::Grant)
+                .then(|| Subject { phone: "+33612345678".into(), device: Some(device) }),
+        }
+    }
+
+    #[test]
+    fn only_changes_signed_by_the_key_the_account_derives_from_are_accepted() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let good = change(&key, "adsco", Decision::Grant, 1);
+        assert!(verify(&good).is_ok());
+        let mut bad_sig = good.clone();
+        let mut sig = bad_sig.signature.to_vec();
+        sig[0] ^= 1;
+        bad_sig.signature = sig.into();
+        assert_eq!(verify(&bad_sig).err(), Some("signature does not verify"));
+        let mut other_key = good.clone();
+        other_key.identity_key = SigningKey::from_bytes(&[8; 32]).verifying_key().as_bytes().to_vec().into();
+        assert_eq!(verify(&other_key).err(), Some("account id does not derive from the identity key"));
+        let mut truncated = good;
+        truncated.statement = truncated.statement.slice(..10);
+        assert!(verify(&truncated).is_err());
+    }
+
+    #[test]
+    fn grants_queue_once_and_withdrawals_clear_and_notify() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("store");
+        let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let master = [3; 32];
+        let grant = change(&key, "adsco", Decision::Grant, 1);
+        assert_eq!(apply(&store, &catalogue, &master, &grant, 5).expect("apply"), Applied::Queued);
+        assert_eq!(apply(&store, &catalogue, &master, &grant, 6).expect("apply"), Applied::Queued);
+        assert_eq!(store.len(), 1, "re-reading the feed queues nothing new");
+        let shield = change(&key, "shieldco", Decision::Grant, 2);
+        assert_eq!(apply(&store, &catalogue, &master, &shield, 7).expect("apply"), Applied::Nothing, "not allowed");
+        let mut rejected = change(&key, "adsco", Decision::Grant, 3);
+        rejected.signature = vec![0; 64].into();
+        assert!(matches!(apply(&store, &catalogue, &master, &rejected, 8).expect("apply"), Applied::Rejected(_)));
+        assert_eq!(store.len(), 1);
+
+        let (id, entry) = store.due(10, 10).expect("due").remove(0);
+        assert!(!entry.body.contains("612345678"), "{}", entry.body);
+        let withdraw = change(&key, "adsco", Decision::Withdraw, 4);
+        assert_eq!(
+            apply(&store, &catalogue, &master, &withdraw, 9).expect("apply"),
+            Applied::Withdrawn { dropped: 1, notified: false }
+        );
+        assert!(store.get(&id).expect("get").is_none());
+
+        // Delivered, then withdrawn: a notice with the pseudonym only.
+        store.mark_delivered(&entry.pair_key(), &entry.pseudonym).expect("mark");
+        assert_eq!(
+            apply(&store, &catalogue, &master, &withdraw, 10).expect("apply"),
+            Applied::Withdrawn { dropped: 0, notified: true }
+        );
+        let (_, notice) = store.due(20, 10).expect("due").remove(0);
+        assert_eq!(notice.kind, Kind::Withdrawn);
+        let body: Value = serde_json::from_str(&notice.body).expect("json");
+        assert_eq!(body["data"]["subject"], Value::String(phone_pseudonym(&master, "adsco", "+33612345678")));
+        assert_eq!(store.delivered(&entry.pair_key()).expect("delivered"), None);
+    }
+}

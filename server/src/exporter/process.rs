@@ -154,7 +154,11 @@ impl Exporter {
                 client = None;
             }
             if client.is_none() {
-                match ExportClient::connect(relay, relay_fingerprint, &self.identity).await {
+                let connected = tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    c = ExportClient::connect(relay, relay_fingerprint, &self.identity) => c,
+                };
+                match connected {
                     Ok(c) => {
                         tracing::info!("connected to the relay's export interface");
                         client = Some(c);

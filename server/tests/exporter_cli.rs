@@ -1,0 +1,97 @@
+//! The `relay-exporter` binary as an operator runs it: identity and pseudonym key created on first start and kept,
+//! exactly one ready line, clean stop on SIGTERM even while the relay is unreachable, and clear refusals.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/affiliates.example.toml");
+
+fn exporter(data: &Path, affiliates: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_relay-exporter"));
+    // Nothing listens there: the exporter keeps retrying, which is what an exporter started before its relay does.
+    c.args(["--relay", "127.0.0.1:9", "--relay-cert-sha256", &"ab".repeat(32), "--poll-ms", "50", "--data"])
+        .arg(data)
+        .arg("--affiliates")
+        .arg(affiliates);
+    c
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            panic!("relay-exporter did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the exporter, reads its ready line, stops it with SIGTERM; the fingerprint it printed.
+fn run_once(data: &Path) -> String {
+    let mut child = exporter(data, Path::new(EXAMPLE))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn relay-exporter");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(parts.len(), 3, "{line:?}");
+    assert_eq!((parts[0], parts[1]), ("exporter", "cert-sha256"));
+    assert!(parts[2].len() == 64 && parts[2].chars().all(|c| c.is_ascii_hexdigit()), "{line:?}");
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+    let mut rest = String::new();
+    stdout.read_line(&mut rest).expect("eof");
+    assert!(rest.is_empty(), "exactly one line on stdout, then {rest:?}");
+    parts[2].to_owned()
+}
+
+#[test]
+fn creates_its_identity_once_prints_one_line_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("exporter");
+    let first = run_once(&data);
+    let key = std::fs::read(data.join("pseudonym.key")).expect("pseudonym key");
+    assert_eq!(key.len(), 32);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("pseudonym.key")).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert_eq!(run_once(&data), first, "same certificate after a restart");
+    assert_eq!(std::fs::read(data.join("pseudonym.key")).expect("key"), key, "same pseudonym key");
+}
+
+#[test]
+fn https_endpoints_and_bad_fingerprints_are_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let catalogue = dir.path().join("affiliates.toml");
+    let text = std::fs::read_to_string(EXAMPLE).expect("example").replacen("http://", "https://", 1);
+    std::fs::write(&catalogue, text).expect("write");
+    let out = exporter(&dir.path().join("a"), &catalogue).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("adsco") && err.contains("https"), "{err}");
+    assert!(out.stdout.is_empty(), "no ready line");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_relay-exporter"))
+        .args(["--relay", "127.0.0.1:9", "--relay-cert-sha256", "abcd", "--data"])
+        .arg(dir.path().join("b"))
+        .arg("--affiliates")
+        .arg(EXAMPLE)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--relay-cert-sha256"), "{out:?}");
+}
