@@ -200,9 +200,7 @@ impl Config {
 
     /// The pinned exporter certificate hash, if `exporter_cert_sha256` is 64 hex digits.
     pub fn exporter_fingerprint(&self) -> Option<[u8; 32]> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(self.exporter_cert_sha256.as_deref()?.trim(), &mut out).ok()?;
-        Some(out)
+        relay_quic::pin::parse_fingerprint(self.exporter_cert_sha256.as_deref()?)
     }
 }
 

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest, Sha256};
 
 /// The certificate and key the relay presents.
 pub struct Identity {
@@ -100,7 +99,7 @@ impl Identity {
 
 /// Lowercase hex SHA-256 of a DER certificate: how certificates are pinned, by clients and by the export interface.
 pub fn cert_fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
+    relay_quic::pin::fingerprint(der)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -4,6 +4,8 @@
 //!
 //! Holds no protocol decisions (those are in `relay-proto`) and no cryptography beyond QUIC's own TLS.
 
+pub mod pin;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
