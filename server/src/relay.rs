@@ -194,9 +194,19 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     Ok(RelayHandle { local_addr, metrics_addr, export_addr, fingerprint: identity.fingerprint(), shutdown, task })
 }
 
-async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Accepts connections on `endpoint` until `shutdown` turns true, each served by `serve` in its own task under a
+/// `conn` span naming `kind`; then closes the endpoint, gives peers 2 s to see it, and stops what is left. Shared by
+/// the messaging endpoint and the export interface.
+pub(crate) async fn accept_until<F, Fut>(
+    endpoint: &quinn::Endpoint,
+    mut shutdown: watch::Receiver<bool>,
+    kind: &'static str,
+    serve: F,
+) where
+    F: Fn(quinn::Incoming) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut connections = JoinSet::new();
-    let sweeper = tokio::spawn(sweep_expired(shared.clone()));
     let mut next_id = 0u64;
     loop {
         tokio::select! {
@@ -204,18 +214,23 @@ async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 next_id += 1;
-                let span = tracing::info_span!("conn", id = next_id, remote = %incoming.remote_address());
-                connections.spawn(serve_connection(shared.clone(), incoming).instrument(span));
+                let span = tracing::info_span!("conn", kind, id = next_id, remote = %incoming.remote_address());
+                connections.spawn(serve(incoming).instrument(span));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
-    sweeper.abort();
     endpoint.close(StreamCloseCode::Shutdown.code().into(), b"relay shutting down");
     if tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.is_err() {
-        tracing::warn!("connections did not close within 2 s");
+        tracing::warn!(kind, "connections did not close within 2 s");
     }
     connections.shutdown().await;
+}
+
+async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    let sweeper = tokio::spawn(sweep_expired(shared.clone()));
+    accept_until(&endpoint, shutdown, "messaging", |incoming| serve_connection(shared.clone(), incoming)).await;
+    sweeper.abort();
     if let Err(e) = shared.store.commit.durable().await {
         tracing::error!(error = %e, "final flush failed");
     }

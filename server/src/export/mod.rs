@@ -12,10 +12,9 @@ pub mod handler;
 pub mod tls;
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use relay_proto::MAX_FRAME_LEN;
 use relay_proto::wire::{ExportRequest, ExportResponse};
-use relay_proto::{MAX_FRAME_LEN, StreamCloseCode};
 use relay_quic::{ReadError, read_frame, write_frame};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -28,26 +27,9 @@ pub use handler::ExportHandler;
 pub const EXPORT_STREAMS: u32 = 64;
 
 /// Accepts exporter connections until `shutdown`, then closes the endpoint.
-pub async fn run(endpoint: quinn::Endpoint, handler: Arc<ExportHandler>, mut shutdown: watch::Receiver<bool>) {
-    let mut connections = JoinSet::new();
-    let mut next_id = 0u64;
-    loop {
-        tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                next_id += 1;
-                let span = tracing::info_span!("export", id = next_id, remote = %incoming.remote_address());
-                connections.spawn(serve_connection(handler.clone(), incoming).instrument(span));
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    endpoint.close(StreamCloseCode::Shutdown.code().into(), b"relay shutting down");
-    if tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.is_err() {
-        tracing::warn!("export connections did not close within 2 s");
-    }
-    connections.shutdown().await;
+pub async fn run(endpoint: quinn::Endpoint, handler: Arc<ExportHandler>, shutdown: watch::Receiver<bool>) {
+    crate::relay::accept_until(&endpoint, shutdown, "export", |incoming| serve_connection(handler.clone(), incoming))
+        .await;
 }
 
 async fn serve_connection(handler: Arc<ExportHandler>, incoming: quinn::Incoming) {
