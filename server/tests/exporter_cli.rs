@@ -1,10 +1,12 @@
 //! The `relay-exporter` binary as an operator runs it: identity and pseudonym key created on first start and kept,
 //! exactly one ready line, clean stop on SIGTERM even while the relay is unreachable, and clear refusals.
 
+mod common;
+use common::terminate;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/affiliates.example.toml");
 
@@ -16,20 +18,6 @@ fn exporter(data: &Path, affiliates: &Path) -> Command {
         .arg("--affiliates")
         .arg(affiliates);
     c
-}
-
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            panic!("relay-exporter did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Starts the exporter, reads its ready line, stops it with SIGTERM; the fingerprint it printed.
@@ -46,9 +34,7 @@ fn run_once(data: &Path) -> String {
     assert_eq!(parts.len(), 3, "{line:?}");
     assert_eq!((parts[0], parts[1]), ("exporter", "cert-sha256"));
     assert!(parts[2].len() == 64 && parts[2].chars().all(|c| c.is_ascii_hexdigit()), "{line:?}");
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(kill.success());
-    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let status = terminate(&mut child);
     assert!(status.success(), "exit status {status}");
     let mut rest = String::new();
     stdout.read_line(&mut rest).expect("eof");

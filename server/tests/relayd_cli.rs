@@ -1,25 +1,13 @@
 //! The `relayd` binary as an operator runs it: the ready line, clean shutdown on SIGTERM, config errors.
 
+mod common;
+use common::terminate;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 fn relayd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_relayd"))
-}
-
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            panic!("relayd did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -52,9 +40,7 @@ fn prints_one_ready_line_and_stops_cleanly_on_sigterm() {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("cannot open store"));
 
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(kill.success());
-    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let status = terminate(&mut child);
     assert!(status.success(), "exit status {status}");
     let mut rest = String::new();
     stdout.read_line(&mut rest).expect("eof");
@@ -91,9 +77,7 @@ fn export_interface_flags_keep_one_ready_line_and_are_checked_together() {
     let mut line = String::new();
     stdout.read_line(&mut line).expect("ready line");
     assert!(line.starts_with("listening on 127.0.0.1:") && line.contains(" cert-sha256 "), "{line:?}");
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(kill.success());
-    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    assert!(terminate(&mut child).success());
     let mut rest = String::new();
     stdout.read_line(&mut rest).expect("eof");
     assert!(rest.is_empty(), "still exactly one line on stdout, then {rest:?}");
