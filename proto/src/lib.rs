@@ -33,6 +33,15 @@ pub const EXPORT_ALPN: &[u8] = b"consent-relay-export/1";
 /// Most consent changes in one `ConsentChangeList`.
 pub const MAX_CONSENT_CHANGES: usize = 256;
 
+/// Most accounts examined for one `SubjectChangeList`.
+pub const MAX_SUBJECT_CHANGES: usize = 64;
+
+/// Most entries in one `ExportList` page.
+pub const MAX_LISTED_EXPORTS: usize = 128;
+
+/// Most entries in one `PublishLog` request.
+pub const MAX_PUBLISHED_ENTRIES: usize = 256;
+
 /// The protocol version carried in `Register` and `Auth`.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -108,6 +108,9 @@ pub enum MerkleError {
     /// A string of an encoded export leaf is not UTF-8.
     #[error("export leaf string is not UTF-8")]
     LeafNotUtf8,
+    /// A tree head, hash or key received on the wire has the wrong length.
+    #[error("{0} has the wrong length")]
+    WrongLength(&'static str),
 }
 
 /// The RFC 6962 hash of a leaf: SHA-256(0x00 ‖ leaf).
@@ -512,6 +515,48 @@ impl SignedTreeHead {
         let signature = Signature::from_bytes(&self.signature);
         key.verify_strict(&self.head.encode(), &signature).map_err(|_| MerkleError::BadSignature)
     }
+}
+
+impl From<&SignedTreeHead> for crate::wire::SignedTreeHead {
+    fn from(h: &SignedTreeHead) -> Self {
+        Self {
+            size: h.head.size,
+            timestamp_ms: h.head.timestamp_ms,
+            root: h.head.root.to_vec().into(),
+            signature: h.signature.to_vec().into(),
+        }
+    }
+}
+
+impl TryFrom<&crate::wire::SignedTreeHead> for SignedTreeHead {
+    type Error = MerkleError;
+
+    /// Checks lengths only; the signature is checked by [`SignedTreeHead::verify`].
+    fn try_from(h: &crate::wire::SignedTreeHead) -> Result<Self, MerkleError> {
+        let root = h.root.as_ref().try_into().map_err(|_| MerkleError::WrongLength("tree head root"))?;
+        let signature = h.signature.as_ref().try_into().map_err(|_| MerkleError::WrongLength("tree head signature"))?;
+        Ok(Self { head: TreeHead { size: h.size, root, timestamp_ms: h.timestamp_ms }, signature })
+    }
+}
+
+/// A proof as sent on the wire: one 32-byte value per hash.
+pub fn proof_to_wire(proof: &[Hash]) -> Vec<bytes::Bytes> {
+    proof.iter().map(|h| bytes::Bytes::copy_from_slice(h)).collect()
+}
+
+/// A proof received on the wire; refused if any hash is not 32 bytes or it has more than 64 hashes (no tree this
+/// size exists).
+pub fn proof_from_wire(proof: &[bytes::Bytes]) -> Result<Vec<Hash>, MerkleError> {
+    if proof.len() > 2 * 64 {
+        return Err(MerkleError::WrongLength("proof"));
+    }
+    proof.iter().map(|h| h.as_ref().try_into().map_err(|_| MerkleError::WrongLength("proof hash"))).collect()
+}
+
+/// The log's public key as sent on the wire.
+pub fn log_key_from_wire(key: &[u8]) -> Result<VerifyingKey, MerkleError> {
+    let bytes: [u8; 32] = key.try_into().map_err(|_| MerkleError::WrongLength("log key"))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| MerkleError::WrongLength("log key"))
 }
 
 /// The version byte that starts every encoded [`ExportLeaf`].

@@ -4,7 +4,7 @@
 use relay_proto::ErrorCode;
 use relay_proto::wire::ServerFrame;
 
-use crate::store::{CommitError, DirectoryError, MailboxError, PrekeyError, RegistryError};
+use crate::store::{CommitError, DirectoryError, ExportLogError, MailboxError, PrekeyError, RegistryError};
 
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +65,18 @@ impl From<PrekeyError> for Reject {
         match e {
             PrekeyError::Invalid(m) => Reject::invalid(m),
             PrekeyError::Corrupt | PrekeyError::Store(_) => storage(e),
+        }
+    }
+}
+
+impl From<ExportLogError> for Reject {
+    fn from(e: ExportLogError) -> Self {
+        match e {
+            ExportLogError::Sled(_) | ExportLogError::Corrupt => storage(e),
+            ExportLogError::NoSuchHead(_) => Reject::new(ErrorCode::NotFound, e.to_string()),
+            ExportLogError::KeyChanged | ExportLogError::HeadSize { .. } | ExportLogError::Merkle(_) => {
+                Reject::invalid(e.to_string())
+            }
         }
     }
 }

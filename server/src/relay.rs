@@ -58,7 +58,7 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     /// The store could not be opened (another relay may be using it).
     #[error("cannot open store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] crate::store::OpenError),
     /// The UDP socket could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -151,8 +151,13 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
             let bound = endpoint.local_addr().map_err(|e| StartError::ExportBind(addr, e))?;
             tracing::info!(addr = %bound, "export interface on {bound} (mutual TLS, exporter certificate pinned)");
             // Built from the registry, the directory and the fence only: no mailbox handle (see `export`).
-            let handler =
-                crate::export::ExportHandler::new(store.consent.clone(), store.directory.clone(), fence.clone());
+            let handler = crate::export::ExportHandler::new(
+                store.consent.clone(),
+                store.directory.clone(),
+                fence.clone(),
+                store.export_log.clone(),
+                store.commit.clone(),
+            );
             Some((endpoint, bound, Arc::new(handler)))
         }
         _ => None,

@@ -18,10 +18,12 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use relay_proto::auth::{EXPORTER_LEN, KEY_LEN, auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentError, ConsentStatement, Decision};
 use relay_proto::frame::FrameError;
+use relay_proto::merkle;
 use relay_proto::wire::{
-    AccessKeySet, Ack, Acked, Auth, AuthOk, Bundle, ClientFrame, ConsentList, ConsentRecorded, FetchBundle, Lookup,
-    LookupResult, PrekeyCounts, PutConsent, Register, Registered, SealedSend, Send, SendAck, ServerFrame, SetAccessKey,
-    SignedStatement, UploadPrekeys, client_frame::Body as Req, server_frame::Body as Resp,
+    AccessKeySet, Ack, Acked, Auth, AuthOk, Bundle, ClientFrame, ConsentList, ConsentRecorded, ExportList, FetchBundle,
+    ListExports, LogLeaf, Lookup, LookupResult, PrekeyCounts, PutConsent, Register, Registered, SealedSend, Send,
+    SendAck, ServerFrame, SetAccessKey, SignedStatement, UploadPrekeys, client_frame::Body as Req,
+    server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, PhoneNumber, StreamCloseCode};
 use relay_quic::{ReadError, read_frame, write_frame};
@@ -111,6 +113,7 @@ pub async fn serve_stream(
             Some(Req::SealedSend(s)) => sealed_send(&shared, s).await,
             Some(Req::PutConsent(c)) => put_consent(&shared, &session, c).await,
             Some(Req::ListConsent(_)) => list_consent(&shared, &session),
+            Some(Req::ListExports(l)) => list_exports(&shared, &session, l),
             None => Err(Reject::invalid("empty or unknown request")),
         };
         let frame = reply.unwrap_or_else(|r| {
@@ -364,6 +367,31 @@ fn list_consent(shared: &Shared, session: &Session) -> Result<ServerFrame, Rejec
         .collect();
     let last_sequence = shared.store.consent.last_sequence(&account)?;
     resp(Resp::ConsentList(ConsentList { latest, last_sequence }))
+}
+
+/// The authenticated account's entries of the export log, with proofs; no request names another account.
+fn list_exports(shared: &Shared, session: &Session, l: ListExports) -> Result<ServerFrame, Reject> {
+    let account = session.account()?;
+    let listing = shared.store.export_log.list(
+        &account,
+        l.tree_size,
+        l.start_index,
+        l.since_size,
+        relay_proto::MAX_LISTED_EXPORTS,
+    )?;
+    let entries = listing
+        .entries
+        .into_iter()
+        .map(|(index, leaf, proof)| LogLeaf { index, leaf: leaf.into(), proof: merkle::proof_to_wire(&proof) })
+        .collect();
+    resp(Resp::ExportList(ExportList {
+        log_key: listing.log_key.map(|k| k.to_bytes().to_vec().into()).unwrap_or_default(),
+        head: listing.head.as_ref().map(Into::into),
+        entries,
+        next_index: listing.next_index,
+        more: listing.more,
+        consistency: merkle::proof_to_wire(&listing.consistency),
+    }))
 }
 
 fn ack(shared: &Shared, session: &Session, a: Ack) -> Result<ServerFrame, Reject> {

@@ -1,31 +1,39 @@
 //! The export protocol's requests, answered from the consent registry, the directory's profiles and the fence.
 //!
-//! Contract: an [`ExportHandler`] is built from those three and nothing else. It holds no `Mailboxes` handle (nor
+//! Contract: an [`ExportHandler`] is built from those three, the relay's copy of the export log and the group commit
+//! (a durability barrier that reads nothing), and nothing else. It holds no `Mailboxes` handle (nor
 //! the `Store` or the relay's `Shared` state), so no request of the export protocol can read, write or count a
 //! mailbox, whatever it carries (invariant 2 of `docs/exporter.md`). Personal data (a [`Subject`]) leaves only for a
 //! pair whose latest statement is a grant in force now; `BeginExport` takes its lease *before* it reads the
 //! registry, so it either finishes before a withdrawal is acknowledged or sees the withdrawal and is denied.
+//! `SubjectChanges` likewise carries a subject only with the grants of that account in force now. `PublishLog` is
+//! acknowledged only once the appended entries are durable.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use relay_proto::consent::{Decision, Purpose, valid_affiliate_id};
+use relay_proto::merkle::{SignedTreeHead, log_key_from_wire};
 use relay_proto::wire::{
     BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ExportDenied, ExportEnded, ExportGranted,
-    ExportResponse, Subject, export_request::Body as Req, export_response::Body as Resp,
+    ExportResponse, LogPublished, PublishLog, Subject, SubjectChangeList, SubjectChanges, export_request::Body as Req,
+    export_response::Body as Resp,
 };
-use relay_proto::{AccountId, MAX_CONSENT_CHANGES};
+use relay_proto::{AccountId, MAX_CONSENT_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_SUBJECT_CHANGES};
 
 use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
 use crate::reject::Reject;
 use crate::store::consent::Recorded;
-use crate::store::{AccountProfile, ConsentRegistry, Directory};
+use crate::store::directory::AccountKeys;
+use crate::store::{AccountProfile, ConsentRegistry, Directory, ExportLog, GroupCommit};
 
 /// Answers export requests. Cheap to share: every connection of the export interface uses the same one.
 pub struct ExportHandler {
     consent: ConsentRegistry,
     directory: Directory,
     fence: Arc<Fence>,
+    log: ExportLog,
+    commit: Arc<GroupCommit>,
 }
 
 fn resp(body: Resp) -> Result<ExportResponse, Reject> {
@@ -51,17 +59,26 @@ fn ms(d: std::time::Duration) -> u64 {
 }
 
 impl ExportHandler {
-    /// A handler over the consent registry, the directory (for profiles) and the withdrawal fence: all it may use.
-    pub fn new(consent: ConsentRegistry, directory: Directory, fence: Arc<Fence>) -> Self {
-        Self { consent, directory, fence }
+    /// A handler over the consent registry, the directory (for profiles), the withdrawal fence, the export log and the
+    /// group commit: all it may use.
+    pub fn new(
+        consent: ConsentRegistry,
+        directory: Directory,
+        fence: Arc<Fence>,
+        log: ExportLog,
+        commit: Arc<GroupCommit>,
+    ) -> Self {
+        Self { consent, directory, fence, log, commit }
     }
 
     /// Answers one request; a refused one becomes an error frame.
-    pub fn handle(&self, body: Option<Req>) -> ExportResponse {
+    pub async fn handle(&self, body: Option<Req>) -> ExportResponse {
         let reply = match body {
             Some(Req::ConsentChanges(c)) => self.consent_changes(c),
             Some(Req::BeginExport(b)) => self.begin_export(b),
             Some(Req::EndExport(e)) => self.end_export(e),
+            Some(Req::SubjectChanges(c)) => self.subject_changes(c),
+            Some(Req::PublishLog(p)) => self.publish_log(p).await,
             None => Err(Reject::invalid("empty or unknown export request")),
         };
         reply.unwrap_or_else(|r| ExportResponse::error(r.code, r.message))
@@ -91,17 +108,66 @@ impl ExportHandler {
             };
             let subject =
                 if self.in_force_latest(&r, now)? { self.directory.profile(&account)?.map(subject) } else { None };
-            changes.push(ConsentChange {
-                cursor,
-                account_id: account.as_bytes().to_vec().into(),
-                identity_key: keys.identity_key.to_vec().into(),
-                statement: r.encoded.into(),
-                signature: r.signature.to_vec().into(),
-                recorded_at_ms: r.recorded_at_ms,
-                subject,
-            });
+            changes.push(Self::change(cursor, &keys, r, subject));
         }
         resp(Resp::ConsentChangeList(ConsentChangeList { changes, next_cursor }))
+    }
+
+    fn change(
+        cursor: u64,
+        keys: &AccountKeys,
+        r: crate::store::consent::Recorded,
+        subject: Option<Subject>,
+    ) -> ConsentChange {
+        ConsentChange {
+            cursor,
+            account_id: r.statement.account.as_bytes().to_vec().into(),
+            identity_key: keys.identity_key.to_vec().into(),
+            statement: r.encoded.into(),
+            signature: r.signature.to_vec().into(),
+            recorded_at_ms: r.recorded_at_ms,
+            subject,
+        }
+    }
+
+    fn subject_changes(&self, c: SubjectChanges) -> Result<ExportResponse, Reject> {
+        let now = relay_proto::now_ms();
+        let mut changes = Vec::new();
+        let mut next_cursor = c.after_cursor;
+        for (cursor, account) in self.directory.subject_changes(c.after_cursor, MAX_SUBJECT_CHANGES)? {
+            next_cursor = cursor;
+            let (Some(keys), Some(profile)) = (self.directory.keys(&account)?, self.directory.profile(&account)?)
+            else {
+                continue;
+            };
+            for r in self.consent.latest(&account)? {
+                if r.statement.decision == Decision::Grant && r.statement.in_force(now) {
+                    changes.push(Self::change(cursor, &keys, r, Some(subject(profile.clone()))));
+                }
+            }
+        }
+        resp(Resp::SubjectChangeList(SubjectChangeList { changes, next_cursor }))
+    }
+
+    async fn publish_log(&self, p: PublishLog) -> Result<ExportResponse, Reject> {
+        if p.entries.len() > MAX_PUBLISHED_ENTRIES {
+            return Err(Reject::invalid(format!("at most {MAX_PUBLISHED_ENTRIES} entries per publication")));
+        }
+        let key = log_key_from_wire(&p.log_key).map_err(|e| Reject::invalid(e.to_string()))?;
+        let head = p.head.as_ref().ok_or_else(|| Reject::invalid("a publication needs a signed tree head"))?;
+        let head = SignedTreeHead::try_from(head).map_err(|e| Reject::invalid(e.to_string()))?;
+        let entries = p
+            .entries
+            .into_iter()
+            .map(|e| {
+                let account = AccountId::from_slice(&e.account_id)
+                    .ok_or_else(|| Reject::invalid("account_id must be 16 bytes"))?;
+                Ok((account, e.leaf.to_vec()))
+            })
+            .collect::<Result<Vec<_>, Reject>>()?;
+        let size = self.log.publish(p.first_index, &entries, &head, &key)?;
+        self.commit.durable().await?;
+        resp(Resp::LogPublished(LogPublished { size }))
     }
 
     fn begin_export(&self, b: BeginExport) -> Result<ExportResponse, Reject> {

@@ -77,8 +77,9 @@ async fn serve_stream(handler: Arc<ExportHandler>, mut send: quinn::SendStream, 
                 return;
             }
         };
-        // Registry and profile reads are short sled look-ups, like the messaging handlers' reads.
-        let reply = handler.handle(request.body);
+        // Registry and profile reads are short sled look-ups, like the messaging handlers' reads; a publication
+        // waits for the group commit.
+        let reply = handler.handle(request.body).await;
         if write_frame(&mut send, &reply).await.is_err() {
             return;
         }

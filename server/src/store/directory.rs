@@ -3,6 +3,11 @@
 //! Keys (what authentication and routing need) live in their own tree, apart from the profile (phone number and
 //! device info), so that the message path can check that a recipient exists without reading personal data.
 //! A phone number maps to at most one account; registering it with another identity key is refused.
+//!
+//! A re-registration that changes the phone number or the device info of an existing account is also recorded in
+//! the subject-changes tree (`0` → last cursor; `1 ‖ cursor (BE)` → account id), inside the same transaction that
+//! reads and bumps the last cursor, so cursors become visible in order and the export interface can page through
+//! them without missing one.
 
 use prost::Message;
 use relay_proto::auth::KEY_LEN;
@@ -31,6 +36,15 @@ impl AccountKeys {
     fn from_bytes(b: &[u8]) -> Option<Self> {
         Some(Self { identity_key: b.get(..KEY_LEN)?.try_into().ok()?, sealing_key: b.get(KEY_LEN..)?.try_into().ok()? })
     }
+}
+
+const LAST_SUBJECT_CURSOR: u8 = 0;
+const SUBJECT_CHANGE: u8 = 1;
+
+fn subject_key(cursor: u64) -> [u8; 9] {
+    let mut k = [SUBJECT_CHANGE; 9];
+    k[1..].copy_from_slice(&cursor.to_be_bytes());
+    k
 }
 
 /// Stored profile of an account (personal data).
@@ -74,11 +88,12 @@ pub struct Directory {
     identities: sled::Tree,
     profiles: sled::Tree,
     phones: sled::Tree,
+    subjects: sled::Tree,
 }
 
 impl Directory {
-    pub(crate) fn new(identities: sled::Tree, profiles: sled::Tree, phones: sled::Tree) -> Self {
-        Self { identities, profiles, phones }
+    pub(crate) fn new(identities: sled::Tree, profiles: sled::Tree, phones: sled::Tree, subjects: sled::Tree) -> Self {
+        Self { identities, profiles, phones, subjects }
     }
 
     /// Creates the account of `keys.identity_key`, or updates its sealing key, phone and device info. Returns the
@@ -91,7 +106,8 @@ impl Directory {
         now_ms: u64,
     ) -> Result<(AccountId, bool), DirectoryError> {
         let account = AccountId::from_identity_key(&keys.identity_key);
-        let result = (&self.identities, &self.profiles, &self.phones).transaction(|(ids, profiles, phones)| {
+        let trees = (&self.identities, &self.profiles, &self.phones, &self.subjects);
+        let result = trees.transaction(|(ids, profiles, phones, subjects)| {
             if let Some(owner) = phones.get(phone.as_str())?
                 && owner.as_ref() != account.as_bytes()
             {
@@ -106,6 +122,19 @@ impl Directory {
                     phones.remove(prev.phone.as_bytes())?;
                 }
                 registered_at_ms = prev.registered_at_ms;
+                if prev.phone != phone.as_str() || prev.device.as_ref() != Some(&device) {
+                    let last = match subjects.get([LAST_SUBJECT_CURSOR])? {
+                        Some(v) => u64::from_be_bytes(
+                            v.as_ref()
+                                .try_into()
+                                .map_err(|_| ConflictableTransactionError::Abort(DirectoryError::Corrupt))?,
+                        ),
+                        None => 0,
+                    };
+                    let cursor = last + 1;
+                    subjects.insert(&[LAST_SUBJECT_CURSOR][..], &cursor.to_be_bytes()[..])?;
+                    subjects.insert(&subject_key(cursor)[..], &account.as_bytes()[..])?;
+                }
             }
             let profile = Profile { phone: phone.as_str().to_owned(), device: Some(device.clone()), registered_at_ms };
             ids.insert(&account.as_bytes()[..], &keys.to_bytes()[..])?;
@@ -141,6 +170,22 @@ impl Directory {
         Ok(Some(AccountProfile { phone: p.phone, device: p.device.unwrap_or_default() }))
     }
 
+    /// Up to `limit` accounts whose phone number or device info changed after cursor `after` (0: from the start),
+    /// oldest first, each with its cursor.
+    pub fn subject_changes(&self, after: u64, limit: usize) -> Result<Vec<(u64, AccountId)>, DirectoryError> {
+        let start = subject_key(after.saturating_add(1));
+        let mut out = Vec::new();
+        for item in self.subjects.range(start..).take(limit) {
+            let (k, v) = item?;
+            let cursor = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            match (cursor, AccountId::from_slice(&v)) {
+                (Some(cursor), Some(account)) => out.push((cursor, account)),
+                _ => return Err(DirectoryError::Corrupt),
+            }
+        }
+        Ok(out)
+    }
+
     /// The account registered with `phone` and its keys.
     pub fn lookup(&self, phone: &PhoneNumber) -> Result<Option<(AccountId, AccountKeys)>, DirectoryError> {
         let Some(id) = self.phones.get(phone.as_str())? else { return Ok(None) };
@@ -159,6 +204,7 @@ mod tests {
             db.open_tree("i").expect("tree"),
             db.open_tree("p").expect("tree"),
             db.open_tree("n").expect("tree"),
+            db.open_tree("s").expect("tree"),
         )
     }
 
@@ -184,5 +230,25 @@ mod tests {
         assert!(!d.exists(&AccountId([9; 16])).expect("exists"));
         assert_eq!(d.profile(&a).expect("profile").map(|p| p.phone), Some(p2.as_str().to_owned()));
         assert_eq!(d.profile(&AccountId([9; 16])).expect("profile"), None);
+    }
+
+    #[test]
+    fn changed_phone_or_device_is_recorded_in_order_and_a_plain_reregistration_is_not() {
+        let d = directory();
+        let p1 = PhoneNumber::parse("+33612345678").expect("valid");
+        let p2 = PhoneNumber::parse("+33698765432").expect("valid");
+        let pixel = DeviceInfo { model: "Pixel 8".into(), os: "Android 15".into(), app_version: "1.0".into() };
+        let (a, _) = d.register(keys(1), &p1, pixel.clone(), 1).expect("register");
+        let (b, _) = d.register(keys(2), &p2, pixel.clone(), 1).expect("register");
+        assert!(d.subject_changes(0, 10).expect("changes").is_empty(), "a first registration is not a change");
+        d.register(keys(1), &p1, pixel.clone(), 2).expect("same again");
+        assert!(d.subject_changes(0, 10).expect("changes").is_empty(), "nothing changed");
+        let newer = DeviceInfo { app_version: "1.1".into(), ..pixel.clone() };
+        d.register(keys(1), &p1, newer, 3).expect("new version");
+        d.register(keys(2), &PhoneNumber::parse("+33600000000").expect("valid"), pixel, 3).expect("new number");
+        assert_eq!(d.subject_changes(0, 10).expect("changes"), [(1, a), (2, b)]);
+        assert_eq!(d.subject_changes(1, 10).expect("changes"), [(2, b)]);
+        assert_eq!(d.subject_changes(0, 1).expect("changes"), [(1, a)]);
+        assert!(d.subject_changes(2, 10).expect("changes").is_empty());
     }
 }

@@ -7,6 +7,7 @@
 pub mod commit;
 pub mod consent;
 pub mod directory;
+pub mod exportlog;
 pub mod mailbox;
 pub mod prekeys;
 
@@ -16,6 +17,7 @@ use std::sync::Arc;
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
 pub use directory::{AccountProfile, Directory, DirectoryError};
+pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
 pub use prekeys::{PrekeyError, Prekeys};
 
@@ -36,6 +38,22 @@ pub mod trees {
     /// Consent statements: last sequence, latest per (affiliate, purpose), full history, global recording order
     /// (see `store::consent`).
     pub const CONSENT: &str = "consent";
+    /// Accounts whose phone number or device info changed, in order (see `store::directory`).
+    pub const SUBJECT_CHANGES: &str = "subject_changes";
+    /// The relay's copy of the exporter's Merkle export log, indexed by account (see `store::exportlog`).
+    pub const EXPORT_LOG: &str = "export_log";
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// sled refused (another relay may be using the directory).
+    #[error(transparent)]
+    Sled(#[from] sled::Error),
+    /// The export log does not load.
+    #[error(transparent)]
+    ExportLog(#[from] ExportLogError),
 }
 
 /// The opened store.
@@ -48,23 +66,27 @@ pub struct Store {
     pub prekeys: Prekeys,
     /// Signed consent statements.
     pub consent: ConsentRegistry,
+    /// The exporter's published export log.
+    pub export_log: ExportLog,
     /// Durability barrier shared by every write that is acknowledged to a client.
     pub commit: Arc<GroupCommit>,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime: it starts the flusher task.
-    pub fn open(dir: &Path, limits: MailboxLimits) -> Result<Self, sled::Error> {
+    pub fn open(dir: &Path, limits: MailboxLimits) -> Result<Self, OpenError> {
         let db = sled::Config::new().path(dir).open()?;
         let mailboxes = Mailboxes::new(db.open_tree(trees::MAILBOXES)?, db.clone(), limits);
         let directory = Directory::new(
             db.open_tree(trees::IDENTITIES)?,
             db.open_tree(trees::PROFILES)?,
             db.open_tree(trees::PHONES)?,
+            db.open_tree(trees::SUBJECT_CHANGES)?,
         );
         let prekeys = Prekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?);
         let consent = ConsentRegistry::new(db.open_tree(trees::CONSENT)?);
+        let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
         let commit = GroupCommit::start(db);
-        Ok(Self { mailboxes, directory, prekeys, consent, commit })
+        Ok(Self { mailboxes, directory, prekeys, consent, export_log, commit })
     }
 }

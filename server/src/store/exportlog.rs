@@ -1,0 +1,368 @@
+//! The relay's copy of the exporter's Merkle export log, kept so that each user can fetch the entries that concern
+//! them, with proofs, from the relay they already talk to.
+//!
+//! The relay is not trusted for any of it: the exporter signs every tree head with its log key, and a client checks
+//! each entry's inclusion proof against a signed head and the consistency of that head with the one it saw before.
+//! What the relay adds is the index by account, which only the exporter can supply (a leaf holds no account id).
+//!
+//! Layout of the `export_log` tree (keys start with a one-byte kind):
+//! - `0` → the exporter's Ed25519 log key (32 bytes), pinned by the first publication.
+//! - `1 ‖ index (BE)` → `account id (16) ‖ canonical leaf`.
+//! - `2 ‖ account id ‖ index (BE)` → empty: the account's entries in log order.
+//! - `3 ‖ size (BE)` → signed tree head: `timestamp_ms (8, BE) ‖ root (32) ‖ signature (64)`.
+//!
+//! Contract: a publication is all or nothing (one sled transaction) and only ever extends the log: it must start at
+//! the current size, carry leaves that decode, and come with a head whose signature verifies under the pinned key and
+//! whose root is the root over the log with the new leaves. The in-memory tree is updated only after the transaction
+//! commits. The caller makes the write durable (group commit) before acknowledging it.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ed25519_dalek::VerifyingKey;
+use relay_proto::AccountId;
+use relay_proto::merkle::{ExportLeaf, Hash, MerkleError, MerkleLog, SignedTreeHead, TreeHead, leaf_hash};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+const KEY: u8 = 0;
+const LEAF: u8 = 1;
+const BY_ACCOUNT: u8 = 2;
+const HEAD: u8 = 3;
+
+/// Why a publication or a listing was refused, or the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportLogError {
+    /// sled failed.
+    #[error("export log store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored value does not decode.
+    #[error("export log store holds a corrupt value")]
+    Corrupt,
+    /// The publication carries a log key other than the one pinned by the first publication.
+    #[error("log key differs from the one pinned at the first publication")]
+    KeyChanged,
+    /// The head does not match the size of the log once the entries are appended.
+    #[error("head size {head} does not match the log size {size} after the entries")]
+    HeadSize {
+        /// Size claimed by the head.
+        head: u64,
+        /// Size after appending.
+        size: u64,
+    },
+    /// A leaf, a head or a proof was refused.
+    #[error(transparent)]
+    Merkle(#[from] MerkleError),
+    /// No published head has the size asked for.
+    #[error("no tree head of size {0} was published")]
+    NoSuchHead(u64),
+}
+
+/// One page of an account's entries, with proofs against one head.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// The pinned log key, if anything was ever published.
+    pub log_key: Option<VerifyingKey>,
+    /// The head the proofs lead to.
+    pub head: Option<SignedTreeHead>,
+    /// `(index, leaf, audit path)` of the account's entries, oldest first.
+    pub entries: Vec<(u64, Vec<u8>, Vec<Hash>)>,
+    /// Where the next page starts, if `more`.
+    pub next_index: u64,
+    /// Whether the account has more entries below `head.size`.
+    pub more: bool,
+    /// Consistency proof from the size the client saw before to `head.size`.
+    pub consistency: Vec<Hash>,
+}
+
+struct State {
+    log: MerkleLog,
+    key: Option<VerifyingKey>,
+    latest: Option<u64>,
+}
+
+/// The export log tree and the Merkle tree over it (rebuilt at open from the stored leaves). Clones share both.
+#[derive(Clone)]
+pub struct ExportLog {
+    tree: sled::Tree,
+    state: Arc<Mutex<State>>,
+}
+
+fn leaf_key(index: u64) -> [u8; 9] {
+    let mut k = [LEAF; 9];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn account_key(account: &AccountId, index: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(BY_ACCOUNT);
+    k.extend_from_slice(account.as_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn head_key(size: u64) -> [u8; 9] {
+    let mut k = [HEAD; 9];
+    k[1..].copy_from_slice(&size.to_be_bytes());
+    k
+}
+
+fn encode_head(h: &SignedTreeHead) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 32 + 64);
+    v.extend_from_slice(&h.head.timestamp_ms.to_be_bytes());
+    v.extend_from_slice(&h.head.root);
+    v.extend_from_slice(&h.signature);
+    v
+}
+
+fn decode_head(size: u64, v: &[u8]) -> Result<SignedTreeHead, ExportLogError> {
+    if v.len() != 8 + 32 + 64 {
+        return Err(ExportLogError::Corrupt);
+    }
+    let (ts, rest) = v.split_at(8);
+    let (root, signature) = rest.split_at(32);
+    let timestamp_ms = u64::from_be_bytes(ts.try_into().map_err(|_| ExportLogError::Corrupt)?);
+    Ok(SignedTreeHead {
+        head: TreeHead { size, root: root.try_into().map_err(|_| ExportLogError::Corrupt)?, timestamp_ms },
+        signature: signature.try_into().map_err(|_| ExportLogError::Corrupt)?,
+    })
+}
+
+impl ExportLog {
+    /// Opens the log over `tree`, rebuilding the Merkle tree from the stored leaves.
+    pub(crate) fn open(tree: sled::Tree) -> Result<Self, ExportLogError> {
+        let key = match tree.get([KEY])? {
+            Some(v) => {
+                let bytes: [u8; 32] = v.as_ref().try_into().map_err(|_| ExportLogError::Corrupt)?;
+                Some(VerifyingKey::from_bytes(&bytes).map_err(|_| ExportLogError::Corrupt)?)
+            }
+            None => None,
+        };
+        let mut hashes = Vec::new();
+        for item in tree.scan_prefix([LEAF]) {
+            let (_, v) = item?;
+            let leaf = v.get(16..).ok_or(ExportLogError::Corrupt)?;
+            hashes.push(leaf_hash(leaf));
+        }
+        let log = MerkleLog::from_leaf_hashes(hashes);
+        let latest = match tree.scan_prefix([HEAD]).next_back() {
+            Some(item) => {
+                let (k, _) = item?;
+                Some(u64::from_be_bytes(k.get(1..9).and_then(|b| b.try_into().ok()).ok_or(ExportLogError::Corrupt)?))
+            }
+            None => None,
+        };
+        Ok(Self { tree, state: Arc::new(Mutex::new(State { log, key, latest })) })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated: it is replaced only after commits.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Number of leaves held.
+    pub fn len(&self) -> u64 {
+        self.state().log.len()
+    }
+
+    /// Whether no leaf was published.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `entries` at `first_index` with the exporter's `head` over the result. Returns the log size afterwards;
+    /// if `first_index` is not the current size, nothing is written and the current size is returned, so that the
+    /// exporter resumes from it. Not yet durable: the caller awaits the group commit.
+    pub fn publish(
+        &self,
+        first_index: u64,
+        entries: &[(AccountId, Vec<u8>)],
+        head: &SignedTreeHead,
+        key: &VerifyingKey,
+    ) -> Result<u64, ExportLogError> {
+        let mut state = self.state();
+        if state.key.is_some_and(|pinned| pinned != *key) {
+            return Err(ExportLogError::KeyChanged);
+        }
+        if first_index != state.log.len() {
+            return Ok(state.log.len());
+        }
+        head.verify(key)?;
+        let mut log = state.log.clone();
+        for (_, leaf) in entries {
+            ExportLeaf::decode(leaf)?;
+            log.append(leaf);
+        }
+        if head.head.size != log.len() {
+            return Err(ExportLogError::HeadSize { head: head.head.size, size: log.len() });
+        }
+        if head.head.root != log.root() {
+            return Err(MerkleError::RootMismatch.into());
+        }
+        let result = self.tree.transaction(|t| {
+            if state.key.is_none() {
+                t.insert(&[KEY][..], &key.to_bytes()[..])?;
+            }
+            for (offset, (account, leaf)) in (first_index..).zip(entries) {
+                let mut v = Vec::with_capacity(16 + leaf.len());
+                v.extend_from_slice(account.as_bytes());
+                v.extend_from_slice(leaf);
+                t.insert(&leaf_key(offset)[..], v)?;
+                t.insert(account_key(account, offset), &[][..])?;
+            }
+            t.insert(&head_key(head.head.size)[..], encode_head(head))?;
+            Ok::<_, ConflictableTransactionError<ExportLogError>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        }
+        state.log = log;
+        state.key = Some(*key);
+        state.latest = Some(head.head.size);
+        Ok(state.log.len())
+    }
+
+    /// `account`'s entries from `start_index`, at most `limit`, with audit paths to the head of size `tree_size` (0:
+    /// the latest head), and a consistency proof from `since_size` (0: none).
+    pub fn list(
+        &self,
+        account: &AccountId,
+        tree_size: u64,
+        start_index: u64,
+        since_size: u64,
+        limit: usize,
+    ) -> Result<Listing, ExportLogError> {
+        let state = self.state();
+        let size = match (tree_size, state.latest) {
+            (0, None) => return Ok(Listing { log_key: state.key, ..Listing::default() }),
+            (0, Some(latest)) => latest,
+            (size, _) => size,
+        };
+        let head = match self.tree.get(head_key(size))? {
+            Some(v) => decode_head(size, &v)?,
+            None => return Err(ExportLogError::NoSuchHead(size)),
+        };
+        let consistency = if since_size == 0 { Vec::new() } else { state.log.consistency_proof(since_size, size)? };
+        let mut entries = Vec::new();
+        let mut next_index = start_index;
+        let mut more = false;
+        for item in self.tree.range(account_key(account, start_index)..account_key(account, size)) {
+            let (k, _) = item?;
+            let index =
+                u64::from_be_bytes(k.get(17..25).and_then(|b| b.try_into().ok()).ok_or(ExportLogError::Corrupt)?);
+            if entries.len() == limit {
+                more = true;
+                next_index = index;
+                break;
+            }
+            let stored = self.tree.get(leaf_key(index))?.ok_or(ExportLogError::Corrupt)?;
+            let leaf = stored.get(16..).ok_or(ExportLogError::Corrupt)?.to_vec();
+            entries.push((index, leaf, state.log.inclusion_proof(index, size)?));
+            next_index = index + 1;
+        }
+        Ok(Listing { log_key: state.key, head: Some(head), entries, next_index, more, consistency })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+
+    fn leaf(n: u8) -> Vec<u8> {
+        ExportLeaf {
+            export_id: [n; 16],
+            affiliate: "adsco".into(),
+            purpose: "advertising".into(),
+            fields: vec!["device_model".into()],
+            payload_hash: [n; 32],
+            consent_hash: [n; 32],
+            time_ms: u64::from(n),
+        }
+        .encode()
+        .expect("leaf")
+    }
+
+    fn open() -> (ExportLog, sled::Db) {
+        let db = sled::Config::new().temporary(true).open().expect("db");
+        (ExportLog::open(db.open_tree("export_log").expect("tree")).expect("open"), db)
+    }
+
+    fn head_over(leaves: &[Vec<u8>], key: &SigningKey) -> SignedTreeHead {
+        let mut log = MerkleLog::new();
+        for l in leaves {
+            log.append(l);
+        }
+        log.tree_head(7).sign(key)
+    }
+
+    #[test]
+    fn publications_extend_the_log_and_each_account_sees_only_its_entries() {
+        let (log, db) = open();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let (alice, bob) = (AccountId::from_identity_key(&[1; 32]), AccountId::from_identity_key(&[2; 32]));
+        let leaves: Vec<_> = (0..5).map(leaf).collect();
+        let first = [(alice, leaves[0].clone()), (bob, leaves[1].clone()), (alice, leaves[2].clone())];
+        assert_eq!(log.publish(0, &first, &head_over(&leaves[..3], &key), &key.verifying_key()).expect("publish"), 3);
+        // A stale or future start writes nothing and reports the size.
+        assert_eq!(log.publish(1, &first, &head_over(&leaves[..3], &key), &key.verifying_key()).expect("stale"), 3);
+        let second = [(alice, leaves[3].clone()), (bob, leaves[4].clone())];
+        let head = head_over(&leaves, &key);
+        assert_eq!(log.publish(3, &second, &head, &key.verifying_key()).expect("publish"), 5);
+
+        let listing = log.list(&alice, 0, 0, 3, 100).expect("list");
+        assert_eq!(listing.head, Some(head));
+        let indices: Vec<_> = listing.entries.iter().map(|(i, _, _)| *i).collect();
+        assert_eq!(indices, [0, 2, 3]);
+        for (index, leaf, proof) in &listing.entries {
+            relay_proto::merkle::verify_inclusion(&leaf_hash(leaf), *index, 5, proof, &head.head.root).expect("proof");
+        }
+        let old_root = head_over(&leaves[..3], &key).head.root;
+        relay_proto::merkle::verify_consistency(3, 5, &old_root, &head.head.root, &listing.consistency).expect("cons");
+        let bob_listing = log.list(&bob, 0, 0, 0, 100).expect("list");
+        assert_eq!(bob_listing.entries.iter().map(|(i, _, _)| *i).collect::<Vec<_>>(), [1, 4]);
+
+        // Pages, and the state survives a reopen.
+        let page = log.list(&alice, 5, 0, 0, 2).expect("page");
+        assert!(page.more);
+        assert_eq!(page.next_index, 3);
+        let reopened = ExportLog::open(db.open_tree("export_log").expect("tree")).expect("reopen");
+        assert_eq!(reopened.len(), 5);
+        assert_eq!(reopened.list(&alice, 5, 3, 0, 2).expect("page").entries.len(), 1);
+        assert!(matches!(reopened.list(&alice, 4, 0, 0, 2), Err(ExportLogError::NoSuchHead(4))));
+    }
+
+    #[test]
+    fn bad_publications_are_refused_and_change_nothing() {
+        let (log, _db) = open();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let other = SigningKey::from_bytes(&[2; 32]);
+        let alice = AccountId::from_identity_key(&[1; 32]);
+        let leaves: Vec<_> = (0..2).map(leaf).collect();
+        let entries = [(alice, leaves[0].clone()), (alice, leaves[1].clone())];
+        let good = head_over(&leaves, &key);
+        let mut bad_sig = good;
+        bad_sig.signature[0] ^= 1;
+        assert!(matches!(
+            log.publish(0, &entries, &bad_sig, &key.verifying_key()),
+            Err(ExportLogError::Merkle(MerkleError::BadSignature))
+        ));
+        let wrong_root = head_over(&leaves[..1], &key);
+        assert!(log.publish(0, &entries, &wrong_root, &key.verifying_key()).is_err());
+        let garbage = [(alice, vec![9, 9, 9])];
+        assert!(log.publish(0, &garbage, &good, &key.verifying_key()).is_err());
+        assert_eq!(log.len(), 0);
+        log.publish(0, &entries, &good, &key.verifying_key()).expect("publish");
+        let more = [(alice, leaf(3))];
+        let mut all = leaves.clone();
+        all.push(leaf(3));
+        assert!(matches!(
+            log.publish(2, &more, &head_over(&all, &other), &other.verifying_key()),
+            Err(ExportLogError::KeyChanged)
+        ));
+        assert_eq!(log.len(), 2);
+    }
+}
