@@ -260,6 +260,20 @@ impl Connection {
         }
     }
 
+    /// One page of this account's export log entries with proofs (see `ListExports` in the schema).
+    pub async fn list_exports(
+        &self,
+        tree_size: u64,
+        start_index: u64,
+        since_size: u64,
+    ) -> Result<relay_proto::wire::ExportList, ClientError> {
+        let req = relay_proto::wire::ListExports { tree_size, start_index, since_size };
+        match self.request(Req::ListExports(req)).await? {
+            Resp::ExportList(l) => Ok(l),
+            other => Err(unexpected("ExportList", &other)),
+        }
+    }
+
     /// Acknowledges delivered envelopes outside the delivery stream; returns how many the relay removed.
     pub async fn ack(&self, server_ids: Vec<u64>) -> Result<u32, ClientError> {
         match self.request(Req::Ack(Ack { server_ids })).await? {
@@ -298,6 +312,7 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::AccessKeySet(_) => "AccessKeySet",
         Resp::ConsentRecorded(_) => "ConsentRecorded",
         Resp::ConsentList(_) => "ConsentList",
+        Resp::ExportList(_) => "ExportList",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod consent;
 pub mod content;
 pub mod e2ee;
+pub mod exports;
 pub mod home;
 pub mod identity;
 pub mod messenger;

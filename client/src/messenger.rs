@@ -254,6 +254,11 @@ impl Messenger {
         self.identity.account_id()
     }
 
+    /// Replaces the device info kept for this session (after [`Messenger::update_device`]).
+    pub(crate) fn set_device(&mut self, device: Device) {
+        self.profile.device = device;
+    }
+
     /// Own phone number.
     pub fn phone(&self) -> &str {
         &self.profile.phone

@@ -31,15 +31,17 @@ fn run_once(data: &Path) -> String {
     let mut line = String::new();
     stdout.read_line(&mut line).expect("ready line");
     let parts: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(parts.len(), 3, "{line:?}");
-    assert_eq!((parts[0], parts[1]), ("exporter", "cert-sha256"));
-    assert!(parts[2].len() == 64 && parts[2].chars().all(|c| c.is_ascii_hexdigit()), "{line:?}");
+    assert_eq!(parts.len(), 5, "{line:?}");
+    assert_eq!((parts[0], parts[1], parts[3]), ("exporter", "cert-sha256", "log-key"));
+    for hex in [parts[2], parts[4]] {
+        assert!(hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()), "{line:?}");
+    }
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status}");
     let mut rest = String::new();
     stdout.read_line(&mut rest).expect("eof");
     assert!(rest.is_empty(), "exactly one line on stdout, then {rest:?}");
-    parts[2].to_owned()
+    format!("{} {}", parts[2], parts[4])
 }
 
 #[test]
@@ -47,15 +49,18 @@ fn creates_its_identity_once_prints_one_line_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("exporter");
     let first = run_once(&data);
-    let key = std::fs::read(data.join("pseudonym.key")).expect("pseudonym key");
-    assert_eq!(key.len(), 32);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(data.join("pseudonym.key")).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+    for name in ["pseudonym.key", "log.key"] {
+        let key = std::fs::read(data.join(name)).expect("key file");
+        assert_eq!(key.len(), 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(data.join(name)).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
     }
-    assert_eq!(run_once(&data), first, "same certificate after a restart");
+    let key = std::fs::read(data.join("pseudonym.key")).expect("key");
+    assert_eq!(run_once(&data), first, "same certificate and log key after a restart");
     assert_eq!(std::fs::read(data.join("pseudonym.key")).expect("key"), key, "same pseudonym key");
 }
 

@@ -6,6 +6,9 @@
 //! relay --home D send --to +33698765432 "text"
 //! relay --home D recv [--wait SECS] [--json]
 //! relay --home D chat --to +33698765432
+//! relay --home D consent grant|withdraw --affiliate A --purpose P | reject-all | show
+//! relay --home D device [--model M] [--os O] [--app-version V]
+//! relay --home D exports [--verify] [--json]
 //! ```
 //! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr.
 
@@ -84,6 +87,30 @@ enum Command {
     Consent {
         #[command(subcommand)]
         action: ConsentAction,
+    },
+    /// Report new device info to the relay (a new phone, an OS or app update). Affiliates you granted receive the
+    /// fields they may see again if these changed; nothing else does.
+    Device {
+        /// Device model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Operating system.
+        #[arg(long)]
+        os: Option<String>,
+        /// Client version.
+        #[arg(long)]
+        app_version: Option<String>,
+    },
+    /// What was shared about you: every export of your phone number or device info to an affiliate, with whom, when,
+    /// which fields and under which consent. With --verify, checks the log's proofs and your signed consent for each.
+    Exports {
+        /// Check the signed tree head, inclusion and consistency proofs, and the consent behind each entry; exits 1
+        /// if anything fails.
+        #[arg(long)]
+        verify: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Replace your sealed-sender access key (contacts learn the new one from your next message to them).
     RotateAccessKey,
@@ -194,12 +221,76 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat { to } => chat(&home, &to).await?,
         Command::Verify { with, accept } => verify(&home, &with, accept).await?,
         Command::Consent { action } => consent(&home, action).await?,
+        Command::Device { model, os, app_version } => {
+            let mut m = Messenger::open(&home).await?;
+            let mut device = home.profile()?.device;
+            for (field, value) in
+                [(&mut device.model, model), (&mut device.os, os), (&mut device.app_version, app_version)]
+            {
+                if let Some(v) = value {
+                    *field = v;
+                }
+            }
+            m.update_device(device.clone()).await?;
+            println!(
+                "device reported: model {:?}, os {:?}, app version {:?}",
+                device.model, device.os, device.app_version
+            );
+            m.close().await;
+        }
+        Command::Exports { verify, json } => exports(&home, verify, json).await?,
         Command::RotateAccessKey => {
             let mut m = Messenger::open(&home).await?;
             m.rotate_access_key().await?;
             println!("access key replaced: sealed sends under the old one are refused from now on");
             m.close().await;
         }
+    }
+    Ok(())
+}
+
+async fn exports(home: &Home, verify: bool, json: bool) -> anyhow::Result<()> {
+    let m = Messenger::open(home).await?;
+    let report = m.exports(verify).await;
+    m.close().await;
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if report.log_key.is_none() {
+        println!("nothing was ever exported through this relay's exporter");
+    } else {
+        println!("{} export(s) concerning you in a log of {} entries", report.entries.len(), report.tree_size);
+        for e in &report.entries {
+            let consent = e.consent_sequence.map_or_else(|| "unknown consent".to_owned(), |s| format!("statement {s}"));
+            let status = match (&e.problem, verify) {
+                (Some(p), _) => format!("FAILED: {p}"),
+                (None, true) => "verified".to_owned(),
+                (None, false) => "not verified".to_owned(),
+            };
+            println!(
+                "#{:<5} {} {:<10} {:<18} {:<40} {consent:<14} {status}",
+                e.index,
+                e.time,
+                e.affiliate,
+                e.purpose,
+                e.fields.join(",")
+            );
+        }
+        if verify {
+            if report.problems.is_empty() {
+                println!(
+                    "log key {} — head of size {} verified",
+                    report.log_key.as_deref().unwrap_or(""),
+                    report.tree_size
+                );
+            }
+            for p in &report.problems {
+                println!("PROBLEM: {p}");
+            }
+        }
+    }
+    if verify && !report.problems.is_empty() {
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! within the withdrawal fence, until SIGINT or SIGTERM.
 //!
 //! On first start it creates its TLS identity and pseudonym key in `--data`. When ready it prints exactly one line
-//! on stdout, `exporter cert-sha256 <hex>` (relayd's `--exporter-cert-sha256`); logs go to stderr (`RUST_LOG`).
+//! on stdout, `exporter cert-sha256 <hex> log-key <hex>`: the first is relayd's `--exporter-cert-sha256`, the second
+//! the Ed25519 key that verifies the export log's tree heads (`relay-audit --log-key`). Logs go to stderr
+//! (`RUST_LOG`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -61,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "exporter cert-sha256 {}", exporter.fingerprint())?;
+        writeln!(out, "exporter cert-sha256 {} log-key {}", exporter.fingerprint(), exporter.log_key())?;
         out.flush()?;
     }
     let (stop, shutdown) = watch::channel(false);

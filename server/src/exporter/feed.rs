@@ -2,8 +2,11 @@
 //!
 //! Contract: a change is acted on only if the user's Ed25519 signature over the statement verifies with the
 //! change's identity key and the account id derives from that key; anything else is skipped and logged without
-//! personal data. A grant with a subject, for a pair the catalogue allows, queues one export whose webhook id is
-//! derived from the statement hash and the affiliate, so reading the same change again never queues a second one.
+//! personal data. Every verified statement is kept as audit evidence. A grant with a subject, for a pair the
+//! catalogue allows, queues one export whose webhook id is derived from the statement hash, the affiliate and a
+//! digest of the exported data; reading the same change again, or a subject change that leaves the affiliate's
+//! fields as they were, queues nothing, while new data (a new device, say) replaces what is still queued for the pair.
+//! Each export body carries a random nonce, so the log's payload hash cannot be reversed by guessing the data.
 //! A withdrawal removes the pair's queued exports and, if the pair had been delivered, queues a `consent.withdrawn`
 //! notice carrying only the user's pseudonym for that affiliate.
 
@@ -15,7 +18,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::affiliates::Catalogue;
-use super::outbox::{Entry, Kind, Store, StoreError, pair_key};
+use super::outbox::{Entry, Evidence, Kind, Store, StoreError, pair_key};
 use super::payload::{self, phone_pseudonym};
 
 /// What became of one change.
@@ -25,8 +28,10 @@ pub enum Applied {
     Rejected(&'static str),
     /// A grant with nothing to export (not in force any more, or not allowed by the catalogue).
     Nothing,
-    /// An export was queued (or already was).
+    /// An export was queued.
     Queued,
+    /// The same data was already queued or delivered for this statement.
+    Unchanged,
     /// A withdrawal: this many queued exports dropped, and whether a withdrawal notice was queued.
     Withdrawn {
         /// Exports removed from the outbox.
@@ -36,10 +41,16 @@ pub enum Applied {
     },
 }
 
-/// The webhook id of the event that follows from statement `hash` for `affiliate`.
-pub fn webhook_id(hash: &[u8; 32], affiliate: &str) -> String {
-    let digest = Sha256::new().chain_update(hash).chain_update(affiliate.as_bytes()).finalize();
-    format!("msg_{}", hex::encode(&digest[..16]))
+/// The webhook id of the event that follows from statement `hash` for `affiliate`, carrying data with `digest` (all
+/// zeros for a withdrawal notice).
+pub fn webhook_id(hash: &[u8; 32], affiliate: &str, digest: &[u8; 32]) -> String {
+    let id = Sha256::new().chain_update(hash).chain_update(affiliate.as_bytes()).chain_update(digest).finalize();
+    format!("msg_{}", hex::encode(&id[..16]))
+}
+
+/// The 16 bytes of a webhook id (the log leaf's export id).
+pub fn export_id(webhook_id: &str) -> Option<[u8; 16]> {
+    hex::decode(webhook_id.strip_prefix("msg_")?).ok()?.try_into().ok()
 }
 
 /// Checks the change's signature and account binding; the statement if both hold.
@@ -60,7 +71,9 @@ pub fn verify(change: &ConsentChange) -> Result<ConsentStatement, &'static str> 
 }
 
 fn event(kind: &str, now_ms: u64, data: serde_json::Map<String, Value>) -> String {
-    json!({ "type": kind, "timestamp": relay_proto::time::rfc3339(now_ms), "data": data }).to_string()
+    let nonce: [u8; 16] = rand::random();
+    json!({ "type": kind, "timestamp": relay_proto::time::rfc3339(now_ms), "nonce": hex::encode(nonce), "data": data })
+        .to_string()
 }
 
 /// Applies one change to the outbox (the caller flushes, then advances the cursor).
@@ -82,6 +95,13 @@ pub fn apply(
     let account = statement.account.to_string();
     let purpose = statement.purpose.as_str();
     let pair = pair_key(&account, &statement.affiliate, purpose);
+    let evidence = Evidence {
+        statement: hex::encode(&change.statement),
+        signature: hex::encode(&change.signature),
+        identity_key: hex::encode(&change.identity_key),
+        recorded_at_ms: change.recorded_at_ms,
+    };
+    store.record_statement(&pair, statement.sequence, &evidence)?;
     let Some(affiliate) = catalogue.get(&statement.affiliate) else {
         return Ok(Applied::Nothing);
     };
@@ -95,9 +115,15 @@ pub fn apply(
                 os: device.os,
                 app_version: device.app_version,
             };
-            let Some((mut data, _fields)) = payload::build(affiliate, statement.purpose, &subject, master_key) else {
+            let Some((mut data, fields)) = payload::build(affiliate, statement.purpose, &subject, master_key) else {
                 return Ok(Applied::Nothing);
             };
+            // serde_json's map is ordered by key, so equal data gives equal digests.
+            let digest: [u8; 32] = Sha256::digest(Value::Object(data.clone()).to_string().as_bytes()).into();
+            let marker = format!("{}:{}", hex::encode(hash), hex::encode(digest));
+            if store.exported(&pair)?.as_deref() == Some(marker.as_str()) {
+                return Ok(Applied::Unchanged);
+            }
             data.insert("purpose".into(), Value::String(purpose.into()));
             data.insert("consent".into(), Value::String(hex::encode(hash)));
             let entry = Entry {
@@ -110,12 +136,18 @@ pub fn apply(
                 body: event("user.metadata.exported", now_ms, data),
                 attempts: 0,
                 next_attempt_ms: now_ms,
+                fields: fields.iter().map(|f| f.as_str().to_owned()).collect(),
+                evidence: Some(evidence),
             };
-            store.insert_new(&webhook_id(&hash, &affiliate.id), &entry)?;
+            // Older data still queued for the pair is superseded by this one.
+            store.remove_exports_of(&pair)?;
+            store.insert_new(&webhook_id(&hash, &affiliate.id, &digest), &entry)?;
+            store.set_exported(&pair, &marker)?;
             Ok(Applied::Queued)
         }
         Decision::Withdraw => {
             let dropped = store.remove_exports_of(&pair)?;
+            store.forget_exported(&pair)?;
             let mut notified = false;
             if let Some(pseudonym) = store.delivered(&pair)? {
                 let mut data = serde_json::Map::new();
@@ -131,9 +163,11 @@ pub fn apply(
                     body: event("consent.withdrawn", now_ms, data),
                     attempts: 0,
                     next_attempt_ms: now_ms,
+                    fields: Vec::new(),
+                    evidence: None,
                 };
                 // Queued before the delivered mark is forgotten, so a crash between the two loses neither.
-                store.insert_new(&webhook_id(&hash, &affiliate.id), &entry)?;
+                store.insert_new(&webhook_id(&hash, &affiliate.id, &[0; 32]), &entry)?;
                 store.forget_delivered(&pair)?;
                 notified = true;
             }
@@ -205,8 +239,21 @@ mod tests {
         let master = [3; 32];
         let grant = change(&key, "adsco", Decision::Grant, 1);
         assert_eq!(apply(&store, &catalogue, &master, &grant, 5).expect("apply"), Applied::Queued);
-        assert_eq!(apply(&store, &catalogue, &master, &grant, 6).expect("apply"), Applied::Queued);
+        assert_eq!(apply(&store, &catalogue, &master, &grant, 6).expect("apply"), Applied::Unchanged);
         assert_eq!(store.len(), 1, "re-reading the feed queues nothing new");
+        // A subject change the affiliate does not receive (the OS, for adsco's advertising) exports nothing.
+        let mut new_os = grant.clone();
+        new_os.subject.as_mut().and_then(|s| s.device.as_mut()).expect("device").os = "Android 17".into();
+        assert_eq!(apply(&store, &catalogue, &master, &new_os, 6).expect("apply"), Applied::Unchanged);
+        // A new device model replaces the queued export.
+        let mut new_model = grant.clone();
+        new_model.subject.as_mut().and_then(|s| s.device.as_mut()).expect("device").model = "Pixel 10".into();
+        assert_eq!(apply(&store, &catalogue, &master, &new_model, 6).expect("apply"), Applied::Queued);
+        assert_eq!(store.len(), 1, "the older data is superseded");
+        let (_, queued) = store.due(10, 10).expect("due").remove(0);
+        assert!(queued.body.contains("Pixel 10"), "{}", queued.body);
+        assert_eq!(queued.fields, ["phone_pseudonym", "device_model"]);
+        assert_eq!(store.statements_of(&queued.pair_key()).expect("evidence").len(), 1);
         let shield = change(&key, "shieldco", Decision::Grant, 2);
         assert_eq!(apply(&store, &catalogue, &master, &shield, 7).expect("apply"), Applied::Nothing, "not allowed");
         let mut rejected = change(&key, "adsco", Decision::Grant, 3);

@@ -1,15 +1,23 @@
 //! The exporter's durable state, in its own sled database: the outbox (webhook id → entry to deliver), the pairs
-//! delivered so far (pair → the user's pseudonym for that affiliate, for a later `consent.withdrawn` event) and the
-//! feed cursor.
+//! delivered so far (pair → the user's pseudonym for that affiliate, for a later `consent.withdrawn` event), what
+//! was last queued per pair (so unchanged data is not exported twice), the feed cursors, the export log (index →
+//! [`LogRecord`]: the leaf and the user-signed statement that allowed it), its signed tree heads, every verified
+//! statement per pair (the auditor's evidence that no later statement had withdrawn a grant), and how much of the
+//! log the relay holds.
 //!
 //! Contract: an entry stays in the outbox until the affiliate answered 2xx, or the relay denied the export, or a
-//! withdrawal of its pair removed it. The cursor is written only by the feed, after [`Store::flush`] made the writes
-//! of the changes before it durable. Entries hold no raw phone number unless the catalogue allows the affiliate to
-//! receive it (it is then part of the body).
+//! withdrawal of its pair removed it. A 2xx answer to an export removes the entry, marks the pair delivered and
+//! appends the log record in one transaction, so a crash never leaves a delivered export out of the log nor logs one
+//! twice. The cursors are written only by the feed, after [`Store::flush`] made the writes of the changes before
+//! them durable. Entries hold no raw phone number unless the catalogue allows the affiliate to receive it (it is then
+//! part of the body); log records never hold one.
 
 use std::path::Path;
 
+use relay_proto::merkle::{SignedTreeHead, TreeHead};
 use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 /// What an outbox entry delivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +49,36 @@ pub struct Entry {
     pub attempts: u32,
     /// Earliest time of the next attempt (ms since the Unix epoch).
     pub next_attempt_ms: u64,
+    /// Names of the exported fields (exports only).
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// The signed statement that allows the export (exports only).
+    #[serde(default)]
+    pub evidence: Option<Evidence>,
+}
+
+/// A user-signed consent statement as the relay recorded it, kept as evidence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// The canonical statement, hex.
+    pub statement: String,
+    /// The user's Ed25519 signature over it, hex.
+    pub signature: String,
+    /// The user's Ed25519 identity key, hex (the account id derives from it).
+    pub identity_key: String,
+    /// When the relay recorded it (ms since the Unix epoch).
+    pub recorded_at_ms: u64,
+}
+
+/// One entry of the export log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// The canonical leaf (`relay_proto::merkle::ExportLeaf::encode`), hex.
+    pub leaf: String,
+    /// The account it concerns, hex (published to the relay, which shows the entry to that account only).
+    pub account: String,
+    /// The statement that allowed the export.
+    pub evidence: Evidence,
 }
 
 impl Entry {
@@ -73,18 +111,36 @@ pub struct Store {
     db: sled::Db,
     outbox: sled::Tree,
     delivered: sled::Tree,
+    exported: sled::Tree,
     meta: sled::Tree,
+    log: sled::Tree,
+    heads: sled::Tree,
+    statements: sled::Tree,
 }
 
-const CURSOR: &[u8] = b"feed_cursor";
+/// The consent feed's cursor.
+pub const CONSENT_CURSOR: &[u8] = b"feed_cursor";
+/// The subject-change feed's cursor.
+pub const SUBJECT_CURSOR: &[u8] = b"subject_cursor";
+const LOG_LEN: &[u8] = b"log_len";
+const PUBLISHED: &[u8] = b"log_published";
+
+fn be_u64(v: &[u8], what: &str) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt(what.into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising structs of strings and integers cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
 
 fn decode(bytes: &[u8]) -> Result<Entry, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn encode(entry: &Entry) -> Vec<u8> {
-    // Serialising a struct of strings and integers cannot fail.
-    serde_json::to_vec(entry).unwrap_or_default()
+    json(entry)
 }
 
 impl Store {
@@ -94,25 +150,163 @@ impl Store {
         Ok(Self {
             outbox: db.open_tree("outbox")?,
             delivered: db.open_tree("delivered")?,
+            exported: db.open_tree("exported")?,
             meta: db.open_tree("meta")?,
+            log: db.open_tree("log")?,
+            heads: db.open_tree("heads")?,
+            statements: db.open_tree("statements")?,
             db,
         })
     }
 
-    /// The feed cursor (0 before the first change).
+    fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {
+        self.meta.get(key)?.map_or(Ok(0), |v| be_u64(&v, "counter"))
+    }
+
+    /// The consent feed's cursor (0 before the first change).
     pub fn cursor(&self) -> Result<u64, StoreError> {
-        match self.meta.get(CURSOR)? {
-            None => Ok(0),
-            Some(v) => {
-                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("cursor".into()))?;
-                Ok(u64::from_be_bytes(bytes))
-            }
+        self.counter(CONSENT_CURSOR)
+    }
+
+    /// Records the consent feed's cursor (the caller flushes).
+    pub fn set_cursor(&self, cursor: u64) -> Result<(), StoreError> {
+        self.set_feed_cursor(CONSENT_CURSOR, cursor)
+    }
+
+    /// A feed's cursor ([`CONSENT_CURSOR`] or [`SUBJECT_CURSOR`]).
+    pub fn feed_cursor(&self, feed: &[u8]) -> Result<u64, StoreError> {
+        self.counter(feed)
+    }
+
+    /// Records a feed's cursor (the caller flushes).
+    pub fn set_feed_cursor(&self, feed: &[u8], cursor: u64) -> Result<(), StoreError> {
+        self.meta.insert(feed, &cursor.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// What was last queued for the pair (statement hash and data digest), if anything since its last withdrawal.
+    pub fn exported(&self, pair: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.exported.get(pair)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records what was queued for the pair.
+    pub fn set_exported(&self, pair: &str, what: &str) -> Result<(), StoreError> {
+        self.exported.insert(pair, what.as_bytes())?;
+        Ok(())
+    }
+
+    /// Forgets what was queued for the pair (at its withdrawal).
+    pub fn forget_exported(&self, pair: &str) -> Result<(), StoreError> {
+        self.exported.remove(pair)?;
+        Ok(())
+    }
+
+    /// Keeps a verified statement of the pair as audit evidence (idempotent).
+    pub fn record_statement(&self, pair: &str, sequence: u64, evidence: &Evidence) -> Result<(), StoreError> {
+        self.statements.insert(format!("{pair}/{sequence:020}"), json(evidence))?;
+        Ok(())
+    }
+
+    /// Every statement kept for the pair, by sequence.
+    pub fn statements_of(&self, pair: &str) -> Result<Vec<(u64, Evidence)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.statements.scan_prefix(format!("{pair}/")) {
+            let (k, v) = item?;
+            let seq = k
+                .get(pair.len() + 1..)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt("statement key".into()))?;
+            out.push((seq, serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?));
+        }
+        Ok(out)
+    }
+
+    /// Settles a delivered export: removes it from the outbox, marks its pair delivered and appends `record` to the
+    /// log, all in one transaction. Returns the record's log index.
+    pub fn complete_export(&self, id: &str, entry: &Entry, record: &LogRecord) -> Result<u64, StoreError> {
+        let trees = (&self.outbox, &self.delivered, &self.log, &self.meta);
+        let result = trees.transaction(|(outbox, delivered, log, meta)| {
+            let index = match meta.get(LOG_LEN)? {
+                Some(v) => be_u64(&v, "log length").map_err(ConflictableTransactionError::Abort)?,
+                None => 0,
+            };
+            log.insert(&index.to_be_bytes()[..], json(record))?;
+            meta.insert(LOG_LEN, &(index + 1).to_be_bytes()[..])?;
+            delivered.insert(entry.pair_key().as_bytes(), entry.pseudonym.as_bytes())?;
+            outbox.remove(id.as_bytes())?;
+            Ok(index)
+        });
+        match result {
+            Ok(index) => Ok(index),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
 
-    /// Records the feed cursor (the caller flushes).
-    pub fn set_cursor(&self, cursor: u64) -> Result<(), StoreError> {
-        self.meta.insert(CURSOR, &cursor.to_be_bytes())?;
+    /// Number of entries in the export log.
+    pub fn log_len(&self) -> Result<u64, StoreError> {
+        self.counter(LOG_LEN)
+    }
+
+    /// The log records from `start`, at most `limit`, in order.
+    pub fn log_records(&self, start: u64, limit: usize) -> Result<Vec<(u64, LogRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.log.range(start.to_be_bytes()..).take(limit) {
+            let (k, v) = item?;
+            let record = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((be_u64(&k, "log index")?, record));
+        }
+        Ok(out)
+    }
+
+    /// Overwrites log record `index` (for tests that tamper with the log).
+    #[doc(hidden)]
+    pub fn replace_log_record(&self, index: u64, record: &LogRecord) -> Result<(), StoreError> {
+        self.log.insert(index.to_be_bytes(), json(record))?;
+        Ok(())
+    }
+
+    /// Stores a signed tree head (the caller flushes).
+    pub fn put_head(&self, head: &SignedTreeHead) -> Result<(), StoreError> {
+        let mut v = Vec::with_capacity(8 + 32 + 64);
+        v.extend_from_slice(&head.head.timestamp_ms.to_be_bytes());
+        v.extend_from_slice(&head.head.root);
+        v.extend_from_slice(&head.signature);
+        self.heads.insert(head.head.size.to_be_bytes(), v)?;
+        Ok(())
+    }
+
+    /// Every signed tree head, by size.
+    pub fn heads(&self) -> Result<Vec<SignedTreeHead>, StoreError> {
+        let corrupt = || StoreError::Corrupt("tree head".into());
+        let mut out = Vec::new();
+        for item in self.heads.iter() {
+            let (k, v) = item?;
+            let size = be_u64(&k, "tree head size")?;
+            if v.len() != 8 + 32 + 64 {
+                return Err(corrupt());
+            }
+            out.push(SignedTreeHead {
+                head: TreeHead {
+                    size,
+                    timestamp_ms: be_u64(&v[..8], "tree head time")?,
+                    root: v[8..40].try_into().map_err(|_| corrupt())?,
+                },
+                signature: v[40..].try_into().map_err(|_| corrupt())?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many log entries the relay is known to hold.
+    pub fn published(&self) -> Result<u64, StoreError> {
+        self.counter(PUBLISHED)
+    }
+
+    /// Records how many log entries the relay holds.
+    pub fn set_published(&self, size: u64) -> Result<(), StoreError> {
+        self.meta.insert(PUBLISHED, &size.to_be_bytes())?;
         Ok(())
     }
 
@@ -218,6 +412,8 @@ mod tests {
             body: "{}".into(),
             attempts: 0,
             next_attempt_ms: next,
+            fields: Vec::new(),
+            evidence: None,
         }
     }
 

@@ -7,21 +7,33 @@
 //! outbox only on a 2xx answer, a denial, or a withdrawal of its pair; failures are retried with exponential backoff
 //! (1 s doubling to 10 min, with jitter). Feed and delivery run in one task, one after the other, so a withdrawal
 //! read from the feed cannot race a delivery of the same entry. Logs carry no personal data.
+//!
+//! Every export the affiliate acknowledged is appended to the Merkle export log in the same transaction that takes
+//! it out of the outbox. Its leaf's time is when the attempt began, before the lease was asked for, so it precedes
+//! any withdrawal the relay recorded while the attempt ran. After each pass the exporter signs a tree head over the
+//! whole log with its log key (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the
+//! relay, which shows each user their own entries.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::{Mutex, MutexGuard};
+
+use ed25519_dalek::SigningKey;
+use relay_proto::merkle::{ExportLeaf, MerkleLog, SignedTreeHead};
 use relay_proto::wire::{
-    BeginExport, ConsentChanges, EndExport, export_request::Body as Req, export_response::Body as Resp,
+    BeginExport, ConsentChanges, EndExport, PublishLog, PublishedEntry, SubjectChanges, export_request::Body as Req,
+    export_response::Body as Resp,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::affiliates::Catalogue;
 use super::feed::{self, Applied};
 use super::http::{self, HttpError, Url};
-use super::outbox::{Entry, Kind, Store, StoreError};
+use super::outbox::{CONSENT_CURSOR, Entry, Kind, LogRecord, SUBJECT_CURSOR, Store, StoreError};
 use super::webhook;
 use crate::export::client::{ClientError, ExportClient};
 use crate::tls::{Identity, TlsError};
@@ -76,12 +88,18 @@ pub struct Progress {
     pub outbox: usize,
     /// Webhooks acknowledged with 2xx since start.
     pub delivered: u64,
+    /// Entries in the export log.
+    pub logged: u64,
+    /// Entries of the export log the relay holds.
+    pub published: u64,
 }
 
 /// The exporter, opened on its data dir.
 pub struct Exporter {
     identity: Identity,
     master_key: [u8; 32],
+    log_key: SigningKey,
+    log: Mutex<MerkleLog>,
     store: Store,
     catalogue: Catalogue,
     endpoints: std::collections::BTreeMap<String, Url>,
@@ -124,10 +142,26 @@ impl Exporter {
         }
         let identity = Identity::load_or_create(data_dir)?;
         let master_key = load_or_create_key(&data_dir.join("pseudonym.key"))?;
+        let log_key = SigningKey::from_bytes(&load_or_create_key(&data_dir.join("log.key"))?);
         let store = Store::open(&data_dir.join("db"))?;
-        let progress =
-            watch::Sender::new(Progress { cursor: store.cursor()?, outbox: store.len(), ..Progress::default() });
-        Ok(Self { identity, master_key, store, catalogue, endpoints, poll, progress })
+        let log = load_log(&store)?;
+        let progress = watch::Sender::new(Progress {
+            cursor: store.cursor()?,
+            outbox: store.len(),
+            logged: log.len(),
+            published: store.published()?,
+            ..Progress::default()
+        });
+        Ok(Self { identity, master_key, log_key, log: Mutex::new(log), store, catalogue, endpoints, poll, progress })
+    }
+
+    /// Hex of the Ed25519 key that verifies the export log's tree heads.
+    pub fn log_key(&self) -> String {
+        hex::encode(self.log_key.verifying_key().as_bytes())
+    }
+
+    fn log(&self) -> MutexGuard<'_, MerkleLog> {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Hex SHA-256 of the exporter's certificate: the relay's `exporter_cert_sha256`.
@@ -194,16 +228,27 @@ impl Exporter {
     }
 
     async fn pass(&self, client: &ExportClient) -> Result<(), PassError> {
-        self.read_feed(client).await?;
-        self.deliver_due(client).await
+        self.read_feed(client, CONSENT_CURSOR).await?;
+        self.read_feed(client, SUBJECT_CURSOR).await?;
+        self.deliver_due(client).await?;
+        self.publish(client).await
     }
 
-    async fn read_feed(&self, client: &ExportClient) -> Result<(), PassError> {
+    /// Reads one feed (consent changes, or subject changes) into the outbox.
+    async fn read_feed(&self, client: &ExportClient, feed: &[u8]) -> Result<(), PassError> {
         for _ in 0..PAGES_PER_PASS {
-            let after_cursor = self.store.cursor()?;
-            let list = match client.request(Req::ConsentChanges(ConsentChanges { after_cursor })).await? {
+            let after_cursor = self.store.feed_cursor(feed)?;
+            let request = if feed == SUBJECT_CURSOR {
+                Req::SubjectChanges(SubjectChanges { after_cursor })
+            } else {
+                Req::ConsentChanges(ConsentChanges { after_cursor })
+            };
+            let list = match client.request(request).await? {
                 Resp::ConsentChangeList(l) => l,
-                _ => return Err(ClientError::Unexpected("expected a ConsentChangeList".into()).into()),
+                Resp::SubjectChangeList(l) => {
+                    relay_proto::wire::ConsentChangeList { changes: l.changes, next_cursor: l.next_cursor }
+                }
+                _ => return Err(ClientError::Unexpected("expected a change list".into()).into()),
             };
             if list.changes.is_empty() && list.next_cursor <= after_cursor {
                 return Ok(());
@@ -219,11 +264,13 @@ impl Exporter {
             }
             // The cursor moves only once the outbox writes of these changes are durable.
             self.store.flush().await?;
-            self.store.set_cursor(list.next_cursor.max(after_cursor))?;
+            self.store.set_feed_cursor(feed, list.next_cursor.max(after_cursor))?;
             self.store.flush().await?;
             let read = list.changes.len() as u64;
             self.progress.send_modify(|p| {
-                p.cursor = list.next_cursor.max(after_cursor);
+                if feed == CONSENT_CURSOR {
+                    p.cursor = list.next_cursor.max(after_cursor);
+                }
                 p.changes += read;
             });
         }
@@ -253,6 +300,7 @@ impl Exporter {
                         (Ok(a), Ok(h)) => (a, h),
                         _ => return Err(StoreError::Corrupt(format!("outbox entry {id}")).into()),
                     };
+                let started_ms = relay_proto::now_ms();
                 let begin = BeginExport {
                     account_id: account_id.clone().into(),
                     affiliate: entry.affiliate.clone(),
@@ -281,23 +329,39 @@ impl Exporter {
                     lease_id: granted.lease_id,
                 };
                 let ended = client.request(Req::EndExport(end)).await;
-                self.settle(id, &mut entry, outcome)?;
+                self.settle(id, &mut entry, outcome, started_ms)?;
                 ended?;
                 return Ok(());
             }
         };
-        self.settle(id, &mut entry, outcome)?;
+        self.settle(id, &mut entry, outcome, 0)?;
         Ok(())
     }
 
-    /// Records an attempt's outcome: removed (and the pair marked delivered) on 2xx, rescheduled otherwise.
-    fn settle(&self, id: &str, entry: &mut Entry, outcome: Result<u16, String>) -> Result<(), StoreError> {
+    /// Records an attempt's outcome: removed (an export also logged, its pair marked delivered) on 2xx, rescheduled
+    /// otherwise. `started_ms` is when an export attempt began (its log time).
+    fn settle(
+        &self,
+        id: &str,
+        entry: &mut Entry,
+        outcome: Result<u16, String>,
+        started_ms: u64,
+    ) -> Result<(), StoreError> {
         match outcome {
             Ok(status) if (200..300).contains(&status) => {
                 if entry.kind == Kind::Export {
-                    self.store.mark_delivered(&entry.pair_key(), &entry.pseudonym)?;
+                    let record = self.log_record(id, entry, started_ms)?;
+                    let leaf = hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt("leaf".into()))?;
+                    let mut log = self.log();
+                    let index = self.store.complete_export(id, entry, &record)?;
+                    if index != log.len() {
+                        return Err(StoreError::Corrupt(format!("log index {index} but {} leaves", log.len())));
+                    }
+                    log.append(&leaf);
+                    self.progress.send_modify(|p| p.logged = log.len());
+                } else {
+                    self.store.remove(id)?;
                 }
-                self.store.remove(id)?;
                 self.progress.send_modify(|p| p.delivered += 1);
                 tracing::info!(webhook = id, status, "webhook delivered");
             }
@@ -316,6 +380,94 @@ impl Exporter {
         Ok(())
     }
 
+    /// The log record of a delivered export: no personal data, the payload by its (nonce-salted) hash.
+    fn log_record(&self, id: &str, entry: &Entry, started_ms: u64) -> Result<LogRecord, StoreError> {
+        let corrupt = || StoreError::Corrupt(format!("outbox entry {id}"));
+        let leaf = ExportLeaf {
+            export_id: feed::export_id(id).ok_or_else(corrupt)?,
+            affiliate: entry.affiliate.clone(),
+            purpose: entry.purpose.clone(),
+            fields: entry.fields.clone(),
+            payload_hash: Sha256::digest(entry.body.as_bytes()).into(),
+            consent_hash: hex::decode(&entry.statement_hash)
+                .ok()
+                .and_then(|h| h.try_into().ok())
+                .ok_or_else(corrupt)?,
+            time_ms: started_ms,
+        };
+        Ok(LogRecord {
+            leaf: hex::encode(leaf.encode().map_err(|_| corrupt())?),
+            account: entry.account.clone(),
+            evidence: entry.evidence.clone().ok_or_else(corrupt)?,
+        })
+    }
+
+    /// Signs a head over the log if it grew, then sends the relay what it does not hold yet, in pages.
+    async fn publish(&self, client: &ExportClient) -> Result<(), PassError> {
+        let len = self.log().len();
+        if len == 0 {
+            return Ok(());
+        }
+        let mut heads = self.store.heads()?;
+        if heads.last().is_none_or(|h| h.head.size < len) {
+            heads.push(self.sign_head(len)?);
+            self.store.flush().await?;
+        }
+        for _ in 0..PAGES_PER_PASS {
+            let published = self.store.published()?;
+            if published >= len {
+                break;
+            }
+            let end = (published + relay_proto::MAX_PUBLISHED_ENTRIES as u64).min(len);
+            let head = match heads.iter().find(|h| h.head.size == end) {
+                Some(h) => *h,
+                None => {
+                    let h = self.sign_head(end)?;
+                    heads.push(h);
+                    h
+                }
+            };
+            let mut entries = Vec::new();
+            for (_, record) in self.store.log_records(published, (end - published) as usize)? {
+                let corrupt = || StoreError::Corrupt("log record".into());
+                entries.push(PublishedEntry {
+                    account_id: hex::decode(&record.account).map_err(|_| corrupt())?.into(),
+                    leaf: hex::decode(&record.leaf).map_err(|_| corrupt())?.into(),
+                });
+            }
+            let request = PublishLog {
+                first_index: published,
+                entries,
+                head: Some((&head).into()),
+                log_key: self.log_key.verifying_key().to_bytes().to_vec().into(),
+            };
+            let size = match client.request(Req::PublishLog(request)).await? {
+                Resp::LogPublished(p) => p.size,
+                _ => return Err(ClientError::Unexpected("expected LogPublished".into()).into()),
+            };
+            if size > len {
+                tracing::error!(relay = size, local = len, "the relay holds more log entries than this exporter");
+                return Ok(());
+            }
+            if size != end {
+                tracing::info!(relay = size, "the relay's copy of the log differs in size; resuming from it");
+            }
+            self.store.set_published(size)?;
+            self.store.flush().await?;
+            self.progress.send_modify(|p| p.published = size);
+        }
+        Ok(())
+    }
+
+    /// Signs and stores the head over the first `size` entries (the caller flushes).
+    fn sign_head(&self, size: u64) -> Result<SignedTreeHead, StoreError> {
+        let root = self.log().root_at(size).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let head = relay_proto::merkle::TreeHead { size, root, timestamp_ms: relay_proto::now_ms() };
+        let signed = head.sign(&self.log_key);
+        self.store.put_head(&signed)?;
+        Ok(signed)
+    }
+
     async fn post(&self, url: &Url, key: &[u8], id: &str, body: &str) -> Result<u16, String> {
         let timestamp = relay_proto::now_ms() / 1000;
         let headers = [
@@ -326,6 +478,25 @@ impl Exporter {
         ];
         http::post(url, &headers, body.as_bytes(), HTTP_TIMEOUT).await.map_err(|e| e.to_string())
     }
+}
+
+/// Rebuilds the Merkle tree from the stored log records.
+pub fn load_log(store: &Store) -> Result<MerkleLog, StoreError> {
+    let mut hashes = Vec::new();
+    let mut start = 0;
+    loop {
+        let page = store.log_records(start, 1024)?;
+        let Some((last, _)) = page.last() else { break };
+        start = last + 1;
+        for (index, record) in page {
+            if index != hashes.len() as u64 {
+                return Err(StoreError::Corrupt(format!("log record {index} out of sequence")));
+            }
+            let leaf = hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt(format!("log record {index}")))?;
+            hashes.push(relay_proto::merkle::leaf_hash(&leaf));
+        }
+    }
+    Ok(MerkleLog::from_leaf_hashes(hashes))
 }
 
 #[derive(Debug, thiserror::Error)]

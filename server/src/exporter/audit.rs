@@ -1,0 +1,319 @@
+//! The auditor: checks a whole export log, as the exporter stored it, without trusting the exporter.
+//!
+//! For every entry: the leaf decodes; the statement kept with it is signed by the identity key the account id
+//! derives from; it is a grant for exactly the leaf's affiliate and purpose, its hash is the leaf's consent hash, it
+//! was recorded before the export and was in force at the export's time (not expired, notice current), and no later
+//! statement for the pair had been recorded by then; with a catalogue, the leaf's fields are exactly those the
+//! catalogue allows. For the tree heads: each signature verifies under the log key, each root is the root over that
+//! many entries, consecutive heads are consistent (RFC 6962 consistency proofs, checked with the verifier) and their
+//! times do not go back. Every problem is reported with the entry or head it concerns; none is fatal to the audit.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use relay_proto::AccountId;
+use relay_proto::consent::{ConsentStatement, Decision};
+use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
+use serde::Serialize;
+
+use super::affiliates::Catalogue;
+use super::outbox::{Evidence, LogRecord, Store, StoreError, pair_key};
+
+/// What the audit found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AuditReport {
+    /// Log entries examined.
+    pub entries: u64,
+    /// Signed tree heads examined.
+    pub heads: u64,
+    /// Size of the latest signed head (entries past it are not yet signed).
+    pub signed_size: u64,
+    /// Every problem found, each naming its entry or head.
+    pub problems: Vec<String>,
+}
+
+impl AuditReport {
+    /// Whether the log passed.
+    pub fn passed(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The statement of `evidence`, if its signature verifies under its identity key and the account derives from it.
+fn verified(evidence: &Evidence) -> Result<ConsentStatement, &'static str> {
+    let statement = hex::decode(&evidence.statement).map_err(|_| "statement is not hex")?;
+    let statement = ConsentStatement::decode_stored(&statement).map_err(|_| "statement does not decode")?;
+    let key: [u8; 32] = hex::decode(&evidence.identity_key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or("identity key is not 32 bytes of hex")?;
+    if AccountId::from_identity_key(&key) != statement.account {
+        return Err("the statement's account does not derive from the identity key");
+    }
+    let signature = hex::decode(&evidence.signature).map_err(|_| "signature is not hex")?;
+    let signature = Signature::from_slice(&signature).map_err(|_| "signature is not 64 bytes")?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| "identity key is not an Ed25519 key")?;
+    key.verify_strict(&statement.signed_bytes(), &signature).map_err(|_| "the user's signature does not verify")?;
+    Ok(statement)
+}
+
+/// The problem with one entry, if any.
+fn check_entry(
+    store: &Store,
+    catalogue: Option<&Catalogue>,
+    record: &LogRecord,
+) -> Result<Result<ExportLeaf, String>, StoreError> {
+    let leaf = match hex::decode(&record.leaf).ok().map(|b| ExportLeaf::decode(&b)) {
+        Some(Ok(leaf)) => leaf,
+        _ => return Ok(Err("leaf does not decode".into())),
+    };
+    let statement = match verified(&record.evidence) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(format!("consent evidence: {e}"))),
+    };
+    if statement.account.to_string() != record.account {
+        return Ok(Err("the statement is another account's".into()));
+    }
+    if statement.hash() != leaf.consent_hash {
+        return Ok(Err("the leaf's consent hash is not the hash of the signed statement".into()));
+    }
+    if statement.decision != Decision::Grant {
+        return Ok(Err("the statement is a withdrawal, not a grant".into()));
+    }
+    if statement.affiliate != leaf.affiliate || statement.purpose.as_str() != leaf.purpose {
+        return Ok(Err("the grant is for another affiliate or purpose".into()));
+    }
+    if record.evidence.recorded_at_ms > leaf.time_ms {
+        return Ok(Err("exported before the grant was recorded".into()));
+    }
+    if !statement.in_force(leaf.time_ms) {
+        return Ok(Err("the grant was not in force at the export's time (expired or notice changed)".into()));
+    }
+    let pair = pair_key(&record.account, &leaf.affiliate, &leaf.purpose);
+    for (sequence, later) in store.statements_of(&pair)? {
+        if sequence > statement.sequence && later.recorded_at_ms <= leaf.time_ms && verified(&later).is_ok() {
+            return Ok(Err(format!("statement {sequence} for the pair was recorded before the export")));
+        }
+    }
+    if let Some(catalogue) = catalogue {
+        let allowed: Option<Vec<&str>> = catalogue
+            .get(&leaf.affiliate)
+            .and_then(|a| a.purposes.get(&statement.purpose))
+            .map(|fields| fields.iter().map(|f| f.as_str()).collect());
+        if allowed.as_deref() != Some(&leaf.fields.iter().map(String::as_str).collect::<Vec<_>>()[..]) {
+            return Ok(Err(format!("fields {:?} are not what the catalogue allows", leaf.fields)));
+        }
+    }
+    Ok(Ok(leaf))
+}
+
+/// Audits the log in `store` against the exporter's log key (and, if given, the affiliates catalogue).
+pub fn audit(store: &Store, log_key: &VerifyingKey, catalogue: Option<&Catalogue>) -> Result<AuditReport, StoreError> {
+    let mut report = AuditReport::default();
+    let mut hashes = Vec::new();
+    let mut start = 0;
+    loop {
+        let page = store.log_records(start, 1024)?;
+        let Some((last, _)) = page.last() else { break };
+        start = last + 1;
+        for (index, record) in page {
+            if index != hashes.len() as u64 {
+                report.problems.push(format!("entry {index}: out of sequence (expected {})", hashes.len()));
+            }
+            if let Err(problem) = check_entry(store, catalogue, &record)? {
+                report.problems.push(format!("entry {index}: {problem}"));
+            }
+            hashes.push(hex::decode(&record.leaf).map(|b| leaf_hash(&b)).unwrap_or_default());
+        }
+    }
+    report.entries = hashes.len() as u64;
+    let log = MerkleLog::from_leaf_hashes(hashes);
+    let heads = store.heads()?;
+    report.heads = heads.len() as u64;
+    let mut previous: Option<relay_proto::merkle::TreeHead> = None;
+    for signed in &heads {
+        let head = signed.head;
+        let name = format!("head of size {}", head.size);
+        if signed.verify(log_key).is_err() {
+            report.problems.push(format!("{name}: signature does not verify under the log key"));
+        }
+        match log.root_at(head.size) {
+            Ok(root) if root == head.root => {}
+            Ok(_) => report.problems.push(format!("{name}: root is not the root over the first {} entries", head.size)),
+            Err(_) => report.problems.push(format!("{name}: larger than the log ({} entries)", log.len())),
+        }
+        if let Some(old) = previous {
+            let proof = log.consistency_proof(old.size, head.size).unwrap_or_default();
+            if verify_consistency(old.size, head.size, &old.root, &head.root, &proof).is_err() {
+                report.problems.push(format!("{name}: not consistent with the head of size {}", old.size));
+            }
+            if head.timestamp_ms < old.timestamp_ms {
+                report.problems.push(format!("{name}: signed before the head of size {}", old.size));
+            }
+        }
+        previous = Some(head);
+    }
+    report.signed_size = previous.map_or(0, |h| h.size);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::{Signer, SigningKey};
+    use relay_proto::consent::Purpose;
+    use relay_proto::merkle::TreeHead;
+
+    use super::*;
+    use crate::exporter::outbox::{Entry, Kind};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        user: SigningKey,
+        log_key: SigningKey,
+        log: MerkleLog,
+    }
+
+    fn statement(user: &SigningKey, sequence: u64, decision: Decision, time_ms: u64) -> (ConsentStatement, Evidence) {
+        let s = ConsentStatement {
+            account: AccountId::from_identity_key(user.verifying_key().as_bytes()),
+            affiliate: "adsco".into(),
+            purpose: Purpose::Advertising,
+            decision,
+            notice_hash: Purpose::Advertising.notice().hash(),
+            sequence,
+            time_ms,
+            expires_ms: None,
+        };
+        let evidence = Evidence {
+            statement: hex::encode(s.encode()),
+            signature: hex::encode(user.sign(&s.signed_bytes()).to_bytes()),
+            identity_key: hex::encode(user.verifying_key().as_bytes()),
+            recorded_at_ms: time_ms,
+        };
+        (s, evidence)
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("dir");
+            let store = Store::open(dir.path()).expect("store");
+            Self {
+                _dir: dir,
+                store,
+                user: SigningKey::from_bytes(&[5; 32]),
+                log_key: SigningKey::from_bytes(&[6; 32]),
+                log: MerkleLog::new(),
+            }
+        }
+
+        fn account(&self) -> String {
+            AccountId::from_identity_key(self.user.verifying_key().as_bytes()).to_string()
+        }
+
+        /// Logs an export at `time_ms` under `grant`, then signs a head over the log.
+        fn export(&mut self, n: u8, grant: &(ConsentStatement, Evidence), time_ms: u64, fields: &[&str]) {
+            let leaf = ExportLeaf {
+                export_id: [n; 16],
+                affiliate: "adsco".into(),
+                purpose: "advertising".into(),
+                fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+                payload_hash: [n; 32],
+                consent_hash: grant.0.hash(),
+                time_ms,
+            };
+            let encoded = leaf.encode().expect("leaf");
+            let record = LogRecord { leaf: hex::encode(&encoded), account: self.account(), evidence: grant.1.clone() };
+            let entry = Entry {
+                kind: Kind::Export,
+                affiliate: "adsco".into(),
+                purpose: "advertising".into(),
+                account: self.account(),
+                statement_hash: hex::encode(grant.0.hash()),
+                pseudonym: "p".into(),
+                body: "{}".into(),
+                attempts: 0,
+                next_attempt_ms: 0,
+                fields: Vec::new(),
+                evidence: None,
+            };
+            self.store.complete_export(&format!("msg_{n}"), &entry, &record).expect("log");
+            self.log.append(&encoded);
+            let head = TreeHead { size: self.log.len(), root: self.log.root(), timestamp_ms: u64::from(n) };
+            self.store.put_head(&head.sign(&self.log_key)).expect("head");
+        }
+
+        fn audit(&self) -> AuditReport {
+            let catalogue = Catalogue::parse(include_str!("../../affiliates.example.toml")).expect("catalogue");
+            audit(&self.store, &self.log_key.verifying_key(), Some(&catalogue)).expect("audit")
+        }
+    }
+
+    const FIELDS: &[&str] = &["phone_pseudonym", "device_model"];
+
+    #[test]
+    fn a_log_of_exports_under_grants_in_force_passes() {
+        let mut f = Fixture::new();
+        let grant = statement(&f.user, 1, Decision::Grant, 1_000);
+        f.store.record_statement(&pair_key(&f.account(), "adsco", "advertising"), 1, &grant.1).expect("evidence");
+        for n in 1..=5 {
+            f.export(n, &grant, 2_000 + u64::from(n), FIELDS);
+        }
+        let report = f.audit();
+        assert!(report.passed(), "{:?}", report.problems);
+        assert_eq!((report.entries, report.heads, report.signed_size), (5, 5, 5));
+    }
+
+    #[test]
+    fn exports_after_a_withdrawal_without_a_grant_or_with_other_fields_are_reported() {
+        let mut f = Fixture::new();
+        let pair = pair_key(&f.account(), "adsco", "advertising");
+        let grant = statement(&f.user, 1, Decision::Grant, 1_000);
+        let withdraw = statement(&f.user, 2, Decision::Withdraw, 3_000);
+        f.store.record_statement(&pair, 1, &grant.1).expect("evidence");
+        f.store.record_statement(&pair, 2, &withdraw.1).expect("evidence");
+        f.export(1, &grant, 2_000, FIELDS);
+        f.export(2, &grant, 4_000, FIELDS);
+        f.export(3, &withdraw, 5_000, FIELDS);
+        f.export(4, &grant, 900, FIELDS);
+        f.export(5, &grant, 2_500, &["phone", "device_model"]);
+        let mut forged = grant.clone();
+        forged.1.signature = hex::encode([0u8; 64]);
+        f.export(6, &forged, 2_600, FIELDS);
+        let report = f.audit();
+        let problems = report.problems.join("\n");
+        assert_eq!(report.problems.len(), 5, "{problems}");
+        assert!(problems.contains("entry 1: statement 2 for the pair was recorded before the export"), "{problems}");
+        assert!(problems.contains("entry 2: the statement is a withdrawal"), "{problems}");
+        assert!(problems.contains("entry 3: exported before the grant was recorded"), "{problems}");
+        assert!(problems.contains("entry 4: fields"), "{problems}");
+        assert!(problems.contains("entry 5: consent evidence: the user's signature does not verify"), "{problems}");
+    }
+
+    #[test]
+    fn a_tampered_entry_or_head_is_detected() {
+        let mut f = Fixture::new();
+        let grant = statement(&f.user, 1, Decision::Grant, 1_000);
+        for n in 1..=3 {
+            f.export(n, &grant, 2_000, FIELDS);
+        }
+        assert!(f.audit().passed());
+
+        // Rewrite entry 1 with another (still well-formed) field list: every head over it stops matching.
+        let mut records = f.store.log_records(1, 1).expect("records");
+        let (_, mut record) = records.remove(0);
+        let mut leaf = ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
+        leaf.fields = vec!["device_model".into()];
+        record.leaf = hex::encode(leaf.encode().expect("leaf"));
+        f.store.replace_log_record(1, &record).expect("tamper");
+        let problems = f.audit().problems.join("\n");
+        assert!(problems.contains("head of size 2: root is not the root"), "{problems}");
+        assert!(problems.contains("head of size 3: root is not the root"), "{problems}");
+
+        // A head signed by another key.
+        let mut f = Fixture::new();
+        f.export(1, &grant, 2_000, FIELDS);
+        let forged = TreeHead { size: 1, root: f.log.root(), timestamp_ms: 9 }.sign(&SigningKey::from_bytes(&[7; 32]));
+        f.store.put_head(&forged).expect("head");
+        let problems = f.audit().problems.join("\n");
+        assert!(problems.contains("head of size 1: signature does not verify"), "{problems}");
+    }
+}
