@@ -188,7 +188,8 @@ async fn serve(mut stream: TcpStream, key: &[u8], fail: &AtomicBool) -> Result<A
 
 /// The exporter logic running in this process, with its own data dir.
 pub struct TestExporter {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    log_key: String,
     progress: watch::Receiver<Progress>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -211,13 +212,14 @@ impl TestExporter {
         let addr = relay.export_addr().ok_or_else(|| anyhow!("no export interface"))?;
         let fp = relay_client::pin::parse_fingerprint(relay.fingerprint()).ok_or_else(|| anyhow!("bad fingerprint"))?;
         let progress = exporter.progress();
+        let log_key = exporter.log_key();
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(async move {
             if let Err(e) = exporter.run(addr, fp, shutdown).await {
                 tracing::error!(error = %e, "test exporter stopped");
             }
         });
-        Ok((relay, Self { _dir: dir, progress, stop, task: Some(task) }))
+        Ok((relay, Self { dir, log_key, progress, stop, task: Some(task) }))
     }
 
     /// The exporter's progress now.
@@ -242,8 +244,18 @@ impl TestExporter {
         self.wait_until(bound, |p| p.passes >= start + n).await
     }
 
-    /// Stops the exporter and waits for it to release its store.
-    pub async fn stop(mut self) -> Result<()> {
+    /// The exporter's data directory.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("exporter")
+    }
+
+    /// Hex of the key that verifies the export log's tree heads.
+    pub fn log_key(&self) -> &str {
+        &self.log_key
+    }
+
+    /// Stops the exporter and waits for it to release its store (the data directory stays).
+    pub async fn stop(&mut self) -> Result<()> {
         self.stop.send_replace(true);
         if let Some(task) = self.task.take() {
             task.await?;

@@ -7,6 +7,7 @@ mod durability;
 mod e2ee;
 mod export;
 mod exporter;
+mod exportlog;
 mod messaging;
 mod metrics;
 mod prekeys;
