@@ -183,3 +183,35 @@ async fn an_affiliate_that_received_data_is_told_of_the_withdrawal_by_pseudonym(
     assert_eq!(s.adsco.events().len(), 2, "one export, one notice");
     assert!(s.shieldco.attempts().is_empty());
 }
+
+#[tokio::test]
+async fn an_expired_grant_stops_a_queued_export() {
+    let s = setup().await;
+    s.adsco.set_failing(true);
+    let alice = s.relay.user(ALICE).await.expect("alice");
+    // A grant that lapses 1.5 s from now (the CLI counts in days; the protocol in milliseconds).
+    let now = relay_proto::now_ms();
+    let grant = ConsentStatement {
+        account: alice.messenger.account_id(),
+        affiliate: "adsco".into(),
+        purpose: relay_proto::consent::Purpose::Advertising,
+        decision: Decision::Grant,
+        notice_hash: relay_proto::consent::Purpose::Advertising.notice().hash(),
+        sequence: 1,
+        time_ms: now,
+        expires_ms: Some(now + 1_500),
+    };
+    let signature = alice.messenger.identity().sign(&grant.signed_bytes());
+    alice.messenger.connection().put_consent(grant.encode(), signature).await.expect("grant");
+    s.adsco.wait_until(WAIT, |a| !a.is_empty()).await.expect("a first, failed attempt");
+    // Wait for the clock, not for the exporter: the grant must have lapsed before the affiliate comes back.
+    while relay_proto::now_ms() <= now + 1_500 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s.adsco.set_failing(false);
+    s.exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("the lapsed export is dropped");
+    s.exporter.wait_passes(2, WAIT).await.expect("passes");
+    assert!(s.adsco.events().is_empty(), "nothing delivered after the expiry: {:?}", s.adsco.attempts());
+    assert!(s.adsco.attempts().iter().all(|a| a.status == 503));
+    assert_eq!(s.exporter.progress().logged, 0, "nothing logged");
+}

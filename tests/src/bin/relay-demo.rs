@@ -1,0 +1,320 @@
+//! `relay-demo`: the whole system on one screen. Starts a relay, the metadata exporter and two affiliate webhook
+//! sinks (in this process, printing every event they receive and whether its signature verifies), then drives two
+//! users with the real `relay` CLI: they chat, Alice grants AdsCo advertising, Bob grants ShieldCo security, Alice
+//! changes phone, updates her app, withdraws, and both list and verify what was shared about them; finally the
+//! auditor checks the whole export log.
+//!
+//! It checks what it shows: each affiliate must receive exactly the events the consents allow, with valid
+//! signatures, or the demo exits with status 1. Everything runs on loopback in a temporary directory
+//! (`--keep DIR` to keep it). The binaries it runs are looked up beside its own executable: build them first with
+//! `cargo build --release --bins`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use relay_tests::affiliate::{Attempt, Sink};
+
+const WAIT: Duration = Duration::from_secs(20);
+const ALICE: &str = "+33612345678";
+const BOB: &str = "+33698765432";
+
+struct Demo {
+    bin: PathBuf,
+    dir: PathBuf,
+    relay: String,
+    relay_cert: String,
+}
+
+/// Kills the child processes when the demo ends, however it ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            terminate(c);
+        }
+    }
+}
+
+fn terminate(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.kill().ok();
+        child.wait().ok();
+    }
+}
+
+fn section(title: &str) {
+    println!("\n\x1b[1m== {title}\x1b[0m");
+}
+
+/// Starts a server binary and returns it with its ready line.
+fn start(bin: &Path, args: &[&str], log: &Path) -> Result<(Child, String)> {
+    let log = std::fs::File::create(log)?;
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.is_empty() {
+        bail!("{} exited before its ready line", bin.display());
+    }
+    Ok((child, line.trim().to_owned()))
+}
+
+/// A free UDP port on loopback (for the export interface, which both sides must know in advance).
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Demo {
+    /// Runs the `relay` CLI for `user`, echoing the command and its output.
+    fn relay_cli(&self, user: &str, args: &[&str]) -> Result<String> {
+        let home = self.dir.join(user);
+        let shown: Vec<String> =
+            args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { (*a).to_owned() }).collect();
+        println!("\x1b[36m$ relay --home {user} {}\x1b[0m", shown.join(" "));
+        let out = Command::new(self.bin.join("relay")).arg("--home").arg(&home).args(args).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for line in text.lines() {
+            println!("  {line}");
+        }
+        if !out.status.success() {
+            bail!("relay {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(text)
+    }
+}
+
+fn show(affiliate: &str, a: &Attempt) {
+    let sig = if a.signature_ok { "signature verified" } else { "BAD SIGNATURE" };
+    println!(
+        "\x1b[33m  [{affiliate} received] {} {} ({sig})\x1b[0m",
+        a.body["type"].as_str().unwrap_or("?"),
+        a.body["data"]
+    );
+}
+
+/// Waits until `sink` has `n` distinct events, printing the new ones.
+async fn expect_events(name: &str, sink: &Sink, shown: &mut usize, n: usize) -> Result<()> {
+    sink.wait_events(n, WAIT).await.with_context(|| format!("{name} did not receive {n} events"))?;
+    // In arrival order, each webhook id once.
+    let mut events: Vec<Attempt> = Vec::new();
+    for a in sink.attempts().into_iter().filter(|a| a.status == 200) {
+        if !events.iter().any(|e| e.id == a.id) {
+            events.push(a);
+        }
+    }
+    for e in events.iter().skip(*shown) {
+        show(name, e);
+    }
+    *shown = events.len();
+    Ok(())
+}
+
+/// Gives the exporter time for a few polls, then checks that `sink` got nothing new.
+async fn expect_nothing_new(name: &str, sink: &Sink, shown: usize) -> Result<()> {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = sink.events().len();
+    if now != shown {
+        bail!("{name} received {} unexpected event(s)", now - shown);
+    }
+    println!("  ({name} received nothing: correct)");
+    Ok(())
+}
+
+async fn run(dir: &Path) -> Result<()> {
+    let bin = std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no exe dir"))?.to_path_buf();
+    for b in ["relayd", "relay-exporter", "relay", "relay-audit"] {
+        if !bin.join(b).exists() {
+            bail!("{} not found beside relay-demo: run `cargo build --release --bins` first", b);
+        }
+    }
+    section("Affiliates: two webhook sinks that verify signatures and print what they receive");
+    let adsco = Sink::start(b"adsco demo webhook key 012345").await?;
+    let shieldco = Sink::start(b"shieldco demo webhook key 6789").await?;
+    let catalogue = format!(
+        "[[affiliate]]\nid = \"adsco\"\nname = \"AdsCo SAS\"\ncountry = \"FR\"\nendpoint = \"{}\"\nsecret = \"{}\"\n\
+         [affiliate.purposes]\nadvertising = [\"phone_pseudonym\", \"device_model\"]\n\
+         analytics = [\"device_model\", \"os\", \"app_version\"]\n\n\
+         [[affiliate]]\nid = \"shieldco\"\nname = \"ShieldCo GmbH\"\ncountry = \"DE\"\nendpoint = \"{}\"\nsecret = \"{}\"\n\
+         [affiliate.purposes]\nsecurity = [\"phone\", \"device_model\", \"os\"]\n",
+        adsco.url(),
+        adsco.secret(),
+        shieldco.url(),
+        shieldco.secret()
+    );
+    let catalogue_path = dir.join("affiliates.toml");
+    std::fs::write(&catalogue_path, &catalogue)?;
+    println!("  adsco at {} may get: advertising = phone_pseudonym, device_model", adsco.url());
+    println!("  shieldco at {} may get: security = phone, device_model, os", shieldco.url());
+
+    section("Relay and exporter (first start: each pins the other's certificate)");
+    let mut children = Children(Vec::new());
+    let relay_data = dir.join("relay").display().to_string();
+    let relay_log = dir.join("relayd.log");
+    let (mut first, ready) =
+        start(&bin.join("relayd"), &["--data", &relay_data, "--listen", "127.0.0.1:0"], &relay_log)?;
+    terminate(&mut first);
+    let relay_cert = ready.split_whitespace().last().unwrap_or_default().to_owned();
+    let export_addr = format!("127.0.0.1:{}", free_udp_port()?);
+    let exporter_data = dir.join("exporter").display().to_string();
+    let (exporter, ready) = start(
+        &bin.join("relay-exporter"),
+        &[
+            "--data",
+            &exporter_data,
+            "--relay",
+            &export_addr,
+            "--relay-cert-sha256",
+            &relay_cert,
+            "--affiliates",
+            &catalogue_path.display().to_string(),
+            "--poll-ms",
+            "200",
+        ],
+        &dir.join("exporter.log"),
+    )?;
+    children.0.push(exporter);
+    println!("  relay-exporter: {ready}");
+    let parts: Vec<&str> = ready.split_whitespace().collect();
+    let (exporter_cert, log_key) = match parts.as_slice() {
+        ["exporter", "cert-sha256", cert, "log-key", key] => ((*cert).to_owned(), (*key).to_owned()),
+        _ => bail!("unexpected exporter ready line {ready:?}"),
+    };
+    let (relay, ready) = start(
+        &bin.join("relayd"),
+        &[
+            "--data",
+            &relay_data,
+            "--listen",
+            "127.0.0.1:0",
+            "--export-listen",
+            &export_addr,
+            "--exporter-cert-sha256",
+            &exporter_cert,
+        ],
+        &relay_log,
+    )?;
+    children.0.push(relay);
+    println!("  relayd: {ready}");
+    let relay_addr = ready.split_whitespace().nth(2).ok_or_else(|| anyhow!("bad relay ready line"))?.to_owned();
+    let demo = Demo { bin: bin.clone(), dir: dir.to_path_buf(), relay: relay_addr, relay_cert };
+
+    section("Two users register and chat (no consent needed for messaging)");
+    demo.relay_cli("alice", &["init", "--phone", ALICE, "--device-model", "Pixel 8", "--os", "Android 15"])?;
+    demo.relay_cli("bob", &["init", "--phone", BOB, "--device-model", "iPhone 15", "--os", "iOS 18"])?;
+    for user in ["alice", "bob"] {
+        demo.relay_cli(user, &["register", "--server", &demo.relay, "--cert-sha256", &demo.relay_cert])?;
+    }
+    demo.relay_cli("alice", &["send", "--to", BOB, "Hi Bob, lunch at noon?"])?;
+    demo.relay_cli("bob", &["recv", "--wait", "10"])?;
+    demo.relay_cli("bob", &["send", "--to", ALICE, "Sure, see you there"])?;
+    demo.relay_cli("alice", &["recv", "--wait", "10"])?;
+    let (mut ads_seen, mut shield_seen) = (0, 0);
+    expect_nothing_new("adsco", &adsco, 0).await?;
+
+    section("Alice grants AdsCo advertising: AdsCo gets exactly a pseudonym and the device model");
+    demo.relay_cli("alice", &["consent", "grant", "--affiliate", "adsco", "--purpose", "advertising"])?;
+    expect_events("adsco", &adsco, &mut ads_seen, 1).await?;
+    println!("  (no phone number, no OS, no app version; ShieldCo got nothing about Alice)");
+
+    section("Bob grants ShieldCo security: ShieldCo may see his number, model and OS; AdsCo hears nothing of Bob");
+    demo.relay_cli("bob", &["consent", "grant", "--affiliate", "shieldco", "--purpose", "security"])?;
+    expect_events("shieldco", &shieldco, &mut shield_seen, 1).await?;
+    expect_nothing_new("adsco", &adsco, ads_seen).await?;
+
+    section("Alice changes phone: AdsCo gets the new model; an app update is not AdsCo's to see");
+    demo.relay_cli("alice", &["device", "--model", "Pixel 10"])?;
+    expect_events("adsco", &adsco, &mut ads_seen, 2).await?;
+    demo.relay_cli("alice", &["device", "--app-version", "2.0.0"])?;
+    expect_nothing_new("adsco", &adsco, ads_seen).await?;
+
+    section("Alice withdraws: AdsCo is told, by pseudonym only, and gets nothing more");
+    demo.relay_cli("alice", &["consent", "withdraw", "--affiliate", "adsco", "--purpose", "advertising"])?;
+    expect_events("adsco", &adsco, &mut ads_seen, 3).await?;
+    demo.relay_cli("alice", &["device", "--model", "Pixel 10 Pro"])?;
+    expect_nothing_new("adsco", &adsco, ads_seen).await?;
+    demo.relay_cli("alice", &["consent", "show"])?;
+
+    section("What was shared about Alice, verified on her device (signed head, Merkle proofs, her signed grant)");
+    demo.relay_cli("alice", &["exports", "--verify"])?;
+    demo.relay_cli("bob", &["exports", "--verify"])?;
+    expect_nothing_new("shieldco", &shieldco, shield_seen).await?;
+
+    section("The auditor checks the whole export log (exporter stopped)");
+    let mut exporter = children.0.remove(0);
+    terminate(&mut exporter);
+    println!("\x1b[36m$ relay-audit --exporter-data exporter --log-key {log_key} --affiliates affiliates.toml\x1b[0m");
+    let out = Command::new(bin.join("relay-audit"))
+        .args(["--exporter-data", &exporter_data, "--log-key", &log_key, "--affiliates"])
+        .arg(&catalogue_path)
+        .output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
+    if !out.status.success() {
+        bail!("the audit failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    section("Summary");
+    let bad = adsco.events().iter().chain(shieldco.events().iter()).filter(|e| !e.signature_ok).count();
+    println!(
+        "  adsco received {ads_seen} events (Alice: export, re-export, withdrawal); shieldco {shield_seen} (Bob's \
+         export); {bad} bad signatures"
+    );
+    if ads_seen != 3 || shield_seen != 1 || bad != 0 {
+        bail!("the affiliates did not receive exactly what was consented");
+    }
+    println!("  every affiliate received exactly what was consented, and nothing else");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let keep = match (args.next().as_deref(), args.next()) {
+        (Some("--keep"), Some(dir)) => Some(PathBuf::from(dir)),
+        (None, _) => None,
+        _ => {
+            eprintln!("usage: relay-demo [--keep DIR]");
+            std::process::exit(2);
+        }
+    };
+    let temp = tempfile::tempdir();
+    let dir = match (&keep, &temp) {
+        (Some(d), _) => d.clone(),
+        (None, Ok(t)) => t.path().to_path_buf(),
+        (None, Err(e)) => {
+            eprintln!("relay-demo: no temporary directory: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("relay-demo: {}: {e}", dir.display());
+        std::process::exit(2);
+    }
+    if let Err(e) = run(&dir).await {
+        eprintln!("\nrelay-demo FAILED: {e:#}\n(logs: {})", dir.display());
+        if let Ok(t) = temp {
+            std::mem::forget(t); // keep the logs for inspection
+        }
+        std::process::exit(1);
+    }
+}
