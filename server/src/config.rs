@@ -13,6 +13,10 @@
 //! expiry_sweep_secs = 60              # how often expired envelopes are removed
 //! lookups_per_minute = 60             # phone lookups and bundle fetches per account (burst = the same number)
 //! sealed_sends_per_minute = 600       # sealed-sender sends per recipient (burst = the same number)
+//! sends_per_second = 100              # authenticated sends per account (burst = twice the number)
+//! registrations_per_minute_per_ip = 30  # Register requests per client address (IPv6: per /64), burst the same
+//! max_connections_per_ip = 256        # concurrent connections per client address (IPv6: per /64)
+//! frame_timeout_secs = 30             # a started frame must be complete within this, or its stream is closed
 //! max_streams_per_connection = 256    # concurrent bidirectional streams per connection
 //! delivery_window = 256               # envelopes pushed but not yet acknowledged, per delivery stream
 //! idle_timeout_secs = 60              # connection idle timeout
@@ -77,12 +81,20 @@ pub struct Limits {
     pub lookups_per_minute: u32,
     /// Sealed-sender sends accepted per recipient per minute.
     pub sealed_sends_per_minute: u32,
+    /// Authenticated sends accepted per account per second (bursts of twice as many).
+    pub sends_per_second: u32,
+    /// `Register` requests (new accounts and updates) accepted per client address per minute.
+    pub registrations_per_minute_per_ip: u32,
+    /// Concurrent connections per client address; more are refused before the handshake.
+    pub max_connections_per_ip: u32,
     /// Concurrent bidirectional streams a client may open on one connection.
     pub max_streams_per_connection: u32,
     /// Envelopes pushed on a delivery stream and not yet acknowledged, at most.
     pub delivery_window: usize,
     /// Idle timeout of a connection, in seconds.
     pub idle_timeout_secs: u64,
+    /// Time a client has to complete a frame once it sent its first byte, in seconds.
+    pub frame_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -98,6 +110,13 @@ impl Default for Config {
     }
 }
 
+impl Limits {
+    /// [`Limits::frame_timeout_secs`] as a duration.
+    pub fn frame_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.frame_timeout_secs)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -108,9 +127,13 @@ impl Default for Limits {
             expiry_sweep_secs: 60,
             lookups_per_minute: 60,
             sealed_sends_per_minute: 600,
+            sends_per_second: 100,
+            registrations_per_minute_per_ip: 30,
+            max_connections_per_ip: 256,
             max_streams_per_connection: 256,
             delivery_window: 256,
             idle_timeout_secs: 60,
+            frame_timeout_secs: 30,
         }
     }
 }
@@ -173,11 +196,21 @@ impl Config {
         if l.lookups_per_minute == 0 || l.sealed_sends_per_minute == 0 {
             return invalid("limits.lookups_per_minute and limits.sealed_sends_per_minute must be at least 1".into());
         }
+        if l.sends_per_second == 0 || l.registrations_per_minute_per_ip == 0 || l.max_connections_per_ip == 0 {
+            return invalid(
+                "limits.sends_per_second, limits.registrations_per_minute_per_ip and limits.max_connections_per_ip \
+                 must be at least 1"
+                    .into(),
+            );
+        }
         if !(2..=10_000).contains(&l.max_streams_per_connection) {
             return invalid("limits.max_streams_per_connection must be between 2 and 10000".into());
         }
         if !(1..=100_000).contains(&l.delivery_window) {
             return invalid("limits.delivery_window must be between 1 and 100000".into());
+        }
+        if !(1..=3600).contains(&l.frame_timeout_secs) {
+            return invalid("limits.frame_timeout_secs must be between 1 and 3600".into());
         }
         if !(1..=3600).contains(&l.idle_timeout_secs) {
             return invalid("limits.idle_timeout_secs must be between 1 and 3600".into());

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use relay_proto::frame::encode_into;
 use relay_proto::wire::{Acked, ClientFrame, Deliver, QueueEmpty, ServerFrame, client_frame, server_frame};
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, StreamCloseCode};
-use relay_quic::{ReadError, read_frame, write_frame};
+use relay_quic::{ReadError, read_frame_within, write_frame};
 use tokio::sync::{mpsc, watch};
 
 use crate::reject::Reject;
@@ -76,9 +76,9 @@ enum Incoming {
 
 /// Reads the client's half of a delivery stream: only `Ack` frames are expected. Runs in its own task so that the
 /// push loop never cancels a half-read frame.
-async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>) {
+async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>, frame_timeout: std::time::Duration) {
     loop {
-        let item = match read_frame::<ClientFrame>(&mut recv, MAX_FRAME_LEN).await {
+        let item = match read_frame_within::<ClientFrame>(&mut recv, MAX_FRAME_LEN, frame_timeout).await {
             Ok(Some(ClientFrame { body: Some(client_frame::Body::Ack(ack)) })) => Incoming::Ack(ack.server_ids),
             Ok(Some(ClientFrame { body: Some(client_frame::Body::Subscribe(_)) })) => Incoming::Bad(
                 Reject::new(ErrorCode::AlreadySubscribed, "this stream is already the delivery stream"),
@@ -126,7 +126,7 @@ async fn push_loop(
 ) -> Result<(), relay_quic::WriteError> {
     let mut subscription = shared.subscribers.subscribe(account);
     let (tx, mut incoming) = mpsc::channel(8);
-    let reader = tokio::spawn(read_acks(recv, tx));
+    let reader = tokio::spawn(read_acks(recv, tx, shared.limits.frame_timeout()));
     let _abort_reader = AbortOnDrop(reader);
     let window = shared.limits.delivery_window;
     let mut cursor = 0u64;

@@ -100,6 +100,7 @@ pub const LATENCY_BOUNDS_NS: &[u64] = &[
 pub struct Metrics {
     connections_open: AtomicI64,
     connections_total: AtomicU64,
+    refused: AtomicU64,
     stored: AtomicU64,
     delivered: AtomicU64,
     acknowledged: AtomicU64,
@@ -111,6 +112,7 @@ impl Default for Metrics {
         Self {
             connections_open: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             stored: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             acknowledged: AtomicU64::new(0),
@@ -134,6 +136,11 @@ impl Metrics {
         self.connections_total.fetch_add(1, Ordering::Relaxed);
         self.connections_open.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard(self)
+    }
+
+    /// A connection was refused before its handshake (too many from its address).
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An envelope was stored durably and acknowledged to its sender.
@@ -186,6 +193,13 @@ pub fn render(shared: &Shared) -> String {
         "Client connections accepted since start.",
         "counter",
         load(&m.connections_total),
+    );
+    metric(
+        &mut out,
+        "relay_connections_refused_total",
+        "Connections refused before the handshake because their address held max_connections_per_ip.",
+        "counter",
+        load(&m.refused),
     );
     metric(
         &mut out,

@@ -37,6 +37,12 @@ pub struct Shared {
     pub lookups: RateLimiter<relay_proto::AccountId>,
     /// Sealed sends per recipient.
     pub sealed_sends: RateLimiter<relay_proto::AccountId>,
+    /// Authenticated sends per account.
+    pub sends: RateLimiter<relay_proto::AccountId>,
+    /// `Register` requests per client address.
+    pub registrations: RateLimiter<std::net::IpAddr>,
+    /// Concurrent connections per client address.
+    pub connections: Arc<crate::ratelimit::ConnectionLimiter>,
     /// Leases of exports in flight, which acknowledged withdrawals wait for.
     pub fence: Arc<crate::fence::Fence>,
     /// Aggregate counters for the metrics endpoint.
@@ -78,6 +84,7 @@ pub struct RelayHandle {
     fingerprint: String,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    faults: Arc<crate::store::commit::StorageFaults>,
 }
 
 impl RelayHandle {
@@ -104,6 +111,12 @@ impl RelayHandle {
     /// The line the relay prints on stdout when it is ready.
     pub fn ready_line(&self) -> String {
         format!("listening on {} cert-sha256 {}", self.local_addr, self.fingerprint)
+    }
+
+    /// The store's fault injector (for tests of disk failures).
+    #[doc(hidden)]
+    pub fn storage_faults(&self) -> Arc<crate::store::commit::StorageFaults> {
+        self.faults.clone()
     }
 
     /// Stops accepting, closes connections, flushes the store and waits until everything is released.
@@ -163,10 +176,14 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         _ => None,
     };
     let export_addr = export.as_ref().map(|(_, bound, _)| *bound);
+    let faults = store.commit.faults();
     let shared = Arc::new(Shared {
         store,
         lookups: RateLimiter::new(limits.lookups_per_minute),
         sealed_sends: RateLimiter::new(limits.sealed_sends_per_minute),
+        sends: RateLimiter::per_second(limits.sends_per_second, limits.sends_per_second.saturating_mul(2)),
+        registrations: RateLimiter::new(limits.registrations_per_minute_per_ip),
+        connections: Arc::new(crate::ratelimit::ConnectionLimiter::new(limits.max_connections_per_ip)),
         fence,
         subscribers: Arc::new(Subscribers::default()),
         metrics: Metrics::default(),
@@ -196,7 +213,15 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
             m.abort();
         }
     });
-    Ok(RelayHandle { local_addr, metrics_addr, export_addr, fingerprint: identity.fingerprint(), shutdown, task })
+    Ok(RelayHandle {
+        local_addr,
+        metrics_addr,
+        export_addr,
+        fingerprint: identity.fingerprint(),
+        shutdown,
+        task,
+        faults,
+    })
 }
 
 /// Accepts connections on `endpoint` until `shutdown` turns true, each served by `serve` in its own task under a
@@ -243,6 +268,14 @@ async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, shutdown: watch::Re
 }
 
 async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let peer = incoming.remote_address().ip();
+    // Counted before the handshake, so an address over its limit costs no key exchange.
+    let Some(_slot) = shared.connections.try_acquire(peer) else {
+        tracing::info!(limit = shared.limits.max_connections_per_ip, "connection refused: too many from this address");
+        shared.metrics.refused();
+        incoming.refuse();
+        return;
+    };
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -259,7 +292,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     tracing::debug!("connected");
     let _open = shared.metrics.connection();
-    let session = Arc::new(Session::new(exporter));
+    let session = Arc::new(Session::new(exporter, peer));
     let mut streams = JoinSet::new();
     let max_streams = shared.limits.max_streams_per_connection;
     let mut credit = INITIAL_STREAMS.min(max_streams);

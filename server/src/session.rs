@@ -26,7 +26,7 @@ use relay_proto::wire::{
     server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, PhoneNumber, StreamCloseCode};
-use relay_quic::{ReadError, read_frame, write_frame};
+use relay_quic::{ReadError, read_frame_within, write_frame};
 
 use crate::reject::Reject;
 use crate::relay::Shared;
@@ -43,12 +43,13 @@ pub const PREKEY_LOW_WATERMARK: u32 = 20;
 pub struct Session {
     exporter: [u8; EXPORTER_LEN],
     account: OnceLock<AccountId>,
+    peer: std::net::IpAddr,
 }
 
 impl Session {
     /// A new, unauthenticated session bound to the connection's exported keying material.
-    pub fn new(exporter: [u8; EXPORTER_LEN]) -> Self {
-        Self { exporter, account: OnceLock::new() }
+    pub fn new(exporter: [u8; EXPORTER_LEN], peer: std::net::IpAddr) -> Self {
+        Self { exporter, account: OnceLock::new(), peer }
     }
 
     fn account(&self) -> Result<AccountId, Reject> {
@@ -68,6 +69,7 @@ impl Session {
 pub(crate) fn frame_error_codes(e: &ReadError) -> (ErrorCode, StreamCloseCode) {
     match e {
         ReadError::Frame(FrameError::TooLarge { .. }) => (ErrorCode::FrameTooLarge, StreamCloseCode::FrameTooLarge),
+        ReadError::TimedOut(_) => (ErrorCode::FrameTimeout, StreamCloseCode::ProtocolError),
         _ => (ErrorCode::MalformedFrame, StreamCloseCode::ProtocolError),
     }
 }
@@ -80,23 +82,24 @@ pub async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) {
     loop {
-        let frame = match read_frame::<ClientFrame>(&mut recv, MAX_FRAME_LEN).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                send.finish().ok();
-                return;
-            }
-            Err(ReadError::Stream(_)) => return,
-            Err(e) => {
-                let (code, close) = frame_error_codes(&e);
-                shared.metrics.error(code);
-                tracing::debug!(error = %e, "bad frame, closing stream");
-                recv.stop(close.code().into()).ok();
-                write_frame(&mut send, &Reject::new(code, e.to_string()).to_frame()).await.ok();
-                send.finish().ok();
-                return;
-            }
-        };
+        let frame =
+            match read_frame_within::<ClientFrame>(&mut recv, MAX_FRAME_LEN, shared.limits.frame_timeout()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    send.finish().ok();
+                    return;
+                }
+                Err(ReadError::Stream(_)) => return,
+                Err(e) => {
+                    let (code, close) = frame_error_codes(&e);
+                    shared.metrics.error(code);
+                    tracing::debug!(error = %e, "bad frame, closing stream");
+                    recv.stop(close.code().into()).ok();
+                    write_frame(&mut send, &Reject::new(code, e.to_string()).to_frame()).await.ok();
+                    send.finish().ok();
+                    return;
+                }
+            };
         let reply = match frame.body {
             Some(Req::Subscribe(_)) => match session.account() {
                 Ok(account) => return crate::delivery::run(shared, account, send, recv).await,
@@ -153,6 +156,15 @@ fn verify(identity_key: &[u8; KEY_LEN], transcript: &[u8], signature: &[u8]) -> 
 
 async fn register(shared: &Shared, session: &Session, r: Register) -> Result<ServerFrame, Reject> {
     check_version(r.protocol_version)?;
+    if !shared.registrations.allow(crate::ratelimit::address_key(session.peer), Instant::now()) {
+        return Err(Reject::new(
+            ErrorCode::RateLimited,
+            format!(
+                "at most {} registrations per minute from one address",
+                shared.limits.registrations_per_minute_per_ip
+            ),
+        ));
+    }
     let identity_key = key32(&r.identity_key, "identity_key")?;
     let sealing_key = key32(&r.sealing_key, "sealing_key")?;
     let phone = PhoneNumber::parse(&r.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
@@ -240,7 +252,13 @@ async fn store_envelope(shared: &Shared, recipient: &[u8], envelope: &[u8]) -> R
 }
 
 async fn send_envelope(shared: &Shared, session: &Session, s: Send) -> Result<ServerFrame, Reject> {
-    session.account()?;
+    let account = session.account()?;
+    if !shared.sends.allow(account, Instant::now()) {
+        return Err(Reject::new(
+            ErrorCode::RateLimited,
+            format!("at most {} sends per second from one account", shared.limits.sends_per_second),
+        ));
+    }
     store_envelope(shared, &s.recipient, &s.envelope).await
 }
 

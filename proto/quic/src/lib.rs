@@ -30,6 +30,9 @@ pub enum ReadError {
     /// The stream failed (reset by the peer, connection lost).
     #[error("stream error: {0}")]
     Stream(#[from] quinn::ReadError),
+    /// The peer started a frame and did not complete it in time.
+    #[error("frame not completed within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Why a frame could not be written.
@@ -55,11 +58,44 @@ pub async fn read_frame<M: Message + Default>(
     max: usize,
 ) -> Result<Option<M>, ReadError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    let mut filled = 0;
+    match recv.read(&mut prefix).await? {
+        Some(n) => read_rest(recv, max, prefix, n).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Like [`read_frame`], but once the first byte of a frame has arrived the whole frame must arrive within `limit`:
+/// a peer that starts frames and stalls holds a stream (and its buffer) for at most that long. Waiting for the
+/// first byte of the next frame is not limited (the connection's idle timeout covers that).
+pub async fn read_frame_within<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    limit: Duration,
+) -> Result<Option<M>, ReadError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    match recv.read(&mut prefix).await? {
+        Some(n) => match tokio::time::timeout(limit, read_rest(recv, max, prefix, n)).await {
+            Ok(result) => result.map(Some),
+            Err(_) => Err(ReadError::TimedOut(limit)),
+        },
+        None => Ok(None),
+    }
+}
+
+/// The rest of a frame whose first `filled` prefix bytes are in `prefix`.
+async fn read_rest<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    mut prefix: [u8; PREFIX_LEN],
+    mut filled: usize,
+) -> Result<M, ReadError> {
+    if filled == 0 {
+        // quinn never returns an empty read before the end of the stream; treat it as the end.
+        return Err(ReadError::Truncated);
+    }
     while filled < PREFIX_LEN {
         match recv.read(&mut prefix[filled..]).await? {
             Some(n) => filled += n,
-            None if filled == 0 => return Ok(None),
             None => return Err(ReadError::Truncated),
         }
     }
@@ -71,7 +107,7 @@ pub async fn read_frame<M: Message + Default>(
             None => return Err(ReadError::Truncated),
         }
     }
-    Ok(Some(frame::decode_body(&body)?))
+    Ok(frame::decode_body(&body)?)
 }
 
 /// Writes one frame.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use relay_proto::MAX_FRAME_LEN;
 use relay_proto::wire::{ExportRequest, ExportResponse};
-use relay_quic::{ReadError, read_frame, write_frame};
+use relay_quic::{ReadError, read_frame_within, write_frame};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -25,6 +25,9 @@ pub use handler::ExportHandler;
 
 /// Concurrent request streams per exporter connection.
 pub const EXPORT_STREAMS: u32 = 64;
+
+/// Time the exporter has to complete a request frame once started.
+pub const EXPORT_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Accepts exporter connections until `shutdown`, then closes the endpoint.
 pub async fn run(endpoint: quinn::Endpoint, handler: Arc<ExportHandler>, shutdown: watch::Receiver<bool>) {
@@ -61,7 +64,7 @@ async fn serve_connection(handler: Arc<ExportHandler>, incoming: quinn::Incoming
 
 async fn serve_stream(handler: Arc<ExportHandler>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     loop {
-        let request = match read_frame::<ExportRequest>(&mut recv, MAX_FRAME_LEN).await {
+        let request = match read_frame_within::<ExportRequest>(&mut recv, MAX_FRAME_LEN, EXPORT_FRAME_TIMEOUT).await {
             Ok(Some(r)) => r,
             Ok(None) => {
                 send.finish().ok();

@@ -21,6 +21,21 @@ use crate::metrics::{BATCH_BOUNDS, Histogram, LATENCY_BOUNDS_NS};
 /// Shortest time between the starts of two flushes.
 pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
+/// Faults to inject into the store's durability path, for tests of what the relay does when the disk fails. The
+/// relay never sets them itself; an injected failure takes exactly the path a real flush error (a full or failing
+/// disk) takes.
+#[derive(Debug, Default)]
+pub struct StorageFaults {
+    fail_flushes: std::sync::atomic::AtomicBool,
+}
+
+impl StorageFaults {
+    /// Makes every flush from now on fail (`true`) or behave normally again (`false`).
+    pub fn fail_flushes(&self, fail: bool) {
+        self.fail_flushes.store(fail, Ordering::SeqCst);
+    }
+}
+
 /// A flush failed: the writes it covered may not be durable and must not be acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("storage flush failed: {0}")]
@@ -52,6 +67,7 @@ pub struct GroupCommit {
     flushes: AtomicU64,
     batch_sizes: Histogram,
     latencies: Histogram,
+    faults: Arc<StorageFaults>,
 }
 
 impl GroupCommit {
@@ -64,6 +80,7 @@ impl GroupCommit {
             flushes: AtomicU64::new(0),
             batch_sizes: Histogram::new(BATCH_BOUNDS, 1.0),
             latencies: Histogram::new(LATENCY_BOUNDS_NS, 1e9),
+            faults: Arc::new(StorageFaults::default()),
         });
         let weak = Arc::downgrade(&gc);
         let wake = gc.wake.clone();
@@ -92,7 +109,11 @@ impl GroupCommit {
                 }
                 let started = Instant::now();
                 last_start = Some(started);
-                let result = db.flush_async().await;
+                let result = if gc.faults.fail_flushes.load(Ordering::SeqCst) {
+                    Err(sled::Error::Io(std::io::Error::other("injected flush failure")))
+                } else {
+                    db.flush_async().await
+                };
                 gc.flushes.fetch_add(1, Ordering::Relaxed);
                 gc.batch_sizes.record(target - done);
                 gc.latencies.record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
@@ -122,6 +143,12 @@ impl GroupCommit {
             .await
             .map_err(|_| CommitError("store closed".into()))?;
         if state.durable >= ticket { Ok(()) } else { Err(CommitError(state.error.clone().unwrap_or_default())) }
+    }
+
+    /// The fault injector of this store (tests only).
+    #[doc(hidden)]
+    pub fn faults(&self) -> Arc<StorageFaults> {
+        self.faults.clone()
     }
 
     /// Writes covered per flush.
