@@ -58,8 +58,15 @@ pub fn relayd_path() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Every test client connects from 127.0.0.1, so the per-address limits (connections, registrations) and the
+/// per-account send rate are lifted here; the tests of those limits set them back explicitly.
 fn loopback_config(dir: &Path) -> Config {
-    Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), data_dir: dir.join("data"), ..Config::default() }
+    let mut config =
+        Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), data_dir: dir.join("data"), ..Config::default() };
+    config.limits.max_connections_per_ip = 100_000;
+    config.limits.registrations_per_minute_per_ip = 1_000_000;
+    config.limits.sends_per_second = 1_000_000;
+    config
 }
 
 impl TestRelay {
@@ -169,6 +176,14 @@ impl TestRelay {
     /// Hex SHA-256 of the relay's certificate.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The store's fault injector, for an in-process relay.
+    pub fn storage_faults(&self) -> Option<std::sync::Arc<relay_server::store::commit::StorageFaults>> {
+        match &self.running {
+            Running::InProcess(h) => Some(h.storage_faults()),
+            _ => None,
+        }
     }
 
     /// The relay's data directory.

@@ -8,10 +8,12 @@ mod e2ee;
 mod export;
 mod exporter;
 mod exportlog;
+mod limits;
 mod messaging;
 mod metrics;
 mod prekeys;
 mod privacy;
+mod storage;
 
 use std::time::Duration;
 
