@@ -1,6 +1,7 @@
 //! Integration tests against real relays on loopback: one binary, a module per area.
 
 mod access;
+mod access_matrix;
 mod bad_input;
 mod consent;
 mod durability;
