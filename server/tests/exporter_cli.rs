@@ -65,16 +65,22 @@ fn creates_its_identity_once_prints_one_line_and_stops_on_sigterm() {
 }
 
 #[test]
-fn https_endpoints_and_bad_fingerprints_are_refused_with_a_clear_message() {
+fn bad_endpoints_ca_files_and_fingerprints_are_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let catalogue = dir.path().join("affiliates.toml");
-    let text = std::fs::read_to_string(EXAMPLE).expect("example").replacen("http://", "https://", 1);
+    let text = std::fs::read_to_string(EXAMPLE).expect("example").replacen("http://", "ftp://", 1);
     std::fs::write(&catalogue, text).expect("write");
     let out = exporter(&dir.path().join("a"), &catalogue).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("adsco") && err.contains("https"), "{err}");
+    assert!(err.contains("adsco") && err.contains("endpoint"), "{err}");
     assert!(out.stdout.is_empty(), "no ready line");
+
+    let missing = dir.path().join("no-such-ca.pem");
+    let out =
+        exporter(&dir.path().join("c"), Path::new(EXAMPLE)).arg("--affiliate-ca").arg(&missing).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-ca.pem"), "{out:?}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_relay-exporter"))
         .args(["--relay", "127.0.0.1:9", "--relay-cert-sha256", "abcd", "--data"])

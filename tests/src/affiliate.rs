@@ -15,8 +15,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use relay_server::exporter::{Catalogue, Exporter, Progress, webhook};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::TestRelay;
@@ -42,6 +42,8 @@ pub struct Attempt {
 /// An affiliate's webhook endpoint.
 pub struct Sink {
     addr: SocketAddr,
+    /// PEM of the sink's self-signed certificate when it serves https.
+    ca_pem: Option<String>,
     key: Vec<u8>,
     fail: Arc<AtomicBool>,
     attempts: Arc<Mutex<Vec<Attempt>>>,
@@ -56,8 +58,32 @@ impl Drop for Sink {
 }
 
 impl Sink {
-    /// A sink verifying signatures with `key`, listening on `127.0.0.1:0`.
+    /// A sink verifying signatures with `key`, listening on `127.0.0.1:0` (plain http).
     pub async fn start(key: &[u8]) -> Result<Self> {
+        Self::start_with(key, None).await
+    }
+
+    /// The same over https, with a fresh self-signed certificate for 127.0.0.1 ([`Sink::ca_pem`] to trust it).
+    pub async fn start_tls(key: &[u8]) -> Result<Self> {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+        let pem = cert.cert.pem();
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+            .map_err(|e| anyhow!("sink key: {e}"))?;
+        let config = rustls::ServerConfig::builder_with_provider(relay_quic::crypto_provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key_der)?;
+        let mut sink = Self::start_with(key, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await?;
+        sink.ca_pem = Some(pem);
+        Ok(sink)
+    }
+
+    /// PEM of the certificate to trust for an https sink.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    async fn start_with(key: &[u8], tls: Option<tokio_rustls::TlsAcceptor>) -> Result<Self> {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = listener.local_addr()?;
         let fail = Arc::new(AtomicBool::new(false));
@@ -67,9 +93,16 @@ impl Sink {
         let task = tokio::spawn(async move {
             // Ends when the sink is dropped (the task is aborted) or the listener fails.
             while let Ok((stream, _)) = listener.accept().await {
-                let (k, f, a, tx) = (k.clone(), f.clone(), a.clone(), tx.clone());
+                let (k, f, a, tx, tls) = (k.clone(), f.clone(), a.clone(), tx.clone(), tls.clone());
                 tokio::spawn(async move {
-                    if let Ok(attempt) = serve(stream, &k, &f).await {
+                    let served = match tls {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(stream) => serve(stream, &k, &f).await,
+                            Err(e) => Err(e.into()),
+                        },
+                        None => serve(stream, &k, &f).await,
+                    };
+                    if let Ok(attempt) = served {
                         let n = {
                             let mut all = a.lock().unwrap_or_else(|e| e.into_inner());
                             all.push(attempt);
@@ -80,12 +113,13 @@ impl Sink {
                 });
             }
         });
-        Ok(Self { addr, key: key.to_vec(), fail, attempts, changed, task })
+        Ok(Self { addr, ca_pem: None, key: key.to_vec(), fail, attempts, changed, task })
     }
 
     /// The webhook URL.
     pub fn url(&self) -> String {
-        format!("http://{}/hooks", self.addr)
+        let scheme = if self.ca_pem.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}/hooks", self.addr)
     }
 
     /// The `whsec_` secret for the catalogue.
@@ -136,7 +170,7 @@ impl Sink {
 }
 
 /// Reads one request, checks its signature, answers it.
-async fn serve(mut stream: TcpStream, key: &[u8], fail: &AtomicBool) -> Result<Attempt> {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, key: &[u8], fail: &AtomicBool) -> Result<Attempt> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -205,9 +239,17 @@ impl TestExporter {
     /// Starts a relay with its export interface open for a new exporter whose catalogue is `catalogue` (TOML),
     /// then the exporter against it, polling every 20 ms.
     pub async fn start(catalogue: &str) -> Result<(TestRelay, Self)> {
+        Self::start_trusting(catalogue, None).await
+    }
+
+    /// The same, with the exporter also trusting the CA certificates in `ca_pem` for https affiliates.
+    pub async fn start_trusting(catalogue: &str, ca_pem: Option<&str>) -> Result<(TestRelay, Self)> {
         let dir = tempfile::tempdir()?;
         let catalogue = Catalogue::parse(catalogue)?;
-        let exporter = Exporter::open(&dir.path().join("exporter"), catalogue, Duration::from_millis(20))?;
+        let mut exporter = Exporter::open(&dir.path().join("exporter"), catalogue, Duration::from_millis(20))?;
+        if let Some(pem) = ca_pem {
+            exporter.trust_extra_ca(pem.as_bytes())?;
+        }
         let relay = TestRelay::with_export_for(exporter.fingerprint()).await?;
         let addr = relay.export_addr().ok_or_else(|| anyhow!("no export interface"))?;
         let fp = relay_client::pin::parse_fingerprint(relay.fingerprint()).ok_or_else(|| anyhow!("bad fingerprint"))?;

@@ -1,4 +1,5 @@
-//! `relay-exporter --data DIR --relay ADDR --relay-cert-sha256 HEX --affiliates FILE [--poll-ms N]`: the metadata
+//! `relay-exporter --data DIR --relay ADDR --relay-cert-sha256 HEX --affiliates FILE [--affiliate-ca PEM]
+//! [--poll-ms N]`: the metadata
 //! exporter. Reads the relay's consent feed over the export interface and delivers signed webhooks to affiliates,
 //! within the withdrawal fence, until SIGINT or SIGTERM.
 //!
@@ -33,6 +34,9 @@ struct Args {
     /// Affiliates catalogue (TOML).
     #[arg(long)]
     affiliates: PathBuf,
+    /// Extra CA certificates (PEM) trusted for https:// affiliates, besides the system's roots.
+    #[arg(long)]
+    affiliate_ca: Option<PathBuf>,
     /// Feed poll interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     poll_ms: u64,
@@ -56,8 +60,12 @@ async fn main() -> anyhow::Result<()> {
         bail!("--poll-ms must be at least 1");
     }
     let catalogue = Catalogue::from_file(&args.affiliates)?;
-    let exporter = Exporter::open(&args.data, catalogue, Duration::from_millis(args.poll_ms))
+    let mut exporter = Exporter::open(&args.data, catalogue, Duration::from_millis(args.poll_ms))
         .context("relay-exporter could not start")?;
+    if let Some(path) = &args.affiliate_ca {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read --affiliate-ca {}", path.display()))?;
+        exporter.trust_extra_ca(&pem).with_context(|| format!("--affiliate-ca {}", path.display()))?;
+    }
     // Handlers are installed before the ready line: a supervisor may signal as soon as it has read it.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

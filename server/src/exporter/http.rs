@@ -1,12 +1,17 @@
-//! A minimal HTTP/1.1 client for webhooks: `POST` to an `http://host:port/path` URL with a `Content-Length` body and
-//! `Connection: close`, returning the status code. `https://` is refused ([`HttpError::Unsupported`]).
+//! A minimal HTTP/1.1 client for webhooks: `POST` to an `https://` (or, for local affiliates, `http://`) URL with a
+//! `Content-Length` body and `Connection: close`, returning the status code.
 //!
-//! Contract: one request per connection; the whole exchange (connect, send, status line) is bounded by the timeout
-//! given; at most [`MAX_STATUS_LINE`] bytes of the answer are read, the rest is ignored.
+//! Contract: one request per connection; the whole exchange (connect, TLS handshake, send, status line) is bounded by
+//! the timeout given; at most [`MAX_STATUS_LINE`] bytes of the answer are read, the rest is ignored. `https://`
+//! verifies the server's certificate chain and name with rustls (TLS 1.2 or 1.3, ring) against the system's roots
+//! plus any extra CA the operator adds ([`Tls::with_extra_roots`]); there is no way to turn verification off.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Longest status line read.
@@ -15,6 +20,8 @@ pub const MAX_STATUS_LINE: usize = 8 * 1024;
 /// A parsed webhook URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    /// `https://`: the request goes over TLS.
+    pub tls: bool,
     /// Host name or IP literal.
     pub host: String,
     /// TCP port (80 when not given).
@@ -27,9 +34,12 @@ pub struct Url {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpError {
-    /// The URL is not a plain `http://` URL this client handles.
-    #[error("unsupported endpoint {0:?}: only http://host[:port]/path is supported (https is not yet)")]
+    /// The URL is not an `http://` or `https://` URL this client handles.
+    #[error("unsupported endpoint {0:?}: expected https://host[:port]/path or http://host[:port]/path")]
     Unsupported(String),
+    /// The TLS setup or handshake failed (unknown issuer, wrong name, no roots, ...).
+    #[error("webhook TLS: {0}")]
+    Tls(String),
     /// Connecting, writing or reading failed.
     #[error("webhook connection: {0}")]
     Io(#[from] std::io::Error),
@@ -41,10 +51,15 @@ pub enum HttpError {
     BadStatus,
 }
 
-/// Parses `http://host[:port][/path]`.
+/// Parses `https://host[:port][/path]` (port 443 by default) or `http://host[:port][/path]` (port 80).
 pub fn parse_url(url: &str) -> Result<Url, HttpError> {
     let unsupported = || HttpError::Unsupported(url.to_owned());
-    let rest = url.strip_prefix("http://").ok_or_else(unsupported)?;
+    let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        (None, None) => return Err(unsupported()),
+    };
+    let default_port = if tls { 443 } else { 80 };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -53,14 +68,14 @@ pub fn parse_url(url: &str) -> Result<Url, HttpError> {
         let (host, after) = v6.split_once(']').ok_or_else(unsupported)?;
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse().map_err(|_| unsupported())?,
-            None if after.is_empty() => 80,
+            None if after.is_empty() => default_port,
             None => return Err(unsupported()),
         };
         (host.to_owned(), port)
     } else {
         match authority.rsplit_once(':') {
             Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| unsupported())?),
-            None => (authority.to_owned(), 80),
+            None => (authority.to_owned(), default_port),
         }
     };
     if host.is_empty()
@@ -69,16 +84,87 @@ pub fn parse_url(url: &str) -> Result<Url, HttpError> {
     {
         return Err(unsupported());
     }
-    Ok(Url { host, port, path: path.to_owned() })
+    Ok(Url { tls, host, port, path: path.to_owned() })
 }
 
-/// Posts `body` with `headers` to `url`; the answer's status code.
-pub async fn post(url: &Url, headers: &[(&str, String)], body: &[u8], timeout: Duration) -> Result<u16, HttpError> {
-    tokio::time::timeout(timeout, exchange(url, headers, body)).await.map_err(|_| HttpError::Timeout)?
+/// The TLS client configuration for `https://` webhooks (cheap to clone).
+#[derive(Clone)]
+pub struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    roots: usize,
 }
 
-async fn exchange(url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<u16, HttpError> {
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port)).await?;
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("roots", &self.roots).finish()
+    }
+}
+
+impl Tls {
+    /// Trusts the system's root certificates.
+    pub fn system() -> Result<Self, HttpError> {
+        Self::with_extra_roots(None)
+    }
+
+    /// Trusts the system's roots and the certificates in `pem` (an operator's private CA, or a test's).
+    pub fn with_extra_roots(pem: Option<&[u8]>) -> Result<Self, HttpError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for error in &native.errors {
+            tracing::warn!(error = %error, "some system root certificates could not be loaded");
+        }
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        let mut count = added;
+        if let Some(pem) = pem {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| HttpError::Tls(format!("extra CA file: {e}")))?;
+                roots.add(cert).map_err(|e| HttpError::Tls(format!("extra CA certificate: {e}")))?;
+                count += 1;
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(relay_quic::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| HttpError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), roots: count })
+    }
+
+    /// Number of trusted roots.
+    pub fn roots(&self) -> usize {
+        self.roots
+    }
+}
+
+/// Posts `body` with `headers` to `url` (over TLS with `tls` for `https://`); the answer's status code.
+pub async fn post(
+    url: &Url,
+    tls: &Tls,
+    headers: &[(&str, String)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<u16, HttpError> {
+    tokio::time::timeout(timeout, connect_and_exchange(url, tls, headers, body))
+        .await
+        .map_err(|_| HttpError::Timeout)?
+}
+
+async fn connect_and_exchange(url: &Url, tls: &Tls, headers: &[(&str, String)], body: &[u8]) -> Result<u16, HttpError> {
+    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    if !url.tls {
+        return exchange(tcp, url, headers, body).await;
+    }
+    let name = ServerName::try_from(url.host.clone()).map_err(|e| HttpError::Tls(format!("server name: {e}")))?;
+    let stream = tls.connector.connect(name, tcp).await.map_err(|e| HttpError::Tls(e.to_string()))?;
+    exchange(stream, url, headers, body).await
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    url: &Url,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<u16, HttpError> {
     let host = if url.host.contains(':') {
         format!("[{}]:{}", url.host, url.port)
     } else {
@@ -125,12 +211,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_parse_and_https_is_refused() {
+    fn urls_parse() {
         let u = parse_url("http://127.0.0.1:9000/hooks?x=1").expect("url");
-        assert_eq!(u, Url { host: "127.0.0.1".into(), port: 9000, path: "/hooks?x=1".into() });
+        assert_eq!(u, Url { tls: false, host: "127.0.0.1".into(), port: 9000, path: "/hooks?x=1".into() });
         assert_eq!(parse_url("http://example.com").expect("url").port, 80);
+        let secure = parse_url("https://hooks.example.com/in").expect("url");
+        assert_eq!((secure.tls, secure.port, secure.path.as_str()), (true, 443, "/in"));
+        assert_eq!(parse_url("https://[::1]:8443/a").expect("url").port, 8443);
         assert_eq!(parse_url("http://[::1]:8080/a").expect("url").host, "::1");
-        for bad in ["https://example.com/", "ftp://x/", "http://:80/", "http://h:notaport/", "http://u@h/"] {
+        for bad in ["ftp://x/", "http://:80/", "http://h:notaport/", "http://u@h/", "https://", "HTTPS://x/"] {
             assert!(matches!(parse_url(bad), Err(HttpError::Unsupported(_))), "{bad}");
         }
     }

@@ -103,6 +103,7 @@ pub struct Exporter {
     store: Store,
     catalogue: Catalogue,
     endpoints: std::collections::BTreeMap<String, Url>,
+    tls: http::Tls,
     poll: Duration,
     progress: watch::Sender<Progress>,
 }
@@ -130,8 +131,9 @@ pub fn backoff(attempts: u32) -> Duration {
 }
 
 impl Exporter {
-    /// Opens the data dir, creating the TLS identity, the pseudonym key (mode 0600) and the store on first start.
-    /// Refuses a catalogue with an endpoint this exporter cannot deliver to (https).
+    /// Opens the data dir, creating the TLS identity, the pseudonym and log keys (mode 0600) and the store on first
+    /// start. `https://` endpoints are verified against the system's root certificates (see
+    /// [`Exporter::trust_extra_ca`] for a private CA).
     pub fn open(data_dir: &Path, catalogue: Catalogue, poll: Duration) -> Result<Self, ExporterError> {
         std::fs::create_dir_all(data_dir)?;
         let mut endpoints = std::collections::BTreeMap::new();
@@ -152,7 +154,29 @@ impl Exporter {
             published: store.published()?,
             ..Progress::default()
         });
-        Ok(Self { identity, master_key, log_key, log: Mutex::new(log), store, catalogue, endpoints, poll, progress })
+        let tls = http::Tls::system().map_err(|source| ExporterError::Endpoint { affiliate: "*".into(), source })?;
+        if tls.roots() == 0 && endpoints.values().any(|u| u.tls) {
+            tracing::warn!("no system root certificates: https affiliates need --affiliate-ca");
+        }
+        Ok(Self {
+            identity,
+            master_key,
+            log_key,
+            log: Mutex::new(log),
+            store,
+            catalogue,
+            endpoints,
+            tls,
+            poll,
+            progress,
+        })
+    }
+
+    /// Also trusts the CA certificates in `pem` for `https://` affiliates (an operator's private CA).
+    pub fn trust_extra_ca(&mut self, pem: &[u8]) -> Result<(), ExporterError> {
+        self.tls = http::Tls::with_extra_roots(Some(pem))
+            .map_err(|source| ExporterError::Endpoint { affiliate: "*".into(), source })?;
+        Ok(())
     }
 
     /// Hex of the Ed25519 key that verifies the export log's tree heads.
@@ -476,7 +500,7 @@ impl Exporter {
             ("webhook-timestamp", timestamp.to_string()),
             ("webhook-signature", webhook::sign(key, id, timestamp, body.as_bytes())),
         ];
-        http::post(url, &headers, body.as_bytes(), HTTP_TIMEOUT).await.map_err(|e| e.to_string())
+        http::post(url, &self.tls, &headers, body.as_bytes(), HTTP_TIMEOUT).await.map_err(|e| e.to_string())
     }
 }
 
@@ -538,11 +562,13 @@ mod tests {
     }
 
     #[test]
-    fn https_endpoints_are_refused_at_start() {
+    fn https_endpoints_are_accepted_and_a_bad_extra_ca_is_refused() {
         let text = include_str!("../../affiliates.example.toml").replacen("http://", "https://", 1);
         let catalogue = Catalogue::parse(&text).expect("catalogue");
         let dir = tempfile::tempdir().expect("dir");
-        let err = Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).err().expect("refused");
-        assert!(err.to_string().contains("https is not yet"), "{err}");
+        let mut exporter = Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).expect("https accepted");
+        assert!(exporter.endpoints.get("adsco").is_some_and(|u| u.tls));
+        let bad = b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n";
+        assert!(exporter.trust_extra_ca(bad).is_err());
     }
 }

@@ -215,3 +215,35 @@ async fn an_expired_grant_stops_a_queued_export() {
     assert!(s.adsco.attempts().iter().all(|a| a.status == 503));
     assert_eq!(s.exporter.progress().logged, 0, "nothing logged");
 }
+
+#[tokio::test]
+async fn https_affiliates_are_reached_only_over_a_verified_connection() {
+    let trusted = Sink::start_tls(b"adsco webhook key 0123456789").await.expect("https sink");
+    let untrusted = Sink::start_tls(b"shieldco webhook key 98765432").await.expect("https sink with an unknown CA");
+    let catalogue = format!(
+        "[[affiliate]]\nid = \"adsco\"\nname = \"AdsCo SAS\"\ncountry = \"FR\"\nendpoint = \"{}\"\nsecret = \"{}\"\n\
+         [affiliate.purposes]\nadvertising = [\"phone_pseudonym\", \"device_model\"]\n\n\
+         [[affiliate]]\nid = \"shieldco\"\nname = \"ShieldCo GmbH\"\ncountry = \"DE\"\nendpoint = \"{}\"\n\
+         secret = \"{}\"\n[affiliate.purposes]\nsecurity = [\"phone_pseudonym\", \"os\"]\n",
+        trusted.url(),
+        trusted.secret(),
+        untrusted.url(),
+        untrusted.secret()
+    );
+    assert!(trusted.url().starts_with("https://127.0.0.1:"), "{}", trusted.url());
+    let (relay, exporter) =
+        TestExporter::start_trusting(&catalogue, trusted.ca_pem()).await.expect("relay and exporter");
+    let alice = relay.user(ALICE).await.expect("alice");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    alice.messenger.decide_consent("shieldco", "security", Decision::Grant, None).await.expect("grant");
+
+    let event = trusted.wait_events(1, WAIT).await.expect("delivered over https").remove(0);
+    assert!(event.signature_ok);
+    assert_eq!(data_keys(&event.body), ["consent", "device_model", "phone_pseudonym", "purpose"]);
+    // The affiliate whose certificate no trusted CA signed never gets a request: the handshake fails, the export
+    // stays queued for a retry.
+    exporter.wait_until(WAIT, |p| p.delivered == 1 && p.changes >= 2).await.expect("progress");
+    exporter.wait_passes(3, WAIT).await.expect("passes");
+    assert!(untrusted.attempts().is_empty(), "{:?}", untrusted.attempts());
+    assert_eq!(exporter.progress().outbox, 1, "the unverified affiliate's export waits in the outbox");
+}
