@@ -220,3 +220,91 @@ impl ExportHandler {
         resp(Resp::ExportEnded(ExportEnded {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use relay_proto::PhoneNumber;
+    use relay_proto::consent::ConsentStatement;
+    use relay_proto::wire::DeviceInfo;
+
+    use super::*;
+
+    fn handler() -> (ExportHandler, sled::Db) {
+        let db = sled::Config::new().temporary(true).open().expect("db");
+        let tree = |n: &str| db.open_tree(n).expect("tree");
+        let handler = ExportHandler::new(
+            ConsentRegistry::new(tree("consent")),
+            Directory::new(tree("i"), tree("p"), tree("n"), tree("s")),
+            Arc::new(Fence::default()),
+            ExportLog::open(tree("log")).expect("log"),
+            GroupCommit::start(db.clone()),
+        );
+        (handler, db)
+    }
+
+    fn grant(account: AccountId, sequence: u64, purpose: Purpose) -> ConsentStatement {
+        ConsentStatement {
+            account,
+            affiliate: "adsco".into(),
+            purpose,
+            decision: Decision::Grant,
+            notice_hash: purpose.notice().hash(),
+            sequence,
+            time_ms: relay_proto::now_ms() - 10_000,
+            expires_ms: None,
+        }
+    }
+
+    async fn ask(h: &ExportHandler, body: Req) -> Resp {
+        h.handle(Some(body)).await.body.expect("a response")
+    }
+
+    fn begin(s: &ConsentStatement) -> Req {
+        Req::BeginExport(BeginExport {
+            account_id: s.account.as_bytes().to_vec().into(),
+            affiliate: s.affiliate.clone(),
+            purpose: s.purpose.as_str().into(),
+            statement_hash: s.hash().to_vec().into(),
+        })
+    }
+
+    /// Grants under a notice that has since changed, and grants that have expired, release no personal data and
+    /// get no export lease; a current grant does. (The relay refuses to record a grant under an old notice, so an
+    /// outdated one can only be a grant recorded before the notice changed, which this test writes directly.)
+    #[tokio::test]
+    async fn grants_under_a_changed_notice_or_expired_are_not_in_force() {
+        let (h, _db) = handler();
+        let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32] };
+        let phone = PhoneNumber::parse("+33612345678").expect("phone");
+        let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
+        let (account, _) = h.directory.register(keys, &phone, device, 1).expect("register");
+
+        let stale = ConsentStatement { notice_hash: [7; 32], ..grant(account, 1, Purpose::Advertising) };
+        let expired = ConsentStatement {
+            expires_ms: Some(relay_proto::now_ms() - 1_000),
+            ..grant(account, 2, Purpose::Analytics)
+        };
+        let current = grant(account, 3, Purpose::Security);
+        for s in [&stale, &expired, &current] {
+            h.consent.record(s, &[0; 64], relay_proto::now_ms()).expect("record");
+        }
+
+        let Resp::ConsentChangeList(list) = ask(&h, Req::ConsentChanges(ConsentChanges { after_cursor: 0 })).await
+        else {
+            panic!("expected a change list")
+        };
+        let with_subject: Vec<u64> = list.changes.iter().filter(|c| c.subject.is_some()).map(|c| c.cursor).collect();
+        assert_eq!(with_subject, [3], "only the current grant carries the subject");
+
+        for (s, why) in [(&stale, "changed notice"), (&expired, "expired")] {
+            match ask(&h, begin(s)).await {
+                Resp::ExportDenied(d) => assert!(d.reason.contains("not in force"), "{why}: {}", d.reason),
+                other => panic!("{why}: expected a denial, got {other:?}"),
+            }
+        }
+        match ask(&h, begin(&current)).await {
+            Resp::ExportGranted(g) => assert_eq!(g.subject.map(|s| s.phone), Some("+33612345678".into())),
+            other => panic!("expected a lease, got {other:?}"),
+        }
+    }
+}
