@@ -108,7 +108,9 @@ async fn exchange(url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<
     parse_status(&answer)
 }
 
-fn parse_status(answer: &[u8]) -> Result<u16, HttpError> {
+/// The status code of an answer's status line (`HTTP/1.x NNN ...`, ended by CRLF): a pure function of the bytes read,
+/// so that the parsing of what an affiliate's server sends can be tested and fuzzed without a socket.
+pub fn parse_status(answer: &[u8]) -> Result<u16, HttpError> {
     let end = answer.windows(2).position(|w| w == b"\r\n").ok_or(HttpError::BadStatus)?;
     let line = std::str::from_utf8(&answer[..end]).map_err(|_| HttpError::BadStatus)?;
     let mut parts = line.split(' ');
