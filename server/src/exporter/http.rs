@@ -78,10 +78,10 @@ pub fn parse_url(url: &str) -> Result<Url, HttpError> {
             None => (authority.to_owned(), default_port),
         }
     };
-    if host.is_empty()
-        || authority.contains('@')
-        || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
+    // Host and path are written into the request head: a space, CR, LF or other control byte in either could end a
+    // line or a field early, so a URL with one in either is refused.
+    let head_unsafe = |s: &str| s.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+    if host.is_empty() || authority.contains('@') || head_unsafe(&host) || head_unsafe(path) {
         return Err(unsupported());
     }
     Ok(Url { tls, host, port, path: path.to_owned() })
@@ -194,12 +194,17 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     parse_status(&answer)
 }
 
-fn parse_status(answer: &[u8]) -> Result<u16, HttpError> {
+/// The status code of an answer's status line (`HTTP/1.x NNN ...`, ended by CRLF): a pure function of the bytes read,
+/// so that the parsing of what an affiliate's server sends can be tested and fuzzed without a socket.
+pub fn parse_status(answer: &[u8]) -> Result<u16, HttpError> {
     let end = answer.windows(2).position(|w| w == b"\r\n").ok_or(HttpError::BadStatus)?;
     let line = std::str::from_utf8(&answer[..end]).map_err(|_| HttpError::BadStatus)?;
     let mut parts = line.split(' ');
     match (parts.next(), parts.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/1.") && code.len() == 3 => {
+        // Exactly three digits (RFC 9112 section 4): `u16::from_str` alone would also take "+20" as 20.
+        (Some(v), Some(code))
+            if v.starts_with("HTTP/1.") && code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) =>
+        {
             code.parse().map_err(|_| HttpError::BadStatus)
         }
         _ => Err(HttpError::BadStatus),
@@ -225,10 +230,30 @@ mod tests {
     }
 
     #[test]
+    fn urls_that_could_split_the_request_head_are_refused() {
+        // Found by the http_response fuzz target: the host was not checked for control bytes or whitespace.
+        for bad in [
+            "http://128\0\0\0\0\0\0\0\u{12}/",
+            "http://a b/",
+            "http://evil\r\nX-Injected: 1:80/",
+            "http://h\t:80/",
+            "http://[::1\n]:80/",
+            "http://h/a b",
+            "http://h/a\r\n",
+        ] {
+            assert!(matches!(parse_url(bad), Err(HttpError::Unsupported(_))), "{bad}");
+        }
+    }
+
+    #[test]
     fn status_lines() {
         assert_eq!(parse_status(b"HTTP/1.1 204 No Content\r\n").expect("status"), 204);
         assert_eq!(parse_status(b"HTTP/1.0 503 Busy\r\nx").expect("status"), 503);
         assert!(parse_status(b"SSH-2.0\r\n").is_err());
         assert!(parse_status(b"HTTP/1.1 200").is_err(), "no line end");
+        // Found by the http_response fuzz target: a sign was taken as part of the code ("+00" parsed as 0).
+        for bad in [&b"HTTP/1.1 +00\r\n"[..], b"HTTP/1.1 +20 OK\r\n", b"HTTP/1.1 20 OK\r\n", b"HTTP/1.1 2000\r\n"] {
+            assert!(matches!(parse_status(bad), Err(HttpError::BadStatus)), "{bad:?}");
+        }
     }
 }

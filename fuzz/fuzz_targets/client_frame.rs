@@ -1,0 +1,152 @@
+//! Every message the relay decodes from the network, and what it then parses out of the fields.
+//!
+//! The input is a frame body: it is decoded as a `ClientFrame` (messaging endpoint) and as an `ExportRequest` (export
+//! interface), with prost directly and through `frame::decode_body`, which must agree. Each decoded request is then
+//! taken apart the way the relay's handlers do it (`server/src/session.rs`, `server/src/export/handler.rs`): account
+//! ids, E.164 phone numbers, keys and signatures of fixed length, transcripts, consent statements, purposes and
+//! affiliate ids. The raw input is also fed to the string and slice parsers directly. Nothing may panic.
+#![no_main]
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+use relay_proto::auth::{self, KEY_LEN};
+use relay_proto::consent::{self, ConsentStatement, Purpose};
+use relay_proto::frame;
+use relay_proto::phone::{MAX_DIGITS, MIN_DIGITS};
+use relay_proto::wire::{
+    ClientFrame, DeviceInfo, ExportRequest, client_frame::Body as Req, export_request::Body as ExportReq,
+};
+use relay_proto::{AccountId, PhoneNumber};
+
+fn phone(s: &str) {
+    if let Ok(p) = PhoneNumber::parse(s) {
+        assert_eq!(p.as_str(), s);
+        let digits = &s[1..];
+        assert!(s.starts_with('+') && (MIN_DIGITS..=MAX_DIGITS).contains(&digits.len()));
+        assert!(digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0'));
+        assert!(!format!("{p:?}").contains(digits), "Debug must not print the number");
+    }
+}
+
+fn account(bytes: &[u8]) -> Option<AccountId> {
+    let id = AccountId::from_slice(bytes);
+    assert_eq!(id.is_some(), bytes.len() == auth::ACCOUNT_ID_LEN);
+    if let Some(id) = id {
+        assert_eq!(id.as_bytes(), bytes);
+        assert_eq!(AccountId::from_hex(&id.to_string()), Some(id));
+    }
+    id
+}
+
+/// The relay's signature check: a 32-byte key, a 64-byte signature, `verify_strict`.
+fn verify(identity_key: &[u8], message: &[u8], signature: &[u8]) {
+    let Ok(key) = <[u8; KEY_LEN]>::try_from(identity_key) else { return };
+    let Ok(key) = VerifyingKey::from_bytes(&key) else { return };
+    let Ok(sig) = Signature::from_slice(signature) else { return };
+    let _ = key.verify_strict(message, &sig);
+}
+
+fn statement(bytes: &[u8]) {
+    if let Ok(s) = ConsentStatement::decode(bytes) {
+        assert_eq!(s.encode(), bytes, "an accepted statement has one encoding");
+        let _ = (s.signed_bytes(), s.hash());
+    }
+}
+
+fn device_ok(d: &DeviceInfo) -> bool {
+    [&d.model, &d.os, &d.app_version].iter().all(|v| v.len() <= 64 && !v.chars().any(char::is_control))
+}
+
+fn client_frame(f: ClientFrame) {
+    let exporter = [0x5a; auth::EXPORTER_LEN];
+    match f.body {
+        Some(Req::Register(r)) => {
+            phone(&r.phone);
+            let device = r.device.unwrap_or_default();
+            let _ = device_ok(&device);
+            if let (Ok(ik), Ok(sk), Ok(p)) = (
+                <[u8; KEY_LEN]>::try_from(r.identity_key.as_ref()),
+                <[u8; KEY_LEN]>::try_from(r.sealing_key.as_ref()),
+                PhoneNumber::parse(&r.phone),
+            ) {
+                let transcript = auth::register_transcript(&exporter, &ik, &sk, p.as_str(), &device);
+                verify(&ik, &transcript, &r.signature);
+                let _ = AccountId::from_identity_key(&ik);
+            }
+        }
+        Some(Req::Auth(a)) => {
+            if let Some(id) = account(&a.account_id) {
+                let _ = auth::auth_transcript(&exporter, &id);
+            }
+            let _ = Signature::from_slice(&a.signature);
+        }
+        Some(Req::Lookup(l)) => phone(&l.phone),
+        Some(Req::Send(s)) => {
+            account(&s.recipient);
+        }
+        Some(Req::SealedSend(s)) => {
+            account(&s.recipient);
+            let _ = auth::sha256(&s.access_key);
+        }
+        Some(Req::FetchBundle(b)) => {
+            account(&b.account_id);
+        }
+        Some(Req::PutConsent(c)) => {
+            statement(&c.statement);
+            let _ = <[u8; 64]>::try_from(c.signature.as_ref());
+        }
+        Some(Req::UploadPrekeys(u)) => {
+            let _ = u.one_time_prekeys.len() + u.kem_prekeys.len();
+        }
+        Some(Req::Ack(a)) => {
+            let _ = a.server_ids.len();
+        }
+        Some(Req::Subscribe(_) | Req::SetAccessKey(_) | Req::ListConsent(_)) | None => {}
+    }
+}
+
+fn pair(account_id: &[u8], affiliate: &str, purpose: &str) {
+    account(account_id);
+    if let Some(p) = Purpose::parse(purpose) {
+        assert_eq!(p.as_str(), purpose);
+    }
+    if consent::valid_affiliate_id(affiliate) {
+        assert!(!affiliate.is_empty() && affiliate.len() <= consent::MAX_AFFILIATE_LEN);
+    }
+}
+
+fn export_request(r: ExportRequest) {
+    match r.body {
+        Some(ExportReq::BeginExport(b)) => {
+            pair(&b.account_id, &b.affiliate, &b.purpose);
+            let _ = <[u8; 32]>::try_from(b.statement_hash.as_ref());
+        }
+        Some(ExportReq::EndExport(e)) => pair(&e.account_id, &e.affiliate, &e.purpose),
+        Some(ExportReq::ConsentChanges(_)) | None => {}
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let direct = ClientFrame::decode(data);
+    let framed = frame::decode_body::<ClientFrame>(data);
+    assert_eq!(direct.as_ref().ok(), framed.as_ref().ok());
+    if let Ok(f) = direct {
+        client_frame(f);
+    }
+
+    let direct = ExportRequest::decode(data);
+    let framed = frame::decode_body::<ExportRequest>(data);
+    assert_eq!(direct.as_ref().ok(), framed.as_ref().ok());
+    if let Ok(r) = direct {
+        export_request(r);
+    }
+
+    // The field parsers on the raw bytes too.
+    account(data);
+    statement(data);
+    if let Ok(s) = std::str::from_utf8(data) {
+        phone(s);
+        pair(&[], s, s);
+    }
+});
