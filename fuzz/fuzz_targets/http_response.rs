@@ -29,7 +29,8 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(url) = http::parse_url(text) {
-            assert!(text.starts_with("http://"));
+            assert_eq!(url.tls, text.starts_with("https://"));
+            assert!(text.starts_with("http://") || text.starts_with("https://"));
             assert!(!url.host.is_empty() && url.path.starts_with('/'));
             assert!(head_safe(&url.host) && head_safe(&url.path), "{url:?} could split the request head");
         }
