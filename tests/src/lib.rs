@@ -40,6 +40,7 @@ pub struct TestRelay {
     addr: SocketAddr,
     fingerprint: String,
     export_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     running: Running,
 }
 
@@ -75,8 +76,8 @@ impl TestRelay {
         tweak(&mut config);
         let handle = relay_server::start(config.clone()).await?;
         let (addr, fingerprint) = (handle.local_addr(), handle.cert_fingerprint().to_owned());
-        let export_addr = handle.export_addr();
-        Ok(Self { dir, config, addr, fingerprint, export_addr, running: Running::InProcess(handle) })
+        let (export_addr, metrics_addr) = (handle.export_addr(), handle.metrics_addr());
+        Ok(Self { dir, config, addr, fingerprint, export_addr, metrics_addr, running: Running::InProcess(handle) })
     }
 
     /// A relay in this process with its export interface on `127.0.0.1:0`, accepting only `exporter`'s certificate.
@@ -97,6 +98,11 @@ impl TestRelay {
     /// The bound address of the export interface, when it is enabled.
     pub fn export_addr(&self) -> Option<SocketAddr> {
         self.export_addr
+    }
+
+    /// The bound address of an in-process relay's metrics endpoint, when it is enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Connects an export client presenting `identity` (or no client certificate), pinning the relay's certificate.
@@ -122,6 +128,7 @@ impl TestRelay {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             fingerprint: String::new(),
             export_addr: None,
+            metrics_addr: None,
             running: Running::Stopped,
         };
         relay.spawn().await?;
