@@ -30,7 +30,10 @@ pub enum HttpError {
     /// The URL is not a plain `http://` URL this client handles.
     #[error("unsupported endpoint {0:?}: only http://host[:port]/path is supported (https is not yet)")]
     Unsupported(String),
-    /// Connecting, writing or reading failed.
+    /// Connecting failed: nothing of the request was sent.
+    #[error("webhook connect: {0}")]
+    Connect(std::io::Error),
+    /// Writing or reading failed: the affiliate may or may not have the request.
     #[error("webhook connection: {0}")]
     Io(#[from] std::io::Error),
     /// No complete answer within the timeout.
@@ -78,7 +81,7 @@ pub async fn post(url: &Url, headers: &[(&str, String)], body: &[u8], timeout: D
 }
 
 async fn exchange(url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<u16, HttpError> {
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    let mut stream = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(HttpError::Connect)?;
     let host = if url.host.contains(':') {
         format!("[{}]:{}", url.host, url.port)
     } else {
