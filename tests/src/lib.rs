@@ -8,9 +8,11 @@
 //! [`TestRelay::with_export`] starts an in-process relay with its export interface open for a test exporter
 //! identity; [`export::ExportClient`] is the minimal exporter-side client the tests speak it with.
 //! [`affiliate::Sink`] is an affiliate's webhook endpoint and [`affiliate::TestExporter`] the exporter process logic
-//! running in-process against such a relay.
+//! running in-process against such a relay, [`affiliate::ExporterProcess`] the `relay-exporter` binary as a child
+//! process. [`chaos::Rng`] gives crash campaigns a replayable random schedule.
 
 pub mod affiliate;
+pub mod chaos;
 pub mod export;
 
 use std::net::SocketAddr;
@@ -47,14 +49,19 @@ pub struct TestRelay {
 /// Path of the `relayd` binary: `$RELAYD_BIN`, or beside the test executable's `deps/` directory (where
 /// `cargo test --workspace` builds it).
 pub fn relayd_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("RELAYD_BIN") {
+    binary_path("relayd", "RELAYD_BIN")
+}
+
+/// Path of the workspace binary `name`: `$env_var`, or beside the test executable's `deps/` directory.
+pub fn binary_path(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         return Ok(p.into());
     }
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow!("cannot locate target directory"))?;
-    let path = dir.join("relayd");
+    let path = dir.join(name);
     if !path.exists() {
-        bail!("{} not found: build it with `cargo build --workspace` or set RELAYD_BIN", path.display());
+        bail!("{} not found: build it with `cargo build --workspace` or set {env_var}", path.display());
     }
     Ok(path)
 }

@@ -3,6 +3,7 @@
 mod access;
 mod bad_input;
 mod consent;
+mod crash;
 mod durability;
 mod e2ee;
 mod export;
