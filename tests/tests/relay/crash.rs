@@ -487,6 +487,7 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
     // Every export an affiliate accepted is in the log, once; the auditor passes the log.
     let catalogue = Catalogue::parse(&text).expect("catalogue");
     let key = relay_proto::merkle::log_key_from_wire(&hex::decode(exporter.log_key()).expect("hex")).expect("key");
+    let mut logged_by_account: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let (logged, logged_unanswered, logged_unseen) = {
         let store = Store::open(&exporter.data_dir().join("db")).expect("exporter store");
         let report = audit(&store, &key, Some(&catalogue)).expect("audit");
@@ -496,9 +497,24 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
             let leaf = ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
             let id = format!("msg_{}", hex::encode(leaf.export_id));
             assert!(logged.insert(id.clone()), "{id} logged twice, again at {index} (seed {seed})");
+            logged_by_account.entry(record.account).or_default().insert(id);
         }
         let unlogged: Vec<_> = delivered_ids.difference(&logged).collect();
-        assert!(unlogged.is_empty(), "accepted by an affiliate but not in the export log (seed {seed}): {unlogged:?}");
+        if !unlogged.is_empty() {
+            let history = std::fs::read_to_string(exporter.log_path()).unwrap_or_default();
+            let history: Vec<_> =
+                history.lines().filter(|l| unlogged.iter().any(|id| l.contains(id.as_str()))).collect();
+            panic!(
+                "accepted by an affiliate but not in the export log (seed {seed}): {unlogged:?}\nattempts: {:?}\n\
+                 exporter log:\n{}",
+                exports
+                    .iter()
+                    .filter(|(_, a)| unlogged.contains(&&a.id))
+                    .map(|(_, a)| (&a.id, a.status))
+                    .collect::<Vec<_>>(),
+                history.join("\n")
+            );
+        }
         // The other way round is allowed: an export whose attempt got no answer before a crash is logged when its
         // pair is withdrawn, though the request may not have reached the affiliate (the log errs on the safe side).
         let attempted: BTreeSet<&String> = exports.iter().map(|(_, a)| &a.id).collect();
@@ -506,19 +522,20 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
         (report.entries, unanswered, logged.iter().filter(|id| !attempted.contains(id)).count())
     };
 
-    // Each user sees and verifies exactly their own exports, once the exporter has published the log again.
+    for (_, a) in exports.iter().filter(|(_, a)| a.status == 200) {
+        let user = by_hash[a.body["data"]["consent"].as_str().unwrap_or_default()].user;
+        let account = c.users[user].messenger.account_id().to_string();
+        assert!(
+            logged_by_account.get(&account).is_some_and(|ids| ids.contains(&a.id)),
+            "{} logged under another account (seed {seed})",
+            a.id
+        );
+    }
+
+    // Each user sees and verifies exactly their own log entries, once the exporter has published the log again.
     exporter.restart().await.expect("restart to publish");
-    let mine = |u: usize| -> BTreeSet<String> {
-        exports
-            .iter()
-            .filter(|(_, a)| {
-                a.status == 200 && by_hash[a.body["data"]["consent"].as_str().unwrap_or_default()].user == u
-            })
-            .map(|(_, a)| a.id.clone())
-            .collect()
-    };
     for (u, user) in c.users.iter().enumerate() {
-        let want = mine(u);
+        let want = logged_by_account.get(&user.messenger.account_id().to_string()).cloned().unwrap_or_default();
         // The relay's copy has no change feed to wait on: poll it, within the bound.
         let report = bounded("the log published to the relay", async {
             loop {
