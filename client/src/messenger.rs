@@ -536,23 +536,48 @@ impl Messenger {
     /// Receives until the mailbox is drained and at least `min` new messages arrived, or `wait` has passed with the
     /// mailbox drained. Every delivered envelope is acknowledged (after the de-duplication state is saved) before
     /// this returns. Unreadable envelopes are acknowledged, dropped and reported on the log.
+    ///
+    /// If the connection fails once messages were received, those are returned (their de-duplication state saved
+    /// first) and the failure shows on the next call: a batch already acknowledged is never delivered again, and one
+    /// not yet acknowledged is recognised as seen when it is, so an error here never loses a message nor shows it
+    /// twice. Not cancellation-safe: dropping the future drops what it had received.
     pub async fn receive(&mut self, min: usize, wait: Duration) -> Result<Vec<ReceivedMessage>, MessengerError> {
+        let mut out = Vec::new();
+        match self.receive_into(min, wait, &mut out).await {
+            Ok(()) => Ok(out),
+            Err(e) if !out.is_empty() => {
+                if let Err(save) = self.save_seen().await {
+                    // Unsaved, the tail may be shown again after a restart: better than losing the saved head.
+                    tracing::warn!(error = %save, "cannot save received messages as seen");
+                }
+                tracing::warn!(error = %e, received = out.len(), "receiving stopped early");
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn receive_into(
+        &mut self,
+        min: usize,
+        wait: Duration,
+        out: &mut Vec<ReceivedMessage>,
+    ) -> Result<(), MessengerError> {
         let deadline = Instant::now() + wait;
         let mut inbox = self.inbox().await?;
-        let mut out = Vec::new();
         let mut pending = Vec::new();
         let (mut drained, mut acks_in_flight) = (false, 0usize);
         loop {
             let settled = drained && acks_in_flight == 0 && pending.is_empty();
             if settled && (out.len() >= min || Instant::now() >= deadline) {
-                return Ok(out);
+                return Ok(());
             }
             // Past the deadline, only finish acknowledging what was received (bounded by a grace period).
             let until = if settled { deadline } else { deadline.max(Instant::now()) + Duration::from_secs(10) };
             let event = match tokio::time::timeout_at(until, inbox.next()).await {
                 Ok(Some(event)) => event?,
                 Ok(None) => return Err(ClientError::Protocol("relay closed the delivery stream".into()).into()),
-                Err(_) if settled => return Ok(out),
+                Err(_) if settled => return Ok(()),
                 Err(_) => return Err(MessengerError::Timeout("relay did not confirm acknowledgements".into())),
             };
             match event {

@@ -1,15 +1,18 @@
 //! Affiliates for tests: [`Sink`], a tiny HTTP/1.1 webhook endpoint on `127.0.0.1:0` that checks every request's
-//! Standard Webhooks signature and records it; and [`TestExporter`], the `relay-exporter` logic running in this
-//! process against a [`TestRelay`] with its export interface open, with a catalogue that points at the sinks.
+//! Standard Webhooks signature and records it (with when it arrived); [`TestExporter`], the `relay-exporter` logic
+//! running in this process against a [`TestRelay`] with its export interface open, with a catalogue that points at
+//! the sinks; and [`ExporterProcess`], the `relay-exporter` binary as a child process that can be killed and
+//! restarted on its data directory.
 //!
-//! A sink answers 200, or 503 while its `fail` switch is on, and records every attempt. Every wait takes a bound
+//! A sink answers 200, or 503 while its `fail` switch is on, after an optional delay (a slow affiliate), and records
+//! every attempt. Every wait takes a bound
 //! from the caller and wakes on recorded requests or exporter progress; nothing here sleeps for a fixed time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
@@ -37,6 +40,8 @@ pub struct Attempt {
     pub signature_ok: bool,
     /// The status the sink answered.
     pub status: u16,
+    /// When the sink accepted the request's connection: the request cannot have started later.
+    pub at: Instant,
 }
 
 /// An affiliate's webhook endpoint.
@@ -46,6 +51,7 @@ pub struct Sink {
     ca_pem: Option<String>,
     key: Vec<u8>,
     fail: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
     attempts: Arc<Mutex<Vec<Attempt>>>,
     changed: watch::Receiver<usize>,
     task: tokio::task::JoinHandle<()>,
@@ -87,20 +93,22 @@ impl Sink {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = listener.local_addr()?;
         let fail = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let attempts = Arc::new(Mutex::new(Vec::new()));
         let (tx, changed) = watch::channel(0usize);
-        let (k, f, a) = (key.to_vec(), fail.clone(), attempts.clone());
+        let (k, f, d, a) = (key.to_vec(), fail.clone(), delay_ms.clone(), attempts.clone());
         let task = tokio::spawn(async move {
             // Ends when the sink is dropped (the task is aborted) or the listener fails.
             while let Ok((stream, _)) = listener.accept().await {
-                let (k, f, a, tx, tls) = (k.clone(), f.clone(), a.clone(), tx.clone(), tls.clone());
+                let at = Instant::now();
+                let (k, f, d, a, tx, tls) = (k.clone(), f.clone(), d.clone(), a.clone(), tx.clone(), tls.clone());
                 tokio::spawn(async move {
                     let served = match tls {
                         Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(stream) => serve(stream, &k, &f).await,
+                            Ok(stream) => serve(stream, &k, &f, &d, at).await,
                             Err(e) => Err(e.into()),
                         },
-                        None => serve(stream, &k, &f).await,
+                        None => serve(stream, &k, &f, &d, at).await,
                     };
                     if let Ok(attempt) = served {
                         let n = {
@@ -113,7 +121,7 @@ impl Sink {
                 });
             }
         });
-        Ok(Self { addr, ca_pem: None, key: key.to_vec(), fail, attempts, changed, task })
+        Ok(Self { addr, ca_pem: None, key: key.to_vec(), fail, delay_ms, attempts, changed, task })
     }
 
     /// The webhook URL.
@@ -130,6 +138,12 @@ impl Sink {
     /// While on, every request is answered 503.
     pub fn set_failing(&self, fail: bool) {
         self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// Answers every request only `delay` after reading it: a slow affiliate, so that a backlog takes a while to
+    /// deliver (crash tests kill the exporter in the middle of one).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
     /// Every request received so far, in order.
@@ -170,7 +184,13 @@ impl Sink {
 }
 
 /// Reads one request, checks its signature, answers it.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, key: &[u8], fail: &AtomicBool) -> Result<Attempt> {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    key: &[u8],
+    fail: &AtomicBool,
+    delay_ms: &AtomicU64,
+    at: Instant,
+) -> Result<Attempt> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -211,13 +231,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, key: &[u8], fai
     let signature = headers.get("webhook-signature").map(String::as_str).unwrap_or("");
     let signature_ok = headers.get("content-type").map(String::as_str) == Some("application/json")
         && webhook::verify(key, &id, timestamp, &body, signature);
+    let delay = delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let status = if fail.load(Ordering::SeqCst) { 503 } else { 200 };
     let reason = if status == 200 { "OK" } else { "Service Unavailable" };
     let answer = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    stream.write_all(answer.as_bytes()).await?;
-    stream.shutdown().await.ok();
+    // Recorded even if the answer cannot be written: the affiliate has processed the request either way (an exporter
+    // killed while waiting for the answer never learns that).
+    if stream.write_all(answer.as_bytes()).await.is_ok() {
+        stream.shutdown().await.ok();
+    }
     let raw = String::from_utf8_lossy(&body).into_owned();
-    Ok(Attempt { id, body: serde_json::from_str(&raw).unwrap_or(Value::Null), raw, signature_ok, status })
+    Ok(Attempt { id, body: serde_json::from_str(&raw).unwrap_or(Value::Null), raw, signature_ok, status, at })
 }
 
 /// The exporter logic running in this process, with its own data dir.
@@ -303,5 +330,148 @@ impl TestExporter {
             task.await?;
         }
         Ok(())
+    }
+}
+
+/// A `relay-exporter` child process on its own data directory, which it keeps across kills and restarts; its stderr
+/// goes to `exporter.log` beside the data directory.
+///
+/// Each side pins the other's certificate, so [`ExporterProcess::new`] starts the exporter once with no relay to
+/// learn its certificate (it keeps its identity in its data dir) and stops it; [`ExporterProcess::start`] then runs
+/// it against a relay whose export interface accepts [`ExporterProcess::fingerprint`].
+pub struct ExporterProcess {
+    dir: tempfile::TempDir,
+    fingerprint: String,
+    log_key: String,
+    poll_ms: u64,
+    relay: Option<(SocketAddr, String)>,
+    child: Option<tokio::process::Child>,
+}
+
+/// Parses `exporter cert-sha256 <hex> log-key <hex>`.
+pub fn parse_exporter_ready_line(line: &str) -> Result<(String, String)> {
+    let hex64 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
+    match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["exporter", "cert-sha256", fp, "log-key", key] if hex64(fp) && hex64(key) => {
+            Ok(((*fp).to_owned(), (*key).to_owned()))
+        }
+        _ => bail!("unexpected ready line from relay-exporter: {line:?}"),
+    }
+}
+
+impl ExporterProcess {
+    /// Writes `catalogue` (TOML) beside a new data directory and starts the exporter once, against no relay, to
+    /// create its identity; it is stopped again before this returns. `poll_ms` is its feed poll interval.
+    pub async fn new(catalogue: &str, poll_ms: u64) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("affiliates.toml"), catalogue)?;
+        let mut exporter = Self {
+            dir,
+            fingerprint: String::new(),
+            log_key: String::new(),
+            poll_ms,
+            relay: Some((SocketAddr::from(([127, 0, 0, 1], 9)), "00".repeat(32))),
+            child: None,
+        };
+        exporter.spawn().await?;
+        exporter.kill().await?;
+        exporter.relay = None;
+        Ok(exporter)
+    }
+
+    /// Starts it against the export interface at `relay`, pinning the relay certificate `relay_fingerprint`.
+    pub async fn start(&mut self, relay: SocketAddr, relay_fingerprint: &str) -> Result<()> {
+        if self.child.is_some() {
+            bail!("the exporter is already running");
+        }
+        self.relay = Some((relay, relay_fingerprint.to_owned()));
+        self.spawn().await
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let (relay, relay_fp) = self.relay.clone().ok_or_else(|| anyhow!("no relay to run against"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let mut child = tokio::process::Command::new(crate::binary_path("relay-exporter", "RELAY_EXPORTER_BIN")?)
+            .arg("--data")
+            .arg(self.data_dir())
+            .arg("--relay")
+            .arg(relay.to_string())
+            .arg("--relay-cert-sha256")
+            .arg(relay_fp)
+            .arg("--affiliates")
+            .arg(self.dir.path().join("affiliates.toml"))
+            .arg("--poll-ms")
+            .arg(self.poll_ms.to_string())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start relay-exporter")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let line = tokio::time::timeout(crate::START_TIMEOUT, lines.next_line())
+            .await
+            .context("relay-exporter did not become ready in time")??
+            .ok_or_else(|| anyhow!("relay-exporter exited before it was ready; see {}", self.log_path().display()))?;
+        let (fingerprint, log_key) = parse_exporter_ready_line(&line)?;
+        if !self.fingerprint.is_empty() && (fingerprint != self.fingerprint || log_key != self.log_key) {
+            bail!("relay-exporter changed identity across a restart");
+        }
+        (self.fingerprint, self.log_key) = (fingerprint, log_key);
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills it with SIGKILL: no shutdown code runs.
+    pub async fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("the exporter is not running"))?;
+        child.kill().await?;
+        Ok(())
+    }
+
+    /// Starts it again on the same data directory and relay, after [`ExporterProcess::kill`] or
+    /// [`ExporterProcess::stop`].
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("the exporter is still running");
+        }
+        self.spawn().await
+    }
+
+    /// Stops it cleanly (SIGTERM) and waits, at most `bound`, for it to release its store.
+    pub async fn stop(&mut self, bound: Duration) -> Result<()> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("the exporter is not running"))?;
+        let pid = child.id().ok_or_else(|| anyhow!("relay-exporter already exited"))?;
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let exit = tokio::time::timeout(bound, child.wait()).await.context("relay-exporter did not stop in time")??;
+        if !exit.success() {
+            bail!("relay-exporter exited with {exit} after SIGTERM; see {}", self.log_path().display());
+        }
+        Ok(())
+    }
+
+    /// Hex SHA-256 of its certificate: what the relay's export interface pins.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Hex of the key that verifies the export log's tree heads.
+    pub fn log_key(&self) -> &str {
+        &self.log_key
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Its stderr log, across restarts.
+    pub fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("exporter.log")
     }
 }

@@ -8,9 +8,11 @@
 //! [`TestRelay::with_export`] starts an in-process relay with its export interface open for a test exporter
 //! identity; [`export::ExportClient`] is the minimal exporter-side client the tests speak it with.
 //! [`affiliate::Sink`] is an affiliate's webhook endpoint and [`affiliate::TestExporter`] the exporter process logic
-//! running in-process against such a relay.
+//! running in-process against such a relay, [`affiliate::ExporterProcess`] the `relay-exporter` binary as a child
+//! process. [`chaos::Rng`] gives crash campaigns a replayable random schedule.
 
 pub mod affiliate;
+pub mod chaos;
 pub mod export;
 
 use std::net::SocketAddr;
@@ -40,20 +42,26 @@ pub struct TestRelay {
     addr: SocketAddr,
     fingerprint: String,
     export_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     running: Running,
 }
 
 /// Path of the `relayd` binary: `$RELAYD_BIN`, or beside the test executable's `deps/` directory (where
 /// `cargo test --workspace` builds it).
 pub fn relayd_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("RELAYD_BIN") {
+    binary_path("relayd", "RELAYD_BIN")
+}
+
+/// Path of the workspace binary `name`: `$env_var`, or beside the test executable's `deps/` directory.
+pub fn binary_path(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         return Ok(p.into());
     }
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow!("cannot locate target directory"))?;
-    let path = dir.join("relayd");
+    let path = dir.join(name);
     if !path.exists() {
-        bail!("{} not found: build it with `cargo build --workspace` or set RELAYD_BIN", path.display());
+        bail!("{} not found: build it with `cargo build --workspace` or set {env_var}", path.display());
     }
     Ok(path)
 }
@@ -82,8 +90,8 @@ impl TestRelay {
         tweak(&mut config);
         let handle = relay_server::start(config.clone()).await?;
         let (addr, fingerprint) = (handle.local_addr(), handle.cert_fingerprint().to_owned());
-        let export_addr = handle.export_addr();
-        Ok(Self { dir, config, addr, fingerprint, export_addr, running: Running::InProcess(handle) })
+        let (export_addr, metrics_addr) = (handle.export_addr(), handle.metrics_addr());
+        Ok(Self { dir, config, addr, fingerprint, export_addr, metrics_addr, running: Running::InProcess(handle) })
     }
 
     /// A relay in this process with its export interface on `127.0.0.1:0`, accepting only `exporter`'s certificate.
@@ -104,6 +112,11 @@ impl TestRelay {
     /// The bound address of the export interface, when it is enabled.
     pub fn export_addr(&self) -> Option<SocketAddr> {
         self.export_addr
+    }
+
+    /// The bound address of an in-process relay's metrics endpoint, when it is enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Connects an export client presenting `identity` (or no client certificate), pinning the relay's certificate.
@@ -129,6 +142,7 @@ impl TestRelay {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             fingerprint: String::new(),
             export_addr: None,
+            metrics_addr: None,
             running: Running::Stopped,
         };
         relay.spawn().await?;

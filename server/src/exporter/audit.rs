@@ -234,6 +234,7 @@ mod tests {
                 next_attempt_ms: 0,
                 fields: Vec::new(),
                 evidence: None,
+                in_flight_ms: None,
             };
             self.store.complete_export(&format!("msg_{n}"), &entry, &record).expect("log");
             self.log.append(&encoded);

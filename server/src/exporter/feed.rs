@@ -138,6 +138,7 @@ pub fn apply(
                 next_attempt_ms: now_ms,
                 fields: fields.iter().map(|f| f.as_str().to_owned()).collect(),
                 evidence: Some(evidence),
+                in_flight_ms: None,
             };
             // Older data still queued for the pair is superseded by this one.
             store.remove_exports_of(&pair)?;
@@ -165,6 +166,7 @@ pub fn apply(
                     next_attempt_ms: now_ms,
                     fields: Vec::new(),
                     evidence: None,
+                    in_flight_ms: None,
                 };
                 // Queued before the delivered mark is forgotten, so a crash between the two loses neither.
                 store.insert_new(&webhook_id(&hash, &affiliate.id, &[0; 32]), &entry)?;
@@ -281,5 +283,45 @@ mod tests {
         let body: Value = serde_json::from_str(&notice.body).expect("json");
         assert_eq!(body["data"]["subject"], Value::String(phone_pseudonym(&master, "adsco", "+33612345678")));
         assert_eq!(store.delivered(&entry.pair_key()).expect("delivered"), None);
+    }
+
+    /// Found by the exporter crash campaign: an exporter killed after the affiliate took an export but before it
+    /// recorded the answer, then a withdrawal read on restart, dropped the export unlogged and without a notice.
+    #[test]
+    fn a_withdrawal_logs_and_notifies_an_export_whose_attempt_got_no_answer() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("store");
+        let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let master = [3; 32];
+        let grant = change(&key, "adsco", Decision::Grant, 1);
+        assert_eq!(apply(&store, &catalogue, &master, &grant, 5).expect("apply"), Applied::Queued);
+        let (id, mut entry) = store.due(10, 10).expect("due").remove(0);
+        // What the exporter writes, durably, before the request leaves; then it dies.
+        entry.in_flight_ms = Some(6);
+        store.put(&id, &entry).expect("put");
+
+        let withdraw = change(&key, "adsco", Decision::Withdraw, 2);
+        assert_eq!(
+            apply(&store, &catalogue, &master, &withdraw, 9).expect("apply"),
+            Applied::Withdrawn { dropped: 1, notified: true },
+            "the affiliate may hold the data: it is told of the withdrawal"
+        );
+        assert_eq!(store.log_len().expect("log"), 1, "and the export is in the log");
+        let (_, record) = store.log_records(0, 1).expect("records").remove(0);
+        let leaf = relay_proto::merkle::ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
+        assert_eq!((leaf.export_id, leaf.time_ms), (export_id(&id).expect("id"), 6), "at the attempt's time");
+        let (_, notice) = store.due(20, 10).expect("due").remove(0);
+        assert_eq!(notice.kind, Kind::Withdrawn);
+
+        // Without an attempt in flight, a dropped export is neither logged nor notified.
+        let regrant = change(&key, "adsco", Decision::Grant, 3);
+        assert_eq!(apply(&store, &catalogue, &master, &regrant, 10).expect("apply"), Applied::Queued);
+        let rewithdraw = change(&key, "adsco", Decision::Withdraw, 4);
+        assert_eq!(
+            apply(&store, &catalogue, &master, &rewithdraw, 11).expect("apply"),
+            Applied::Withdrawn { dropped: 1, notified: false }
+        );
+        assert_eq!(store.log_len().expect("log"), 1);
     }
 }

@@ -37,10 +37,14 @@ pub enum HttpError {
     /// The URL is not an `http://` or `https://` URL this client handles.
     #[error("unsupported endpoint {0:?}: expected https://host[:port]/path or http://host[:port]/path")]
     Unsupported(String),
-    /// The TLS setup or handshake failed (unknown issuer, wrong name, no roots, ...).
+    /// The TLS setup or handshake failed (unknown issuer, wrong name, no roots, ...): nothing of the request was
+    /// sent.
     #[error("webhook TLS: {0}")]
     Tls(String),
-    /// Connecting, writing or reading failed.
+    /// Connecting failed: nothing of the request was sent.
+    #[error("webhook connect: {0}")]
+    Connect(std::io::Error),
+    /// Writing or reading failed: the affiliate may or may not have the request.
     #[error("webhook connection: {0}")]
     Io(#[from] std::io::Error),
     /// No complete answer within the timeout.
@@ -150,7 +154,7 @@ pub async fn post(
 }
 
 async fn connect_and_exchange(url: &Url, tls: &Tls, headers: &[(&str, String)], body: &[u8]) -> Result<u16, HttpError> {
-    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(HttpError::Connect)?;
     if !url.tls {
         return exchange(tcp, url, headers, body).await;
     }

@@ -8,14 +8,16 @@
 //! Contract: an entry stays in the outbox until the affiliate answered 2xx, or the relay denied the export, or a
 //! withdrawal of its pair removed it. A 2xx answer to an export removes the entry, marks the pair delivered and
 //! appends the log record in one transaction, so a crash never leaves a delivered export out of the log nor logs one
-//! twice. The cursors are written only by the feed, after [`Store::flush`] made the writes of the changes before
+//! twice; an export whose attempt got no answer (the exporter died, the connection failed) is logged if it leaves the
+//! outbox undelivered ([`Store::drop_export`]), since the affiliate may hold it. The cursors are written only by the feed, after [`Store::flush`] made the writes of the changes before
 //! them durable. Entries hold no raw phone number unless the catalogue allows the affiliate to receive it (it is then
 //! part of the body); log records never hold one.
 
 use std::path::Path;
 
-use relay_proto::merkle::{SignedTreeHead, TreeHead};
+use relay_proto::merkle::{ExportLeaf, SignedTreeHead, TreeHead};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
@@ -55,6 +57,11 @@ pub struct Entry {
     /// The signed statement that allows the export (exports only).
     #[serde(default)]
     pub evidence: Option<Evidence>,
+    /// Set, durably, before an export request leaves, to when the first attempt whose outcome is unknown began
+    /// (ms since the Unix epoch): the exporter died or the connection failed before an answer, so the affiliate
+    /// may hold the data. Cleared by a definite refusal. An export dropped while set is logged as delivered.
+    #[serde(default)]
+    pub in_flight_ms: Option<u64>,
 }
 
 /// A user-signed consent statement as the relay recorded it, kept as evidence.
@@ -141,6 +148,26 @@ fn decode(bytes: &[u8]) -> Result<Entry, StoreError> {
 
 fn encode(entry: &Entry) -> Vec<u8> {
     json(entry)
+}
+
+/// The log record of a delivered export begun at `started_ms`: no personal data, the payload by its (nonce-salted)
+/// hash.
+pub fn log_record(id: &str, entry: &Entry, started_ms: u64) -> Result<LogRecord, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("outbox entry {id}"));
+    let leaf = ExportLeaf {
+        export_id: super::feed::export_id(id).ok_or_else(corrupt)?,
+        affiliate: entry.affiliate.clone(),
+        purpose: entry.purpose.clone(),
+        fields: entry.fields.clone(),
+        payload_hash: Sha256::digest(entry.body.as_bytes()).into(),
+        consent_hash: hex::decode(&entry.statement_hash).ok().and_then(|h| h.try_into().ok()).ok_or_else(corrupt)?,
+        time_ms: started_ms,
+    };
+    Ok(LogRecord {
+        leaf: hex::encode(leaf.encode().map_err(|_| corrupt())?),
+        account: entry.account.clone(),
+        evidence: entry.evidence.clone().ok_or_else(corrupt)?,
+    })
 }
 
 impl Store {
@@ -357,20 +384,40 @@ impl Store {
         self.outbox.is_empty()
     }
 
-    /// Removes every queued export (not withdrawal notice) of the pair; how many were removed.
+    /// Removes every queued export (not withdrawal notice) of the pair, each with [`Store::drop_export`]; how many
+    /// were removed.
     pub fn remove_exports_of(&self, pair: &str) -> Result<usize, StoreError> {
         let mut doomed = Vec::new();
         for item in self.outbox.iter() {
             let (k, v) = item?;
             let entry = decode(&v)?;
             if entry.kind == Kind::Export && entry.pair_key() == pair {
-                doomed.push(k);
+                doomed.push((String::from_utf8_lossy(&k).into_owned(), entry));
             }
         }
-        for k in &doomed {
-            self.outbox.remove(k)?;
+        for (id, entry) in &doomed {
+            self.drop_export(id, entry)?;
         }
         Ok(doomed.len())
+    }
+
+    /// Takes an export out of the outbox without delivering it. If an attempt of it may have reached the affiliate
+    /// ([`Entry::in_flight_ms`]), it is settled as delivered instead: logged with that attempt's time and its pair
+    /// marked delivered (so a withdrawal notifies the affiliate), because the log must never miss data an affiliate
+    /// may hold. Whether it was logged.
+    pub fn drop_export(&self, id: &str, entry: &Entry) -> Result<bool, StoreError> {
+        match entry.in_flight_ms {
+            Some(started_ms) if entry.kind == Kind::Export => {
+                let record = log_record(id, entry, started_ms)?;
+                self.complete_export(id, entry, &record)?;
+                tracing::info!(webhook = id, "export dropped after an attempt with no answer; logged as delivered");
+                Ok(true)
+            }
+            _ => {
+                self.remove(id)?;
+                Ok(false)
+            }
+        }
     }
 
     /// Records that the pair's data reached the affiliate, with the user's pseudonym for it.
@@ -414,6 +461,7 @@ mod tests {
             next_attempt_ms: next,
             fields: Vec::new(),
             evidence: None,
+            in_flight_ms: None,
         }
     }
 

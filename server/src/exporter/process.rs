@@ -9,7 +9,8 @@
 //! read from the feed cannot race a delivery of the same entry. Logs carry no personal data.
 //!
 //! Every export the affiliate acknowledged is appended to the Merkle export log in the same transaction that takes
-//! it out of the outbox. Its leaf's time is when the attempt began, before the lease was asked for, so it precedes
+//! it out of the outbox; so is one dropped after an attempt that got no answer (marked durably before the request
+//! leaves), since the affiliate may hold it. Its leaf's time is when the attempt began, before the lease was asked for, so it precedes
 //! any withdrawal the relay recorded while the attempt ran. After each pass the exporter signs a tree head over the
 //! whole log with its log key (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the
 //! relay, which shows each user their own entries.
@@ -22,18 +23,17 @@ use std::time::Duration;
 use std::sync::{Mutex, MutexGuard};
 
 use ed25519_dalek::SigningKey;
-use relay_proto::merkle::{ExportLeaf, MerkleLog, SignedTreeHead};
+use relay_proto::merkle::{MerkleLog, SignedTreeHead};
 use relay_proto::wire::{
     BeginExport, ConsentChanges, EndExport, PublishLog, PublishedEntry, SubjectChanges, export_request::Body as Req,
     export_response::Body as Resp,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::affiliates::Catalogue;
 use super::feed::{self, Applied};
 use super::http::{self, HttpError, Url};
-use super::outbox::{CONSENT_CURSOR, Entry, Kind, LogRecord, SUBJECT_CURSOR, Store, StoreError};
+use super::outbox::{CONSENT_CURSOR, Entry, Kind, SUBJECT_CURSOR, Store, StoreError, log_record};
 use super::webhook;
 use crate::export::client::{ClientError, ExportClient};
 use crate::tls::{Identity, TlsError};
@@ -188,6 +188,27 @@ impl Exporter {
         self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Appends to the in-memory tree the records the store logged since (a delivery, or an export dropped after
+    /// an unanswered attempt, see `Store::drop_export`).
+    fn sync_log(&self) -> Result<(), StoreError> {
+        let mut log = self.log();
+        loop {
+            let page = self.store.log_records(log.len(), 1024)?;
+            if page.is_empty() {
+                break;
+            }
+            for (index, record) in page {
+                if index != log.len() {
+                    return Err(StoreError::Corrupt(format!("log index {index} but {} leaves", log.len())));
+                }
+                log.append(&hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt("leaf".into()))?);
+            }
+        }
+        let logged = log.len();
+        self.progress.send_modify(|p| p.logged = logged);
+        Ok(())
+    }
+
     /// Hex SHA-256 of the exporter's certificate: the relay's `exporter_cert_sha256`.
     pub fn fingerprint(&self) -> String {
         self.identity.fingerprint()
@@ -286,6 +307,8 @@ impl Exporter {
                     _ => {}
                 }
             }
+            // A dropped export that may have reached its affiliate was logged.
+            self.sync_log()?;
             // The cursor moves only once the outbox writes of these changes are durable.
             self.store.flush().await?;
             self.store.set_feed_cursor(feed, list.next_cursor.max(after_cursor))?;
@@ -317,7 +340,7 @@ impl Exporter {
             return Ok(());
         };
         let outcome = match entry.kind {
-            Kind::Withdrawn => self.post(url, &affiliate.secret, id, &entry.body).await,
+            Kind::Withdrawn => self.post(url, &affiliate.secret, id, &entry.body).await.map_err(|e| e.to_string()),
             Kind::Export => {
                 let (account_id, statement_hash) =
                     match (hex::decode(&entry.account), hex::decode(&entry.statement_hash)) {
@@ -335,7 +358,9 @@ impl Exporter {
                     Resp::ExportGranted(g) => g,
                     Resp::ExportDenied(d) => {
                         tracing::info!(webhook = id, reason = %d.reason, "export denied by the relay; dropped");
-                        self.store.remove(id)?;
+                        if self.store.drop_export(id, &entry)? {
+                            self.sync_log()?;
+                        }
                         return Ok(());
                     }
                     _ => return Err(ClientError::Unexpected("expected ExportGranted or ExportDenied".into()).into()),
@@ -344,7 +369,18 @@ impl Exporter {
                 let outcome = if u128::from(left) < HTTP_TIMEOUT.as_millis() {
                     Err("lease too short to start a request".to_owned())
                 } else {
-                    self.post(url, &affiliate.secret, id, &entry.body).await
+                    // Durable before the request leaves: if no answer comes back (a crash, a lost connection), the
+                    // affiliate may hold the data, and dropping the entry later must log it (`Store::drop_export`).
+                    let unknown_before = entry.in_flight_ms;
+                    entry.in_flight_ms = Some(unknown_before.unwrap_or(started_ms));
+                    self.store.put(id, &entry)?;
+                    self.store.flush().await?;
+                    let outcome = self.post(url, &affiliate.secret, id, &entry.body).await;
+                    // An answer (the data is held only on a 2xx, which `settle` logs) or nothing sent: known.
+                    if matches!(outcome, Ok(_) | Err(HttpError::Connect(_) | HttpError::Tls(_))) {
+                        entry.in_flight_ms = unknown_before;
+                    }
+                    outcome.map_err(|e| e.to_string())
                 };
                 let end = EndExport {
                     account_id: account_id.into(),
@@ -374,15 +410,9 @@ impl Exporter {
         match outcome {
             Ok(status) if (200..300).contains(&status) => {
                 if entry.kind == Kind::Export {
-                    let record = self.log_record(id, entry, started_ms)?;
-                    let leaf = hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt("leaf".into()))?;
-                    let mut log = self.log();
-                    let index = self.store.complete_export(id, entry, &record)?;
-                    if index != log.len() {
-                        return Err(StoreError::Corrupt(format!("log index {index} but {} leaves", log.len())));
-                    }
-                    log.append(&leaf);
-                    self.progress.send_modify(|p| p.logged = log.len());
+                    let record = log_record(id, entry, started_ms)?;
+                    self.store.complete_export(id, entry, &record)?;
+                    self.sync_log()?;
                 } else {
                     self.store.remove(id)?;
                 }
@@ -402,28 +432,6 @@ impl Exporter {
             }
         }
         Ok(())
-    }
-
-    /// The log record of a delivered export: no personal data, the payload by its (nonce-salted) hash.
-    fn log_record(&self, id: &str, entry: &Entry, started_ms: u64) -> Result<LogRecord, StoreError> {
-        let corrupt = || StoreError::Corrupt(format!("outbox entry {id}"));
-        let leaf = ExportLeaf {
-            export_id: feed::export_id(id).ok_or_else(corrupt)?,
-            affiliate: entry.affiliate.clone(),
-            purpose: entry.purpose.clone(),
-            fields: entry.fields.clone(),
-            payload_hash: Sha256::digest(entry.body.as_bytes()).into(),
-            consent_hash: hex::decode(&entry.statement_hash)
-                .ok()
-                .and_then(|h| h.try_into().ok())
-                .ok_or_else(corrupt)?,
-            time_ms: started_ms,
-        };
-        Ok(LogRecord {
-            leaf: hex::encode(leaf.encode().map_err(|_| corrupt())?),
-            account: entry.account.clone(),
-            evidence: entry.evidence.clone().ok_or_else(corrupt)?,
-        })
     }
 
     /// Signs a head over the log if it grew, then sends the relay what it does not hold yet, in pages.
@@ -492,7 +500,7 @@ impl Exporter {
         Ok(signed)
     }
 
-    async fn post(&self, url: &Url, key: &[u8], id: &str, body: &str) -> Result<u16, String> {
+    async fn post(&self, url: &Url, key: &[u8], id: &str, body: &str) -> Result<u16, HttpError> {
         let timestamp = relay_proto::now_ms() / 1000;
         let headers = [
             ("content-type", "application/json".to_owned()),
@@ -500,7 +508,7 @@ impl Exporter {
             ("webhook-timestamp", timestamp.to_string()),
             ("webhook-signature", webhook::sign(key, id, timestamp, body.as_bytes())),
         ];
-        http::post(url, &self.tls, &headers, body.as_bytes(), HTTP_TIMEOUT).await.map_err(|e| e.to_string())
+        http::post(url, &self.tls, &headers, body.as_bytes(), HTTP_TIMEOUT).await
     }
 }
 

@@ -4,6 +4,7 @@ mod access;
 mod access_matrix;
 mod bad_input;
 mod consent;
+mod crash;
 mod durability;
 mod e2ee;
 mod export;

@@ -15,7 +15,7 @@ use crate::bounded;
 const PHONES: [&str; 2] = ["+33612345678", "+33698765432"];
 
 /// One HTTP/1.1 request on a fresh connection; returns the status line and the body.
-async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to metrics port");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("write request");
@@ -26,7 +26,7 @@ async fn get(addr: SocketAddr, path: &str) -> (String, String) {
 }
 
 /// The value of the sample named exactly `name` (labels included).
-fn sample(text: &str, name: &str) -> f64 {
+pub(crate) fn sample(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
