@@ -105,7 +105,7 @@ fn consent_problem(leaf: &ExportLeaf, receipts: &[Receipt]) -> (Option<u64>, Opt
         r.affiliate == leaf.affiliate
             && r.purpose == leaf.purpose
             && r.sequence > statement.sequence
-            && r.recorded_at <= leaf.time_ms
+            && r.recorded_at < leaf.time_ms
     });
     if superseded {
         return (seq, Some("exported after a later decision for this pair was recorded".into()));

@@ -3,7 +3,7 @@
 //! For every entry: the leaf decodes; the statement kept with it is signed by the identity key the account id
 //! derives from; it is a grant for exactly the leaf's affiliate and purpose, its hash is the leaf's consent hash, it
 //! was recorded before the export and was in force at the export's time (not expired, notice current), and no later
-//! statement for the pair had been recorded by then; with a catalogue, the leaf's fields are exactly those the
+//! statement for the pair had been recorded before that millisecond; with a catalogue, the leaf's fields are exactly those the
 //! catalogue allows. For the tree heads: each signature verifies under the log key, each root is the root over that
 //! many entries, consecutive heads are consistent (RFC 6962 consistency proofs, checked with the verifier) and their
 //! times do not go back. Every problem is reported with the entry or head it concerns; none is fatal to the audit.
@@ -89,7 +89,9 @@ fn check_entry(
     }
     let pair = pair_key(&record.account, &leaf.affiliate, &leaf.purpose);
     for (sequence, later) in store.statements_of(&pair)? {
-        if sequence > statement.sequence && later.recorded_at_ms <= leaf.time_ms && verified(&later).is_ok() {
+        // Strictly before: a statement recorded in the same millisecond as the attempt began may have come after the
+        // relay granted the attempt's lease (the fence orders the two; millisecond times cannot).
+        if sequence > statement.sequence && later.recorded_at_ms < leaf.time_ms && verified(&later).is_ok() {
             return Ok(Err(format!("statement {sequence} for the pair was recorded before the export")));
         }
     }

@@ -6,10 +6,11 @@
 //! log the relay holds.
 //!
 //! Contract: an entry stays in the outbox until the affiliate answered 2xx, or the relay denied the export, or a
-//! withdrawal of its pair removed it. A 2xx answer to an export removes the entry, marks the pair delivered and
-//! appends the log record in one transaction, so a crash never leaves a delivered export out of the log nor logs one
-//! twice; an export whose attempt got no answer (the exporter died, the connection failed) is logged if it leaves the
-//! outbox undelivered ([`Store::drop_export`]), since the affiliate may hold it. The cursors are written only by the feed, after [`Store::flush`] made the writes of the changes before
+//! withdrawal of its pair removed it. A 2xx answer to an export appends the log record (durably, once per webhook
+//! id), then removes the entry and marks the pair delivered, so a crash never leaves a delivered export out of the
+//! log nor logs one twice; an export whose attempt got no answer (the exporter died, the connection failed) is
+//! logged if it leaves the outbox undelivered ([`Store::drop_export`]), since the affiliate may hold it. The cursors
+//! are written only by the feed, after [`Store::flush`] made the writes of the changes before
 //! them durable. Entries hold no raw phone number unless the catalogue allows the affiliate to receive it (it is then
 //! part of the body); log records never hold one.
 
@@ -129,7 +130,20 @@ pub struct Store {
 pub const CONSENT_CURSOR: &[u8] = b"feed_cursor";
 /// The subject-change feed's cursor.
 pub const SUBJECT_CURSOR: &[u8] = b"subject_cursor";
-const LOG_LEN: &[u8] = b"log_len";
+/// In the `log` tree: the number of records.
+const LOG_LEN: &[u8] = b"n";
+
+/// In the `log` tree: `r ‖ index (BE)` → record.
+fn log_record_key(index: u64) -> [u8; 9] {
+    let mut k = [b'r'; 9];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// In the `log` tree: `i ‖ webhook id` → index of its record.
+fn log_id_key(id: &str) -> Vec<u8> {
+    [&b"i"[..], id.as_bytes()].concat()
+}
 const PUBLISHED: &[u8] = b"log_published";
 
 fn be_u64(v: &[u8], what: &str) -> Result<u64, StoreError> {
@@ -249,23 +263,35 @@ impl Store {
         Ok(out)
     }
 
-    /// Settles a delivered export: removes it from the outbox, marks its pair delivered and appends `record` to the
-    /// log, all in one transaction. Returns the record's log index.
+    /// Settles a delivered export: appends `record` to the log (unless this export id is already logged), makes that
+    /// durable, then removes the entry from the outbox and marks its pair delivered. Returns the record's index.
+    ///
+    /// The log append is one atomic batch on one tree (record, length, id index) and is flushed before the entry
+    /// leaves the outbox: whatever a crash keeps, an export that leaves the outbox is in the log, and an entry that
+    /// comes back after a crash is settled again without a second record. This does not rely on a transaction
+    /// across trees surviving a crash whole.
     pub fn complete_export(&self, id: &str, entry: &Entry, record: &LogRecord) -> Result<u64, StoreError> {
-        let trees = (&self.outbox, &self.delivered, &self.log, &self.meta);
-        let result = trees.transaction(|(outbox, delivered, log, meta)| {
-            let index = match meta.get(LOG_LEN)? {
-                Some(v) => be_u64(&v, "log length").map_err(ConflictableTransactionError::Abort)?,
-                None => 0,
-            };
-            log.insert(&index.to_be_bytes()[..], json(record))?;
-            meta.insert(LOG_LEN, &(index + 1).to_be_bytes()[..])?;
+        let index = match self.log.get(log_id_key(id))? {
+            Some(v) => be_u64(&v, "logged export index")?,
+            None => {
+                let index = self.log_len()?;
+                let mut batch = sled::Batch::default();
+                batch.insert(&log_record_key(index)[..], json(record));
+                batch.insert(LOG_LEN, &(index + 1).to_be_bytes()[..]);
+                batch.insert(log_id_key(id), &index.to_be_bytes()[..]);
+                self.log.apply_batch(batch)?;
+                self.db.flush()?;
+                index
+            }
+        };
+        let trees = (&self.outbox, &self.delivered);
+        let result = trees.transaction(|(outbox, delivered)| {
             delivered.insert(entry.pair_key().as_bytes(), entry.pseudonym.as_bytes())?;
             outbox.remove(id.as_bytes())?;
-            Ok(index)
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
         match result {
-            Ok(index) => Ok(index),
+            Ok(()) => Ok(index),
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -273,16 +299,17 @@ impl Store {
 
     /// Number of entries in the export log.
     pub fn log_len(&self) -> Result<u64, StoreError> {
-        self.counter(LOG_LEN)
+        self.log.get(LOG_LEN)?.map_or(Ok(0), |v| be_u64(&v, "log length"))
     }
 
     /// The log records from `start`, at most `limit`, in order.
     pub fn log_records(&self, start: u64, limit: usize) -> Result<Vec<(u64, LogRecord)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.log.range(start.to_be_bytes()..).take(limit) {
+        for item in self.log.range(log_record_key(start)..log_record_key(u64::MAX)).take(limit) {
             let (k, v) = item?;
+            let k = k.get(1..).ok_or_else(|| StoreError::Corrupt("log key".into()))?;
             let record = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push((be_u64(&k, "log index")?, record));
+            out.push((be_u64(k, "log index")?, record));
         }
         Ok(out)
     }
@@ -290,7 +317,7 @@ impl Store {
     /// Overwrites log record `index` (for tests that tamper with the log).
     #[doc(hidden)]
     pub fn replace_log_record(&self, index: u64, record: &LogRecord) -> Result<(), StoreError> {
-        self.log.insert(index.to_be_bytes(), json(record))?;
+        self.log.insert(&log_record_key(index)[..], json(record))?;
         Ok(())
     }
 
@@ -414,6 +441,7 @@ impl Store {
                 Ok(true)
             }
             _ => {
+                tracing::info!(webhook = id, "queued export dropped before any attempt could reach the affiliate");
                 self.remove(id)?;
                 Ok(false)
             }
@@ -463,6 +491,31 @@ mod tests {
             evidence: None,
             in_flight_ms: None,
         }
+    }
+
+    #[test]
+    fn an_export_settled_again_after_a_crash_is_logged_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut e = entry(Kind::Export, "advertising", 0);
+        e.evidence = Some(Evidence::default());
+        e.fields = vec!["device_model".into()];
+        let record = |n: u8| LogRecord { leaf: hex::encode([n]), account: "aa".into(), evidence: Evidence::default() };
+        store.put("msg_a", &e).expect("put");
+        assert_eq!(store.complete_export("msg_a", &e, &record(1)).expect("settle"), 0);
+        assert!(store.get("msg_a").expect("get").is_none(), "out of the outbox");
+        // As if a crash lost the removal but kept the log: the entry is back and settles again.
+        store.put("msg_a", &e).expect("put again");
+        assert_eq!(store.complete_export("msg_a", &e, &record(1)).expect("settle again"), 0);
+        store.put("msg_b", &e).expect("put");
+        assert_eq!(store.complete_export("msg_b", &e, &record(2)).expect("settle"), 1);
+        assert_eq!(store.log_len().expect("len"), 2);
+        let leaves: Vec<_> = store.log_records(0, 10).expect("records").into_iter().map(|(i, r)| (i, r.leaf)).collect();
+        assert_eq!(leaves, [(0, "01".to_owned()), (1, "02".to_owned())]);
+        assert_eq!(store.delivered(&e.pair_key()).expect("delivered").as_deref(), Some("p"));
+        drop(store);
+        let reopened = Store::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.log_len().expect("len"), 2);
     }
 
     #[test]

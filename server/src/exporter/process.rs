@@ -375,6 +375,7 @@ impl Exporter {
                     entry.in_flight_ms = Some(unknown_before.unwrap_or(started_ms));
                     self.store.put(id, &entry)?;
                     self.store.flush().await?;
+                    tracing::info!(webhook = id, attempt = entry.attempts + 1, "posting export");
                     let outcome = self.post(url, &affiliate.secret, id, &entry.body).await;
                     // An answer (the data is held only on a 2xx, which `settle` logs) or nothing sent: known.
                     if matches!(outcome, Ok(_) | Err(HttpError::Connect(_) | HttpError::Tls(_))) {

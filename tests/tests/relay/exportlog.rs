@@ -122,7 +122,18 @@ async fn exports_are_logged_shown_to_their_user_only_verified_and_audited() {
     // The relay's copy altered at rest: Alice's verification fails on the altered entry.
     relay.stop().await.expect("stop the relay");
     {
-        let db = sled::open(relay.data_dir().join("store")).expect("relay store");
+        // The stopped relay's last tasks may hold sled's lock a moment longer.
+        let deadline = std::time::Instant::now() + WAIT;
+        let db = loop {
+            match sled::open(relay.data_dir().join("store")) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "store still locked");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("relay store still locked: {e}"),
+            }
+        };
         let tree = db.open_tree("export_log").expect("tree");
         let key = [&[1u8][..], &alices_first.to_be_bytes()].concat();
         let mut value = tree.get(&key).expect("get").expect("alice's first entry").to_vec();
