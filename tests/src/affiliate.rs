@@ -475,3 +475,47 @@ impl ExporterProcess {
         self.dir.path().join("exporter.log")
     }
 }
+
+/// Per purpose, the fields an affiliate may receive.
+pub type Purposes<'a> = &'a [(&'a str, &'a [&'a str])];
+
+/// The affiliates catalogue (TOML) for sinks: per affiliate its id, its sink (endpoint and secret) and, per purpose,
+/// the fields it may receive. `adsco` and `shieldco` get their demo names and countries.
+pub fn catalogue(affiliates: &[(&str, &Sink, Purposes<'_>)]) -> String {
+    let mut out = String::new();
+    for (id, sink, purposes) in affiliates {
+        let (name, country) = match *id {
+            "adsco" => ("AdsCo SAS", "FR"),
+            "shieldco" => ("ShieldCo GmbH", "DE"),
+            other => (other, "FR"),
+        };
+        out.push_str(&format!(
+            "[[affiliate]]\nid = \"{id}\"\nname = \"{name}\"\ncountry = \"{country}\"\nendpoint = \"{}\"\n\
+             secret = \"{}\"\n[affiliate.purposes]\n",
+            sink.url(),
+            sink.secret()
+        ));
+        for (purpose, fields) in *purposes {
+            let fields: Vec<String> = fields.iter().map(|f| format!("\"{f}\"")).collect();
+            out.push_str(&format!("{purpose} = [{}]\n", fields.join(", ")));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The catalogue most tests use: AdsCo may receive advertising (`phone_pseudonym`, `device_model`) and analytics
+/// (`device_model`, `os`, `app_version`); ShieldCo security (`phone_pseudonym`, `os`).
+pub fn test_catalogue(adsco: &Sink, shieldco: &Sink) -> String {
+    catalogue(&[
+        (
+            "adsco",
+            adsco,
+            &[
+                ("advertising", &["phone_pseudonym", "device_model"]),
+                ("analytics", &["device_model", "os", "app_version"]),
+            ],
+        ),
+        ("shieldco", shieldco, &[("security", &["phone_pseudonym", "os"])]),
+    ])
+}

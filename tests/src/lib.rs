@@ -338,3 +338,27 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Result<Vec<PathBuf>> {
     }
     Ok(hits)
 }
+
+/// Longest wait for one delivery event in [`drain_mailbox`].
+pub const DELIVERY_WAIT: Duration = Duration::from_secs(20);
+
+/// Drains `conn`'s mailbox through a delivery stream, acknowledging each envelope; the envelopes, in order. Fails if
+/// an event takes longer than [`DELIVERY_WAIT`].
+pub async fn drain_mailbox(conn: &relay_client::Connection) -> Result<Vec<bytes::Bytes>> {
+    let mut inbox = conn.subscribe().await?;
+    let mut got = Vec::new();
+    loop {
+        let event = tokio::time::timeout(DELIVERY_WAIT, inbox.next())
+            .await
+            .context("no delivery event in time")?
+            .ok_or_else(|| anyhow!("delivery stream closed"))??;
+        match event {
+            relay_client::InboxEvent::Deliver(d) => {
+                inbox.ack(&[d.server_id]).await?;
+                got.push(d.envelope);
+            }
+            relay_client::InboxEvent::QueueEmpty => return Ok(got),
+            relay_client::InboxEvent::Acked(_) => {}
+        }
+    }
+}

@@ -111,21 +111,16 @@ fn check_entry(
 pub fn audit(store: &Store, log_key: &VerifyingKey, catalogue: Option<&Catalogue>) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
     let mut hashes = Vec::new();
-    let mut start = 0;
-    loop {
-        let page = store.log_records(start, 1024)?;
-        let Some((last, _)) = page.last() else { break };
-        start = last + 1;
-        for (index, record) in page {
-            if index != hashes.len() as u64 {
-                report.problems.push(format!("entry {index}: out of sequence (expected {})", hashes.len()));
-            }
-            if let Err(problem) = check_entry(store, catalogue, &record)? {
-                report.problems.push(format!("entry {index}: {problem}"));
-            }
-            hashes.push(hex::decode(&record.leaf).map(|b| leaf_hash(&b)).unwrap_or_default());
+    store.visit_log(|index, record| {
+        if index != hashes.len() as u64 {
+            report.problems.push(format!("entry {index}: out of sequence (expected {})", hashes.len()));
         }
-    }
+        if let Err(problem) = check_entry(store, catalogue, &record)? {
+            report.problems.push(format!("entry {index}: {problem}"));
+        }
+        hashes.push(hex::decode(&record.leaf).map(|b| leaf_hash(&b)).unwrap_or_default());
+        Ok::<_, StoreError>(())
+    })?;
     report.entries = hashes.len() as u64;
     let log = MerkleLog::from_leaf_hashes(hashes);
     let heads = store.heads()?;

@@ -314,6 +314,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Calls `f` with every log record in order, reading the log a page at a time.
+    pub fn visit_log<E: From<StoreError>>(&self, mut f: impl FnMut(u64, LogRecord) -> Result<(), E>) -> Result<(), E> {
+        let mut start = 0;
+        loop {
+            let page = self.log_records(start, 1024)?;
+            let Some(last) = page.last().map(|(index, _)| *index) else { return Ok(()) };
+            start = last + 1;
+            for (index, record) in page {
+                f(index, record)?;
+            }
+        }
+    }
+
     /// Overwrites log record `index` (for tests that tamper with the log).
     #[doc(hidden)]
     pub fn replace_log_record(&self, index: u64, record: &LogRecord) -> Result<(), StoreError> {

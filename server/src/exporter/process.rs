@@ -516,19 +516,14 @@ impl Exporter {
 /// Rebuilds the Merkle tree from the stored log records.
 pub fn load_log(store: &Store) -> Result<MerkleLog, StoreError> {
     let mut hashes = Vec::new();
-    let mut start = 0;
-    loop {
-        let page = store.log_records(start, 1024)?;
-        let Some((last, _)) = page.last() else { break };
-        start = last + 1;
-        for (index, record) in page {
-            if index != hashes.len() as u64 {
-                return Err(StoreError::Corrupt(format!("log record {index} out of sequence")));
-            }
-            let leaf = hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt(format!("log record {index}")))?;
-            hashes.push(relay_proto::merkle::leaf_hash(&leaf));
+    store.visit_log(|index, record| {
+        if index != hashes.len() as u64 {
+            return Err(StoreError::Corrupt(format!("log record {index} out of sequence")));
         }
-    }
+        let leaf = hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt(format!("log record {index}")))?;
+        hashes.push(relay_proto::merkle::leaf_hash(&leaf));
+        Ok(())
+    })?;
     Ok(MerkleLog::from_leaf_hashes(hashes))
 }
 

@@ -149,17 +149,17 @@ async fn run(dir: &Path) -> Result<()> {
     section("Affiliates: two webhook sinks that verify signatures and print what they receive");
     let adsco = Sink::start(b"adsco demo webhook key 012345").await?;
     let shieldco = Sink::start(b"shieldco demo webhook key 6789").await?;
-    let catalogue = format!(
-        "[[affiliate]]\nid = \"adsco\"\nname = \"AdsCo SAS\"\ncountry = \"FR\"\nendpoint = \"{}\"\nsecret = \"{}\"\n\
-         [affiliate.purposes]\nadvertising = [\"phone_pseudonym\", \"device_model\"]\n\
-         analytics = [\"device_model\", \"os\", \"app_version\"]\n\n\
-         [[affiliate]]\nid = \"shieldco\"\nname = \"ShieldCo GmbH\"\ncountry = \"DE\"\nendpoint = \"{}\"\nsecret = \"{}\"\n\
-         [affiliate.purposes]\nsecurity = [\"phone\", \"device_model\", \"os\"]\n",
-        adsco.url(),
-        adsco.secret(),
-        shieldco.url(),
-        shieldco.secret()
-    );
+    let catalogue = relay_tests::affiliate::catalogue(&[
+        (
+            "adsco",
+            &adsco,
+            &[
+                ("advertising", &["phone_pseudonym", "device_model"]),
+                ("analytics", &["device_model", "os", "app_version"]),
+            ],
+        ),
+        ("shieldco", &shieldco, &[("security", &["phone", "device_model", "os"])]),
+    ]);
     let catalogue_path = dir.join("affiliates.toml");
     std::fs::write(&catalogue_path, &catalogue)?;
     println!("  adsco at {} may get: advertising = phone_pseudonym, device_model", adsco.url());

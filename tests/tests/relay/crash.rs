@@ -22,7 +22,7 @@ use relay_proto::merkle::ExportLeaf;
 use relay_server::exporter::Catalogue;
 use relay_server::exporter::audit::audit;
 use relay_server::exporter::outbox::Store;
-use relay_tests::affiliate::{Attempt, ExporterProcess, Sink};
+use relay_tests::affiliate::{Attempt, ExporterProcess, Sink, test_catalogue};
 use relay_tests::chaos::Rng;
 use relay_tests::{TestRelay, TestUser};
 use tokio::sync::watch;
@@ -262,35 +262,6 @@ async fn crash_relay_long_campaign_loses_no_acknowledged_send() {
 const PAIRS: [(&str, &str); 3] = [("adsco", "advertising"), ("adsco", "analytics"), ("shieldco", "security")];
 const USERS: usize = 6;
 
-fn catalogue(adsco: &Sink, shieldco: &Sink) -> String {
-    format!(
-        r#"
-[[affiliate]]
-id = "adsco"
-name = "AdsCo SAS"
-country = "FR"
-endpoint = "{}"
-secret = "{}"
-[affiliate.purposes]
-advertising = ["phone_pseudonym", "device_model"]
-analytics = ["device_model", "os", "app_version"]
-
-[[affiliate]]
-id = "shieldco"
-name = "ShieldCo GmbH"
-country = "DE"
-endpoint = "{}"
-secret = "{}"
-[affiliate.purposes]
-security = ["phone_pseudonym", "os"]
-"#,
-        adsco.url(),
-        adsco.secret(),
-        shieldco.url(),
-        shieldco.secret()
-    )
-}
-
 /// One grant a user made, and when its withdrawal was acknowledged to the user, if it was.
 struct Grant {
     user: usize,
@@ -384,7 +355,7 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
     for s in [&adsco, &shieldco] {
         s.set_delay(Duration::from_millis(15));
     }
-    let text = catalogue(&adsco, &shieldco);
+    let text = test_catalogue(&adsco, &shieldco);
     let mut exporter = ExporterProcess::new(&text, 20).await.expect("exporter identity");
     let relay = TestRelay::with_export_for(exporter.fingerprint().to_owned()).await.expect("relay");
     let export_addr = relay.export_addr().expect("export interface");

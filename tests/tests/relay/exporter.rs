@@ -7,7 +7,7 @@
 use relay_proto::consent::{ConsentStatement, Decision};
 use relay_server::exporter::feed::webhook_id;
 use relay_tests::TestRelay;
-use relay_tests::affiliate::{Sink, TestExporter};
+use relay_tests::affiliate::{Sink, TestExporter, test_catalogue};
 use serde_json::Value;
 
 use crate::WAIT;
@@ -24,32 +24,7 @@ struct Setup {
 async fn setup() -> Setup {
     let adsco = Sink::start(b"adsco webhook key 0123456789").await.expect("adsco sink");
     let shieldco = Sink::start(b"shieldco webhook key 98765432").await.expect("shieldco sink");
-    let catalogue = format!(
-        r#"
-[[affiliate]]
-id = "adsco"
-name = "AdsCo SAS"
-country = "FR"
-endpoint = "{}"
-secret = "{}"
-[affiliate.purposes]
-advertising = ["phone_pseudonym", "device_model"]
-analytics = ["device_model", "os", "app_version"]
-
-[[affiliate]]
-id = "shieldco"
-name = "ShieldCo GmbH"
-country = "DE"
-endpoint = "{}"
-secret = "{}"
-[affiliate.purposes]
-security = ["phone_pseudonym", "os"]
-"#,
-        adsco.url(),
-        adsco.secret(),
-        shieldco.url(),
-        shieldco.secret()
-    );
+    let catalogue = test_catalogue(&adsco, &shieldco);
     let (relay, exporter) = TestExporter::start(&catalogue).await.expect("relay and exporter");
     Setup { relay, exporter, adsco, shieldco }
 }
@@ -220,16 +195,7 @@ async fn an_expired_grant_stops_a_queued_export() {
 async fn https_affiliates_are_reached_only_over_a_verified_connection() {
     let trusted = Sink::start_tls(b"adsco webhook key 0123456789").await.expect("https sink");
     let untrusted = Sink::start_tls(b"shieldco webhook key 98765432").await.expect("https sink with an unknown CA");
-    let catalogue = format!(
-        "[[affiliate]]\nid = \"adsco\"\nname = \"AdsCo SAS\"\ncountry = \"FR\"\nendpoint = \"{}\"\nsecret = \"{}\"\n\
-         [affiliate.purposes]\nadvertising = [\"phone_pseudonym\", \"device_model\"]\n\n\
-         [[affiliate]]\nid = \"shieldco\"\nname = \"ShieldCo GmbH\"\ncountry = \"DE\"\nendpoint = \"{}\"\n\
-         secret = \"{}\"\n[affiliate.purposes]\nsecurity = [\"phone_pseudonym\", \"os\"]\n",
-        trusted.url(),
-        trusted.secret(),
-        untrusted.url(),
-        untrusted.secret()
-    );
+    let catalogue = test_catalogue(&trusted, &untrusted);
     assert!(trusted.url().starts_with("https://127.0.0.1:"), "{}", trusted.url());
     let (relay, exporter) =
         TestExporter::start_trusting(&catalogue, trusted.ca_pem()).await.expect("relay and exporter");

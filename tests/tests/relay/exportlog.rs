@@ -7,43 +7,15 @@ use relay_proto::consent::Decision;
 use relay_server::exporter::Catalogue;
 use relay_server::exporter::audit::audit;
 use relay_server::exporter::outbox::Store;
-use relay_tests::affiliate::{Sink, TestExporter};
+use relay_tests::affiliate::{Sink, TestExporter, test_catalogue};
 
 use crate::WAIT;
-
-fn catalogue(adsco: &Sink, shieldco: &Sink) -> String {
-    format!(
-        r#"
-[[affiliate]]
-id = "adsco"
-name = "AdsCo SAS"
-country = "FR"
-endpoint = "{}"
-secret = "{}"
-[affiliate.purposes]
-advertising = ["phone_pseudonym", "device_model"]
-
-[[affiliate]]
-id = "shieldco"
-name = "ShieldCo GmbH"
-country = "DE"
-endpoint = "{}"
-secret = "{}"
-[affiliate.purposes]
-security = ["phone_pseudonym", "os"]
-"#,
-        adsco.url(),
-        adsco.secret(),
-        shieldco.url(),
-        shieldco.secret()
-    )
-}
 
 #[tokio::test]
 async fn exports_are_logged_shown_to_their_user_only_verified_and_audited() {
     let adsco = Sink::start(b"adsco webhook key 0123456789").await.expect("adsco");
     let shieldco = Sink::start(b"shieldco webhook key 98765432").await.expect("shieldco");
-    let text = catalogue(&adsco, &shieldco);
+    let text = test_catalogue(&adsco, &shieldco);
     let (mut relay, mut exporter) = TestExporter::start(&text).await.expect("relay and exporter");
     let mut alice = relay.user("+33612345678").await.expect("alice");
     let bob = relay.user("+33655555555").await.expect("bob");

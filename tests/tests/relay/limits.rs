@@ -29,18 +29,7 @@ async fn registered_from(relay: &TestRelay, ip: [u8; 4], phone: &str) -> (Connec
 
 /// Drains a recipient's mailbox through a delivery stream, acknowledging everything; the envelopes received.
 async fn drain(conn: &Connection) -> Vec<Bytes> {
-    let mut inbox = conn.subscribe().await.expect("subscribe");
-    let mut got = Vec::new();
-    loop {
-        match bounded("delivery", inbox.next()).await.expect("open").expect("event") {
-            InboxEvent::Deliver(d) => {
-                inbox.ack(&[d.server_id]).await.expect("ack");
-                got.push(d.envelope);
-            }
-            InboxEvent::QueueEmpty => return got,
-            InboxEvent::Acked(_) => {}
-        }
-    }
+    relay_tests::drain_mailbox(conn).await.expect("drain the mailbox")
 }
 
 #[tokio::test]

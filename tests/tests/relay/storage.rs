@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bytes::Bytes;
-use relay_client::{Connection, Identity, InboxEvent};
+use relay_client::{Connection, Identity};
 use relay_proto::ErrorCode;
 use relay_tests::TestRelay;
 
@@ -19,18 +19,7 @@ async fn user(relay: &TestRelay, phone: &str) -> (Connection, Identity) {
 }
 
 async fn drain(conn: &Connection) -> Vec<Bytes> {
-    let mut inbox = conn.subscribe().await.expect("subscribe");
-    let mut got = Vec::new();
-    loop {
-        match bounded("delivery", inbox.next()).await.expect("open").expect("event") {
-            InboxEvent::Deliver(d) => {
-                inbox.ack(&[d.server_id]).await.expect("ack");
-                got.push(d.envelope);
-            }
-            InboxEvent::QueueEmpty => return got,
-            InboxEvent::Acked(_) => {}
-        }
-    }
+    relay_tests::drain_mailbox(conn).await.expect("drain the mailbox")
 }
 
 #[tokio::test]
