@@ -68,21 +68,13 @@ impl Identity {
         quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
     }
 
-    /// QUIC client configuration of the exporter on the export interface: TLS 1.3 only, the export ALPN, this
-    /// identity as the client certificate, and only the relay certificate with SHA-256 `relay_fingerprint` accepted.
+    /// The exporter's client configuration for the export interface: presents this identity's certificate and
+    /// accepts only the relay certificate with SHA-256 `relay_fingerprint`.
     pub fn export_client_crypto(
         &self,
         relay_fingerprint: [u8; 32],
     ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
-        let provider = relay_quic::crypto_provider();
-        let verifier = Arc::new(crate::export::tls::PinnedServerCert::new(relay_fingerprint, provider.clone()));
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
-        tls.alpn_protocols = vec![relay_proto::EXPORT_ALPN.to_vec()];
-        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
+        export_client_crypto(relay_fingerprint, Some((self.cert.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))))
     }
 
     /// rustls server configuration: TLS 1.3 only, our ALPN, no 0-RTT (early data can be replayed).
@@ -114,6 +106,27 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = opts.open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
+}
+
+/// A client configuration for the export interface: TLS 1.3, the export ALPN, only the relay certificate with SHA-256
+/// `relay_fingerprint` accepted, and `client_cert` (certificate and key) presented, or none (which the relay refuses;
+/// tests use it to check that).
+pub fn export_client_crypto(
+    relay_fingerprint: [u8; 32],
+    client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
+    let provider = relay_quic::crypto_provider();
+    let verifier = Arc::new(crate::export::tls::PinnedServerCert::new(relay_fingerprint, provider.clone()));
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match client_cert {
+        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![relay_proto::EXPORT_ALPN.to_vec()];
+    quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
 }
 
 #[cfg(test)]

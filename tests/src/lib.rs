@@ -6,7 +6,7 @@
 //! its log on stderr) stays under [`TestRelay::dir`] until the `TestRelay` is dropped.
 //!
 //! [`TestRelay::with_export`] starts an in-process relay with its export interface open for a test exporter
-//! identity; [`export::ExportClient`] is the minimal exporter-side client the tests speak it with.
+//! identity; [`export::connect`] opens the exporter's own client on it with any certificate, or none.
 //! [`affiliate::Sink`] is an affiliate's webhook endpoint and [`affiliate::TestExporter`] the exporter process logic
 //! running in-process against such a relay, [`affiliate::ExporterProcess`] the `relay-exporter` binary as a child
 //! process. [`chaos::Rng`] gives crash campaigns a replayable random schedule.
@@ -123,7 +123,7 @@ impl TestRelay {
     pub async fn exporter(&self, identity: Option<&export::ExporterIdentity>) -> Result<export::ExportClient> {
         let addr = self.export_addr.ok_or_else(|| anyhow!("the export interface is not enabled"))?;
         let fp = relay_client::pin::parse_fingerprint(&self.fingerprint).ok_or_else(|| anyhow!("bad fingerprint"))?;
-        export::ExportClient::connect(addr, fp, identity).await
+        export::connect(addr, fp, identity).await
     }
 
     /// A `relayd` child process with default limits.

@@ -51,7 +51,14 @@ impl ExportClient {
         relay_fingerprint: [u8; 32],
         identity: &Identity,
     ) -> Result<Self, ClientError> {
-        let quic = identity.export_client_crypto(relay_fingerprint)?;
+        Self::connect_with(addr, identity.export_client_crypto(relay_fingerprint)?).await
+    }
+
+    /// Connects to `addr` with a ready client configuration (see [`crate::tls::export_client_crypto`]).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        quic: quinn::crypto::rustls::QuicClientConfig,
+    ) -> Result<Self, ClientError> {
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(relay_quic::transport_config(
             16,
@@ -70,16 +77,21 @@ impl ExportClient {
         Ok(Self { endpoint, conn })
     }
 
-    /// Sends one request on a new stream and returns the relay's answer; an error frame is [`ClientError::Refused`].
-    pub async fn request(&self, body: export_request::Body) -> Result<export_response::Body, ClientError> {
+    /// Sends `frame` (any protobuf message, framed) on a new stream and reads the answer as an export response.
+    pub async fn raw<M: prost::Message>(&self, frame: &M) -> Result<ExportResponse, ClientError> {
         let stream = |e: &dyn std::fmt::Display| ClientError::Stream(e.to_string());
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| stream(&e))?;
-        write_frame(&mut send, &ExportRequest { body: Some(body) }).await.map_err(|e| stream(&e))?;
+        write_frame(&mut send, frame).await.map_err(|e| stream(&e))?;
         send.finish().ok();
-        let reply = read_frame::<ExportResponse>(&mut recv, MAX_FRAME_LEN)
+        read_frame::<ExportResponse>(&mut recv, MAX_FRAME_LEN)
             .await
             .map_err(|e| stream(&e))?
-            .ok_or_else(|| ClientError::Unexpected("stream closed without a response".into()))?;
+            .ok_or_else(|| ClientError::Unexpected("stream closed without a response".into()))
+    }
+
+    /// Sends one request on a new stream and returns the relay's answer; an error frame is [`ClientError::Refused`].
+    pub async fn request(&self, body: export_request::Body) -> Result<export_response::Body, ClientError> {
+        let reply = self.raw(&ExportRequest { body: Some(body) }).await?;
         match reply.body {
             Some(export_response::Body::Error(e)) => Err(ClientError::Refused(e.to_string())),
             Some(body) => Ok(body),

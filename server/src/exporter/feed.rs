@@ -214,6 +214,13 @@ mod tests {
         }
     }
 
+    /// A fresh store (its directory kept alive by the guard), the example catalogue, a user key, a pseudonym key.
+    fn fixture() -> (tempfile::TempDir, Store, Catalogue, SigningKey, [u8; 32]) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("store");
+        (dir, store, Catalogue::parse(CATALOGUE).expect("catalogue"), SigningKey::from_bytes(&[7; 32]), [3; 32])
+    }
+
     #[test]
     fn only_changes_signed_by_the_key_the_account_derives_from_are_accepted() {
         let key = SigningKey::from_bytes(&[7; 32]);
@@ -234,11 +241,7 @@ mod tests {
 
     #[test]
     fn grants_queue_once_and_withdrawals_clear_and_notify() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("store");
-        let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
-        let key = SigningKey::from_bytes(&[7; 32]);
-        let master = [3; 32];
+        let (_dir, store, catalogue, key, master) = fixture();
         let grant = change(&key, "adsco", Decision::Grant, 1);
         assert_eq!(apply(&store, &catalogue, &master, &grant, 5).expect("apply"), Applied::Queued);
         assert_eq!(apply(&store, &catalogue, &master, &grant, 6).expect("apply"), Applied::Unchanged);
@@ -289,11 +292,7 @@ mod tests {
     /// recorded the answer, then a withdrawal read on restart, dropped the export unlogged and without a notice.
     #[test]
     fn a_withdrawal_logs_and_notifies_an_export_whose_attempt_got_no_answer() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("store");
-        let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
-        let key = SigningKey::from_bytes(&[7; 32]);
-        let master = [3; 32];
+        let (_dir, store, catalogue, key, master) = fixture();
         let grant = change(&key, "adsco", Decision::Grant, 1);
         assert_eq!(apply(&store, &catalogue, &master, &grant, 5).expect("apply"), Applied::Queued);
         let (id, mut entry) = store.due(10, 10).expect("due").remove(0);
