@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_proto::auth::{EXPORTER_LEN, auth_transcript, register_transcript};
+use relay_proto::auth::{EKM_LEN, auth_transcript, register_transcript};
 use relay_proto::wire::{
     self, Ack, Auth, Bundle, ClientFrame, ConsentList, ConsentRecorded, Deliver, DeviceInfo, FetchBundle, ListConsent,
     Lookup, PrekeyCounts, PutConsent, Register, SealedSend, SendAck, ServerFrame, SetAccessKey, Subscribe,
@@ -71,7 +71,7 @@ pub struct DirectoryEntry {
 pub struct Connection {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    exporter: [u8; EXPORTER_LEN],
+    ekm: [u8; EKM_LEN],
 }
 
 /// Builds the quinn client configuration that pins `fingerprint`.
@@ -117,8 +117,8 @@ impl Connection {
             .map_err(|e| ClientError::Connect(e.to_string()))?
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let exporter = relay_quic::exporter(&conn).map_err(|_| ClientError::Connect("no keying material".into()))?;
-        Ok(Self { endpoint: endpoint.clone(), conn, exporter })
+        let ekm = relay_quic::ekm(&conn).map_err(|_| ClientError::Connect("no keying material".into()))?;
+        Ok(Self { endpoint: endpoint.clone(), conn, ekm })
     }
 
     /// The underlying QUIC connection (for tests that speak raw frames).
@@ -144,7 +144,7 @@ impl Connection {
     /// account was created.
     pub async fn register(&self, identity: &Identity, phone: &str, device: DeviceInfo) -> Result<bool, ClientError> {
         let (ik, sk) = (identity.identity_key(), identity.sealing_key());
-        let signature = identity.sign(&register_transcript(&self.exporter, &ik, &sk, phone, &device));
+        let signature = identity.sign(&register_transcript(&self.ekm, &ik, &sk, phone, &device));
         let req = Register {
             protocol_version: PROTOCOL_VERSION,
             identity_key: Bytes::copy_from_slice(&ik),
@@ -162,7 +162,7 @@ impl Connection {
     /// Authenticates this connection as `identity`'s account; returns the relay's prekey counts for it.
     pub async fn authenticate(&self, identity: &Identity) -> Result<PrekeyCounts, ClientError> {
         let account = identity.account_id();
-        let signature = identity.sign(&auth_transcript(&self.exporter, &account));
+        let signature = identity.sign(&auth_transcript(&self.ekm, &account));
         let req = Auth {
             protocol_version: PROTOCOL_VERSION,
             account_id: Bytes::copy_from_slice(account.as_bytes()),

@@ -1,5 +1,5 @@
-//! The affiliates catalogue (`relay_server::exporter::affiliates::Catalogue::parse`) over arbitrary UTF-8, and the
-//! webhook signatures made with the secrets it holds (`relay_server::exporter::webhook`).
+//! The affiliates catalogue (`relay_exporter::affiliates::Catalogue::parse`) over arbitrary UTF-8, and the
+//! webhook signatures made with the secrets it holds (`relay_exporter::webhook`).
 //!
 //! Checks: parsing never panics; an accepted catalogue holds only valid ids, two-letter countries and 16 to 64 byte
 //! secrets; a signature made with each affiliate's secret verifies and does not verify for another body; verifying an
@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use relay_proto::consent::valid_affiliate_id;
-use relay_server::exporter::{Catalogue, http, webhook};
+use relay_exporter::{Catalogue, http, webhook};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

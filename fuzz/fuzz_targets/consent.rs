@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use relay_proto::AccountId;
 use relay_proto::consent::{ConsentStatement, Decision};
 use relay_proto::wire::ConsentChange;
-use relay_server::exporter::feed;
+use relay_exporter::feed;
 use sha2::{Digest, Sha256};
 
 const LABEL: &[u8] = b"consent-relay consent statement v1";

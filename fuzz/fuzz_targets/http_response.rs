@@ -1,5 +1,5 @@
 //! What the exporter parses from an affiliate's server and from its own catalogue's endpoint strings
-//! (`relay_server::exporter::http`).
+//! (`relay_exporter::http`).
 //!
 //! `parse_status` gets the arbitrary bytes as the answer read from the socket: it must not panic, and a status code
 //! it returns must be the three ASCII digits after `HTTP/1.x ` on the first CRLF-ended line. `parse_url` gets the
@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_server::exporter::http::{self, MAX_STATUS_LINE};
+use relay_exporter::http::{self, MAX_STATUS_LINE};
 
 /// No byte that could end a line or a field of the request head early.
 fn head_safe(s: &str) -> bool {

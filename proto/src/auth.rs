@@ -1,7 +1,7 @@
 //! Pure parts of authentication: account ids and the transcripts that identity keys sign.
 //!
 //! Every signed transcript starts with a domain-separation label and includes 32 bytes of TLS keying material
-//! exported from the connection (`EXPORTER_LABEL`, RFC 5705 / RFC 8446 §7.5). Each QUIC connection has its own
+//! exported from the connection (`EKM_LABEL`, RFC 5705 / RFC 8446 §7.5). Each QUIC connection has its own
 //! handshake secrets, so a signature made on one connection is worthless on any other: it cannot be replayed.
 //! Variable-length fields are length-prefixed so that no two field lists share an encoding.
 
@@ -10,10 +10,10 @@ use std::fmt;
 
 use crate::wire::DeviceInfo;
 
-/// Label for the TLS keying-material exporter.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-consent-relay-auth-v1";
+/// Label for the TLS exported keying material (EKM) transcripts are bound to (the wire value keeps its first name).
+pub const EKM_LABEL: &[u8] = b"EXPORTER-consent-relay-auth-v1";
 /// Length of the exported keying material.
-pub const EXPORTER_LEN: usize = 32;
+pub const EKM_LEN: usize = 32;
 /// Length of an account id.
 pub const ACCOUNT_ID_LEN: usize = 16;
 /// Length of an Ed25519 or X25519 public key.
@@ -77,7 +77,7 @@ fn put_field(out: &mut Vec<u8>, field: &[u8]) {
 
 /// The bytes an identity key signs to register (or update) its account on this connection.
 pub fn register_transcript(
-    exporter: &[u8; EXPORTER_LEN],
+    ekm: &[u8; EKM_LEN],
     identity_key: &[u8],
     sealing_key: &[u8],
     phone: &str,
@@ -85,7 +85,7 @@ pub fn register_transcript(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     put_field(&mut out, b"consent-relay/v1 register");
-    put_field(&mut out, exporter);
+    put_field(&mut out, ekm);
     put_field(&mut out, identity_key);
     put_field(&mut out, sealing_key);
     put_field(&mut out, phone.as_bytes());
@@ -96,10 +96,10 @@ pub fn register_transcript(
 }
 
 /// The bytes an identity key signs to authenticate this connection as its account.
-pub fn auth_transcript(exporter: &[u8; EXPORTER_LEN], account: &AccountId) -> Vec<u8> {
+pub fn auth_transcript(ekm: &[u8; EKM_LEN], account: &AccountId) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
     put_field(&mut out, b"consent-relay/v1 auth");
-    put_field(&mut out, exporter);
+    put_field(&mut out, ekm);
     put_field(&mut out, account.as_bytes());
     out
 }

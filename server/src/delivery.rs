@@ -90,7 +90,7 @@ async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>, fram
             ),
             Ok(None) | Err(ReadError::Stream(_)) => return,
             Err(e) => {
-                let (code, close) = crate::session::frame_error_codes(&e);
+                let (code, close) = e.codes();
                 Incoming::Bad(Reject::new(code, e.to_string()), close)
             }
         };

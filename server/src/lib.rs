@@ -4,16 +4,16 @@
 //! what it carries; it stores no sender for an envelope; its message path reads no phone number or device info.
 //! A send is acknowledged only once the envelope is durable (group commit).
 //!
-//! Modules: [`config`] (settings and limits), [`tls`] (certificate), [`store`] (sled trees, group commit),
+//! Modules: [`config`] (settings and limits), [`store`] (sled trees, group commit),
 //! [`relay`] (endpoint and connections), [`session`] (requests on a connection), [`delivery`] (push and acks),
 //! [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in), [`fence`] (export
-//! leases that withdrawals wait for), [`export`] (the exporter's mutual-TLS endpoint, opt-in), [`exporter`] (the
-//! exporter's building blocks: affiliates catalogue, payloads, pseudonyms, webhook signatures).
+//! leases that withdrawals wait for), [`export`] (the relay's side of the export interface: the exporter's mutual-TLS
+//! endpoint, opt-in). The TLS identity, pinning and the accept loop are `relay-quic`'s; the metadata exporter is
+//! its own crate and process (`relay-exporter`), which this crate cannot name.
 
 pub mod config;
 pub mod delivery;
 pub mod export;
-pub mod exporter;
 pub mod fence;
 pub mod metrics;
 pub mod ratelimit;
@@ -21,7 +21,6 @@ pub mod reject;
 pub mod relay;
 pub mod session;
 pub mod store;
-pub mod tls;
 
 pub use config::Config;
 pub use relay::{RelayHandle, StartError, start};

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::session::{Session, serve_stream};
 use crate::store::{MailboxLimits, Store};
-use crate::tls::Identity;
+use relay_quic::identity::Identity;
 
 /// Concurrent request streams a new connection may open before it shows it needs more.
 pub const INITIAL_STREAMS: u32 = 16;
@@ -61,7 +61,7 @@ pub enum StartError {
     DataDir(std::path::PathBuf, std::io::Error),
     /// The TLS identity could not be loaded or created.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] relay_quic::identity::TlsError),
     /// The store could not be opened (another relay may be using it).
     #[error("cannot open store: {0}")]
     Store(#[from] crate::store::OpenError),
@@ -82,6 +82,7 @@ pub struct RelayHandle {
     metrics_addr: Option<SocketAddr>,
     export_addr: Option<SocketAddr>,
     fingerprint: String,
+    cert_sha256: [u8; 32],
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     faults: Arc<crate::store::commit::StorageFaults>,
@@ -109,8 +110,8 @@ impl RelayHandle {
     }
 
     /// The line the relay prints on stdout when it is ready.
-    pub fn ready_line(&self) -> String {
-        format!("listening on {} cert-sha256 {}", self.local_addr, self.fingerprint)
+    pub fn ready_line(&self) -> relay_quic::ready::ReadyLine {
+        relay_quic::ready::ReadyLine::Relay { addr: self.local_addr, cert_sha256: self.cert_sha256 }
     }
 
     /// The store's fault injector (for tests of disk failures).
@@ -152,7 +153,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let fence = Arc::new(crate::fence::Fence::default());
     let export = match (config.export_listen, config.exporter_fingerprint()) {
         (Some(addr), Some(pinned)) => {
-            let verifier = crate::export::tls::PinnedClientCert::new(pinned, relay_quic::crypto_provider());
+            let verifier = relay_quic::pin::PinnedClientCert::new(pinned, relay_quic::crypto_provider());
             let mut server =
                 quinn::ServerConfig::with_crypto(Arc::new(identity.export_server_crypto(Arc::new(verifier))?));
             server.transport_config(Arc::new(relay_quic::transport_config(
@@ -218,48 +219,19 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         metrics_addr,
         export_addr,
         fingerprint: identity.fingerprint(),
+        cert_sha256: identity.cert_sha256(),
         shutdown,
         task,
         faults,
     })
 }
 
-/// Accepts connections on `endpoint` until `shutdown` turns true, each served by `serve` in its own task under a
-/// `conn` span naming `kind`; then closes the endpoint, gives peers 2 s to see it, and stops what is left. Shared by
-/// the messaging endpoint and the export interface.
-pub(crate) async fn accept_until<F, Fut>(
-    endpoint: &quinn::Endpoint,
-    mut shutdown: watch::Receiver<bool>,
-    kind: &'static str,
-    serve: F,
-) where
-    F: Fn(quinn::Incoming) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut connections = JoinSet::new();
-    let mut next_id = 0u64;
-    loop {
-        tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                next_id += 1;
-                let span = tracing::info_span!("conn", kind, id = next_id, remote = %incoming.remote_address());
-                connections.spawn(serve(incoming).instrument(span));
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    endpoint.close(StreamCloseCode::Shutdown.code().into(), b"relay shutting down");
-    if tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.is_err() {
-        tracing::warn!(kind, "connections did not close within 2 s");
-    }
-    connections.shutdown().await;
-}
-
 async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
     let sweeper = tokio::spawn(sweep_expired(shared.clone()));
-    accept_until(&endpoint, shutdown, "messaging", |incoming| serve_connection(shared.clone(), incoming)).await;
+    relay_quic::accept::accept_until(&endpoint, shutdown, "messaging", |incoming| {
+        serve_connection(shared.clone(), incoming)
+    })
+    .await;
     sweeper.abort();
     if let Err(e) = shared.store.commit.durable().await {
         tracing::error!(error = %e, "final flush failed");
@@ -283,7 +255,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    let exporter = match relay_quic::exporter(&conn) {
+    let ekm = match relay_quic::ekm(&conn) {
         Ok(x) => x,
         Err(_) => {
             conn.close(StreamCloseCode::ProtocolError.code().into(), b"no keying material");
@@ -292,7 +264,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     tracing::debug!("connected");
     let _open = shared.metrics.connection();
-    let session = Arc::new(Session::new(exporter, peer));
+    let session = Arc::new(Session::new(ekm, peer));
     let mut streams = JoinSet::new();
     let max_streams = shared.limits.max_streams_per_connection;
     let mut credit = INITIAL_STREAMS.min(max_streams);

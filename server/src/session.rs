@@ -15,9 +15,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use ed25519_dalek::{Signature, VerifyingKey};
-use relay_proto::auth::{EXPORTER_LEN, KEY_LEN, auth_transcript, register_transcript};
+use relay_proto::auth::{EKM_LEN, KEY_LEN, auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentError, ConsentStatement, Decision};
-use relay_proto::frame::FrameError;
 use relay_proto::merkle;
 use relay_proto::wire::{
     AccessKeySet, Ack, Acked, Auth, AuthOk, Bundle, ClientFrame, ConsentList, ConsentRecorded, ExportList, FetchBundle,
@@ -25,7 +24,7 @@ use relay_proto::wire::{
     SendAck, ServerFrame, SetAccessKey, SignedStatement, UploadPrekeys, client_frame::Body as Req,
     server_frame::Body as Resp,
 };
-use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, PhoneNumber, StreamCloseCode};
+use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, PhoneNumber};
 use relay_quic::{ReadError, read_frame_within, write_frame};
 
 use crate::reject::Reject;
@@ -41,15 +40,15 @@ pub const PREKEY_LOW_WATERMARK: u32 = 20;
 
 /// Per-connection state.
 pub struct Session {
-    exporter: [u8; EXPORTER_LEN],
+    ekm: [u8; EKM_LEN],
     account: OnceLock<AccountId>,
     peer: std::net::IpAddr,
 }
 
 impl Session {
     /// A new, unauthenticated session bound to the connection's exported keying material.
-    pub fn new(exporter: [u8; EXPORTER_LEN], peer: std::net::IpAddr) -> Self {
-        Self { exporter, account: OnceLock::new(), peer }
+    pub fn new(ekm: [u8; EKM_LEN], peer: std::net::IpAddr) -> Self {
+        Self { ekm, account: OnceLock::new(), peer }
     }
 
     fn account(&self) -> Result<AccountId, Reject> {
@@ -62,15 +61,6 @@ impl Session {
             return Err(Reject::invalid("this connection is already authenticated as another account"));
         }
         Ok(())
-    }
-}
-
-/// The error code and stream close code for a frame that could not be read.
-pub(crate) fn frame_error_codes(e: &ReadError) -> (ErrorCode, StreamCloseCode) {
-    match e {
-        ReadError::Frame(FrameError::TooLarge { .. }) => (ErrorCode::FrameTooLarge, StreamCloseCode::FrameTooLarge),
-        ReadError::TimedOut(_) => (ErrorCode::FrameTimeout, StreamCloseCode::ProtocolError),
-        _ => (ErrorCode::MalformedFrame, StreamCloseCode::ProtocolError),
     }
 }
 
@@ -91,7 +81,7 @@ pub async fn serve_stream(
                 }
                 Err(ReadError::Stream(_)) => return,
                 Err(e) => {
-                    let (code, close) = frame_error_codes(&e);
+                    let (code, close) = e.codes();
                     shared.metrics.error(code);
                     tracing::debug!(error = %e, "bad frame, closing stream");
                     recv.stop(close.code().into()).ok();
@@ -176,7 +166,7 @@ async fn register(shared: &Shared, session: &Session, r: Register) -> Result<Ser
             )));
         }
     }
-    let transcript = register_transcript(&session.exporter, &identity_key, &sealing_key, phone.as_str(), &device);
+    let transcript = register_transcript(&session.ekm, &identity_key, &sealing_key, phone.as_str(), &device);
     verify(&identity_key, &transcript, &r.signature)?;
     let account = AccountId::from_identity_key(&identity_key);
     if session.account.get().is_some_and(|a| *a != account) {
@@ -198,7 +188,7 @@ fn auth(shared: &Shared, session: &Session, a: Auth) -> Result<ServerFrame, Reje
         .directory
         .keys(&account)?
         .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account: register first"))?;
-    verify(&keys.identity_key, &auth_transcript(&session.exporter, &account), &a.signature)?;
+    verify(&keys.identity_key, &auth_transcript(&session.ekm, &account), &a.signature)?;
     session.authenticate(account)?;
     tracing::debug!(%account, "authenticated");
     let prekeys = Some(prekey_counts(shared, &account)?);

@@ -1,10 +1,12 @@
 //! The `relayd` binary as an operator runs it: the ready line, clean shutdown on SIGTERM, config errors.
 
-mod common;
-use common::terminate;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+
+/// SIGTERM and a bounded wait for the exit status.
+fn terminate(child: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    relay_quic::ready::terminate_blocking(child, std::time::Duration::from_secs(20))
+}
 
 fn relayd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_relayd"))
@@ -40,7 +42,7 @@ fn prints_one_ready_line_and_stops_cleanly_on_sigterm() {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("cannot open store"));
 
-    let status = terminate(&mut child);
+    let status = terminate(&mut child).expect("clean exit on SIGTERM");
     assert!(status.success(), "exit status {status}");
     let mut rest = String::new();
     stdout.read_line(&mut rest).expect("eof");
@@ -77,7 +79,7 @@ fn export_interface_flags_keep_one_ready_line_and_are_checked_together() {
     let mut line = String::new();
     stdout.read_line(&mut line).expect("ready line");
     assert!(line.starts_with("listening on 127.0.0.1:") && line.contains(" cert-sha256 "), "{line:?}");
-    assert!(terminate(&mut child).success());
+    assert!(terminate(&mut child).expect("clean exit on SIGTERM").success());
     let mut rest = String::new();
     stdout.read_line(&mut rest).expect("eof");
     assert!(rest.is_empty(), "still exactly one line on stdout, then {rest:?}");

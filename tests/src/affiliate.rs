@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
-use relay_server::exporter::{Catalogue, Exporter, Progress, webhook};
+use relay_exporter::{Catalogue, Exporter, Progress, webhook};
+use relay_quic::ready::{ReadyLine, ServerChild};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -345,18 +346,7 @@ pub struct ExporterProcess {
     log_key: String,
     poll_ms: u64,
     relay: Option<(SocketAddr, String)>,
-    child: Option<tokio::process::Child>,
-}
-
-/// Parses `exporter cert-sha256 <hex> log-key <hex>`.
-pub fn parse_exporter_ready_line(line: &str) -> Result<(String, String)> {
-    let hex64 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
-    match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["exporter", "cert-sha256", fp, "log-key", key] if hex64(fp) && hex64(key) => {
-            Ok(((*fp).to_owned(), (*key).to_owned()))
-        }
-        _ => bail!("unexpected ready line from relay-exporter: {line:?}"),
-    }
+    child: Option<ServerChild>,
 }
 
 impl ExporterProcess {
@@ -390,8 +380,8 @@ impl ExporterProcess {
 
     async fn spawn(&mut self) -> Result<()> {
         let (relay, relay_fp) = self.relay.clone().ok_or_else(|| anyhow!("no relay to run against"))?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let mut child = tokio::process::Command::new(crate::binary_path("relay-exporter", "RELAY_EXPORTER_BIN")?)
+        let mut command = tokio::process::Command::new(crate::binary_path("relay-exporter", "RELAY_EXPORTER_BIN")?);
+        command
             .arg("--data")
             .arg(self.data_dir())
             .arg("--relay")
@@ -402,20 +392,10 @@ impl ExporterProcess {
             .arg(self.dir.path().join("affiliates.toml"))
             .arg("--poll-ms")
             .arg(self.poll_ms.to_string())
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start relay-exporter")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-        let line = tokio::time::timeout(crate::START_TIMEOUT, lines.next_line())
-            .await
-            .context("relay-exporter did not become ready in time")??
-            .ok_or_else(|| anyhow!("relay-exporter exited before it was ready; see {}", self.log_path().display()))?;
-        let (fingerprint, log_key) = parse_exporter_ready_line(&line)?;
+            .env("RUST_LOG", "info");
+        let (child, ready) = ServerChild::start(command, &self.log_path(), crate::START_TIMEOUT).await?;
+        let ReadyLine::Exporter { log_key, .. } = ready else { bail!("relay-exporter printed {ready}") };
+        let (fingerprint, log_key) = (ready.cert_hex(), hex::encode(log_key));
         if !self.fingerprint.is_empty() && (fingerprint != self.fingerprint || log_key != self.log_key) {
             bail!("relay-exporter changed identity across a restart");
         }
@@ -426,7 +406,7 @@ impl ExporterProcess {
 
     /// Kills it with SIGKILL: no shutdown code runs.
     pub async fn kill(&mut self) -> Result<()> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("the exporter is not running"))?;
+        let child = self.child.take().ok_or_else(|| anyhow!("the exporter is not running"))?;
         child.kill().await?;
         Ok(())
     }
@@ -442,13 +422,8 @@ impl ExporterProcess {
 
     /// Stops it cleanly (SIGTERM) and waits, at most `bound`, for it to release its store.
     pub async fn stop(&mut self, bound: Duration) -> Result<()> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("the exporter is not running"))?;
-        let pid = child.id().ok_or_else(|| anyhow!("relay-exporter already exited"))?;
-        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        let exit = tokio::time::timeout(bound, child.wait()).await.context("relay-exporter did not stop in time")??;
+        let child = self.child.take().ok_or_else(|| anyhow!("the exporter is not running"))?;
+        let exit = child.terminate(bound).await?;
         if !exit.success() {
             bail!("relay-exporter exited with {exit} after SIGTERM; see {}", self.log_path().display());
         }

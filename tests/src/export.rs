@@ -25,11 +25,11 @@ impl ExporterIdentity {
 
     /// Hex SHA-256 of the certificate: what the relay pins.
     pub fn fingerprint(&self) -> String {
-        relay_server::tls::cert_fingerprint(self.cert.as_ref())
+        relay_quic::identity::cert_fingerprint(self.cert.as_ref())
     }
 }
 
-pub use relay_server::export::ExportClient;
+pub use relay_exporter::relay_link::ExportClient;
 
 /// Connects to the export interface at `addr`, accepting only the relay certificate with SHA-256
 /// `relay_fingerprint`, presenting `identity`'s certificate (or none). The relay checks the client certificate after
@@ -41,6 +41,6 @@ pub async fn connect(
     identity: Option<&ExporterIdentity>,
 ) -> Result<ExportClient> {
     let cert = identity.map(|id| (id.cert.clone(), PrivateKeyDer::Pkcs8(id.key.clone_key())));
-    let quic = relay_server::tls::export_client_crypto(relay_fingerprint, cert)?;
+    let quic = relay_quic::identity::export_client_crypto(relay_fingerprint, cert)?;
     Ok(ExportClient::connect_with(addr, quic).await?)
 }

@@ -17,21 +17,20 @@ pub mod export;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use relay_client::{Device, Home, Messenger};
+use relay_quic::ready::{ReadyLine, ServerChild};
 use relay_server::{Config, RelayHandle};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// How long a child relay may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 enum Running {
     InProcess(RelayHandle),
-    Process(Child),
+    Process(ServerChild),
     Stopped,
 }
 
@@ -153,29 +152,19 @@ impl TestRelay {
         let toml = self.config.to_toml()?;
         let config_path = self.dir.path().join("relayd.toml");
         std::fs::write(&config_path, toml)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let listen = if self.addr.port() == 0 { self.config.listen } else { self.addr };
-        let mut child = Command::new(relayd_path()?)
+        let mut command = Command::new(relayd_path()?);
+        command
             .arg("--config")
             .arg(&config_path)
             .arg("--data")
             .arg(&self.config.data_dir)
             .arg("--listen")
             .arg(listen.to_string())
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start relayd")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
-            .await
-            .context("relayd did not become ready in time")??
-            .ok_or_else(|| anyhow!("relayd exited before it was ready; see {}", self.log_path().display()))?;
-        let (addr, fingerprint) = parse_ready_line(&line)?;
+            .env("RUST_LOG", "debug");
+        let (child, ready) = ServerChild::start(command, &self.log_path(), START_TIMEOUT).await?;
+        let ReadyLine::Relay { addr, .. } = ready else { bail!("relayd printed {ready}") };
+        let fingerprint = ready.cert_hex();
         self.addr = addr;
         self.fingerprint = fingerprint;
         self.running = Running::Process(child);
@@ -219,13 +208,8 @@ impl TestRelay {
     pub async fn stop(&mut self) -> Result<()> {
         match std::mem::replace(&mut self.running, Running::Stopped) {
             Running::InProcess(h) => h.shutdown().await,
-            Running::Process(mut child) => {
-                let pid = child.id().ok_or_else(|| anyhow!("relayd already exited"))?;
-                let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
-                if !status.success() {
-                    bail!("kill -TERM {pid} failed");
-                }
-                let exit = tokio::time::timeout(Duration::from_secs(20), child.wait()).await??;
+            Running::Process(child) => {
+                let exit = child.terminate(Duration::from_secs(20)).await?;
                 if !exit.success() {
                     bail!("relayd exited with {exit} after SIGTERM");
                 }
@@ -238,7 +222,7 @@ impl TestRelay {
     /// Kills a child-process relay with SIGKILL: no shutdown code runs.
     pub async fn kill(&mut self) -> Result<()> {
         match std::mem::replace(&mut self.running, Running::Stopped) {
-            Running::Process(mut child) => {
+            Running::Process(child) => {
                 child.kill().await?;
                 Ok(())
             }
@@ -281,17 +265,6 @@ impl TestRelay {
         let identity = relay_client::Identity::generate();
         conn.register(&identity, phone, Default::default()).await?;
         Ok((conn, identity))
-    }
-}
-
-/// Parses `listening on <ip:port> cert-sha256 <hex>`.
-pub fn parse_ready_line(line: &str) -> Result<(SocketAddr, String)> {
-    let parts: Vec<&str> = line.split_whitespace().collect();
-    match parts.as_slice() {
-        ["listening", "on", addr, "cert-sha256", fp] if fp.len() == 64 && fp.chars().all(|c| c.is_ascii_hexdigit()) => {
-            Ok((addr.parse()?, (*fp).to_owned()))
-        }
-        _ => bail!("unexpected ready line from relayd: {line:?}"),
     }
 }
 

@@ -2,7 +2,7 @@
 //! --exporter-cert-sha256 HEX]`: runs the relay until SIGINT or SIGTERM.
 //!
 //! When ready it prints exactly one line on stdout, `listening on <ip:port> cert-sha256 <hex>`; logs go to stderr
-//! (`RUST_LOG` sets the level, default `info`).
+//! (`RUST_LOG` sets the level, default `info`; colour only on a terminal without `NO_COLOR`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -38,13 +38,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    relay_quic::logging::init("info");
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,

@@ -1,15 +1,13 @@
 //! The export interface: a second QUIC endpoint (`export_listen`, off by default) for the metadata exporter only.
 //!
 //! It speaks its own ALPN ([`relay_proto::EXPORT_ALPN`]) and requires mutual TLS: the relay accepts exactly the
-//! client certificate pinned by `exporter_cert_sha256` ([`tls`]). Requests are served by an
+//! client certificate pinned by `exporter_cert_sha256` ([`relay_quic::pin::PinnedClientCert`]). Requests are served by an
 //! [`handler::ExportHandler`] built from the consent registry, the directory and the withdrawal fence only; this
 //! module hands it nothing else, and in particular never a `Mailboxes` handle, so the export interface cannot serve
 //! or alter a mailbox. Framing is as on the messaging endpoint: one bidirectional stream per exchange, each request
 //! answered in order; a frame that does not decode (a messaging `ClientFrame`, say) is refused and closes its stream.
 
-pub mod client;
 pub mod handler;
-pub mod tls;
 
 use std::sync::Arc;
 
@@ -20,7 +18,6 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-pub use client::{ClientError, ExportClient};
 pub use handler::ExportHandler;
 
 /// Concurrent request streams per exporter connection.
@@ -31,8 +28,10 @@ pub const EXPORT_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_
 
 /// Accepts exporter connections until `shutdown`, then closes the endpoint.
 pub async fn run(endpoint: quinn::Endpoint, handler: Arc<ExportHandler>, shutdown: watch::Receiver<bool>) {
-    crate::relay::accept_until(&endpoint, shutdown, "export", |incoming| serve_connection(handler.clone(), incoming))
-        .await;
+    relay_quic::accept::accept_until(&endpoint, shutdown, "export", |incoming| {
+        serve_connection(handler.clone(), incoming)
+    })
+    .await;
 }
 
 async fn serve_connection(handler: Arc<ExportHandler>, incoming: quinn::Incoming) {
@@ -72,7 +71,7 @@ async fn serve_stream(handler: Arc<ExportHandler>, mut send: quinn::SendStream, 
             }
             Err(ReadError::Stream(_)) => return,
             Err(e) => {
-                let (code, close) = crate::session::frame_error_codes(&e);
+                let (code, close) = e.codes();
                 tracing::debug!(error = %e, "bad export frame, closing stream");
                 recv.stop(close.code().into()).ok();
                 write_frame(&mut send, &ExportResponse::error(code, e.to_string())).await.ok();

@@ -16,8 +16,8 @@ async fn raw_connection(relay: &TestRelay) -> Connection {
 }
 
 fn auth_with(conn_for_transcript: &Connection, account: AccountId, signer: &Identity) -> Body {
-    let exporter = relay_quic::exporter(conn_for_transcript.quic()).expect("exporter");
-    let signature = signer.sign(&auth_transcript(&exporter, &account));
+    let ekm = relay_quic::ekm(conn_for_transcript.quic()).expect("keying material");
+    let signature = signer.sign(&auth_transcript(&ekm, &account));
     Body::Auth(Auth {
         protocol_version: PROTOCOL_VERSION,
         account_id: Bytes::copy_from_slice(account.as_bytes()),

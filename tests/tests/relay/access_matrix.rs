@@ -24,14 +24,14 @@ fn fp(relay: &TestRelay) -> [u8; 32] {
     relay_client::pin::parse_fingerprint(relay.fingerprint()).expect("fingerprint")
 }
 
-fn exporter_of(conn: &Connection) -> [u8; 32] {
-    relay_quic::exporter(conn.quic()).expect("keying material")
+fn ekm_of(conn: &Connection) -> [u8; 32] {
+    relay_quic::ekm(conn.quic()).expect("keying material")
 }
 
 fn register_frame(conn: &Connection, identity: &Identity, signer: &Identity, phone: &str) -> Body {
     let (ik, sk) = (identity.identity_key(), identity.sealing_key());
     let device = Default::default();
-    let signature = signer.sign(&register_transcript(&exporter_of(conn), &ik, &sk, phone, &device));
+    let signature = signer.sign(&register_transcript(&ekm_of(conn), &ik, &sk, phone, &device));
     Body::Register(Register {
         protocol_version: PROTOCOL_VERSION,
         identity_key: Bytes::copy_from_slice(&ik),
@@ -46,7 +46,7 @@ fn auth_frame(conn: &Connection, account: AccountId, signer: &Identity) -> Body 
     Body::Auth(Auth {
         protocol_version: PROTOCOL_VERSION,
         account_id: Bytes::copy_from_slice(account.as_bytes()),
-        signature: Bytes::copy_from_slice(&signer.sign(&auth_transcript(&exporter_of(conn), &account))),
+        signature: Bytes::copy_from_slice(&signer.sign(&auth_transcript(&ekm_of(conn), &account))),
     })
 }
 

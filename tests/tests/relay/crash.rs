@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use relay_client::DirectoryEntry;
+use relay_exporter::Catalogue;
+use relay_exporter::audit::audit;
+use relay_exporter::outbox::Store;
 use relay_proto::consent::{ConsentStatement, Decision};
 use relay_proto::merkle::ExportLeaf;
-use relay_server::exporter::Catalogue;
-use relay_server::exporter::audit::audit;
-use relay_server::exporter::outbox::Store;
 use relay_tests::affiliate::{Attempt, ExporterProcess, Sink, test_catalogue};
 use relay_tests::chaos::Rng;
 use relay_tests::{TestRelay, TestUser};
@@ -472,7 +472,7 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
                 }
                 let leaf = ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
                 let id = format!("msg_{}", hex::encode(leaf.export_id));
-                let pair = relay_server::exporter::outbox::pair_key(&record.account, &leaf.affiliate, &leaf.purpose);
+                let pair = relay_exporter::outbox::pair_key(&record.account, &leaf.affiliate, &leaf.purpose);
                 details.push_str(&format!(
                     "entry {index} {id} time {} evidence recorded {}\n",
                     leaf.time_ms, record.evidence.recorded_at_ms

@@ -4,8 +4,8 @@
 //! fence: a queued export never leaves after the withdrawal is acknowledged, and an affiliate that received data
 //! gets a `consent.withdrawn` notice with the pseudonym only.
 
+use relay_exporter::feed::webhook_id;
 use relay_proto::consent::{ConsentStatement, Decision};
-use relay_server::exporter::feed::webhook_id;
 use relay_tests::TestRelay;
 use relay_tests::affiliate::{Sink, TestExporter, test_catalogue};
 use serde_json::Value;

@@ -3,10 +3,10 @@
 //! auditor passes an honest log and catches a tampered one; a tampered relay copy fails the user's verification.
 
 use relay_client::Device;
+use relay_exporter::Catalogue;
+use relay_exporter::audit::audit;
+use relay_exporter::outbox::Store;
 use relay_proto::consent::Decision;
-use relay_server::exporter::Catalogue;
-use relay_server::exporter::audit::audit;
-use relay_server::exporter::outbox::Store;
 use relay_tests::affiliate::{Sink, TestExporter, test_catalogue};
 
 use crate::WAIT;

@@ -169,7 +169,7 @@ fn encode(entry: &Entry) -> Vec<u8> {
 pub fn log_record(id: &str, entry: &Entry, started_ms: u64) -> Result<LogRecord, StoreError> {
     let corrupt = || StoreError::Corrupt(format!("outbox entry {id}"));
     let leaf = ExportLeaf {
-        export_id: super::feed::export_id(id).ok_or_else(corrupt)?,
+        export_id: crate::feed::export_id(id).ok_or_else(corrupt)?,
         affiliate: entry.affiliate.clone(),
         purpose: entry.purpose.clone(),
         fields: entry.fields.clone(),

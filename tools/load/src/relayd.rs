@@ -3,13 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use relay_client::pin::parse_fingerprint;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use relay_quic::ready::{ReadyLine, ServerChild};
+use tokio::process::Command;
 
 use crate::Target;
 
@@ -22,7 +21,7 @@ pub struct Relay {
     pub addr: SocketAddr,
     /// SHA-256 of its certificate.
     pub fingerprint: [u8; 32],
-    child: Option<(Child, u32, tempfile::TempDir)>,
+    child: Option<(ServerChild, u32, tempfile::TempDir)>,
 }
 
 /// Limits written into the child relay's config file (production defaults unless a run needs more room).
@@ -124,28 +123,20 @@ impl Relay {
         }
         let config_path = dir.path().join("relayd.toml");
         std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.path().join("relayd.log"))?;
-        let mut child = Command::new(relayd)
+        let mut command = Command::new(relayd);
+        command
             .arg("--config")
             .arg(&config_path)
             .arg("--data")
             .arg(dir.path().join("data"))
             .arg("--listen")
             .arg("127.0.0.1:0")
-            .env("RUST_LOG", std::env::var("RELAYD_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", relayd.display()))?;
-        let pid = child.id().ok_or_else(|| anyhow!("relayd exited at once"))?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout from relayd"))?;
-        let line = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).lines().next_line())
-            .await
-            .context("relayd did not become ready in time")??
-            .ok_or_else(|| anyhow!("relayd exited before it was ready; its log: {}", dir.path().display()))?;
-        let (addr, fingerprint) = parse_ready_line(&line)?;
+            .env("RUST_LOG", std::env::var("RELAYD_LOG").unwrap_or_else(|_| "warn".into()));
+        let (child, ready) = ServerChild::start(command, &dir.path().join("relayd.log"), START_TIMEOUT).await?;
+        let ReadyLine::Relay { addr, cert_sha256: fingerprint } = ready else {
+            bail!("{} printed {ready}", relayd.display())
+        };
+        let pid = child.pid().ok_or_else(|| anyhow!("relayd exited at once"))?;
         Ok(Self { addr, fingerprint, child: Some((child, pid, dir)) })
     }
 
@@ -161,23 +152,10 @@ impl Relay {
 
     /// Stops a child relay with SIGTERM (SIGKILL if it does not exit within 10 s).
     pub async fn stop(mut self) {
-        let Some((mut child, pid, _dir)) = self.child.take() else { return };
-        let termed =
-            std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().is_ok_and(|s| s.success());
-        if !termed || tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-            child.kill().await.ok();
+        let Some((child, _pid, _dir)) = self.child.take() else { return };
+        if let Err(e) = child.terminate(Duration::from_secs(10)).await {
+            eprintln!("relay-load: stopping relayd: {e}");
         }
-    }
-}
-
-/// Parses relayd's `listening on <ip:port> cert-sha256 <hex>`.
-fn parse_ready_line(line: &str) -> Result<(SocketAddr, [u8; 32])> {
-    match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["listening", "on", addr, "cert-sha256", fp] => {
-            let fingerprint = parse_fingerprint(fp).ok_or_else(|| anyhow!("bad fingerprint in {line:?}"))?;
-            Ok((addr.parse()?, fingerprint))
-        }
-        _ => bail!("unexpected ready line from relayd: {line:?}"),
     }
 }
 

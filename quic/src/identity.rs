@@ -1,5 +1,6 @@
-//! The relay's TLS identity: a self-signed certificate generated on first start and kept in the data directory
-//! (`cert.der`, `key.der`, the key readable by the owner only). Clients pin it by the SHA-256 of the DER certificate.
+//! A server process's TLS identity (the relay's, and the exporter's client certificate): a self-signed certificate
+//! generated on first start and kept in the data directory (`cert.der`, `key.der`, the key readable by the owner
+//! only). Peers pin it by the SHA-256 of the DER certificate; nothing here trusts a CA.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -43,8 +44,9 @@ impl Identity {
         let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "consent-relay".to_owned()])?;
         let cert = generated.cert.der().clone();
         let key = PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der());
-        write_private(&key_path, key.secret_pkcs8_der())?;
-        std::fs::write(&cert_path, cert.as_ref())?;
+        // The certificate first: a crash between the two leaves no key, so the next start generates both again.
+        crate::durable_file::replace(&cert_path, cert.as_ref(), crate::durable_file::Access::Everyone)?;
+        crate::durable_file::create_secret(&key_path, key.secret_pkcs8_der())?;
         Ok(Self { cert, key })
     }
 
@@ -53,13 +55,19 @@ impl Identity {
         cert_fingerprint(self.cert.as_ref())
     }
 
+    /// SHA-256 of the DER certificate.
+    pub fn cert_sha256(&self) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.cert.as_ref()).into()
+    }
+
     /// rustls server configuration of the export interface: TLS 1.3 only, the export ALPN, no 0-RTT, and client
-    /// certificates checked by `client_auth` (see `export::tls`).
+    /// certificates checked by `client_auth` (a [`crate::pin::PinnedClientCert`]).
     pub fn export_server_crypto(
         &self,
         client_auth: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
-        let mut tls = rustls::ServerConfig::builder_with_provider(relay_quic::crypto_provider())
+        let mut tls = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(client_auth)
             .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
@@ -79,7 +87,7 @@ impl Identity {
 
     /// rustls server configuration: TLS 1.3 only, our ALPN, no 0-RTT (early data can be replayed).
     pub fn server_crypto(&self) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
-        let mut tls = rustls::ServerConfig::builder_with_provider(relay_quic::crypto_provider())
+        let mut tls = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
@@ -91,21 +99,7 @@ impl Identity {
 
 /// Lowercase hex SHA-256 of a DER certificate: how certificates are pinned, by clients and by the export interface.
 pub fn cert_fingerprint(der: &[u8]) -> String {
-    relay_quic::pin::fingerprint(der)
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+    crate::pin::fingerprint(der)
 }
 
 /// A client configuration for the export interface: TLS 1.3, the export ALPN, only the relay certificate with SHA-256
@@ -115,8 +109,8 @@ pub fn export_client_crypto(
     relay_fingerprint: [u8; 32],
     client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
-    let provider = relay_quic::crypto_provider();
-    let verifier = Arc::new(crate::export::tls::PinnedServerCert::new(relay_fingerprint, provider.clone()));
+    let provider = crate::crypto_provider();
+    let verifier = Arc::new(crate::pin::PinnedServerCert::new(relay_fingerprint, provider.clone()));
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

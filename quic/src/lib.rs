@@ -1,18 +1,28 @@
-//! The QUIC side of the wire protocol, shared by the relay and the client: reading and writing length-delimited
-//! frames on quinn streams, the single rustls crypto provider (ring), transport settings, and UDP sockets with
-//! buffers large enough for loopback load.
+//! What the relay, the exporter and the client share at runtime: reading and writing length-delimited frames on
+//! quinn streams (and the error codes a bad frame earns), the single rustls crypto provider (ring), transport
+//! settings, UDP sockets with buffers large enough for loopback load, certificate pinning ([`pin`]), TLS identities
+//! ([`identity`]), the TLS keying material authentication is bound to ([`ekm`]), the accept loop ([`accept`]), the
+//! ready line and the child-process starter ([`ready`]), durable and secret files ([`durable_file`]) and the
+//! logging set-up ([`logging`]).
 //!
-//! Holds no protocol decisions (those are in `relay-proto`) and no cryptography beyond QUIC's own TLS.
+//! Holds no protocol decisions (those are in `relay-proto`), no cryptography beyond QUIC's own TLS, and nothing
+//! specific to one process.
 
+pub mod accept;
+pub mod durable_file;
+pub mod identity;
+pub mod logging;
 pub mod pin;
+pub mod ready;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use relay_proto::auth::{EXPORTER_LABEL, EXPORTER_LEN};
+use relay_proto::auth::{EKM_LABEL, EKM_LEN};
 use relay_proto::frame::{self, FrameError, PREFIX_LEN};
+use relay_proto::{ErrorCode, StreamCloseCode};
 
 /// UDP send and receive buffer size. The 208 KiB Linux default drops datagrams under loopback load.
 pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -33,6 +43,17 @@ pub enum ReadError {
     /// The peer started a frame and did not complete it in time.
     #[error("frame not completed within {0:?}")]
     TimedOut(Duration),
+}
+
+impl ReadError {
+    /// The error code for the error frame answering this, and the code to stop the stream with.
+    pub fn codes(&self) -> (ErrorCode, StreamCloseCode) {
+        match self {
+            Self::Frame(FrameError::TooLarge { .. }) => (ErrorCode::FrameTooLarge, StreamCloseCode::FrameTooLarge),
+            Self::TimedOut(_) => (ErrorCode::FrameTimeout, StreamCloseCode::ProtocolError),
+            _ => (ErrorCode::MalformedFrame, StreamCloseCode::ProtocolError),
+        }
+    }
 }
 
 /// Why a frame could not be written.
@@ -168,9 +189,10 @@ pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::i
     quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }
 
-/// The TLS keying material that authentication transcripts are bound to.
-pub fn exporter(conn: &quinn::Connection) -> Result<[u8; EXPORTER_LEN], quinn::crypto::ExportKeyingMaterialError> {
-    let mut out = [0u8; EXPORTER_LEN];
-    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")?;
+/// The TLS exported keying material (RFC 8446 §7.5, label [`EKM_LABEL`], empty context, [`EKM_LEN`] bytes) that
+/// authentication transcripts are bound to.
+pub fn ekm(conn: &quinn::Connection) -> Result<[u8; EKM_LEN], quinn::crypto::ExportKeyingMaterialError> {
+    let mut out = [0u8; EKM_LEN];
+    conn.export_keying_material(&mut out, EKM_LABEL, b"")?;
     Ok(out)
 }

@@ -17,9 +17,9 @@ use relay_proto::wire::ConsentChange;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::affiliates::Catalogue;
-use super::outbox::{Entry, Evidence, Kind, Store, StoreError, pair_key};
-use super::payload::{self, phone_pseudonym};
+use crate::affiliates::Catalogue;
+use crate::outbox::{Entry, Evidence, Kind, Store, StoreError, pair_key};
+use crate::payload::{self, phone_pseudonym};
 
 /// What became of one change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,9 +185,9 @@ mod tests {
     use relay_proto::wire::{DeviceInfo, Subject};
 
     use super::*;
-    use crate::exporter::outbox::Kind;
+    use crate::outbox::Kind;
 
-    const CATALOGUE: &str = include_str!("../../affiliates.example.toml");
+    const CATALOGUE: &str = include_str!("../affiliates.example.toml");
 
     fn change(key: &SigningKey, affiliate: &str, decision: Decision, sequence: u64) -> ConsentChange {
         let account = AccountId::from_identity_key(key.verifying_key().as_bytes());

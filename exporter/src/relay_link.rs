@@ -12,7 +12,7 @@ use relay_proto::MAX_FRAME_LEN;
 use relay_proto::wire::{ExportRequest, ExportResponse, export_request, export_response};
 use relay_quic::{read_frame, write_frame};
 
-use crate::tls::{Identity, TlsError};
+use relay_quic::identity::{Identity, TlsError};
 
 /// How long connecting to the relay may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,7 +54,7 @@ impl ExportClient {
         Self::connect_with(addr, identity.export_client_crypto(relay_fingerprint)?).await
     }
 
-    /// Connects to `addr` with a ready client configuration (see [`crate::tls::export_client_crypto`]).
+    /// Connects to `addr` with a ready client configuration (see [`relay_quic::identity::export_client_crypto`]).
     pub async fn connect_with(
         addr: SocketAddr,
         quic: quinn::crypto::rustls::QuicClientConfig,

@@ -15,7 +15,6 @@
 //! whole log with its log key (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the
 //! relay, which shows each user their own entries.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,13 +29,13 @@ use relay_proto::wire::{
 };
 use tokio::sync::watch;
 
-use super::affiliates::Catalogue;
-use super::feed::{self, Applied};
-use super::http::{self, HttpError, Url};
-use super::outbox::{CONSENT_CURSOR, Entry, Kind, SUBJECT_CURSOR, Store, StoreError, log_record};
-use super::webhook;
-use crate::export::client::{ClientError, ExportClient};
-use crate::tls::{Identity, TlsError};
+use crate::affiliates::Catalogue;
+use crate::feed::{self, Applied};
+use crate::http::{self, HttpError, Url};
+use crate::outbox::{CONSENT_CURSOR, Entry, Kind, SUBJECT_CURSOR, Store, StoreError, log_record};
+use crate::relay_link::{ClientError, ExportClient};
+use crate::webhook;
+use relay_quic::identity::{Identity, TlsError};
 
 /// Bound of one webhook request; shorter than the relay's lease.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,13 +110,7 @@ pub struct Exporter {
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
     if !path.exists() {
         let key: [u8; 32] = rand::random();
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut file = opts.open(path)?;
-        file.write_all(&key)?;
-        file.sync_all()?;
+        relay_quic::durable_file::create_secret(path, &key)?;
     }
     std::fs::read(path)?.try_into().map_err(|_| ExporterError::BadKey(path.to_owned()))
 }
@@ -182,6 +175,14 @@ impl Exporter {
     /// Hex of the Ed25519 key that verifies the export log's tree heads.
     pub fn log_key(&self) -> String {
         hex::encode(self.log_key.verifying_key().as_bytes())
+    }
+
+    /// The line `relay-exporter` prints when it is ready: its certificate's SHA-256 and its log key.
+    pub fn ready_line(&self) -> relay_quic::ready::ReadyLine {
+        relay_quic::ready::ReadyLine::Exporter {
+            cert_sha256: self.identity.cert_sha256(),
+            log_key: self.log_key.verifying_key().to_bytes(),
+        }
     }
 
     fn log(&self) -> MutexGuard<'_, MerkleLog> {
@@ -567,7 +568,7 @@ mod tests {
 
     #[test]
     fn https_endpoints_are_accepted_and_a_bad_extra_ca_is_refused() {
-        let text = include_str!("../../affiliates.example.toml").replacen("http://", "https://", 1);
+        let text = include_str!("../affiliates.example.toml").replacen("http://", "https://", 1);
         let catalogue = Catalogue::parse(&text).expect("catalogue");
         let dir = tempfile::tempdir().expect("dir");
         let mut exporter = Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).expect("https accepted");

@@ -11,7 +11,7 @@ use relay_proto::consent::Purpose;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
-use super::affiliates::{Affiliate, Field};
+use crate::affiliates::{Affiliate, Field};
 
 /// What the export interface hands over about one user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +67,7 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exporter::Catalogue;
+    use crate::Catalogue;
 
     fn subject() -> Subject {
         Subject {
@@ -80,7 +80,7 @@ mod tests {
 
     #[test]
     fn exactly_the_allowed_fields() {
-        let c = Catalogue::parse(include_str!("../../affiliates.example.toml")).expect("catalogue");
+        let c = Catalogue::parse(include_str!("../affiliates.example.toml")).expect("catalogue");
         let adsco = c.get("adsco").expect("adsco");
         let (data, fields) = build(adsco, Purpose::Advertising, &subject(), &[1; 32]).expect("allowed");
         let keys: Vec<_> = data.keys().cloned().collect();

@@ -154,13 +154,7 @@ impl Load {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    relay_quic::logging::init("warn");
     let cli = Cli::parse();
     let e2ee_elsewhere = match &cli.mode {
         Mode::Echo(l) => l.e2ee,

@@ -12,9 +12,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use relay_server::exporter::Catalogue;
-use relay_server::exporter::audit::audit;
-use relay_server::exporter::outbox::Store;
+use relay_exporter::Catalogue;
+use relay_exporter::audit::audit;
+use relay_exporter::outbox::Store;
 
 #[derive(Parser)]
 #[command(name = "relay-audit", version, about = "Audit a Consent Relay export log")]

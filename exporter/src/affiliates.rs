@@ -223,7 +223,7 @@ fn validate(raw: RawAffiliate, index: usize) -> Result<Affiliate, CatalogueError
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../../affiliates.example.toml");
+    const EXAMPLE: &str = include_str!("../affiliates.example.toml");
 
     #[test]
     fn the_example_file_is_valid() {

@@ -9,12 +9,12 @@
 //! (`--keep DIR` to keep it). The binaries it runs are looked up beside its own executable: build them first with
 //! `cargo build --release --bins`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use relay_quic::ready::{ReadyLine, ServerChild};
 use relay_tests::affiliate::{Attempt, Sink};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -28,54 +28,32 @@ struct Demo {
     relay_cert: String,
 }
 
-/// Kills the child processes when the demo ends, however it ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            terminate(c);
-        }
-    }
+/// Whether stdout takes colour escapes (a terminal, and `NO_COLOR` unset).
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    relay_quic::logging::colour_allowed(std::io::stdout().is_terminal(), std::env::var_os("NO_COLOR"))
 }
 
-fn terminate(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().ok();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.kill().ok();
-        child.wait().ok();
-    }
+/// `text` in the given SGR style when stdout is a terminal, plain otherwise.
+fn styled(sgr: &str, text: &str) -> String {
+    if colour() { format!("\x1b[{sgr}m{text}\x1b[0m") } else { text.to_owned() }
 }
 
 fn section(title: &str) {
-    println!("\n\x1b[1m== {title}\x1b[0m");
+    println!("\n{}", styled("1", &format!("== {title}")));
 }
 
-/// Starts a server binary and returns it with its ready line.
-fn start(bin: &Path, args: &[&str], log: &Path) -> Result<(Child, String)> {
-    let log = std::fs::File::create(log)?;
-    let mut child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    if line.is_empty() {
-        bail!("{} exited before its ready line", bin.display());
-    }
-    Ok((child, line.trim().to_owned()))
+/// Starts a server binary (its stderr appended to `log`) and returns it with its ready line.
+async fn start(bin: &Path, args: &[&str], log: &Path) -> Result<(ServerChild, ReadyLine)> {
+    let mut command = tokio::process::Command::new(bin);
+    command.args(args).env("RUST_LOG", "info");
+    Ok(ServerChild::start(command, log, WAIT).await?)
+}
+
+/// Stops a server with SIGTERM, bounded.
+async fn stop(child: ServerChild) -> Result<()> {
+    child.terminate(WAIT).await?;
+    Ok(())
 }
 
 /// A free UDP port on loopback (for the export interface, which both sides must know in advance).
@@ -89,7 +67,7 @@ impl Demo {
         let home = self.dir.join(user);
         let shown: Vec<String> =
             args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { (*a).to_owned() }).collect();
-        println!("\x1b[36m$ relay --home {user} {}\x1b[0m", shown.join(" "));
+        println!("{}", styled("36", &format!("$ relay --home {user} {}", shown.join(" "))));
         let out = Command::new(self.bin.join("relay")).arg("--home").arg(&home).args(args).output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         for line in text.lines() {
@@ -104,11 +82,9 @@ impl Demo {
 
 fn show(affiliate: &str, a: &Attempt) {
     let sig = if a.signature_ok { "signature verified" } else { "BAD SIGNATURE" };
-    println!(
-        "\x1b[33m  [{affiliate} received] {} {} ({sig})\x1b[0m",
-        a.body["type"].as_str().unwrap_or("?"),
-        a.body["data"]
-    );
+    let line =
+        format!("  [{affiliate} received] {} {} ({sig})", a.body["type"].as_str().unwrap_or("?"), a.body["data"]);
+    println!("{}", styled("33", &line));
 }
 
 /// Waits until `sink` has `n` distinct events, printing the new ones.
@@ -166,13 +142,12 @@ async fn run(dir: &Path) -> Result<()> {
     println!("  shieldco at {} may get: security = phone, device_model, os", shieldco.url());
 
     section("Relay and exporter (first start: each pins the other's certificate)");
-    let mut children = Children(Vec::new());
     let relay_data = dir.join("relay").display().to_string();
     let relay_log = dir.join("relayd.log");
-    let (mut first, ready) =
-        start(&bin.join("relayd"), &["--data", &relay_data, "--listen", "127.0.0.1:0"], &relay_log)?;
-    terminate(&mut first);
-    let relay_cert = ready.split_whitespace().last().unwrap_or_default().to_owned();
+    let (first, ready) =
+        start(&bin.join("relayd"), &["--data", &relay_data, "--listen", "127.0.0.1:0"], &relay_log).await?;
+    stop(first).await?;
+    let relay_cert = ready.cert_hex();
     let export_addr = format!("127.0.0.1:{}", free_udp_port()?);
     let exporter_data = dir.join("exporter").display().to_string();
     let (exporter, ready) = start(
@@ -190,14 +165,11 @@ async fn run(dir: &Path) -> Result<()> {
             "200",
         ],
         &dir.join("exporter.log"),
-    )?;
-    children.0.push(exporter);
+    )
+    .await?;
     println!("  relay-exporter: {ready}");
-    let parts: Vec<&str> = ready.split_whitespace().collect();
-    let (exporter_cert, log_key) = match parts.as_slice() {
-        ["exporter", "cert-sha256", cert, "log-key", key] => ((*cert).to_owned(), (*key).to_owned()),
-        _ => bail!("unexpected exporter ready line {ready:?}"),
-    };
+    let ReadyLine::Exporter { log_key, .. } = ready else { bail!("relay-exporter printed a relay's ready line") };
+    let (exporter_cert, log_key) = (ready.cert_hex(), hex::encode(log_key));
     let (relay, ready) = start(
         &bin.join("relayd"),
         &[
@@ -211,10 +183,11 @@ async fn run(dir: &Path) -> Result<()> {
             &exporter_cert,
         ],
         &relay_log,
-    )?;
-    children.0.push(relay);
+    )
+    .await?;
     println!("  relayd: {ready}");
-    let relay_addr = ready.split_whitespace().nth(2).ok_or_else(|| anyhow!("bad relay ready line"))?.to_owned();
+    let ReadyLine::Relay { addr: relay_addr, .. } = ready else { bail!("relayd printed an exporter's ready line") };
+    let relay_addr = relay_addr.to_string();
     let demo = Demo { bin: bin.clone(), dir: dir.to_path_buf(), relay: relay_addr, relay_cert };
 
     section("Two users register and chat (no consent needed for messaging)");
@@ -259,9 +232,14 @@ async fn run(dir: &Path) -> Result<()> {
     expect_nothing_new("shieldco", &shieldco, shield_seen).await?;
 
     section("The auditor checks the whole export log (exporter stopped)");
-    let mut exporter = children.0.remove(0);
-    terminate(&mut exporter);
-    println!("\x1b[36m$ relay-audit --exporter-data exporter --log-key {log_key} --affiliates affiliates.toml\x1b[0m");
+    stop(exporter).await?;
+    println!(
+        "{}",
+        styled(
+            "36",
+            &format!("$ relay-audit --exporter-data exporter --log-key {log_key} --affiliates affiliates.toml")
+        )
+    );
     let out = Command::new(bin.join("relay-audit"))
         .args(["--exporter-data", &exporter_data, "--log-key", &log_key, "--affiliates"])
         .arg(&catalogue_path)
@@ -283,6 +261,7 @@ async fn run(dir: &Path) -> Result<()> {
         bail!("the affiliates did not receive exactly what was consented");
     }
     println!("  every affiliate received exactly what was consented, and nothing else");
+    stop(relay).await?;
     Ok(())
 }
 

@@ -14,8 +14,8 @@ use relay_proto::consent::{ConsentStatement, Decision};
 use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
 use serde::Serialize;
 
-use super::affiliates::Catalogue;
-use super::outbox::{Evidence, LogRecord, Store, StoreError, pair_key};
+use crate::affiliates::Catalogue;
+use crate::outbox::{Evidence, LogRecord, Store, StoreError, pair_key};
 
 /// What the audit found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -159,7 +159,7 @@ mod tests {
     use relay_proto::merkle::TreeHead;
 
     use super::*;
-    use crate::exporter::outbox::{Entry, Kind};
+    use crate::outbox::{Entry, Kind};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -240,7 +240,7 @@ mod tests {
         }
 
         fn audit(&self) -> AuditReport {
-            let catalogue = Catalogue::parse(include_str!("../../affiliates.example.toml")).expect("catalogue");
+            let catalogue = Catalogue::parse(include_str!("../affiliates.example.toml")).expect("catalogue");
             audit(&self.store, &self.log_key.verifying_key(), Some(&catalogue)).expect("audit")
         }
     }

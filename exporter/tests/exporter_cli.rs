@@ -1,12 +1,14 @@
 //! The `relay-exporter` binary as an operator runs it: identity and pseudonym key created on first start and kept,
 //! exactly one ready line, clean stop on SIGTERM even while the relay is unreachable, and clear refusals.
 
-mod common;
-use common::terminate;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+/// SIGTERM and a bounded wait for the exit status.
+fn terminate(child: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    relay_quic::ready::terminate_blocking(child, std::time::Duration::from_secs(20))
+}
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/affiliates.example.toml");
 
@@ -36,7 +38,7 @@ fn run_once(data: &Path) -> String {
     for hex in [parts[2], parts[4]] {
         assert!(hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()), "{line:?}");
     }
-    let status = terminate(&mut child);
+    let status = terminate(&mut child).expect("clean exit on SIGTERM");
     assert!(status.success(), "exit status {status}");
     let mut rest = String::new();
     stdout.read_line(&mut rest).expect("eof");

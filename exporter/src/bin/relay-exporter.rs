@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use relay_server::exporter::{Catalogue, Exporter};
+use relay_exporter::{Catalogue, Exporter};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -44,17 +44,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    relay_quic::logging::init("info");
     let args = Args::parse();
-    let fingerprint: [u8; 32] = hex::decode(&args.relay_cert_sha256)
-        .ok()
-        .and_then(|b| b.try_into().ok())
+    let fingerprint = relay_quic::pin::parse_fingerprint(&args.relay_cert_sha256)
         .context("--relay-cert-sha256 must be 64 hex digits")?;
     if args.poll_ms == 0 {
         bail!("--poll-ms must be at least 1");
@@ -71,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "exporter cert-sha256 {} log-key {}", exporter.fingerprint(), exporter.log_key())?;
+        writeln!(out, "{}", exporter.ready_line())?;
         out.flush()?;
     }
     let (stop, shutdown) = watch::channel(false);

@@ -1,0 +1,24 @@
+//! relay-exporter: the metadata exporter process and the export-log auditor (`relay-audit`).
+//!
+//! Pure logic: the affiliates catalogue ([`affiliates`]), payloads with exactly the allowed fields and
+//! per-affiliate phone pseudonyms ([`payload`]), Standard Webhooks signatures ([`webhook`]). The process: its link to
+//! the relay's export interface ([`relay_link`]), the feed reader ([`feed`]), the durable outbox with the export log
+//! ([`outbox`]), a minimal webhook client ([`http`]), the loop that ties them ([`process`]), and the auditor that
+//! checks a stored log ([`audit`]).
+//!
+//! Contract: the exporter never reads mailboxes. This crate does not depend on the relay's crate (`relay-server`),
+//! so it cannot name a mailbox tree or an envelope store; `.ci/run` fails if that dependency ever appears. What it
+//! learns of users comes only through the export interface's requests (`relay-proto`'s `ExportRequest`).
+
+pub mod affiliates;
+pub mod audit;
+pub mod feed;
+pub mod http;
+pub mod outbox;
+pub mod payload;
+pub mod process;
+pub mod relay_link;
+pub mod webhook;
+
+pub use affiliates::{Affiliate, Catalogue, CatalogueError, Field};
+pub use process::{Exporter, ExporterError, Progress};
