@@ -5,12 +5,13 @@
 //! - `contacts.json` — phone number → account id and public keys, as first looked up;
 //! - `seen.json` — ids of the most recent received messages, for de-duplication.
 //!
-//! Every file is written to a temporary name, synced, then renamed, so a crash leaves the old or the new version.
+//! Every file is written to a temporary name, synced, renamed, and the directory synced (`relay_quic::durable_file`),
+//! so a crash or power loss leaves the old or the new version, never an older one.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use relay_quic::durable_file::Access;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::identity::Identity;
@@ -305,21 +306,10 @@ impl Home {
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T, private: bool) -> Result<(), HomeError> {
         let path = self.path(name);
-        let tmp = self.path(&format!(".{name}.tmp"));
-        let io = |source| HomeError::Io { path: path.clone(), source };
         let text =
             serde_json::to_vec_pretty(value).map_err(|source| HomeError::Corrupt { path: path.clone(), source })?;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(if private { 0o600 } else { 0o644 });
-        }
-        let mut f = opts.open(&tmp).map_err(io)?;
-        f.write_all(&text).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        let access = if private { Access::Owner } else { Access::Everyone };
+        relay_quic::durable_file::replace(&path, &text, access).map_err(|source| HomeError::Io { path, source })
     }
 }
 

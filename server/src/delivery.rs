@@ -3,71 +3,28 @@
 //! The mailbox in the store is the only source of truth. A delivery stream keeps a cursor (the highest server id it
 //! has pushed) and, whenever the mailbox may have changed, pushes entries above the cursor, at most `window` of them
 //! unacknowledged at a time, so a client that never reads or never acks costs bounded memory: the backlog stays in
-//! sled. Senders wake delivery streams through [`Subscribers`] after their envelope is durable. Acks remove entries
+//! sled. Senders wake delivery streams through [`Subscribers`] (in `subscribers`) after their envelope is durable. Acks remove entries
 //! from the authenticated account's own mailbox only.
 //!
 //! The mailbox is scanned only when it may hold something new: at start, after a wake-up, and after acks when the
 //! last scan stopped at a full window. The frames of one scan (and the `QueueEmpty` that may follow them) are
 //! encoded into one buffer and written at once, so they share QUIC packets.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use relay_proto::frame::encode_into;
 use relay_proto::wire::{Acked, ClientFrame, Deliver, QueueEmpty, ServerFrame, client_frame, server_frame};
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, StreamCloseCode};
 use relay_quic::{ReadError, read_frame_within, write_frame};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
 use crate::reject::Reject;
-use crate::relay::Shared;
-
-/// Wake-ups for online recipients, one watch channel per account with at least one delivery stream.
-#[derive(Default)]
-pub struct Subscribers {
-    map: Mutex<HashMap<AccountId, watch::Sender<u64>>>,
-}
-
-/// A registration in [`Subscribers`]; unregisters on drop.
-pub struct Subscription {
-    registry: Arc<Subscribers>,
-    account: AccountId,
-    rx: watch::Receiver<u64>,
-}
-
-impl Subscribers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, watch::Sender<u64>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers a delivery stream of `account`.
-    pub fn subscribe(self: &Arc<Self>, account: AccountId) -> Subscription {
-        let rx = self.lock().entry(account).or_insert_with(|| watch::Sender::new(0)).subscribe();
-        Subscription { registry: self.clone(), account, rx }
-    }
-
-    /// Tells `account`'s delivery streams, if any, that its mailbox changed.
-    pub fn notify(&self, account: &AccountId) {
-        if let Some(tx) = self.lock().get(account) {
-            tx.send_modify(|v| *v = v.wrapping_add(1));
-        }
-    }
-
-    /// Number of accounts with a delivery stream open.
-    pub fn online(&self) -> usize {
-        self.lock().len()
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let mut map = self.registry.lock();
-        if map.get(&self.account).is_some_and(|tx| tx.receiver_count() <= 1) {
-            map.remove(&self.account);
-        }
-    }
-}
+use crate::store::Mailboxes;
+use crate::subscribers::Subscribers;
 
 enum Incoming {
     Ack(Vec<u64>),
@@ -76,7 +33,7 @@ enum Incoming {
 
 /// Reads the client's half of a delivery stream: only `Ack` frames are expected. Runs in its own task so that the
 /// push loop never cancels a half-read frame.
-async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>, frame_timeout: std::time::Duration) {
+async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>, frame_timeout: Duration) {
     loop {
         let item = match read_frame_within::<ClientFrame>(&mut recv, MAX_FRAME_LEN, frame_timeout).await {
             Ok(Some(ClientFrame { body: Some(client_frame::Body::Ack(ack)) })) => Incoming::Ack(ack.server_ids),
@@ -111,24 +68,39 @@ fn frame(body: server_frame::Body) -> ServerFrame {
     ServerFrame { body: Some(body) }
 }
 
+/// What a delivery stream uses: the mailboxes (scan and remove of its own account's entries), the wake-ups, the
+/// counters and its limits. Nothing else of the relay.
+pub struct Delivery {
+    /// The mailboxes.
+    pub mailboxes: Arc<Mailboxes>,
+    /// Wake-ups after durable sends.
+    pub subscribers: Arc<Subscribers>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Envelopes pushed and not yet acknowledged, at most.
+    pub window: usize,
+    /// Time a started `Ack` frame has to complete.
+    pub frame_timeout: Duration,
+}
+
 /// Serves a delivery stream of `account` until the client closes it, the connection ends or it misbehaves.
-pub async fn run(shared: Arc<Shared>, account: AccountId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
-    if let Err(e) = push_loop(&shared, account, &mut send, recv).await {
+pub async fn run(delivery: &Delivery, account: AccountId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    if let Err(e) = push_loop(delivery, account, &mut send, recv).await {
         tracing::debug!(error = %e, "delivery stream ended");
     }
 }
 
 async fn push_loop(
-    shared: &Shared,
+    delivery: &Delivery,
     account: AccountId,
     send: &mut quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), relay_quic::WriteError> {
-    let mut subscription = shared.subscribers.subscribe(account);
+    let mut subscription = delivery.subscribers.subscribe(account);
     let (tx, mut incoming) = mpsc::channel(8);
-    let reader = tokio::spawn(read_acks(recv, tx, shared.limits.frame_timeout()));
+    let reader = tokio::spawn(read_acks(recv, tx, delivery.frame_timeout));
     let _abort_reader = AbortOnDrop(reader);
-    let window = shared.limits.delivery_window;
+    let window = delivery.window;
     let mut cursor = 0u64;
     let mut in_flight = BTreeSet::new();
     let mut told_empty = false;
@@ -140,16 +112,16 @@ async fn push_loop(
         if room > 0 && maybe_more {
             // Mark the change seen before scanning: a send that lands during the scan wakes us again.
             subscription.rx.borrow_and_update();
-            let batch = match shared.store.mailboxes.scan(&account, cursor, room, relay_proto::now_ms()) {
+            let batch = match delivery.mailboxes.scan(&account, cursor, room, relay_proto::now_ms()) {
                 Ok(b) => b,
                 Err(e) => {
                     let reject = Reject::from(e);
-                    shared.metrics.error(reject.code);
+                    delivery.metrics.error(reject.code);
                     write_frame(send, &reject.to_frame()).await?;
                     return Ok(());
                 }
             };
-            shared.metrics.delivered(batch.len() as u64);
+            delivery.metrics.delivered(batch.len() as u64);
             out.clear();
             for e in &batch {
                 let deliver = Deliver { server_id: e.id, stored_at_ms: e.stored_at_ms, envelope: e.envelope.clone() };
@@ -178,23 +150,23 @@ async fn push_loop(
             }
             item = incoming.recv() => match item {
                 Some(Incoming::Ack(ids)) => {
-                    let removed = match shared.store.mailboxes.remove(&account, &ids) {
+                    let removed = match delivery.mailboxes.remove(&account, &ids) {
                         Ok(n) => n,
                         Err(e) => {
                             let reject = Reject::from(e);
-                            shared.metrics.error(reject.code);
+                            delivery.metrics.error(reject.code);
                             write_frame(send, &reject.to_frame()).await?;
                             return Ok(());
                         }
                     };
-                    shared.metrics.acknowledged(u64::from(removed));
+                    delivery.metrics.acknowledged(u64::from(removed));
                     for id in &ids {
                         in_flight.remove(id);
                     }
                     write_frame(send, &frame(server_frame::Body::Acked(Acked { removed }))).await?;
                 }
                 Some(Incoming::Bad(reject, _)) => {
-                    shared.metrics.error(reject.code);
+                    delivery.metrics.error(reject.code);
                     // The reader already stopped the client's half with the close code; the error frame still
                     // reaches the client before our half finishes.
                     write_frame(send, &reject.to_frame()).await?;

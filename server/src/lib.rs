@@ -4,10 +4,11 @@
 //! what it carries; it stores no sender for an envelope; its message path reads no phone number or device info.
 //! A send is acknowledged only once the envelope is durable (group commit).
 //!
-//! Modules: [`config`] (settings and limits), [`store`] (sled trees, group commit),
-//! [`relay`] (endpoint and connections), [`session`] (requests on a connection), [`delivery`] (push and acks),
-//! [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in), [`fence`] (export
-//! leases that withdrawals wait for), [`export`] (the relay's side of the export interface: the exporter's mutual-TLS
+//! Modules: [`config`] (settings and limits), [`store`] (sled trees, group commit), [`relay`] (endpoint,
+//! connections, and the wiring that gives each request family its handles), [`session`] (requests on a connection,
+//! one handler per request family), [`delivery`] (push and acks), [`subscribers`] (wake-ups of online
+//! recipients), [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in; a leaf
+//! handed counters and gauges) with [`histogram`], [`fence`] (export leases that withdrawals wait for), [`export`] (the relay's side of the export interface: the exporter's mutual-TLS
 //! endpoint, opt-in). The TLS identity, pinning and the accept loop are `relay-quic`'s; the metadata exporter is
 //! its own crate and process (`relay-exporter`), which this crate cannot name.
 
@@ -15,12 +16,14 @@ pub mod config;
 pub mod delivery;
 pub mod export;
 pub mod fence;
+pub mod histogram;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reject;
 pub mod relay;
 pub mod session;
 pub mod store;
+pub mod subscribers;
 
 pub use config::Config;
 pub use relay::{RelayHandle, StartError, start};

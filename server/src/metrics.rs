@@ -5,6 +5,9 @@
 //! code name. Nothing here may ever carry an account id, a phone number, an address, an envelope or anything else
 //! about one user; a metric that needs such a label does not belong here.
 //!
+//! A leaf of the relay: it is handed counters ([`Metrics`]) and, at each scrape, the gauges ([`Gauges`]); it imports
+//! nothing of the connection, delivery or store modules.
+//!
 //! The HTTP side is deliberately tiny: one request per TCP connection, `GET /metrics` answered with the text format,
 //! anything else with 404 or 405, requests larger than 8 KiB or slower than 5 s dropped, a few connections at once.
 
@@ -18,83 +21,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::relay::Shared;
+use crate::histogram::{Histogram, header};
 
 /// Error codes are counted by their wire number, up to this one.
 const MAX_CODE: usize = 31;
-
-/// A histogram with fixed bucket bounds, updated with atomics. Values are recorded in integer base units
-/// (nanoseconds, counts) and exported divided by `scale` (seconds, counts).
-pub struct Histogram {
-    bounds: &'static [u64],
-    scale: f64,
-    buckets: Box<[AtomicU64]>,
-    sum: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// A histogram with upper bucket bounds `bounds` (ascending, base units) exported divided by `scale`.
-    pub fn new(bounds: &'static [u64], scale: f64) -> Self {
-        Self {
-            bounds,
-            scale,
-            buckets: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one value.
-    pub fn record(&self, value: u64) {
-        if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum.fetch_add(value, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Values recorded so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, help, "histogram");
-        let mut cumulative = 0;
-        for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let le = *bound as f64 / self.scale;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        // Read count after the buckets so that +Inf is never below the last bucket.
-        let count = self.count().max(cumulative);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Ordering::Relaxed) as f64 / self.scale);
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-/// Bucket bounds for flush batch sizes (writes made durable by one flush).
-pub const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192];
-/// Bucket bounds for flush latency, in nanoseconds (50 µs to 2.5 s).
-pub const LATENCY_BOUNDS_NS: &[u64] = &[
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    1_000_000_000,
-    2_500_000_000,
-];
 
 /// Relay-wide counters kept by the connection and message paths.
 pub struct Metrics {
@@ -165,19 +95,26 @@ impl Metrics {
     }
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 fn metric(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
     header(out, name, help, kind);
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// What the metrics endpoint reads from outside this module at each scrape: gauges of the delivery streams and the
+/// store, and the group commit's histograms. The relay gathers them; this module knows none of their owners.
+pub struct Gauges<'a> {
+    /// Accounts with a delivery stream open now.
+    pub delivery_streams_open: usize,
+    /// Envelopes queued in all mailboxes.
+    pub queue_depth: u64,
+    /// Durable writes covered by one store flush.
+    pub flush_batch_sizes: &'a Histogram,
+    /// Duration of one store flush.
+    pub flush_durations: &'a Histogram,
+}
+
 /// The relay's metrics in the Prometheus text format.
-pub fn render(shared: &Shared) -> String {
-    let m = &shared.metrics;
+pub fn render(m: &Metrics, gauges: &Gauges<'_>) -> String {
     let mut out = String::with_capacity(4096);
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     metric(
@@ -206,7 +143,7 @@ pub fn render(shared: &Shared) -> String {
         "relay_delivery_streams_open",
         "Accounts with a delivery stream open now.",
         "gauge",
-        shared.subscribers.online(),
+        gauges.delivery_streams_open,
     );
     metric(
         &mut out,
@@ -229,16 +166,9 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         load(&m.acknowledged),
     );
-    metric(
-        &mut out,
-        "relay_queue_depth",
-        "Envelopes queued in all mailboxes.",
-        "gauge",
-        shared.store.mailboxes.queued(),
-    );
-    let commit = &shared.store.commit;
-    commit.batch_sizes().render(&mut out, "relay_flush_batch_size", "Durable writes covered by one store flush.");
-    commit.latencies().render(&mut out, "relay_flush_duration_seconds", "Duration of one store flush.");
+    metric(&mut out, "relay_queue_depth", "Envelopes queued in all mailboxes.", "gauge", gauges.queue_depth);
+    gauges.flush_batch_sizes.render(&mut out, "relay_flush_batch_size", "Durable writes covered by one store flush.");
+    gauges.flush_durations.render(&mut out, "relay_flush_duration_seconds", "Duration of one store flush.");
     header(&mut out, "relay_errors_total", "Requests refused, by error code.", "counter");
     for (i, count) in m.errors.iter().enumerate() {
         let n = count.load(Ordering::Relaxed);
@@ -256,8 +186,11 @@ const MAX_REQUEST: usize = 8 * 1024;
 const MAX_SCRAPES: usize = 8;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `GET /metrics` on `listener` until the task is aborted.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Renders the whole metrics page at each scrape.
+pub type Renderer = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `GET /metrics` on `listener` with the page `render` makes, until the task is aborted.
+pub async fn serve(listener: TcpListener, render: Renderer) {
     let permits = Arc::new(Semaphore::new(MAX_SCRAPES));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -266,15 +199,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
-        let shared = shared.clone();
+        let render = render.clone();
         tokio::spawn(async move {
-            tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared)).await.ok();
+            tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, render.as_ref())).await.ok();
             drop(permit);
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -288,7 +221,7 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(shared)),
+        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render()),
         (b"GET", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found: try /metrics\n".to_owned()),
         _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "only GET\n".to_owned()),
     };
@@ -299,23 +232,4 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative_and_scaled() {
-        let h = Histogram::new(&[10, 100], 10.0);
-        for v in [5, 50, 500] {
-            h.record(v);
-        }
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"1\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_sum 55.5\n") && out.contains("x_count 3\n"), "{out}");
-    }
 }

@@ -14,39 +14,27 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::config::{Config, Limits};
-use crate::delivery::Subscribers;
-use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
-use crate::session::{Session, serve_stream};
-use crate::store::{MailboxLimits, Store};
 use relay_quic::identity::Identity;
+
+use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::metrics::{Gauges, Metrics};
+use crate::ratelimit::{ConnectionLimiter, RateLimiter};
+use crate::session::{Handlers, Session, auth, consent, keys, messaging, serve_stream};
+use crate::store::{GroupCommit, MailboxLimits, Mailboxes, Store};
+use crate::subscribers::Subscribers;
 
 /// Concurrent request streams a new connection may open before it shows it needs more.
 pub const INITIAL_STREAMS: u32 = 16;
 
-/// State shared by every connection.
-pub struct Shared {
-    /// The durable store.
-    pub store: Store,
-    /// Limits in force.
-    pub limits: Limits,
-    /// Online recipients.
-    pub subscribers: Arc<Subscribers>,
-    /// Phone lookups and bundle fetches per account.
-    pub lookups: RateLimiter<relay_proto::AccountId>,
-    /// Sealed sends per recipient.
-    pub sealed_sends: RateLimiter<relay_proto::AccountId>,
-    /// Authenticated sends per account.
-    pub sends: RateLimiter<relay_proto::AccountId>,
-    /// `Register` requests per client address.
-    pub registrations: RateLimiter<std::net::IpAddr>,
+/// What the accept loop and every connection share: the request handlers, the connection limits and counters.
+/// Request handling itself never sees this; each request family gets only its own handler (see `session`).
+struct Shared {
+    handlers: Arc<Handlers>,
     /// Concurrent connections per client address.
-    pub connections: Arc<crate::ratelimit::ConnectionLimiter>,
-    /// Leases of exports in flight, which acknowledged withdrawals wait for.
-    pub fence: Arc<crate::fence::Fence>,
-    /// Aggregate counters for the metrics endpoint.
-    pub metrics: Metrics,
+    connections: Arc<ConnectionLimiter>,
+    metrics: Arc<Metrics>,
+    max_streams: u32,
 }
 
 /// Why the relay could not start.
@@ -178,19 +166,16 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     };
     let export_addr = export.as_ref().map(|(_, bound, _)| *bound);
     let faults = store.commit.faults();
+    let metrics = Arc::new(Metrics::default());
+    let subscribers = Arc::new(Subscribers::default());
+    let handlers = Arc::new(handlers(&store, &limits, fence, subscribers.clone(), metrics.clone()));
     let shared = Arc::new(Shared {
-        store,
-        lookups: RateLimiter::new(limits.lookups_per_minute),
-        sealed_sends: RateLimiter::new(limits.sealed_sends_per_minute),
-        sends: RateLimiter::per_second(limits.sends_per_second, limits.sends_per_second.saturating_mul(2)),
-        registrations: RateLimiter::new(limits.registrations_per_minute_per_ip),
-        connections: Arc::new(crate::ratelimit::ConnectionLimiter::new(limits.max_connections_per_ip)),
-        fence,
-        subscribers: Arc::new(Subscribers::default()),
-        metrics: Metrics::default(),
-        limits,
+        handlers,
+        connections: Arc::new(ConnectionLimiter::new(limits.max_connections_per_ip)),
+        metrics: metrics.clone(),
+        max_streams: limits.max_streams_per_connection,
     });
-    let (metrics, metrics_addr) = match config.metrics_listen {
+    let (metrics_task, metrics_addr) = match config.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| StartError::MetricsBind(addr, e))?;
             let bound = listener.local_addr().map_err(|e| StartError::MetricsBind(addr, e))?;
@@ -198,19 +183,35 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
                 tracing::warn!(addr = %bound, "metrics served on a non-loopback address");
             }
             tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
-            (Some(tokio::spawn(crate::metrics::serve(listener, shared.clone()))), Some(bound))
+            let (mailboxes, commit) = (store.mailboxes.clone(), store.commit.clone());
+            let render: crate::metrics::Renderer = Arc::new(move || {
+                crate::metrics::render(
+                    &metrics,
+                    &Gauges {
+                        delivery_streams_open: subscribers.online(),
+                        queue_depth: mailboxes.queued(),
+                        flush_batch_sizes: commit.batch_sizes(),
+                        flush_durations: commit.latencies(),
+                    },
+                )
+            });
+            (Some(tokio::spawn(crate::metrics::serve(listener, render))), Some(bound))
         }
         None => (None, None),
     };
     let (shutdown, rx) = watch::channel(false);
     let export_task =
         export.map(|(endpoint, _, handler)| tokio::spawn(crate::export::run(endpoint, handler, rx.clone())));
+    let (mailboxes, commit) = (store.mailboxes.clone(), store.commit.clone());
+    let sweep_every = Duration::from_secs(limits.expiry_sweep_secs);
     let task = tokio::spawn(async move {
-        run(endpoint, shared, rx).await;
+        let sweeper = tokio::spawn(sweep_expired(mailboxes, sweep_every));
+        run(endpoint, shared, commit, rx).await;
+        sweeper.abort();
         if let Some(t) = export_task {
             t.await.ok();
         }
-        if let Some(m) = metrics {
+        if let Some(m) = metrics_task {
             m.abort();
         }
     });
@@ -226,14 +227,69 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     })
 }
 
-async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
-    let sweeper = tokio::spawn(sweep_expired(shared.clone()));
+/// Each request family's handler, built from the store: each gets only the handles it may use.
+fn handlers(
+    store: &Store,
+    limits: &crate::config::Limits,
+    fence: Arc<crate::fence::Fence>,
+    subscribers: Arc<Subscribers>,
+    metrics: Arc<Metrics>,
+) -> Handlers {
+    Handlers {
+        auth: auth::Auth {
+            directory: store.directory.clone(),
+            prekeys: store.prekeys.clone(),
+            commit: store.commit.clone(),
+            registrations: RateLimiter::new(limits.registrations_per_minute_per_ip),
+            registrations_per_minute: limits.registrations_per_minute_per_ip,
+        },
+        messaging: messaging::Messaging {
+            delivery: Delivery {
+                mailboxes: store.mailboxes.clone(),
+                subscribers,
+                metrics: metrics.clone(),
+                window: limits.delivery_window,
+                frame_timeout: limits.frame_timeout(),
+            },
+            recipients: store.directory.identities(),
+            access_keys: store.prekeys.clone(),
+            commit: store.commit.clone(),
+            sends: RateLimiter::per_second(limits.sends_per_second, limits.sends_per_second.saturating_mul(2)),
+            sealed_sends: RateLimiter::new(limits.sealed_sends_per_minute),
+            max_envelope_bytes: limits.max_envelope_bytes,
+            sends_per_second: limits.sends_per_second,
+            sealed_sends_per_minute: limits.sealed_sends_per_minute,
+        },
+        keys: keys::Keys {
+            directory: store.directory.clone(),
+            prekeys: store.prekeys.clone(),
+            commit: store.commit.clone(),
+            lookups: RateLimiter::new(limits.lookups_per_minute),
+            lookups_per_minute: limits.lookups_per_minute,
+        },
+        consent: consent::Consent {
+            registry: store.consent.clone(),
+            identities: store.directory.identities(),
+            export_log: store.export_log.clone(),
+            fence,
+            commit: store.commit.clone(),
+        },
+        metrics,
+        frame_timeout: limits.frame_timeout(),
+    }
+}
+
+async fn run(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    commit: Arc<GroupCommit>,
+    shutdown: watch::Receiver<bool>,
+) {
     relay_quic::accept::accept_until(&endpoint, shutdown, "messaging", |incoming| {
         serve_connection(shared.clone(), incoming)
     })
     .await;
-    sweeper.abort();
-    if let Err(e) = shared.store.commit.durable().await {
+    if let Err(e) = commit.durable().await {
         tracing::error!(error = %e, "final flush failed");
     }
     tracing::info!("relay stopped");
@@ -243,7 +299,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let peer = incoming.remote_address().ip();
     // Counted before the handshake, so an address over its limit costs no key exchange.
     let Some(_slot) = shared.connections.try_acquire(peer) else {
-        tracing::info!(limit = shared.limits.max_connections_per_ip, "connection refused: too many from this address");
+        tracing::info!("connection refused: too many from this address");
         shared.metrics.refused();
         incoming.refuse();
         return;
@@ -266,13 +322,13 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let _open = shared.metrics.connection();
     let session = Arc::new(Session::new(ekm, peer));
     let mut streams = JoinSet::new();
-    let max_streams = shared.limits.max_streams_per_connection;
+    let max_streams = shared.max_streams;
     let mut credit = INITIAL_STREAMS.min(max_streams);
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(shared.clone(), session.clone(), send, recv).in_current_span());
+                    streams.spawn(serve_stream(shared.handlers.clone(), session.clone(), send, recv).in_current_span());
                     if credit < max_streams && streams.len() as u64 * 4 >= u64::from(credit) * 3 {
                         credit = credit.saturating_mul(2).min(max_streams);
                         conn.set_max_concurrent_bi_streams(credit.into());
@@ -288,13 +344,13 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
 }
 
-async fn sweep_expired(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(shared.limits.expiry_sweep_secs));
+async fn sweep_expired(mailboxes: Arc<Mailboxes>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let s = shared.clone();
-        match tokio::task::spawn_blocking(move || s.store.mailboxes.sweep_expired(relay_proto::now_ms())).await {
+        let m = mailboxes.clone();
+        match tokio::task::spawn_blocking(move || m.sweep_expired(relay_proto::now_ms())).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired envelopes removed"),
             Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
             _ => {}

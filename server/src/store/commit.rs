@@ -16,7 +16,28 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
-use crate::metrics::{BATCH_BOUNDS, Histogram, LATENCY_BOUNDS_NS};
+use crate::histogram::Histogram;
+
+/// Bucket bounds for flush batch sizes (writes made durable by one flush).
+pub const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192];
+/// Bucket bounds for flush latency, in nanoseconds (50 µs to 2.5 s).
+pub const LATENCY_BOUNDS_NS: &[u64] = &[
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+];
 
 /// Shortest time between the starts of two flushes.
 pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(1);

@@ -82,10 +82,32 @@ pub enum DirectoryError {
     Store(#[from] sled::Error),
 }
 
+/// The identity-keys tree alone: what authentication and routing need, and all the message path may hold. It has
+/// no way to reach a phone number or device info (invariant 2: a type fact).
+#[derive(Clone)]
+pub struct Identities {
+    tree: sled::Tree,
+}
+
+impl Identities {
+    /// Public keys of `account`, if it exists.
+    pub fn keys(&self, account: &AccountId) -> Result<Option<AccountKeys>, DirectoryError> {
+        match self.tree.get(account.as_bytes())? {
+            Some(v) => AccountKeys::from_bytes(&v).map(Some).ok_or(DirectoryError::Corrupt),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `account` exists.
+    pub fn exists(&self, account: &AccountId) -> Result<bool, DirectoryError> {
+        Ok(self.tree.contains_key(account.as_bytes())?)
+    }
+}
+
 /// The directory trees (a cheap handle: clones share the trees).
 #[derive(Clone)]
 pub struct Directory {
-    identities: sled::Tree,
+    identities: Identities,
     profiles: sled::Tree,
     phones: sled::Tree,
     subjects: sled::Tree,
@@ -93,7 +115,12 @@ pub struct Directory {
 
 impl Directory {
     pub(crate) fn new(identities: sled::Tree, profiles: sled::Tree, phones: sled::Tree, subjects: sled::Tree) -> Self {
-        Self { identities, profiles, phones, subjects }
+        Self { identities: Identities { tree: identities }, profiles, phones, subjects }
+    }
+
+    /// A handle on the identity keys alone, for code that must not read personal data.
+    pub fn identities(&self) -> Identities {
+        self.identities.clone()
     }
 
     /// Creates the account of `keys.identity_key`, or updates its sealing key, phone and device info. Returns the
@@ -106,7 +133,7 @@ impl Directory {
         now_ms: u64,
     ) -> Result<(AccountId, bool), DirectoryError> {
         let account = AccountId::from_identity_key(&keys.identity_key);
-        let trees = (&self.identities, &self.profiles, &self.phones, &self.subjects);
+        let trees = (&self.identities.tree, &self.profiles, &self.phones, &self.subjects);
         let result = trees.transaction(|(ids, profiles, phones, subjects)| {
             if let Some(owner) = phones.get(phone.as_str())?
                 && owner.as_ref() != account.as_bytes()
@@ -151,15 +178,7 @@ impl Directory {
 
     /// Public keys of `account`, if it exists.
     pub fn keys(&self, account: &AccountId) -> Result<Option<AccountKeys>, DirectoryError> {
-        match self.identities.get(account.as_bytes())? {
-            Some(v) => AccountKeys::from_bytes(&v).map(Some).ok_or(DirectoryError::Corrupt),
-            None => Ok(None),
-        }
-    }
-
-    /// Whether `account` exists (reads only the keys tree).
-    pub fn exists(&self, account: &AccountId) -> Result<bool, DirectoryError> {
-        Ok(self.identities.contains_key(account.as_bytes())?)
+        self.identities.keys(account)
     }
 
     /// The profile (phone number and device info) of `account`, if it exists. Personal data: only the export
@@ -226,8 +245,8 @@ mod tests {
         assert_eq!((a2, created), (a, false));
         assert_eq!(d.lookup(&p1).expect("lookup"), None);
         let (b, _) = d.register(keys(2), &p1, DeviceInfo::default(), 4).expect("number is free again");
-        assert!(d.exists(&b).expect("exists"));
-        assert!(!d.exists(&AccountId([9; 16])).expect("exists"));
+        assert!(d.identities().exists(&b).expect("exists"));
+        assert!(!d.identities().exists(&AccountId([9; 16])).expect("exists"));
         assert_eq!(d.profile(&a).expect("profile").map(|p| p.phone), Some(p2.as_str().to_owned()));
         assert_eq!(d.profile(&AccountId([9; 16])).expect("profile"), None);
     }

@@ -1,7 +1,8 @@
 //! Durable state of the relay, in one sled database under `<data_dir>/store`.
 //!
 //! One tree per concern, all named in [`trees`]. The message path ([`Mailboxes`]) and the directory ([`Directory`])
-//! share nothing but the database handle and the [`GroupCommit`] that makes their writes durable. Each is a narrow
+//! share nothing but the database handle and the [`GroupCommit`] that makes their writes durable; the message path
+//! reaches the directory only through [`Identities`], which holds the identity-keys tree alone. Each is a narrow
 //! concrete type today so that a distributed engine can later replace it behind the same methods.
 
 pub mod commit;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
-pub use directory::{AccountProfile, Directory, DirectoryError};
+pub use directory::{AccountProfile, Directory, DirectoryError, Identities};
 pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
 pub use prekeys::{PrekeyError, Prekeys};
@@ -59,7 +60,7 @@ pub enum OpenError {
 /// The opened store.
 pub struct Store {
     /// Per-recipient queues of opaque envelopes.
-    pub mailboxes: Mailboxes,
+    pub mailboxes: Arc<Mailboxes>,
     /// Accounts, keys, phone numbers and device info.
     pub directory: Directory,
     /// Published prekeys and access keys.
@@ -76,7 +77,7 @@ impl Store {
     /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime: it starts the flusher task.
     pub fn open(dir: &Path, limits: MailboxLimits) -> Result<Self, OpenError> {
         let db = sled::Config::new().path(dir).open()?;
-        let mailboxes = Mailboxes::new(db.open_tree(trees::MAILBOXES)?, db.clone(), limits);
+        let mailboxes = Arc::new(Mailboxes::new(db.open_tree(trees::MAILBOXES)?, db.clone(), limits));
         let directory = Directory::new(
             db.open_tree(trees::IDENTITIES)?,
             db.open_tree(trees::PROFILES)?,

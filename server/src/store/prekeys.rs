@@ -65,7 +65,8 @@ pub struct Taken {
     pub kem_last_resort: bool,
 }
 
-/// The prekey and access-key trees.
+/// The prekey and access-key trees (a cheap handle: clones share the trees).
+#[derive(Clone)]
 pub struct Prekeys {
     prekeys: sled::Tree,
     access: sled::Tree,

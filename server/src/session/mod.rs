@@ -1,0 +1,103 @@
+//! One client connection's request streams, dispatched by request family.
+//!
+//! Each bidirectional stream carries request frames answered in order; a stream that sends `Subscribe` becomes the
+//! delivery stream. A refused request gets an error frame and the stream stays usable. A frame that is oversized,
+//! undecodable or cut short gets an error frame, and then that stream (only) is closed with a protocol error code;
+//! the connection and its other streams go on.
+//!
+//! Families, each a handler given only the handles it may use (mini-redis's `apply(db, dst)` is the model):
+//! [`auth`] (`Register`, `Auth`), [`messaging`] (`Send`, `SealedSend`, `Ack`, `Subscribe`), [`keys`] (`Lookup`,
+//! `FetchBundle`, `UploadPrekeys`, `SetAccessKey`), [`consent`] (`PutConsent`, `ListConsent`, `ListExports`).
+//! [`messaging::Messaging`] holds the mailboxes, the identity keys ([`crate::store::Identities`]) and the access
+//! keys, and no [`crate::store::Directory`]: the message path cannot read a phone number or device info, by type
+//! (invariant 2). The connection's own state is [`Session`].
+
+pub mod auth;
+pub mod checks;
+pub mod consent;
+pub mod keys;
+pub mod messaging;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_proto::MAX_FRAME_LEN;
+use relay_proto::wire::{ClientFrame, client_frame::Body as Req};
+use relay_quic::{ReadError, read_frame_within, write_frame};
+
+pub use state::Session;
+
+use crate::metrics::Metrics;
+use crate::reject::Reject;
+
+/// Every request family's handler, shared by all connections.
+pub struct Handlers {
+    /// `Register`, `Auth`.
+    pub auth: auth::Auth,
+    /// `Send`, `SealedSend`, `Ack`, `Subscribe`.
+    pub messaging: messaging::Messaging,
+    /// `Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`.
+    pub keys: keys::Keys,
+    /// `PutConsent`, `ListConsent`, `ListExports`.
+    pub consent: consent::Consent,
+    /// Refusals are counted by code.
+    pub metrics: Arc<Metrics>,
+    /// Time a started request frame has to complete.
+    pub frame_timeout: Duration,
+}
+
+/// Serves one request stream.
+pub async fn serve_stream(
+    handlers: Arc<Handlers>,
+    session: Arc<Session>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    loop {
+        let frame = match read_frame_within::<ClientFrame>(&mut recv, MAX_FRAME_LEN, handlers.frame_timeout).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                send.finish().ok();
+                return;
+            }
+            Err(ReadError::Stream(_)) => return,
+            Err(e) => {
+                let (code, close) = e.codes();
+                handlers.metrics.error(code);
+                tracing::debug!(error = %e, "bad frame, closing stream");
+                recv.stop(close.code().into()).ok();
+                write_frame(&mut send, &Reject::new(code, e.to_string()).to_frame()).await.ok();
+                send.finish().ok();
+                return;
+            }
+        };
+        let h = &handlers;
+        let reply = match frame.body {
+            Some(Req::Subscribe(_)) => match session.account() {
+                Ok(account) => return h.messaging.subscribe(account, send, recv).await,
+                Err(reject) => Err(reject),
+            },
+            Some(Req::Register(r)) => h.auth.register(&session, r).await,
+            Some(Req::Auth(a)) => h.auth.auth(&session, a),
+            Some(Req::Send(s)) => h.messaging.send(&session, s).await,
+            Some(Req::SealedSend(s)) => h.messaging.sealed_send(s).await,
+            Some(Req::Ack(a)) => h.messaging.ack(&session, a),
+            Some(Req::Lookup(l)) => h.keys.lookup(&session, l),
+            Some(Req::FetchBundle(f)) => h.keys.fetch_bundle(&session, f).await,
+            Some(Req::UploadPrekeys(u)) => h.keys.upload_prekeys(&session, u).await,
+            Some(Req::SetAccessKey(k)) => h.keys.set_access_key(&session, k).await,
+            Some(Req::PutConsent(c)) => h.consent.put(&session, c).await,
+            Some(Req::ListConsent(_)) => h.consent.list(&session),
+            Some(Req::ListExports(l)) => h.consent.list_exports(&session, l),
+            None => Err(Reject::invalid("empty or unknown request")),
+        };
+        let frame = reply.unwrap_or_else(|r| {
+            handlers.metrics.error(r.code);
+            r.to_frame()
+        });
+        if write_frame(&mut send, &frame).await.is_err() {
+            return;
+        }
+    }
+}
