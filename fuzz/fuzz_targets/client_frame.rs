@@ -2,9 +2,11 @@
 //!
 //! The input is a frame body: it is decoded as a `ClientFrame` (messaging endpoint) and as an `ExportRequest` (export
 //! interface), with prost directly and through `frame::decode_body`, which must agree. Each decoded request is then
-//! taken apart the way the relay's handlers do it (`server/src/session.rs`, `server/src/export/handler.rs`): account
+//! taken apart the way the relay's handlers do it (`server/src/session/`, `server/src/export/handler.rs`): account
 //! ids, E.164 phone numbers, keys and signatures of fixed length, transcripts, consent statements, purposes and
-//! affiliate ids. The raw input is also fed to the string and slice parsers directly. Nothing may panic.
+//! affiliate ids, export-log publications. The raw input is also fed to the string and slice parsers directly.
+//! Nothing may panic. Both matches list every request type without a wildcard, so a new request type breaks the
+//! build of this target until it is handled here (CI builds every target).
 #![no_main]
 
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -13,6 +15,7 @@ use prost::Message;
 use relay_proto::auth::{self, KEY_LEN};
 use relay_proto::consent::{self, ConsentStatement, Purpose};
 use relay_proto::frame;
+use relay_proto::merkle;
 use relay_proto::phone::{MAX_DIGITS, MIN_DIGITS};
 use relay_proto::wire::{
     ClientFrame, DeviceInfo, ExportRequest, client_frame::Body as Req, export_request::Body as ExportReq,
@@ -59,7 +62,7 @@ fn device_ok(d: &DeviceInfo) -> bool {
 }
 
 fn client_frame(f: ClientFrame) {
-    let exporter = [0x5a; auth::EXPORTER_LEN];
+    let ekm = [0x5a; auth::EKM_LEN];
     match f.body {
         Some(Req::Register(r)) => {
             phone(&r.phone);
@@ -70,14 +73,14 @@ fn client_frame(f: ClientFrame) {
                 <[u8; KEY_LEN]>::try_from(r.sealing_key.as_ref()),
                 PhoneNumber::parse(&r.phone),
             ) {
-                let transcript = auth::register_transcript(&exporter, &ik, &sk, p.as_str(), &device);
+                let transcript = auth::register_transcript(&ekm, &ik, &sk, p.as_str(), &device);
                 verify(&ik, &transcript, &r.signature);
                 let _ = AccountId::from_identity_key(&ik);
             }
         }
         Some(Req::Auth(a)) => {
             if let Some(id) = account(&a.account_id) {
-                let _ = auth::auth_transcript(&exporter, &id);
+                let _ = auth::auth_transcript(&ekm, &id);
             }
             let _ = Signature::from_slice(&a.signature);
         }
@@ -102,7 +105,11 @@ fn client_frame(f: ClientFrame) {
         Some(Req::Ack(a)) => {
             let _ = a.server_ids.len();
         }
-        Some(Req::Subscribe(_) | Req::SetAccessKey(_) | Req::ListConsent(_)) | None => {}
+        Some(Req::SetAccessKey(k)) => {
+            let _ = <[u8; 32]>::try_from(k.verifier.as_ref());
+        }
+        // Bare integers, nothing to take apart; listed so that a new request type fails to compile here.
+        Some(Req::Subscribe(_) | Req::ListConsent(_) | Req::ListExports(_)) | None => {}
     }
 }
 
@@ -123,7 +130,21 @@ fn export_request(r: ExportRequest) {
             let _ = <[u8; 32]>::try_from(b.statement_hash.as_ref());
         }
         Some(ExportReq::EndExport(e)) => pair(&e.account_id, &e.affiliate, &e.purpose),
-        Some(ExportReq::ConsentChanges(_)) | None => {}
+        Some(ExportReq::PublishLog(p)) => {
+            // As the relay takes a publication apart (server/src/export/handler.rs, store/exportlog.rs).
+            let _ = merkle::log_key_from_wire(&p.log_key);
+            if let Some(head) = &p.head {
+                let _ = merkle::SignedTreeHead::try_from(head);
+            }
+            for e in &p.entries {
+                account(&e.account_id);
+                if let Ok(leaf) = merkle::ExportLeaf::decode(&e.leaf) {
+                    let _ = (leaf.check(), leaf.leaf_hash());
+                }
+            }
+        }
+        // Cursors only, nothing to take apart; listed so that a new request type fails to compile here.
+        Some(ExportReq::ConsentChanges(_) | ExportReq::SubjectChanges(_)) | None => {}
     }
 }
 
