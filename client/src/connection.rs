@@ -74,8 +74,10 @@ pub struct Connection {
     ekm: [u8; EKM_LEN],
 }
 
-/// Builds the quinn client configuration that pins `fingerprint`.
-pub fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
+/// The rustls client configuration: TLS 1.3 only, the messaging ALPN, the relay certificate pinned by `fingerprint`.
+/// Its cipher suites come in the provider's order (AES-256-GCM-SHA384 first), and the relay follows the client's
+/// order, so this decides the hash of the keying material authentication is bound to.
+pub fn tls_config(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, ClientError> {
     let provider = relay_quic::crypto_provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -84,7 +86,12 @@ pub fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, Clien
         .with_custom_certificate_verifier(Arc::new(PinnedCert::new(fingerprint, provider)))
         .with_no_client_auth();
     tls.alpn_protocols = vec![relay_proto::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+    Ok(tls)
+}
+
+/// Builds the quinn client configuration that pins `fingerprint`.
+pub fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls_config(fingerprint)?))
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(relay_quic::transport_config(

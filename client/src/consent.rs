@@ -7,7 +7,9 @@
 //! (explicitly, from the CLI), when, until when, and the signed statement itself, so the user can later prove what
 //! they agreed to and when they withdrew.
 
-use relay_proto::consent::{ConsentError, ConsentStatement, Decision, PURPOSES, Purpose};
+use relay_proto::consent::{
+    ConsentError, ConsentStatement, Decision, PURPOSES, Purpose, signed_bytes_of, statement_hash, verify_signature,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::messenger::{Messenger, MessengerError};
@@ -108,14 +110,16 @@ impl Messenger {
             expires_ms: expires_in_days.map(|d| now.saturating_add(d.saturating_mul(24 * 3600 * 1000))),
         };
         statement.validate().map_err(consent_error)?;
-        let signature = self.identity().sign(&statement.signed_bytes());
-        let recorded = self.connection().put_consent(statement.encode(), signature).await?;
-        if recorded.statement_hash.as_ref() != statement.hash() {
+        let encoded = statement.encode();
+        let hash = statement_hash(&encoded);
+        let signature = self.identity().sign(&signed_bytes_of(&encoded));
+        let recorded = self.connection().put_consent(encoded.clone(), signature).await?;
+        if recorded.statement_hash.as_ref() != hash {
             return Err(MessengerError::Input("the relay acknowledged another statement than the one sent".into()));
         }
         let receipt = Receipt {
             version: "consent-relay receipt 1 (after Kantara Consent Receipt 1.1)".into(),
-            receipt_id: hex::encode(statement.hash()),
+            receipt_id: hex::encode(hash),
             decision: match decision {
                 Decision::Grant => "grant".into(),
                 Decision::Withdraw => "withdraw".into(),
@@ -133,7 +137,7 @@ impl Messenger {
             consent_type: "EXPLICIT".into(),
             expires_at: statement.expires_ms,
             sequence: statement.sequence,
-            statement: hex::encode(statement.encode()),
+            statement: hex::encode(&encoded),
             signature: hex::encode(signature),
         };
         let mut receipts: Vec<Receipt> = self.home().load_private("receipts.json")?;
@@ -162,11 +166,9 @@ impl Messenger {
         let now = relay_proto::now_ms();
         let mut out = Vec::new();
         for s in list.latest {
+            // The bytes as the relay returned them are what the signature must cover; decode only after.
+            verify_signature(&s.statement, &s.signature, &key).map_err(consent_error)?;
             let statement = ConsentStatement::decode_stored(&s.statement).map_err(consent_error)?;
-            let signature = ed25519_dalek::Signature::from_slice(&s.signature)
-                .map_err(|_| consent_error(ConsentError::BadSignature))?;
-            key.verify_strict(&statement.signed_bytes(), &signature)
-                .map_err(|_| consent_error(ConsentError::BadSignature))?;
             if statement.account != self.account_id() {
                 return Err(consent_error(ConsentError::WrongAccount));
             }

@@ -12,7 +12,7 @@
 //!
 //! The head is pinned only when every check passed.
 
-use relay_proto::consent::{ConsentStatement, Decision};
+use relay_proto::consent::{ConsentStatement, Decision, statement_hash};
 use relay_proto::merkle::{
     ExportLeaf, SignedTreeHead, log_key_from_wire, proof_from_wire, verify_consistency, verify_inclusion,
 };
@@ -84,12 +84,13 @@ fn consent_problem(leaf: &ExportLeaf, receipts: &[Receipt]) -> (Option<u64>, Opt
     let Some(receipt) = receipts.iter().find(|r| r.receipt_id == hash) else {
         return (None, Some("no consent statement of this device has this hash".into()));
     };
-    let statement = hex::decode(&receipt.statement).ok().and_then(|b| ConsentStatement::decode_stored(&b).ok());
-    let Some(statement) = statement else {
+    let decoded =
+        hex::decode(&receipt.statement).ok().and_then(|b| Some((ConsentStatement::decode_stored(&b).ok()?, b)));
+    let Some((statement, encoded)) = decoded else {
         return (Some(receipt.sequence), Some("the receipt's statement does not decode".into()));
     };
     let seq = Some(statement.sequence);
-    if statement.hash() != leaf.consent_hash {
+    if statement_hash(&encoded) != leaf.consent_hash {
         return (seq, Some("the receipt's statement does not have the receipt's hash".into()));
     }
     if statement.decision != Decision::Grant {

@@ -494,8 +494,8 @@ impl Messenger {
 
     async fn decrypt_delivery(&mut self, d: &Deliver) -> Result<Option<ReceivedMessage>, MessengerError> {
         let sealed = open_message(&self.identity, &d.envelope)?;
-        let sender_key = sealed.sender_key().ok_or(OpenError::Content)?;
-        let sender = AccountId::from_identity_key(&sender_key);
+        let sender_key = sealed.sender_identity_key;
+        let sender = sealed.sender_account();
         let plaintext = self.sessions.lock().await.decrypt(&sender_key, &sealed.payload)?;
         let content = Content::decode(plaintext.as_slice()).map_err(|_| OpenError::Content)?;
         if content.message_id.len() != MESSAGE_ID_LEN {

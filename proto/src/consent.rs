@@ -8,9 +8,15 @@
 //! wins. Everything is denied by default. A grant is *in force* at time t when it is the latest statement for its
 //! pair, t is within [T, E), and H is the hash of the purpose's *current* notice: a material change of a notice (a
 //! new version) voids earlier grants to it until the user grants again.
+//!
+//! The encoding is canonical and checked to be: a statement has exactly one encoding, and [`ConsentStatement::decode`]
+//! refuses any bytes that do not re-encode to themselves. Signatures are over the bytes as received
+//! ([`verify_signature`], [`signed_bytes_of`]); hashes too ([`statement_hash`]). A verifier that re-encodes a decoded
+//! statement instead gets the same bytes, by that check.
 
 use std::fmt;
 
+use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 use crate::AccountId;
@@ -182,6 +188,24 @@ pub struct ConsentStatement {
 const VERSION: u8 = 1;
 const LABEL: &[u8] = b"consent-relay consent statement v1";
 
+/// The bytes an identity key signs for the statement encoded as `encoded`: a label, then those very bytes.
+pub fn signed_bytes_of(encoded: &[u8]) -> Vec<u8> {
+    [LABEL, encoded].concat()
+}
+
+/// SHA-256 of a statement's encoding as received: how the relay's acknowledgement, export leases and the export log
+/// refer to it.
+pub fn statement_hash(encoded: &[u8]) -> [u8; 32] {
+    Sha256::digest(encoded).into()
+}
+
+/// Checks `signature` (Ed25519, strict) by `identity_key` over the statement bytes as received, before anything
+/// decodes them.
+pub fn verify_signature(encoded: &[u8], signature: &[u8], identity_key: &VerifyingKey) -> Result<(), ConsentError> {
+    let signature = Signature::from_slice(signature).map_err(|_| ConsentError::BadSignature)?;
+    identity_key.verify_strict(&signed_bytes_of(encoded), &signature).map_err(|_| ConsentError::BadSignature)
+}
+
 impl ConsentStatement {
     /// Canonical encoding: version, then fixed-size fields and one length-prefixed affiliate id. This is what is
     /// signed, stored, and hashed into the export log.
@@ -214,6 +238,16 @@ impl ConsentStatement {
     /// notice is still current (a later notice change voids the grant, see [`ConsentStatement::in_force`], but the
     /// record stays readable for history and audit).
     pub fn decode_stored(b: &[u8]) -> Result<Self, ConsentError> {
+        let s = Self::parse(b)?;
+        // Every field above is read back exactly, so this cannot fail today; it keeps "one statement, one encoding"
+        // true if the format ever gains a field with more than one spelling, since verifiers may re-encode.
+        if s.encode() != b {
+            return Err(ConsentError::Malformed("not the canonical encoding"));
+        }
+        Ok(s)
+    }
+
+    fn parse(b: &[u8]) -> Result<Self, ConsentError> {
         let mut r = Reader(b);
         if r.take(1)?[0] != VERSION {
             return Err(ConsentError::Malformed("unknown version"));
@@ -264,16 +298,14 @@ impl ConsentStatement {
         Ok(())
     }
 
-    /// The bytes the identity key signs.
+    /// The bytes the identity key signs: [`signed_bytes_of`] the canonical encoding.
     pub fn signed_bytes(&self) -> Vec<u8> {
-        let mut out = LABEL.to_vec();
-        out.extend_from_slice(&self.encode());
-        out
+        signed_bytes_of(&self.encode())
     }
 
     /// SHA-256 of the canonical encoding: how the export log refers to this statement.
     pub fn hash(&self) -> [u8; 32] {
-        Sha256::digest(self.encode()).into()
+        statement_hash(&self.encode())
     }
 
     /// Whether this statement, as the latest for its pair, lets data flow at `now_ms`.
@@ -350,6 +382,52 @@ mod tests {
                 .collect();
             let _ = ConsentStatement::decode(&bytes); // must not panic
         }
+    }
+
+    /// Verifiers that re-encode a decoded statement (rather than use the bytes received) rely on this: whatever
+    /// decodes is the one canonical encoding of its statement.
+    #[test]
+    fn only_canonical_encodings_decode() {
+        let valid = grant().encode();
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        let mut decoded = 0;
+        for _ in 0..50_000 {
+            let mut bytes = valid.clone();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % bytes.len();
+                bytes[at] = next() as u8;
+            }
+            match next() % 4 {
+                0 => bytes.truncate(next() % (bytes.len() + 1)),
+                1 => bytes.push(next() as u8),
+                _ => {}
+            }
+            if let Ok(s) = ConsentStatement::decode_stored(&bytes) {
+                assert_eq!(s.encode(), bytes);
+                decoded += 1;
+            }
+        }
+        assert!(decoded > 1000, "mutations of hashes, times and sequence numbers still decode: {decoded}");
+    }
+
+    #[test]
+    fn signatures_are_checked_over_the_bytes_received() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let encoded = grant().encode();
+        let signature = ed25519_dalek::Signer::sign(&key, &signed_bytes_of(&encoded)).to_bytes();
+        assert_eq!(verify_signature(&encoded, &signature, &key.verifying_key()), Ok(()));
+        assert_eq!(grant().signed_bytes(), signed_bytes_of(&encoded));
+        assert_eq!(statement_hash(&encoded), grant().hash());
+        let mut other = encoded.clone();
+        other[20] ^= 1;
+        assert_eq!(verify_signature(&other, &signature, &key.verifying_key()), Err(ConsentError::BadSignature));
+        let other_key = ed25519_dalek::SigningKey::from_bytes(&[6; 32]).verifying_key();
+        assert_eq!(verify_signature(&encoded, &signature, &other_key), Err(ConsentError::BadSignature));
+        assert_eq!(verify_signature(&encoded, &signature[..63], &key.verifying_key()), Err(ConsentError::BadSignature));
     }
 
     #[test]

@@ -85,15 +85,23 @@ impl Identity {
         export_client_crypto(relay_fingerprint, Some((self.cert.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))))
     }
 
-    /// rustls server configuration: TLS 1.3 only, our ALPN, no 0-RTT (early data can be replayed).
+    /// rustls server configuration of the messaging endpoint: TLS 1.3 only, our ALPN, no 0-RTT (early data can be
+    /// replayed).
     pub fn server_crypto(&self) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(self.server_tls()?))
+            .map_err(|e| TlsError::Quic(e.to_string()))
+    }
+
+    /// The rustls configuration inside [`Identity::server_crypto`], for tests that drive a handshake without sockets
+    /// (which cipher suite is negotiated decides the hash of the exported keying material).
+    pub fn server_tls(&self) -> Result<rustls::ServerConfig, TlsError> {
         let mut tls = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
         tls.alpn_protocols = vec![relay_proto::ALPN.to_vec()];
         tls.max_early_data_size = 0;
-        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
+        Ok(tls)
     }
 }
 

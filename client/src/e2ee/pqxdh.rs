@@ -80,7 +80,9 @@ impl SharedSecret {
     }
 }
 
-fn identity_binding(identity_key: &[u8; 32], identity_dh_key: &[u8; 32]) -> Vec<u8> {
+/// The bytes Alice's Ed25519 identity key signs to bind her X25519 identity key to it:
+/// `"ConsentRelay_IdentityDH_v1" ‖ identity_key ‖ identity_dh_key`. Public for test vectors.
+pub fn identity_binding(identity_key: &[u8; 32], identity_dh_key: &[u8; 32]) -> Vec<u8> {
     [IDENTITY_BINDING_LABEL, identity_key, identity_dh_key].concat()
 }
 

@@ -36,9 +36,12 @@ pub const KEM_PUBLIC_LEN: usize = 1184;
 pub const KEM_CIPHERTEXT_LEN: usize = 1088;
 
 const SIGNATURE_LABEL: &[u8] = b"ConsentRelay_Prekey_v1";
-const KIND_SIGNED: u8 = 1;
-const KIND_KEM_ONE_TIME: u8 = 2;
-const KIND_KEM_LAST_RESORT: u8 = 3;
+/// Kind byte of a signed X25519 prekey in [`signed_bytes`].
+pub const KIND_SIGNED: u8 = 1;
+/// Kind byte of a one-time ML-KEM-768 prekey in [`signed_bytes`].
+pub const KIND_KEM_ONE_TIME: u8 = 2;
+/// Kind byte of the last-resort ML-KEM-768 prekey in [`signed_bytes`].
+pub const KIND_KEM_LAST_RESORT: u8 = 3;
 
 /// A signed X25519 prekey, as uploaded and as found in a bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +98,8 @@ pub struct PrekeyBundle {
     pub kem_prekey: SignedKemPrekey,
 }
 
-fn signed_bytes(kind: u8, id: u32, public: &[u8]) -> Vec<u8> {
+/// The bytes the identity key signs for a prekey (see the module header). Public for test vectors.
+pub fn signed_bytes(kind: u8, id: u32, public: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SIGNATURE_LABEL.len() + 5 + public.len());
     out.extend_from_slice(SIGNATURE_LABEL);
     out.push(kind);

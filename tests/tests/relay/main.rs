@@ -15,6 +15,7 @@ mod messaging;
 mod metrics;
 mod prekeys;
 mod privacy;
+mod protocol_doc;
 mod storage;
 
 use std::time::Duration;

@@ -103,8 +103,7 @@ impl Pairs {
     /// Opens an envelope delivered to `me`, returning the stamped payload.
     pub fn open(&self, me: usize, envelope: &[u8]) -> Result<Vec<u8>> {
         let sealed = open_message(&self.identities[me], envelope)?;
-        let key = sealed.sender_key().ok_or_else(|| anyhow!("no sender key"))?;
-        let from = *self.by_key.get(&key).ok_or_else(|| anyhow!("unknown sender"))?;
+        let from = *self.by_key.get(&sealed.sender_identity_key).ok_or_else(|| anyhow!("unknown sender"))?;
         let E2eeMessage::Ratchet(message) = E2eeMessage::decode(&sealed.payload)? else {
             return Err(anyhow!("unexpected session set-up message"));
         };
