@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use relay_proto::consent::{Decision, Purpose, valid_affiliate_id};
+use relay_proto::consent::{Decision, Purpose, statement_hash, valid_affiliate_id};
 use relay_proto::merkle::{SignedTreeHead, log_key_from_wire};
 use relay_proto::wire::{
     BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ExportDenied, ExportEnded, ExportGranted,
@@ -202,7 +202,7 @@ impl ExportHandler {
         let Some(latest) = self.consent.latest_for(account, *purpose, affiliate)? else {
             return Ok(Err("no consent recorded for this pair"));
         };
-        if latest.statement.hash() != *hash {
+        if statement_hash(&latest.encoded) != *hash {
             return Ok(Err("not the latest statement for this pair"));
         }
         if latest.statement.decision != Decision::Grant || !latest.statement.in_force(relay_proto::now_ms()) {
@@ -286,7 +286,7 @@ mod tests {
         };
         let current = grant(account, 3, Purpose::Security);
         for s in [&stale, &expired, &current] {
-            h.consent.record(s, &[0; 64], relay_proto::now_ms()).expect("record");
+            h.consent.record(&s.encode(), &[0; 64], relay_proto::now_ms()).expect("record");
         }
 
         let Resp::ConsentChangeList(list) = ask(&h, Req::ConsentChanges(ConsentChanges { after_cursor: 0 })).await

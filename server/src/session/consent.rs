@@ -9,15 +9,16 @@
 
 use std::sync::Arc;
 
+use ed25519_dalek::VerifyingKey;
 use relay_proto::ErrorCode;
-use relay_proto::consent::{ConsentError, ConsentStatement, Decision};
+use relay_proto::consent::{self, ConsentError, ConsentStatement, Decision};
 use relay_proto::merkle;
 use relay_proto::wire::{
     ConsentList, ConsentRecorded, ExportList, ListExports, LogLeaf, PutConsent, SignedStatement,
     server_frame::Body as Resp,
 };
 
-use super::checks::{self, Reply, reply};
+use super::checks::{Reply, reply};
 use super::state::Session;
 use crate::fence::Fence;
 use crate::reject::Reject;
@@ -41,18 +42,19 @@ impl Consent {
     /// Records one of the caller's consent statements.
     pub async fn put(&self, session: &Session, c: PutConsent) -> Reply {
         let account = session.account()?;
-        let rejected = |m: String| Reject::new(ErrorCode::ConsentRejected, m);
-        let statement = ConsentStatement::decode(&c.statement).map_err(|e| rejected(e.to_string()))?;
-        if statement.account != account {
-            return Err(rejected(ConsentError::WrongAccount.to_string()));
-        }
+        let rejected = |e: ConsentError| Reject::new(ErrorCode::ConsentRejected, e.to_string());
+        // The signature is checked over the bytes as received, before they are decoded; those bytes are stored.
         let keys = self.identities.keys(&account)?.ok_or_else(Reject::unauthenticated)?;
-        let signature: [u8; 64] =
-            c.signature.as_ref().try_into().map_err(|_| rejected(ConsentError::BadSignature.to_string()))?;
-        checks::signature(&keys.identity_key, &statement.signed_bytes(), &signature)
-            .map_err(|_| rejected(ConsentError::BadSignature.to_string()))?;
+        let identity_key =
+            VerifyingKey::from_bytes(&keys.identity_key).map_err(|_| rejected(ConsentError::BadSignature))?;
+        consent::verify_signature(&c.statement, &c.signature, &identity_key).map_err(rejected)?;
+        let signature: [u8; 64] = c.signature.as_ref().try_into().map_err(|_| rejected(ConsentError::BadSignature))?;
+        let statement = ConsentStatement::decode(&c.statement).map_err(rejected)?;
+        if statement.account != account {
+            return Err(rejected(ConsentError::WrongAccount));
+        }
         let now = relay_proto::now_ms();
-        self.registry.record(&statement, &signature, now)?;
+        self.registry.record(&c.statement, &signature, now)?;
         self.commit.durable().await?;
         if statement.decision == Decision::Withdraw {
             // The withdrawal fence: an export of this pair in flight finishes (or its lease lapses) before the user
@@ -62,7 +64,7 @@ impl Consent {
         reply(Resp::ConsentRecorded(ConsentRecorded {
             sequence: statement.sequence,
             recorded_at_ms: now,
-            statement_hash: statement.hash().to_vec().into(),
+            statement_hash: consent::statement_hash(&c.statement).to_vec().into(),
         }))
     }
 

@@ -30,7 +30,7 @@ const SIGNATURE_LEN: usize = 64;
 pub struct Recorded {
     /// The statement.
     pub statement: ConsentStatement,
-    /// Canonical encoding of the statement (what was signed, after the label).
+    /// The statement as the user sent it (what was signed, after the label).
     pub encoded: Vec<u8>,
     /// The user's signature.
     pub signature: [u8; SIGNATURE_LEN],
@@ -124,17 +124,18 @@ impl ConsentRegistry {
         Self { tree }
     }
 
-    /// Records a verified statement; refuses one whose sequence number is not above the account's last. Not yet
-    /// durable: await the group commit before acknowledging.
+    /// Records a statement whose signature was verified over `encoded`, the bytes as received, which are what is
+    /// stored (never a re-encoding); refuses one that does not decode or whose sequence number is not above the
+    /// account's last. Not yet durable: await the group commit before acknowledging.
     pub fn record(
         &self,
-        statement: &ConsentStatement,
+        encoded: &[u8],
         signature: &[u8; SIGNATURE_LEN],
         now_ms: u64,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<ConsentStatement, RegistryError> {
+        let statement = ConsentStatement::decode_stored(encoded).map_err(RegistryError::Rejected)?;
         let account = statement.account;
-        let encoded = statement.encode();
-        let record = encode_record(&encoded, signature, now_ms);
+        let record = encode_record(encoded, signature, now_ms);
         let result = (&self.tree,).transaction(|(t,)| {
             let last = match t.get(seq_key(&account))? {
                 Some(v) => u64::from_be_bytes(
@@ -161,7 +162,7 @@ impl ConsentRegistry {
             Ok(())
         });
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(statement),
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -243,9 +244,10 @@ mod tests {
     fn latest_per_pair_wins_and_history_keeps_everything() {
         let r = registry();
         let a = AccountId([1; 16]);
-        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant), &[0; 64], 10).expect("record");
-        r.record(&statement(2, "adsco", Purpose::Analytics, Decision::Grant), &[0; 64], 11).expect("record");
-        r.record(&statement(3, "adsco", Purpose::Advertising, Decision::Withdraw), &[0; 64], 12).expect("record");
+        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 10).expect("record");
+        r.record(&statement(2, "adsco", Purpose::Analytics, Decision::Grant).encode(), &[0; 64], 11).expect("record");
+        r.record(&statement(3, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 12)
+            .expect("record");
         let ads = r.latest_for(&a, Purpose::Advertising, "adsco").expect("get").expect("present");
         assert_eq!((ads.statement.decision, ads.recorded_at_ms), (Decision::Withdraw, 12));
         assert_eq!(r.latest(&a).expect("latest").len(), 2);
@@ -261,10 +263,11 @@ mod tests {
             account: AccountId([2; 16]),
             ..statement(seq, "adsco", Purpose::Security, Decision::Grant)
         };
-        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant), &[0; 64], 10).expect("record");
-        r.record(&other(1), &[0; 64], 11).expect("record");
-        r.record(&statement(2, "adsco", Purpose::Advertising, Decision::Withdraw), &[0; 64], 12).expect("record");
-        assert!(r.record(&other(1), &[0; 64], 13).is_err(), "a refused statement gets no cursor");
+        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 10).expect("record");
+        r.record(&other(1).encode(), &[0; 64], 11).expect("record");
+        r.record(&statement(2, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 12)
+            .expect("record");
+        assert!(r.record(&other(1).encode(), &[0; 64], 13).is_err(), "a refused statement gets no cursor");
         let all = r.changes(0, 10).expect("changes");
         let seen: Vec<_> =
             all.iter().map(|(c, rec)| (*c, rec.statement.account.0[0], rec.statement.sequence)).collect();
@@ -278,9 +281,10 @@ mod tests {
     #[test]
     fn replayed_or_reordered_statements_are_refused() {
         let r = registry();
-        r.record(&statement(5, "adsco", Purpose::Advertising, Decision::Withdraw), &[0; 64], 10).expect("record");
+        r.record(&statement(5, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 10)
+            .expect("record");
         for seq in [5, 4, 1] {
-            let err = r.record(&statement(seq, "adsco", Purpose::Advertising, Decision::Grant), &[0; 64], 11);
+            let err = r.record(&statement(seq, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 11);
             assert!(matches!(err, Err(RegistryError::Rejected(ConsentError::StaleSequence { .. }))), "{seq}");
         }
         let a = AccountId([1; 16]);
