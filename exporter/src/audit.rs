@@ -15,7 +15,7 @@ use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
 use serde::Serialize;
 
 use crate::affiliates::Catalogue;
-use crate::outbox::{Evidence, LogRecord, Store, StoreError, pair_key};
+use crate::outbox::{Evidence, ExporterStore, LogRecord, StoreError, pair_key};
 
 /// What the audit found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -57,7 +57,7 @@ fn verified(evidence: &Evidence) -> Result<ConsentStatement, &'static str> {
 
 /// The problem with one entry, if any.
 fn check_entry(
-    store: &Store,
+    store: &ExporterStore,
     catalogue: Option<&Catalogue>,
     record: &LogRecord,
 ) -> Result<Result<ExportLeaf, String>, StoreError> {
@@ -108,7 +108,11 @@ fn check_entry(
 }
 
 /// Audits the log in `store` against the exporter's log key (and, if given, the affiliates catalogue).
-pub fn audit(store: &Store, log_key: &VerifyingKey, catalogue: Option<&Catalogue>) -> Result<AuditReport, StoreError> {
+pub fn audit(
+    store: &ExporterStore,
+    log_key: &VerifyingKey,
+    catalogue: Option<&Catalogue>,
+) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
     let mut hashes = Vec::new();
     store.visit_log(|index, record| {
@@ -163,7 +167,7 @@ mod tests {
 
     struct Fixture {
         _dir: tempfile::TempDir,
-        store: Store,
+        store: ExporterStore,
         user: SigningKey,
         log_key: SigningKey,
         log: MerkleLog,
@@ -192,7 +196,7 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().expect("dir");
-            let store = Store::open(dir.path()).expect("store");
+            let store = ExporterStore::open(dir.path()).expect("store");
             Self {
                 _dir: dir,
                 store,

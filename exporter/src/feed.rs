@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::affiliates::Catalogue;
-use crate::outbox::{Entry, Evidence, Kind, Store, StoreError, pair_key};
+use crate::outbox::{Entry, Evidence, ExporterStore, Kind, StoreError, pair_key};
 use crate::payload::{self, phone_pseudonym};
 
 /// What became of one change.
@@ -78,7 +78,7 @@ fn event(kind: &str, now_ms: u64, data: serde_json::Map<String, Value>) -> Strin
 
 /// Applies one change to the outbox (the caller flushes, then advances the cursor).
 pub fn apply(
-    store: &Store,
+    store: &ExporterStore,
     catalogue: &Catalogue,
     master_key: &[u8; 32],
     change: &ConsentChange,
@@ -215,9 +215,9 @@ mod tests {
     }
 
     /// A fresh store (its directory kept alive by the guard), the example catalogue, a user key, a pseudonym key.
-    fn fixture() -> (tempfile::TempDir, Store, Catalogue, SigningKey, [u8; 32]) {
+    fn fixture() -> (tempfile::TempDir, ExporterStore, Catalogue, SigningKey, [u8; 32]) {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("store");
+        let store = ExporterStore::open(dir.path()).expect("store");
         (dir, store, Catalogue::parse(CATALOGUE).expect("catalogue"), SigningKey::from_bytes(&[7; 32]), [3; 32])
     }
 

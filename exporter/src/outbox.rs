@@ -9,8 +9,8 @@
 //! withdrawal of its pair removed it. A 2xx answer to an export appends the log record (durably, once per webhook
 //! id), then removes the entry and marks the pair delivered, so a crash never leaves a delivered export out of the
 //! log nor logs one twice; an export whose attempt got no answer (the exporter died, the connection failed) is
-//! logged if it leaves the outbox undelivered ([`Store::drop_export`]), since the affiliate may hold it. The cursors
-//! are written only by the feed, after [`Store::flush`] made the writes of the changes before
+//! logged if it leaves the outbox undelivered ([`ExporterStore::drop_export`]), since the affiliate may hold it. The cursors
+//! are written only by the feed, after [`ExporterStore::flush`] made the writes of the changes before
 //! them durable. Entries hold no raw phone number unless the catalogue allows the affiliate to receive it (it is then
 //! part of the body); log records never hold one.
 
@@ -115,7 +115,7 @@ pub enum StoreError {
 
 /// The exporter's sled database.
 #[derive(Clone)]
-pub struct Store {
+pub struct ExporterStore {
     db: sled::Db,
     outbox: sled::Tree,
     delivered: sled::Tree,
@@ -184,7 +184,7 @@ pub fn log_record(id: &str, entry: &Entry, started_ms: u64) -> Result<LogRecord,
     })
 }
 
-impl Store {
+impl ExporterStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::open(path)?;
@@ -424,7 +424,7 @@ impl Store {
         self.outbox.is_empty()
     }
 
-    /// Removes every queued export (not withdrawal notice) of the pair, each with [`Store::drop_export`]; how many
+    /// Removes every queued export (not withdrawal notice) of the pair, each with [`ExporterStore::drop_export`]; how many
     /// were removed.
     pub fn remove_exports_of(&self, pair: &str) -> Result<usize, StoreError> {
         let mut doomed = Vec::new();
@@ -509,7 +509,7 @@ mod tests {
     #[test]
     fn an_export_settled_again_after_a_crash_is_logged_once() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("open");
+        let store = ExporterStore::open(dir.path()).expect("open");
         let mut e = entry(Kind::Export, "advertising", 0);
         e.evidence = Some(Evidence::default());
         e.fields = vec!["device_model".into()];
@@ -527,14 +527,14 @@ mod tests {
         assert_eq!(leaves, [(0, "01".to_owned()), (1, "02".to_owned())]);
         assert_eq!(store.delivered(&e.pair_key()).expect("delivered").as_deref(), Some("p"));
         drop(store);
-        let reopened = Store::open(dir.path()).expect("reopen");
+        let reopened = ExporterStore::open(dir.path()).expect("reopen");
         assert_eq!(reopened.log_len().expect("len"), 2);
     }
 
     #[test]
     fn entries_are_kept_once_due_in_order_and_removed_by_pair() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("open");
+        let store = ExporterStore::open(dir.path()).expect("open");
         assert!(store.insert_new("msg_a", &entry(Kind::Export, "advertising", 20)).expect("insert"));
         assert!(!store.insert_new("msg_a", &entry(Kind::Export, "advertising", 99)).expect("insert"), "no duplicate");
         assert_eq!(store.get("msg_a").expect("get").map(|e| e.next_attempt_ms), Some(20));

@@ -32,8 +32,8 @@ use tokio::sync::watch;
 use crate::affiliates::Catalogue;
 use crate::feed::{self, Applied};
 use crate::http::{self, HttpError, Url};
-use crate::outbox::{CONSENT_CURSOR, Entry, Kind, SUBJECT_CURSOR, Store, StoreError, log_record};
-use crate::relay_link::{ClientError, ExportClient};
+use crate::outbox::{CONSENT_CURSOR, Entry, ExporterStore, Kind, SUBJECT_CURSOR, StoreError, log_record};
+use crate::relay_link::{ExportClient, RelayLinkError};
 use crate::webhook;
 use relay_quic::identity::{Identity, TlsError};
 
@@ -99,7 +99,7 @@ pub struct Exporter {
     master_key: [u8; 32],
     log_key: SigningKey,
     log: Mutex<MerkleLog>,
-    store: Store,
+    store: ExporterStore,
     catalogue: Catalogue,
     endpoints: std::collections::BTreeMap<String, Url>,
     tls: http::Tls,
@@ -138,7 +138,7 @@ impl Exporter {
         let identity = Identity::load_or_create(data_dir)?;
         let master_key = load_or_create_key(&data_dir.join("pseudonym.key"))?;
         let log_key = SigningKey::from_bytes(&load_or_create_key(&data_dir.join("log.key"))?);
-        let store = Store::open(&data_dir.join("db"))?;
+        let store = ExporterStore::open(&data_dir.join("db"))?;
         let log = load_log(&store)?;
         let progress = watch::Sender::new(Progress {
             cursor: store.cursor()?,
@@ -190,7 +190,7 @@ impl Exporter {
     }
 
     /// Appends to the in-memory tree the records the store logged since (a delivery, or an export dropped after
-    /// an unanswered attempt, see `Store::drop_export`).
+    /// an unanswered attempt, see `ExporterStore::drop_export`).
     fn sync_log(&self) -> Result<(), StoreError> {
         let mut log = self.log();
         loop {
@@ -294,7 +294,7 @@ impl Exporter {
                 Resp::SubjectChangeList(l) => {
                     relay_proto::wire::ConsentChangeList { changes: l.changes, next_cursor: l.next_cursor }
                 }
-                _ => return Err(ClientError::Unexpected("expected a change list".into()).into()),
+                _ => return Err(RelayLinkError::Unexpected("expected a change list".into()).into()),
             };
             if list.changes.is_empty() && list.next_cursor <= after_cursor {
                 return Ok(());
@@ -364,14 +364,14 @@ impl Exporter {
                         }
                         return Ok(());
                     }
-                    _ => return Err(ClientError::Unexpected("expected ExportGranted or ExportDenied".into()).into()),
+                    _ => return Err(RelayLinkError::Unexpected("expected ExportGranted or ExportDenied".into()).into()),
                 };
                 let left = granted.deadline_ms.saturating_sub(relay_proto::now_ms());
                 let outcome = if u128::from(left) < HTTP_TIMEOUT.as_millis() {
                     Err("lease too short to start a request".to_owned())
                 } else {
                     // Durable before the request leaves: if no answer comes back (a crash, a lost connection), the
-                    // affiliate may hold the data, and dropping the entry later must log it (`Store::drop_export`).
+                    // affiliate may hold the data, and dropping the entry later must log it (`ExporterStore::drop_export`).
                     let unknown_before = entry.in_flight_ms;
                     entry.in_flight_ms = Some(unknown_before.unwrap_or(started_ms));
                     self.store.put(id, &entry)?;
@@ -477,7 +477,7 @@ impl Exporter {
             };
             let size = match client.request(Req::PublishLog(request)).await? {
                 Resp::LogPublished(p) => p.size,
-                _ => return Err(ClientError::Unexpected("expected LogPublished".into()).into()),
+                _ => return Err(RelayLinkError::Unexpected("expected LogPublished".into()).into()),
             };
             if size > len {
                 tracing::error!(relay = size, local = len, "the relay holds more log entries than this exporter");
@@ -515,7 +515,7 @@ impl Exporter {
 }
 
 /// Rebuilds the Merkle tree from the stored log records.
-pub fn load_log(store: &Store) -> Result<MerkleLog, StoreError> {
+pub fn load_log(store: &ExporterStore) -> Result<MerkleLog, StoreError> {
     let mut hashes = Vec::new();
     store.visit_log(|index, record| {
         if index != hashes.len() as u64 {
@@ -531,7 +531,7 @@ pub fn load_log(store: &Store) -> Result<MerkleLog, StoreError> {
 #[derive(Debug, thiserror::Error)]
 enum PassError {
     #[error(transparent)]
-    Relay(#[from] ClientError),
+    Relay(#[from] RelayLinkError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use relay_client::DirectoryEntry;
 use relay_exporter::Catalogue;
 use relay_exporter::audit::audit;
-use relay_exporter::outbox::Store;
+use relay_exporter::outbox::ExporterStore;
 use relay_proto::consent::{ConsentStatement, Decision};
 use relay_proto::merkle::ExportLeaf;
 use relay_tests::affiliate::{Attempt, ExporterProcess, Sink, test_catalogue};
@@ -460,7 +460,7 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
     let key = relay_proto::merkle::log_key_from_wire(&hex::decode(exporter.log_key()).expect("hex")).expect("key");
     let mut logged_by_account: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let (logged, logged_unanswered, logged_unseen) = {
-        let store = Store::open(&exporter.data_dir().join("db")).expect("exporter store");
+        let store = ExporterStore::open(&exporter.data_dir().join("db")).expect("exporter store");
         let report = audit(&store, &key, Some(&catalogue)).expect("audit");
         if !report.passed() {
             // Everything needed to tell a wrong entry from a wrong audit.

@@ -5,7 +5,7 @@
 use relay_client::Device;
 use relay_exporter::Catalogue;
 use relay_exporter::audit::audit;
-use relay_exporter::outbox::Store;
+use relay_exporter::outbox::ExporterStore;
 use relay_proto::consent::Decision;
 use relay_tests::affiliate::{Sink, TestExporter, test_catalogue};
 
@@ -76,7 +76,7 @@ async fn exports_are_logged_shown_to_their_user_only_verified_and_audited() {
     let catalogue = Catalogue::parse(&text).expect("catalogue");
     let key = relay_proto::merkle::log_key_from_wire(&hex::decode(exporter.log_key()).expect("hex")).expect("key");
     {
-        let store = Store::open(&exporter.data_dir().join("db")).expect("exporter store");
+        let store = ExporterStore::open(&exporter.data_dir().join("db")).expect("exporter store");
         let report = audit(&store, &key, Some(&catalogue)).expect("audit");
         assert!(report.passed(), "{:?}", report.problems);
         assert_eq!((report.entries, report.signed_size), (3, 3));
