@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::affiliates::Catalogue;
-use crate::outbox::{Entry, Evidence, ExporterStore, Kind, StoreError, pair_key};
+use crate::ids::{Pair, WebhookId};
+use crate::outbox::{Entry, Evidence, ExporterStore, Kind, StoreError};
 use crate::payload::{self, phone_pseudonym};
 
 /// What became of one change.
@@ -39,18 +40,6 @@ pub enum Applied {
         /// Whether a `consent.withdrawn` notice was queued.
         notified: bool,
     },
-}
-
-/// The webhook id of the event that follows from statement `hash` for `affiliate`, carrying data with `digest` (all
-/// zeros for a withdrawal notice).
-pub fn webhook_id(hash: &[u8; 32], affiliate: &str, digest: &[u8; 32]) -> String {
-    let id = Sha256::new().chain_update(hash).chain_update(affiliate.as_bytes()).chain_update(digest).finalize();
-    format!("msg_{}", hex::encode(&id[..16]))
-}
-
-/// The 16 bytes of a webhook id (the log leaf's export id).
-pub fn export_id(webhook_id: &str) -> Option<[u8; 16]> {
-    hex::decode(webhook_id.strip_prefix("msg_")?).ok()?.try_into().ok()
 }
 
 /// Checks the change's signature and account binding; the statement if both hold.
@@ -92,9 +81,8 @@ pub fn apply(
         }
     };
     let hash = statement.hash();
-    let account = statement.account.to_string();
     let purpose = statement.purpose.as_str();
-    let pair = pair_key(&account, &statement.affiliate, purpose);
+    let pair = Pair::new(statement.account, statement.affiliate.clone(), statement.purpose);
     let evidence = Evidence {
         statement: hex::encode(&change.statement),
         signature: hex::encode(&change.signature),
@@ -128,10 +116,8 @@ pub fn apply(
             data.insert("consent".into(), Value::String(hex::encode(hash)));
             let entry = Entry {
                 kind: Kind::Export,
-                affiliate: affiliate.id.clone(),
-                purpose: purpose.into(),
-                account,
-                statement_hash: hex::encode(hash),
+                pair: pair.clone(),
+                statement_hash: hash,
                 pseudonym: phone_pseudonym(master_key, &affiliate.id, &subject.phone),
                 body: event("user.metadata.exported", now_ms, data),
                 attempts: 0,
@@ -142,7 +128,7 @@ pub fn apply(
             };
             // Older data still queued for the pair is superseded by this one.
             store.remove_exports_of(&pair)?;
-            store.insert_new(&webhook_id(&hash, &affiliate.id, &digest), &entry)?;
+            store.insert_new(&WebhookId::derive(&hash, &affiliate.id, &digest), &entry)?;
             store.set_exported(&pair, &marker)?;
             Ok(Applied::Queued)
         }
@@ -156,10 +142,8 @@ pub fn apply(
                 data.insert("subject".into(), Value::String(pseudonym.clone()));
                 let entry = Entry {
                     kind: Kind::Withdrawn,
-                    affiliate: affiliate.id.clone(),
-                    purpose: purpose.into(),
-                    account,
-                    statement_hash: hex::encode(hash),
+                    pair: pair.clone(),
+                    statement_hash: hash,
                     pseudonym,
                     body: event("consent.withdrawn", now_ms, data),
                     attempts: 0,
@@ -169,7 +153,7 @@ pub fn apply(
                     in_flight_ms: None,
                 };
                 // Queued before the delivered mark is forgotten, so a crash between the two loses neither.
-                store.insert_new(&webhook_id(&hash, &affiliate.id, &[0; 32]), &entry)?;
+                store.insert_new(&WebhookId::notice(&hash, &affiliate.id), &entry)?;
                 store.forget_delivered(&pair)?;
                 notified = true;
             }
@@ -258,7 +242,7 @@ mod tests {
         let (_, queued) = store.due(10, 10).expect("due").remove(0);
         assert!(queued.body.contains("Pixel 10"), "{}", queued.body);
         assert_eq!(queued.fields, ["phone_pseudonym", "device_model"]);
-        assert_eq!(store.statements_of(&queued.pair_key()).expect("evidence").len(), 1);
+        assert_eq!(store.statements_of(&queued.pair).expect("evidence").len(), 1);
         let shield = change(&key, "shieldco", Decision::Grant, 2);
         assert_eq!(apply(&store, &catalogue, &master, &shield, 7).expect("apply"), Applied::Nothing, "not allowed");
         let mut rejected = change(&key, "adsco", Decision::Grant, 3);
@@ -276,7 +260,7 @@ mod tests {
         assert!(store.get(&id).expect("get").is_none());
 
         // Delivered, then withdrawn: a notice with the pseudonym only.
-        store.mark_delivered(&entry.pair_key(), &entry.pseudonym).expect("mark");
+        store.mark_delivered(&entry.pair, &entry.pseudonym).expect("mark");
         assert_eq!(
             apply(&store, &catalogue, &master, &withdraw, 10).expect("apply"),
             Applied::Withdrawn { dropped: 0, notified: true }
@@ -285,7 +269,7 @@ mod tests {
         assert_eq!(notice.kind, Kind::Withdrawn);
         let body: Value = serde_json::from_str(&notice.body).expect("json");
         assert_eq!(body["data"]["subject"], Value::String(phone_pseudonym(&master, "adsco", "+33612345678")));
-        assert_eq!(store.delivered(&entry.pair_key()).expect("delivered"), None);
+        assert_eq!(store.delivered(&entry.pair).expect("delivered"), None);
     }
 
     /// Found by the exporter crash campaign: an exporter killed after the affiliate took an export but before it
@@ -308,8 +292,8 @@ mod tests {
         );
         assert_eq!(store.log_len().expect("log"), 1, "and the export is in the log");
         let (_, record) = store.log_records(0, 1).expect("records").remove(0);
-        let leaf = relay_proto::merkle::ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
-        assert_eq!((leaf.export_id, leaf.time_ms), (export_id(&id).expect("id"), 6), "at the attempt's time");
+        let leaf = relay_proto::merkle::ExportLeaf::decode(&record.leaf).expect("leaf");
+        assert_eq!((leaf.export_id, leaf.time_ms), (id.export_id(), 6), "at the attempt's time");
         let (_, notice) = store.due(20, 10).expect("due").remove(0);
         assert_eq!(notice.kind, Kind::Withdrawn);
 

@@ -1,6 +1,7 @@
 //! relay-exporter: the metadata exporter process and the export-log auditor (`relay-audit`).
 //!
-//! Pure logic: the affiliates catalogue ([`affiliates`]), payloads with exactly the allowed fields and
+//! Pure logic: the exporter's identifiers, webhook ids and (account, affiliate, purpose) pairs ([`ids`]), the
+//! affiliates catalogue ([`affiliates`]), payloads with exactly the allowed fields and
 //! per-affiliate phone pseudonyms ([`payload`]), Standard Webhooks signatures ([`webhook`]). The process: its link to
 //! the relay's export interface ([`relay_link`]), the feed reader ([`feed`]), the durable outbox with the export log
 //! ([`outbox`]), a minimal webhook client ([`http`]), the loop that ties them ([`process`]), and the auditor that
@@ -14,6 +15,7 @@ pub mod affiliates;
 pub mod audit;
 pub mod feed;
 pub mod http;
+pub mod ids;
 pub mod outbox;
 pub mod payload;
 pub mod process;

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::affiliates::Catalogue;
 use crate::feed::{self, Applied};
 use crate::http::{self, HttpError, Url};
+use crate::ids::WebhookId;
 use crate::outbox::{CONSENT_CURSOR, Entry, ExporterStore, Kind, SUBJECT_CURSOR, StoreError, log_record};
 use crate::relay_link::{ExportClient, RelayLinkError};
 use crate::webhook;
@@ -202,7 +203,7 @@ impl Exporter {
                 if index != log.len() {
                     return Err(StoreError::Corrupt(format!("log index {index} but {} leaves", log.len())));
                 }
-                log.append(&hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt("leaf".into()))?);
+                log.append(&record.leaf);
             }
         }
         let logged = log.len();
@@ -333,32 +334,27 @@ impl Exporter {
         Ok(())
     }
 
-    async fn deliver(&self, client: &ExportClient, id: &str, mut entry: Entry) -> Result<(), PassError> {
-        let (Some(affiliate), Some(url)) = (self.catalogue.get(&entry.affiliate), self.endpoints.get(&entry.affiliate))
-        else {
-            tracing::warn!(webhook = id, "affiliate no longer in the catalogue; entry dropped");
+    async fn deliver(&self, client: &ExportClient, id: &WebhookId, mut entry: Entry) -> Result<(), PassError> {
+        let affiliate_id = &entry.pair.affiliate;
+        let (Some(affiliate), Some(url)) = (self.catalogue.get(affiliate_id), self.endpoints.get(affiliate_id)) else {
+            tracing::warn!(webhook = %id, "affiliate no longer in the catalogue; entry dropped");
             self.store.remove(id)?;
             return Ok(());
         };
         let outcome = match entry.kind {
             Kind::Withdrawn => self.post(url, &affiliate.secret, id, &entry.body).await.map_err(|e| e.to_string()),
             Kind::Export => {
-                let (account_id, statement_hash) =
-                    match (hex::decode(&entry.account), hex::decode(&entry.statement_hash)) {
-                        (Ok(a), Ok(h)) => (a, h),
-                        _ => return Err(StoreError::Corrupt(format!("outbox entry {id}")).into()),
-                    };
                 let started_ms = relay_proto::now_ms();
                 let begin = BeginExport {
-                    account_id: account_id.clone().into(),
-                    affiliate: entry.affiliate.clone(),
-                    purpose: entry.purpose.clone(),
-                    statement_hash: statement_hash.into(),
+                    account_id: entry.pair.account.as_bytes().to_vec().into(),
+                    affiliate: entry.pair.affiliate.clone(),
+                    purpose: entry.pair.purpose.as_str().to_owned(),
+                    statement_hash: entry.statement_hash.to_vec().into(),
                 };
                 let granted = match client.request(Req::BeginExport(begin)).await? {
                     Resp::ExportGranted(g) => g,
                     Resp::ExportDenied(d) => {
-                        tracing::info!(webhook = id, reason = %d.reason, "export denied by the relay; dropped");
+                        tracing::info!(webhook = %id, reason = %d.reason, "export denied by the relay; dropped");
                         if self.store.drop_export(id, &entry)? {
                             self.sync_log()?;
                         }
@@ -376,7 +372,7 @@ impl Exporter {
                     entry.in_flight_ms = Some(unknown_before.unwrap_or(started_ms));
                     self.store.put(id, &entry)?;
                     self.store.flush().await?;
-                    tracing::info!(webhook = id, attempt = entry.attempts + 1, "posting export");
+                    tracing::info!(webhook = %id, attempt = entry.attempts + 1, "posting export");
                     let outcome = self.post(url, &affiliate.secret, id, &entry.body).await;
                     // An answer (the data is held only on a 2xx, which `settle` logs) or nothing sent: known.
                     if matches!(outcome, Ok(_) | Err(HttpError::Connect(_) | HttpError::Tls(_))) {
@@ -385,9 +381,9 @@ impl Exporter {
                     outcome.map_err(|e| e.to_string())
                 };
                 let end = EndExport {
-                    account_id: account_id.into(),
-                    affiliate: entry.affiliate.clone(),
-                    purpose: entry.purpose.clone(),
+                    account_id: entry.pair.account.as_bytes().to_vec().into(),
+                    affiliate: entry.pair.affiliate.clone(),
+                    purpose: entry.pair.purpose.as_str().to_owned(),
                     lease_id: granted.lease_id,
                 };
                 let ended = client.request(Req::EndExport(end)).await;
@@ -404,7 +400,7 @@ impl Exporter {
     /// otherwise. `started_ms` is when an export attempt began (its log time).
     fn settle(
         &self,
-        id: &str,
+        id: &WebhookId,
         entry: &mut Entry,
         outcome: Result<u16, String>,
         started_ms: u64,
@@ -419,7 +415,7 @@ impl Exporter {
                     self.store.remove(id)?;
                 }
                 self.progress.send_modify(|p| p.delivered += 1);
-                tracing::info!(webhook = id, status, "webhook delivered");
+                tracing::info!(webhook = %id, status, "webhook delivered");
             }
             other => {
                 entry.attempts = entry.attempts.saturating_add(1);
@@ -427,8 +423,8 @@ impl Exporter {
                 entry.next_attempt_ms =
                     relay_proto::now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
                 match other {
-                    Ok(status) => tracing::info!(webhook = id, status, ?delay, "webhook refused; will retry"),
-                    Err(e) => tracing::info!(webhook = id, error = %e, ?delay, "webhook failed; will retry"),
+                    Ok(status) => tracing::info!(webhook = %id, status, ?delay, "webhook refused; will retry"),
+                    Err(e) => tracing::info!(webhook = %id, error = %e, ?delay, "webhook failed; will retry"),
                 }
                 self.store.put(id, entry)?;
             }
@@ -463,10 +459,9 @@ impl Exporter {
             };
             let mut entries = Vec::new();
             for (_, record) in self.store.log_records(published, (end - published) as usize)? {
-                let corrupt = || StoreError::Corrupt("log record".into());
                 entries.push(PublishedEntry {
-                    account_id: hex::decode(&record.account).map_err(|_| corrupt())?.into(),
-                    leaf: hex::decode(&record.leaf).map_err(|_| corrupt())?.into(),
+                    account_id: record.account.as_bytes().to_vec().into(),
+                    leaf: record.leaf.into(),
                 });
             }
             let request = PublishLog {
@@ -502,13 +497,15 @@ impl Exporter {
         Ok(signed)
     }
 
-    async fn post(&self, url: &Url, key: &[u8], id: &str, body: &str) -> Result<u16, HttpError> {
+    async fn post(&self, url: &Url, key: &[u8], id: &WebhookId, body: &str) -> Result<u16, HttpError> {
         let timestamp = relay_proto::now_ms() / 1000;
+        let id = id.to_string();
+        let signature = webhook::sign(key, &id, timestamp, body.as_bytes());
         let headers = [
             ("content-type", "application/json".to_owned()),
-            ("webhook-id", id.to_owned()),
+            ("webhook-id", id),
             ("webhook-timestamp", timestamp.to_string()),
-            ("webhook-signature", webhook::sign(key, id, timestamp, body.as_bytes())),
+            ("webhook-signature", signature),
         ];
         http::post(url, &self.tls, &headers, body.as_bytes(), HTTP_TIMEOUT).await
     }
@@ -521,8 +518,7 @@ pub fn load_log(store: &ExporterStore) -> Result<MerkleLog, StoreError> {
         if index != hashes.len() as u64 {
             return Err(StoreError::Corrupt(format!("log record {index} out of sequence")));
         }
-        let leaf = hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt(format!("log record {index}")))?;
-        hashes.push(relay_proto::merkle::leaf_hash(&leaf));
+        hashes.push(relay_proto::merkle::leaf_hash(&record.leaf));
         Ok(())
     })?;
     Ok(MerkleLog::from_leaf_hashes(hashes))
