@@ -15,8 +15,9 @@ use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
 use serde::Serialize;
 
 use crate::affiliates::Catalogue;
+use crate::core::{Evidence, LogRecord};
 use crate::ids::Pair;
-use crate::outbox::{Evidence, ExporterStore, LogRecord, StoreError};
+use crate::outbox::{ExporterStore, StoreError};
 
 /// What the audit found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -172,8 +173,8 @@ mod tests {
     use relay_proto::merkle::TreeHead;
 
     use super::*;
+    use crate::core::Write;
     use crate::ids::WebhookId;
-    use crate::outbox::{Entry, Kind};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -237,22 +238,17 @@ mod tests {
             };
             let encoded = leaf.encode().expect("leaf");
             let record = LogRecord { leaf: encoded.clone(), account: self.account(), evidence: grant.1.clone() };
-            let entry = Entry {
-                kind: Kind::Export,
-                pair: self.pair(),
-                statement_hash: grant.0.hash(),
-                pseudonym: "p".into(),
-                body: "{}".into(),
-                attempts: 0,
-                next_attempt_ms: 0,
-                fields: Vec::new(),
-                evidence: None,
-                in_flight_ms: None,
-            };
-            self.store.complete_export(&WebhookId::from_export_id([n; 16]), &entry, &record).expect("log");
+            let id = WebhookId::from_export_id([n; 16]);
+            let settle = Write::Settle { id, pair: self.pair(), pseudonym: "p".into(), record: Box::new(record) };
+            self.store.apply(&settle).expect("log");
             self.log.append(&encoded);
             let head = TreeHead { size: self.log.len(), root: self.log.root(), timestamp_ms: u64::from(n) };
             self.store.put_head(&head.sign(&self.log_key)).expect("head");
+        }
+
+        fn record_statement(&self, sequence: u64, evidence: &Evidence) {
+            let write = Write::Statement { pair: self.pair(), sequence, evidence: evidence.clone() };
+            self.store.apply(&write).expect("evidence");
         }
 
         fn audit(&self) -> AuditReport {
@@ -267,7 +263,7 @@ mod tests {
     fn a_log_of_exports_under_grants_in_force_passes() {
         let mut f = Fixture::new();
         let grant = statement(&f.user, 1, Decision::Grant, 1_000);
-        f.store.record_statement(&f.pair(), 1, &grant.1).expect("evidence");
+        f.record_statement(1, &grant.1);
         for n in 1..=5 {
             f.export(n, &grant, 2_000 + u64::from(n), FIELDS);
         }
@@ -279,11 +275,10 @@ mod tests {
     #[test]
     fn exports_after_a_withdrawal_without_a_grant_or_with_other_fields_are_reported() {
         let mut f = Fixture::new();
-        let pair = f.pair();
         let grant = statement(&f.user, 1, Decision::Grant, 1_000);
         let withdraw = statement(&f.user, 2, Decision::Withdraw, 3_000);
-        f.store.record_statement(&pair, 1, &grant.1).expect("evidence");
-        f.store.record_statement(&pair, 2, &withdraw.1).expect("evidence");
+        f.record_statement(1, &grant.1);
+        f.record_statement(2, &withdraw.1);
         f.export(1, &grant, 2_000, FIELDS);
         f.export(2, &grant, 4_000, FIELDS);
         f.export(3, &withdraw, 5_000, FIELDS);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use relay_client::DirectoryEntry;
 use relay_exporter::Catalogue;
 use relay_exporter::audit::audit;
+use relay_exporter::core::EntryState;
 use relay_exporter::ids::{Pair, WebhookId};
 use relay_exporter::outbox::ExporterStore;
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
@@ -502,10 +503,10 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
         // when the exporter is stopped: it is logged when it leaves the outbox (settled or dropped), so it counts
         // as pending, not as missing. Anything else accepted by an affiliate must be in the log.
         let pending: BTreeSet<String> = store
-            .due(u64::MAX, usize::MAX)
+            .entries()
             .expect("outbox")
             .into_iter()
-            .filter(|(_, e)| e.in_flight_ms.is_some())
+            .filter(|(_, e)| matches!(e.state, EntryState::InFlight(_)))
             .map(|(id, _)| id.to_string())
             .collect();
         let unlogged: Vec<_> = delivered_ids.difference(&logged).filter(|id| !pending.contains(*id)).collect();
