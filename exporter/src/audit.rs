@@ -15,7 +15,9 @@ use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
 use serde::Serialize;
 
 use crate::affiliates::Catalogue;
-use crate::outbox::{Evidence, LogRecord, Store, StoreError, pair_key};
+use crate::core::{Evidence, LogRecord};
+use crate::ids::Pair;
+use crate::outbox::{ExporterStore, StoreError};
 
 /// What the audit found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -57,19 +59,18 @@ fn verified(evidence: &Evidence) -> Result<ConsentStatement, &'static str> {
 
 /// The problem with one entry, if any.
 fn check_entry(
-    store: &Store,
+    store: &ExporterStore,
     catalogue: Option<&Catalogue>,
     record: &LogRecord,
 ) -> Result<Result<ExportLeaf, String>, StoreError> {
-    let leaf = match hex::decode(&record.leaf).ok().map(|b| ExportLeaf::decode(&b)) {
-        Some(Ok(leaf)) => leaf,
-        _ => return Ok(Err("leaf does not decode".into())),
+    let Ok(leaf) = ExportLeaf::decode(&record.leaf) else {
+        return Ok(Err("leaf does not decode".into()));
     };
     let statement = match verified(&record.evidence) {
         Ok(s) => s,
         Err(e) => return Ok(Err(format!("consent evidence: {e}"))),
     };
-    if statement.account.to_string() != record.account {
+    if statement.account != record.account {
         return Ok(Err("the statement is another account's".into()));
     }
     if statement.hash() != leaf.consent_hash {
@@ -87,7 +88,8 @@ fn check_entry(
     if !statement.in_force(leaf.time_ms) {
         return Ok(Err("the grant was not in force at the export's time (expired or notice changed)".into()));
     }
-    let pair = pair_key(&record.account, &leaf.affiliate, &leaf.purpose);
+    // The statement's pair is the leaf's: both were checked above.
+    let pair = Pair::new(statement.account, statement.affiliate.clone(), statement.purpose);
     for (sequence, later) in store.statements_of(&pair)? {
         // Strictly before: a statement recorded in the same millisecond as the attempt began may have come after the
         // relay granted the attempt's lease (the fence orders the two; millisecond times cannot).
@@ -108,17 +110,29 @@ fn check_entry(
 }
 
 /// Audits the log in `store` against the exporter's log key (and, if given, the affiliates catalogue).
-pub fn audit(store: &Store, log_key: &VerifyingKey, catalogue: Option<&Catalogue>) -> Result<AuditReport, StoreError> {
+pub fn audit(
+    store: &ExporterStore,
+    log_key: &VerifyingKey,
+    catalogue: Option<&Catalogue>,
+) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
     let mut hashes = Vec::new();
-    store.visit_log(|index, record| {
+    store.visit_log_records(|index, record| {
         if index != hashes.len() as u64 {
             report.problems.push(format!("entry {index}: out of sequence (expected {})", hashes.len()));
         }
-        if let Err(problem) = check_entry(store, catalogue, &record)? {
-            report.problems.push(format!("entry {index}: {problem}"));
+        match record {
+            Ok(record) => {
+                if let Err(problem) = check_entry(store, catalogue, &record)? {
+                    report.problems.push(format!("entry {index}: {problem}"));
+                }
+                hashes.push(leaf_hash(&record.leaf));
+            }
+            Err(problem) => {
+                report.problems.push(format!("entry {index}: {problem}"));
+                hashes.push([0; 32]);
+            }
         }
-        hashes.push(hex::decode(&record.leaf).map(|b| leaf_hash(&b)).unwrap_or_default());
         Ok::<_, StoreError>(())
     })?;
     report.entries = hashes.len() as u64;
@@ -159,11 +173,12 @@ mod tests {
     use relay_proto::merkle::TreeHead;
 
     use super::*;
-    use crate::outbox::{Entry, Kind};
+    use crate::core::Write;
+    use crate::ids::WebhookId;
 
     struct Fixture {
         _dir: tempfile::TempDir,
-        store: Store,
+        store: ExporterStore,
         user: SigningKey,
         log_key: SigningKey,
         log: MerkleLog,
@@ -192,7 +207,7 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().expect("dir");
-            let store = Store::open(dir.path()).expect("store");
+            let store = ExporterStore::open(dir.path()).expect("store");
             Self {
                 _dir: dir,
                 store,
@@ -202,8 +217,12 @@ mod tests {
             }
         }
 
-        fn account(&self) -> String {
-            AccountId::from_identity_key(self.user.verifying_key().as_bytes()).to_string()
+        fn account(&self) -> AccountId {
+            AccountId::from_identity_key(self.user.verifying_key().as_bytes())
+        }
+
+        fn pair(&self) -> Pair {
+            Pair::new(self.account(), "adsco", Purpose::Advertising)
         }
 
         /// Logs an export at `time_ms` under `grant`, then signs a head over the log.
@@ -218,25 +237,18 @@ mod tests {
                 time_ms,
             };
             let encoded = leaf.encode().expect("leaf");
-            let record = LogRecord { leaf: hex::encode(&encoded), account: self.account(), evidence: grant.1.clone() };
-            let entry = Entry {
-                kind: Kind::Export,
-                affiliate: "adsco".into(),
-                purpose: "advertising".into(),
-                account: self.account(),
-                statement_hash: hex::encode(grant.0.hash()),
-                pseudonym: "p".into(),
-                body: "{}".into(),
-                attempts: 0,
-                next_attempt_ms: 0,
-                fields: Vec::new(),
-                evidence: None,
-                in_flight_ms: None,
-            };
-            self.store.complete_export(&format!("msg_{n}"), &entry, &record).expect("log");
+            let record = LogRecord { leaf: encoded.clone(), account: self.account(), evidence: grant.1.clone() };
+            let id = WebhookId::from_export_id([n; 16]);
+            let settle = Write::Settle { id, pair: self.pair(), pseudonym: "p".into(), record: Box::new(record) };
+            self.store.apply(&settle).expect("log");
             self.log.append(&encoded);
             let head = TreeHead { size: self.log.len(), root: self.log.root(), timestamp_ms: u64::from(n) };
             self.store.put_head(&head.sign(&self.log_key)).expect("head");
+        }
+
+        fn record_statement(&self, sequence: u64, evidence: &Evidence) {
+            let write = Write::Statement { pair: self.pair(), sequence, evidence: evidence.clone() };
+            self.store.apply(&write).expect("evidence");
         }
 
         fn audit(&self) -> AuditReport {
@@ -251,7 +263,7 @@ mod tests {
     fn a_log_of_exports_under_grants_in_force_passes() {
         let mut f = Fixture::new();
         let grant = statement(&f.user, 1, Decision::Grant, 1_000);
-        f.store.record_statement(&pair_key(&f.account(), "adsco", "advertising"), 1, &grant.1).expect("evidence");
+        f.record_statement(1, &grant.1);
         for n in 1..=5 {
             f.export(n, &grant, 2_000 + u64::from(n), FIELDS);
         }
@@ -263,11 +275,10 @@ mod tests {
     #[test]
     fn exports_after_a_withdrawal_without_a_grant_or_with_other_fields_are_reported() {
         let mut f = Fixture::new();
-        let pair = pair_key(&f.account(), "adsco", "advertising");
         let grant = statement(&f.user, 1, Decision::Grant, 1_000);
         let withdraw = statement(&f.user, 2, Decision::Withdraw, 3_000);
-        f.store.record_statement(&pair, 1, &grant.1).expect("evidence");
-        f.store.record_statement(&pair, 2, &withdraw.1).expect("evidence");
+        f.record_statement(1, &grant.1);
+        f.record_statement(2, &withdraw.1);
         f.export(1, &grant, 2_000, FIELDS);
         f.export(2, &grant, 4_000, FIELDS);
         f.export(3, &withdraw, 5_000, FIELDS);
@@ -298,9 +309,9 @@ mod tests {
         // Rewrite entry 1 with another (still well-formed) field list: every head over it stops matching.
         let mut records = f.store.log_records(1, 1).expect("records");
         let (_, mut record) = records.remove(0);
-        let mut leaf = ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
+        let mut leaf = ExportLeaf::decode(&record.leaf).expect("leaf");
         leaf.fields = vec!["device_model".into()];
-        record.leaf = hex::encode(leaf.encode().expect("leaf"));
+        record.leaf = leaf.encode().expect("leaf");
         f.store.replace_log_record(1, &record).expect("tamper");
         let problems = f.audit().problems.join("\n");
         assert!(problems.contains("head of size 2: root is not the root"), "{problems}");

@@ -1,56 +1,45 @@
-//! Turning the relay's consent feed into outbox entries.
+//! The relay's two feeds as the exporter reads them: consent statements (`ConsentChanges`) and accounts whose
+//! exportable data changed (`SubjectChanges`), each a list of [`ConsentChange`]s after a cursor. What a change may
+//! lead to is decided by the core (`crate::core`); this module checks a change before anything acts on it, and
+//! writes the events it leads to.
 //!
 //! Contract: a change is acted on only if the user's Ed25519 signature over the statement verifies with the
-//! change's identity key and the account id derives from that key; anything else is skipped and logged without
-//! personal data. Every verified statement is kept as audit evidence. A grant with a subject, for a pair the
-//! catalogue allows, queues one export whose webhook id is derived from the statement hash, the affiliate and a
-//! digest of the exported data; reading the same change again, or a subject change that leaves the affiliate's
-//! fields as they were, queues nothing, while new data (a new device, say) replaces what is still queued for the pair.
-//! Each export body carries a random nonce, so the log's payload hash cannot be reversed by guessing the data.
-//! A withdrawal removes the pair's queued exports and, if the pair had been delivered, queues a `consent.withdrawn`
-//! notice carrying only the user's pseudonym for that affiliate.
+//! change's identity key and the account id derives from that key ([`verify`]); anything else is skipped. Every event
+//! body carries a random nonce, so the log's payload hash cannot be reversed by guessing the data. Pure: no I/O.
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use relay_proto::AccountId;
-use relay_proto::consent::{ConsentStatement, Decision};
-use relay_proto::wire::ConsentChange;
+use relay_proto::consent::ConsentStatement;
+use relay_proto::wire::{ConsentChange, ConsentChangeList, ConsentChanges, SubjectChanges, export_request};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
-use crate::affiliates::Catalogue;
-use crate::outbox::{Entry, Evidence, Kind, Store, StoreError, pair_key};
-use crate::payload::{self, phone_pseudonym};
+use crate::payload;
 
-/// What became of one change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// Failed verification: ignored.
-    Rejected(&'static str),
-    /// A grant with nothing to export (not in force any more, or not allowed by the catalogue).
-    Nothing,
-    /// An export was queued.
-    Queued,
-    /// The same data was already queued or delivered for this statement.
-    Unchanged,
-    /// A withdrawal: this many queued exports dropped, and whether a withdrawal notice was queued.
-    Withdrawn {
-        /// Exports removed from the outbox.
-        dropped: usize,
-        /// Whether a `consent.withdrawn` notice was queued.
-        notified: bool,
-    },
+/// One of the relay's feeds, each with its own cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feed {
+    /// Consent statements, in the order the relay recorded them.
+    Consents,
+    /// Accounts whose phone number or device info changed, with the pairs in force for them.
+    Subjects,
 }
 
-/// The webhook id of the event that follows from statement `hash` for `affiliate`, carrying data with `digest` (all
-/// zeros for a withdrawal notice).
-pub fn webhook_id(hash: &[u8; 32], affiliate: &str, digest: &[u8; 32]) -> String {
-    let id = Sha256::new().chain_update(hash).chain_update(affiliate.as_bytes()).chain_update(digest).finalize();
-    format!("msg_{}", hex::encode(&id[..16]))
+impl Feed {
+    /// Both feeds, in the order a pass reads them.
+    pub const ALL: [Feed; 2] = [Feed::Consents, Feed::Subjects];
+
+    /// The request for the changes after `after_cursor`.
+    pub fn request(self, after_cursor: u64) -> export_request::Body {
+        match self {
+            Feed::Consents => export_request::Body::ConsentChanges(ConsentChanges { after_cursor }),
+            Feed::Subjects => export_request::Body::SubjectChanges(SubjectChanges { after_cursor }),
+        }
+    }
 }
 
-/// The 16 bytes of a webhook id (the log leaf's export id).
-pub fn export_id(webhook_id: &str) -> Option<[u8; 16]> {
-    hex::decode(webhook_id.strip_prefix("msg_")?).ok()?.try_into().ok()
+/// Whether `page`, asked for after `after_cursor`, says the feed has nothing more: no change and no progress.
+pub fn caught_up(after_cursor: u64, page: &ConsentChangeList) -> bool {
+    page.changes.is_empty() && page.next_cursor <= after_cursor
 }
 
 /// Checks the change's signature and account binding; the statement if both hold.
@@ -70,124 +59,31 @@ pub fn verify(change: &ConsentChange) -> Result<ConsentStatement, &'static str> 
     Ok(statement)
 }
 
-fn event(kind: &str, now_ms: u64, data: serde_json::Map<String, Value>) -> String {
-    let nonce: [u8; 16] = rand::random();
-    json!({ "type": kind, "timestamp": relay_proto::time::rfc3339(now_ms), "nonce": hex::encode(nonce), "data": data })
-        .to_string()
+/// What the change says of the user, if it carries a subject (only grants in force do).
+pub fn subject(change: &ConsentChange) -> Option<payload::Subject> {
+    let subject = change.subject.as_ref()?;
+    let device = subject.device.clone().unwrap_or_default();
+    Some(payload::Subject {
+        phone: subject.phone.clone(),
+        device_model: device.model,
+        os: device.os,
+        app_version: device.app_version,
+    })
 }
 
-/// Applies one change to the outbox (the caller flushes, then advances the cursor).
-pub fn apply(
-    store: &Store,
-    catalogue: &Catalogue,
-    master_key: &[u8; 32],
-    change: &ConsentChange,
-    now_ms: u64,
-) -> Result<Applied, StoreError> {
-    let statement = match verify(change) {
-        Ok(s) => s,
-        Err(reason) => {
-            tracing::warn!(cursor = change.cursor, reason, "consent change skipped");
-            return Ok(Applied::Rejected(reason));
-        }
-    };
-    let hash = statement.hash();
-    let account = statement.account.to_string();
-    let purpose = statement.purpose.as_str();
-    let pair = pair_key(&account, &statement.affiliate, purpose);
-    let evidence = Evidence {
-        statement: hex::encode(&change.statement),
-        signature: hex::encode(&change.signature),
-        identity_key: hex::encode(&change.identity_key),
-        recorded_at_ms: change.recorded_at_ms,
-    };
-    store.record_statement(&pair, statement.sequence, &evidence)?;
-    let Some(affiliate) = catalogue.get(&statement.affiliate) else {
-        return Ok(Applied::Nothing);
-    };
-    match statement.decision {
-        Decision::Grant => {
-            let Some(subject) = &change.subject else { return Ok(Applied::Nothing) };
-            let device = subject.device.clone().unwrap_or_default();
-            let subject = payload::Subject {
-                phone: subject.phone.clone(),
-                device_model: device.model,
-                os: device.os,
-                app_version: device.app_version,
-            };
-            let Some((mut data, fields)) = payload::build(affiliate, statement.purpose, &subject, master_key) else {
-                return Ok(Applied::Nothing);
-            };
-            // serde_json's map is ordered by key, so equal data gives equal digests.
-            let digest: [u8; 32] = Sha256::digest(Value::Object(data.clone()).to_string().as_bytes()).into();
-            let marker = format!("{}:{}", hex::encode(hash), hex::encode(digest));
-            if store.exported(&pair)?.as_deref() == Some(marker.as_str()) {
-                return Ok(Applied::Unchanged);
-            }
-            data.insert("purpose".into(), Value::String(purpose.into()));
-            data.insert("consent".into(), Value::String(hex::encode(hash)));
-            let entry = Entry {
-                kind: Kind::Export,
-                affiliate: affiliate.id.clone(),
-                purpose: purpose.into(),
-                account,
-                statement_hash: hex::encode(hash),
-                pseudonym: phone_pseudonym(master_key, &affiliate.id, &subject.phone),
-                body: event("user.metadata.exported", now_ms, data),
-                attempts: 0,
-                next_attempt_ms: now_ms,
-                fields: fields.iter().map(|f| f.as_str().to_owned()).collect(),
-                evidence: Some(evidence),
-                in_flight_ms: None,
-            };
-            // Older data still queued for the pair is superseded by this one.
-            store.remove_exports_of(&pair)?;
-            store.insert_new(&webhook_id(&hash, &affiliate.id, &digest), &entry)?;
-            store.set_exported(&pair, &marker)?;
-            Ok(Applied::Queued)
-        }
-        Decision::Withdraw => {
-            let dropped = store.remove_exports_of(&pair)?;
-            store.forget_exported(&pair)?;
-            let mut notified = false;
-            if let Some(pseudonym) = store.delivered(&pair)? {
-                let mut data = serde_json::Map::new();
-                data.insert("purpose".into(), Value::String(purpose.into()));
-                data.insert("subject".into(), Value::String(pseudonym.clone()));
-                let entry = Entry {
-                    kind: Kind::Withdrawn,
-                    affiliate: affiliate.id.clone(),
-                    purpose: purpose.into(),
-                    account,
-                    statement_hash: hex::encode(hash),
-                    pseudonym,
-                    body: event("consent.withdrawn", now_ms, data),
-                    attempts: 0,
-                    next_attempt_ms: now_ms,
-                    fields: Vec::new(),
-                    evidence: None,
-                    in_flight_ms: None,
-                };
-                // Queued before the delivered mark is forgotten, so a crash between the two loses neither.
-                store.insert_new(&webhook_id(&hash, &affiliate.id, &[0; 32]), &entry)?;
-                store.forget_delivered(&pair)?;
-                notified = true;
-            }
-            Ok(Applied::Withdrawn { dropped, notified })
-        }
-    }
+/// The JSON body of an event of type `kind` written at `now_ms`, with `nonce` and `data`.
+pub fn event(kind: &str, now_ms: u64, nonce: [u8; 16], data: serde_json::Map<String, Value>) -> String {
+    json!({ "type": kind, "timestamp": relay_proto::time::rfc3339(now_ms), "nonce": hex::encode(nonce), "data": data })
+        .to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use ed25519_dalek::{Signer, SigningKey};
-    use relay_proto::consent::Purpose;
+    use relay_proto::consent::{Decision, Purpose};
     use relay_proto::wire::{DeviceInfo, Subject};
 
     use super::*;
-    use crate::outbox::Kind;
-
-    const CATALOGUE: &str = include_str!("../affiliates.example.toml");
 
     fn change(key: &SigningKey, affiliate: &str, decision: Decision, sequence: u64) -> ConsentChange {
         let account = AccountId::from_identity_key(key.verifying_key().as_bytes());
@@ -214,13 +110,6 @@ mod tests {
         }
     }
 
-    /// A fresh store (its directory kept alive by the guard), the example catalogue, a user key, a pseudonym key.
-    fn fixture() -> (tempfile::TempDir, Store, Catalogue, SigningKey, [u8; 32]) {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("store");
-        (dir, store, Catalogue::parse(CATALOGUE).expect("catalogue"), SigningKey::from_bytes(&[7; 32]), [3; 32])
-    }
-
     #[test]
     fn only_changes_signed_by_the_key_the_account_derives_from_are_accepted() {
         let key = SigningKey::from_bytes(&[7; 32]);
@@ -240,87 +129,27 @@ mod tests {
     }
 
     #[test]
-    fn grants_queue_once_and_withdrawals_clear_and_notify() {
-        let (_dir, store, catalogue, key, master) = fixture();
-        let grant = change(&key, "adsco", Decision::Grant, 1);
-        assert_eq!(apply(&store, &catalogue, &master, &grant, 5).expect("apply"), Applied::Queued);
-        assert_eq!(apply(&store, &catalogue, &master, &grant, 6).expect("apply"), Applied::Unchanged);
-        assert_eq!(store.len(), 1, "re-reading the feed queues nothing new");
-        // A subject change the affiliate does not receive (the OS, for adsco's advertising) exports nothing.
-        let mut new_os = grant.clone();
-        new_os.subject.as_mut().and_then(|s| s.device.as_mut()).expect("device").os = "Android 17".into();
-        assert_eq!(apply(&store, &catalogue, &master, &new_os, 6).expect("apply"), Applied::Unchanged);
-        // A new device model replaces the queued export.
-        let mut new_model = grant.clone();
-        new_model.subject.as_mut().and_then(|s| s.device.as_mut()).expect("device").model = "Pixel 10".into();
-        assert_eq!(apply(&store, &catalogue, &master, &new_model, 6).expect("apply"), Applied::Queued);
-        assert_eq!(store.len(), 1, "the older data is superseded");
-        let (_, queued) = store.due(10, 10).expect("due").remove(0);
-        assert!(queued.body.contains("Pixel 10"), "{}", queued.body);
-        assert_eq!(queued.fields, ["phone_pseudonym", "device_model"]);
-        assert_eq!(store.statements_of(&queued.pair_key()).expect("evidence").len(), 1);
-        let shield = change(&key, "shieldco", Decision::Grant, 2);
-        assert_eq!(apply(&store, &catalogue, &master, &shield, 7).expect("apply"), Applied::Nothing, "not allowed");
-        let mut rejected = change(&key, "adsco", Decision::Grant, 3);
-        rejected.signature = vec![0; 64].into();
-        assert!(matches!(apply(&store, &catalogue, &master, &rejected, 8).expect("apply"), Applied::Rejected(_)));
-        assert_eq!(store.len(), 1);
-
-        let (id, entry) = store.due(10, 10).expect("due").remove(0);
-        assert!(!entry.body.contains("612345678"), "{}", entry.body);
-        let withdraw = change(&key, "adsco", Decision::Withdraw, 4);
-        assert_eq!(
-            apply(&store, &catalogue, &master, &withdraw, 9).expect("apply"),
-            Applied::Withdrawn { dropped: 1, notified: false }
-        );
-        assert!(store.get(&id).expect("get").is_none());
-
-        // Delivered, then withdrawn: a notice with the pseudonym only.
-        store.mark_delivered(&entry.pair_key(), &entry.pseudonym).expect("mark");
-        assert_eq!(
-            apply(&store, &catalogue, &master, &withdraw, 10).expect("apply"),
-            Applied::Withdrawn { dropped: 0, notified: true }
-        );
-        let (_, notice) = store.due(20, 10).expect("due").remove(0);
-        assert_eq!(notice.kind, Kind::Withdrawn);
-        let body: Value = serde_json::from_str(&notice.body).expect("json");
-        assert_eq!(body["data"]["subject"], Value::String(phone_pseudonym(&master, "adsco", "+33612345678")));
-        assert_eq!(store.delivered(&entry.pair_key()).expect("delivered"), None);
+    fn events_carry_their_type_time_nonce_and_data_only() {
+        let mut data = serde_json::Map::new();
+        data.insert("purpose".into(), Value::String("advertising".into()));
+        let body = event("consent.withdrawn", 1_700_000_000_123, [0xab; 16], data);
+        let parsed: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(parsed["type"], "consent.withdrawn");
+        assert_eq!(parsed["timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(parsed["nonce"], "ab".repeat(16));
+        assert_eq!(parsed["data"], json!({"purpose": "advertising"}));
+        assert_eq!(parsed.as_object().map(|o| o.len()), Some(4));
     }
 
-    /// Found by the exporter crash campaign: an exporter killed after the affiliate took an export but before it
-    /// recorded the answer, then a withdrawal read on restart, dropped the export unlogged and without a notice.
     #[test]
-    fn a_withdrawal_logs_and_notifies_an_export_whose_attempt_got_no_answer() {
-        let (_dir, store, catalogue, key, master) = fixture();
+    fn a_feed_is_caught_up_only_on_an_empty_page_that_does_not_move() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let page = |changes: Vec<ConsentChange>, next_cursor| ConsentChangeList { changes, next_cursor };
+        assert!(caught_up(5, &page(vec![], 5)));
+        assert!(!caught_up(5, &page(vec![], 9)), "the subject feed moves past changes with nothing in force");
+        assert!(!caught_up(5, &page(vec![change(&key, "adsco", Decision::Grant, 6)], 6)));
         let grant = change(&key, "adsco", Decision::Grant, 1);
-        assert_eq!(apply(&store, &catalogue, &master, &grant, 5).expect("apply"), Applied::Queued);
-        let (id, mut entry) = store.due(10, 10).expect("due").remove(0);
-        // What the exporter writes, durably, before the request leaves; then it dies.
-        entry.in_flight_ms = Some(6);
-        store.put(&id, &entry).expect("put");
-
-        let withdraw = change(&key, "adsco", Decision::Withdraw, 2);
-        assert_eq!(
-            apply(&store, &catalogue, &master, &withdraw, 9).expect("apply"),
-            Applied::Withdrawn { dropped: 1, notified: true },
-            "the affiliate may hold the data: it is told of the withdrawal"
-        );
-        assert_eq!(store.log_len().expect("log"), 1, "and the export is in the log");
-        let (_, record) = store.log_records(0, 1).expect("records").remove(0);
-        let leaf = relay_proto::merkle::ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
-        assert_eq!((leaf.export_id, leaf.time_ms), (export_id(&id).expect("id"), 6), "at the attempt's time");
-        let (_, notice) = store.due(20, 10).expect("due").remove(0);
-        assert_eq!(notice.kind, Kind::Withdrawn);
-
-        // Without an attempt in flight, a dropped export is neither logged nor notified.
-        let regrant = change(&key, "adsco", Decision::Grant, 3);
-        assert_eq!(apply(&store, &catalogue, &master, &regrant, 10).expect("apply"), Applied::Queued);
-        let rewithdraw = change(&key, "adsco", Decision::Withdraw, 4);
-        assert_eq!(
-            apply(&store, &catalogue, &master, &rewithdraw, 11).expect("apply"),
-            Applied::Withdrawn { dropped: 1, notified: false }
-        );
-        assert_eq!(store.log_len().expect("log"), 1);
+        assert_eq!(subject(&grant).map(|s| s.device_model), Some("Pixel 9".to_owned()));
+        assert_eq!(subject(&change(&key, "adsco", Decision::Withdraw, 2)), None);
     }
 }

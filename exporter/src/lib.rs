@@ -1,10 +1,13 @@
 //! relay-exporter: the metadata exporter process and the export-log auditor (`relay-audit`).
 //!
-//! Pure logic: the affiliates catalogue ([`affiliates`]), payloads with exactly the allowed fields and
-//! per-affiliate phone pseudonyms ([`payload`]), Standard Webhooks signatures ([`webhook`]). The process: its link to
-//! the relay's export interface ([`relay_link`]), the feed reader ([`feed`]), the durable outbox with the export log
-//! ([`outbox`]), a minimal webhook client ([`http`]), the loop that ties them ([`process`]), and the auditor that
-//! checks a stored log ([`audit`]).
+//! Pure logic, no I/O: the exporter's rules ([`core`]: what a change from the relay's feeds does to the outbox,
+//! and every delivery attempt, lease → in flight → post → release → settle, as events in and effects out), the
+//! feeds' changes checked and the events they lead to ([`feed`]), the exporter's identifiers, webhook ids and
+//! (account, affiliate, purpose) pairs ([`ids`]), the affiliates catalogue ([`affiliates`]), payloads with exactly
+//! the allowed fields and per-affiliate phone pseudonyms ([`payload`]), Standard Webhooks signatures ([`webhook`]).
+//! The I/O: the link to the relay's export interface ([`relay_link`]), the sled store that performs the core's
+//! writes, with the export log ([`outbox`]), a minimal webhook client ([`http`]), the async driver of the core
+//! ([`process`]), and the auditor that checks a stored log ([`audit`]).
 //!
 //! Contract: the exporter never reads mailboxes. This crate does not depend on the relay's crate (`relay-server`),
 //! so it cannot name a mailbox tree or an envelope store; `.ci/run` fails if that dependency ever appears. What it
@@ -12,8 +15,10 @@
 
 pub mod affiliates;
 pub mod audit;
+pub mod core;
 pub mod feed;
 pub mod http;
+pub mod ids;
 pub mod outbox;
 pub mod payload;
 pub mod process;

@@ -1,105 +1,27 @@
-//! The exporter's durable state, in its own sled database: the outbox (webhook id → entry to deliver), the pairs
-//! delivered so far (pair → the user's pseudonym for that affiliate, for a later `consent.withdrawn` event), what
-//! was last queued per pair (so unchanged data is not exported twice), the feed cursors, the export log (index →
-//! [`LogRecord`]: the leaf and the user-signed statement that allowed it), its signed tree heads, every verified
-//! statement per pair (the auditor's evidence that no later statement had withdrawn a grant), and how much of the
-//! log the relay holds.
+//! The exporter's durable state, in its own sled database, one tree per concern: `outbox` (webhook id → entry to
+//! deliver), `delivered` (pair → the user's pseudonym for that affiliate, for a later `consent.withdrawn` event),
+//! `exported` (pair → what was last queued for it, so unchanged data is not exported twice), `meta` (the feed
+//! cursors, how much of the log the relay holds), `log` (index → [`LogRecord`]: the leaf and the user-signed
+//! statement that allowed it), `heads` (its signed tree heads) and `statements` (every verified statement per pair:
+//! the auditor's evidence that no later statement had withdrawn a grant). Keys are the text forms of
+//! [`crate::ids`].
 //!
-//! Contract: an entry stays in the outbox until the affiliate answered 2xx, or the relay denied the export, or a
-//! withdrawal of its pair removed it. A 2xx answer to an export appends the log record (durably, once per webhook
-//! id), then removes the entry and marks the pair delivered, so a crash never leaves a delivered export out of the
-//! log nor logs one twice; an export whose attempt got no answer (the exporter died, the connection failed) is
-//! logged if it leaves the outbox undelivered ([`Store::drop_export`]), since the affiliate may hold it. The cursors
-//! are written only by the feed, after [`Store::flush`] made the writes of the changes before
-//! them durable. Entries hold no raw phone number unless the catalogue allows the affiliate to receive it (it is then
-//! part of the body); log records never hold one.
+//! Contract: the store decides nothing; it performs the core's writes ([`ExporterStore::apply`]) in the order given
+//! and makes them durable at [`ExporterStore::flush`]. [`Write::Settle`] appends the log record (durably, once per
+//! webhook id), then removes the entry and marks the pair delivered, so a crash never leaves a settled export out of
+//! the log nor logs one twice. Entries hold no raw phone number unless the catalogue allows the affiliate to receive
+//! it (it is then part of the body); log records never hold one.
 
 use std::path::Path;
 
-use relay_proto::merkle::{ExportLeaf, SignedTreeHead, TreeHead};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use relay_proto::merkle::{SignedTreeHead, TreeHead};
+use serde::Serialize;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-/// What an outbox entry delivers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Kind {
-    /// `user.metadata.exported`: needs an export lease before every attempt.
-    Export,
-    /// `consent.withdrawn`: carries only the pseudonym, delivered without a lease.
-    Withdrawn,
-}
-
-/// One webhook to deliver.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    /// Export or withdrawal notice.
-    pub kind: Kind,
-    /// Affiliate id.
-    pub affiliate: String,
-    /// Purpose name.
-    pub purpose: String,
-    /// Account id (hex).
-    pub account: String,
-    /// Hex SHA-256 of the consent statement this entry follows from.
-    pub statement_hash: String,
-    /// The user's pseudonym for this affiliate (recorded as delivered with the pair on success).
-    pub pseudonym: String,
-    /// The JSON body, exactly as it is sent and signed.
-    pub body: String,
-    /// Failed attempts so far.
-    pub attempts: u32,
-    /// Earliest time of the next attempt (ms since the Unix epoch).
-    pub next_attempt_ms: u64,
-    /// Names of the exported fields (exports only).
-    #[serde(default)]
-    pub fields: Vec<String>,
-    /// The signed statement that allows the export (exports only).
-    #[serde(default)]
-    pub evidence: Option<Evidence>,
-    /// Set, durably, before an export request leaves, to when the first attempt whose outcome is unknown began
-    /// (ms since the Unix epoch): the exporter died or the connection failed before an answer, so the affiliate
-    /// may hold the data. Cleared by a definite refusal. An export dropped while set is logged as delivered.
-    #[serde(default)]
-    pub in_flight_ms: Option<u64>,
-}
-
-/// A user-signed consent statement as the relay recorded it, kept as evidence.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Evidence {
-    /// The canonical statement, hex.
-    pub statement: String,
-    /// The user's Ed25519 signature over it, hex.
-    pub signature: String,
-    /// The user's Ed25519 identity key, hex (the account id derives from it).
-    pub identity_key: String,
-    /// When the relay recorded it (ms since the Unix epoch).
-    pub recorded_at_ms: u64,
-}
-
-/// One entry of the export log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogRecord {
-    /// The canonical leaf (`relay_proto::merkle::ExportLeaf::encode`), hex.
-    pub leaf: String,
-    /// The account it concerns, hex (published to the relay, which shows the entry to that account only).
-    pub account: String,
-    /// The statement that allowed the export.
-    pub evidence: Evidence,
-}
-
-impl Entry {
-    /// The key of this entry's pair in the delivered tree.
-    pub fn pair_key(&self) -> String {
-        pair_key(&self.account, &self.affiliate, &self.purpose)
-    }
-}
-
-/// The delivered-tree key of (account, affiliate, purpose).
-pub fn pair_key(account: &str, affiliate: &str, purpose: &str) -> String {
-    format!("{account}/{affiliate}/{purpose}")
-}
+use crate::core::{Entry, Evidence, ExportMarker, Known, LogRecord, Write};
+use crate::feed::Feed;
+use crate::ids::{Pair, WebhookId};
 
 /// Why the exporter's store failed.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +37,7 @@ pub enum StoreError {
 
 /// The exporter's sled database.
 #[derive(Clone)]
-pub struct Store {
+pub struct ExporterStore {
     db: sled::Db,
     outbox: sled::Tree,
     delivered: sled::Tree,
@@ -126,10 +48,16 @@ pub struct Store {
     statements: sled::Tree,
 }
 
-/// The consent feed's cursor.
-pub const CONSENT_CURSOR: &[u8] = b"feed_cursor";
-/// The subject-change feed's cursor.
-pub const SUBJECT_CURSOR: &[u8] = b"subject_cursor";
+/// A log record as read: decoded, or why it does not decode.
+pub type RecordRead = Result<LogRecord, String>;
+
+/// In the `meta` tree: a feed's cursor.
+fn cursor_key(feed: Feed) -> &'static [u8] {
+    match feed {
+        Feed::Consents => b"feed_cursor",
+        Feed::Subjects => b"subject_cursor",
+    }
+}
 /// In the `log` tree: the number of records.
 const LOG_LEN: &[u8] = b"n";
 
@@ -141,8 +69,8 @@ fn log_record_key(index: u64) -> [u8; 9] {
 }
 
 /// In the `log` tree: `i ‖ webhook id` → index of its record.
-fn log_id_key(id: &str) -> Vec<u8> {
-    [&b"i"[..], id.as_bytes()].concat()
+fn log_id_key(id: &WebhookId) -> Vec<u8> {
+    [&b"i"[..], id.to_string().as_bytes()].concat()
 }
 const PUBLISHED: &[u8] = b"log_published";
 
@@ -156,35 +84,19 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// The webhook id an outbox key names.
+fn outbox_key(key: &[u8]) -> Result<WebhookId, StoreError> {
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("outbox key {:?}", String::from_utf8_lossy(key))))
+}
+
 fn decode(bytes: &[u8]) -> Result<Entry, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn encode(entry: &Entry) -> Vec<u8> {
-    json(entry)
-}
-
-/// The log record of a delivered export begun at `started_ms`: no personal data, the payload by its (nonce-salted)
-/// hash.
-pub fn log_record(id: &str, entry: &Entry, started_ms: u64) -> Result<LogRecord, StoreError> {
-    let corrupt = || StoreError::Corrupt(format!("outbox entry {id}"));
-    let leaf = ExportLeaf {
-        export_id: crate::feed::export_id(id).ok_or_else(corrupt)?,
-        affiliate: entry.affiliate.clone(),
-        purpose: entry.purpose.clone(),
-        fields: entry.fields.clone(),
-        payload_hash: Sha256::digest(entry.body.as_bytes()).into(),
-        consent_hash: hex::decode(&entry.statement_hash).ok().and_then(|h| h.try_into().ok()).ok_or_else(corrupt)?,
-        time_ms: started_ms,
-    };
-    Ok(LogRecord {
-        leaf: hex::encode(leaf.encode().map_err(|_| corrupt())?),
-        account: entry.account.clone(),
-        evidence: entry.evidence.clone().ok_or_else(corrupt)?,
-    })
-}
-
-impl Store {
+impl ExporterStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::open(path)?;
@@ -204,57 +116,68 @@ impl Store {
         self.meta.get(key)?.map_or(Ok(0), |v| be_u64(&v, "counter"))
     }
 
-    /// The consent feed's cursor (0 before the first change).
-    pub fn cursor(&self) -> Result<u64, StoreError> {
-        self.counter(CONSENT_CURSOR)
+    /// `feed`'s cursor (0 before the first change).
+    pub fn cursor(&self, feed: Feed) -> Result<u64, StoreError> {
+        self.counter(cursor_key(feed))
     }
 
-    /// Records the consent feed's cursor (the caller flushes).
-    pub fn set_cursor(&self, cursor: u64) -> Result<(), StoreError> {
-        self.set_feed_cursor(CONSENT_CURSOR, cursor)
-    }
-
-    /// A feed's cursor ([`CONSENT_CURSOR`] or [`SUBJECT_CURSOR`]).
-    pub fn feed_cursor(&self, feed: &[u8]) -> Result<u64, StoreError> {
-        self.counter(feed)
-    }
-
-    /// Records a feed's cursor (the caller flushes).
-    pub fn set_feed_cursor(&self, feed: &[u8], cursor: u64) -> Result<(), StoreError> {
-        self.meta.insert(feed, &cursor.to_be_bytes())?;
+    /// Performs one of the core's writes; durable after the next [`ExporterStore::flush`] ([`Write::Settle`]
+    /// makes its log append durable before it returns).
+    pub fn apply(&self, write: &Write) -> Result<(), StoreError> {
+        match write {
+            Write::Statement { pair, sequence, evidence } => {
+                self.statements.insert(format!("{pair}/{sequence:020}"), json(evidence))?;
+            }
+            Write::Put { id, entry } => {
+                self.outbox.insert(id.to_string(), json(entry))?;
+            }
+            Write::Remove { id } => {
+                self.outbox.remove(id.to_string())?;
+            }
+            Write::Settle { id, pair, pseudonym, record } => {
+                self.settle(id, pair, pseudonym, record)?;
+            }
+            Write::SetExported { pair, marker } => {
+                self.exported.insert(pair.to_string(), marker.to_string().as_bytes())?;
+            }
+            Write::ForgetExported { pair } => {
+                self.exported.remove(pair.to_string())?;
+            }
+            Write::ForgetDelivered { pair } => {
+                self.delivered.remove(pair.to_string())?;
+            }
+            Write::Cursor { feed, cursor } => {
+                self.meta.insert(cursor_key(*feed), &cursor.to_be_bytes())?;
+            }
+        }
         Ok(())
     }
 
-    /// What was last queued for the pair (statement hash and data digest), if anything since its last withdrawal.
-    pub fn exported(&self, pair: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.exported.get(pair)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
-
-    /// Records what was queued for the pair.
-    pub fn set_exported(&self, pair: &str, what: &str) -> Result<(), StoreError> {
-        self.exported.insert(pair, what.as_bytes())?;
-        Ok(())
-    }
-
-    /// Forgets what was queued for the pair (at its withdrawal).
-    pub fn forget_exported(&self, pair: &str) -> Result<(), StoreError> {
-        self.exported.remove(pair)?;
-        Ok(())
-    }
-
-    /// Keeps a verified statement of the pair as audit evidence (idempotent).
-    pub fn record_statement(&self, pair: &str, sequence: u64, evidence: &Evidence) -> Result<(), StoreError> {
-        self.statements.insert(format!("{pair}/{sequence:020}"), json(evidence))?;
-        Ok(())
+    /// What the rules need to know of `pair`: what was last queued for it, and whether (under which pseudonym) its
+    /// data reached the affiliate, each since its last withdrawal.
+    pub fn known(&self, pair: &Pair) -> Result<Known, StoreError> {
+        let key = pair.to_string();
+        let exported = match self.exported.get(&key)? {
+            Some(v) => Some(
+                std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|m| m.parse::<ExportMarker>().ok())
+                    .ok_or_else(|| StoreError::Corrupt(format!("export marker of {pair}")))?,
+            ),
+            None => None,
+        };
+        let delivered = self.delivered.get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        Ok(Known { exported, delivered })
     }
 
     /// Every statement kept for the pair, by sequence.
-    pub fn statements_of(&self, pair: &str) -> Result<Vec<(u64, Evidence)>, StoreError> {
+    pub fn statements_of(&self, pair: &Pair) -> Result<Vec<(u64, Evidence)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.statements.scan_prefix(format!("{pair}/")) {
+        let prefix = format!("{pair}/");
+        for item in self.statements.scan_prefix(&prefix) {
             let (k, v) = item?;
             let seq = k
-                .get(pair.len() + 1..)
+                .get(prefix.len()..)
                 .and_then(|b| std::str::from_utf8(b).ok())
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| StoreError::Corrupt("statement key".into()))?;
@@ -263,14 +186,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Settles a delivered export: appends `record` to the log (unless this export id is already logged), makes that
-    /// durable, then removes the entry from the outbox and marks its pair delivered. Returns the record's index.
+    /// Settles an export: appends `record` to the log (unless export `id` is logged already), makes that durable,
+    /// then removes the entry from the outbox and marks `pair` delivered with `pseudonym`. Returns the record's index.
     ///
     /// The log append is one atomic batch on one tree (record, length, id index) and is flushed before the entry
     /// leaves the outbox: whatever a crash keeps, an export that leaves the outbox is in the log, and an entry that
     /// comes back after a crash is settled again without a second record. This does not rely on a transaction
     /// across trees surviving a crash whole.
-    pub fn complete_export(&self, id: &str, entry: &Entry, record: &LogRecord) -> Result<u64, StoreError> {
+    fn settle(&self, id: &WebhookId, pair: &Pair, pseudonym: &str, record: &LogRecord) -> Result<u64, StoreError> {
         let index = match self.log.get(log_id_key(id))? {
             Some(v) => be_u64(&v, "logged export index")?,
             None => {
@@ -286,8 +209,8 @@ impl Store {
         };
         let trees = (&self.outbox, &self.delivered);
         let result = trees.transaction(|(outbox, delivered)| {
-            delivered.insert(entry.pair_key().as_bytes(), entry.pseudonym.as_bytes())?;
-            outbox.remove(id.as_bytes())?;
+            delivered.insert(pair.to_string().as_bytes(), pseudonym.as_bytes())?;
+            outbox.remove(id.to_string().as_bytes())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
         match result {
@@ -304,21 +227,38 @@ impl Store {
 
     /// The log records from `start`, at most `limit`, in order.
     pub fn log_records(&self, start: u64, limit: usize) -> Result<Vec<(u64, LogRecord)>, StoreError> {
+        self.log_page(start, limit)?
+            .into_iter()
+            .map(|(index, record)| record.map(|r| (index, r)).map_err(StoreError::Corrupt))
+            .collect()
+    }
+
+    /// The log records from `start`, at most `limit`, each decoded or, if it does not decode, why.
+    fn log_page(&self, start: u64, limit: usize) -> Result<Vec<(u64, RecordRead)>, StoreError> {
         let mut out = Vec::new();
         for item in self.log.range(log_record_key(start)..log_record_key(u64::MAX)).take(limit) {
             let (k, v) = item?;
             let k = k.get(1..).ok_or_else(|| StoreError::Corrupt("log key".into()))?;
-            let record = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let record = serde_json::from_slice(&v).map_err(|e| format!("log record: {e}"));
             out.push((be_u64(k, "log index")?, record));
         }
         Ok(out)
     }
 
-    /// Calls `f` with every log record in order, reading the log a page at a time.
+    /// Calls `f` with every log record in order, reading the log a page at a time; a record that does not decode
+    /// is an error.
     pub fn visit_log<E: From<StoreError>>(&self, mut f: impl FnMut(u64, LogRecord) -> Result<(), E>) -> Result<(), E> {
+        self.visit_log_records(|index, record| f(index, record.map_err(StoreError::Corrupt)?))
+    }
+
+    /// Calls `f` with every log record in order, or why it does not decode (the auditor reports it and goes on).
+    pub fn visit_log_records<E: From<StoreError>>(
+        &self,
+        mut f: impl FnMut(u64, RecordRead) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut start = 0;
         loop {
-            let page = self.log_records(start, 1024)?;
+            let page = self.log_page(start, 1024)?;
             let Some(last) = page.last().map(|(index, _)| *index) else { return Ok(()) };
             start = last + 1;
             for (index, record) in page {
@@ -377,41 +317,14 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts `entry` under `id` unless an entry with that id is already queued; whether it was inserted.
-    pub fn insert_new(&self, id: &str, entry: &Entry) -> Result<bool, StoreError> {
-        Ok(self.outbox.compare_and_swap(id, None as Option<&[u8]>, Some(encode(entry)))?.is_ok())
-    }
-
-    /// Replaces the entry under `id` (a rescheduled attempt).
-    pub fn put(&self, id: &str, entry: &Entry) -> Result<(), StoreError> {
-        self.outbox.insert(id, encode(entry))?;
-        Ok(())
-    }
-
-    /// Removes the entry under `id`.
-    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
-        self.outbox.remove(id)?;
-        Ok(())
-    }
-
-    /// The entry under `id`.
-    pub fn get(&self, id: &str) -> Result<Option<Entry>, StoreError> {
-        self.outbox.get(id)?.map(|v| decode(&v)).transpose()
-    }
-
-    /// At most `limit` entries due at `now_ms`, soonest first.
-    pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, Entry)>, StoreError> {
-        let mut due = Vec::new();
+    /// Every outbox entry, by webhook id (each at rest: what a restart resumes from).
+    pub fn entries(&self) -> Result<Vec<(WebhookId, Entry)>, StoreError> {
+        let mut entries = Vec::new();
         for item in self.outbox.iter() {
             let (k, v) = item?;
-            let entry = decode(&v)?;
-            if entry.next_attempt_ms <= now_ms {
-                due.push((String::from_utf8_lossy(&k).into_owned(), entry));
-            }
+            entries.push((outbox_key(&k)?, decode(&v)?));
         }
-        due.sort_by_key(|(_, e)| e.next_attempt_ms);
-        due.truncate(limit);
-        Ok(due)
+        Ok(entries)
     }
 
     /// Number of queued entries.
@@ -424,60 +337,6 @@ impl Store {
         self.outbox.is_empty()
     }
 
-    /// Removes every queued export (not withdrawal notice) of the pair, each with [`Store::drop_export`]; how many
-    /// were removed.
-    pub fn remove_exports_of(&self, pair: &str) -> Result<usize, StoreError> {
-        let mut doomed = Vec::new();
-        for item in self.outbox.iter() {
-            let (k, v) = item?;
-            let entry = decode(&v)?;
-            if entry.kind == Kind::Export && entry.pair_key() == pair {
-                doomed.push((String::from_utf8_lossy(&k).into_owned(), entry));
-            }
-        }
-        for (id, entry) in &doomed {
-            self.drop_export(id, entry)?;
-        }
-        Ok(doomed.len())
-    }
-
-    /// Takes an export out of the outbox without delivering it. If an attempt of it may have reached the affiliate
-    /// ([`Entry::in_flight_ms`]), it is settled as delivered instead: logged with that attempt's time and its pair
-    /// marked delivered (so a withdrawal notifies the affiliate), because the log must never miss data an affiliate
-    /// may hold. Whether it was logged.
-    pub fn drop_export(&self, id: &str, entry: &Entry) -> Result<bool, StoreError> {
-        match entry.in_flight_ms {
-            Some(started_ms) if entry.kind == Kind::Export => {
-                let record = log_record(id, entry, started_ms)?;
-                self.complete_export(id, entry, &record)?;
-                tracing::info!(webhook = id, "export dropped after an attempt with no answer; logged as delivered");
-                Ok(true)
-            }
-            _ => {
-                tracing::info!(webhook = id, "queued export dropped before any attempt could reach the affiliate");
-                self.remove(id)?;
-                Ok(false)
-            }
-        }
-    }
-
-    /// Records that the pair's data reached the affiliate, with the user's pseudonym for it.
-    pub fn mark_delivered(&self, pair: &str, pseudonym: &str) -> Result<(), StoreError> {
-        self.delivered.insert(pair, pseudonym.as_bytes())?;
-        Ok(())
-    }
-
-    /// The pseudonym recorded when the pair was delivered, if it was.
-    pub fn delivered(&self, pair: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.delivered.get(pair)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
-
-    /// Forgets that the pair was delivered (after its withdrawal notice is queued).
-    pub fn forget_delivered(&self, pair: &str) -> Result<(), StoreError> {
-        self.delivered.remove(pair)?;
-        Ok(())
-    }
-
     /// Makes every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
@@ -485,66 +344,263 @@ impl Store {
     }
 }
 
+/// A store as the exporter of commit c167199 (before the I/O-free core and typed ids) left it, record for record.
+#[cfg(test)]
+pub(crate) const STORE_C167199: &str = include_str!("../testdata/store-c167199.txt");
+
+/// Writes the records of `fixture` (`tree key-hex value-hex` lines) into a fresh sled database at `path`; returns
+/// them.
+#[cfg(test)]
+pub(crate) fn write_fixture(path: &Path, fixture: &str) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let db = sled::open(path).expect("sled");
+    let mut records = Vec::new();
+    for line in fixture.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let mut parts = line.split(' ');
+        let (Some(tree), Some(key), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+            panic!("fixture line {line:?}");
+        };
+        let (key, value) = (hex::decode(key).expect("key hex"), hex::decode(value).expect("value hex"));
+        db.open_tree(tree).expect("tree").insert(&key, value.clone()).expect("insert");
+        records.push((tree.to_owned(), key, value));
+    }
+    db.flush().expect("flush");
+    records
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use relay_proto::AccountId;
+    use relay_proto::consent::Purpose;
+    use relay_proto::merkle::ExportLeaf;
 
-    fn entry(kind: Kind, purpose: &str, next: u64) -> Entry {
+    use super::*;
+    use crate::core::{EntryState, Kind};
+
+    fn pair(purpose: Purpose) -> Pair {
+        Pair::new(AccountId([0xaa; 16]), "adsco", purpose)
+    }
+
+    fn id(n: u8) -> WebhookId {
+        WebhookId::from_export_id([n; 16])
+    }
+
+    fn entry(kind: Kind, purpose: Purpose, next: u64) -> Entry {
         Entry {
             kind,
-            affiliate: "adsco".into(),
-            purpose: purpose.into(),
-            account: "aa".into(),
-            statement_hash: "00".into(),
+            pair: pair(purpose),
+            statement_hash: [0; 32],
             pseudonym: "p".into(),
             body: "{}".into(),
             attempts: 0,
             next_attempt_ms: next,
             fields: Vec::new(),
             evidence: None,
-            in_flight_ms: None,
+            state: EntryState::Queued,
         }
+    }
+
+    fn settle(store: &ExporterStore, n: u8, e: &Entry, leaf: u8) {
+        let record = LogRecord { leaf: vec![leaf], account: e.pair.account, evidence: Evidence::default() };
+        let record = Box::new(record);
+        let settle = Write::Settle { id: id(n), pair: e.pair.clone(), pseudonym: e.pseudonym.clone(), record };
+        store.apply(&settle).expect("settle");
     }
 
     #[test]
     fn an_export_settled_again_after_a_crash_is_logged_once() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("open");
-        let mut e = entry(Kind::Export, "advertising", 0);
-        e.evidence = Some(Evidence::default());
-        e.fields = vec!["device_model".into()];
-        let record = |n: u8| LogRecord { leaf: hex::encode([n]), account: "aa".into(), evidence: Evidence::default() };
-        store.put("msg_a", &e).expect("put");
-        assert_eq!(store.complete_export("msg_a", &e, &record(1)).expect("settle"), 0);
-        assert!(store.get("msg_a").expect("get").is_none(), "out of the outbox");
+        let store = ExporterStore::open(dir.path()).expect("open");
+        let e = entry(Kind::Export, Purpose::Advertising, 0);
+        store.apply(&Write::Put { id: id(1), entry: Box::new(e.clone()) }).expect("put");
+        settle(&store, 1, &e, 1);
+        assert!(store.entries().expect("entries").is_empty(), "out of the outbox");
         // As if a crash lost the removal but kept the log: the entry is back and settles again.
-        store.put("msg_a", &e).expect("put again");
-        assert_eq!(store.complete_export("msg_a", &e, &record(1)).expect("settle again"), 0);
-        store.put("msg_b", &e).expect("put");
-        assert_eq!(store.complete_export("msg_b", &e, &record(2)).expect("settle"), 1);
+        store.apply(&Write::Put { id: id(1), entry: Box::new(e.clone()) }).expect("put again");
+        settle(&store, 1, &e, 1);
+        store.apply(&Write::Put { id: id(2), entry: Box::new(e.clone()) }).expect("put");
+        settle(&store, 2, &e, 2);
         assert_eq!(store.log_len().expect("len"), 2);
         let leaves: Vec<_> = store.log_records(0, 10).expect("records").into_iter().map(|(i, r)| (i, r.leaf)).collect();
-        assert_eq!(leaves, [(0, "01".to_owned()), (1, "02".to_owned())]);
-        assert_eq!(store.delivered(&e.pair_key()).expect("delivered").as_deref(), Some("p"));
+        assert_eq!(leaves, [(0, vec![1]), (1, vec![2])]);
+        assert_eq!(store.known(&e.pair).expect("known").delivered.as_deref(), Some("p"));
+        assert!(store.is_empty());
         drop(store);
-        let reopened = Store::open(dir.path()).expect("reopen");
+        let reopened = ExporterStore::open(dir.path()).expect("reopen");
         assert_eq!(reopened.log_len().expect("len"), 2);
     }
 
     #[test]
-    fn entries_are_kept_once_due_in_order_and_removed_by_pair() {
+    fn every_write_of_the_core_lands_in_its_tree() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("open");
-        assert!(store.insert_new("msg_a", &entry(Kind::Export, "advertising", 20)).expect("insert"));
-        assert!(!store.insert_new("msg_a", &entry(Kind::Export, "advertising", 99)).expect("insert"), "no duplicate");
-        assert_eq!(store.get("msg_a").expect("get").map(|e| e.next_attempt_ms), Some(20));
-        store.put("msg_b", &entry(Kind::Export, "analytics", 10)).expect("put");
-        store.put("msg_c", &entry(Kind::Withdrawn, "advertising", 30)).expect("put");
-        let due: Vec<_> = store.due(25, 10).expect("due").into_iter().map(|(k, _)| k).collect();
-        assert_eq!(due, ["msg_b", "msg_a"]);
-        assert_eq!(store.remove_exports_of(&pair_key("aa", "adsco", "advertising")).expect("remove"), 1);
-        assert_eq!(store.len(), 2, "the withdrawal notice and the other pair stay");
-        store.set_cursor(7).expect("cursor");
-        assert_eq!(store.cursor().expect("cursor"), 7);
+        let store = ExporterStore::open(dir.path()).expect("open");
+        let (ads, analytics) = (pair(Purpose::Advertising), pair(Purpose::Analytics));
+        let mut in_flight = entry(Kind::Export, Purpose::Advertising, 20);
+        in_flight.state = EntryState::at_rest(Some(15));
+        store.apply(&Write::Put { id: id(1), entry: Box::new(in_flight.clone()) }).expect("put");
+        store
+            .apply(&Write::Put { id: id(2), entry: Box::new(entry(Kind::Withdrawn, Purpose::Analytics, 10)) })
+            .expect("put");
+        store.apply(&Write::Remove { id: id(2) }).expect("remove");
+        assert_eq!(store.entries().expect("entries"), [(id(1), in_flight)], "the state read back as written");
+        assert_eq!(store.len(), 1);
+
+        let marker = ExportMarker { statement_hash: [1; 32], digest: [2; 32] };
+        store.apply(&Write::SetExported { pair: ads.clone(), marker }).expect("exported");
+        store.apply(&Write::SetExported { pair: analytics.clone(), marker }).expect("exported");
+        store.apply(&Write::ForgetExported { pair: analytics.clone() }).expect("forget");
+        settle(&store, 1, &entry(Kind::Export, Purpose::Advertising, 0), 1);
+        assert_eq!(store.known(&ads).expect("known"), Known { exported: Some(marker), delivered: Some("p".into()) });
+        store.apply(&Write::ForgetDelivered { pair: ads.clone() }).expect("forget");
+        assert_eq!(store.known(&ads).expect("known").delivered, None);
+        assert_eq!(store.known(&analytics).expect("known"), Known::default());
+
+        for sequence in [2, 1, 10] {
+            let evidence = Evidence { recorded_at_ms: sequence, ..Evidence::default() };
+            store.apply(&Write::Statement { pair: ads.clone(), sequence, evidence }).expect("statement");
+        }
+        let sequences: Vec<u64> = store.statements_of(&ads).expect("statements").iter().map(|s| s.0).collect();
+        assert_eq!(sequences, [1, 2, 10], "in sequence order");
+        assert!(store.statements_of(&analytics).expect("statements").is_empty());
+
+        store.apply(&Write::Cursor { feed: Feed::Subjects, cursor: 7 }).expect("cursor");
+        assert_eq!((store.cursor(Feed::Consents).expect("c"), store.cursor(Feed::Subjects).expect("c")), (0, 7));
+    }
+
+    #[test]
+    fn a_log_record_that_does_not_decode_is_reported_with_its_index_and_the_rest_still_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = ExporterStore::open(dir.path()).expect("open");
+        let e = entry(Kind::Export, Purpose::Advertising, 0);
+        for n in 0..3 {
+            settle(&store, n, &e, n);
+        }
+        // Well-formed JSON, but the leaf is not hex.
+        let good = String::from_utf8(json(&store.log_records(1, 1).expect("record")[0].1)).expect("utf8");
+        let bad = good.replacen(r#""leaf":"01""#, r#""leaf":"zz""#, 1);
+        assert_ne!(bad, good);
+        store.log.insert(&log_record_key(1)[..], bad.as_bytes()).expect("tamper");
+        let mut seen = Vec::new();
+        store
+            .visit_log_records(|index, record| {
+                seen.push((index, record.map(|r| r.leaf).map_err(|e| e.contains("log record"))));
+                Ok::<_, StoreError>(())
+            })
+            .expect("visit");
+        assert_eq!(seen, [(0, Ok(vec![0])), (1, Err(true)), (2, Ok(vec![2]))]);
+        assert!(matches!(store.visit_log(|_, _| Ok::<_, StoreError>(())), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_store_written_before_the_core_opens_and_reads_back_unchanged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let records = write_fixture(dir.path(), STORE_C167199);
+        let store = ExporterStore::open(dir.path()).expect("open the old store");
+        let account = AccountId::from_hex("3c145a56884dacbde39964c4942f4905").expect("account");
+
+        // Every outbox entry decodes to typed ids and encodes back to exactly the bytes stored.
+        let due = store.entries().expect("entries");
+        assert_eq!(due.len(), 3);
+        for (id, entry) in &due {
+            let stored = records.iter().find(|(t, k, _)| t == "outbox" && *k == id.to_string().as_bytes());
+            assert_eq!(stored.map(|(_, _, v)| v.as_slice()), Some(json(entry).as_slice()), "{id}");
+            assert_eq!(entry.pair.account, account);
+        }
+        let by_purpose = |p: Purpose, kind: Kind| {
+            due.iter().find(|(_, e)| e.pair.purpose == p && e.kind == kind).cloned().expect("entry")
+        };
+        let (notice_id, notice) = by_purpose(Purpose::Advertising, Kind::Withdrawn);
+        assert_eq!(notice_id, WebhookId::notice(&notice.statement_hash, "adsco"));
+        let (_, in_flight) = by_purpose(Purpose::Analytics, Kind::Export);
+        assert_eq!(in_flight.state, EntryState::at_rest(Some(45)), "an attempt got no answer");
+        assert_eq!((in_flight.attempts, in_flight.next_attempt_ms), (2, 5_000));
+        assert_eq!(in_flight.fields, ["device_model", "os", "app_version"]);
+        let (_, queued) = by_purpose(Purpose::Security, Kind::Export);
+        assert_eq!((queued.pair.affiliate.as_str(), &queued.state), ("shieldco", &EntryState::Queued));
+
+        // Per-pair records under the same keys.
+        let analytics = Pair::new(account, "adsco", Purpose::Analytics);
+        let marker = store.known(&analytics).expect("known").exported.expect("a marker");
+        assert_eq!(marker.statement_hash, in_flight.statement_hash);
+        let stored = records.iter().find(|(t, k, _)| t == "exported" && *k == analytics.to_string().as_bytes());
+        assert_eq!(stored.map(|(_, _, v)| v.clone()), Some(marker.to_string().into_bytes()));
+        let advertising = Pair::new(account, "adsco", Purpose::Advertising);
+        let known = store.known(&advertising).expect("known");
+        assert_eq!(known, Known::default(), "withdrawn: forgotten, the notice queued");
+        let sequences: Vec<u64> = store.statements_of(&advertising).expect("statements").iter().map(|s| s.0).collect();
+        assert_eq!(sequences, [1, 2]);
+
+        // The log, its head, the cursors.
+        let logged = store.log_records(0, 10).expect("log");
+        assert_eq!(logged.len(), 1);
+        let (_, record) = &logged[0];
+        assert_eq!(record.account, account);
+        let leaf = ExportLeaf::decode(&record.leaf).expect("leaf");
+        assert_eq!((leaf.purpose.as_str(), leaf.time_ms), ("advertising", 20));
+        let stored = records.iter().find(|(t, k, _)| t == "log" && k.first() == Some(&b'r')).expect("record");
+        assert_eq!(json(record), stored.2, "the record encodes back to the bytes stored");
+        assert_eq!(store.log_len().expect("len"), 1);
+        assert_eq!(store.heads().expect("heads").len(), 1);
+        assert_eq!(
+            (store.cursor(Feed::Consents).expect("cursor"), store.cursor(Feed::Subjects).expect("cursor")),
+            (4, 2)
+        );
+        assert_eq!(store.published().expect("published"), 1);
+    }
+
+    /// The store of the previous format, resumed by the core: each entry goes on where it stood.
+    #[test]
+    fn the_core_resumes_a_store_written_before_it_where_each_entry_stood() {
+        use crate::affiliates::Catalogue;
+        use crate::core::{Answer, Core, Effect, Lease, LeaseAnswer, SystemEntropy};
+
+        let dir = tempfile::tempdir().expect("dir");
+        write_fixture(dir.path(), STORE_C167199);
+        let store = ExporterStore::open(dir.path()).expect("open the old store");
+        let catalogue = Catalogue::parse(include_str!("../affiliates.example.toml")).expect("catalogue");
+        let cursors = [(Feed::Consents, store.cursor(Feed::Consents).expect("c"))];
+        let mut core =
+            Core::new(catalogue, [3; 32], store.entries().expect("entries"), cursors, Box::new(SystemEntropy));
+        assert_eq!((core.outbox_len(), core.cursor(Feed::Consents)), (3, 4));
+        let now = 100_000;
+        // The writes of each batch, as the driver performs them.
+        let write = |effects: &[Effect]| {
+            for effect in effects {
+                if let Effect::Write(w) = effect {
+                    store.apply(w).expect("the old store takes the new writes");
+                }
+            }
+        };
+        core.plan_deliveries(now);
+
+        // Due first (queued at 30): the withdrawal notice, posted without a lease.
+        let notice = core.poll_attempt(now).expect("an attempt");
+        assert!(matches!(&notice[..], [Effect::Post { affiliate, .. }] if affiliate == "adsco"), "{notice:?}");
+        let effects = core.handle_answer(Answer::Status(204), now).expect("answered");
+        assert!(matches!(effects[..], [Effect::Write(Write::Remove { .. })]));
+        write(&effects);
+        // Then shieldco's export (queued at 50), under a lease, durably in flight before it leaves; refused.
+        assert!(matches!(core.poll_attempt(now).expect("an attempt")[..], [Effect::AskLease { .. }]));
+        let granted = LeaseAnswer::Granted(Lease { id: 1, deadline_ms: now + 15_000 });
+        let effects = core.handle_lease(granted, now).expect("leased");
+        assert!(matches!(effects[..], [Effect::Write(Write::Put { .. }), Effect::Flush, Effect::Post { .. }]));
+        write(&effects);
+        let release = core.handle_answer(Answer::Status(503), now).expect("answered");
+        assert!(matches!(release[..], [Effect::ReleaseLease { .. }]));
+        write(&core.handle_released(now).expect("released"));
+        // Last (due at 5000): the analytics export whose attempt at 45 got no answer. Denied now, it is logged at 45,
+        // as the exporter that wrote the store would have done.
+        assert!(matches!(core.poll_attempt(now).expect("an attempt")[..], [Effect::AskLease { .. }]));
+        let effects = core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, now).expect("denied");
+        let [Effect::Write(Write::Settle { record, pair, .. })] = &effects[..] else { panic!("{effects:?}") };
+        assert_eq!(ExportLeaf::decode(&record.leaf).expect("leaf").time_ms, 45);
+        write(&effects);
+        assert_eq!(core.poll_attempt(now), Some(vec![Effect::Flush]));
+
+        assert_eq!(store.log_len().expect("len"), 2);
+        assert!(store.known(pair).expect("known").delivered.is_some(), "a withdrawal will notify adsco");
+        let left = store.entries().expect("entries");
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].1.pair.affiliate.as_str(), left[0].1.attempts), ("shieldco", 1));
+        assert!(left[0].1.state.unanswered_since().is_none(), "refused: known not to be held");
     }
 }

@@ -67,7 +67,7 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Catalogue;
+    use crate::affiliates::Catalogue;
 
     fn subject() -> Subject {
         Subject {

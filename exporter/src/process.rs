@@ -1,52 +1,47 @@
-//! The `relay-exporter` process: its data dir (TLS identity, pseudonym master key, sled store), and the loop that
-//! reads the relay's consent feed into the outbox and delivers due webhooks.
+//! The `relay-exporter` process: its data dir (TLS identity, pseudonym master key, log signing key, sled store), and
+//! the async driver of the exporter's rules ([`crate::core`]): every pass it reads the relay's feeds into the core,
+//! lets it deliver what is due, and publishes the export log.
 //!
-//! Contract (the withdrawal fence, `docs/exporter.md`): an export is sent only inside a lease from `BeginExport`
-//! asked immediately before that attempt, never started with less than [`HTTP_TIMEOUT`] left before the lease's
-//! deadline, and the lease is released with `EndExport` after it. A denied export is dropped. An entry leaves the
-//! outbox only on a 2xx answer, a denial, or a withdrawal of its pair; failures are retried with exponential backoff
-//! (1 s doubling to 10 min, with jitter). Feed and delivery run in one task, one after the other, so a withdrawal
-//! read from the feed cannot race a delivery of the same entry. Logs carry no personal data.
+//! Contract: this module decides nothing about what is exported, when, or what is logged; it performs the core's
+//! effects in the order given, each only once the ones before it are done (an [`Effect::Flush`] awaits sled's
+//! flush), and hands the core every answer: the relay's to `BeginExport`, the affiliate's to a webhook (an HTTP
+//! status, or whether anything of the request left), the completion of `EndExport` whatever its outcome. Feed and
+//! delivery run in one task, one after the other, so a withdrawal read from the feed cannot race a delivery of the
+//! same entry. A relay error ends the pass once the writes that follow from the attempt under way are done (the
+//! connection is then made again); a store error, or the core refusing to go on, stops the exporter. Logs carry no
+//! personal data.
 //!
-//! Every export the affiliate acknowledged is appended to the Merkle export log in the same transaction that takes
-//! it out of the outbox; so is one dropped after an attempt that got no answer (marked durably before the request
-//! leaves), since the affiliate may hold it. Its leaf's time is when the attempt began, before the lease was asked for, so it precedes
-//! any withdrawal the relay recorded while the attempt ran. After each pass the exporter signs a tree head over the
-//! whole log with its log key (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the
-//! relay, which shows each user their own entries.
+//! After each pass in which the log grew, the exporter signs a tree head over the whole log with its log key
+//! (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the relay, which shows each user
+//! their own entries.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use std::sync::{Mutex, MutexGuard};
-
 use ed25519_dalek::SigningKey;
 use relay_proto::merkle::{MerkleLog, SignedTreeHead};
 use relay_proto::wire::{
-    BeginExport, ConsentChanges, EndExport, PublishLog, PublishedEntry, SubjectChanges, export_request::Body as Req,
+    BeginExport, ConsentChangeList, EndExport, PublishLog, PublishedEntry, export_request::Body as Req,
     export_response::Body as Resp,
 };
 use tokio::sync::watch;
 
 use crate::affiliates::Catalogue;
-use crate::feed::{self, Applied};
+use crate::core::{
+    Answer, CheckedChange, Core, CoreError, Effect, HTTP_TIMEOUT, Known, Lease, LeaseAnswer, SystemEntropy, Write,
+};
+use crate::feed::{self, Feed};
 use crate::http::{self, HttpError, Url};
-use crate::outbox::{CONSENT_CURSOR, Entry, Kind, SUBJECT_CURSOR, Store, StoreError, log_record};
-use crate::relay_link::{ClientError, ExportClient};
+use crate::ids::{Pair, WebhookId};
+use crate::outbox::{ExporterStore, StoreError};
+use crate::relay_link::{ExportClient, RelayLinkError};
 use crate::webhook;
 use relay_quic::identity::{Identity, TlsError};
 
-/// Bound of one webhook request; shorter than the relay's lease.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-/// First retry delay.
-pub const RETRY_BASE: Duration = Duration::from_secs(1);
-/// Longest retry delay.
-pub const RETRY_MAX: Duration = Duration::from_secs(600);
 /// Feed pages read per pass.
 pub const PAGES_PER_PASS: usize = 16;
-/// Deliveries attempted per pass.
-pub const DELIVERIES_PER_PASS: usize = 64;
 
 /// Why the exporter could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +59,9 @@ pub enum ExporterError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The rules refused to go on: an entry that cannot be logged (a damaged store), or a driver fault.
+    #[error("exporter rules: {0}")]
+    Core(#[from] CoreError),
     /// An affiliate's endpoint cannot be used by this exporter.
     #[error("affiliate {affiliate:?}: {source}")]
     Endpoint {
@@ -93,15 +91,20 @@ pub struct Progress {
     pub published: u64,
 }
 
+/// Where an affiliate's webhooks go, and the key that signs them.
+struct Endpoint {
+    url: Url,
+    secret: Vec<u8>,
+}
+
 /// The exporter, opened on its data dir.
 pub struct Exporter {
     identity: Identity,
-    master_key: [u8; 32],
     log_key: SigningKey,
-    log: Mutex<MerkleLog>,
-    store: Store,
-    catalogue: Catalogue,
-    endpoints: std::collections::BTreeMap<String, Url>,
+    log: MerkleLog,
+    store: ExporterStore,
+    core: Core,
+    endpoints: BTreeMap<String, Endpoint>,
     tls: http::Tls,
     poll: Duration,
     progress: watch::Sender<Progress>,
@@ -115,12 +118,14 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
     std::fs::read(path)?.try_into().map_err(|_| ExporterError::BadKey(path.to_owned()))
 }
 
-/// The retry delay after `attempts` failures: 1 s doubling to 10 min, within ±20 %.
-pub fn backoff(attempts: u32) -> Duration {
-    let base = RETRY_BASE.saturating_mul(1u32 << attempts.saturating_sub(1).min(20)).min(RETRY_MAX);
-    let ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
-    let jitter = rand::random::<u64>() % (ms * 2 / 5 + 1);
-    Duration::from_millis(ms * 4 / 5 + jitter)
+/// What a webhook request's outcome tells the core: nothing of the request left only if connecting or the TLS
+/// handshake failed; any other failure may come after the affiliate read it.
+fn answer(outcome: Result<u16, HttpError>) -> Answer {
+    match outcome {
+        Ok(status) => Answer::Status(status),
+        Err(e @ (HttpError::Connect(_) | HttpError::Tls(_))) => Answer::NotSent(e.to_string()),
+        Err(e) => Answer::Unknown(e.to_string()),
+    }
 }
 
 impl Exporter {
@@ -129,40 +134,32 @@ impl Exporter {
     /// [`Exporter::trust_extra_ca`] for a private CA).
     pub fn open(data_dir: &Path, catalogue: Catalogue, poll: Duration) -> Result<Self, ExporterError> {
         std::fs::create_dir_all(data_dir)?;
-        let mut endpoints = std::collections::BTreeMap::new();
+        let mut endpoints = BTreeMap::new();
         for a in catalogue.iter() {
             let url = http::parse_url(&a.endpoint)
                 .map_err(|source| ExporterError::Endpoint { affiliate: a.id.clone(), source })?;
-            endpoints.insert(a.id.clone(), url);
+            endpoints.insert(a.id.clone(), Endpoint { url, secret: a.secret.clone() });
         }
         let identity = Identity::load_or_create(data_dir)?;
         let master_key = load_or_create_key(&data_dir.join("pseudonym.key"))?;
         let log_key = SigningKey::from_bytes(&load_or_create_key(&data_dir.join("log.key"))?);
-        let store = Store::open(&data_dir.join("db"))?;
+        let store = ExporterStore::open(&data_dir.join("db"))?;
         let log = load_log(&store)?;
+        let cursors =
+            [(Feed::Consents, store.cursor(Feed::Consents)?), (Feed::Subjects, store.cursor(Feed::Subjects)?)];
+        let core = Core::new(catalogue, master_key, store.entries()?, cursors, Box::new(SystemEntropy));
         let progress = watch::Sender::new(Progress {
-            cursor: store.cursor()?,
-            outbox: store.len(),
+            cursor: core.cursor(Feed::Consents),
+            outbox: core.outbox_len(),
             logged: log.len(),
             published: store.published()?,
             ..Progress::default()
         });
         let tls = http::Tls::system().map_err(|source| ExporterError::Endpoint { affiliate: "*".into(), source })?;
-        if tls.roots() == 0 && endpoints.values().any(|u| u.tls) {
+        if tls.roots() == 0 && endpoints.values().any(|e| e.url.tls) {
             tracing::warn!("no system root certificates: https affiliates need --affiliate-ca");
         }
-        Ok(Self {
-            identity,
-            master_key,
-            log_key,
-            log: Mutex::new(log),
-            store,
-            catalogue,
-            endpoints,
-            tls,
-            poll,
-            progress,
-        })
+        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress })
     }
 
     /// Also trusts the CA certificates in `pem` for `https://` affiliates (an operator's private CA).
@@ -185,31 +182,6 @@ impl Exporter {
         }
     }
 
-    fn log(&self) -> MutexGuard<'_, MerkleLog> {
-        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Appends to the in-memory tree the records the store logged since (a delivery, or an export dropped after
-    /// an unanswered attempt, see `Store::drop_export`).
-    fn sync_log(&self) -> Result<(), StoreError> {
-        let mut log = self.log();
-        loop {
-            let page = self.store.log_records(log.len(), 1024)?;
-            if page.is_empty() {
-                break;
-            }
-            for (index, record) in page {
-                if index != log.len() {
-                    return Err(StoreError::Corrupt(format!("log index {index} but {} leaves", log.len())));
-                }
-                log.append(&hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt("leaf".into()))?);
-            }
-        }
-        let logged = log.len();
-        self.progress.send_modify(|p| p.logged = logged);
-        Ok(())
-    }
-
     /// Hex SHA-256 of the exporter's certificate: the relay's `exporter_cert_sha256`.
     pub fn fingerprint(&self) -> String {
         self.identity.fingerprint()
@@ -221,9 +193,9 @@ impl Exporter {
     }
 
     /// Runs until `shutdown` turns true: connects to the relay at `relay` (pinning `relay_fingerprint`), and every
-    /// poll interval reads the feed and delivers what is due. Relay errors drop the connection and are retried.
+    /// poll interval reads the feeds and delivers what is due. Relay errors drop the connection and are retried.
     pub async fn run(
-        self,
+        mut self,
         relay: SocketAddr,
         relay_fingerprint: [u8; 32],
         mut shutdown: watch::Receiver<bool>,
@@ -248,10 +220,13 @@ impl Exporter {
             }
             if let Some(c) = &client {
                 match self.pass(c).await {
-                    Ok(()) => self.progress.send_modify(|p| {
-                        p.passes += 1;
-                        p.outbox = self.store.len();
-                    }),
+                    Ok(()) => {
+                        let outbox = self.core.outbox_len();
+                        self.progress.send_modify(|p| {
+                            p.passes += 1;
+                            p.outbox = outbox;
+                        });
+                    }
                     Err(PassError::Relay(e)) => {
                         tracing::warn!(error = %e, "export interface error; reconnecting");
                         if let Some(c) = client.take() {
@@ -259,6 +234,7 @@ impl Exporter {
                         }
                     }
                     Err(PassError::Store(e)) => return Err(e.into()),
+                    Err(PassError::Core(e)) => return Err(e.into()),
                 }
             }
             tokio::select! {
@@ -273,172 +249,134 @@ impl Exporter {
         Ok(())
     }
 
-    async fn pass(&self, client: &ExportClient) -> Result<(), PassError> {
-        self.read_feed(client, CONSENT_CURSOR).await?;
-        self.read_feed(client, SUBJECT_CURSOR).await?;
+    async fn pass(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        for feed in Feed::ALL {
+            self.read_feed(client, feed).await?;
+        }
         self.deliver_due(client).await?;
         self.publish(client).await
     }
 
-    /// Reads one feed (consent changes, or subject changes) into the outbox.
-    async fn read_feed(&self, client: &ExportClient, feed: &[u8]) -> Result<(), PassError> {
+    /// Reads one feed into the core, page by page, until it is caught up or the pass's pages are used.
+    async fn read_feed(&mut self, client: &ExportClient, feed: Feed) -> Result<(), PassError> {
         for _ in 0..PAGES_PER_PASS {
-            let after_cursor = self.store.feed_cursor(feed)?;
-            let request = if feed == SUBJECT_CURSOR {
-                Req::SubjectChanges(SubjectChanges { after_cursor })
-            } else {
-                Req::ConsentChanges(ConsentChanges { after_cursor })
-            };
-            let list = match client.request(request).await? {
+            let after_cursor = self.core.cursor(feed);
+            let page = match client.request(feed.request(after_cursor)).await? {
                 Resp::ConsentChangeList(l) => l,
-                Resp::SubjectChangeList(l) => {
-                    relay_proto::wire::ConsentChangeList { changes: l.changes, next_cursor: l.next_cursor }
-                }
-                _ => return Err(ClientError::Unexpected("expected a change list".into()).into()),
+                Resp::SubjectChangeList(l) => ConsentChangeList { changes: l.changes, next_cursor: l.next_cursor },
+                _ => return Err(RelayLinkError::Unexpected("expected a change list".into()).into()),
             };
-            if list.changes.is_empty() && list.next_cursor <= after_cursor {
+            if feed::caught_up(after_cursor, &page) {
                 return Ok(());
             }
             let now = relay_proto::now_ms();
-            for change in &list.changes {
-                match feed::apply(&self.store, &self.catalogue, &self.master_key, change, now)? {
-                    Applied::Withdrawn { dropped, notified } if dropped > 0 || notified => {
-                        tracing::info!(dropped, notified, "withdrawal applied to the outbox");
-                    }
-                    _ => {}
-                }
+            for change in &page.changes {
+                let change = CheckedChange::new(change);
+                // Looked up only once the previous change's writes are done: two changes of a page may share a pair.
+                let known = match change.pair() {
+                    Some(pair) => self.store.known(pair)?,
+                    None => Known::default(),
+                };
+                let (_, effects) = self.core.handle_change(change, known, now)?;
+                self.perform(client, effects).await?;
             }
-            // A dropped export that may have reached its affiliate was logged.
-            self.sync_log()?;
-            // The cursor moves only once the outbox writes of these changes are durable.
-            self.store.flush().await?;
-            self.store.set_feed_cursor(feed, list.next_cursor.max(after_cursor))?;
-            self.store.flush().await?;
-            let read = list.changes.len() as u64;
+            let effects = self.core.page_done(feed, page.next_cursor);
+            self.perform(client, effects).await?;
+            let (read, cursor) = (page.changes.len() as u64, self.core.cursor(Feed::Consents));
             self.progress.send_modify(|p| {
-                if feed == CONSENT_CURSOR {
-                    p.cursor = list.next_cursor.max(after_cursor);
-                }
+                p.cursor = cursor;
                 p.changes += read;
             });
         }
         Ok(())
     }
 
-    async fn deliver_due(&self, client: &ExportClient) -> Result<(), PassError> {
-        for (id, entry) in self.store.due(relay_proto::now_ms(), DELIVERIES_PER_PASS)? {
-            self.deliver(client, &id, entry).await?;
+    /// Lets the core attempt what is due, one attempt after the other.
+    async fn deliver_due(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        self.core.plan_deliveries(relay_proto::now_ms());
+        while let Some(effects) = self.core.poll_attempt(relay_proto::now_ms()) {
+            self.perform(client, effects).await?;
         }
-        self.store.flush().await?;
         Ok(())
     }
 
-    async fn deliver(&self, client: &ExportClient, id: &str, mut entry: Entry) -> Result<(), PassError> {
-        let (Some(affiliate), Some(url)) = (self.catalogue.get(&entry.affiliate), self.endpoints.get(&entry.affiliate))
-        else {
-            tracing::warn!(webhook = id, "affiliate no longer in the catalogue; entry dropped");
-            self.store.remove(id)?;
-            return Ok(());
-        };
-        let outcome = match entry.kind {
-            Kind::Withdrawn => self.post(url, &affiliate.secret, id, &entry.body).await.map_err(|e| e.to_string()),
-            Kind::Export => {
-                let (account_id, statement_hash) =
-                    match (hex::decode(&entry.account), hex::decode(&entry.statement_hash)) {
-                        (Ok(a), Ok(h)) => (a, h),
-                        _ => return Err(StoreError::Corrupt(format!("outbox entry {id}")).into()),
-                    };
-                let started_ms = relay_proto::now_ms();
-                let begin = BeginExport {
-                    account_id: account_id.clone().into(),
-                    affiliate: entry.affiliate.clone(),
-                    purpose: entry.purpose.clone(),
-                    statement_hash: statement_hash.into(),
-                };
-                let granted = match client.request(Req::BeginExport(begin)).await? {
-                    Resp::ExportGranted(g) => g,
-                    Resp::ExportDenied(d) => {
-                        tracing::info!(webhook = id, reason = %d.reason, "export denied by the relay; dropped");
-                        if self.store.drop_export(id, &entry)? {
-                            self.sync_log()?;
-                        }
-                        return Ok(());
+    /// Performs `effects` in order, and the effects the core returns for the answers they bring. A relay error
+    /// ends the attempt (the core is told) and is returned once the writes that follow from it are done.
+    async fn perform(&mut self, client: &ExportClient, effects: Vec<Effect>) -> Result<(), PassError> {
+        let mut queue = VecDeque::from(effects);
+        let mut relay_error = None;
+        while let Some(effect) = queue.pop_front() {
+            let next = match effect {
+                Effect::Write(write) => {
+                    self.store.apply(&write)?;
+                    if let Write::Settle { .. } = write {
+                        self.sync_log()?;
                     }
-                    _ => return Err(ClientError::Unexpected("expected ExportGranted or ExportDenied".into()).into()),
-                };
-                let left = granted.deadline_ms.saturating_sub(relay_proto::now_ms());
-                let outcome = if u128::from(left) < HTTP_TIMEOUT.as_millis() {
-                    Err("lease too short to start a request".to_owned())
-                } else {
-                    // Durable before the request leaves: if no answer comes back (a crash, a lost connection), the
-                    // affiliate may hold the data, and dropping the entry later must log it (`Store::drop_export`).
-                    let unknown_before = entry.in_flight_ms;
-                    entry.in_flight_ms = Some(unknown_before.unwrap_or(started_ms));
-                    self.store.put(id, &entry)?;
+                    continue;
+                }
+                Effect::Flush => {
                     self.store.flush().await?;
-                    tracing::info!(webhook = id, attempt = entry.attempts + 1, "posting export");
-                    let outcome = self.post(url, &affiliate.secret, id, &entry.body).await;
-                    // An answer (the data is held only on a 2xx, which `settle` logs) or nothing sent: known.
-                    if matches!(outcome, Ok(_) | Err(HttpError::Connect(_) | HttpError::Tls(_))) {
-                        entry.in_flight_ms = unknown_before;
+                    continue;
+                }
+                Effect::AskLease { pair, statement_hash } => {
+                    let answer = match client.request(Req::BeginExport(begin_export(&pair, statement_hash))).await {
+                        Ok(Resp::ExportGranted(g)) => {
+                            LeaseAnswer::Granted(Lease { id: g.lease_id, deadline_ms: g.deadline_ms })
+                        }
+                        Ok(Resp::ExportDenied(d)) => LeaseAnswer::Denied { reason: d.reason },
+                        Ok(_) => {
+                            let e = RelayLinkError::Unexpected("expected ExportGranted or ExportDenied".into());
+                            relay_error = Some(e);
+                            LeaseAnswer::Failed
+                        }
+                        Err(e) => {
+                            relay_error = Some(e);
+                            LeaseAnswer::Failed
+                        }
+                    };
+                    self.core.handle_lease(answer, relay_proto::now_ms())?
+                }
+                Effect::Post { id, affiliate, body } => {
+                    let outcome = self.post(&affiliate, &id, &body).await;
+                    self.core.handle_answer(answer(outcome), relay_proto::now_ms())?
+                }
+                Effect::ReleaseLease { pair, lease } => {
+                    if let Err(e) = client.request(Req::EndExport(end_export(&pair, lease))).await {
+                        relay_error = Some(e);
                     }
-                    outcome.map_err(|e| e.to_string())
-                };
-                let end = EndExport {
-                    account_id: account_id.into(),
-                    affiliate: entry.affiliate.clone(),
-                    purpose: entry.purpose.clone(),
-                    lease_id: granted.lease_id,
-                };
-                let ended = client.request(Req::EndExport(end)).await;
-                self.settle(id, &mut entry, outcome, started_ms)?;
-                ended?;
-                return Ok(());
-            }
-        };
-        self.settle(id, &mut entry, outcome, 0)?;
-        Ok(())
+                    self.core.handle_released(relay_proto::now_ms())?
+                }
+            };
+            let delivered = self.core.delivered();
+            self.progress.send_modify(|p| p.delivered = delivered);
+            queue.extend(next);
+        }
+        relay_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
-    /// Records an attempt's outcome: removed (an export also logged, its pair marked delivered) on 2xx, rescheduled
-    /// otherwise. `started_ms` is when an export attempt began (its log time).
-    fn settle(
-        &self,
-        id: &str,
-        entry: &mut Entry,
-        outcome: Result<u16, String>,
-        started_ms: u64,
-    ) -> Result<(), StoreError> {
-        match outcome {
-            Ok(status) if (200..300).contains(&status) => {
-                if entry.kind == Kind::Export {
-                    let record = log_record(id, entry, started_ms)?;
-                    self.store.complete_export(id, entry, &record)?;
-                    self.sync_log()?;
-                } else {
-                    self.store.remove(id)?;
-                }
-                self.progress.send_modify(|p| p.delivered += 1);
-                tracing::info!(webhook = id, status, "webhook delivered");
+    /// Appends to the in-memory tree the records the store logged since (a delivery, or an export dropped after
+    /// an unanswered attempt).
+    fn sync_log(&mut self) -> Result<(), StoreError> {
+        loop {
+            let page = self.store.log_records(self.log.len(), 1024)?;
+            if page.is_empty() {
+                break;
             }
-            other => {
-                entry.attempts = entry.attempts.saturating_add(1);
-                let delay = backoff(entry.attempts);
-                entry.next_attempt_ms =
-                    relay_proto::now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                match other {
-                    Ok(status) => tracing::info!(webhook = id, status, ?delay, "webhook refused; will retry"),
-                    Err(e) => tracing::info!(webhook = id, error = %e, ?delay, "webhook failed; will retry"),
+            for (index, record) in page {
+                if index != self.log.len() {
+                    return Err(StoreError::Corrupt(format!("log index {index} but {} leaves", self.log.len())));
                 }
-                self.store.put(id, entry)?;
+                self.log.append(&record.leaf);
             }
         }
+        let logged = self.log.len();
+        self.progress.send_modify(|p| p.logged = logged);
         Ok(())
     }
 
     /// Signs a head over the log if it grew, then sends the relay what it does not hold yet, in pages.
-    async fn publish(&self, client: &ExportClient) -> Result<(), PassError> {
-        let len = self.log().len();
+    async fn publish(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        let len = self.log.len();
         if len == 0 {
             return Ok(());
         }
@@ -463,10 +401,9 @@ impl Exporter {
             };
             let mut entries = Vec::new();
             for (_, record) in self.store.log_records(published, (end - published) as usize)? {
-                let corrupt = || StoreError::Corrupt("log record".into());
                 entries.push(PublishedEntry {
-                    account_id: hex::decode(&record.account).map_err(|_| corrupt())?.into(),
-                    leaf: hex::decode(&record.leaf).map_err(|_| corrupt())?.into(),
+                    account_id: record.account.as_bytes().to_vec().into(),
+                    leaf: record.leaf.into(),
                 });
             }
             let request = PublishLog {
@@ -477,7 +414,7 @@ impl Exporter {
             };
             let size = match client.request(Req::PublishLog(request)).await? {
                 Resp::LogPublished(p) => p.size,
-                _ => return Err(ClientError::Unexpected("expected LogPublished".into()).into()),
+                _ => return Err(RelayLinkError::Unexpected("expected LogPublished".into()).into()),
             };
             if size > len {
                 tracing::error!(relay = size, local = len, "the relay holds more log entries than this exporter");
@@ -495,34 +432,59 @@ impl Exporter {
 
     /// Signs and stores the head over the first `size` entries (the caller flushes).
     fn sign_head(&self, size: u64) -> Result<SignedTreeHead, StoreError> {
-        let root = self.log().root_at(size).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let root = self.log.root_at(size).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let head = relay_proto::merkle::TreeHead { size, root, timestamp_ms: relay_proto::now_ms() };
         let signed = head.sign(&self.log_key);
         self.store.put_head(&signed)?;
         Ok(signed)
     }
 
-    async fn post(&self, url: &Url, key: &[u8], id: &str, body: &str) -> Result<u16, HttpError> {
+    /// Posts `body` under webhook id `id` to `affiliate`'s endpoint, signed (Standard Webhooks).
+    async fn post(&self, affiliate: &str, id: &WebhookId, body: &str) -> Result<u16, HttpError> {
+        let Some(endpoint) = self.endpoints.get(affiliate) else {
+            // Unreachable while the core and the endpoints come from one catalogue (every endpoint parsed at open);
+            // refused before anything is sent.
+            return Err(HttpError::Unsupported(format!("no endpoint for affiliate {affiliate:?}")));
+        };
         let timestamp = relay_proto::now_ms() / 1000;
+        let id = id.to_string();
+        let signature = webhook::sign(&endpoint.secret, &id, timestamp, body.as_bytes());
         let headers = [
             ("content-type", "application/json".to_owned()),
-            ("webhook-id", id.to_owned()),
+            ("webhook-id", id),
             ("webhook-timestamp", timestamp.to_string()),
-            ("webhook-signature", webhook::sign(key, id, timestamp, body.as_bytes())),
+            ("webhook-signature", signature),
         ];
-        http::post(url, &self.tls, &headers, body.as_bytes(), HTTP_TIMEOUT).await
+        http::post(&endpoint.url, &self.tls, &headers, body.as_bytes(), HTTP_TIMEOUT).await
+    }
+}
+
+fn begin_export(pair: &Pair, statement_hash: [u8; 32]) -> BeginExport {
+    BeginExport {
+        account_id: pair.account.as_bytes().to_vec().into(),
+        affiliate: pair.affiliate.clone(),
+        purpose: pair.purpose.as_str().to_owned(),
+        statement_hash: statement_hash.to_vec().into(),
+    }
+}
+
+fn end_export(pair: &Pair, lease: Lease) -> EndExport {
+    EndExport {
+        account_id: pair.account.as_bytes().to_vec().into(),
+        affiliate: pair.affiliate.clone(),
+        purpose: pair.purpose.as_str().to_owned(),
+        lease_id: lease.id,
     }
 }
 
 /// Rebuilds the Merkle tree from the stored log records.
-pub fn load_log(store: &Store) -> Result<MerkleLog, StoreError> {
+pub fn load_log(store: &ExporterStore) -> Result<MerkleLog, StoreError> {
     let mut hashes = Vec::new();
     store.visit_log(|index, record| {
         if index != hashes.len() as u64 {
             return Err(StoreError::Corrupt(format!("log record {index} out of sequence")));
         }
-        let leaf = hex::decode(&record.leaf).map_err(|_| StoreError::Corrupt(format!("log record {index}")))?;
-        hashes.push(relay_proto::merkle::leaf_hash(&leaf));
+        hashes.push(relay_proto::merkle::leaf_hash(&record.leaf));
         Ok(())
     })?;
     Ok(MerkleLog::from_leaf_hashes(hashes))
@@ -531,25 +493,16 @@ pub fn load_log(store: &Store) -> Result<MerkleLog, StoreError> {
 #[derive(Debug, thiserror::Error)]
 enum PassError {
     #[error(transparent)]
-    Relay(#[from] ClientError),
+    Relay(#[from] RelayLinkError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Core(#[from] CoreError),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_from_one_second_to_ten_minutes_with_jitter() {
-        for _ in 0..32 {
-            let first = backoff(1);
-            assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200), "{first:?}");
-            let third = backoff(3);
-            assert!(third >= Duration::from_millis(3200) && third <= Duration::from_millis(4800), "{third:?}");
-            assert!(backoff(40) <= RETRY_MAX * 6 / 5 && backoff(40) >= RETRY_MAX * 4 / 5);
-        }
-    }
 
     #[test]
     fn the_key_file_is_created_once_owner_only() {
@@ -572,8 +525,23 @@ mod tests {
         let catalogue = Catalogue::parse(&text).expect("catalogue");
         let dir = tempfile::tempdir().expect("dir");
         let mut exporter = Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).expect("https accepted");
-        assert!(exporter.endpoints.get("adsco").is_some_and(|u| u.tls));
+        assert!(exporter.endpoints.get("adsco").is_some_and(|e| e.url.tls));
         let bad = b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n";
         assert!(exporter.trust_extra_ca(bad).is_err());
+    }
+
+    #[test]
+    fn a_data_dir_written_before_the_core_opens_as_it_was() {
+        let dir = tempfile::tempdir().expect("dir");
+        crate::outbox::write_fixture(&dir.path().join("db"), crate::outbox::STORE_C167199);
+        let catalogue = Catalogue::parse(include_str!("../affiliates.example.toml")).expect("catalogue");
+        let exporter = Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).expect("opens");
+        let progress = *exporter.progress().borrow();
+        assert_eq!(
+            (progress.cursor, progress.outbox, progress.logged, progress.published),
+            (4, 3, 1, 1),
+            "cursor, outbox, log and publication as they were"
+        );
+        assert_eq!(exporter.core.cursor(Feed::Subjects), 2);
     }
 }

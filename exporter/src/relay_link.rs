@@ -1,7 +1,7 @@
 //! The exporter's side of the export interface: a QUIC connection that presents the exporter's certificate, accepts
 //! only the pinned relay certificate, and sends one export request per bidirectional stream.
 //!
-//! Contract: every answer is checked to be a response frame; an `Error` frame becomes [`ClientError::Refused`] and
+//! Contract: every answer is checked to be a response frame; an `Error` frame becomes [`RelayLinkError::Refused`] and
 //! nothing here panics on what the relay sends.
 
 use std::net::SocketAddr;
@@ -20,7 +20,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why an export request failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ClientError {
+pub enum RelayLinkError {
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -50,7 +50,7 @@ impl ExportClient {
         addr: SocketAddr,
         relay_fingerprint: [u8; 32],
         identity: &Identity,
-    ) -> Result<Self, ClientError> {
+    ) -> Result<Self, RelayLinkError> {
         Self::connect_with(addr, identity.export_client_crypto(relay_fingerprint)?).await
     }
 
@@ -58,7 +58,7 @@ impl ExportClient {
     pub async fn connect_with(
         addr: SocketAddr,
         quic: quinn::crypto::rustls::QuicClientConfig,
-    ) -> Result<Self, ClientError> {
+    ) -> Result<Self, RelayLinkError> {
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(relay_quic::transport_config(
             16,
@@ -66,36 +66,36 @@ impl ExportClient {
             Some(Duration::from_secs(15)),
         )));
         let local = if addr.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
-        let endpoint = relay_quic::endpoint(local, None).map_err(|e| ClientError::Connect(e.to_string()))?;
+        let endpoint = relay_quic::endpoint(local, None).map_err(|e| RelayLinkError::Connect(e.to_string()))?;
         let connecting =
-            endpoint.connect_with(config, addr, "consent-relay").map_err(|e| ClientError::Connect(e.to_string()))?;
+            endpoint.connect_with(config, addr, "consent-relay").map_err(|e| RelayLinkError::Connect(e.to_string()))?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(ClientError::Connect(e.to_string())),
-            Err(_) => return Err(ClientError::Connect(format!("no handshake within {CONNECT_TIMEOUT:?}"))),
+            Ok(Err(e)) => return Err(RelayLinkError::Connect(e.to_string())),
+            Err(_) => return Err(RelayLinkError::Connect(format!("no handshake within {CONNECT_TIMEOUT:?}"))),
         };
         Ok(Self { endpoint, conn })
     }
 
     /// Sends `frame` (any protobuf message, framed) on a new stream and reads the answer as an export response.
-    pub async fn raw<M: prost::Message>(&self, frame: &M) -> Result<ExportResponse, ClientError> {
-        let stream = |e: &dyn std::fmt::Display| ClientError::Stream(e.to_string());
+    pub async fn raw<M: prost::Message>(&self, frame: &M) -> Result<ExportResponse, RelayLinkError> {
+        let stream = |e: &dyn std::fmt::Display| RelayLinkError::Stream(e.to_string());
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| stream(&e))?;
         write_frame(&mut send, frame).await.map_err(|e| stream(&e))?;
         send.finish().ok();
         read_frame::<ExportResponse>(&mut recv, MAX_FRAME_LEN)
             .await
             .map_err(|e| stream(&e))?
-            .ok_or_else(|| ClientError::Unexpected("stream closed without a response".into()))
+            .ok_or_else(|| RelayLinkError::Unexpected("stream closed without a response".into()))
     }
 
-    /// Sends one request on a new stream and returns the relay's answer; an error frame is [`ClientError::Refused`].
-    pub async fn request(&self, body: export_request::Body) -> Result<export_response::Body, ClientError> {
+    /// Sends one request on a new stream and returns the relay's answer; an error frame is [`RelayLinkError::Refused`].
+    pub async fn request(&self, body: export_request::Body) -> Result<export_response::Body, RelayLinkError> {
         let reply = self.raw(&ExportRequest { body: Some(body) }).await?;
         match reply.body {
-            Some(export_response::Body::Error(e)) => Err(ClientError::Refused(e.to_string())),
+            Some(export_response::Body::Error(e)) => Err(RelayLinkError::Refused(e.to_string())),
             Some(body) => Ok(body),
-            None => Err(ClientError::Unexpected("empty response".into())),
+            None => Err(RelayLinkError::Unexpected("empty response".into())),
         }
     }
 

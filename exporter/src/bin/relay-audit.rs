@@ -14,7 +14,7 @@ use clap::Parser;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use relay_exporter::Catalogue;
 use relay_exporter::audit::audit;
-use relay_exporter::outbox::Store;
+use relay_exporter::outbox::ExporterStore;
 
 #[derive(Parser)]
 #[command(name = "relay-audit", version, about = "Audit a Consent Relay export log")]
@@ -54,7 +54,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     if !db.exists() {
         anyhow::bail!("{} has no exporter store", args.exporter_data.display());
     }
-    let store = Store::open(&db).with_context(|| {
+    let store = ExporterStore::open(&db).with_context(|| {
         format!("cannot open {} (is relay-exporter still running on it? stop it or audit a copy)", db.display())
     })?;
     let report = audit(&store, &log_key, catalogue.as_ref())?;

@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 use relay_client::DirectoryEntry;
 use relay_exporter::Catalogue;
 use relay_exporter::audit::audit;
-use relay_exporter::outbox::Store;
-use relay_proto::consent::{ConsentStatement, Decision};
+use relay_exporter::core::EntryState;
+use relay_exporter::ids::{Pair, WebhookId};
+use relay_exporter::outbox::ExporterStore;
+use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::merkle::ExportLeaf;
 use relay_tests::affiliate::{Attempt, ExporterProcess, Sink, test_catalogue};
 use relay_tests::chaos::Rng;
@@ -460,7 +462,7 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
     let key = relay_proto::merkle::log_key_from_wire(&hex::decode(exporter.log_key()).expect("hex")).expect("key");
     let mut logged_by_account: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let (logged, logged_unanswered, logged_unseen) = {
-        let store = Store::open(&exporter.data_dir().join("db")).expect("exporter store");
+        let store = ExporterStore::open(&exporter.data_dir().join("db")).expect("exporter store");
         let report = audit(&store, &key, Some(&catalogue)).expect("audit");
         if !report.passed() {
             // Everything needed to tell a wrong entry from a wrong audit.
@@ -470,9 +472,10 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
                 if !report.problems.iter().any(|p| p.starts_with(&format!("entry {index}:"))) {
                     continue;
                 }
-                let leaf = ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
-                let id = format!("msg_{}", hex::encode(leaf.export_id));
-                let pair = relay_exporter::outbox::pair_key(&record.account, &leaf.affiliate, &leaf.purpose);
+                let leaf = ExportLeaf::decode(&record.leaf).expect("leaf");
+                let id = WebhookId::from_export_id(leaf.export_id).to_string();
+                let purpose = Purpose::parse(&leaf.purpose).expect("purpose");
+                let pair = Pair::new(record.account, leaf.affiliate.clone(), purpose);
                 details.push_str(&format!(
                     "entry {index} {id} time {} evidence recorded {}\n",
                     leaf.time_ms, record.evidence.recorded_at_ms
@@ -491,20 +494,20 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
         }
         let mut logged = BTreeSet::new();
         for (index, record) in store.log_records(0, usize::MAX).expect("log") {
-            let leaf = ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
-            let id = format!("msg_{}", hex::encode(leaf.export_id));
+            let leaf = ExportLeaf::decode(&record.leaf).expect("leaf");
+            let id = WebhookId::from_export_id(leaf.export_id).to_string();
             assert!(logged.insert(id.clone()), "{id} logged twice, again at {index} (seed {seed})");
-            logged_by_account.entry(record.account).or_default().insert(id);
+            logged_by_account.entry(record.account.to_string()).or_default().insert(id);
         }
         // An export whose attempt got no answer before the last kill may still be in the outbox, marked in flight,
         // when the exporter is stopped: it is logged when it leaves the outbox (settled or dropped), so it counts
         // as pending, not as missing. Anything else accepted by an affiliate must be in the log.
         let pending: BTreeSet<String> = store
-            .due(u64::MAX, usize::MAX)
+            .entries()
             .expect("outbox")
             .into_iter()
-            .filter(|(_, e)| e.in_flight_ms.is_some())
-            .map(|(id, _)| id)
+            .filter(|(_, e)| matches!(e.state, EntryState::InFlight(_)))
+            .map(|(id, _)| id.to_string())
             .collect();
         let unlogged: Vec<_> = delivered_ids.difference(&logged).filter(|id| !pending.contains(*id)).collect();
         if !unlogged.is_empty() {

@@ -4,7 +4,7 @@
 //! fence: a queued export never leaves after the withdrawal is acknowledged, and an affiliate that received data
 //! gets a `consent.withdrawn` notice with the pseudonym only.
 
-use relay_exporter::feed::webhook_id;
+use relay_exporter::ids::WebhookId;
 use relay_proto::consent::{ConsentStatement, Decision};
 use relay_tests::TestRelay;
 use relay_tests::affiliate::{Sink, TestExporter, test_catalogue};
@@ -147,7 +147,7 @@ async fn an_affiliate_that_received_data_is_told_of_the_withdrawal_by_pseudonym(
     let events = s.adsco.wait_events(2, WAIT).await.expect("withdrawal notice");
     let notice = events.iter().find(|e| e.id != export.id).expect("the notice");
     assert!(notice.signature_ok);
-    assert_eq!(notice.id, webhook_id(&statement_hash(&withdrawal.statement), "adsco", &[0; 32]));
+    assert_eq!(notice.id, WebhookId::notice(&statement_hash(&withdrawal.statement), "adsco").to_string());
     assert_eq!(notice.body["type"], "consent.withdrawn");
     assert_eq!(data_keys(&notice.body), ["purpose", "subject"]);
     assert_eq!(notice.body["data"]["purpose"], "advertising");

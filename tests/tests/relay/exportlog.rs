@@ -5,7 +5,7 @@
 use relay_client::Device;
 use relay_exporter::Catalogue;
 use relay_exporter::audit::audit;
-use relay_exporter::outbox::Store;
+use relay_exporter::outbox::ExporterStore;
 use relay_proto::consent::Decision;
 use relay_tests::affiliate::{Sink, TestExporter, test_catalogue};
 
@@ -76,22 +76,22 @@ async fn exports_are_logged_shown_to_their_user_only_verified_and_audited() {
     let catalogue = Catalogue::parse(&text).expect("catalogue");
     let key = relay_proto::merkle::log_key_from_wire(&hex::decode(exporter.log_key()).expect("hex")).expect("key");
     {
-        let store = Store::open(&exporter.data_dir().join("db")).expect("exporter store");
+        let store = ExporterStore::open(&exporter.data_dir().join("db")).expect("exporter store");
         let report = audit(&store, &key, Some(&catalogue)).expect("audit");
         assert!(report.passed(), "{:?}", report.problems);
         assert_eq!((report.entries, report.signed_size), (3, 3));
         // The log holds no personal data: no phone number, no device model, in any record.
         for (_, record) in store.log_records(0, usize::MAX).expect("records") {
             let text = serde_json::to_string(&record).expect("json");
-            let leaf = hex::decode(&record.leaf).expect("hex");
+            let leaf = &record.leaf;
             for secret in ["612345678", "655555555", "Pixel"] {
-                assert!(!text.contains(secret) && !String::from_utf8_lossy(&leaf).contains(secret), "{text}");
+                assert!(!text.contains(secret) && !String::from_utf8_lossy(leaf).contains(secret), "{text}");
             }
         }
         let (index, mut record) = store.log_records(0, 1).expect("records").remove(0);
-        let mut leaf = relay_proto::merkle::ExportLeaf::decode(&hex::decode(&record.leaf).expect("hex")).expect("leaf");
+        let mut leaf = relay_proto::merkle::ExportLeaf::decode(&record.leaf).expect("leaf");
         leaf.fields.retain(|f| f != "phone_pseudonym");
-        record.leaf = hex::encode(leaf.encode().expect("leaf"));
+        record.leaf = leaf.encode().expect("leaf");
         store.replace_log_record(index, &record).expect("tamper");
         let report = audit(&store, &key, Some(&catalogue)).expect("audit");
         let problems = report.problems.join("\n");

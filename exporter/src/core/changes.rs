@@ -1,0 +1,274 @@
+//! What a change read from the relay's feeds does to the outbox.
+//!
+//! Contract: only a change whose signature [`feed::verify`] accepts is acted on, and every one that is is kept as
+//! audit evidence. A grant with a subject, for a pair the catalogue allows, queues one export whose webhook id is
+//! derived from the statement hash, the affiliate and a digest of the exported data; the same data again (the change
+//! read twice, or a subject change that leaves the affiliate's fields as they were) queues nothing, while new data
+//! supersedes what is still queued for the pair. A withdrawal removes the pair's queued exports and, if the pair had
+//! been delivered, queues a `consent.withdrawn` notice carrying only the user's pseudonym for that affiliate. An
+//! export that leaves the outbox this way after an attempt that got no answer is logged as delivered (see
+//! [`super::Core`]). A feed's cursor moves only once the writes of the changes before it are durable.
+
+use std::collections::btree_map::Entry as Slot;
+use std::fmt;
+use std::str::FromStr;
+
+use relay_proto::consent::{ConsentStatement, Decision};
+use relay_proto::wire::ConsentChange;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::entry::{Entry, EntryState, Evidence, Kind};
+use super::{Core, CoreError, Effect, Write};
+use crate::feed::{self, Feed};
+use crate::ids::{Pair, ParseIdError, WebhookId};
+use crate::payload::{self, phone_pseudonym};
+
+/// What became of one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Failed verification: ignored.
+    Rejected(&'static str),
+    /// A grant with nothing to export (not in force any more, or not allowed by the catalogue).
+    Nothing,
+    /// An export was queued.
+    Queued,
+    /// The same data was already queued or delivered for this statement.
+    Unchanged,
+    /// A withdrawal: this many queued exports dropped, and whether a withdrawal notice was queued.
+    Withdrawn {
+        /// Exports removed from the outbox.
+        dropped: usize,
+        /// Whether a `consent.withdrawn` notice was queued.
+        notified: bool,
+    },
+}
+
+/// What was last queued for a pair: the statement and a digest of the data. Stored as `statement-hex:digest-hex`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportMarker {
+    /// SHA-256 of the statement the export followed from.
+    pub statement_hash: [u8; 32],
+    /// SHA-256 of the exported data (without the purpose and consent fields every export carries).
+    pub digest: [u8; 32],
+}
+
+impl fmt::Display for ExportMarker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", hex::encode(self.statement_hash), hex::encode(self.digest))
+    }
+}
+
+impl FromStr for ExportMarker {
+    type Err = ParseIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let refused = || ParseIdError { what: "export marker", text: s.to_owned() };
+        let (hash, digest) = s.split_once(':').ok_or_else(refused)?;
+        let mut marker = ExportMarker { statement_hash: [0; 32], digest: [0; 32] };
+        hex::decode_to_slice(hash, &mut marker.statement_hash).map_err(|_| refused())?;
+        hex::decode_to_slice(digest, &mut marker.digest).map_err(|_| refused())?;
+        if marker.to_string() != s {
+            return Err(refused());
+        }
+        Ok(marker)
+    }
+}
+
+/// What the store holds for a change's pair, which the rules read: the driver looks it up for
+/// [`CheckedChange::pair`] before handing the change to the core.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Known {
+    /// What was last queued for the pair since its last withdrawal.
+    pub exported: Option<ExportMarker>,
+    /// The user's pseudonym for the affiliate, if the pair's data reached it since its last withdrawal.
+    pub delivered: Option<String>,
+}
+
+/// A change whose signature was checked.
+#[derive(Debug, Clone)]
+pub struct CheckedChange {
+    cursor: u64,
+    verified: Result<Verified, &'static str>,
+}
+
+#[derive(Debug, Clone)]
+struct Verified {
+    statement: ConsentStatement,
+    pair: Pair,
+    evidence: Evidence,
+    subject: Option<payload::Subject>,
+}
+
+impl CheckedChange {
+    /// Checks `change` ([`feed::verify`]).
+    pub fn new(change: &ConsentChange) -> Self {
+        let verified = feed::verify(change).map(|statement| Verified {
+            pair: Pair::new(statement.account, statement.affiliate.clone(), statement.purpose),
+            evidence: Evidence {
+                statement: hex::encode(&change.statement),
+                signature: hex::encode(&change.signature),
+                identity_key: hex::encode(&change.identity_key),
+                recorded_at_ms: change.recorded_at_ms,
+            },
+            subject: feed::subject(change),
+            statement,
+        });
+        Self { cursor: change.cursor, verified }
+    }
+
+    /// The pair a verified change is about: the one whose [`Known`] the core needs with it.
+    pub fn pair(&self) -> Option<&Pair> {
+        self.verified.as_ref().ok().map(|v| &v.pair)
+    }
+}
+
+impl Core {
+    /// Applies one checked change, given what the store holds for its pair. The effects are writes only; the driver
+    /// performs them before it looks up the next change's pair (two changes of one page may concern one pair).
+    pub fn handle_change(
+        &mut self,
+        change: CheckedChange,
+        known: Known,
+        now_ms: u64,
+    ) -> Result<(Applied, Vec<Effect>), CoreError> {
+        if let Some(attempt) = &self.current {
+            // A change could drop the entry of the attempt under way: feed and delivery take turns.
+            return Err(CoreError::Busy(attempt.id()));
+        }
+        let v = match change.verified {
+            Ok(v) => v,
+            Err(reason) => {
+                tracing::warn!(cursor = change.cursor, reason, "consent change skipped");
+                return Ok((Applied::Rejected(reason), Vec::new()));
+            }
+        };
+        let mut effects = vec![Effect::Write(Write::Statement {
+            pair: v.pair.clone(),
+            sequence: v.statement.sequence,
+            evidence: v.evidence.clone(),
+        })];
+        let Some(affiliate) = self.catalogue.get(&v.pair.affiliate).cloned() else {
+            return Ok((Applied::Nothing, effects));
+        };
+        let hash = v.statement.hash();
+        let purpose = v.pair.purpose.as_str();
+        let applied = match v.statement.decision {
+            Decision::Grant => {
+                let Some(subject) = &v.subject else { return Ok((Applied::Nothing, effects)) };
+                let Some((mut data, fields)) = payload::build(&affiliate, v.pair.purpose, subject, &self.master_key)
+                else {
+                    return Ok((Applied::Nothing, effects));
+                };
+                // serde_json's map is ordered by key, so equal data gives equal digests.
+                let digest: [u8; 32] = Sha256::digest(Value::Object(data.clone()).to_string().as_bytes()).into();
+                let marker = ExportMarker { statement_hash: hash, digest };
+                if known.exported == Some(marker) {
+                    return Ok((Applied::Unchanged, effects));
+                }
+                data.insert("purpose".into(), Value::String(purpose.into()));
+                data.insert("consent".into(), Value::String(hex::encode(hash)));
+                let entry = Entry {
+                    kind: Kind::Export,
+                    pair: v.pair.clone(),
+                    statement_hash: hash,
+                    pseudonym: phone_pseudonym(&self.master_key, &affiliate.id, &subject.phone),
+                    body: feed::event("user.metadata.exported", now_ms, self.entropy.nonce(), data),
+                    attempts: 0,
+                    next_attempt_ms: now_ms,
+                    fields: fields.iter().map(|f| f.as_str().to_owned()).collect(),
+                    evidence: Some(v.evidence),
+                    state: EntryState::Queued,
+                };
+                // Older data still queued for the pair is superseded by this one.
+                self.drop_exports_of(&v.pair, &mut effects)?;
+                self.queue(WebhookId::derive(&hash, &affiliate.id, &digest), entry, &mut effects);
+                effects.push(Effect::Write(Write::SetExported { pair: v.pair, marker }));
+                Applied::Queued
+            }
+            Decision::Withdraw => {
+                let (dropped, logged_pseudonym) = self.drop_exports_of(&v.pair, &mut effects)?;
+                effects.push(Effect::Write(Write::ForgetExported { pair: v.pair.clone() }));
+                // An export just logged as delivered marked its pair delivered, with its pseudonym.
+                let delivered = logged_pseudonym.or(known.delivered);
+                let notified = delivered.is_some();
+                if let Some(pseudonym) = delivered {
+                    let mut data = serde_json::Map::new();
+                    data.insert("purpose".into(), Value::String(purpose.into()));
+                    data.insert("subject".into(), Value::String(pseudonym.clone()));
+                    let entry = Entry {
+                        kind: Kind::Withdrawn,
+                        pair: v.pair.clone(),
+                        statement_hash: hash,
+                        pseudonym,
+                        body: feed::event("consent.withdrawn", now_ms, self.entropy.nonce(), data),
+                        attempts: 0,
+                        next_attempt_ms: now_ms,
+                        fields: Vec::new(),
+                        evidence: None,
+                        state: EntryState::Queued,
+                    };
+                    // Queued before the delivered mark is forgotten, so a crash between the two loses neither.
+                    self.queue(WebhookId::notice(&hash, &affiliate.id), entry, &mut effects);
+                    effects.push(Effect::Write(Write::ForgetDelivered { pair: v.pair }));
+                }
+                if dropped > 0 || notified {
+                    tracing::info!(dropped, notified, "withdrawal applied to the outbox");
+                }
+                Applied::Withdrawn { dropped, notified }
+            }
+        };
+        Ok((applied, effects))
+    }
+
+    /// A page of `feed` was applied and its effects performed: the feed's cursor moves to `next_cursor` (never back),
+    /// durably, but only once everything written for the page is.
+    pub fn page_done(&mut self, feed: Feed, next_cursor: u64) -> Vec<Effect> {
+        let cursor = self.cursors.entry(feed).or_default();
+        *cursor = (*cursor).max(next_cursor);
+        vec![Effect::Flush, Effect::Write(Write::Cursor { feed, cursor: *cursor }), Effect::Flush]
+    }
+
+    /// Queues `entry` under `id` unless an entry with that id is queued already (that one keeps its body, so a
+    /// retry repeats the body the affiliate may have seen).
+    fn queue(&mut self, id: WebhookId, entry: Entry, effects: &mut Vec<Effect>) {
+        if let Slot::Vacant(slot) = self.outbox.entry(id) {
+            effects.push(Effect::Write(Write::Put { id, entry: Box::new(entry.clone()) }));
+            slot.insert(entry);
+        }
+    }
+
+    /// Drops every queued export (not notice) of `pair`, in id order: how many, and the pseudonym of the last one
+    /// logged as delivered because an attempt of it got no answer.
+    fn drop_exports_of(
+        &mut self,
+        pair: &Pair,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(usize, Option<String>), CoreError> {
+        let doomed: Vec<WebhookId> =
+            self.outbox.iter().filter(|(_, e)| e.kind == Kind::Export && e.pair == *pair).map(|(id, _)| *id).collect();
+        let mut logged = None;
+        for id in &doomed {
+            if let Some(pseudonym) = self.drop_export(id, effects)? {
+                logged = Some(pseudonym);
+            }
+        }
+        Ok((doomed.len(), logged))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_markers_have_one_text_form() {
+        let marker = ExportMarker { statement_hash: [1; 32], digest: [0xab; 32] };
+        let text = marker.to_string();
+        assert_eq!(text, format!("{}:{}", "01".repeat(32), "ab".repeat(32)));
+        assert_eq!(text.parse(), Ok(marker));
+        for bad in [String::new(), "01".repeat(32), text.to_uppercase(), format!("{text}:00"), text.replace(':', "")] {
+            assert!(bad.parse::<ExportMarker>().is_err(), "{bad:?}");
+        }
+    }
+}
