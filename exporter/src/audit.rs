@@ -8,9 +8,9 @@
 //! many entries, consecutive heads are consistent (RFC 6962 consistency proofs, checked with the verifier) and their
 //! times do not go back. Every problem is reported with the entry or head it concerns; none is fatal to the audit.
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use relay_proto::AccountId;
-use relay_proto::consent::{ConsentStatement, Decision};
+use relay_proto::consent::{self, ConsentStatement, Decision};
 use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
 use serde::Serialize;
 
@@ -39,22 +39,22 @@ impl AuditReport {
     }
 }
 
-/// The statement of `evidence`, if its signature verifies under its identity key and the account derives from it.
-fn verified(evidence: &Evidence) -> Result<ConsentStatement, &'static str> {
-    let statement = hex::decode(&evidence.statement).map_err(|_| "statement is not hex")?;
-    let statement = ConsentStatement::decode_stored(&statement).map_err(|_| "statement does not decode")?;
+/// The statement of `evidence` and the SHA-256 of its bytes as signed, if its signature verifies under its identity
+/// key (over those bytes, before they are decoded) and the account derives from that key.
+fn verified(evidence: &Evidence) -> Result<(ConsentStatement, [u8; 32]), &'static str> {
+    let encoded = hex::decode(&evidence.statement).map_err(|_| "statement is not hex")?;
     let key: [u8; 32] = hex::decode(&evidence.identity_key)
         .ok()
         .and_then(|k| k.try_into().ok())
         .ok_or("identity key is not 32 bytes of hex")?;
+    let signature = hex::decode(&evidence.signature).map_err(|_| "signature is not hex")?;
+    let verifying = VerifyingKey::from_bytes(&key).map_err(|_| "identity key is not an Ed25519 key")?;
+    consent::verify_signature(&encoded, &signature, &verifying).map_err(|_| "the user's signature does not verify")?;
+    let statement = ConsentStatement::decode_stored(&encoded).map_err(|_| "statement does not decode")?;
     if AccountId::from_identity_key(&key) != statement.account {
         return Err("the statement's account does not derive from the identity key");
     }
-    let signature = hex::decode(&evidence.signature).map_err(|_| "signature is not hex")?;
-    let signature = Signature::from_slice(&signature).map_err(|_| "signature is not 64 bytes")?;
-    let key = VerifyingKey::from_bytes(&key).map_err(|_| "identity key is not an Ed25519 key")?;
-    key.verify_strict(&statement.signed_bytes(), &signature).map_err(|_| "the user's signature does not verify")?;
-    Ok(statement)
+    Ok((statement, consent::statement_hash(&encoded)))
 }
 
 /// The problem with one entry, if any.
@@ -66,14 +66,14 @@ fn check_entry(
     let Ok(leaf) = ExportLeaf::decode(&record.leaf) else {
         return Ok(Err("leaf does not decode".into()));
     };
-    let statement = match verified(&record.evidence) {
+    let (statement, statement_hash) = match verified(&record.evidence) {
         Ok(s) => s,
         Err(e) => return Ok(Err(format!("consent evidence: {e}"))),
     };
     if statement.account != record.account {
         return Ok(Err("the statement is another account's".into()));
     }
-    if statement.hash() != leaf.consent_hash {
+    if statement_hash != leaf.consent_hash {
         return Ok(Err("the leaf's consent hash is not the hash of the signed statement".into()));
     }
     if statement.decision != Decision::Grant {

@@ -7,9 +7,9 @@
 //! change's identity key and the account id derives from that key ([`verify`]); anything else is skipped. Every event
 //! body carries a random nonce, so the log's payload hash cannot be reversed by guessing the data. Pure: no I/O.
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use relay_proto::AccountId;
-use relay_proto::consent::ConsentStatement;
+use relay_proto::consent::{self, ConsentStatement};
 use relay_proto::wire::{ConsentChange, ConsentChangeList, ConsentChanges, SubjectChanges, export_request};
 use serde_json::{Value, json};
 
@@ -42,20 +42,21 @@ pub fn caught_up(after_cursor: u64, page: &ConsentChangeList) -> bool {
     page.changes.is_empty() && page.next_cursor <= after_cursor
 }
 
-/// Checks the change's signature and account binding; the statement if both hold.
+/// Checks the change's signature, over the statement bytes as received and before they are decoded, and its account
+/// binding; the statement if both hold.
 pub fn verify(change: &ConsentChange) -> Result<ConsentStatement, &'static str> {
     let key: [u8; 32] = change.identity_key.as_ref().try_into().map_err(|_| "identity key is not 32 bytes")?;
     let account = AccountId::from_slice(&change.account_id).ok_or("account id is not 16 bytes")?;
     if AccountId::from_identity_key(&key) != account {
         return Err("account id does not derive from the identity key");
     }
+    let verifying = VerifyingKey::from_bytes(&key).map_err(|_| "identity key is not a valid Ed25519 key")?;
+    consent::verify_signature(&change.statement, &change.signature, &verifying)
+        .map_err(|_| "signature does not verify")?;
     let statement = ConsentStatement::decode_stored(&change.statement).map_err(|_| "statement does not decode")?;
     if statement.account != account {
         return Err("statement is for another account");
     }
-    let verifying = VerifyingKey::from_bytes(&key).map_err(|_| "identity key is not a valid Ed25519 key")?;
-    let signature = Signature::from_slice(&change.signature).map_err(|_| "signature is not 64 bytes")?;
-    verifying.verify_strict(&statement.signed_bytes(), &signature).map_err(|_| "signature does not verify")?;
     Ok(statement)
 }
 

@@ -95,6 +95,8 @@ pub struct CheckedChange {
 #[derive(Debug, Clone)]
 struct Verified {
     statement: ConsentStatement,
+    /// SHA-256 of the statement bytes as received (what the relay and the export log refer to it by).
+    hash: [u8; 32],
     pair: Pair,
     evidence: Evidence,
     subject: Option<payload::Subject>,
@@ -112,6 +114,7 @@ impl CheckedChange {
                 recorded_at_ms: change.recorded_at_ms,
             },
             subject: feed::subject(change),
+            hash: relay_proto::consent::statement_hash(&change.statement),
             statement,
         });
         Self { cursor: change.cursor, verified }
@@ -151,7 +154,7 @@ impl Core {
         let Some(affiliate) = self.catalogue.get(&v.pair.affiliate).cloned() else {
             return Ok((Applied::Nothing, effects));
         };
-        let hash = v.statement.hash();
+        let hash = v.hash;
         let purpose = v.pair.purpose.as_str();
         let applied = match v.statement.decision {
             Decision::Grant => {
