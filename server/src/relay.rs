@@ -1,4 +1,5 @@
-//! The relay process: binds the QUIC endpoint, accepts connections, runs the expiry sweep, shuts down cleanly.
+//! The relay process: binds the QUIC endpoint, builds each request family's handler from the store (each given only
+//! the handles it may use), accepts connections, runs the expiry sweep, shuts down cleanly.
 //!
 //! A connection starts with credit for [`INITIAL_STREAMS`] concurrent request streams, doubled whenever it uses
 //! three quarters of it, up to `max_streams_per_connection`. quinn allocates state for every stream a peer may open,
