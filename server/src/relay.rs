@@ -75,6 +75,7 @@ pub struct RelayHandle {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     faults: Arc<crate::store::commit::StorageFaults>,
+    tamper: Arc<crate::tamper::Tamper>,
 }
 
 impl RelayHandle {
@@ -107,6 +108,12 @@ impl RelayHandle {
     #[doc(hidden)]
     pub fn storage_faults(&self) -> Arc<crate::store::commit::StorageFaults> {
         self.faults.clone()
+    }
+
+    /// The hook that makes this relay lie about keys and envelopes (for tests of what clients do about it).
+    #[doc(hidden)]
+    pub fn tamper(&self) -> Arc<crate::tamper::Tamper> {
+        self.tamper.clone()
     }
 
     /// Stops accepting, closes connections, flushes the store and waits until everything is released.
@@ -167,9 +174,10 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     };
     let export_addr = export.as_ref().map(|(_, bound, _)| *bound);
     let faults = store.commit.faults();
+    let tamper = Arc::new(crate::tamper::Tamper::default());
     let metrics = Arc::new(Metrics::default());
     let subscribers = Arc::new(Subscribers::default());
-    let handlers = Arc::new(handlers(&store, &limits, fence, subscribers.clone(), metrics.clone()));
+    let handlers = Arc::new(handlers(&store, &limits, fence, subscribers.clone(), metrics.clone(), tamper.clone()));
     let shared = Arc::new(Shared {
         handlers,
         connections: Arc::new(ConnectionLimiter::new(limits.max_connections_per_ip)),
@@ -225,6 +233,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         shutdown,
         task,
         faults,
+        tamper,
     })
 }
 
@@ -235,6 +244,7 @@ fn handlers(
     fence: Arc<crate::fence::Fence>,
     subscribers: Arc<Subscribers>,
     metrics: Arc<Metrics>,
+    tamper: Arc<crate::tamper::Tamper>,
 ) -> Handlers {
     Handlers {
         auth: auth::Auth {
@@ -260,6 +270,7 @@ fn handlers(
             max_envelope_bytes: limits.max_envelope_bytes,
             sends_per_second: limits.sends_per_second,
             sealed_sends_per_minute: limits.sealed_sends_per_minute,
+            tamper: tamper.clone(),
         },
         keys: keys::Keys {
             directory: store.directory.clone(),
@@ -267,6 +278,7 @@ fn handlers(
             commit: store.commit.clone(),
             lookups: RateLimiter::new(limits.lookups_per_minute),
             lookups_per_minute: limits.lookups_per_minute,
+            tamper,
         },
         consent: consent::Consent {
             registry: store.consent.clone(),

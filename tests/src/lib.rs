@@ -189,6 +189,14 @@ impl TestRelay {
         }
     }
 
+    /// The hook that makes an in-process relay lie about keys and envelopes.
+    pub fn tamper(&self) -> Option<std::sync::Arc<relay_server::tamper::Tamper>> {
+        match &self.running {
+            Running::InProcess(h) => Some(h.tamper()),
+            _ => None,
+        }
+    }
+
     /// The relay's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir

@@ -18,6 +18,7 @@ use super::state::Session;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
 use crate::store::{Directory, GroupCommit, Prekeys};
+use crate::tamper::Tamper;
 
 /// Clients are told to replenish a one-time prekey pool below this many keys.
 pub const PREKEY_LOW_WATERMARK: u32 = 20;
@@ -34,6 +35,8 @@ pub struct Keys {
     pub lookups: RateLimiter<AccountId>,
     /// The configured rate, for the refusal message.
     pub lookups_per_minute: u32,
+    /// Lies to tell, for tests only (see [`crate::tamper`]).
+    pub tamper: Arc<Tamper>,
 }
 
 /// The pool counts of `account`, as `AuthOk` and `PrekeyCounts` report them.
@@ -68,10 +71,14 @@ impl Keys {
             .directory
             .lookup(&phone)?
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no account with this phone number"))?;
+        let sealing_key = match self.tamper.sealing_key(&found, false) {
+            Some(lie) => lie.sealing_key,
+            None => keys.sealing_key,
+        };
         reply(Resp::LookupResult(LookupResult {
             account_id: found.as_bytes().to_vec().into(),
             identity_key: keys.identity_key.to_vec().into(),
-            sealing_key: keys.sealing_key.to_vec().into(),
+            sealing_key: sealing_key.to_vec().into(),
         }))
     }
 
@@ -102,10 +109,14 @@ impl Keys {
             .ok_or_else(|| Reject::new(ErrorCode::NoPrekeys, "this account has not published prekeys"))?;
         // The consumed one-time keys must stay consumed across a crash before the bundle is handed out.
         self.commit.durable().await?;
+        let identity_dh_key = match self.tamper.sealing_key(&account, true) {
+            Some(lie) => lie.sealing_key,
+            None => keys.sealing_key,
+        };
         reply(Resp::Bundle(Bundle {
             account_id: f.account_id,
             identity_key: keys.identity_key.to_vec().into(),
-            identity_dh_key: keys.sealing_key.to_vec().into(),
+            identity_dh_key: identity_dh_key.to_vec().into(),
             signed_prekey: Some(taken.signed),
             one_time_prekey: taken.one_time,
             kem_prekey: Some(taken.kem),

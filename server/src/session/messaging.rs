@@ -18,6 +18,7 @@ use crate::delivery::Delivery;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
 use crate::store::{GroupCommit, Identities, Prekeys};
+use crate::tamper::Tamper;
 
 /// Length of a sealed-sender access key.
 pub const ACCESS_KEY_LEN: usize = 32;
@@ -42,6 +43,8 @@ pub struct Messaging {
     pub sends_per_second: u32,
     /// See [`Messaging::sends_per_second`].
     pub sealed_sends_per_minute: u32,
+    /// Lies to tell, for tests only (see [`crate::tamper`]).
+    pub tamper: Arc<Tamper>,
 }
 
 impl Messaging {
@@ -62,6 +65,8 @@ impl Messaging {
         if !self.recipients.exists(&recipient)? {
             return Err(Reject::new(ErrorCode::UnknownRecipient, "no such recipient account"));
         }
+        let rewritten = self.tamper.envelope(&recipient, envelope);
+        let envelope = rewritten.as_deref().unwrap_or(envelope);
         let stored = self.delivery.mailboxes.append(&recipient, envelope, relay_proto::now_ms())?;
         self.commit.durable().await?;
         self.delivery.metrics.stored();
