@@ -1,6 +1,6 @@
 //! Consent Relay wire protocol: the schema (prost types generated from `protos/relay.proto`), the length-delimited
 //! framing codec, protocol constants, error codes and the pure parts of authentication (transcripts, account ids,
-//! phone number validation).
+//! phone number validation) and of identity (the sealing-key binding, sender certificates).
 //!
 //! This crate does no I/O and depends on nothing async: bytes go in, values or typed errors come out. The relay and
 //! the client are thin drivers around it.
@@ -9,6 +9,7 @@ pub mod auth;
 pub mod codes;
 pub mod consent;
 pub mod frame;
+pub mod identity;
 pub mod merkle;
 pub mod phone;
 pub mod time;
