@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::connection::{ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 use crate::content::{Content, MESSAGE_ID_LEN};
-use crate::e2ee::safety::SafetyNumber;
+use crate::e2ee::safety::{Party, SafetyNumber};
 use crate::home::{ChangedIdentity, Contact, Device, HeldMessage, Home, HomeError, Profile, RelayInfo, Seen};
 use crate::identity::Identity;
 use crate::pin::parse_fingerprint;
@@ -407,23 +407,27 @@ impl Messenger {
         Ok(self.home.held()?)
     }
 
-    /// The safety number with `phone`'s current identity (and, if it changed, with the new one), for comparison out
-    /// of band: 60 digits in twelve groups of five, the same on both sides.
+    /// The safety number with `phone`'s current keys (and, if they changed, with the new ones), for comparison out
+    /// of band: 60 digits in twelve groups of five, the same on both sides, covering both parties' identity and
+    /// sealing keys and numbers (see [`SafetyNumber`]).
     pub fn safety_numbers(&self, phone: &str) -> Result<(String, Option<String>), MessengerError> {
         let c = self.contacts.get(phone).ok_or_else(|| {
             MessengerError::Input(format!("{phone} is not a contact yet: send or receive a message first"))
         })?;
-        let mine = self.identity.identity_key();
         let bad = |what: &str| MessengerError::Input(format!("corrupt {what}"));
         let my_phone = PhoneNumber::parse(&self.profile.phone).map_err(|_| bad("profile"))?;
         let their_phone = PhoneNumber::parse(phone).map_err(|_| bad("contact"))?;
-        let number = |key: &str| {
-            key_hex(key)
-                .map(|k| SafetyNumber::new(&mine, &my_phone, &k, &their_phone).to_string())
-                .ok_or_else(|| bad("contact"))
+        let (my_identity, my_sealing) = (self.identity.identity_key(), self.identity.sealing_key());
+        let me = Party { phone: &my_phone, identity_key: &my_identity, sealing_key: &my_sealing };
+        let number = |identity: &str, sealing: &str| match (key_hex(identity), key_hex(sealing)) {
+            (Some(identity_key), Some(sealing_key)) => {
+                let them = Party { phone: &their_phone, identity_key: &identity_key, sealing_key: &sealing_key };
+                Ok(SafetyNumber::new(&me, &them).to_string())
+            }
+            _ => Err(bad("contact")),
         };
-        let changed = c.changed.as_ref().map(|n| number(&n.identity_key)).transpose()?;
-        Ok((number(&c.identity_key)?, changed))
+        let changed = c.changed.as_ref().map(|n| number(&n.identity_key, &n.sealing_key)).transpose()?;
+        Ok((number(&c.identity_key, &c.sealing_key)?, changed))
     }
 
     /// Accepts the new identity of `phone`: it replaces the old one, the old session is dropped, and the held

@@ -18,6 +18,7 @@ use relay_client::Identity;
 use relay_client::e2ee::SafetyNumber;
 use relay_client::e2ee::pqxdh::identity_binding;
 use relay_client::e2ee::prekeys::{KIND_SIGNED, signed_bytes as prekey_signed_bytes};
+use relay_client::e2ee::safety::{Party, fingerprint};
 use relay_client::sealed::{SignedContent, seal_for_test_vector, signature_input};
 use relay_proto::auth::{EKM_LABEL, auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose, signed_bytes_of, statement_hash};
@@ -117,9 +118,23 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("identity_binding", binding));
     v.push(("identity_binding_signature", binding_signature.to_vec()));
 
-    // Safety number, as its 60 ASCII digits.
+    // Safety numbers, as their ASCII digits: Signal's published vector through the same construction, then ours.
     let phone = |p| PhoneNumber::parse(p).expect("valid phone");
-    let safety = SafetyNumber::new(&alice.identity_key(), &phone(ALICE_PHONE), &bob.identity_key(), &phone(BOB_PHONE));
+    let signal = |key: &str, id: &[u8]| fingerprint(5200, id, &hex::decode(key).expect("hex"));
+    let signal_a = signal("0506863bc66d02b40d27b8d49ca7c09e9239236f9d7d25d6fcca5ce13c7064d868", b"+14152222222");
+    let signal_b = signal("05f781b6fb32fed9ba1cf2de978d4d5da28dc34046ae814402b5c0dbd96fda907b", b"+14153333333");
+    let signal_number = if signal_a <= signal_b { signal_a + &signal_b } else { signal_b + &signal_a };
+    v.push(("safety_number_signal_vector", signal_number.into_bytes()));
+    let (alice_phone, bob_phone) = (phone(ALICE_PHONE), phone(BOB_PHONE));
+    let (ai, asl, bi, bsl) = (alice.identity_key(), alice.sealing_key(), bob.identity_key(), bob.sealing_key());
+    let alice_party = Party { phone: &alice_phone, identity_key: &ai, sealing_key: &asl };
+    let bob_party = Party { phone: &bob_phone, identity_key: &bi, sealing_key: &bsl };
+    v.push(("safety_number_key_alice", alice_party.key_bytes().to_vec()));
+    let alice_half = fingerprint(5200, ALICE_PHONE.as_bytes(), &alice_party.key_bytes());
+    let bob_half = fingerprint(5200, BOB_PHONE.as_bytes(), &bob_party.key_bytes());
+    v.push(("safety_number_half_alice", alice_half.into_bytes()));
+    v.push(("safety_number_half_bob", bob_half.into_bytes()));
+    let safety = SafetyNumber::new(&alice_party, &bob_party);
     v.push(("safety_number", safety.digits().as_bytes().to_vec()));
 
     // Consent: the catalogue's notices, then one statement.
