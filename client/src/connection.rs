@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use relay_proto::auth::{EKM_LEN, auth_transcript, register_transcript};
 use relay_proto::wire::{
-    self, Ack, Auth, Bundle, ClientFrame, ConsentList, ConsentRecorded, Deliver, DeviceInfo, FetchBundle, ListConsent,
-    Lookup, PrekeyCounts, PutConsent, Register, SealedSend, SendAck, ServerFrame, SetAccessKey, Subscribe,
-    UploadPrekeys, client_frame::Body as Req, server_frame::Body as Resp,
+    self, Ack, Auth, Bundle, ClientFrame, ConsentList, ConsentRecorded, Deliver, DeviceInfo, FetchBundle,
+    GetSenderCertificate, ListConsent, Lookup, PrekeyCounts, PutConsent, Register, SealedSend, SendAck, ServerFrame,
+    SetAccessKey, Subscribe, UploadPrekeys, client_frame::Body as Req, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_quic::{read_frame, write_frame};
@@ -65,6 +65,29 @@ pub struct DirectoryEntry {
     pub identity_key: [u8; 32],
     /// X25519 sealing key.
     pub sealing_key: [u8; 32],
+    /// The identity key's binding of the sealing key, as the relay handed it out (empty if it had none): not
+    /// checked by [`Connection::lookup`]; see [`DirectoryEntry::verify_binding`].
+    pub sealing_key_signature: Vec<u8>,
+}
+
+impl DirectoryEntry {
+    /// Whether the identity key signed the sealing key (`relay_proto::identity`), and the account derives from it:
+    /// a key the relay made up for the account fails here.
+    pub fn verify_binding(&self) -> Result<(), relay_proto::identity::IdentityError> {
+        if AccountId::from_identity_key(&self.identity_key) != self.account {
+            return Err(relay_proto::identity::IdentityError::BadSignature);
+        }
+        relay_proto::identity::verify_binding(&self.identity_key, &self.sealing_key, &self.sealing_key_signature)
+    }
+}
+
+/// What `AuthOk` tells a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    /// How many prekeys the relay holds for the account.
+    pub prekeys: PrekeyCounts,
+    /// The relay's sender-certificate key, to pin (`None` if the relay sent none, or not 32 bytes).
+    pub sender_certificate_key: Option<[u8; 32]>,
 }
 
 /// An open connection to a relay.
@@ -159,6 +182,7 @@ impl Connection {
             phone: phone.to_owned(),
             device: Some(device),
             signature: Bytes::copy_from_slice(&signature),
+            sealing_key_signature: Bytes::copy_from_slice(&identity.sealing_key_signature()),
         };
         match self.request(Req::Register(req)).await? {
             Resp::Registered(r) if r.account_id.as_ref() == identity.account_id().as_bytes() => Ok(r.created),
@@ -168,6 +192,11 @@ impl Connection {
 
     /// Authenticates this connection as `identity`'s account; returns the relay's prekey counts for it.
     pub async fn authenticate(&self, identity: &Identity) -> Result<PrekeyCounts, ClientError> {
+        Ok(self.authenticate_as(identity).await?.prekeys)
+    }
+
+    /// Authenticates this connection as `identity`'s account; returns what the relay says in `AuthOk`.
+    pub async fn authenticate_as(&self, identity: &Identity) -> Result<Authenticated, ClientError> {
         let account = identity.account_id();
         let signature = identity.sign(&auth_transcript(&self.ekm, &account));
         let req = Auth {
@@ -176,12 +205,27 @@ impl Connection {
             signature: Bytes::copy_from_slice(&signature),
         };
         match self.request(Req::Auth(req)).await? {
-            Resp::AuthOk(ok) => Ok(ok.prekeys.unwrap_or_default()),
+            Resp::AuthOk(ok) => Ok(Authenticated {
+                prekeys: ok.prekeys.unwrap_or_default(),
+                sender_certificate_key: ok.sender_certificate_key.as_ref().try_into().ok(),
+            }),
             other => Err(unexpected("AuthOk", &other)),
         }
     }
 
-    /// Looks up the account registered with `phone`.
+    /// A sender certificate for the authenticated account, as the relay sent it (the caller verifies it).
+    pub async fn sender_certificate(&self) -> Result<relay_proto::identity::SignedCertificate, ClientError> {
+        match self.request(Req::GetSenderCertificate(GetSenderCertificate {})).await? {
+            Resp::SenderCertificate(c) => {
+                relay_proto::identity::SignedCertificate::from_parts(&c.certificate, &c.signature)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))
+            }
+            other => Err(unexpected("SenderCertificate", &other)),
+        }
+    }
+
+    /// Looks up the account registered with `phone`. The binding of its sealing key is not checked here
+    /// ([`DirectoryEntry::verify_binding`]).
     pub async fn lookup(&self, phone: &str) -> Result<DirectoryEntry, ClientError> {
         match self.request(Req::Lookup(Lookup { phone: phone.to_owned() })).await? {
             Resp::LookupResult(r) => {
@@ -190,6 +234,7 @@ impl Connection {
                     account: AccountId::from_slice(&r.account_id).ok_or_else(bad)?,
                     identity_key: r.identity_key.as_ref().try_into().map_err(|_| bad())?,
                     sealing_key: r.sealing_key.as_ref().try_into().map_err(|_| bad())?,
+                    sealing_key_signature: r.sealing_key_signature.to_vec(),
                 })
             }
             other => Err(unexpected("LookupResult", &other)),
@@ -320,6 +365,7 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::ConsentRecorded(_) => "ConsentRecorded",
         Resp::ConsentList(_) => "ConsentList",
         Resp::ExportList(_) => "ExportList",
+        Resp::SenderCertificate(_) => "SenderCertificate",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

@@ -68,6 +68,10 @@ pub struct RelayInfo {
     pub server: String,
     /// Pinned certificate SHA-256, hex.
     pub cert_sha256: String,
+    /// The relay's pinned sender-certificate key (Ed25519), hex: set at registration (homes registered before
+    /// sender certificates existed pin it at their next connection).
+    #[serde(default)]
+    pub sender_certificate_key: Option<String>,
 }
 
 /// `profile.json`.
@@ -90,6 +94,10 @@ pub struct Contact {
     pub identity_key: String,
     /// X25519 identity DH key (sealed envelopes are encrypted to it), hex.
     pub sealing_key: String,
+    /// The identity key's signature binding the sealing key to it, hex, as verified when the directory returned it
+    /// (empty in contacts saved before bindings existed: those are looked up and verified again before use).
+    #[serde(default)]
+    pub sealing_key_signature: String,
     /// A different identity now registered for this phone number, not yet accepted by the user. While it is set,
     /// messages to this contact are held.
     #[serde(default)]
@@ -108,6 +116,9 @@ pub struct ChangedIdentity {
     pub identity_key: String,
     /// New X25519 identity DH key, hex.
     pub sealing_key: String,
+    /// Its binding signature by the new identity key, hex (verified).
+    #[serde(default)]
+    pub sealing_key_signature: String,
 }
 
 /// A message held because the recipient's identity changed.

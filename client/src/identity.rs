@@ -1,5 +1,6 @@
 //! The device's long-term keys: an Ed25519 identity key (signs authentication and message content) and an X25519
-//! key that sealed envelopes are encrypted to. Secret bytes never appear in `Debug` output or logs.
+//! key that sealed envelopes are encrypted to, bound to the identity key by a signature the device publishes
+//! ([`Identity::sealing_key_signature`]). Secret bytes never appear in `Debug` output or logs.
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use relay_proto::AccountId;
@@ -58,6 +59,13 @@ impl Identity {
     /// The account id the relay derives from the identity key.
     pub fn account_id(&self) -> AccountId {
         AccountId::from_identity_key(&self.identity_key())
+    }
+
+    /// The identity key's signature binding the sealing key to it (`relay_proto::identity::binding_bytes`):
+    /// published at registration, handed out with the keys by every lookup and bundle, and carried in a session's
+    /// first message. Ed25519 is deterministic, so it is the same signature every time.
+    pub fn sealing_key_signature(&self) -> [u8; 64] {
+        self.sign(&relay_proto::identity::binding_bytes(&self.identity_key(), &self.sealing_key()))
     }
 
     /// Signs `msg` with the identity key.

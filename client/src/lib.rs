@@ -20,7 +20,7 @@ pub mod pin;
 pub mod sealed;
 pub mod sessions;
 
-pub use connection::{ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
+pub use connection::{Authenticated, ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 pub use home::{Device, Home};
 pub use identity::Identity;
 pub use messenger::{Accepted, Messenger, MessengerError, ReceivedMessage, Sent};

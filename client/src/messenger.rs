@@ -1,13 +1,20 @@
 //! The messaging client as an application sees it: a home directory, a connection authenticated as its account,
 //! end-to-end encrypted text messages to phone numbers, and received messages decrypted, verified and de-duplicated.
 //!
-//! Sending: the recipient is resolved by phone number and checked against the identity first seen for that number
-//! (trust on first use). A changed identity is reported loudly and messages to it are held until the user accepts
-//! the new identity ([`Messenger::accept_identity`]). The message is encrypted in the session with the recipient
-//! (set up from its prekey bundle on first contact), wrapped in the sealed-sender layer, and sent without naming the
-//! sender — on a separate, unauthenticated connection authorised by the recipient's access key — once the
-//! recipient has shared that key; before that, on the authenticated connection (the relay stores no sender either
-//! way). Receiving is the reverse; every message carries the sender's own access key so the peer can answer sealed.
+//! Sending: the recipient is resolved by phone number; its sealing key must carry a valid binding signature by its
+//! identity key (a key the relay made up is refused, loudly: [`MessengerError::UnboundKey`]), and both keys are
+//! checked against those first seen for that number (trust on first use). A changed identity or sealing key is
+//! reported loudly and messages to it are held until the user accepts the new keys
+//! ([`Messenger::accept_identity`]). The message is encrypted in the session with the recipient (set up from its
+//! prekey bundle on first contact), wrapped in the sealed-sender layer with this account's sender certificate (the
+//! relay's signed statement of its number and keys, fetched when needed and cached in the home until shortly before
+//! it expires), and sent without naming the sender — on a separate, unauthenticated connection authorised by the
+//! recipient's access key — once the recipient has shared that key; before that, on the authenticated connection
+//! (the relay stores no sender either way). Every message carries the sender's own access key so the peer can
+//! answer sealed.
+//!
+//! Receiving is the reverse. The sender shown is the number in its certificate, checked under the relay's
+//! certificate key pinned at registration, never a string the sender chose.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,8 +28,12 @@ use serde::Serialize;
 use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;
 
-use crate::connection::{ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
+use ed25519_dalek::VerifyingKey;
+use relay_proto::identity::{SenderCertificate, SignedCertificate};
+
+use crate::connection::{Authenticated, ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 use crate::content::{Content, MESSAGE_ID_LEN};
+use crate::e2ee::message::E2eeMessage;
 use crate::e2ee::safety::{Party, SafetyNumber};
 use crate::home::{ChangedIdentity, Contact, Device, HeldMessage, Home, HomeError, Profile, RelayInfo, Seen};
 use crate::identity::Identity;
@@ -35,6 +46,11 @@ const ACK_BATCH: usize = 64;
 /// A contact's identity is checked against the directory again when its last check is older than this, so that
 /// sending many messages does not spend the lookup rate limit while a changed identity is still noticed promptly.
 pub const CONTACT_RECHECK_MS: u64 = 60_000;
+/// A cached sender certificate is replaced when it has less than this left, so that an envelope it signs is stored
+/// by the relay well before it expires.
+pub const CERTIFICATE_REFRESH_MS: u64 = 3600 * 1000;
+/// Home file caching this account's sender certificate.
+const CERTIFICATE_FILE: &str = "sender-certificate.json";
 
 /// Why a messaging operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +68,30 @@ pub enum MessengerError {
     /// The end-to-end session.
     #[error(transparent)]
     Session(#[from] SessionError),
-    /// The recipient's identity key is not the one seen before: the message was held.
+    /// The recipient's identity key or sealing key is not the one seen before: the message was held.
     #[error(
-        "SAFETY NUMBER CHANGED: {phone} is now registered with a different identity key. Your message was held. \
+        "SAFETY NUMBER CHANGED: {phone} is now registered with different keys. Your message was held. \
          Compare safety numbers with `relay verify --with {phone}`, then accept with `relay verify --with {phone} --accept`"
     )]
     IdentityChanged {
         /// The contact.
         phone: String,
     },
+    /// The directory returned, for `phone`, a sealing key its identity key did not sign: nothing was sent to it and
+    /// nothing was recorded, since no one can have vouched for that key (the relay, or someone between, made it up).
+    #[error(
+        "REFUSED: the relay returned for {phone} a sealing key that {phone}'s identity key did not sign. Nothing was \
+         sent. The relay (or someone in the middle) may be trying to read your messages; if {phone} registered \
+         with an old client, ask them to register again"
+    )]
+    UnboundKey {
+        /// The contact.
+        phone: String,
+    },
+    /// The relay's sender certificate for this account cannot be used, or the relay's certificate key is not the
+    /// one pinned at registration.
+    #[error("sender certificate: {0}")]
+    SenderCertificate(String),
     /// Bad input from the user.
     #[error("{0}")]
     Input(String),
@@ -86,7 +117,7 @@ pub struct ReceivedMessage {
     pub id: String,
     /// Relay's id for the envelope.
     pub server_id: u64,
-    /// Sender's phone number as signed by the sender.
+    /// Sender's phone number, as the relay certified it for the key that signed the message (strict E.164).
     pub from: String,
     /// Sender's account id (hex), derived from the signing key.
     pub from_account: String,
@@ -96,7 +127,7 @@ pub struct ReceivedMessage {
     pub sent_at: u64,
     /// When the relay stored it (ms since the Unix epoch).
     pub stored_at: u64,
-    /// The sender's identity key is not the one first seen for this phone number.
+    /// The sender's identity key or sealing key is not the one first seen for this phone number.
     pub identity_changed: bool,
 }
 
@@ -151,6 +182,7 @@ fn contact_entry(c: &Contact) -> Option<DirectoryEntry> {
         account: AccountId::from_hex(&c.account_id)?,
         identity_key: key_hex(&c.identity_key)?,
         sealing_key: key_hex(&c.sealing_key)?,
+        sealing_key_signature: hex::decode(&c.sealing_key_signature).ok()?,
     })
 }
 
@@ -159,9 +191,43 @@ fn contact_of(e: &DirectoryEntry) -> Contact {
         account_id: e.account.to_string(),
         identity_key: hex::encode(e.identity_key),
         sealing_key: hex::encode(e.sealing_key),
+        sealing_key_signature: hex::encode(&e.sealing_key_signature),
         changed: None,
         checked_at: relay_proto::now_ms(),
     }
+}
+
+/// `sender-certificate.json`: this account's cached sender certificate, as the relay issued it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CertificateFile {
+    certificate: String,
+    signature: String,
+}
+
+/// The relay's sender-certificate key offered in `auth`, checked against the one pinned in `profile` (pinned now,
+/// and saved, if the home has none yet).
+fn pin_certificate_key(
+    home: &Home,
+    profile: &mut Profile,
+    auth: &Authenticated,
+) -> Result<VerifyingKey, MessengerError> {
+    let bad = |why: &str| MessengerError::SenderCertificate(why.to_owned());
+    let offered = auth.sender_certificate_key.ok_or_else(|| bad("the relay sent no sender-certificate key"))?;
+    let relay = profile.relay.as_mut().ok_or(HomeError::NotRegistered)?;
+    match &relay.sender_certificate_key {
+        Some(pinned) if key_hex(pinned) == Some(offered) => {}
+        Some(_) => {
+            return Err(bad(
+                "the relay's sender-certificate key is not the one pinned at registration: refusing to trust the \
+                 senders it certifies (register again only if the relay's operator confirms a new key)",
+            ));
+        }
+        None => {
+            relay.sender_certificate_key = Some(hex::encode(offered));
+            home.save_profile(profile)?;
+        }
+    }
+    VerifyingKey::from_bytes(&offered).map_err(|_| bad("the relay's sender-certificate key is not an Ed25519 key"))
 }
 
 /// A connected, authenticated client.
@@ -177,6 +243,10 @@ pub struct Messenger {
     contacts: BTreeMap<String, Contact>,
     contact_recheck_ms: u64,
     seen: Seen,
+    /// The relay's sender-certificate key, pinned at registration: what every sender's certificate must verify under.
+    certificate_key: VerifyingKey,
+    /// This account's own sender certificate, once fetched (also cached in the home).
+    certificate: Mutex<Option<SignedCertificate>>,
 }
 
 impl Messenger {
@@ -191,24 +261,30 @@ impl Messenger {
         let created = conn.register(&identity, &profile.phone, device).await?;
         let access_key = home.access_key()?;
         conn.set_access_key(relay_proto::auth::sha256(&access_key)).await?;
-        profile.relay = Some(RelayInfo { server: server.to_owned(), cert_sha256: cert_sha256.to_lowercase() });
+        profile.relay = Some(RelayInfo {
+            server: server.to_owned(),
+            cert_sha256: cert_sha256.to_lowercase(),
+            sender_certificate_key: None,
+        });
         home.save_profile(&profile)?;
-        let m = Self::with(home, identity, profile, relay, conn)?;
-        let counts = m.conn.authenticate(&m.identity).await?;
-        m.replenish(&counts).await?;
+        let auth = conn.authenticate_as(&identity).await?;
+        let certificate_key = pin_certificate_key(home, &mut profile, &auth)?;
+        let m = Self::with(home, identity, profile, relay, conn, certificate_key)?;
+        m.replenish(&auth.prekeys).await?;
         Ok((m, created))
     }
 
     /// Connects to the home's relay, authenticates, and replenishes the published prekeys if the relay reports
     /// them low.
     pub async fn open(home: &Home) -> Result<Self, MessengerError> {
-        let (identity, profile) = (home.identity()?, home.profile()?);
+        let (identity, mut profile) = (home.identity()?, home.profile()?);
         let info = profile.relay.clone().ok_or(HomeError::NotRegistered)?;
         let relay = parse_relay(&info.server, &info.cert_sha256)?;
         let conn = Connection::connect(relay.0, relay.1).await?;
-        let counts = conn.authenticate(&identity).await?;
-        let m = Self::with(home, identity, profile, relay, conn)?;
-        m.replenish(&counts).await?;
+        let auth = conn.authenticate_as(&identity).await?;
+        let certificate_key = pin_certificate_key(home, &mut profile, &auth)?;
+        let m = Self::with(home, identity, profile, relay, conn, certificate_key)?;
+        m.replenish(&auth.prekeys).await?;
         Ok(m)
     }
 
@@ -218,8 +294,16 @@ impl Messenger {
         profile: Profile,
         relay: (SocketAddr, [u8; 32]),
         conn: Connection,
+        certificate_key: VerifyingKey,
     ) -> Result<Self, MessengerError> {
+        let cached: Option<CertificateFile> = home.load_private(CERTIFICATE_FILE)?;
+        let certificate = cached.and_then(|f| {
+            let (certificate, signature) = (hex::decode(f.certificate).ok()?, hex::decode(f.signature).ok()?);
+            SignedCertificate::from_parts(&certificate, &signature).ok()
+        });
         Ok(Self {
+            certificate_key,
+            certificate: Mutex::new(certificate),
             sessions: Mutex::new(Sessions::load(home, &identity)?),
             access_key: home.access_key()?,
             contacts: home.contacts()?,
@@ -295,9 +379,10 @@ impl Messenger {
         &self.contacts
     }
 
-    /// Resolves `phone` through the directory (at most once per [`CONTACT_RECHECK_MS`]) and checks it against the
-    /// identity first seen for it. A new identity is recorded as pending and reported as
-    /// [`MessengerError::IdentityChanged`].
+    /// Resolves `phone` through the directory (at most once per [`CONTACT_RECHECK_MS`]), refuses a sealing key its
+    /// identity key did not sign ([`MessengerError::UnboundKey`], nothing recorded), and checks both keys against
+    /// those first seen for the number. New keys are recorded as pending and reported as
+    /// [`MessengerError::IdentityChanged`]: the safety number covers both keys, so either changing changes it.
     pub async fn contact(&mut self, phone: &str) -> Result<DirectoryEntry, MessengerError> {
         parse_phone(phone)?;
         let now = relay_proto::now_ms();
@@ -305,17 +390,26 @@ impl Messenger {
             && c.changed.is_none()
             && now.saturating_sub(c.checked_at) < self.contact_recheck_ms
             && let Some(entry) = contact_entry(c)
+            // A contact saved before bindings existed has no signature: it is looked up and checked again.
+            && entry.verify_binding().is_ok()
         {
             return Ok(entry);
         }
         let found = self.conn.lookup(phone).await?;
+        if found.verify_binding().is_err() {
+            tracing::warn!("the directory returned a sealing key its identity key did not sign: refused");
+            return Err(MessengerError::UnboundKey { phone: phone.to_owned() });
+        }
         match self.contacts.get_mut(phone) {
             None => {
                 self.contacts.insert(phone.to_owned(), contact_of(&found));
             }
-            Some(c) if c.identity_key == hex::encode(found.identity_key) && c.changed.is_none() => {
-                // Same identity; its X25519 key may have been re-registered.
-                c.sealing_key = hex::encode(found.sealing_key);
+            Some(c)
+                if c.identity_key == hex::encode(found.identity_key)
+                    && c.sealing_key == hex::encode(found.sealing_key)
+                    && c.changed.is_none() =>
+            {
+                c.sealing_key_signature = hex::encode(&found.sealing_key_signature);
                 c.checked_at = now;
             }
             Some(c) => {
@@ -324,6 +418,7 @@ impl Messenger {
                     account_id: new.account_id,
                     identity_key: new.identity_key,
                     sealing_key: new.sealing_key,
+                    sealing_key_signature: new.sealing_key_signature,
                 });
                 self.home.save_contacts(&self.contacts)?;
                 return Err(MessengerError::IdentityChanged { phone: phone.to_owned() });
@@ -355,7 +450,8 @@ impl Messenger {
     }
 
     /// Sends `text` to `to` in the end-to-end session with it (set up from its prekey bundle if there is none).
-    /// Takes `&self`, so many sends can run at once.
+    /// `to` is trusted as given: resolve it with [`Messenger::contact`], which checks its keys. Takes `&self`, so
+    /// many sends can run at once.
     pub async fn send_to(&self, to: &DirectoryEntry, text: &str) -> Result<Sent, MessengerError> {
         let id: [u8; MESSAGE_ID_LEN] = rand::random();
         let content = Content {
@@ -368,12 +464,12 @@ impl Messenger {
             let mut sessions = self.sessions.lock().await;
             if !sessions.has(&to.account)? {
                 let bundle = self.conn.fetch_bundle(&to.account).await?;
-                sessions.start(&bundle, &to.identity_key)?;
+                sessions.start(&bundle, &to.identity_key, &to.sealing_key)?;
             }
             (sessions.encrypt(&to.account, &content.encode_to_vec())?, sessions.peer_access_key(&to.account))
         };
-        let envelope =
-            Bytes::from(seal_message(&self.identity, &self.profile.phone, &to.account, &to.sealing_key, payload)?);
+        let certificate = self.sender_certificate().await?;
+        let envelope = Bytes::from(seal_message(&self.identity, &certificate, &to.account, &to.sealing_key, payload)?);
         if let Some(key) = access_key {
             match self.anonymous_connection().await?.sealed_send(&to.account, envelope.clone(), &key).await {
                 Ok(ack) => return Ok(Sent { id: hex::encode(id), server_id: ack.server_id, sealed: true }),
@@ -386,6 +482,39 @@ impl Messenger {
         }
         let ack = self.conn.send(&to.account, envelope).await?;
         Ok(Sent { id: hex::encode(id), server_id: ack.server_id, sealed: false })
+    }
+
+    /// This account's sender certificate: the cached one while it has more than [`CERTIFICATE_REFRESH_MS`] left
+    /// and states the number this home registered, else a new one from the relay, checked (the relay's pinned key
+    /// signed it, it names this device's keys) and cached in the home. The relay's number is the one recipients
+    /// see, whatever the profile says.
+    pub async fn sender_certificate(&self) -> Result<SignedCertificate, MessengerError> {
+        let mut cached = self.certificate.lock().await;
+        let soon = relay_proto::now_ms().saturating_add(CERTIFICATE_REFRESH_MS);
+        if let Some(c) = cached.as_ref()
+            && let Ok(cert) = self.own_certificate(c, soon)
+            // After a change of number, the old number's certificate is not used any more.
+            && cert.phone.as_str() == self.profile.phone
+        {
+            return Ok(c.clone());
+        }
+        let fresh = self.conn.sender_certificate().await?;
+        self.own_certificate(&fresh, relay_proto::now_ms())?;
+        let file =
+            CertificateFile { certificate: hex::encode(&fresh.certificate), signature: hex::encode(fresh.signature) };
+        self.home.save_private(CERTIFICATE_FILE, &Some(file))?;
+        *cached = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// What `c` states, if it is a certificate of this device's keys by the pinned relay key, valid at `at_ms`.
+    fn own_certificate(&self, c: &SignedCertificate, at_ms: u64) -> Result<SenderCertificate, MessengerError> {
+        let cert =
+            c.verify(&self.certificate_key, at_ms).map_err(|e| MessengerError::SenderCertificate(e.to_string()))?;
+        if cert.identity_key != self.identity.identity_key() || cert.sealing_key != self.identity.sealing_key() {
+            return Err(MessengerError::SenderCertificate("the relay certified other keys than this device's".into()));
+        }
+        Ok(cert)
     }
 
     async fn anonymous_connection(&self) -> Result<&Connection, ClientError> {
@@ -441,6 +570,7 @@ impl Messenger {
             account_id: new.account_id,
             identity_key: new.identity_key,
             sealing_key: new.sealing_key,
+            sealing_key_signature: new.sealing_key_signature,
             changed: None,
             checked_at: relay_proto::now_ms(),
         };
@@ -497,8 +627,16 @@ impl Messenger {
     }
 
     async fn decrypt_delivery(&mut self, d: &Deliver) -> Result<Option<ReceivedMessage>, MessengerError> {
-        let sealed = open_message(&self.identity, &d.envelope)?;
-        let sender_key = sealed.sender_identity_key;
+        let sealed = open_message(&self.identity, &d.envelope, &self.certificate_key, d.stored_at_ms)?;
+        // A session's first message names the sender's X25519 identity key: it must be the one the relay certified.
+        if let Ok(E2eeMessage::PreKey { header, .. }) = E2eeMessage::decode(&sealed.payload)
+            && header.identity_dh_key != sealed.sender.sealing_key
+        {
+            return Err(
+                SessionError::IdentityMismatch("the session names another X25519 key than the certificate").into()
+            );
+        }
+        let sender_key = sealed.sender_identity_key();
         let sender = sealed.sender_account();
         let plaintext = self.sessions.lock().await.decrypt(&sender_key, &sealed.payload)?;
         let content = Content::decode(plaintext.as_slice()).map_err(|_| OpenError::Content)?;
@@ -512,17 +650,20 @@ impl Messenger {
         if !self.seen.insert(&id) {
             return Ok(None);
         }
-        let identity_changed = match self.contacts.get(&sealed.sender_phone) {
-            Some(c) => c.identity_key != hex::encode(sender_key),
+        let from = sealed.sender.phone.as_str().to_owned();
+        let identity_changed = match self.contacts.get(&from) {
+            Some(c) => {
+                c.identity_key != hex::encode(sender_key) || c.sealing_key != hex::encode(sealed.sender.sealing_key)
+            }
             None => false,
         };
         if identity_changed {
-            tracing::warn!("SAFETY NUMBER CHANGED: a message claims a known phone number with a new identity key");
+            tracing::warn!("SAFETY NUMBER CHANGED: a message certified for a known phone number comes with new keys");
         }
         Ok(Some(ReceivedMessage {
             id,
             server_id: d.server_id,
-            from: sealed.sender_phone,
+            from,
             from_account: sender.to_string(),
             text: content.text,
             sent_at: content.sent_at_ms,

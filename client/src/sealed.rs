@@ -1,21 +1,29 @@
-//! Sealed sender: the outer layer of every envelope. It hides the sender from the relay and binds the inner,
-//! end-to-end encrypted payload to the sender's identity.
+//! Sealed sender: the outer layer of every envelope. It hides the sender from the relay, says who the sender is to
+//! the recipient only through a certificate the relay signed, and binds the inner, end-to-end encrypted payload to
+//! that sender's identity and to the recipient's keys.
 //!
-//! Envelope: `0x02 ‖ ephemeral public key (32) ‖ ChaCha20-Poly1305 ciphertext and tag`, encrypted to the
-//! recipient's X25519 identity key with a fresh ephemeral key. Key: HKDF-SHA256 with salt `ephemeral ‖ recipient`,
-//! the X25519 shared secret as input key material and info `consent-relay sealed box v1`. The nonce is zero: the key
-//! is used for this one message only. The associated data is `0x02 ‖ ephemeral ‖ recipient`. A non-contributory
-//! shared secret (low-order key) is refused. Version 1 envelopes (whose signature covered a re-encoding of the
-//! content) are refused as of an unknown version.
+//! Envelope (version 3): `0x03 ‖ ephemeral public key (32) ‖ ChaCha20-Poly1305 ciphertext and tag`, encrypted to
+//! the recipient's X25519 sealing key with a fresh ephemeral key. Key: HKDF-SHA256 with salt `ephemeral ‖
+//! recipient`, the X25519 shared secret as input key material and info `consent-relay sealed box v1`. The nonce is
+//! zero: the key is used for this one message only. The associated data is `0x03 ‖ ephemeral ‖ recipient`. A
+//! non-contributory shared secret (low-order key) is refused. Envelopes of versions 1 and 2 (whose sender stated
+//! its own phone number) are refused as of an unknown version.
 //!
-//! Plaintext: a [`SignedContent`], protobuf `{ bytes sender_identity_key = 1; bytes message = 2; bytes signature =
-//! 3 }`. `message` is the encoding of the signed fields, protobuf `{ string sender_phone = 1; bytes
-//! recipient_account = 2; bytes payload = 3 }`, carried as bytes exactly as the sender encoded it; `signature` is the
-//! sender's Ed25519 signature over `"consent-relay sealed message v3" ‖ sender_identity_key ‖ message`. The recipient verifies the
-//! signature over those bytes as carried and decodes `message` only afterwards, so a sender in another language need
-//! not reproduce any particular protobuf encoder. The signature is what ties the payload (a Double Ratchet message,
-//! see `e2ee`; in a session's first message, also the sender's X25519 identity key inside it) to the Ed25519
-//! identity the recipient knows; the relay sees none of it, so its mailbox entries name no sender.
+//! Plaintext: a [`SealedContent`], protobuf `{ bytes sender_certificate = 1; bytes certificate_signature = 2; bytes
+//! message = 3; bytes signature = 4 }`. The first two are the sender's certificate as the relay issued it
+//! (`relay_proto::identity`: account, Ed25519 identity key, X25519 sealing key, phone number, expiry, signed by the
+//! relay's sender-certificate key). `message` is the encoding of the signed fields, protobuf `{ bytes
+//! recipient_account = 1; bytes recipient_sealing_key = 2; bytes payload = 3 }`, carried as bytes exactly as the
+//! sender encoded it; `signature` is the sender's Ed25519 signature over `"consent-relay sealed message v4" ‖
+//! identity key named by the certificate ‖ message`.
+//!
+//! The recipient, before believing anything in it: checks the relay's signature over the certificate bytes as
+//! carried (with the key it pinned at registration), that the certificate had not expired when the relay stored the
+//! envelope, that the message signature verifies under the identity key the certificate names, and only then
+//! decodes `message` and checks that it names the recipient's own account and own sealing key. The sender shown is
+//! the certificate's number, never a string the sender chose. Because the sender signs the key it sealed to, a
+//! relay that handed out its own sealing key for the recipient and opened the envelope cannot re-seal it to the
+//! real key unnoticed. The relay sees none of this, so its mailbox entries name no sender.
 //!
 //! # How a sealed send is authorised without naming the sender
 //! - Every account has a random 32-byte *access key* (made at `init`, kept in `identity.json`). At registration the
@@ -38,20 +46,22 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use hkdf::Hkdf;
 use prost::Message;
 use relay_proto::AccountId;
+use relay_proto::identity::{IdentityError, SenderCertificate, SignedCertificate};
 use sha2::Sha256;
 use x25519_dalek::{EphemeralSecret, PublicKey, StaticSecret};
 
 use crate::identity::Identity;
 
-/// Version byte of the envelope format. Version 1 signed a re-encoding of the content; its envelopes are refused.
-pub const VERSION: u8 = 2;
+/// Version byte of the envelope format. Versions 1 and 2 let the sender state its own number; they are refused.
+pub const VERSION: u8 = 3;
 const INFO: &[u8] = b"consent-relay sealed box v1";
-/// Starts the bytes the sender signs (v1 and v2 labels were used by earlier formats and must not be reused).
-pub const SIGNATURE_LABEL: &[u8] = b"consent-relay sealed message v3";
+/// Starts the bytes the sender signs (labels v1 to v3 were used by earlier formats and must not be reused).
+pub const SIGNATURE_LABEL: &[u8] = b"consent-relay sealed message v4";
 const HEADER_LEN: usize = 1 + 32;
 const TAG_LEN: usize = 16;
 
-/// Why an envelope could not be opened.
+/// Why an envelope could not be opened or was not believed. The text of each is what a quarantined envelope's
+/// record gives as its reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
@@ -67,60 +77,75 @@ pub enum OpenError {
     /// The plaintext is not a sealed message.
     #[error("sealed content does not decode")]
     Content,
-    /// The sender's signature does not verify.
-    #[error("sender signature does not verify")]
+    /// The sender certificate is not the relay's, is malformed, or had expired.
+    #[error("sender certificate refused: {0}")]
+    Certificate(IdentityError),
+    /// The sender's signature does not verify under the identity key its certificate names.
+    #[error("the message is not signed by the key its sender certificate names")]
     Signature,
     /// The message was signed for another recipient.
     #[error("message was addressed to another account")]
     WrongRecipient,
+    /// The sender sealed it to another X25519 key than this device's: a relay handed out a substitute key, opened
+    /// the envelope and sealed it again.
+    #[error("message was sealed to another key than this device's (a substituted key: the relay may have read it)")]
+    WrongSealingKey,
 }
 
-/// The plaintext of an envelope: the signed message as bytes, exactly as the sender encoded it, with the signature
-/// over them and the key that made it.
+/// The plaintext of an envelope: the sender's certificate, and the signed message as bytes, exactly as the sender
+/// encoded it, with the signature over them.
 #[derive(Clone, PartialEq, Message)]
-pub struct SignedContent {
-    /// Sender's Ed25519 identity key: the signature verifies under it.
+pub struct SealedContent {
+    /// The sender certificate's bytes, as the relay signed them.
     #[prost(bytes = "vec", tag = "1")]
-    pub sender_identity_key: Vec<u8>,
-    /// Encoding of a [`WireMessage`], as signed. Never re-encoded: verification uses these very bytes.
+    pub sender_certificate: Vec<u8>,
+    /// The relay's signature over the certificate.
     #[prost(bytes = "vec", tag = "2")]
-    pub message: Vec<u8>,
-    /// Ed25519 signature over [`signature_input`]`(sender_identity_key, message)`.
+    pub certificate_signature: Vec<u8>,
+    /// Encoding of a [`WireMessage`], as signed. Never re-encoded: verification uses these very bytes.
     #[prost(bytes = "vec", tag = "3")]
+    pub message: Vec<u8>,
+    /// Ed25519 signature over [`signature_input`]`(certificate's identity key, message)`.
+    #[prost(bytes = "vec", tag = "4")]
     pub signature: Vec<u8>,
 }
 
-/// The signed fields, as encoded into [`SignedContent::message`].
+/// The signed fields, as encoded into [`SealedContent::message`].
 #[derive(Clone, PartialEq, Message)]
 pub struct WireMessage {
-    /// Sender's phone number as the sender states it.
-    #[prost(string, tag = "1")]
-    pub sender_phone: String,
     /// Account the sender addressed it to (16 bytes).
-    #[prost(bytes = "vec", tag = "2")]
+    #[prost(bytes = "vec", tag = "1")]
     pub recipient_account: Vec<u8>,
+    /// The X25519 key the sender sealed it to (32 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub recipient_sealing_key: Vec<u8>,
     /// The end-to-end encrypted payload.
     #[prost(bytes = "vec", tag = "3")]
     pub payload: Vec<u8>,
 }
 
-/// A sealed message whose signature verified, decoded from the bytes the signature covers.
+/// A sealed message whose certificate and signature verified, decoded from the bytes the signature covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedMessage {
-    /// Sender's Ed25519 identity key.
-    pub sender_identity_key: [u8; 32],
-    /// Sender's phone number as the sender states it (the directory, not this field, says whose number it is).
-    pub sender_phone: String,
+    /// Who sent it, as the relay certified: account, keys and phone number.
+    pub sender: SenderCertificate,
     /// Account the sender addressed it to.
     pub recipient_account: AccountId,
+    /// The X25519 key the sender sealed it to.
+    pub recipient_sealing_key: [u8; 32],
     /// The end-to-end encrypted payload.
     pub payload: Vec<u8>,
 }
 
 impl SealedMessage {
-    /// The sender's account id (derived from the signing identity key).
+    /// The sender's account id (the certificate's, which derives from the signing identity key).
     pub fn sender_account(&self) -> AccountId {
-        AccountId::from_identity_key(&self.sender_identity_key)
+        self.sender.account
+    }
+
+    /// The sender's Ed25519 identity key, which signed the message.
+    pub fn sender_identity_key(&self) -> [u8; 32] {
+        self.sender.identity_key
     }
 }
 
@@ -129,39 +154,51 @@ pub fn signature_input(sender_identity_key: &[u8], message: &[u8]) -> Vec<u8> {
     [SIGNATURE_LABEL, sender_identity_key, message].concat()
 }
 
-impl SignedContent {
-    /// Encodes the message from `sender` to `recipient` carrying `payload`, and signs that encoding.
-    pub fn sign(sender: &Identity, sender_phone: &str, recipient: &AccountId, payload: Vec<u8>) -> Self {
+impl SealedContent {
+    /// Encodes the message from `sender` (certified by `certificate`) to `recipient`'s account and sealing key,
+    /// carrying `payload`, and signs that encoding.
+    pub fn sign(
+        sender: &Identity,
+        certificate: &SignedCertificate,
+        recipient: &AccountId,
+        recipient_sealing_key: &[u8; 32],
+        payload: Vec<u8>,
+    ) -> Self {
         let message = WireMessage {
-            sender_phone: sender_phone.to_owned(),
             recipient_account: recipient.as_bytes().to_vec(),
+            recipient_sealing_key: recipient_sealing_key.to_vec(),
             payload,
         }
         .encode_to_vec();
-        Self::sign_encoded(sender, message)
+        Self::sign_encoded(sender, certificate, message)
     }
 
     /// Signs `message`, an encoding of a [`WireMessage`] made by any encoder, exactly as given.
-    pub fn sign_encoded(sender: &Identity, message: Vec<u8>) -> Self {
-        let key = sender.identity_key().to_vec();
-        let signature = sender.sign(&signature_input(&key, &message)).to_vec();
-        Self { sender_identity_key: key, message, signature }
+    pub fn sign_encoded(sender: &Identity, certificate: &SignedCertificate, message: Vec<u8>) -> Self {
+        let signature = sender.sign(&signature_input(&sender.identity_key(), &message)).to_vec();
+        Self {
+            sender_certificate: certificate.certificate.clone(),
+            certificate_signature: certificate.signature.to_vec(),
+            message,
+            signature,
+        }
     }
 
-    /// Checks the signature over the message bytes as carried, then decodes them. The recipient is not checked here.
-    pub fn verify(&self) -> Result<SealedMessage, OpenError> {
-        let key: [u8; 32] = self.sender_identity_key.as_slice().try_into().map_err(|_| OpenError::Content)?;
-        let vk = VerifyingKey::from_bytes(&key).map_err(|_| OpenError::Signature)?;
+    /// Checks the certificate (the relay's signature under `issuer`, valid at `at_ms`), then the sender's signature
+    /// over the message bytes as carried under the identity key the certificate names, then decodes them. The
+    /// recipient is not checked here.
+    pub fn verify(&self, issuer: &VerifyingKey, at_ms: u64) -> Result<SealedMessage, OpenError> {
+        let certificate = SignedCertificate::from_parts(&self.sender_certificate, &self.certificate_signature)
+            .map_err(OpenError::Certificate)?;
+        let sender = certificate.verify(issuer, at_ms).map_err(OpenError::Certificate)?;
+        let vk = VerifyingKey::from_bytes(&sender.identity_key).map_err(|_| OpenError::Signature)?;
         let sig = Signature::from_slice(&self.signature).map_err(|_| OpenError::Signature)?;
-        vk.verify_strict(&signature_input(&key, &self.message), &sig).map_err(|_| OpenError::Signature)?;
+        vk.verify_strict(&signature_input(&sender.identity_key, &self.message), &sig)
+            .map_err(|_| OpenError::Signature)?;
         let m = WireMessage::decode(self.message.as_slice()).map_err(|_| OpenError::Content)?;
         let recipient_account = AccountId::from_slice(&m.recipient_account).ok_or(OpenError::Content)?;
-        Ok(SealedMessage {
-            sender_identity_key: key,
-            sender_phone: m.sender_phone,
-            recipient_account,
-            payload: m.payload,
-        })
+        let recipient_sealing_key = m.recipient_sealing_key.as_slice().try_into().map_err(|_| OpenError::Content)?;
+        Ok(SealedMessage { sender, recipient_account, recipient_sealing_key, payload: m.payload })
     }
 }
 
@@ -242,77 +279,161 @@ pub fn open(me: &Identity, envelope: &[u8]) -> Result<Vec<u8>, OpenError> {
         .map_err(|_| OpenError::Decrypt)
 }
 
-/// Signs `payload` as `sender` and seals it to `recipient`.
+/// Signs `payload` as `sender` (certified by `certificate`) and seals it to `recipient`'s sealing key, which the
+/// signed content names.
 pub fn seal_message(
     sender: &Identity,
-    sender_phone: &str,
+    certificate: &SignedCertificate,
     recipient: &AccountId,
     recipient_sealing_key: &[u8; 32],
     payload: Vec<u8>,
 ) -> Result<Vec<u8>, OpenError> {
-    let content = SignedContent::sign(sender, sender_phone, recipient, payload);
+    let content = SealedContent::sign(sender, certificate, recipient, recipient_sealing_key, payload);
     seal(recipient_sealing_key, &content.encode_to_vec())
 }
 
-/// Opens an envelope, checks the sender's signature over the message bytes as carried, and that it was addressed to
-/// `me`.
-pub fn open_message(me: &Identity, envelope: &[u8]) -> Result<SealedMessage, OpenError> {
+/// Opens an envelope stored at `stored_at_ms`, checks the sender's certificate under `issuer` (the relay's pinned
+/// sender-certificate key) and signature as [`SealedContent::verify`] does, and that it was addressed to `me`: my
+/// account and my sealing key.
+pub fn open_message(
+    me: &Identity,
+    envelope: &[u8],
+    issuer: &VerifyingKey,
+    stored_at_ms: u64,
+) -> Result<SealedMessage, OpenError> {
     let plain = open(me, envelope)?;
-    let content = SignedContent::decode(plain.as_slice()).map_err(|_| OpenError::Content)?;
-    let m = content.verify()?;
+    let content = SealedContent::decode(plain.as_slice()).map_err(|_| OpenError::Content)?;
+    let m = content.verify(issuer, stored_at_ms)?;
     if m.recipient_account != me.account_id() {
         return Err(OpenError::WrongRecipient);
+    }
+    if m.recipient_sealing_key != me.sealing_key() {
+        return Err(OpenError::WrongSealingKey);
     }
     Ok(m)
 }
 
 #[cfg(test)]
 mod tests {
+    use ed25519_dalek::SigningKey;
+    use relay_proto::PhoneNumber;
+
     use super::*;
+
+    const STORED_AT: u64 = 1_000;
+
+    fn relay() -> SigningKey {
+        SigningKey::from_bytes(&[7; 32])
+    }
+
+    fn issuer() -> VerifyingKey {
+        relay().verifying_key()
+    }
+
+    /// A certificate the relay would issue to `who` for `phone`, valid until `expires_ms`.
+    fn certificate(who: &Identity, phone: &str, expires_ms: u64) -> SignedCertificate {
+        let phone = PhoneNumber::parse(phone).expect("valid test number");
+        SenderCertificate::new(who.identity_key(), who.sealing_key(), phone, expires_ms).sign(&relay())
+    }
+
+    fn alice_cert(alice: &Identity) -> SignedCertificate {
+        certificate(alice, "+33612345678", STORED_AT + 1)
+    }
+
+    fn seal_to(alice: &Identity, bob: &Identity, payload: &[u8]) -> Vec<u8> {
+        seal_message(alice, &alice_cert(alice), &bob.account_id(), &bob.sealing_key(), payload.to_vec()).expect("seal")
+    }
 
     #[test]
     fn round_trip_and_sender_identity_hidden() {
         let (alice, bob) = (Identity::generate(), Identity::generate());
-        let env = seal_message(&alice, "+33612345678", &bob.account_id(), &bob.sealing_key(), b"MARKER-hello".to_vec())
-            .expect("seal");
+        let env = seal_to(&alice, &bob, b"MARKER-hello");
         assert_eq!(env[0], VERSION);
         let hay = String::from_utf8_lossy(&env);
         assert!(!hay.contains("MARKER") && !hay.contains("33612345678"));
         assert!(!env.windows(32).any(|w| w == alice.identity_key()), "sender key must not be visible");
-        let m = open_message(&bob, &env).expect("open");
-        assert_eq!((m.payload.as_slice(), m.sender_phone.as_str()), (&b"MARKER-hello"[..], "+33612345678"));
+        let m = open_message(&bob, &env, &issuer(), STORED_AT).expect("open");
+        assert_eq!((m.payload.as_slice(), m.sender.phone.as_str()), (&b"MARKER-hello"[..], "+33612345678"));
         assert_eq!(m.sender_account(), alice.account_id());
-        assert_eq!(m.sender_identity_key, alice.identity_key());
+        assert_eq!(m.sender_identity_key(), alice.identity_key());
+        assert_eq!(m.sender.sealing_key, alice.sealing_key());
+        assert_eq!(m.recipient_sealing_key, bob.sealing_key());
     }
 
     #[test]
     fn tampering_wrong_key_and_forgery_are_refused() {
         let (alice, bob, eve) = (Identity::generate(), Identity::generate(), Identity::generate());
-        let env =
-            seal_message(&alice, "+33612345678", &bob.account_id(), &bob.sealing_key(), b"hi".to_vec()).expect("seal");
+        let env = seal_to(&alice, &bob, b"hi");
         for i in [0, 5, env.len() - 1] {
             let mut bad = env.clone();
             bad[i] ^= 1;
-            assert!(open_message(&bob, &bad).is_err(), "flip at {i}");
+            assert!(open_message(&bob, &bad, &issuer(), STORED_AT).is_err(), "flip at {i}");
         }
-        assert_eq!(open_message(&eve, &env), Err(OpenError::Decrypt));
-        assert_eq!(open_message(&bob, &env[..20]), Err(OpenError::Format));
+        assert_eq!(open_message(&eve, &env, &issuer(), STORED_AT), Err(OpenError::Decrypt));
+        assert_eq!(open_message(&bob, &env[..20], &issuer(), STORED_AT), Err(OpenError::Format));
         // Eve re-seals Alice's signed content with a changed text: the signature breaks.
-        let mut c = SignedContent::sign(&alice, "+33612345678", &bob.account_id(), b"hi".to_vec());
+        let mut c =
+            SealedContent::sign(&alice, &alice_cert(&alice), &bob.account_id(), &bob.sealing_key(), b"hi".to_vec());
         let mut m = WireMessage::decode(c.message.as_slice()).expect("decodes");
         m.payload = b"pay eve".to_vec();
         c.message = m.encode_to_vec();
         let forged = seal(&bob.sealing_key(), &c.encode_to_vec()).expect("seal");
-        assert_eq!(open_message(&bob, &forged), Err(OpenError::Signature));
-        // Eve claims Alice's message as her own: the signature does not verify under Eve's key.
-        let mut c = SignedContent::sign(&alice, "+33612345678", &bob.account_id(), b"hi".to_vec());
-        c.sender_identity_key = eve.identity_key().to_vec();
-        let claimed = seal(&bob.sealing_key(), &c.encode_to_vec()).expect("seal");
-        assert_eq!(open_message(&bob, &claimed), Err(OpenError::Signature));
+        assert_eq!(open_message(&bob, &forged, &issuer(), STORED_AT), Err(OpenError::Signature));
         // Content signed for Bob and re-sealed to Eve is refused by Eve.
-        let c = SignedContent::sign(&alice, "+33612345678", &bob.account_id(), b"for bob".to_vec());
+        let c = SealedContent::sign(&alice, &alice_cert(&alice), &bob.account_id(), &eve.sealing_key(), b"x".to_vec());
         let resealed = seal(&eve.sealing_key(), &c.encode_to_vec()).expect("seal");
-        assert_eq!(open_message(&eve, &resealed), Err(OpenError::WrongRecipient));
+        assert_eq!(open_message(&eve, &resealed, &issuer(), STORED_AT), Err(OpenError::WrongRecipient));
+    }
+
+    /// What a sender can do to appear as someone else, and why each fails: a certificate it made itself, a genuine
+    /// certificate of someone else (it received one in a message), one that expired, one that is not well formed.
+    #[test]
+    fn a_sender_cannot_borrow_or_make_a_certificate() {
+        let (alice, bob, mallory) = (Identity::generate(), Identity::generate(), Identity::generate());
+        let send = |cert: &SignedCertificate| {
+            let c = SealedContent::sign(&mallory, cert, &bob.account_id(), &bob.sealing_key(), b"hi".to_vec());
+            let env = seal(&bob.sealing_key(), &c.encode_to_vec()).expect("seal");
+            open_message(&bob, &env, &issuer(), STORED_AT)
+        };
+        // Mallory's own genuine certificate works, and says Mallory's number.
+        let own = certificate(&mallory, "+33633333333", STORED_AT + 1);
+        assert_eq!(send(&own).expect("genuine").sender.phone.as_str(), "+33633333333");
+        // A certificate for Alice's number signed by anyone but the relay.
+        let made_up = SenderCertificate::new(
+            mallory.identity_key(),
+            mallory.sealing_key(),
+            PhoneNumber::parse("+33612345678").expect("valid"),
+            STORED_AT + 1,
+        )
+        .sign(&SigningKey::from_bytes(&[9; 32]));
+        assert_eq!(send(&made_up), Err(OpenError::Certificate(IdentityError::BadSignature)));
+        // Alice's genuine certificate: it names Alice's key, which did not sign.
+        assert_eq!(send(&alice_cert(&alice)), Err(OpenError::Signature));
+        // Expired when the relay stored the envelope.
+        let expired = certificate(&mallory, "+33633333333", STORED_AT);
+        assert_eq!(send(&expired), Err(OpenError::Certificate(IdentityError::Expired { expires_ms: STORED_AT })));
+        // Bytes that are not a certificate, or a signature of the wrong length.
+        let mut garbage = own.clone();
+        garbage.certificate.push(0);
+        assert!(matches!(send(&garbage), Err(OpenError::Certificate(_))));
+        let c = SealedContent {
+            certificate_signature: vec![0; 63],
+            ..SealedContent::sign(&mallory, &own, &bob.account_id(), &bob.sealing_key(), b"hi".to_vec())
+        };
+        let env = seal(&bob.sealing_key(), &c.encode_to_vec()).expect("seal");
+        assert!(matches!(open_message(&bob, &env, &issuer(), STORED_AT), Err(OpenError::Certificate(_))));
+    }
+
+    /// A relay that handed Alice its own key for Bob opens the envelope and seals the content again to Bob's real
+    /// key: what Alice signed names the relay's key, so Bob refuses it.
+    #[test]
+    fn content_sealed_to_a_substituted_key_is_refused() {
+        let (alice, bob, relay_key) = (Identity::generate(), Identity::generate(), Identity::generate());
+        let env = seal_message(&alice, &alice_cert(&alice), &bob.account_id(), &relay_key.sealing_key(), b"x".to_vec())
+            .expect("seal");
+        let plain = open(&relay_key, &env).expect("the relay opens what was sealed to its key");
+        let resealed = seal(&bob.sealing_key(), &plain).expect("seal");
+        assert_eq!(open_message(&bob, &resealed, &issuer(), STORED_AT), Err(OpenError::WrongSealingKey));
     }
 
     /// What another implementation may legitimately send: fields in another order, an unknown field, a field
@@ -327,41 +448,44 @@ mod tests {
         let (alice, bob) = (Identity::generate(), Identity::generate());
         let mut message = Vec::new();
         field(&mut message, 3, b"an early payload, replaced below");
-        field(&mut message, 2, bob.account_id().as_bytes());
+        field(&mut message, 2, &bob.sealing_key());
         field(&mut message, 15, b"a field this version does not know");
-        field(&mut message, 1, b"+33612345678");
+        field(&mut message, 1, bob.account_id().as_bytes());
         field(&mut message, 3, b"the payload");
         let canonical = WireMessage::decode(message.as_slice()).expect("valid protobuf").encode_to_vec();
         assert_ne!(canonical, message, "the test needs an encoding that re-encoding would change");
 
-        let content = SignedContent::sign_encoded(&alice, message.clone());
+        let content = SealedContent::sign_encoded(&alice, &alice_cert(&alice), message.clone());
         let env = seal(&bob.sealing_key(), &content.encode_to_vec()).expect("seal");
-        let m = open_message(&bob, &env).expect("verified against the bytes as sent");
-        assert_eq!((m.sender_phone.as_str(), m.payload.as_slice()), ("+33612345678", &b"the payload"[..]));
-        assert_eq!(m.sender_identity_key, alice.identity_key());
+        let m = open_message(&bob, &env, &issuer(), STORED_AT).expect("verified against the bytes as sent");
+        assert_eq!(m.payload.as_slice(), &b"the payload"[..]);
+        assert_eq!(m.sender_identity_key(), alice.identity_key());
 
         // A signature over the canonical re-encoding does not cover the bytes carried.
-        let resigned = SignedContent { message, ..SignedContent::sign_encoded(&alice, canonical) };
+        let resigned = SealedContent { message, ..SealedContent::sign_encoded(&alice, &alice_cert(&alice), canonical) };
         let env = seal(&bob.sealing_key(), &resigned.encode_to_vec()).expect("seal");
-        assert_eq!(open_message(&bob, &env), Err(OpenError::Signature));
+        assert_eq!(open_message(&bob, &env, &issuer(), STORED_AT), Err(OpenError::Signature));
     }
 
     #[test]
-    fn version_1_envelopes_are_refused() {
+    fn envelopes_of_earlier_versions_are_refused() {
         let (alice, bob) = (Identity::generate(), Identity::generate());
-        let mut env =
-            seal_message(&alice, "+33612345678", &bob.account_id(), &bob.sealing_key(), b"x".to_vec()).expect("seal");
-        env[0] = 1;
-        assert_eq!(open_message(&bob, &env), Err(OpenError::Format));
+        for version in [1, 2] {
+            let mut env = seal_to(&alice, &bob, b"x");
+            env[0] = version;
+            assert_eq!(open_message(&bob, &env, &issuer(), STORED_AT), Err(OpenError::Format));
+        }
     }
 
     #[test]
     fn test_vector_sealing_is_deterministic_and_opens() {
         let (alice, bob) = (Identity::generate(), Identity::generate());
-        let content = SignedContent::sign(&alice, "+33612345678", &bob.account_id(), b"p".to_vec()).encode_to_vec();
+        let content =
+            SealedContent::sign(&alice, &alice_cert(&alice), &bob.account_id(), &bob.sealing_key(), b"p".to_vec())
+                .encode_to_vec();
         let a = seal_for_test_vector([9; 32], &bob.sealing_key(), &content).expect("seal");
         assert_eq!(a, seal_for_test_vector([9; 32], &bob.sealing_key(), &content).expect("seal"));
-        assert_eq!(open_message(&bob, &a).expect("open").payload, b"p");
+        assert_eq!(open_message(&bob, &a, &issuer(), STORED_AT).expect("open").payload, b"p");
     }
 
     #[test]

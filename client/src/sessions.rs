@@ -162,6 +162,7 @@ fn bundle_of(b: &wire::Bundle) -> Result<PrekeyBundle, SessionError> {
     Ok(PrekeyBundle {
         identity_key: key32(&b.identity_key, "identity key")?,
         identity_dh_key: key32(&b.identity_dh_key, "identity DH key")?,
+        identity_dh_signature: sig64(&b.identity_dh_signature, "identity DH key signature")?,
         signed_prekey: prekeys::SignedPrekey {
             id: spk.id,
             public: key32(&spk.public_key, "signed prekey")?,
@@ -293,12 +294,20 @@ impl Sessions {
     }
 
     /// Starts a session from `peer`'s bundle (PQXDH as initiator), after checking that the bundle is signed by
-    /// `expected_identity_key`, the identity the user trusts for that peer.
-    pub fn start(&mut self, bundle: &wire::Bundle, expected_identity_key: &[u8; 32]) -> Result<(), SessionError> {
+    /// `expected_identity_key` and names `expected_sealing_key`, the keys the user trusts for that peer.
+    pub fn start(
+        &mut self,
+        bundle: &wire::Bundle,
+        expected_identity_key: &[u8; 32],
+        expected_sealing_key: &[u8; 32],
+    ) -> Result<(), SessionError> {
         let peer = AccountId::from_slice(&bundle.account_id).ok_or(SessionError::Bundle("account id"))?;
         let bundle = bundle_of(bundle)?;
         if &bundle.identity_key != expected_identity_key || AccountId::from_identity_key(&bundle.identity_key) != peer {
             return Err(SessionError::IdentityMismatch("the bundle is not signed by the contact's identity key"));
+        }
+        if &bundle.identity_dh_key != expected_sealing_key {
+            return Err(SessionError::IdentityMismatch("the bundle names another X25519 key than the contact's"));
         }
         let (header, secret, ad) = pqxdh::initiate(&self.identity, &bundle)?;
         let ratchet = RatchetState::init_initiator(&secret, &bundle.signed_prekey.public)?;

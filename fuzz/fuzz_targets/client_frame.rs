@@ -3,8 +3,9 @@
 //! The input is a frame body: it is decoded as a `ClientFrame` (messaging endpoint) and as an `ExportRequest` (export
 //! interface), with prost directly and through `frame::decode_body`, which must agree. Each decoded request is then
 //! taken apart the way the relay's handlers do it (`server/src/session/`, `server/src/export/handler.rs`): account
-//! ids, E.164 phone numbers, keys and signatures of fixed length, transcripts, consent statements, purposes and
-//! affiliate ids, export-log publications. The raw input is also fed to the string and slice parsers directly.
+//! ids, E.164 phone numbers, keys and signatures of fixed length, transcripts, the sealing-key binding, consent
+//! statements, purposes and affiliate ids, export-log publications. The raw input is also fed to the string and slice
+//! parsers directly, and to the sender-certificate decoder clients run on what arrives in envelopes.
 //! Nothing may panic. Both matches list every request type without a wildcard, so a new request type breaks the
 //! build of this target until it is handled here (CI builds every target).
 #![no_main]
@@ -15,6 +16,7 @@ use prost::Message;
 use relay_proto::auth::{self, KEY_LEN};
 use relay_proto::consent::{self, ConsentStatement, Purpose};
 use relay_proto::frame;
+use relay_proto::identity::{self, SenderCertificate};
 use relay_proto::merkle;
 use relay_proto::phone::{MAX_DIGITS, MIN_DIGITS};
 use relay_proto::wire::{
@@ -75,6 +77,7 @@ fn client_frame(f: ClientFrame) {
             ) {
                 let transcript = auth::register_transcript(&ekm, &ik, &sk, p.as_str(), &device);
                 verify(&ik, &transcript, &r.signature);
+                let _ = identity::verify_binding(&ik, &sk, &r.sealing_key_signature);
                 let _ = AccountId::from_identity_key(&ik);
             }
         }
@@ -109,7 +112,7 @@ fn client_frame(f: ClientFrame) {
             let _ = <[u8; 32]>::try_from(k.verifier.as_ref());
         }
         // Bare integers, nothing to take apart; listed so that a new request type fails to compile here.
-        Some(Req::Subscribe(_) | Req::ListConsent(_) | Req::ListExports(_)) | None => {}
+        Some(Req::Subscribe(_) | Req::ListConsent(_) | Req::ListExports(_) | Req::GetSenderCertificate(_)) | None => {}
     }
 }
 
@@ -166,6 +169,10 @@ fuzz_target!(|data: &[u8]| {
     // The field parsers on the raw bytes too.
     account(data);
     statement(data);
+    if let Ok(c) = SenderCertificate::decode(data) {
+        assert_eq!(c.encode(), data, "an accepted certificate has one encoding");
+        assert_eq!(AccountId::from_identity_key(&c.identity_key), c.account);
+    }
     if let Ok(s) = std::str::from_utf8(data) {
         phone(s);
         pair(&[], s, s);

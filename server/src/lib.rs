@@ -4,7 +4,7 @@
 //! what it carries; it stores no sender for an envelope; its message path reads no phone number or device info.
 //! A send is acknowledged only once the envelope is durable (group commit).
 //!
-//! Modules: [`config`] (settings and limits), [`store`] (sled trees, group commit), [`relay`] (endpoint,
+//! Modules: [`config`] (settings and limits), [`certificates`] (the sender-certificate key), [`store`] (sled trees, group commit), [`relay`] (endpoint,
 //! connections, and the wiring that gives each request family its handles), [`session`] (requests on a connection,
 //! one handler per request family), [`delivery`] (push and acks), [`subscribers`] (wake-ups of online
 //! recipients), [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in; a leaf
@@ -12,6 +12,7 @@
 //! endpoint, opt-in), [`tamper`] (a test-only hook that makes the relay lie). The TLS identity, pinning and the accept loop are `relay-quic`'s; the metadata exporter is
 //! its own crate and process (`relay-exporter`), which this crate cannot name.
 
+pub mod certificates;
 pub mod config;
 pub mod delivery;
 pub mod export;

@@ -51,6 +51,9 @@ pub enum StartError {
     /// The TLS identity could not be loaded or created.
     #[error(transparent)]
     Tls(#[from] relay_quic::identity::TlsError),
+    /// The sender-certificate key could not be loaded or created.
+    #[error("sender-certificate key: {0}")]
+    CertificateKey(#[from] crate::certificates::CertificateKeyError),
     /// The store could not be opened (another relay may be using it).
     #[error("cannot open store: {0}")]
     Store(#[from] crate::store::OpenError),
@@ -129,6 +132,8 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let data = &config.data_dir;
     std::fs::create_dir_all(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
     let identity = Identity::load_or_create(data)?;
+    let certificates = Arc::new(crate::certificates::CertificateIssuer::load_or_create(data)?);
+    tracing::info!(key = %hex::encode(certificates.public_key()), "sender-certificate key");
     let limits = config.limits.clone();
     let mailbox_limits = MailboxLimits {
         max_messages: limits.mailbox_max_messages,
@@ -177,7 +182,8 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let tamper = Arc::new(crate::tamper::Tamper::default());
     let metrics = Arc::new(Metrics::default());
     let subscribers = Arc::new(Subscribers::default());
-    let handlers = Arc::new(handlers(&store, &limits, fence, subscribers.clone(), metrics.clone(), tamper.clone()));
+    let handlers =
+        Arc::new(handlers(&store, &limits, certificates, fence, subscribers.clone(), metrics.clone(), tamper.clone()));
     let shared = Arc::new(Shared {
         handlers,
         connections: Arc::new(ConnectionLimiter::new(limits.max_connections_per_ip)),
@@ -241,6 +247,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
 fn handlers(
     store: &Store,
     limits: &crate::config::Limits,
+    certificates: Arc<crate::certificates::CertificateIssuer>,
     fence: Arc<crate::fence::Fence>,
     subscribers: Arc<Subscribers>,
     metrics: Arc<Metrics>,
@@ -251,6 +258,7 @@ fn handlers(
             directory: store.directory.clone(),
             prekeys: store.prekeys.clone(),
             commit: store.commit.clone(),
+            certificates,
             registrations: RateLimiter::new(limits.registrations_per_minute_per_ip),
             registrations_per_minute: limits.registrations_per_minute_per_ip,
         },

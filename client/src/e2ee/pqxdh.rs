@@ -20,7 +20,6 @@
 //! clone only once that first message decrypted. With no one-time prekeys (last-resort KEM key, no OPK) a
 //! replayed initial message is answered again, as PQXDH allows; the ratchet layer does not see it as new.
 
-use ed25519_dalek::{Signature, VerifyingKey};
 use hkdf::Hkdf;
 use ml_kem::{Decapsulate, Encapsulate};
 use sha2::Sha256;
@@ -31,7 +30,6 @@ use super::{E2eeError, Secret, hex_bytes, x25519};
 use crate::identity::Identity;
 
 const INFO: &[u8] = b"ConsentRelay_X25519_SHA-256_ML-KEM-768";
-const IDENTITY_BINDING_LABEL: &[u8] = b"ConsentRelay_IdentityDH_v1";
 /// Length of the associated data both sides derive.
 pub const AD_LEN: usize = 128;
 /// F ‖ four DH outputs ‖ SS.
@@ -81,18 +79,15 @@ impl SharedSecret {
 }
 
 /// The bytes Alice's Ed25519 identity key signs to bind her X25519 identity key to it:
-/// `"ConsentRelay_IdentityDH_v1" ‖ identity_key ‖ identity_dh_key`. Public for test vectors.
+/// `"ConsentRelay_IdentityDH_v1" ‖ identity_key ‖ identity_dh_key`, the sealing-key binding every device publishes
+/// (`relay_proto::identity`). Public for test vectors.
 pub fn identity_binding(identity_key: &[u8; 32], identity_dh_key: &[u8; 32]) -> Vec<u8> {
-    [IDENTITY_BINDING_LABEL, identity_key, identity_dh_key].concat()
+    relay_proto::identity::binding_bytes(identity_key, identity_dh_key)
 }
 
 fn verify_identity_binding(header: &InitialHeader) -> Result<(), E2eeError> {
-    let key = VerifyingKey::from_bytes(&header.identity_key).map_err(|_| E2eeError::BadSignature)?;
-    key.verify_strict(
-        &identity_binding(&header.identity_key, &header.identity_dh_key),
-        &Signature::from_bytes(&header.identity_dh_signature),
-    )
-    .map_err(|_| E2eeError::BadSignature)
+    relay_proto::identity::verify_binding(&header.identity_key, &header.identity_dh_key, &header.identity_dh_signature)
+        .map_err(|_| E2eeError::BadSignature)
 }
 
 /// Accumulates the KDF input in one buffer that is wiped on drop.
@@ -156,7 +151,7 @@ pub fn initiate(
     let header = InitialHeader {
         identity_key,
         identity_dh_key,
-        identity_dh_signature: identity.sign(&identity_binding(&identity_key, &identity_dh_key)),
+        identity_dh_signature: identity.sealing_key_signature(),
         ephemeral: PublicKey::from(&ephemeral).to_bytes(),
         kem_ciphertext: ciphertext.to_vec(),
         signed_prekey_id: bundle.signed_prekey.id,
@@ -263,9 +258,14 @@ mod tests {
     fn low_order_keys_are_refused() {
         let alice = Identity::generate();
         let (bob, mut store) = bob_with_pools();
+        // A peer may bind a low-order key to its identity key itself: the binding holds, the exchange is refused.
         let mut bundle = store.bundle(&bob);
         bundle.identity_dh_key = [0; 32];
+        bundle.identity_dh_signature = bob.sign(&identity_binding(&bob.identity_key(), &[0; 32]));
         assert_eq!(initiate(&alice, &bundle).err(), Some(E2eeError::Degenerate));
+        // Without that binding, the key is refused before it is used.
+        bundle.identity_dh_signature = store.bundle(&bob).identity_dh_signature;
+        assert_eq!(initiate(&alice, &bundle).err(), Some(E2eeError::BadSignature));
         let mut bundle = store.bundle(&bob);
         bundle.one_time_prekey.as_mut().expect("pool is full").public = [0; 32];
         assert_eq!(initiate(&alice, &bundle).err(), Some(E2eeError::Degenerate));

@@ -90,6 +90,9 @@ pub struct PrekeyBundle {
     /// The device's X25519 identity key (IK in PQXDH).
     #[serde(with = "hex_bytes")]
     pub identity_dh_key: [u8; 32],
+    /// The identity key's signature binding `identity_dh_key` to it (`relay_proto::identity`).
+    #[serde(with = "hex_bytes")]
+    pub identity_dh_signature: [u8; 64],
     /// The current signed prekey.
     pub signed_prekey: SignedPrekey,
     /// A one-time prekey, absent when the device's pool is empty.
@@ -113,12 +116,15 @@ fn verify(key: &VerifyingKey, kind: u8, id: u32, public: &[u8], signature: &[u8;
         .map_err(|_| E2eeError::BadSignature)
 }
 
-/// Checks a fetched bundle before any of its keys is used: sizes, and both prekey signatures against the bundle's
-/// Ed25519 identity key. Whether that identity key is the right person's is for the safety number to tell.
+/// Checks a fetched bundle before any of its keys is used: sizes, the binding of the X25519 identity key and both
+/// prekey signatures, all against the bundle's Ed25519 identity key. Whether that identity key is the right
+/// person's is for the safety number to tell.
 pub fn verify_bundle(bundle: &PrekeyBundle) -> Result<(), E2eeError> {
     if bundle.kem_prekey.public.len() != KEM_PUBLIC_LEN {
         return Err(E2eeError::Malformed("ML-KEM prekey"));
     }
+    relay_proto::identity::verify_binding(&bundle.identity_key, &bundle.identity_dh_key, &bundle.identity_dh_signature)
+        .map_err(|_| E2eeError::BadSignature)?;
     let key = VerifyingKey::from_bytes(&bundle.identity_key).map_err(|_| E2eeError::BadSignature)?;
     let spk = &bundle.signed_prekey;
     verify(&key, KIND_SIGNED, spk.id, &spk.public, &spk.signature)?;
@@ -375,6 +381,7 @@ impl PrekeyStore {
         PrekeyBundle {
             identity_key: identity.identity_key(),
             identity_dh_key: identity.sealing_key(),
+            identity_dh_signature: identity.sealing_key_signature(),
             signed_prekey: self.signed.upload(),
             one_time_prekey,
             kem_prekey,
@@ -406,6 +413,13 @@ mod tests {
         // A one-time KEM key cannot be passed off as the last-resort one.
         let mut b = bundle.clone();
         b.kem_prekey.last_resort = true;
+        assert_eq!(verify_bundle(&b), Err(E2eeError::BadSignature));
+        // The X25519 identity key is bound to the identity key: another one (a relay's own) is refused.
+        let mut b = bundle.clone();
+        b.identity_dh_key = Identity::generate().sealing_key();
+        assert_eq!(verify_bundle(&b), Err(E2eeError::BadSignature));
+        let mut b = bundle.clone();
+        b.identity_dh_signature = [0; 64];
         assert_eq!(verify_bundle(&b), Err(E2eeError::BadSignature));
         let mut b = bundle.clone();
         b.kem_prekey.public.pop();

@@ -274,7 +274,7 @@ mod tests {
     #[tokio::test]
     async fn grants_under_a_changed_notice_or_expired_are_not_in_force() {
         let (h, _db) = handler();
-        let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32] };
+        let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
         let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
         let (account, _) = h.directory.register(keys, &phone, device, 1).expect("register");

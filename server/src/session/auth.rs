@@ -1,25 +1,32 @@
-//! `Register` and `Auth`: binding a connection to an account.
+//! `Register`, `Auth` and `GetSenderCertificate`: binding a connection to an account, and vouching for it.
 //!
 //! Registration creates the account of an identity key, or updates its sealing key, phone number and device info;
 //! it is acknowledged only once durable. Both requests carry a signature over a transcript bound to this
-//! connection's EKM (see [`super::state`]). This handler holds the directory (it writes phone numbers and device
-//! info), the prekeys (to report pool counts) and the group commit; nothing of the mailboxes.
+//! connection's EKM (see [`super::state`]). A sealing key is accepted only with its binding signature by the
+//! identity key (`relay_proto::identity`); clients check that signature again on every lookup and bundle. Sender
+//! certificates state what the directory holds for the authenticated account, never what a request says. This
+//! handler holds the directory (it writes phone numbers and device info), the prekeys (to report pool counts), the
+//! certificate issuer and the group commit; nothing of the mailboxes.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use relay_proto::auth::{auth_transcript, register_transcript};
-use relay_proto::wire::{Auth as AuthRequest, AuthOk, Register, Registered, server_frame::Body as Resp};
+use relay_proto::identity::verify_binding;
+use relay_proto::wire::{
+    Auth as AuthRequest, AuthOk, Register, Registered, SenderCertificate, server_frame::Body as Resp,
+};
 use relay_proto::{AccountId, ErrorCode, PhoneNumber};
 
 use super::checks::{self, Reply, reply};
 use super::keys::prekey_counts;
 use super::state::Session;
+use crate::certificates::CertificateIssuer;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
 use crate::store::directory::AccountKeys;
-use crate::store::{Directory, GroupCommit, Prekeys};
+use crate::store::{Directory, DirectoryError, GroupCommit, Prekeys};
 
 /// Longest accepted device-info field, in bytes.
 pub const MAX_DEVICE_FIELD: usize = 64;
@@ -32,6 +39,8 @@ pub struct Auth {
     pub prekeys: Prekeys,
     /// Durability barrier.
     pub commit: Arc<GroupCommit>,
+    /// The sender-certificate key.
+    pub certificates: Arc<CertificateIssuer>,
     /// `Register` requests per client address.
     pub registrations: RateLimiter<IpAddr>,
     /// The configured rate, for the refusal message.
@@ -61,13 +70,24 @@ impl Auth {
         }
         let transcript = register_transcript(session.ekm(), &identity_key, &sealing_key, phone.as_str(), &device);
         checks::signature(&identity_key, &transcript, &r.signature)?;
+        verify_binding(&identity_key, &sealing_key, &r.sealing_key_signature).map_err(|_| {
+            Reject::new(
+                ErrorCode::BadSignature,
+                "sealing_key_signature does not bind the sealing key to the identity key",
+            )
+        })?;
+        let sealing_key_signature = r.sealing_key_signature.as_ref().try_into().ok();
         session.check_same(AccountId::from_identity_key(&identity_key))?;
-        let keys = AccountKeys { identity_key, sealing_key };
+        let keys = AccountKeys { identity_key, sealing_key, sealing_key_signature };
         let (account, created) = self.directory.register(keys, &phone, device, relay_proto::now_ms())?;
         self.commit.durable().await?;
         session.authenticate(account)?;
         tracing::info!(%account, created, "registered");
-        reply(Resp::Registered(Registered { account_id: account.as_bytes().to_vec().into(), created }))
+        reply(Resp::Registered(Registered {
+            account_id: account.as_bytes().to_vec().into(),
+            created,
+            sender_certificate_key: self.certificates.public_key().to_vec().into(),
+        }))
     }
 
     /// Authenticates the connection as an existing account.
@@ -83,6 +103,27 @@ impl Auth {
         session.authenticate(account)?;
         tracing::debug!(%account, "authenticated");
         let prekeys = Some(prekey_counts(&self.prekeys, &account)?);
-        reply(Resp::AuthOk(AuthOk { account_id: a.account_id, server_time_ms: relay_proto::now_ms(), prekeys }))
+        reply(Resp::AuthOk(AuthOk {
+            account_id: a.account_id,
+            server_time_ms: relay_proto::now_ms(),
+            prekeys,
+            sender_certificate_key: self.certificates.public_key().to_vec().into(),
+        }))
+    }
+
+    /// A sender certificate for the authenticated account, from the directory's record of it.
+    pub fn sender_certificate(&self, session: &Session) -> Reply {
+        let account = session.account()?;
+        let gone = || Reject::new(ErrorCode::NotFound, "no such account: register first");
+        let keys = self.directory.keys(&account)?.ok_or_else(gone)?;
+        let profile = self.directory.profile(&account)?.ok_or_else(gone)?;
+        // The directory only ever holds numbers that parsed as strict E.164 at registration: anything else is a
+        // damaged record.
+        let phone = PhoneNumber::parse(&profile.phone).map_err(|_| Reject::from(DirectoryError::Corrupt))?;
+        let signed = self.certificates.issue(&keys, phone, relay_proto::now_ms());
+        reply(Resp::SenderCertificate(SenderCertificate {
+            certificate: signed.certificate.into(),
+            signature: signed.signature.to_vec().into(),
+        }))
     }
 }

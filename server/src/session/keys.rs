@@ -1,7 +1,7 @@
 //! `Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`: the directory's public keys and the prekey pools.
 //!
-//! A lookup maps a phone number to an account and its public keys, so this handler holds the directory; it answers
-//! with keys only, never a profile. Lookups and bundle fetches share one per-account rate limit. A bundle's one-time
+//! A lookup maps a phone number to an account and its public keys (with the identity key's binding of the sealing
+//! key, which clients verify), so this handler holds the directory; it answers with keys only, never a profile. Lookups and bundle fetches share one per-account rate limit. A bundle's one-time
 //! keys are consumed durably before the bundle is handed out.
 
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use super::checks::{Reply, reply};
 use super::state::Session;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
+use crate::store::directory::AccountKeys;
 use crate::store::{Directory, GroupCommit, Prekeys};
 use crate::tamper::Tamper;
 
@@ -62,6 +63,16 @@ impl Keys {
         Ok(())
     }
 
+    /// The sealing key and its binding signature as a lookup (or a bundle) hands them out: the directory's, unless a
+    /// test told the relay to lie. An account registered before bindings existed has no signature to give.
+    fn keys_handed_out(&self, account: &AccountId, keys: &AccountKeys, bundle: bool) -> ([u8; 32], Vec<u8>) {
+        let real = keys.sealing_key_signature.map(|s| s.to_vec()).unwrap_or_default();
+        match self.tamper.sealing_key(account, bundle) {
+            Some(lie) => (lie.sealing_key, lie.signature.unwrap_or(real)),
+            None => (keys.sealing_key, real),
+        }
+    }
+
     /// The account registered with a phone number, and its public keys.
     pub fn lookup(&self, session: &Session, l: Lookup) -> Reply {
         let account = session.account()?;
@@ -71,14 +82,12 @@ impl Keys {
             .directory
             .lookup(&phone)?
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no account with this phone number"))?;
-        let sealing_key = match self.tamper.sealing_key(&found, false) {
-            Some(lie) => lie.sealing_key,
-            None => keys.sealing_key,
-        };
+        let (sealing_key, signature) = self.keys_handed_out(&found, &keys, false);
         reply(Resp::LookupResult(LookupResult {
             account_id: found.as_bytes().to_vec().into(),
             identity_key: keys.identity_key.to_vec().into(),
             sealing_key: sealing_key.to_vec().into(),
+            sealing_key_signature: signature.into(),
         }))
     }
 
@@ -109,14 +118,12 @@ impl Keys {
             .ok_or_else(|| Reject::new(ErrorCode::NoPrekeys, "this account has not published prekeys"))?;
         // The consumed one-time keys must stay consumed across a crash before the bundle is handed out.
         self.commit.durable().await?;
-        let identity_dh_key = match self.tamper.sealing_key(&account, true) {
-            Some(lie) => lie.sealing_key,
-            None => keys.sealing_key,
-        };
+        let (identity_dh_key, identity_dh_signature) = self.keys_handed_out(&account, &keys, true);
         reply(Resp::Bundle(Bundle {
             account_id: f.account_id,
             identity_key: keys.identity_key.to_vec().into(),
             identity_dh_key: identity_dh_key.to_vec().into(),
+            identity_dh_signature: identity_dh_signature.into(),
             signed_prekey: Some(taken.signed),
             one_time_prekey: taken.one_time,
             kem_prekey: Some(taken.kem),

@@ -10,7 +10,7 @@
 //! them without missing one.
 
 use prost::Message;
-use relay_proto::auth::KEY_LEN;
+use relay_proto::auth::{KEY_LEN, SIGNATURE_LEN};
 use relay_proto::wire::DeviceInfo;
 use relay_proto::{AccountId, PhoneNumber};
 use sled::Transactional;
@@ -23,18 +23,29 @@ pub struct AccountKeys {
     pub identity_key: [u8; KEY_LEN],
     /// X25519 key that envelopes are sealed to.
     pub sealing_key: [u8; KEY_LEN],
+    /// The identity key's signature binding the sealing key to it (`relay_proto::identity`), checked at
+    /// registration. `None` only for accounts registered before bindings existed: clients refuse their keys until
+    /// they register again.
+    pub sealing_key_signature: Option<[u8; SIGNATURE_LEN]>,
 }
 
 impl AccountKeys {
-    fn to_bytes(self) -> [u8; 2 * KEY_LEN] {
-        let mut b = [0u8; 2 * KEY_LEN];
-        b[..KEY_LEN].copy_from_slice(&self.identity_key);
-        b[KEY_LEN..].copy_from_slice(&self.sealing_key);
-        b
+    /// `identity key ‖ sealing key [‖ binding signature]`: records written before bindings existed stop after the
+    /// two keys.
+    fn to_bytes(self) -> Vec<u8> {
+        let signature = self.sealing_key_signature.as_ref().map_or(&[][..], |s| &s[..]);
+        [&self.identity_key[..], &self.sealing_key, signature].concat()
     }
 
     fn from_bytes(b: &[u8]) -> Option<Self> {
-        Some(Self { identity_key: b.get(..KEY_LEN)?.try_into().ok()?, sealing_key: b.get(KEY_LEN..)?.try_into().ok()? })
+        let identity_key = b.get(..KEY_LEN)?.try_into().ok()?;
+        let sealing_key = b.get(KEY_LEN..2 * KEY_LEN)?.try_into().ok()?;
+        let sealing_key_signature = match b.len() {
+            n if n == 2 * KEY_LEN => None,
+            n if n == 2 * KEY_LEN + SIGNATURE_LEN => Some(b.get(2 * KEY_LEN..)?.try_into().ok()?),
+            _ => return None,
+        };
+        Some(Self { identity_key, sealing_key, sealing_key_signature })
     }
 }
 
@@ -228,7 +239,18 @@ mod tests {
     }
 
     fn keys(n: u8) -> AccountKeys {
-        AccountKeys { identity_key: [n; 32], sealing_key: [n + 100; 32] }
+        AccountKeys { identity_key: [n; 32], sealing_key: [n + 100; 32], sealing_key_signature: Some([n; 64]) }
+    }
+
+    #[test]
+    fn key_records_with_and_without_a_binding_decode_and_others_do_not() {
+        let k = keys(1);
+        assert_eq!(AccountKeys::from_bytes(&k.to_bytes()), Some(k));
+        let old = AccountKeys { sealing_key_signature: None, ..k };
+        assert_eq!(old.to_bytes().len(), 64, "the layout written before bindings existed");
+        assert_eq!(AccountKeys::from_bytes(&old.to_bytes()), Some(old));
+        assert_eq!(AccountKeys::from_bytes(&k.to_bytes()[..100]), None);
+        assert_eq!(AccountKeys::from_bytes(&[0; 63]), None);
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub use prekeys::{PrekeyError, Prekeys};
 pub mod trees {
     /// `recipient account id (16) ‖ server id (8, big-endian)` → `stored_at_ms (8) ‖ expires_at_ms (8) ‖ envelope`.
     pub const MAILBOXES: &str = "mailboxes";
-    /// `account id` → `identity key (32) ‖ sealing key (32)`: all that authentication and routing need.
+    /// `account id` → `identity key (32) ‖ sealing key (32) ‖ binding signature (64)`: all that authentication
+    /// and routing need (records written before bindings existed lack the signature).
     pub const IDENTITIES: &str = "identities";
     /// `account id` → profile record (phone, device info). Never read by the message path.
     pub const PROFILES: &str = "profiles";

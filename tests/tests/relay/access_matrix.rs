@@ -8,9 +8,9 @@ use relay_client::{Connection, Identity, InboxEvent};
 use relay_proto::auth::{auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{
-    Ack, Auth, ConsentChanges, EndExport, ExportRequest, FetchBundle, ListConsent, ListExports, Lookup, PublishLog,
-    PutConsent, Register, SealedSend, Send, ServerFrame, SetAccessKey, SubjectChanges, Subscribe, UploadPrekeys,
-    client_frame::Body, export_request::Body as ExportBody, server_frame::Body as Resp,
+    Ack, Auth, ConsentChanges, EndExport, ExportRequest, FetchBundle, GetSenderCertificate, ListConsent, ListExports,
+    Lookup, PublishLog, PutConsent, Register, SealedSend, Send, ServerFrame, SetAccessKey, SubjectChanges, Subscribe,
+    UploadPrekeys, client_frame::Body, export_request::Body as ExportBody, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_tests::TestRelay;
@@ -39,6 +39,7 @@ fn register_frame(conn: &Connection, identity: &Identity, signer: &Identity, pho
         phone: phone.into(),
         device: Some(device),
         signature: Bytes::copy_from_slice(&signature),
+        sealing_key_signature: Bytes::copy_from_slice(&signer.sign(&relay_proto::identity::binding_bytes(&ik, &sk))),
     })
 }
 
@@ -102,6 +103,7 @@ fn operations(conn: &Connection, bob: &Identity, signer: &Identity, bob_server_i
         put_consent(&statement(b, 99), signer),
         Body::ListConsent(ListConsent {}),
         Body::ListExports(ListExports::default()),
+        Body::GetSenderCertificate(GetSenderCertificate {}),
     ]
 }
 
@@ -120,7 +122,8 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
         | Body::UploadPrekeys(_)
         | Body::SetAccessKey(_)
         | Body::ListConsent(_)
-        | Body::ListExports(_) => OwnOnly,
+        | Body::ListExports(_)
+        | Body::GetSenderCertificate(_) => OwnOnly,
     }
 }
 
@@ -134,6 +137,10 @@ async fn check(conn: &Connection, op: Body, expected: &Expect) {
         (Expect::OwnOnly, Ok(Resp::ConsentList(l))) => assert!(l.latest.is_empty(), "{name} shows Bob's consent"),
         (Expect::OwnOnly, Ok(Resp::ExportList(l))) => assert!(l.entries.is_empty(), "{name} shows Bob's exports"),
         (Expect::OwnOnly, Ok(Resp::QueueEmpty(_))) => {}
+        (Expect::OwnOnly, Ok(Resp::SenderCertificate(c))) => {
+            let cert = relay_proto::identity::SenderCertificate::decode(&c.certificate).expect("a certificate");
+            assert_ne!(cert.phone.as_str(), BOB, "{name} certified the caller as Bob");
+        }
         (Expect::OwnOnly, Ok(Resp::Deliver(d))) => panic!("{name} delivered {:?} from another mailbox", d.envelope),
         (Expect::OwnOnly | Expect::Public, Ok(_)) => {}
         (Expect::OwnOnly | Expect::Public, Err(e)) => panic!("{name} should be answered, got {e}"),

@@ -10,6 +10,7 @@ mod e2ee;
 mod export;
 mod exporter;
 mod exportlog;
+mod identity;
 mod limits;
 mod messaging;
 mod metrics;

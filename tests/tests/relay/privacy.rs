@@ -99,7 +99,9 @@ async fn phone_lookups_are_rate_limited_per_account() {
 }
 
 /// Invariant 2: the message path never reads phone numbers or device info. With every profile (phone number and
-/// device info) removed from a relay's store, registration state aside, messages still flow both ways.
+/// device info) removed from a relay's store, registration state aside, messages still flow both ways. (Sender
+/// certificates state the number, so they are issued outside the message path, from the profile: each client
+/// fetches and caches its own before the profiles go.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messaging_reads_no_profile_data() {
     let mut relay = TestRelay::process().await.expect("relay");
@@ -107,6 +109,8 @@ async fn messaging_reads_no_profile_data() {
     let mut bob = relay.user("+33698765432").await.expect("bob");
     alice.messenger.contact("+33698765432").await.expect("alice knows bob");
     bob.messenger.contact("+33612345678").await.expect("bob knows alice");
+    alice.messenger.sender_certificate().await.expect("alice's certificate");
+    bob.messenger.sender_certificate().await.expect("bob's certificate");
     relay.stop().await.expect("stop");
     {
         let db = sled::open(relay.data_dir().join("store")).expect("open the stopped relay's store");

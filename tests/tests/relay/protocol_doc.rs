@@ -19,9 +19,10 @@ use relay_client::e2ee::SafetyNumber;
 use relay_client::e2ee::pqxdh::identity_binding;
 use relay_client::e2ee::prekeys::{KIND_SIGNED, signed_bytes as prekey_signed_bytes};
 use relay_client::e2ee::safety::{Party, fingerprint};
-use relay_client::sealed::{SignedContent, seal_for_test_vector, signature_input};
+use relay_client::sealed::{SealedContent, seal_for_test_vector, signature_input};
 use relay_proto::auth::{EKM_LABEL, auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose, signed_bytes_of, statement_hash};
+use relay_proto::identity::{SenderCertificate, certificate_signed_bytes};
 use relay_proto::merkle::{ExportLeaf, MerkleLog, TreeHead, leaf_hash, node_hash};
 use relay_proto::wire::{Auth, ClientFrame, DeviceInfo, client_frame};
 use relay_proto::{PROTOCOL_VERSION, PhoneNumber};
@@ -33,6 +34,8 @@ const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");
 const ALICE_PHONE: &str = "+33612345678";
 const BOB_PHONE: &str = "+33698765432";
 const SEALED_PAYLOAD: &[u8] = b"an end-to-end encrypted payload";
+/// Expiry of Alice's sender certificate in the vectors: a day after 1_700_000_000_000.
+const CERTIFICATE_EXPIRES_MS: u64 = 1_700_086_400_000;
 
 /// 32 bytes counting up from `first`: the document's fixed secrets.
 fn run(first: u8) -> [u8; 32] {
@@ -96,10 +99,20 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     };
     v.push(("auth_frame", relay_proto::frame::encode(&frame).expect("small frame").to_vec()));
 
-    // Sealed sender.
-    let content = SignedContent::sign(&alice, ALICE_PHONE, &bob.account_id(), SEALED_PAYLOAD.to_vec());
+    // Sender certificate, then sealed sender.
+    let phone = |p| PhoneNumber::parse(p).expect("valid phone");
+    let relay_key = SigningKey::from_bytes(&run(0xd0));
+    v.push(("sender_certificate_key", relay_key.verifying_key().to_bytes().to_vec()));
+    let certificate =
+        SenderCertificate::new(alice.identity_key(), alice.sealing_key(), phone(ALICE_PHONE), CERTIFICATE_EXPIRES_MS)
+            .sign(&relay_key);
+    v.push(("sender_certificate", certificate.certificate.clone()));
+    v.push(("sender_certificate_signed_bytes", certificate_signed_bytes(&certificate.certificate)));
+    v.push(("sender_certificate_signature", certificate.signature.to_vec()));
+    let content =
+        SealedContent::sign(&alice, &certificate, &bob.account_id(), &bob.sealing_key(), SEALED_PAYLOAD.to_vec());
     v.push(("sealed_message", content.message.clone()));
-    v.push(("sealed_signature_input", signature_input(&content.sender_identity_key, &content.message)));
+    v.push(("sealed_signature_input", signature_input(&alice.identity_key(), &content.message)));
     v.push(("sealed_signature", content.signature.clone()));
     let plaintext = content.encode_to_vec();
     let envelope = seal_for_test_vector(run(0xc0), &bob.sealing_key(), &plaintext).expect("contributory keys");
@@ -119,7 +132,6 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("identity_binding_signature", binding_signature.to_vec()));
 
     // Safety numbers, as their ASCII digits: Signal's published vector through the same construction, then ours.
-    let phone = |p| PhoneNumber::parse(p).expect("valid phone");
     let signal = |key: &str, id: &[u8]| fingerprint(5200, id, &hex::decode(key).expect("hex"));
     let signal_a = signal("0506863bc66d02b40d27b8d49ca7c09e9239236f9d7d25d6fcca5ce13c7064d868", b"+14152222222");
     let signal_b = signal("05f781b6fb32fed9ba1cf2de978d4d5da28dc34046ae814402b5c0dbd96fda907b", b"+14153333333");

@@ -4,7 +4,9 @@
 //! up in memory with real PQXDH (each recipient's prekey store, one-time keys included) before the clock starts:
 //! set-up cost is measured by the criterion benchmark, not here. Each message is then handled as the messenger does
 //! it: the stamped payload is ratchet-encrypted, wrapped in the signed sealed-sender envelope, sent; the recipient
-//! opens the envelope, checks the signature and ratchet-decrypts before reading the stamp. Nothing touches disk.
+//! opens the envelope, checks the sender certificate and the signature, and ratchet-decrypts before reading the
+//! stamp. The certificates are issued in memory by a key of the run's own (what they cost to check is the same as
+//! under the relay's key). Nothing touches disk.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,7 +19,8 @@ use relay_client::e2ee::pqxdh;
 use relay_client::e2ee::prekeys::PrekeyStore;
 use relay_client::e2ee::ratchet::RatchetState;
 use relay_client::sealed::{open_message, seal_message};
-use relay_proto::AccountId;
+use relay_proto::identity::{CERTIFICATE_VALIDITY_MS, SenderCertificate, SignedCertificate, SigningKey, VerifyingKey};
+use relay_proto::{AccountId, PhoneNumber};
 
 /// Recipients each client holds a session with.
 pub const PEERS: usize = 8;
@@ -30,6 +33,8 @@ struct Half {
 /// The sessions of every (sender, recipient) pair of a run.
 pub struct Pairs {
     identities: Vec<Identity>,
+    certificates: Vec<SignedCertificate>,
+    issuer: VerifyingKey,
     by_key: HashMap<[u8; 32], usize>,
     sending: HashMap<(usize, usize), Mutex<Half>>,
     receiving: HashMap<(usize, usize), Mutex<Half>>,
@@ -72,7 +77,17 @@ impl Pairs {
             }
         }
         let by_key = identities.iter().enumerate().map(|(i, id)| (id.identity_key(), i)).collect();
-        Ok(Self { identities, by_key, sending, receiving, peers })
+        let issuer = SigningKey::from_bytes(&rand::random());
+        let expires_ms = relay_proto::now_ms() + CERTIFICATE_VALIDITY_MS;
+        let certificates = identities
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let phone = PhoneNumber::parse(&format!("+1555{i:07}"))?;
+                Ok(SenderCertificate::new(id.identity_key(), id.sealing_key(), phone, expires_ms).sign(&issuer))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { identities, certificates, issuer: issuer.verifying_key(), by_key, sending, receiving, peers })
     }
 
     /// The recipient of `me`'s message, from a random `pick`.
@@ -92,7 +107,7 @@ impl Pairs {
         let recipient = &self.identities[to];
         let envelope = seal_message(
             &self.identities[from],
-            &format!("+1555{from:07}"),
+            &self.certificates[from],
             &AccountId::from_identity_key(&recipient.identity_key()),
             &recipient.sealing_key(),
             payload,
@@ -102,8 +117,8 @@ impl Pairs {
 
     /// Opens an envelope delivered to `me`, returning the stamped payload.
     pub fn open(&self, me: usize, envelope: &[u8]) -> Result<Vec<u8>> {
-        let sealed = open_message(&self.identities[me], envelope)?;
-        let from = *self.by_key.get(&sealed.sender_identity_key).ok_or_else(|| anyhow!("unknown sender"))?;
+        let sealed = open_message(&self.identities[me], envelope, &self.issuer, relay_proto::now_ms())?;
+        let from = *self.by_key.get(&sealed.sender_identity_key()).ok_or_else(|| anyhow!("unknown sender"))?;
         let E2eeMessage::Ratchet(message) = E2eeMessage::decode(&sealed.payload)? else {
             return Err(anyhow!("unexpected session set-up message"));
         };
