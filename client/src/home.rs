@@ -3,7 +3,9 @@
 //! - `identity.json` — secret keys (mode 0600; never logged);
 //! - `profile.json` — phone number, device info, and once registered, the relay's address and pinned certificate;
 //! - `contacts.json` — phone number → account id and public keys, as first looked up;
-//! - `seen.json` — ids of the most recent received messages, for de-duplication.
+//! - `seen.json` — ids of the most recent received messages, for de-duplication;
+//! - `quarantine/` — envelopes that arrived and could not be opened, verified or decrypted, one file each (mode
+//!   0600) with the reason, kept so that no message is lost without the user learning of it (see [`Quarantined`]).
 //!
 //! Every file is written to a temporary name, synced, renamed, and the directory synced (`relay_quic::durable_file`),
 //! so a crash or power loss leaves the old or the new version, never an older one.
@@ -15,6 +17,9 @@ use relay_quic::durable_file::Access;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::identity::Identity;
+
+/// Directory of the home that holds quarantined envelopes.
+pub const QUARANTINE_DIR: &str = "quarantine";
 
 /// How many received message and envelope ids are remembered for de-duplication.
 pub const SEEN_CAPACITY: usize = 20_000;
@@ -119,6 +124,22 @@ pub struct ChangedIdentity {
     /// Its binding signature by the new identity key, hex (verified).
     #[serde(default)]
     pub sealing_key_signature: String,
+}
+
+/// An envelope that arrived and could not be opened, verified or decrypted, as kept in `quarantine/` and reported
+/// (`relay recv --json` prints the first three fields as they are named here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// Why it was refused.
+    pub error: String,
+    /// The relay's id for the envelope.
+    pub server_id: u64,
+    /// When the relay stored it (ms since the Unix epoch).
+    pub stored_at: u64,
+    /// When this device set it aside (ms since the Unix epoch).
+    pub quarantined_at: u64,
+    /// The envelope, hex, for a later look (it may be a message a newer client can read).
+    pub envelope: String,
 }
 
 /// A message held because the recipient's identity changed.
@@ -305,6 +326,51 @@ impl Home {
         self.write_json("seen.json", s, false)
     }
 
+    /// The quarantine directory.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.path(QUARANTINE_DIR)
+    }
+
+    /// Keeps `q` in the quarantine directory (created mode 0700; the file is 0600), durably; a redelivery of the
+    /// same envelope replaces its record. Returns the file.
+    pub fn quarantine(&self, q: &Quarantined) -> Result<PathBuf, HomeError> {
+        let dir = self.quarantine_dir();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| HomeError::Io { path, source }
+        };
+        if !dir.exists() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(&dir).map_err(io(&dir))?;
+        }
+        let path = dir.join(format!("{}-{}.json", q.stored_at, q.server_id));
+        let text = serde_json::to_vec_pretty(q).map_err(|source| HomeError::Corrupt { path: path.clone(), source })?;
+        relay_quic::durable_file::replace(&path, &text, Access::Owner).map_err(io(&path))?;
+        Ok(path)
+    }
+
+    /// How many envelopes are in quarantine.
+    pub fn quarantined(&self) -> Result<usize, HomeError> {
+        let dir = self.quarantine_dir();
+        if !dir.exists() {
+            return Ok(0);
+        }
+        let entries = std::fs::read_dir(&dir).map_err(|source| HomeError::Io { path: dir.clone(), source })?;
+        let mut n = 0;
+        for entry in entries {
+            let entry = entry.map_err(|source| HomeError::Io { path: dir.clone(), source })?;
+            // Temporary files of an interrupted write start with a dot and are not records.
+            let name = entry.file_name();
+            if name.to_string_lossy().ends_with(".json") && !name.to_string_lossy().starts_with('.') {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T, HomeError> {
         let path = self.path(name);
         let text = std::fs::read_to_string(&path).map_err(|source| HomeError::Io { path: path.clone(), source })?;
@@ -342,6 +408,33 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(dir.path().join("h/identity.json")).expect("meta").permissions().mode();
             assert_eq!(mode & 0o077, 0, "secret key file must not be readable by others");
+        }
+    }
+
+    #[test]
+    fn quarantined_envelopes_are_private_counted_and_replaced_on_redelivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        assert_eq!(home.quarantined().expect("none yet"), 0);
+        let q = Quarantined {
+            error: "envelope does not decrypt".into(),
+            server_id: 7,
+            stored_at: 1_000,
+            quarantined_at: 2_000,
+            envelope: "02ff".into(),
+        };
+        let path = home.quarantine(&q).expect("keep");
+        home.quarantine(&q).expect("again: the same record");
+        home.quarantine(&Quarantined { server_id: 8, ..q.clone() }).expect("another");
+        assert_eq!(home.quarantined().expect("count"), 2);
+        let back: Quarantined = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
+        assert_eq!(back, q);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode();
+            assert_eq!(mode(&path) & 0o077, 0, "a quarantined envelope is private");
+            assert_eq!(mode(&home.quarantine_dir()) & 0o077, 0, "and so is the directory");
         }
     }
 

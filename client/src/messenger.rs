@@ -14,7 +14,9 @@
 //! answer sealed.
 //!
 //! Receiving is the reverse. The sender shown is the number in its certificate, checked under the relay's
-//! certificate key pinned at registration, never a string the sender chose.
+//! certificate key pinned at registration, never a string the sender chose. An envelope that cannot be opened,
+//! verified or decrypted is kept in the home's quarantine with the reason, and reported, before it is acknowledged:
+//! nothing is lost without the user learning of it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,7 +37,9 @@ use crate::connection::{Authenticated, ClientError, Connection, DirectoryEntry, 
 use crate::content::{Content, MESSAGE_ID_LEN};
 use crate::e2ee::message::E2eeMessage;
 use crate::e2ee::safety::{Party, SafetyNumber};
-use crate::home::{ChangedIdentity, Contact, Device, HeldMessage, Home, HomeError, Profile, RelayInfo, Seen};
+use crate::home::{
+    ChangedIdentity, Contact, Device, HeldMessage, Home, HomeError, Profile, Quarantined, RelayInfo, Seen,
+};
 use crate::identity::Identity;
 use crate::pin::parse_fingerprint;
 use crate::sealed::{OpenError, open_message, seal_message};
@@ -108,6 +112,11 @@ impl MessengerError {
             _ => None,
         }
     }
+
+    /// Whether this device failed (its home could not be read or written), as opposed to the envelope or the peer.
+    fn is_local(&self) -> bool {
+        matches!(self, MessengerError::Home(_) | MessengerError::Session(SessionError::Home(_)))
+    }
 }
 
 /// A message received, decrypted and verified.
@@ -149,8 +158,38 @@ pub enum Accepted {
     New(ReceivedMessage),
     /// Already received before (a redelivery).
     Duplicate,
-    /// Could not be opened, verified or decrypted (tampered, replayed, not for us); it is acknowledged and dropped.
-    Unreadable(String),
+    /// Could not be opened, verified or decrypted (tampered, replayed, not for us, a forged sender): kept in the
+    /// home's quarantine with the reason, durably. Acknowledge it like the others.
+    Quarantined(Quarantined),
+    /// This device failed (its home could not be read or written): nothing was decided about the envelope. Do not
+    /// acknowledge it; the relay delivers it again.
+    Failed(MessengerError),
+}
+
+impl Accepted {
+    /// Whether the relay may now delete the envelope.
+    pub fn may_acknowledge(&self) -> bool {
+        !matches!(self, Accepted::Failed(_))
+    }
+}
+
+/// What one call to [`Messenger::receive_all`] received.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// New messages, in delivery order.
+    pub messages: Vec<ReceivedMessage>,
+    /// Envelopes set aside in the quarantine, in delivery order.
+    pub quarantined: Vec<Quarantined>,
+}
+
+impl Received {
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.quarantined.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.messages.len() + self.quarantined.len()
+    }
 }
 
 /// Validates and creates a new home with fresh keys.
@@ -602,13 +641,32 @@ impl Messenger {
         Ok(self.conn.subscribe().await?)
     }
 
-    /// Opens, verifies, decrypts and de-duplicates a delivered envelope. Call [`Messenger::save_seen`] before
-    /// acknowledging.
+    /// Opens, verifies, decrypts and de-duplicates a delivered envelope; one that cannot be read or believed is
+    /// kept in the home's quarantine (durably) with the reason. Call [`Messenger::save_seen`] before acknowledging,
+    /// and acknowledge only what [`Accepted::may_acknowledge`].
     pub async fn accept(&mut self, d: &Deliver) -> Accepted {
         match self.open_delivery(d).await {
             Ok(Some(m)) => Accepted::New(m),
             Ok(None) => Accepted::Duplicate,
-            Err(e) => Accepted::Unreadable(e.to_string()),
+            Err(e) if e.is_local() => Accepted::Failed(e),
+            Err(e) => {
+                let q = Quarantined {
+                    error: e.to_string(),
+                    server_id: d.server_id,
+                    stored_at: d.stored_at_ms,
+                    quarantined_at: relay_proto::now_ms(),
+                    envelope: hex::encode(&d.envelope),
+                };
+                match self.home.quarantine(&q) {
+                    Ok(path) => {
+                        tracing::warn!(server_id = d.server_id, error = %e, file = %path.display(), "envelope quarantined");
+                        // A redelivery (acknowledgement lost) is then a duplicate, not a second report.
+                        self.seen.insert(&format!("envelope:{}", d.server_id));
+                        Accepted::Quarantined(q)
+                    }
+                    Err(h) => Accepted::Failed(h.into()),
+                }
+            }
         }
     }
 
@@ -678,16 +736,23 @@ impl Messenger {
         Ok(self.home.save_seen(&self.seen)?)
     }
 
-    /// Receives until the mailbox is drained and at least `min` new messages arrived, or `wait` has passed with the
-    /// mailbox drained. Every delivered envelope is acknowledged (after the de-duplication state is saved) before
-    /// this returns. Unreadable envelopes are acknowledged, dropped and reported on the log.
+    /// [`Messenger::receive_all`], returning the messages only: envelopes quarantined meanwhile are in the home's
+    /// quarantine and on the log (and `relay status` counts them), not in the result.
+    pub async fn receive(&mut self, min: usize, wait: Duration) -> Result<Vec<ReceivedMessage>, MessengerError> {
+        Ok(self.receive_all(min, wait).await?.messages)
+    }
+
+    /// Receives until the mailbox is drained and at least `min` envelopes were received (new messages and envelopes
+    /// quarantined both count), or `wait` has passed with the mailbox drained. Every delivered envelope is
+    /// acknowledged (after the de-duplication state is saved, and an unreadable one kept in the quarantine) before
+    /// this returns.
     ///
     /// If the connection fails once messages were received, those are returned (their de-duplication state saved
     /// first) and the failure shows on the next call: a batch already acknowledged is never delivered again, and one
     /// not yet acknowledged is recognised as seen when it is, so an error here never loses a message nor shows it
     /// twice. Not cancellation-safe: dropping the future drops what it had received.
-    pub async fn receive(&mut self, min: usize, wait: Duration) -> Result<Vec<ReceivedMessage>, MessengerError> {
-        let mut out = Vec::new();
+    pub async fn receive_all(&mut self, min: usize, wait: Duration) -> Result<Received, MessengerError> {
+        let mut out = Received::default();
         match self.receive_into(min, wait, &mut out).await {
             Ok(()) => Ok(out),
             Err(e) if !out.is_empty() => {
@@ -702,12 +767,7 @@ impl Messenger {
         }
     }
 
-    async fn receive_into(
-        &mut self,
-        min: usize,
-        wait: Duration,
-        out: &mut Vec<ReceivedMessage>,
-    ) -> Result<(), MessengerError> {
+    async fn receive_into(&mut self, min: usize, wait: Duration, out: &mut Received) -> Result<(), MessengerError> {
         let deadline = Instant::now() + wait;
         let mut inbox = self.inbox().await?;
         let mut pending = Vec::new();
@@ -729,11 +789,11 @@ impl Messenger {
                 InboxEvent::Deliver(d) => {
                     drained = false;
                     match self.accept(&d).await {
-                        Accepted::New(m) => out.push(m),
+                        Accepted::New(m) => out.messages.push(m),
                         Accepted::Duplicate => {}
-                        Accepted::Unreadable(e) => {
-                            tracing::warn!(server_id = d.server_id, error = %e, "dropping unreadable envelope")
-                        }
+                        Accepted::Quarantined(q) => out.quarantined.push(q),
+                        // Not acknowledged: the relay keeps it and delivers it again.
+                        Accepted::Failed(e) => return Err(e),
                     }
                     pending.push(d.server_id);
                 }

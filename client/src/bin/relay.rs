@@ -6,17 +6,20 @@
 //! relay --home D send --to +33698765432 "text"
 //! relay --home D recv [--wait SECS] [--json]
 //! relay --home D chat --to +33698765432
+//! relay --home D status [--json]
 //! relay --home D consent grant|withdraw --affiliate A --purpose P | reject-all | show
 //! relay --home D device [--model M] [--os O] [--app-version V]
 //! relay --home D exports [--verify] [--json]
 //! ```
-//! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr.
+//! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr. `recv`
+//! exits 3 when it set aside (quarantined) an envelope it could not read, after printing everything else.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_client::home::Quarantined;
 use relay_client::messenger::{self, Accepted};
 use relay_client::{Device, Home, InboxEvent, Messenger, MessengerError, ReceivedMessage};
 use relay_proto::ErrorCode;
@@ -67,12 +70,14 @@ enum Command {
         json: bool,
     },
     /// Print and acknowledge received messages. Drains the mailbox; if it was empty, waits up to --wait seconds for
-    /// the first message.
+    /// the first message. An envelope that cannot be read is kept in <home>/quarantine/ and reported; the exit
+    /// status is then 3.
     Recv {
         /// Seconds to wait when nothing is queued.
         #[arg(long, default_value_t = 0)]
         wait: u64,
-        /// One JSON object per line: id, from, from_account, text, sent_at, stored_at, server_id.
+        /// One JSON object per line: id, from, from_account, text, sent_at, stored_at, server_id, identity_changed;
+        /// or, for an envelope set aside, error, server_id, stored_at.
         #[arg(long)]
         json: bool,
     },
@@ -109,6 +114,12 @@ enum Command {
         #[arg(long)]
         verify: bool,
         /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What this home holds: account, relay, contacts, held messages, quarantined envelopes. Works offline.
+    Status {
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -206,12 +217,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Recv { wait, json } => {
             let mut m = Messenger::open(&home).await?;
-            let got = m.receive(1, Duration::from_secs(wait)).await?;
-            for msg in &got {
+            let got = m.receive_all(1, Duration::from_secs(wait)).await?;
+            for msg in &got.messages {
                 print_message(msg, json)?;
             }
+            for q in &got.quarantined {
+                print_quarantined(&home, q, json)?;
+            }
             m.close().await;
+            if !got.quarantined.is_empty() {
+                std::process::exit(3);
+            }
         }
+        Command::Status { json } => status(&home, json)?,
         Command::Chat { to } => chat(&home, &to).await?,
         Command::Verify { with, accept } => verify(&home, &with, accept).await?,
         Command::Consent { action } => consent(&home, action).await?,
@@ -408,6 +426,65 @@ fn print_message(m: &ReceivedMessage, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An envelope set aside: `{"error", "server_id", "stored_at"}` in JSON, a warning line otherwise.
+fn print_quarantined(home: &Home, q: &Quarantined, json: bool) -> anyhow::Result<()> {
+    if json {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            error: &'a str,
+            server_id: u64,
+            stored_at: u64,
+        }
+        println!(
+            "{}",
+            serde_json::to_string(&Line { error: &q.error, server_id: q.server_id, stored_at: q.stored_at })?
+        );
+    } else {
+        println!(
+            "!! a message stored at {} (relay id {}) could not be read and was set aside in {}: {}",
+            format_time(q.stored_at),
+            q.server_id,
+            home.quarantine_dir().display(),
+            q.error
+        );
+    }
+    Ok(())
+}
+
+fn status(home: &Home, json: bool) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Status {
+        phone: String,
+        account: String,
+        relay: Option<String>,
+        contacts: usize,
+        identity_changes: usize,
+        held: usize,
+        quarantined: usize,
+    }
+    let (identity, profile) = (home.identity()?, home.profile()?);
+    let contacts = home.contacts()?;
+    let s = Status {
+        phone: profile.phone,
+        account: identity.account_id().to_string(),
+        relay: profile.relay.map(|r| r.server),
+        contacts: contacts.len(),
+        identity_changes: contacts.values().filter(|c| c.changed.is_some()).count(),
+        held: home.held()?.len(),
+        quarantined: home.quarantined()?,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    println!("{} (account {})", s.phone, s.account);
+    println!("relay: {}", s.relay.as_deref().unwrap_or("not registered"));
+    println!("contacts: {} ({} with a SAFETY NUMBER CHANGED to review)", s.contacts, s.identity_changes);
+    println!("held messages: {}", s.held);
+    println!("quarantined envelopes: {} (in {})", s.quarantined, home.quarantine_dir().display());
+    Ok(())
+}
+
 fn format_time(ms: u64) -> String {
     let secs = ms / 1000;
     format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
@@ -439,19 +516,24 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
                     Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                         eprintln!("(not sent: {to} is not registered on this relay yet)");
                     }
-                    Err(e @ MessengerError::IdentityChanged { .. }) => eprintln!("{e}"),
+                    Err(e @ (MessengerError::IdentityChanged { .. } | MessengerError::UnboundKey { .. })) => eprintln!("{e}"),
                     Err(e) => return Err(e.into()),
                 },
                 None => break,
             },
             event = inbox.next() => match event {
                 Some(Ok(InboxEvent::Deliver(d))) => {
-                    match m.accept(&d).await {
-                        Accepted::New(msg) => print_message(&msg, false)?,
+                    let accepted = m.accept(&d).await;
+                    match &accepted {
+                        Accepted::New(msg) => print_message(msg, false)?,
                         Accepted::Duplicate => {}
-                        Accepted::Unreadable(e) => eprintln!("(dropped an unreadable message: {e})"),
+                        Accepted::Quarantined(q) => print_quarantined(home, q, false)?,
+                        // Left in the mailbox: the next delivery stream brings it again.
+                        Accepted::Failed(e) => eprintln!("(could not process a message, it stays on the relay: {e})"),
                     }
-                    pending.push(d.server_id);
+                    if accepted.may_acknowledge() {
+                        pending.push(d.server_id);
+                    }
                 }
                 Some(Ok(InboxEvent::QueueEmpty)) => {
                     if !pending.is_empty() {

@@ -1,6 +1,7 @@
 //! Who a message is from, and whose key it is sealed to, against a malicious client and a malicious relay: a sender
-//! cannot make its message show another number; a relay that hands out its own sealing key for someone cannot read
-//! or re-seal what is sent to them.
+//! cannot make its message show another number (nor a string that is not a number); a relay
+//! that hands out its own sealing key for someone cannot read or re-seal what is sent to them; and an envelope that
+//! cannot be read is never dropped without the user learning of it.
 
 use std::sync::{Arc, Mutex};
 
@@ -43,7 +44,7 @@ async fn a_sender_cannot_make_its_message_show_another_number() {
 }
 
 /// Mallory holds Alice's genuine sender certificate (Alice wrote to her, and it travels inside every envelope)
-/// and puts it in an envelope of her own to Bob: it names Alice's key, which did not sign, so Bob refuses it.
+/// and puts it in an envelope of her own to Bob: it names Alice's key, which did not sign, so Bob sets it aside.
 #[tokio::test]
 async fn a_sender_cannot_borrow_someone_elses_certificate() {
     let relay = TestRelay::in_process().await.expect("relay");
@@ -68,8 +69,10 @@ async fn a_sender_cannot_borrow_someone_elses_certificate() {
     let envelope = relay_client::sealed::seal(&bob_entry.sealing_key(), &forged.encode_to_vec()).expect("seal");
     mallory.messenger.connection().send(&bob_entry.account_id(), envelope.into()).await.expect("stored");
 
-    let got = bob.messenger.receive(1, std::time::Duration::from_secs(2)).await.expect("receive");
-    assert!(got.is_empty(), "{got:?}");
+    let got = bob.messenger.receive_all(1, WAIT).await.expect("receive");
+    assert!(got.messages.is_empty(), "{:?}", got.messages);
+    assert_eq!(got.quarantined.len(), 1);
+    assert!(got.quarantined[0].error.contains("not signed by the key its sender certificate names"), "{got:?}");
 }
 
 /// The relay answers Alice's lookup for Bob with its own X25519 key and opens what is sealed to it, re-sealing it to
@@ -152,8 +155,10 @@ async fn a_resealed_envelope_is_refused_by_its_recipient() {
     alice.messenger.send_to(&entry, "the secret").await.expect("stored");
     assert_eq!(opened.lock().expect("lock").len(), 1, "the relay opened and re-sealed the envelope");
 
-    let got = bob.messenger.receive(1, std::time::Duration::from_secs(2)).await.expect("receive");
-    assert!(got.iter().all(|m| m.text != "the secret"), "bob accepted a re-sealed envelope: {got:?}");
+    let got = bob.messenger.receive_all(1, WAIT).await.expect("receive");
+    assert!(got.messages.iter().all(|m| m.text != "the secret"), "bob accepted a re-sealed envelope: {got:?}");
+    assert_eq!(got.quarantined.len(), 1, "{got:?}");
+    assert!(got.quarantined[0].error.contains("sealed to another key"), "{got:?}");
 }
 
 /// Installs the relay's side of the attack: every envelope for `victim` that opens under `relay_key` is recorded and
@@ -171,6 +176,70 @@ fn mitm(relay: &TestRelay, victim: &Messenger, relay_key: &Identity) -> Arc<Mute
         relay_client::sealed::seal(&victim_key, &plain).ok()
     }));
     opened
+}
+
+/// Garbage sealed to nobody: Bob's client cannot read it, and must keep it (with the reason) where he can see it,
+/// before the relay is told to delete it.
+#[tokio::test]
+async fn an_unreadable_envelope_is_quarantined_not_dropped() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let mut bob = relay.user(BOB).await.expect("bob");
+    let (conn, _) = relay.raw_user(MALLORY).await.expect("mallory");
+    let ack = conn
+        .send(&bob.messenger.account_id(), bytes::Bytes::from_static(b"\x02not an envelope at all, but long enough"))
+        .await
+        .expect("stored");
+
+    let got = bob.messenger.receive_all(1, WAIT).await.expect("receive");
+    assert!(got.messages.is_empty());
+    assert_eq!(got.quarantined.len(), 1, "{got:?}");
+    assert_eq!((got.quarantined[0].server_id, got.quarantined[0].stored_at), (ack.server_id, ack.stored_at_ms));
+    let dir = bob.home_dir().join("quarantine");
+    let files: Vec<_> = std::fs::read_dir(&dir).expect("quarantine directory").collect::<Result<_, _>>().expect("list");
+    assert_eq!(files.len(), 1, "{files:?}");
+    let record = std::fs::read_to_string(files[0].path()).expect("read");
+    assert!(record.contains(&ack.server_id.to_string()), "{record}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = files[0].metadata().expect("metadata").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "a quarantined envelope is private");
+    }
+
+    // The CLI reports it: `recv --json` prints the error line and exits 3; `status` counts what is in quarantine.
+    let (bob_messenger, bob_dir) = bob.split();
+    bob_messenger.close().await;
+    let ack = conn
+        .send(&bob_account(&bob_dir), bytes::Bytes::from_static(b"\x03garbage, once more, long enough to try"))
+        .await
+        .expect("stored");
+    let bin = relay_tests::binary_path("relay", "RELAY_BIN").expect("relay CLI built");
+    let out = tokio::process::Command::new(&bin)
+        .arg("--home")
+        .arg(bob_dir.path())
+        .args(["recv", "--wait", "20", "--json"])
+        .output()
+        .await
+        .expect("run relay recv");
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(line["server_id"], ack.server_id);
+    assert_eq!(line["stored_at"], ack.stored_at_ms);
+    assert!(line["error"].as_str().is_some_and(|e| !e.is_empty()), "{line}");
+    let out = tokio::process::Command::new(&bin)
+        .arg("--home")
+        .arg(bob_dir.path())
+        .args(["status", "--json"])
+        .output()
+        .await
+        .expect("run relay status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(status["quarantined"], 2, "{status}");
+}
+
+/// The account id of the home in `dir`.
+fn bob_account(dir: &tempfile::TempDir) -> relay_proto::AccountId {
+    relay_client::Home::new(dir.path()).identity().expect("identity").account_id()
 }
 
 /// The relay refuses a sealing key that its identity key did not bind (whatever the client then checks itself),
