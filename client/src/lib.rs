@@ -6,11 +6,12 @@
 //! Ratchet, safety numbers: pure, no I/O), [`sealed`] (the sealed-sender envelope), [`content`] (message
 //! plaintext), [`connection`] (the wire protocol over QUIC), [`home`] (local files), [`sessions`] (end-to-end
 //! state and its persistence), [`messenger`] (what the CLI and applications use), [`consent`] (signed consent
-//! statements and receipts).
+//! statements and receipts), [`display`] (peer-provided text made safe for a terminal).
 
 pub mod connection;
 pub mod consent;
 pub mod content;
+pub mod display;
 pub mod e2ee;
 pub mod exports;
 pub mod home;

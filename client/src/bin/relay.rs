@@ -13,12 +13,15 @@
 //! ```
 //! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr. `recv`
 //! exits 3 when it set aside (quarantined) an envelope it could not read, after printing everything else.
+//! Text another party chose (a message, a sender, anything the relay relays) reaches the terminal only through
+//! `relay_client::display`: control characters are dropped from human output and escaped in JSON.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_client::display::{json_line, terminal_safe};
 use relay_client::home::Quarantined;
 use relay_client::messenger::{self, Accepted};
 use relay_client::{Device, Home, InboxEvent, Messenger, MessengerError, ReceivedMessage};
@@ -185,7 +188,8 @@ async fn main() {
     relay_quic::logging::init("warn");
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
+        // The chain may quote the relay's own refusal message: it is peer-provided text too.
+        eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
         std::process::exit(1);
     }
 }
@@ -208,7 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut m = Messenger::open(&home).await?;
             let sent = m.send_text(&to, &text).await?;
             if json {
-                println!("{}", serde_json::to_string(&sent)?);
+                println!("{}", json_line(&sent)?);
             } else {
                 let how = if sent.sealed { "sealed sender" } else { "first contact, sender known to the relay" };
                 println!("sent {} (relay id {}, {how})", sent.id, sent.server_id);
@@ -267,7 +271,7 @@ async fn exports(home: &Home, verify: bool, json: bool) -> anyhow::Result<()> {
     m.close().await;
     let report = report?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{}", json_line(&report)?);
     } else if report.log_key.is_none() {
         println!("nothing was ever exported through this relay's exporter");
     } else {
@@ -280,12 +284,13 @@ async fn exports(home: &Home, verify: bool, json: bool) -> anyhow::Result<()> {
                 (None, false) => "not verified".to_owned(),
             };
             println!(
-                "#{:<5} {} {:<10} {:<18} {:<40} {consent:<14} {status}",
+                "#{:<5} {} {:<10} {:<18} {:<40} {consent:<14} {}",
                 e.index,
                 e.time,
-                e.affiliate,
-                e.purpose,
-                e.fields.join(",")
+                terminal_safe(&e.affiliate),
+                terminal_safe(&e.purpose),
+                terminal_safe(&e.fields.join(",")),
+                terminal_safe(&status)
             );
         }
         if verify {
@@ -297,7 +302,7 @@ async fn exports(home: &Home, verify: bool, json: bool) -> anyhow::Result<()> {
                 );
             }
             for p in &report.problems {
-                println!("PROBLEM: {p}");
+                println!("PROBLEM: {}", terminal_safe(p));
             }
         }
     }
@@ -312,7 +317,7 @@ async fn consent(home: &Home, action: ConsentAction) -> anyhow::Result<()> {
     let m = Messenger::open(home).await?;
     let print_receipt = |r: &relay_client::consent::Receipt, json: bool| -> anyhow::Result<()> {
         if json {
-            println!("{}", serde_json::to_string(r)?);
+            println!("{}", json_line(r)?);
         } else {
             let until =
                 r.expires_at.map(|e| format!(" until {} (UTC)", relay_proto::time::date(e))).unwrap_or_default();
@@ -348,7 +353,7 @@ async fn consent(home: &Home, action: ConsentAction) -> anyhow::Result<()> {
             let pairs = m.consent_state().await?;
             for p in &pairs {
                 if json {
-                    println!("{}", serde_json::to_string(p)?);
+                    println!("{}", json_line(p)?);
                 } else {
                     println!("{:<12} {:<20} {}", p.affiliate, p.purpose, p.status);
                 }
@@ -415,13 +420,14 @@ async fn verify(home: &Home, with: &str, accept: bool) -> anyhow::Result<()> {
 }
 
 fn print_message(m: &ReceivedMessage, json: bool) -> anyhow::Result<()> {
+    let from = terminal_safe(&m.from);
     if m.identity_changed && !json {
-        println!("!! SAFETY NUMBER CHANGED: the next message claims to be from {} with a new identity key", m.from);
+        println!("!! SAFETY NUMBER CHANGED: the next message is certified as from {from} but with new keys");
     }
     if json {
-        println!("{}", serde_json::to_string(m)?);
+        println!("{}", json_line(m)?);
     } else {
-        println!("[{}] {}: {}", format_time(m.sent_at), m.from, m.text);
+        println!("[{}] {from}: {}", format_time(m.sent_at), terminal_safe(&m.text));
     }
     Ok(())
 }
@@ -435,17 +441,14 @@ fn print_quarantined(home: &Home, q: &Quarantined, json: bool) -> anyhow::Result
             server_id: u64,
             stored_at: u64,
         }
-        println!(
-            "{}",
-            serde_json::to_string(&Line { error: &q.error, server_id: q.server_id, stored_at: q.stored_at })?
-        );
+        println!("{}", json_line(&Line { error: &q.error, server_id: q.server_id, stored_at: q.stored_at })?);
     } else {
         println!(
             "!! a message stored at {} (relay id {}) could not be read and was set aside in {}: {}",
             format_time(q.stored_at),
             q.server_id,
             home.quarantine_dir().display(),
-            q.error
+            terminal_safe(&q.error)
         );
     }
     Ok(())
@@ -474,10 +477,10 @@ fn status(home: &Home, json: bool) -> anyhow::Result<()> {
         quarantined: home.quarantined()?,
     };
     if json {
-        println!("{}", serde_json::to_string(&s)?);
+        println!("{}", json_line(&s)?);
         return Ok(());
     }
-    println!("{} (account {})", s.phone, s.account);
+    println!("{} (account {})", terminal_safe(&s.phone), s.account);
     println!("relay: {}", s.relay.as_deref().unwrap_or("not registered"));
     println!("contacts: {} ({} with a SAFETY NUMBER CHANGED to review)", s.contacts, s.identity_changes);
     println!("held messages: {}", s.held);
@@ -505,7 +508,7 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
         tokio::select! {
             _ = refresh.tick() => {
                 if let Err(e) = m.refresh_prekeys().await {
-                    eprintln!("(could not replenish prekeys: {e})");
+                    eprintln!("(could not replenish prekeys: {})", terminal_safe(&e.to_string()));
                 }
             }
             line = lines.next_line() => match line? {
@@ -516,7 +519,9 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
                     Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                         eprintln!("(not sent: {to} is not registered on this relay yet)");
                     }
-                    Err(e @ (MessengerError::IdentityChanged { .. } | MessengerError::UnboundKey { .. })) => eprintln!("{e}"),
+                    Err(e @ (MessengerError::IdentityChanged { .. } | MessengerError::UnboundKey { .. })) => {
+                        eprintln!("{}", terminal_safe(&e.to_string()));
+                    }
                     Err(e) => return Err(e.into()),
                 },
                 None => break,
@@ -529,7 +534,9 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
                         Accepted::Duplicate => {}
                         Accepted::Quarantined(q) => print_quarantined(home, q, false)?,
                         // Left in the mailbox: the next delivery stream brings it again.
-                        Accepted::Failed(e) => eprintln!("(could not process a message, it stays on the relay: {e})"),
+                        Accepted::Failed(e) => {
+                            eprintln!("(could not process a message, it stays on the relay: {})", terminal_safe(&e.to_string()));
+                        }
                     }
                     if accepted.may_acknowledge() {
                         pending.push(d.server_id);

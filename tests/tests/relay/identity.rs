@@ -1,5 +1,5 @@
 //! Who a message is from, and whose key it is sealed to, against a malicious client and a malicious relay: a sender
-//! cannot make its message show another number (nor a string that is not a number); a relay
+//! cannot make its message show another number (nor a string that is not a number, nor terminal escapes); a relay
 //! that hands out its own sealing key for someone cannot read or re-seal what is sent to them; and an envelope that
 //! cannot be read is never dropped without the user learning of it.
 
@@ -73,6 +73,53 @@ async fn a_sender_cannot_borrow_someone_elses_certificate() {
     assert!(got.messages.is_empty(), "{:?}", got.messages);
     assert_eq!(got.quarantined.len(), 1);
     assert!(got.quarantined[0].error.contains("not signed by the key its sender certificate names"), "{got:?}");
+}
+
+/// The claimed "number" is not a number at all but terminal control sequences: Bob's client shows the verified
+/// number, and nothing the sender chose reaches his terminal unescaped.
+#[tokio::test]
+async fn a_sender_cannot_put_a_free_string_or_escapes_in_the_sender_field() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let mut bob = relay.user(BOB).await.expect("bob");
+    let mut mallory = relay.user(MALLORY).await.expect("mallory");
+    let forged = "\u{1b}]0;bank\u{7}\u{1b}[2J+33611111111\nALICE";
+    claim_number(&mut mallory, forged).await;
+
+    mallory.messenger.send_text(BOB, "\u{1b}[31mURGENT\u{1b}[0m\r\u{9b}2Jwipe").await.expect("send");
+    let got = bob.messenger.receive(1, WAIT).await.expect("receive");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].from, MALLORY, "shown as from {:?}", got[0].from);
+
+    // What `relay recv` prints, in both forms, carries no control character from the peer.
+    let (bob_messenger, bob_dir) = bob.split();
+    bob_messenger.close().await;
+    mallory.messenger.send_text(BOB, "\u{1b}[31mURGENT\u{1b}[0m\r\u{9b}2Jwipe").await.expect("send");
+    let bin = relay_tests::binary_path("relay", "RELAY_BIN").expect("relay CLI built");
+    let human = tokio::process::Command::new(&bin)
+        .arg("--home")
+        .arg(bob_dir.path())
+        .args(["recv", "--wait", "20"])
+        .output()
+        .await
+        .expect("run relay recv");
+    assert!(human.status.success(), "{}", String::from_utf8_lossy(&human.stderr));
+    let human = String::from_utf8(human.stdout).expect("UTF-8");
+    assert!(human.contains("URGENT"), "{human:?}");
+    mallory.messenger.send_text(BOB, "\u{1b}]8;;http://evil\u{7}click\u{1b}]8;;\u{7}").await.expect("send");
+    let json = tokio::process::Command::new(&bin)
+        .arg("--home")
+        .arg(bob_dir.path())
+        .args(["recv", "--wait", "20", "--json"])
+        .output()
+        .await
+        .expect("run relay recv --json");
+    let json = String::from_utf8(json.stdout).expect("UTF-8");
+    assert!(json.contains("click"), "{json:?}");
+    for out in [&human, &json] {
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "control characters reach the terminal: {out:?}");
+        assert!(lines.iter().all(|l| !l.contains("ALICE")), "{out:?}");
+    }
 }
 
 /// The relay answers Alice's lookup for Bob with its own X25519 key and opens what is sealed to it, re-sealing it to
