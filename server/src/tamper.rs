@@ -8,6 +8,7 @@
 //! path that consults it still names no personal data.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use relay_proto::AccountId;
@@ -30,6 +31,8 @@ pub type EnvelopeRewrite = Arc<dyn Fn(&AccountId, &[u8]) -> Option<Vec<u8>> + Se
 #[doc(hidden)]
 #[derive(Default)]
 pub struct Tamper {
+    /// Set once any lie is configured: until then the hot paths (every send, every lookup) take no lock here.
+    active: AtomicBool,
     sealing_keys: Mutex<HashMap<AccountId, SubstituteKey>>,
     envelopes: Mutex<Option<EnvelopeRewrite>>,
 }
@@ -44,21 +47,29 @@ impl Tamper {
     /// From now on, answers about `account` carry `key` instead of its own sealing key.
     pub fn substitute_sealing_key(&self, account: AccountId, key: SubstituteKey) {
         self.sealing_keys.lock().unwrap_or_else(PoisonError::into_inner).insert(account, key);
+        self.active.store(true, Ordering::Release);
     }
 
     /// From now on, every envelope stored is first passed through `rewrite`.
     pub fn rewrite_envelopes(&self, rewrite: EnvelopeRewrite) {
         *self.envelopes.lock().unwrap_or_else(PoisonError::into_inner) = Some(rewrite);
+        self.active.store(true, Ordering::Release);
     }
 
     /// The substitute for `account`'s sealing key in a lookup (or, with `bundle`, a bundle) answer, if any.
     pub fn sealing_key(&self, account: &AccountId, bundle: bool) -> Option<SubstituteKey> {
+        if !self.active.load(Ordering::Acquire) {
+            return None;
+        }
         let keys = self.sealing_keys.lock().unwrap_or_else(PoisonError::into_inner);
         keys.get(account).filter(|k| !bundle || k.in_bundles).cloned()
     }
 
     /// The envelope to store for `recipient`: `envelope` itself unless a rewrite is set and changes it.
     pub fn envelope(&self, recipient: &AccountId, envelope: &[u8]) -> Option<Vec<u8>> {
+        if !self.active.load(Ordering::Acquire) {
+            return None;
+        }
         let rewrite = self.envelopes.lock().unwrap_or_else(PoisonError::into_inner).clone();
         rewrite.and_then(|r| r(recipient, envelope))
     }
