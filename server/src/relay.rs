@@ -120,7 +120,8 @@ impl RelayHandle {
 pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     config.check()?;
     let data = &config.data_dir;
-    std::fs::create_dir_all(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
+    // The data dir holds the TLS key and every mailbox: the owner's alone (also when an older version made it).
+    relay_quic::durable_file::private_dir(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
     let identity = Identity::load_or_create(data)?;
     let limits = config.limits.clone();
     let mailbox_limits = MailboxLimits {
@@ -129,6 +130,8 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         ttl_ms: limits.message_ttl_secs.saturating_mul(1000),
     };
     let store = Store::open(&data.join("store"), mailbox_limits)?;
+    // sled takes no file mode: tighten what it created (relayd also sets its umask, for the files it adds later).
+    relay_quic::durable_file::restrict_tree(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
 
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(identity.server_crypto()?));
     server.transport_config(Arc::new(relay_quic::transport_config(

@@ -39,6 +39,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     relay_quic::logging::init("info");
+    // Everything this process writes (its store included) is for its owner only.
+    relay_quic::durable_file::restrict_new_files();
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
