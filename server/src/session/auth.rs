@@ -66,7 +66,8 @@ impl Auth {
         let (account, created) = self.directory.register(keys, &phone, device, relay_proto::now_ms())?;
         self.commit.durable().await?;
         session.authenticate(account)?;
-        tracing::info!(%account, created, "registered");
+        // Debug, like every line naming an account: an operator's info log says nothing of who uses the relay.
+        tracing::debug!(%account, created, "registered");
         reply(Resp::Registered(Registered { account_id: account.as_bytes().to_vec().into(), created }))
     }
 
