@@ -366,6 +366,11 @@ impl Inbox {
         self.events.recv().await
     }
 
+    /// Whether events have arrived that [`Inbox::next`] would return without waiting.
+    pub fn has_buffered(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// Acknowledges envelopes by server id; the relay answers with [`InboxEvent::Acked`].
     pub async fn ack(&mut self, server_ids: &[u64]) -> Result<(), ClientError> {
         write_frame(&mut self.send, &ClientFrame { body: Some(Req::Ack(Ack { server_ids: server_ids.to_vec() })) })

@@ -203,6 +203,8 @@ impl Messenger {
             report.problems.push(format!("{failed} entr{} failed verification", if failed == 1 { "y" } else { "ies" }));
         }
         if verify && report.problems.is_empty() {
+            // Pinned under the lock; a head verified concurrently by another client of this home is as good.
+            let op = self.begin(false).await?;
             let state = PinnedLog {
                 log_key: Some(key_hex),
                 size: head.head.size,
@@ -210,6 +212,7 @@ impl Messenger {
                 timestamp_ms: head.head.timestamp_ms,
             };
             self.home().save_private(STATE_FILE, &state)?;
+            op.end(self.home())?;
         }
         Ok(report)
     }
@@ -217,6 +220,7 @@ impl Messenger {
     /// Reports new device info to the relay (a re-registration): exports already granted are sent again with the
     /// new data, for the fields each affiliate receives.
     pub async fn update_device(&mut self, device: crate::home::Device) -> Result<(), MessengerError> {
+        let op = self.begin(false).await?;
         let mut profile = self.home().profile()?;
         profile.device = device.clone();
         let info = relay_proto::wire::DeviceInfo {
@@ -226,6 +230,7 @@ impl Messenger {
         };
         self.connection().register(self.identity(), &profile.phone, info).await?;
         self.home().save_profile(&profile)?;
+        op.end(self.home())?;
         self.set_device(device);
         Ok(())
     }

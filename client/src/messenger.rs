@@ -8,6 +8,19 @@
 //! sender — on a separate, unauthenticated connection authorised by the recipient's access key — once the
 //! recipient has shared that key; before that, on the authenticated connection (the relay stores no sender either
 //! way). Receiving is the reverse; every message carries the sender's own access key so the peer can answer sealed.
+//!
+//! One writer per home: every operation that reads state to write it back (sessions, prekeys, contacts, seen
+//! ids, held messages, the access key) takes the home's lock ([`crate::home::HomeLock`]), loads that state from
+//! disk afresh (another process may have changed it: `relay chat` open while a script runs `relay send`), works,
+//! writes, and releases the lock, so two clients of one home never encrypt under one ratchet key nor write back
+//! stale state. A messenger holds the lock only for an operation, never while it waits on the user or the network
+//! for something new: a receive batch ([`Messenger::accept`] … [`Messenger::save_seen`]) covers the deliveries
+//! already received. Lookups and sends to the relay run outside the lock, except fetching the bundle a new
+//! session starts from.
+//!
+//! Replays change nothing: a delivered message's side effects (the sender's access key) apply only once it is
+//! known to be new — not a redelivery of an envelope, not a message id already seen, and not older than what the
+//! bounded seen list forgot of that sender (see [`crate::home::Seen`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,13 +31,16 @@ use prost::Message;
 use relay_proto::wire::{Deliver, DeviceInfo};
 use relay_proto::{AccountId, ErrorCode, PhoneNumber};
 use serde::Serialize;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{Mutex, MutexGuard, OnceCell};
 use tokio::time::Instant;
 
 use crate::connection::{ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 use crate::content::{Content, MESSAGE_ID_LEN};
+use crate::e2ee::E2eeError;
 use crate::e2ee::safety::SafetyNumber;
-use crate::home::{ChangedIdentity, Contact, Device, HeldMessage, Home, HomeError, Profile, RelayInfo, Seen};
+use crate::home::{
+    ChangedIdentity, Contact, Device, Freshness, HeldMessage, Home, HomeError, Profile, RelayInfo, Seen,
+};
 use crate::identity::Identity;
 use crate::pin::parse_fingerprint;
 use crate::sealed::{OpenError, open_message, seal_message};
@@ -116,9 +132,10 @@ pub struct Sent {
 pub enum Accepted {
     /// A new message.
     New(ReceivedMessage),
-    /// Already received before (a redelivery).
+    /// Already received before (a redelivery, or a replay); nothing changed.
     Duplicate,
-    /// Could not be opened, verified or decrypted (tampered, replayed, not for us); it is acknowledged and dropped.
+    /// Could not be opened, verified or decrypted (tampered, not for us, or from a session this device no longer
+    /// has); it is acknowledged and dropped.
     Unreadable(String),
 }
 
@@ -164,19 +181,89 @@ fn contact_of(e: &DirectoryEntry) -> Contact {
     }
 }
 
+/// The home's state while a messenger holds the home's lock: loaded when an operation (or a receive batch)
+/// begins, written when it ends.
+struct Held {
+    sessions: Sessions,
+    /// Loaded on first use (receiving only).
+    seen: Option<Seen>,
+    /// Whether `seen` changed since it was loaded.
+    seen_changed: bool,
+}
+
+impl Held {
+    fn seen(&mut self, home: &Home) -> Result<&mut Seen, HomeError> {
+        if self.seen.is_none() {
+            self.seen = Some(home.seen()?);
+        }
+        Ok(self.seen.get_or_insert_with(Seen::default))
+    }
+
+    /// Writes what changed, then releases the lock (held by `sessions`): sessions first, so that a crash
+    /// between the two writes leaves messages decryptable-again rather than seen and undecryptable.
+    fn close(self, home: &Home) -> Result<(), MessengerError> {
+        let Held { mut sessions, seen, seen_changed } = self;
+        sessions.flush()?;
+        if let Some(seen) = seen.filter(|_| seen_changed) {
+            home.save_seen(&seen)?;
+        }
+        drop(sessions);
+        Ok(())
+    }
+}
+
+/// One operation under the home's lock (see the module header). It continues a receive batch if one holds the
+/// lock, and keeps it for that batch when done. Otherwise [`Op::end`] writes and releases; dropped without
+/// `end` (an error), it releases without writing more, which is safe: an encryption's state is written before the
+/// message leaves, and what was decrypted and not written comes again, being unacknowledged.
+pub(crate) struct Op<'a> {
+    slot: MutexGuard<'a, Option<Held>>,
+    held: Option<Held>,
+    keep: bool,
+}
+
+impl Op<'_> {
+    fn held(&mut self) -> &mut Held {
+        // `held` is taken only by `end`, which consumes the operation.
+        self.held.as_mut().expect("the state is held until the operation ends")
+    }
+
+    fn sessions(&mut self) -> &mut Sessions {
+        &mut self.held().sessions
+    }
+
+    /// Ends the operation: writes what changed and releases the lock, unless a receive batch keeps it.
+    pub(crate) fn end(mut self, home: &Home) -> Result<(), MessengerError> {
+        if !self.keep
+            && let Some(held) = self.held.take()
+        {
+            held.close(home)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Op<'_> {
+    fn drop(&mut self) {
+        if self.keep {
+            *self.slot = self.held.take();
+        }
+    }
+}
+
 /// A connected, authenticated client.
 pub struct Messenger {
     home: Home,
     identity: Identity,
-    access_key: [u8; 32],
     profile: Profile,
     relay: (SocketAddr, [u8; 32]),
     conn: Connection,
     anonymous: OnceCell<Connection>,
-    sessions: Mutex<Sessions>,
+    /// The home's state while this messenger holds the home's lock; `None` otherwise.
+    state: Mutex<Option<Held>>,
+    /// The contacts as last read from the home.
     contacts: BTreeMap<String, Contact>,
     contact_recheck_ms: u64,
-    seen: Seen,
 }
 
 impl Messenger {
@@ -191,8 +278,13 @@ impl Messenger {
         let created = conn.register(&identity, &profile.phone, device).await?;
         let access_key = home.access_key()?;
         conn.set_access_key(relay_proto::auth::sha256(&access_key)).await?;
-        profile.relay = Some(RelayInfo { server: server.to_owned(), cert_sha256: cert_sha256.to_lowercase() });
-        home.save_profile(&profile)?;
+        let relay_info = RelayInfo { server: server.to_owned(), cert_sha256: cert_sha256.to_lowercase() };
+        {
+            let _lock = home.lock().await?;
+            profile = home.profile()?;
+            profile.relay = Some(relay_info);
+            home.save_profile(&profile)?;
+        }
         let m = Self::with(home, identity, profile, relay, conn)?;
         let counts = m.conn.authenticate(&m.identity).await?;
         m.replenish(&counts).await?;
@@ -219,12 +311,12 @@ impl Messenger {
         relay: (SocketAddr, [u8; 32]),
         conn: Connection,
     ) -> Result<Self, MessengerError> {
+        // Homes written by earlier versions left files readable by others.
+        home.secure()?;
         Ok(Self {
-            sessions: Mutex::new(Sessions::load(home, &identity)?),
-            access_key: home.access_key()?,
+            state: Mutex::new(None),
             contacts: home.contacts()?,
             contact_recheck_ms: CONTACT_RECHECK_MS,
-            seen: home.seen()?,
             home: home.clone(),
             anonymous: OnceCell::new(),
             identity,
@@ -242,11 +334,29 @@ impl Messenger {
     }
 
     async fn replenish(&self, counts: &relay_proto::wire::PrekeyCounts) -> Result<(), MessengerError> {
-        let upload = self.sessions.lock().await.replenish(counts)?;
+        let mut op = self.begin(false).await?;
+        let upload = op.sessions().replenish(counts)?;
+        op.end(&self.home)?;
         if let Some(upload) = upload {
             self.conn.upload_prekeys(upload).await?;
         }
         Ok(())
+    }
+
+    /// Begins an operation on the home's state (see [`Op`]): continues the receive batch that holds the lock, or
+    /// takes the lock (waiting up to [`crate::home::LOCK_WAIT`]) and loads the state afresh. `keep` makes it a
+    /// receive batch, which [`Messenger::save_seen`] ends.
+    pub(crate) async fn begin(&self, keep: bool) -> Result<Op<'_>, MessengerError> {
+        let mut slot = self.state.lock().await;
+        let (held, batch) = match slot.take() {
+            Some(held) => (held, true),
+            None => {
+                let lock = self.home.lock().await?;
+                let sessions = Sessions::load(&self.home, &self.identity, lock)?;
+                (Held { sessions, seen: None, seen_changed: false }, false)
+            }
+        };
+        Ok(Op { slot, held: Some(held), keep: keep || batch })
     }
 
     /// Own account id.
@@ -300,6 +410,7 @@ impl Messenger {
     /// [`MessengerError::IdentityChanged`].
     pub async fn contact(&mut self, phone: &str) -> Result<DirectoryEntry, MessengerError> {
         parse_phone(phone)?;
+        self.contacts = self.home.contacts()?;
         let now = relay_proto::now_ms();
         if let Some(c) = self.contacts.get(phone)
             && c.changed.is_none()
@@ -308,15 +419,21 @@ impl Messenger {
         {
             return Ok(entry);
         }
+        // The lookup runs without the lock; what it found is merged into the contacts as they are once the lock
+        // is held, so that a contact another process recorded meanwhile is neither lost nor overwritten.
         let found = self.conn.lookup(phone).await?;
-        match self.contacts.get_mut(phone) {
+        let op = self.begin(false).await?;
+        let mut contacts = self.home.contacts()?;
+        let changed = match contacts.get_mut(phone) {
             None => {
-                self.contacts.insert(phone.to_owned(), contact_of(&found));
+                contacts.insert(phone.to_owned(), contact_of(&found));
+                false
             }
             Some(c) if c.identity_key == hex::encode(found.identity_key) && c.changed.is_none() => {
                 // Same identity; its X25519 key may have been re-registered.
                 c.sealing_key = hex::encode(found.sealing_key);
                 c.checked_at = now;
+                false
             }
             Some(c) => {
                 let new = contact_of(&found);
@@ -325,17 +442,22 @@ impl Messenger {
                     identity_key: new.identity_key,
                     sealing_key: new.sealing_key,
                 });
-                self.home.save_contacts(&self.contacts)?;
-                return Err(MessengerError::IdentityChanged { phone: phone.to_owned() });
+                true
             }
+        };
+        self.home.save_contacts(&contacts)?;
+        op.end(&self.home)?;
+        self.contacts = contacts;
+        if changed {
+            return Err(MessengerError::IdentityChanged { phone: phone.to_owned() });
         }
-        self.home.save_contacts(&self.contacts)?;
         Ok(found)
     }
 
     /// Sends `text` to the account registered with `phone`; returns once the relay acknowledged it durably. If the
     /// contact's identity changed, the message is held (see [`Messenger::held`]) and an error says so.
     pub async fn send_text(&mut self, phone: &str, text: &str) -> Result<Sent, MessengerError> {
+        self.contacts = self.home.contacts()?;
         let pending = self.contacts.get(phone).is_some_and(|c| c.changed.is_some());
         let to = if pending {
             Err(MessengerError::IdentityChanged { phone: phone.to_owned() })
@@ -345,9 +467,11 @@ impl Messenger {
         match to {
             Ok(to) => self.send_to(&to, text).await,
             Err(e @ MessengerError::IdentityChanged { .. }) => {
+                let op = self.begin(false).await?;
                 let mut held = self.home.held()?;
                 held.push(HeldMessage { to: phone.to_owned(), text: text.to_owned(), held_at: relay_proto::now_ms() });
                 self.home.save_held(&held)?;
+                op.end(&self.home)?;
                 Err(e)
             }
             Err(e) => Err(e),
@@ -358,28 +482,40 @@ impl Messenger {
     /// Takes `&self`, so many sends can run at once.
     pub async fn send_to(&self, to: &DirectoryEntry, text: &str) -> Result<Sent, MessengerError> {
         let id: [u8; MESSAGE_ID_LEN] = rand::random();
-        let content = Content {
-            message_id: id.to_vec(),
-            sent_at_ms: relay_proto::now_ms(),
-            text: text.to_owned(),
-            sender_access_key: self.access_key.to_vec(),
-        };
+        // Encrypting with the latest state on disk, under the lock, and writing the new state before the lock goes:
+        // another client of this home then continues from it, never from a key already used.
         let (payload, access_key) = {
-            let mut sessions = self.sessions.lock().await;
+            let mut op = self.begin(false).await?;
+            // Read under the lock: another client of this home may have rotated it.
+            let own_access_key = self.home.access_key()?;
+            let content = Content {
+                message_id: id.to_vec(),
+                sent_at_ms: relay_proto::now_ms(),
+                text: text.to_owned(),
+                sender_access_key: own_access_key.to_vec(),
+            };
+            let sessions = op.sessions();
             if !sessions.has(&to.account)? {
                 let bundle = self.conn.fetch_bundle(&to.account).await?;
                 sessions.start(&bundle, &to.identity_key)?;
             }
-            (sessions.encrypt(&to.account, &content.encode_to_vec())?, sessions.peer_access_key(&to.account))
+            let out = (sessions.encrypt(&to.account, &content.encode_to_vec())?, sessions.peer_access_key(&to.account));
+            op.end(&self.home)?;
+            out
         };
         let envelope =
             Bytes::from(seal_message(&self.identity, &self.profile.phone, &to.account, &to.sealing_key, payload)?);
         if let Some(key) = access_key {
             match self.anonymous_connection().await?.sealed_send(&to.account, envelope.clone(), &key).await {
                 Ok(ack) => return Ok(Sent { id: hex::encode(id), server_id: ack.server_id, sealed: true }),
-                // The recipient rotated its key: forget it and fall back to the authenticated path.
+                // The recipient rotated its key: forget it (unless a newer one arrived meanwhile) and fall back to
+                // the authenticated path.
                 Err(e) if e.code() == Some(ErrorCode::BadAccessKey) => {
-                    self.sessions.lock().await.set_peer_access_key(&to.account, None)?;
+                    let mut op = self.begin(false).await?;
+                    if op.sessions().peer_access_key(&to.account) == Some(key) {
+                        op.sessions().set_peer_access_key(&to.account, None)?;
+                    }
+                    op.end(&self.home)?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -396,9 +532,10 @@ impl Messenger {
     /// so contacts fall back to sending over their authenticated connection until this account's next message to
     /// them carries the new key. The way to cut off a contact that abuses sealed sending.
     pub async fn rotate_access_key(&mut self) -> Result<(), MessengerError> {
+        let op = self.begin(false).await?;
         let key = self.home.rotate_access_key()?;
+        op.end(&self.home)?;
         self.conn.set_access_key(relay_proto::auth::sha256(&key)).await?;
-        self.access_key = key;
         Ok(())
     }
 
@@ -429,8 +566,9 @@ impl Messenger {
     /// Accepts the new identity of `phone`: it replaces the old one, the old session is dropped, and the held
     /// messages to `phone` are sent. Returns what was sent.
     pub async fn accept_identity(&mut self, phone: &str) -> Result<Vec<Sent>, MessengerError> {
-        let c =
-            self.contacts.get_mut(phone).ok_or_else(|| MessengerError::Input(format!("{phone} is not a contact")))?;
+        let mut op = self.begin(false).await?;
+        let mut contacts = self.home.contacts()?;
+        let c = contacts.get_mut(phone).ok_or_else(|| MessengerError::Input(format!("{phone} is not a contact")))?;
         let Some(new) = c.changed.take() else { return Ok(Vec::new()) };
         let old = AccountId::from_hex(&c.account_id);
         *c = Contact {
@@ -441,26 +579,38 @@ impl Messenger {
             checked_at: relay_proto::now_ms(),
         };
         let to = contact_entry(c).ok_or_else(|| MessengerError::Input("corrupt contact".into()))?;
-        self.home.save_contacts(&self.contacts)?;
+        self.home.save_contacts(&contacts)?;
         if let Some(old) = old {
-            self.sessions.lock().await.forget(&old)?;
+            op.sessions().forget(&old)?;
         }
-        let (mine, others): (Vec<_>, Vec<_>) = self.home.held()?.into_iter().partition(|h| h.to == phone);
+        let mine: Vec<_> = self.home.held()?.into_iter().filter(|h| h.to == phone).collect();
+        op.end(&self.home)?;
+        self.contacts = contacts;
         let mut sent = Vec::new();
-        for (i, h) in mine.iter().enumerate() {
+        let mut failure = None;
+        for h in &mine {
             match self.send_to(&to, &h.text).await {
                 Ok(s) => sent.push(s),
                 Err(e) => {
-                    // Keep what was not sent.
-                    let mut keep = others;
-                    keep.extend_from_slice(&mine[i..]);
-                    self.home.save_held(&keep)?;
-                    return Err(e);
+                    failure = Some(e);
+                    break;
                 }
             }
         }
-        self.home.save_held(&others)?;
-        Ok(sent)
+        // Drop exactly what was sent from the held messages as they are now (others may have been held meanwhile).
+        let op = self.begin(false).await?;
+        let mut held = self.home.held()?;
+        for done in &mine[..sent.len()] {
+            if let Some(i) = held.iter().position(|h| h == done) {
+                held.remove(i);
+            }
+        }
+        self.home.save_held(&held)?;
+        op.end(&self.home)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
     }
 
     /// Opens the delivery stream.
@@ -468,47 +618,77 @@ impl Messenger {
         Ok(self.conn.subscribe().await?)
     }
 
-    /// Opens, verifies, decrypts and de-duplicates a delivered envelope. Call [`Messenger::save_seen`] before
-    /// acknowledging.
-    pub async fn accept(&mut self, d: &Deliver) -> Accepted {
+    /// Opens, verifies, decrypts and de-duplicates a delivered envelope. The first call of a receive batch takes
+    /// the home's lock (and reads the state afresh); [`Messenger::save_seen`] writes what the batch changed and
+    /// releases it: call it before acknowledging, and before waiting for more deliveries.
+    ///
+    /// An error means the home could not be used (its lock is busy, a file cannot be read): the envelope was not
+    /// processed, must not be acknowledged, and comes again.
+    pub async fn accept(&mut self, d: &Deliver) -> Result<Accepted, MessengerError> {
         match self.open_delivery(d).await {
-            Ok(Some(m)) => Accepted::New(m),
-            Ok(None) => Accepted::Duplicate,
-            Err(e) => Accepted::Unreadable(e.to_string()),
+            Ok(Some(m)) => Ok(Accepted::New(m)),
+            Ok(None) => Ok(Accepted::Duplicate),
+            Err(e) if is_local(&e) => Err(e),
+            Err(MessengerError::Session(SessionError::InitialReplayed | SessionError::E2ee(E2eeError::Replay))) => {
+                tracing::debug!(server_id = d.server_id, "replayed message ignored");
+                Ok(Accepted::Duplicate)
+            }
+            Err(e) => Ok(Accepted::Unreadable(e.to_string())),
         }
     }
 
-    async fn open_delivery(&mut self, d: &Deliver) -> Result<Option<ReceivedMessage>, MessengerError> {
+    async fn open_delivery(&self, d: &Deliver) -> Result<Option<ReceivedMessage>, MessengerError> {
+        let mut op = self.begin(true).await?;
+        // Read before anything changes, so that no failure to read can come after a state change.
+        let contacts = self.home.contacts()?;
+        let seen = op.held().seen(&self.home)?;
         // A redelivery of an envelope already processed (acknowledgement lost) is recognised before decryption:
         // its ratchet key is spent, so decrypting it again would fail as a replay.
         let envelope_key = format!("envelope:{}", d.server_id);
-        if self.seen.contains(&envelope_key) {
+        if seen.contains(&envelope_key) {
             return Ok(None);
         }
-        let received = self.decrypt_delivery(d).await;
+        let received = self.decrypt_delivery(&mut op, &contacts, d);
         if received.is_ok() {
-            self.seen.insert(&envelope_key);
+            op.held().seen(&self.home)?.insert(&envelope_key);
+            op.held().seen_changed = true;
         }
+        op.end(&self.home)?;
         received
     }
 
-    async fn decrypt_delivery(&mut self, d: &Deliver) -> Result<Option<ReceivedMessage>, MessengerError> {
+    fn decrypt_delivery(
+        &self,
+        op: &mut Op<'_>,
+        contacts: &BTreeMap<String, Contact>,
+        d: &Deliver,
+    ) -> Result<Option<ReceivedMessage>, MessengerError> {
         let sealed = open_message(&self.identity, &d.envelope)?;
         let sender_key = sealed.sender_identity_key;
         let sender = sealed.sender_account();
-        let plaintext = self.sessions.lock().await.decrypt(&sender_key, &sealed.payload)?;
+        let plaintext = op.sessions().decrypt(&sender_key, &sealed.payload)?;
         let content = Content::decode(plaintext.as_slice()).map_err(|_| OpenError::Content)?;
         if content.message_id.len() != MESSAGE_ID_LEN {
             return Err(OpenError::Content.into());
         }
-        if let Ok(key) = <[u8; 32]>::try_from(content.sender_access_key.as_slice()) {
-            self.sessions.lock().await.set_peer_access_key(&sender, Some(key))?;
-        }
+        // Side effects only once the message is known to be new: a replayed old message must not bring back the
+        // access key it carried.
         let id = hex::encode(&content.message_id);
-        if !self.seen.insert(&id) {
-            return Ok(None);
+        let from_account = sender.to_string();
+        let seen = op.held().seen(&self.home)?;
+        match seen.freshness(&id, &from_account, content.sent_at_ms) {
+            Freshness::New => {}
+            Freshness::Duplicate => return Ok(None),
+            Freshness::Stale => {
+                tracing::debug!(server_id = d.server_id, "message older than the seen list's memory ignored");
+                return Ok(None);
+            }
         }
-        let identity_changed = match self.contacts.get(&sealed.sender_phone) {
+        seen.record(&id, &from_account, content.sent_at_ms);
+        if let Ok(key) = <[u8; 32]>::try_from(content.sender_access_key.as_slice()) {
+            op.sessions().learn_peer_access_key(&sender, key, content.sent_at_ms)?;
+        }
+        let identity_changed = match contacts.get(&sealed.sender_phone) {
             Some(c) => c.identity_key != hex::encode(sender_key),
             None => false,
         };
@@ -519,7 +699,7 @@ impl Messenger {
             id,
             server_id: d.server_id,
             from: sealed.sender_phone,
-            from_account: sender.to_string(),
+            from_account,
             text: content.text,
             sent_at: content.sent_at_ms,
             stored_at: d.stored_at_ms,
@@ -527,10 +707,14 @@ impl Messenger {
         }))
     }
 
-    /// Persists what receiving changed (session states, de-duplication ids). Call before acknowledging.
+    /// Ends the receive batch: writes what receiving changed (session states, de-duplication ids) and releases the
+    /// home's lock. Call before acknowledging. Nothing to do when no batch is open.
     pub async fn save_seen(&self) -> Result<(), MessengerError> {
-        self.sessions.lock().await.flush()?;
-        Ok(self.home.save_seen(&self.seen)?)
+        let held = self.state.lock().await.take();
+        match held {
+            Some(held) => held.close(&self.home),
+            None => Ok(()),
+        }
     }
 
     /// Receives until the mailbox is drained and at least `min` new messages arrived, or `wait` has passed with the
@@ -543,17 +727,17 @@ impl Messenger {
     /// twice. Not cancellation-safe: dropping the future drops what it had received.
     pub async fn receive(&mut self, min: usize, wait: Duration) -> Result<Vec<ReceivedMessage>, MessengerError> {
         let mut out = Vec::new();
-        match self.receive_into(min, wait, &mut out).await {
-            Ok(()) => Ok(out),
-            Err(e) if !out.is_empty() => {
-                if let Err(save) = self.save_seen().await {
-                    // Unsaved, the tail may be shown again after a restart: better than losing the saved head.
-                    tracing::warn!(error = %save, "cannot save received messages as seen");
-                }
+        let result = self.receive_into(min, wait, &mut out).await;
+        // Whatever happened, no batch stays open: it would keep the home locked.
+        let saved = self.save_seen().await;
+        match (result, saved) {
+            (Ok(()), Ok(())) => Ok(out),
+            (Ok(()), Err(e)) | (Err(e), _) if out.is_empty() => Err(e),
+            (Ok(()), Err(e)) | (Err(e), _) => {
+                // Unsaved, the tail may be shown again after a restart: better than losing the saved head.
                 tracing::warn!(error = %e, received = out.len(), "receiving stopped early");
                 Ok(out)
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -583,7 +767,7 @@ impl Messenger {
             match event {
                 InboxEvent::Deliver(d) => {
                     drained = false;
-                    match self.accept(&d).await {
+                    match self.accept(&d).await? {
                         Accepted::New(m) => out.push(m),
                         Accepted::Duplicate => {}
                         Accepted::Unreadable(e) => {
@@ -595,7 +779,8 @@ impl Messenger {
                 InboxEvent::QueueEmpty => drained = true,
                 InboxEvent::Acked(_) => acks_in_flight = acks_in_flight.saturating_sub(1),
             }
-            if !pending.is_empty() && (drained || pending.len() >= ACK_BATCH) {
+            // The batch ends (and the home's lock is released) before waiting on the network again.
+            if !pending.is_empty() && (drained || pending.len() >= ACK_BATCH || !inbox.has_buffered()) {
                 self.save_seen().await?;
                 inbox.ack(&pending).await?;
                 pending.clear();
@@ -611,4 +796,10 @@ impl Messenger {
         }
         self.conn.close().await;
     }
+}
+
+/// Whether `e` is about this device's own state (the home) rather than about the envelope: such a delivery was not
+/// processed and must not be acknowledged.
+fn is_local(e: &MessengerError) -> bool {
+    matches!(e, MessengerError::Home(_) | MessengerError::Session(SessionError::Home(_)))
 }

@@ -446,12 +446,18 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
             },
             event = inbox.next() => match event {
                 Some(Ok(InboxEvent::Deliver(d))) => {
-                    match m.accept(&d).await {
+                    match m.accept(&d).await? {
                         Accepted::New(msg) => print_message(&msg, false)?,
                         Accepted::Duplicate => {}
                         Accepted::Unreadable(e) => eprintln!("(dropped an unreadable message: {e})"),
                     }
                     pending.push(d.server_id);
+                    // End the receive batch (it holds the home's lock) before waiting for anything else.
+                    if !inbox.has_buffered() {
+                        m.save_seen().await?;
+                        inbox.ack(&pending).await?;
+                        pending.clear();
+                    }
                 }
                 Some(Ok(InboxEvent::QueueEmpty)) => {
                     if !pending.is_empty() {

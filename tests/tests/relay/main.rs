@@ -3,6 +3,7 @@
 mod access;
 mod access_matrix;
 mod bad_input;
+mod client_state;
 mod consent;
 mod crash;
 mod durability;
