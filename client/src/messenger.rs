@@ -747,7 +747,8 @@ impl Messenger {
         wait: Duration,
         out: &mut Vec<ReceivedMessage>,
     ) -> Result<(), MessengerError> {
-        let deadline = Instant::now() + wait;
+        // `wait` comes from the user (`recv --wait`): a huge one means "no deadline", not an overflow.
+        let deadline = Instant::now().checked_add(wait).unwrap_or_else(far_future);
         let mut inbox = self.inbox().await?;
         let mut pending = Vec::new();
         let (mut drained, mut acks_in_flight) = (false, 0usize);
@@ -757,7 +758,8 @@ impl Messenger {
                 return Ok(());
             }
             // Past the deadline, only finish acknowledging what was received (bounded by a grace period).
-            let until = if settled { deadline } else { deadline.max(Instant::now()) + Duration::from_secs(10) };
+            let grace = deadline.max(Instant::now()).checked_add(Duration::from_secs(10)).unwrap_or(deadline);
+            let until = if settled { deadline } else { grace };
             let event = match tokio::time::timeout_at(until, inbox.next()).await {
                 Ok(Some(event)) => event?,
                 Ok(None) => return Err(ClientError::Protocol("relay closed the delivery stream".into()).into()),
@@ -796,6 +798,11 @@ impl Messenger {
         }
         self.conn.close().await;
     }
+}
+
+/// A deadline no wait reaches (about thirty years from now).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(30 * 365 * 24 * 3600)
 }
 
 /// Whether `e` is about this device's own state (the home) rather than about the envelope: such a delivery was not

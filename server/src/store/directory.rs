@@ -158,7 +158,9 @@ impl Directory {
                         ),
                         None => 0,
                     };
-                    let cursor = last + 1;
+                    // Stored values are checked like input: a damaged counter is reported, never wrapped.
+                    let cursor =
+                        last.checked_add(1).ok_or(ConflictableTransactionError::Abort(DirectoryError::Corrupt))?;
                     subjects.insert(&[LAST_SUBJECT_CURSOR][..], &cursor.to_be_bytes()[..])?;
                     subjects.insert(&subject_key(cursor)[..], &account.as_bytes()[..])?;
                 }

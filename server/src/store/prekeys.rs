@@ -140,7 +140,8 @@ impl Prekeys {
             check_kem(k)?;
         }
         let before = self.counts(account)?;
-        if before.one_time as usize + one_time.len() > MAX_POOL || before.kem as usize + kem.len() > MAX_POOL {
+        let after = |held: u32, added: usize| usize::try_from(held).unwrap_or(usize::MAX).saturating_add(added);
+        if after(before.one_time, one_time.len()) > MAX_POOL || after(before.kem, kem.len()) > MAX_POOL {
             return Err(PrekeyError::Invalid(format!("at most {MAX_POOL} one-time prekeys of each kind")));
         }
         let mut batch = sled::Batch::default();

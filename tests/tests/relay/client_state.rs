@@ -242,3 +242,14 @@ async fn a_second_relay_process_waits_for_the_home_and_says_so() {
     let status = crate::bounded("relay recv", child.wait()).await.expect("wait");
     assert!(status.success(), "relay recv went on once the home was free: {status}");
 }
+
+/// `recv --wait` takes any number of seconds: a huge wait means no deadline, not an overflow.
+#[tokio::test]
+async fn a_huge_wait_is_no_deadline() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let mut alice = relay.user(ALICE).await.expect("alice");
+    let mut bob = relay.user(BOB).await.expect("bob");
+    alice.messenger.send_text(BOB, "waiting for me").await.expect("send");
+    let got = crate::bounded("receive", bob.messenger.receive(1, std::time::Duration::MAX)).await.expect("receive");
+    assert_eq!(texts(&got), BTreeSet::from(["waiting for me".to_owned()]));
+}
