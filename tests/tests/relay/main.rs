@@ -17,6 +17,7 @@ mod prekeys;
 mod privacy;
 mod protocol_doc;
 mod storage;
+mod verification;
 
 use std::time::Duration;
 
