@@ -23,4 +23,4 @@ pub mod sessions;
 pub use connection::{ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 pub use home::{Device, Home};
 pub use identity::Identity;
-pub use messenger::{Accepted, Messenger, MessengerError, ReceivedMessage, Sent};
+pub use messenger::{Accepted, CodeRequested, Messenger, MessengerError, ReceivedMessage, Sent, Verification};

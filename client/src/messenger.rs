@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
+use relay_proto::verification::{RegistrationPin, VerificationCode};
 use relay_proto::wire::{Deliver, DeviceInfo};
 use relay_proto::{AccountId, ErrorCode, PhoneNumber};
 use serde::Serialize;
@@ -137,6 +138,28 @@ pub enum Accepted {
     /// Could not be opened, verified or decrypted (tampered, not for us, or from a session this device no longer
     /// has); it is acknowledged and dropped.
     Unreadable(String),
+}
+
+/// What proves the phone number at registration on a relay that verifies numbers: the code sent to it and, to take
+/// over a number protected by a registration lock, the lock's PIN. Both empty (the default) on an open relay, or to
+/// re-register the number this identity already holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verification {
+    /// The code sent to the number (see [`Messenger::request_code`]), as typed: spaces and dashes are dropped.
+    pub code: Option<String>,
+    /// The registration lock's PIN.
+    pub pin: Option<String>,
+}
+
+/// A code request the relay accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CodeRequested {
+    /// The request's id (names the code file with the `file` verifier).
+    pub request_id: String,
+    /// When the code expires (ms since the Unix epoch).
+    pub expires_at: u64,
+    /// How many registration attempts the code allows.
+    pub attempts: u32,
 }
 
 /// Validates and creates a new home with fresh keys.
@@ -268,14 +291,39 @@ pub struct Messenger {
 
 impl Messenger {
     /// Registers the home's identity with the relay at `server`, pinning `cert_sha256`, publishes prekeys and the
-    /// access-key verifier, and saves the relay.
+    /// access-key verifier, and saves the relay. On a relay that verifies phone numbers, see
+    /// [`Messenger::register_with`].
     pub async fn register(home: &Home, server: &str, cert_sha256: &str) -> Result<(Self, bool), MessengerError> {
+        Self::register_with(home, server, cert_sha256, &Verification::default()).await
+    }
+
+    /// [`Messenger::register`] with the proof of the phone number a verifying relay asks for: without a code it
+    /// refuses a number this identity does not hold yet with `VERIFICATION_REQUIRED` (then
+    /// [`Messenger::request_code`]); a wrong code is `BAD_CODE`, an expired or used-up one `CODE_EXPIRED`, and a
+    /// number whose holder set a registration lock needs its PIN (`REGISTRATION_LOCKED`).
+    pub async fn register_with(
+        home: &Home,
+        server: &str,
+        cert_sha256: &str,
+        verification: &Verification,
+    ) -> Result<(Self, bool), MessengerError> {
         let (identity, mut profile) = (home.identity()?, home.profile()?);
         let relay = parse_relay(server, cert_sha256)?;
+        let code = match &verification.code {
+            Some(c) => VerificationCode::from_user_input(c)
+                .map_err(|e| MessengerError::Input(e.to_string()))?
+                .as_str()
+                .to_owned(),
+            None => String::new(),
+        };
+        let pin = match &verification.pin {
+            Some(p) => RegistrationPin::parse(p).map_err(|e| MessengerError::Input(e.to_string()))?.as_str().to_owned(),
+            None => String::new(),
+        };
         let conn = Connection::connect(relay.0, relay.1).await?;
         let d = &profile.device;
         let device = DeviceInfo { model: d.model.clone(), os: d.os.clone(), app_version: d.app_version.clone() };
-        let created = conn.register(&identity, &profile.phone, device).await?;
+        let created = conn.register_verified(&identity, &profile.phone, device, &code, &pin).await?;
         let access_key = home.access_key()?;
         conn.set_access_key(relay_proto::auth::sha256(&access_key)).await?;
         let relay_info = RelayInfo { server: server.to_owned(), cert_sha256: cert_sha256.to_lowercase() };
@@ -289,6 +337,28 @@ impl Messenger {
         let counts = m.conn.authenticate(&m.identity).await?;
         m.replenish(&counts).await?;
         Ok((m, created))
+    }
+
+    /// Asks the relay at `server` (pinning `cert_sha256`) to send a verification code to the home's phone number.
+    pub async fn request_code(home: &Home, server: &str, cert_sha256: &str) -> Result<CodeRequested, MessengerError> {
+        let profile = home.profile()?;
+        let relay = parse_relay(server, cert_sha256)?;
+        let conn = Connection::connect(relay.0, relay.1).await?;
+        let sent = conn.request_code(&profile.phone).await;
+        conn.close().await;
+        let sent = sent?;
+        Ok(CodeRequested { request_id: sent.request_id, expires_at: sent.expires_at_ms, attempts: sent.attempts })
+    }
+
+    /// Sets the registration lock of this account to `pin` (`None`: removes it). While this account stays active
+    /// (connects at least once every 7 days), another identity needs the PIN, on top of a code sent to the number,
+    /// to register this number. Returns whether a lock is now set.
+    pub async fn set_registration_lock(&self, pin: Option<&str>) -> Result<bool, MessengerError> {
+        let pin = match pin {
+            Some(p) => RegistrationPin::parse(p).map_err(|e| MessengerError::Input(e.to_string()))?.as_str().to_owned(),
+            None => String::new(),
+        };
+        Ok(self.conn.set_registration_lock(&pin).await?)
     }
 
     /// Connects to the home's relay, authenticates, and replenishes the published prekeys if the relay reports

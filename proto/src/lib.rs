@@ -1,6 +1,6 @@
 //! Consent Relay wire protocol: the schema (prost types generated from `protos/relay.proto`), the length-delimited
 //! framing codec, protocol constants, error codes and the pure parts of authentication (transcripts, account ids,
-//! phone number validation).
+//! phone number validation, the formats and rules of phone-number verification codes and registration-lock PINs).
 //!
 //! This crate does no I/O and depends on nothing async: bytes go in, values or typed errors come out. The relay and
 //! the client are thin drivers around it.
@@ -12,6 +12,7 @@ pub mod frame;
 pub mod merkle;
 pub mod phone;
 pub mod time;
+pub mod verification;
 
 /// The prost types generated from `protos/relay.proto` (package `relay.v1`).
 #[allow(missing_docs, clippy::all)]

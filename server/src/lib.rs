@@ -9,7 +9,8 @@
 //! one handler per request family), [`delivery`] (push and acks), [`subscribers`] (wake-ups of online
 //! recipients), [`reject`] (error codes), [`ratelimit`], [`metrics`] (aggregate Prometheus metrics, opt-in; a leaf
 //! handed counters and gauges) with [`histogram`], [`fence`] (export leases that withdrawals wait for), [`export`] (the relay's side of the export interface: the exporter's mutual-TLS
-//! endpoint, opt-in). The TLS identity, pinning and the accept loop are `relay-quic`'s; the metadata exporter is
+//! endpoint, opt-in), [`verify`] (phone-number verification at registration: the pluggable verifier, codes,
+//! registration locks). The TLS identity, pinning and the accept loop are `relay-quic`'s; the metadata exporter is
 //! its own crate and process (`relay-exporter`), which this crate cannot name.
 
 pub mod config;
@@ -24,6 +25,7 @@ pub mod relay;
 pub mod session;
 pub mod store;
 pub mod subscribers;
+pub mod verify;
 
 pub use config::Config;
 pub use relay::{RelayHandle, StartError, start};

@@ -1,5 +1,6 @@
 //! The relay process: binds the QUIC endpoint, builds each request family's handler from the store (each given only
-//! the handles it may use), accepts connections, runs the expiry sweep, shuts down cleanly.
+//! the handles it may use), accepts connections, runs the expiry sweep (envelopes, verification codes), shuts down
+//! cleanly.
 //!
 //! A connection starts with credit for [`INITIAL_STREAMS`] concurrent request streams, doubled whenever it uses
 //! three quarters of it, up to `max_streams_per_connection`. quinn allocates state for every stream a peer may open,
@@ -24,6 +25,7 @@ use crate::ratelimit::{ConnectionLimiter, RateLimiter};
 use crate::session::{Handlers, Session, auth, consent, keys, messaging, serve_stream};
 use crate::store::{GroupCommit, MailboxLimits, Mailboxes, Store};
 use crate::subscribers::Subscribers;
+use crate::verify::{Registration, VerifierSpec};
 
 /// Concurrent request streams a new connection may open before it shows it needs more.
 pub const INITIAL_STREAMS: u32 = 16;
@@ -63,6 +65,9 @@ pub enum StartError {
     /// The metrics TCP port could not be bound.
     #[error("cannot serve metrics on {0}: {1}")]
     MetricsBind(SocketAddr, std::io::Error),
+    /// The phone-number verifier could not start.
+    #[error("phone-number verifier: {0}")]
+    Verifier(#[from] crate::verify::StartError),
 }
 
 /// A running relay.
@@ -75,6 +80,7 @@ pub struct RelayHandle {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     faults: Arc<crate::store::commit::StorageFaults>,
+    clock: crate::verify::Clock,
 }
 
 impl RelayHandle {
@@ -107,6 +113,13 @@ impl RelayHandle {
     #[doc(hidden)]
     pub fn storage_faults(&self) -> Arc<crate::store::commit::StorageFaults> {
         self.faults.clone()
+    }
+
+    /// The clock verification codes and registration locks are judged by (for tests: moved forward instead of
+    /// waiting for codes to expire or locks to lapse).
+    #[doc(hidden)]
+    pub fn registration_clock(&self) -> crate::verify::Clock {
+        self.clock.clone()
     }
 
     /// Stops accepting, closes connections, flushes the store and waits until everything is released.
@@ -170,9 +183,27 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     };
     let export_addr = export.as_ref().map(|(_, bound, _)| *bound);
     let faults = store.commit.faults();
+    let r = &config.registration;
+    let code_limits = crate::verify::CodeLimits {
+        per_number_per_hour: r.codes_per_hour_per_number,
+        per_address_per_hour: r.codes_per_hour_per_ip,
+    };
+    let registration = Arc::new(Registration::open(
+        &r.verifier,
+        data,
+        store.verifications.clone(),
+        store.commit.clone(),
+        code_limits,
+    )?);
+    if r.verifier == VerifierSpec::Open && !config.listen.ip().is_loopback() {
+        tracing::warn!(addr = %config.listen, "open registration on a non-loopback address: anyone may claim any number");
+    }
+    tracing::info!(verifier = %r.verifier, "phone-number verifier");
+    let clock = registration.clock();
     let metrics = Arc::new(Metrics::default());
     let subscribers = Arc::new(Subscribers::default());
-    let handlers = Arc::new(handlers(&store, &limits, fence, subscribers.clone(), metrics.clone()));
+    let handlers =
+        Arc::new(handlers(&store, &limits, registration.clone(), fence, subscribers.clone(), metrics.clone()));
     let shared = Arc::new(Shared {
         handlers,
         connections: Arc::new(ConnectionLimiter::new(limits.max_connections_per_ip)),
@@ -209,7 +240,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let (mailboxes, commit) = (store.mailboxes.clone(), store.commit.clone());
     let sweep_every = Duration::from_secs(limits.expiry_sweep_secs);
     let task = tokio::spawn(async move {
-        let sweeper = tokio::spawn(sweep_expired(mailboxes, sweep_every));
+        let sweeper = tokio::spawn(sweep_expired(mailboxes, registration, sweep_every));
         run(endpoint, shared, commit, rx).await;
         sweeper.abort();
         if let Some(t) = export_task {
@@ -228,6 +259,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         shutdown,
         task,
         faults,
+        clock,
     })
 }
 
@@ -235,6 +267,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
 fn handlers(
     store: &Store,
     limits: &crate::config::Limits,
+    registration: Arc<Registration>,
     fence: Arc<crate::fence::Fence>,
     subscribers: Arc<Subscribers>,
     metrics: Arc<Metrics>,
@@ -244,6 +277,7 @@ fn handlers(
             directory: store.directory.clone(),
             prekeys: store.prekeys.clone(),
             commit: store.commit.clone(),
+            registration,
             registrations: RateLimiter::new(limits.registrations_per_minute_per_ip),
             registrations_per_minute: limits.registrations_per_minute_per_ip,
         },
@@ -348,7 +382,8 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
 }
 
-async fn sweep_expired(mailboxes: Arc<Mailboxes>, every: Duration) {
+/// Removes expired envelopes, and expired verification codes with their files, every `every`.
+async fn sweep_expired(mailboxes: Arc<Mailboxes>, registration: Arc<Registration>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -357,6 +392,12 @@ async fn sweep_expired(mailboxes: Arc<Mailboxes>, every: Duration) {
         match tokio::task::spawn_blocking(move || m.sweep_expired(relay_proto::now_ms())).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired envelopes removed"),
             Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+            _ => {}
+        }
+        let r = registration.clone();
+        match tokio::task::spawn_blocking(move || r.sweep()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired verification codes removed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "verification code sweep failed"),
             _ => {}
         }
     }

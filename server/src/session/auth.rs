@@ -1,16 +1,24 @@
-//! `Register` and `Auth`: binding a connection to an account.
+//! `Register`, `Auth`, `RequestCode`, `SetRegistrationLock`: binding a connection to an account, and proving the
+//! phone number it registers.
 //!
 //! Registration creates the account of an identity key, or updates its sealing key, phone number and device info;
-//! it is acknowledged only once durable. Both requests carry a signature over a transcript bound to this
-//! connection's EKM (see [`super::state`]). This handler holds the directory (it writes phone numbers and device
-//! info), the prekeys (to report pool counts) and the group commit; nothing of the mailboxes.
+//! it is acknowledged only once durable. Both `Register` and `Auth` carry a signature over a transcript bound to
+//! this connection's EKM (see [`super::state`]). Whether a registration may claim its number (a code, a
+//! registration lock) is decided by [`Registration`] before the directory is written; a verified registration of
+//! a number another identity holds takes it over, and the old account's published keys go with it. This handler
+//! holds the directory (it writes phone numbers and device info), the prekeys (to report pool counts and forget a
+//! displaced account's), the registration rules and the group commit; nothing of the mailboxes. It logs account and
+//! request ids, never a phone number, a code or a PIN.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use relay_proto::auth::{auth_transcript, register_transcript};
-use relay_proto::wire::{Auth as AuthRequest, AuthOk, Register, Registered, server_frame::Body as Resp};
+use relay_proto::wire::{
+    Auth as AuthRequest, AuthOk, CodeSent, Register, Registered, RegistrationLockSet, RequestCode, SetRegistrationLock,
+    server_frame::Body as Resp,
+};
 use relay_proto::{AccountId, ErrorCode, PhoneNumber};
 
 use super::checks::{self, Reply, reply};
@@ -20,6 +28,7 @@ use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
 use crate::store::directory::AccountKeys;
 use crate::store::{Directory, GroupCommit, Prekeys};
+use crate::verify::Registration;
 
 /// Longest accepted device-info field, in bytes.
 pub const MAX_DEVICE_FIELD: usize = 64;
@@ -32,6 +41,8 @@ pub struct Auth {
     pub prekeys: Prekeys,
     /// Durability barrier.
     pub commit: Arc<GroupCommit>,
+    /// Verification codes and registration locks.
+    pub registration: Arc<Registration>,
     /// `Register` requests per client address.
     pub registrations: RateLimiter<IpAddr>,
     /// The configured rate, for the refusal message.
@@ -61,14 +72,46 @@ impl Auth {
         }
         let transcript = register_transcript(session.ekm(), &identity_key, &sealing_key, phone.as_str(), &device);
         checks::signature(&identity_key, &transcript, &r.signature)?;
-        session.check_same(AccountId::from_identity_key(&identity_key))?;
+        let account = AccountId::from_identity_key(&identity_key);
+        session.check_same(account)?;
+        let holder = self.directory.lookup(&phone)?.map(|(holder, _)| holder);
+        let admission = self.registration.admit(account, &phone, holder, &r.code, &r.registration_lock_pin).await?;
         let keys = AccountKeys { identity_key, sealing_key };
-        let (account, created) = self.directory.register(keys, &phone, device, relay_proto::now_ms())?;
+        let registered = self.directory.register(keys, &phone, device, relay_proto::now_ms(), admission.claim)?;
+        if let Some(old) = registered.displaced {
+            self.prekeys.forget(&old)?;
+        }
+        let used = self.registration.registered(&admission, &account, registered.displaced)?;
         self.commit.durable().await?;
+        if let Some(request) = used {
+            self.registration.withdraw(&request);
+        }
         session.authenticate(account)?;
         // Debug, like every line naming an account: an operator's info log says nothing of who uses the relay.
-        tracing::debug!(%account, created, "registered");
+        let created = registered.created;
+        match registered.displaced {
+            Some(old) => tracing::debug!(%account, created, displaced = %old, "registered: number taken over"),
+            None => tracing::debug!(%account, created, "registered"),
+        }
         reply(Resp::Registered(Registered { account_id: account.as_bytes().to_vec().into(), created }))
+    }
+
+    /// Asks the verifier to send a code to the requested number.
+    pub async fn request_code(&self, session: &Session, c: RequestCode) -> Reply {
+        let phone = PhoneNumber::parse(&c.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
+        let (request_id, expires_at_ms) = self.registration.request_code(&phone, session.peer()).await?;
+        reply(Resp::CodeSent(CodeSent {
+            request_id: request_id.to_string(),
+            expires_at_ms,
+            attempts: self.registration.attempts(),
+        }))
+    }
+
+    /// Sets or removes the authenticated account's registration lock.
+    pub async fn set_registration_lock(&self, session: &Session, l: SetRegistrationLock) -> Reply {
+        let account = session.account()?;
+        let enabled = self.registration.set_lock(&account, &l.pin).await?;
+        reply(Resp::RegistrationLockSet(RegistrationLockSet { enabled }))
     }
 
     /// Authenticates the connection as an existing account.
@@ -82,6 +125,7 @@ impl Auth {
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account: register first"))?;
         checks::signature(&keys.identity_key, &auth_transcript(session.ekm(), &account), &a.signature)?;
         session.authenticate(account)?;
+        self.registration.touch(&account)?;
         tracing::debug!(%account, "authenticated");
         let prekeys = Some(prekey_counts(&self.prekeys, &account)?);
         reply(Resp::AuthOk(AuthOk { account_id: a.account_id, server_time_ms: relay_proto::now_ms(), prekeys }))

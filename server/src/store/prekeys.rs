@@ -228,6 +228,18 @@ impl Prekeys {
         Ok(())
     }
 
+    /// Removes everything `account` published (prekeys and access-key verifier): the account lost its number to
+    /// another identity and no longer exists. Not yet durable.
+    pub fn forget(&self, account: &AccountId) -> Result<(), PrekeyError> {
+        let mut batch = sled::Batch::default();
+        for item in self.prekeys.scan_prefix(account.as_bytes()) {
+            batch.remove(item?.0);
+        }
+        self.prekeys.apply_batch(batch)?;
+        self.access.remove(account.as_bytes())?;
+        Ok(())
+    }
+
     /// Whether `access_key` is the current access key of `account` (false if it has none).
     pub fn access_allowed(&self, account: &AccountId, access_key: &[u8]) -> Result<bool, PrekeyError> {
         let Some(verifier) = self.access.get(account.as_bytes())? else { return Ok(false) };
@@ -321,5 +333,21 @@ mod tests {
         assert!(p.access_allowed(&a, b"secret-key").expect("check"));
         assert!(!p.access_allowed(&a, b"secret-kez").expect("check"));
         assert!(!p.access_allowed(&AccountId([2; 16]), b"secret-key").expect("check"));
+    }
+
+    #[test]
+    fn forgetting_an_account_removes_its_keys_and_no_one_elses() {
+        let p = store();
+        let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
+        let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
+        for account in [&a, &b] {
+            p.upload(account, Some(&signed()), &ot, &[kem(10)], Some(&kem(99))).expect("upload");
+            p.set_access_verifier(account, &Sha256::digest(b"k")).expect("set");
+        }
+        p.forget(&a).expect("forget");
+        assert_eq!(p.counts(&a).expect("counts"), Counts::default());
+        assert!(!p.access_allowed(&a, b"k").expect("check"));
+        assert_eq!(p.counts(&b).expect("counts"), Counts { one_time: 1, kem: 1, signed: true, last_resort: true });
+        assert!(p.access_allowed(&b, b"k").expect("check"));
     }
 }

@@ -9,8 +9,9 @@ use relay_proto::auth::{auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{
     Ack, Auth, ConsentChanges, EndExport, ExportRequest, FetchBundle, ListConsent, ListExports, Lookup, PublishLog,
-    PutConsent, Register, SealedSend, Send, ServerFrame, SetAccessKey, SubjectChanges, Subscribe, UploadPrekeys,
-    client_frame::Body, export_request::Body as ExportBody, server_frame::Body as Resp,
+    PutConsent, Register, RequestCode, SealedSend, Send, ServerFrame, SetAccessKey, SetRegistrationLock,
+    SubjectChanges, Subscribe, UploadPrekeys, client_frame::Body, export_request::Body as ExportBody,
+    server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_tests::TestRelay;
@@ -39,6 +40,7 @@ fn register_frame(conn: &Connection, identity: &Identity, signer: &Identity, pho
         phone: phone.into(),
         device: Some(device),
         signature: Bytes::copy_from_slice(&signature),
+        ..Default::default()
     })
 }
 
@@ -102,6 +104,8 @@ fn operations(conn: &Connection, bob: &Identity, signer: &Identity, bob_server_i
         put_consent(&statement(b, 99), signer),
         Body::ListConsent(ListConsent {}),
         Body::ListExports(ListExports::default()),
+        Body::RequestCode(RequestCode { phone: BOB.into() }),
+        Body::SetRegistrationLock(SetRegistrationLock { pin: "2468".into() }),
     ]
 }
 
@@ -112,6 +116,10 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
     match op {
         Body::Register(_) | Body::Auth(_) => Refused(ErrorCode::BadSignature),
         Body::SealedSend(_) => Refused(ErrorCode::BadAccessKey),
+        // This relay is open (first come): there are no codes to ask for. On a verifying relay anyone may make
+        // the relay text a code to any number (that is how a number is proven), rate-limited per number and address;
+        // the verification tests cover it.
+        Body::RequestCode(_) => Refused(ErrorCode::InvalidRequest),
         _ if !authenticated => Refused(ErrorCode::Unauthenticated),
         Body::PutConsent(_) => Refused(ErrorCode::ConsentRejected),
         Body::Lookup(_) | Body::FetchBundle(_) | Body::Send(_) => Public,
@@ -120,7 +128,8 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
         | Body::UploadPrekeys(_)
         | Body::SetAccessKey(_)
         | Body::ListConsent(_)
-        | Body::ListExports(_) => OwnOnly,
+        | Body::ListExports(_)
+        | Body::SetRegistrationLock(_) => OwnOnly,
     }
 }
 

@@ -18,6 +18,7 @@ mod prekeys;
 mod privacy;
 mod protocol_doc;
 mod storage;
+mod verification;
 
 use std::time::Duration;
 
