@@ -99,7 +99,8 @@ def main():
     # ClientFrame bodies (field numbers from relay.proto).
     client = {
         "register": lfield(1, vfield(1, 1) + lfield(2, key) + lfield(3, bytes([8] * 32)) + lfield(4, "+33612345678")
-                           + lfield(5, device) + lfield(6, sig) + lfield(8, sig)),
+                           + lfield(5, device) + lfield(6, sig) + lfield(7, "123456") + lfield(8, "2468")
+                           + lfield(9, sig)),
         "auth": lfield(2, vfield(1, 1) + lfield(2, account) + lfield(3, sig)),
         "lookup": lfield(3, lfield(1, "+14155550123")),
         "send": lfield(4, lfield(1, account) + lfield(2, b"ciphertext")),
@@ -114,6 +115,8 @@ def main():
         "put_consent_grant": lfield(11, lfield(1, grant) + lfield(2, sig)),
         "put_consent_withdraw": lfield(11, lfield(1, withdraw) + lfield(2, sig)),
         "list_consent": lfield(12, b""),
+        "request_code": lfield(14, lfield(1, "+33612345678")),
+        "set_registration_lock": lfield(15, lfield(1, "2468")),
         "get_sender_certificate": lfield(20, b""),
     }
     export = {

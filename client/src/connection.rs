@@ -11,9 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use relay_proto::auth::{EKM_LEN, auth_transcript, register_transcript};
 use relay_proto::wire::{
-    self, Ack, Auth, Bundle, ClientFrame, ConsentList, ConsentRecorded, Deliver, DeviceInfo, FetchBundle,
-    GetSenderCertificate, ListConsent, Lookup, PrekeyCounts, PutConsent, Register, SealedSend, SendAck, ServerFrame,
-    SetAccessKey, Subscribe, UploadPrekeys, client_frame::Body as Req, server_frame::Body as Resp,
+    self, Ack, Auth, Bundle, ClientFrame, CodeSent, ConsentList, ConsentRecorded, Deliver, DeviceInfo, FetchBundle,
+    GetSenderCertificate, ListConsent, Lookup, PrekeyCounts, PutConsent, Register, RequestCode, SealedSend, SendAck,
+    ServerFrame, SetAccessKey, SetRegistrationLock, Subscribe, UploadPrekeys, client_frame::Body as Req,
+    server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_quic::{read_frame, write_frame};
@@ -171,8 +172,22 @@ impl Connection {
     }
 
     /// Registers (or updates) `identity`'s account and authenticates this connection as it. Returns whether the
-    /// account was created.
+    /// account was created. On a relay that verifies phone numbers this works only for the number `identity`
+    /// already holds; see [`Connection::register_verified`].
     pub async fn register(&self, identity: &Identity, phone: &str, device: DeviceInfo) -> Result<bool, ClientError> {
+        self.register_verified(identity, phone, device, "", "").await
+    }
+
+    /// [`Connection::register`] with the verification code sent to `phone` (after [`Connection::request_code`])
+    /// and, to take over a number protected by a registration lock, its PIN; empty strings for none.
+    pub async fn register_verified(
+        &self,
+        identity: &Identity,
+        phone: &str,
+        device: DeviceInfo,
+        code: &str,
+        registration_lock_pin: &str,
+    ) -> Result<bool, ClientError> {
         let (ik, sk) = (identity.identity_key(), identity.sealing_key());
         let signature = identity.sign(&register_transcript(&self.ekm, &ik, &sk, phone, &device));
         let req = Register {
@@ -182,11 +197,30 @@ impl Connection {
             phone: phone.to_owned(),
             device: Some(device),
             signature: Bytes::copy_from_slice(&signature),
+            code: code.to_owned(),
+            registration_lock_pin: registration_lock_pin.to_owned(),
             sealing_key_signature: Bytes::copy_from_slice(&identity.sealing_key_signature()),
         };
         match self.request(Req::Register(req)).await? {
             Resp::Registered(r) if r.account_id.as_ref() == identity.account_id().as_bytes() => Ok(r.created),
             other => Err(unexpected("Registered", &other)),
+        }
+    }
+
+    /// Asks the relay to send a verification code to `phone` (no authentication needed).
+    pub async fn request_code(&self, phone: &str) -> Result<CodeSent, ClientError> {
+        match self.request(Req::RequestCode(RequestCode { phone: phone.to_owned() })).await? {
+            Resp::CodeSent(c) => Ok(c),
+            other => Err(unexpected("CodeSent", &other)),
+        }
+    }
+
+    /// Sets (or, with an empty `pin`, removes) the registration lock of the authenticated account; returns whether
+    /// a lock is now set.
+    pub async fn set_registration_lock(&self, pin: &str) -> Result<bool, ClientError> {
+        match self.request(Req::SetRegistrationLock(SetRegistrationLock { pin: pin.to_owned() })).await? {
+            Resp::RegistrationLockSet(r) => Ok(r.enabled),
+            other => Err(unexpected("RegistrationLockSet", &other)),
         }
     }
 
@@ -366,6 +400,8 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::ConsentList(_) => "ConsentList",
         Resp::ExportList(_) => "ExportList",
         Resp::SenderCertificate(_) => "SenderCertificate",
+        Resp::CodeSent(_) => "CodeSent",
+        Resp::RegistrationLockSet(_) => "RegistrationLockSet",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))
@@ -410,6 +446,11 @@ impl Inbox {
     /// The next event; `None` when the relay closed the stream. Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<InboxEvent, ClientError>> {
         self.events.recv().await
+    }
+
+    /// Whether events have arrived that [`Inbox::next`] would return without waiting.
+    pub fn has_buffered(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Acknowledges envelopes by server id; the relay answers with [`InboxEvent::Acked`].

@@ -6,6 +6,10 @@
 //! (the account), to whom data may go (the affiliate), for what (the purpose, its notice version and hash), how
 //! (explicitly, from the CLI), when, until when, and the signed statement itself, so the user can later prove what
 //! they agreed to and when they withdrew.
+//!
+//! A decision is made under the home's lock, from reading the relay's last sequence number to saving the receipt,
+//! so two clients of one home cannot number two statements alike nor lose each other's receipts. The next number
+//! is computed from what the relay reports, checked: past `u64::MAX` there is none, and the client says so.
 
 use relay_proto::consent::{
     ConsentError, ConsentStatement, Decision, PURPOSES, Purpose, signed_bytes_of, statement_hash, verify_signature,
@@ -97,15 +101,22 @@ impl Messenger {
     ) -> Result<Receipt, MessengerError> {
         let purpose = purpose(purpose_name)?;
         let notice = purpose.notice();
+        let op = self.begin(false).await?;
         let now = relay_proto::now_ms();
         let last = self.connection().list_consent().await?.last_sequence;
+        let sequence = last.checked_add(1).ok_or_else(|| {
+            MessengerError::Input(format!(
+                "the relay reports consent statement number {last} as your last: no sequence number is left \
+                 for another statement"
+            ))
+        })?;
         let statement = ConsentStatement {
             account: self.account_id(),
             affiliate: affiliate.to_owned(),
             purpose,
             decision,
             notice_hash: notice.hash(),
-            sequence: last + 1,
+            sequence,
             time_ms: now,
             expires_ms: expires_in_days.map(|d| now.saturating_add(d.saturating_mul(24 * 3600 * 1000))),
         };
@@ -143,6 +154,7 @@ impl Messenger {
         let mut receipts: Vec<Receipt> = self.home().load_private("receipts.json")?;
         receipts.push(receipt.clone());
         self.home().save_private("receipts.json", &receipts)?;
+        op.end(self.home())?;
         Ok(receipt)
     }
 

@@ -16,6 +16,7 @@ use relay_proto::consent::{ConsentStatement, Decision, statement_hash};
 use relay_proto::merkle::{
     ExportLeaf, SignedTreeHead, log_key_from_wire, proof_from_wire, verify_consistency, verify_inclusion,
 };
+use relay_proto::wire::ExportList;
 use serde::{Deserialize, Serialize};
 
 use crate::consent::Receipt;
@@ -114,6 +115,23 @@ fn consent_problem(leaf: &ExportLeaf, receipts: &[Receipt]) -> (Option<u64>, Opt
     (seq, None)
 }
 
+/// Where the page after `page` (which started at index `start`) starts, if the relay says there is one. The relay
+/// decides how many pages there are: each must start strictly after the one before and inside the tree of `size`
+/// leaves, so a relay cannot keep a client paging forever.
+fn next_page(start: u64, page: &ExportList, size: u64) -> Result<Option<u64>, String> {
+    if !page.more {
+        return Ok(None);
+    }
+    if page.next_index <= start || page.next_index >= size {
+        return Err(format!(
+            "export log: the relay announced another page at index {} after one at {start}, in a log of {size} \
+             entries",
+            page.next_index
+        ));
+    }
+    Ok(Some(page.next_index))
+}
+
 impl Messenger {
     /// The exports concerning this account, from the relay's copy of the export log; with `verify`, every check of
     /// the module header, and the head pinned if all pass.
@@ -143,8 +161,10 @@ impl Messenger {
 
         let mut pages = vec![first.clone()];
         let mut page = first;
-        while page.more {
-            page = conn.list_exports(head.head.size, page.next_index, 0).await?;
+        let mut start = 0;
+        while let Some(next) = next_page(start, &page, head.head.size).map_err(MessengerError::Input)? {
+            start = next;
+            page = conn.list_exports(head.head.size, next, 0).await?;
             pages.push(page.clone());
         }
         let receipts: Vec<Receipt> = self.home().load_private("receipts.json")?;
@@ -203,6 +223,8 @@ impl Messenger {
             report.problems.push(format!("{failed} entr{} failed verification", if failed == 1 { "y" } else { "ies" }));
         }
         if verify && report.problems.is_empty() {
+            // Pinned under the lock; a head verified concurrently by another client of this home is as good.
+            let op = self.begin(false).await?;
             let state = PinnedLog {
                 log_key: Some(key_hex),
                 size: head.head.size,
@@ -210,6 +232,7 @@ impl Messenger {
                 timestamp_ms: head.head.timestamp_ms,
             };
             self.home().save_private(STATE_FILE, &state)?;
+            op.end(self.home())?;
         }
         Ok(report)
     }
@@ -217,6 +240,7 @@ impl Messenger {
     /// Reports new device info to the relay (a re-registration): exports already granted are sent again with the
     /// new data, for the fields each affiliate receives.
     pub async fn update_device(&mut self, device: crate::home::Device) -> Result<(), MessengerError> {
+        let op = self.begin(false).await?;
         let mut profile = self.home().profile()?;
         profile.device = device.clone();
         let info = relay_proto::wire::DeviceInfo {
@@ -226,6 +250,7 @@ impl Messenger {
         };
         self.connection().register(self.identity(), &profile.phone, info).await?;
         self.home().save_profile(&profile)?;
+        op.end(self.home())?;
         self.set_device(device);
         Ok(())
     }
@@ -281,6 +306,17 @@ mod tests {
             payload_hash: [0; 32],
             consent_hash,
             time_ms,
+        }
+    }
+
+    #[test]
+    fn pages_must_move_forward_inside_the_log() {
+        let page = |more, next_index| ExportList { more, next_index, ..ExportList::default() };
+        assert_eq!(next_page(0, &page(false, 0), 10), Ok(None));
+        assert_eq!(next_page(0, &page(true, 4), 10), Ok(Some(4)));
+        assert_eq!(next_page(4, &page(true, 9), 10), Ok(Some(9)));
+        for (start, next) in [(4, 4), (4, 3), (4, 10), (4, u64::MAX)] {
+            assert!(next_page(start, &page(true, next), 10).is_err(), "{start} -> {next}");
         }
     }
 

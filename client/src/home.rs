@@ -1,17 +1,30 @@
 //! The client's local state in its home directory (`--home`):
 //!
-//! - `identity.json` — secret keys (mode 0600; never logged);
+//! - `identity.json` — secret keys (never logged);
 //! - `profile.json` — phone number, device info, and once registered, the relay's address and pinned certificate;
 //! - `contacts.json` — phone number → account id and public keys, as first looked up;
 //! - `seen.json` — ids of the most recent received messages, for de-duplication;
+//! - `held.json` — the text of messages held while a contact's identity change awaits the user;
+//! - `prekeys.json`, `session-<account>.json`, `initial-messages.json` — end-to-end state (see `sessions`);
 //! - `quarantine/` — envelopes that arrived and could not be opened, verified or decrypted, one file each (mode
-//!   0600) with the reason, kept so that no message is lost without the user learning of it (see [`Quarantined`]).
+//!   0600) with the reason, kept so that no message is lost without the user learning of it (see [`Quarantined`]);
+//! - `lock` — empty; the one-writer lock (below).
 //!
-//! Every file is written to a temporary name, synced, renamed, and the directory synced (`relay_quic::durable_file`),
-//! so a crash or power loss leaves the old or the new version, never an older one.
+//! Contract:
+//! - The home is mode 0700 and every file in it 0600, from creation on ([`Home::init`]); [`Home::secure`] tightens
+//!   a home left looser by an older version.
+//! - Every file is written to a temporary name, synced, renamed, and the directory synced
+//!   (`relay_quic::durable_file`), so a crash or power loss leaves the old or the new version, never an older one.
+//! - One writer at a time: whoever reads state in order to write it back (sessions, prekeys, contacts, seen ids,
+//!   held messages, the access key, receipts) holds [`HomeLock`] from the read to the write, and reads again after
+//!   taking it, since another process may have written meanwhile. The lock is an advisory `flock` on `lock`: it
+//!   excludes other processes and other handles in this process alike, and the system drops it if the process
+//!   dies. [`Home::lock`] waits at most [`LOCK_WAIT`] for it, saying so on the log, then refuses with
+//!   [`HomeError::Busy`].
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use relay_quic::durable_file::Access;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -23,6 +36,12 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 
 /// How many received message and envelope ids are remembered for de-duplication.
 pub const SEEN_CAPACITY: usize = 20_000;
+/// The lock file in the home.
+pub const LOCK_FILE: &str = "lock";
+/// How long [`Home::lock`] waits for another process to release the home before refusing.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// How often a waiting [`Home::lock`] tries again.
+const LOCK_RETRY: Duration = Duration::from_millis(20);
 
 /// Why local state could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +72,24 @@ pub enum HomeError {
     /// The home has no relay yet.
     #[error("not registered with a relay: run `relay register --server ADDR --cert-sha256 HEX` first")]
     NotRegistered,
+    /// Another process (or another client in this one) held the home's lock for longer than the wait allowed.
+    #[error(
+        "{} is in use by another relay client (it holds {}); gave up after {} s: try again once it has finished",
+        dir.display(), dir.join(LOCK_FILE).display(), waited.as_secs_f32()
+    )]
+    Busy {
+        /// The home.
+        dir: PathBuf,
+        /// How long this process waited.
+        waited: Duration,
+    },
+}
+
+/// Exclusive use of a home's state by its holder; released when dropped (or when the process dies). See the module
+/// header for who must hold it.
+#[derive(Debug)]
+pub struct HomeLock {
+    _file: std::fs::File,
 }
 
 /// Device information reported at registration.
@@ -161,32 +198,107 @@ struct IdentityFile {
     access_key: String,
 }
 
-/// Ids of received messages, oldest first, bounded.
+/// Whether a received message is new, by its id and its sender's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Neither its id is remembered nor is it older than anything forgotten of its sender.
+    New,
+    /// Its id is remembered: a redelivery or a replay.
+    Duplicate,
+    /// Not newer than a message of the same sender whose id the bounded list already forgot: it may be a replay
+    /// of that one, and cannot be told apart from it.
+    Stale,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum SeenEntry {
+    /// A message: its id, its sender's account (hex) and when the sender wrote it.
+    Message(String, String, u64),
+    /// An envelope key, or any id recorded without a sender (also every entry of files written before senders
+    /// were recorded).
+    Id(String),
+}
+
+impl SeenEntry {
+    fn id(&self) -> &str {
+        match self {
+            Self::Message(id, ..) | Self::Id(id) => id,
+        }
+    }
+}
+
+/// Ids of received messages, oldest first, bounded to [`SEEN_CAPACITY`]. De-duplication survives the bound: when a
+/// message id is forgotten, its send time is kept for its sender, and that sender's messages no newer than it are
+/// refused as [`Freshness::Stale`] (send times come from the sender's clock, inside the encrypted content, so a
+/// relay cannot change them; a sender's own clock is compared only with itself).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Seen {
-    order: VecDeque<String>,
+    order: VecDeque<SeenEntry>,
+    /// Per sender (account, hex): the newest send time among its forgotten message ids.
+    #[serde(default)]
+    forgotten: BTreeMap<String, u64>,
+    /// Send times at or below this are stale for every sender: raised when senders are dropped from `forgotten`
+    /// to keep it bounded (the oldest first).
+    #[serde(default)]
+    floor: u64,
     #[serde(skip)]
     set: HashSet<String>,
 }
 
 impl Seen {
-    /// Records `id`; false if it was already there.
+    /// Records `id` (an envelope key: no sender); false if it was already there.
     pub fn insert(&mut self, id: &str) -> bool {
-        if !self.set.insert(id.to_owned()) {
+        if self.set.contains(id) {
             return false;
         }
-        self.order.push_back(id.to_owned());
-        while self.order.len() > SEEN_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
+        self.push(SeenEntry::Id(id.to_owned()));
         true
     }
 
     /// Whether `id` was seen.
     pub fn contains(&self, id: &str) -> bool {
         self.set.contains(id)
+    }
+
+    /// Whether message `id` from `sender`, written at `sent_at_ms` by the sender's clock, is new.
+    pub fn freshness(&self, id: &str, sender: &str, sent_at_ms: u64) -> Freshness {
+        if self.set.contains(id) {
+            return Freshness::Duplicate;
+        }
+        let forgotten = self.forgotten.get(sender).copied().unwrap_or(0).max(self.floor);
+        if sent_at_ms <= forgotten && forgotten > 0 { Freshness::Stale } else { Freshness::New }
+    }
+
+    /// Records message `id` from `sender` written at `sent_at_ms`; false if it was not [`Freshness::New`].
+    pub fn record(&mut self, id: &str, sender: &str, sent_at_ms: u64) -> bool {
+        if self.freshness(id, sender, sent_at_ms) != Freshness::New {
+            return false;
+        }
+        self.push(SeenEntry::Message(id.to_owned(), sender.to_owned(), sent_at_ms));
+        true
+    }
+
+    fn push(&mut self, entry: SeenEntry) {
+        self.set.insert(entry.id().to_owned());
+        self.order.push_back(entry);
+        while self.order.len() > SEEN_CAPACITY {
+            let Some(old) = self.order.pop_front() else { break };
+            self.set.remove(old.id());
+            if let SeenEntry::Message(_, sender, at) = old {
+                let newest = self.forgotten.entry(sender).or_insert(0);
+                *newest = (*newest).max(at);
+            }
+        }
+        // At most one sender per remembered entry; past that, fold the oldest watermark into the floor.
+        while self.forgotten.len() > SEEN_CAPACITY {
+            let Some((sender, at)) = self.forgotten.iter().min_by_key(|(_, at)| **at).map(|(s, a)| (s.clone(), *a))
+            else {
+                break;
+            };
+            self.forgotten.remove(&sender);
+            self.floor = self.floor.max(at);
+        }
     }
 }
 
@@ -216,13 +328,15 @@ impl Home {
         self.dir.join(name)
     }
 
-    /// Creates the home with fresh keys and `profile`; refuses if it already holds an identity.
+    /// Creates the home (mode 0700) with fresh keys and `profile`; refuses if it already holds an identity. Two
+    /// processes initialising one home at once cannot both succeed: the identity file is created exclusively.
     pub fn init(&self, profile: &Profile) -> Result<Identity, HomeError> {
         let id_path = self.path("identity.json");
         if id_path.exists() {
             return Err(HomeError::AlreadyInitialised(self.dir.clone()));
         }
-        std::fs::create_dir_all(&self.dir).map_err(|source| HomeError::Io { path: self.dir.clone(), source })?;
+        relay_quic::durable_file::private_dir(&self.dir)
+            .map_err(|source| HomeError::Io { path: self.dir.clone(), source })?;
         let identity = Identity::generate();
         let (a, b) = identity.secrets();
         let access_key: [u8; 32] = rand::random();
@@ -231,9 +345,72 @@ impl Home {
             sealing_secret: hex::encode(b),
             access_key: hex::encode(access_key),
         };
-        self.write_json("identity.json", &file, true)?;
+        let text =
+            serde_json::to_vec_pretty(&file).map_err(|source| HomeError::Corrupt { path: id_path.clone(), source })?;
+        match relay_quic::durable_file::create_secret(&id_path, &text) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(HomeError::AlreadyInitialised(self.dir.clone()));
+            }
+            Err(source) => return Err(HomeError::Io { path: id_path, source }),
+        }
         self.save_profile(profile)?;
         Ok(identity)
+    }
+
+    /// Makes the home 0700 and every file in it 0600 (homes written by earlier versions left some files 0644 and
+    /// the directory as the umask made it).
+    pub fn secure(&self) -> Result<(), HomeError> {
+        relay_quic::durable_file::restrict_tree(&self.dir)
+            .map_err(|source| HomeError::Io { path: self.dir.clone(), source })
+    }
+
+    /// Takes the home's lock now, or `None` if another holder has it.
+    pub fn try_lock(&self) -> Result<Option<HomeLock>, HomeError> {
+        let path = self.path(LOCK_FILE);
+        if !self.dir.is_dir() {
+            return Err(HomeError::NotInitialised(self.dir.clone()));
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let file = opts.open(&path).map_err(|source| HomeError::Io { path: path.clone(), source })?;
+        // Named in full: std's `File::try_lock` (Rust 1.89) would shadow the trait method.
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => Ok(Some(HomeLock { _file: file })),
+            Err(fs4::TryLockError::WouldBlock) => Ok(None),
+            Err(fs4::TryLockError::Error(source)) => Err(HomeError::Io { path, source }),
+        }
+    }
+
+    /// Takes the home's lock, waiting up to [`LOCK_WAIT`] for another holder to release it.
+    pub async fn lock(&self) -> Result<HomeLock, HomeError> {
+        self.lock_within(LOCK_WAIT).await
+    }
+
+    /// Takes the home's lock, waiting up to `wait`; says once on the log (warning) that it is waiting.
+    pub async fn lock_within(&self, wait: Duration) -> Result<HomeLock, HomeError> {
+        let started = tokio::time::Instant::now();
+        let mut said = false;
+        loop {
+            if let Some(lock) = self.try_lock()? {
+                return Ok(lock);
+            }
+            let waited = started.elapsed();
+            if waited >= wait {
+                return Err(HomeError::Busy { dir: self.dir.clone(), waited });
+            }
+            if !said {
+                tracing::warn!(
+                    "{} is in use by another relay client; waiting up to {} s for it",
+                    self.dir.display(),
+                    wait.as_secs_f32()
+                );
+                said = true;
+            }
+            tokio::time::sleep(LOCK_RETRY.min(wait - waited)).await;
+        }
     }
 
     /// Loads the keys.
@@ -267,7 +444,7 @@ impl Home {
         let mut f: IdentityFile = self.read_json("identity.json")?;
         let key: [u8; 32] = rand::random();
         f.access_key = hex::encode(key);
-        self.write_json("identity.json", &f, true)?;
+        self.write_json("identity.json", &f)?;
         Ok(key)
     }
 
@@ -278,7 +455,7 @@ impl Home {
 
     /// Saves the held messages.
     pub fn save_held(&self, held: &[HeldMessage]) -> Result<(), HomeError> {
-        self.write_json("held.json", &held, false)
+        self.write_json("held.json", &held)
     }
 
     /// Loads a private JSON document (`name` in the home), or its default when absent.
@@ -286,9 +463,9 @@ impl Home {
         self.read_json_or_default(name)
     }
 
-    /// Saves a private JSON document (mode 0600).
+    /// Saves a private JSON document.
     pub fn save_private<T: Serialize>(&self, name: &str, value: &T) -> Result<(), HomeError> {
-        self.write_json(name, value, true)
+        self.write_json(name, value)
     }
 
     /// Loads the profile.
@@ -301,7 +478,7 @@ impl Home {
 
     /// Saves the profile.
     pub fn save_profile(&self, p: &Profile) -> Result<(), HomeError> {
-        self.write_json("profile.json", p, false)
+        self.write_json("profile.json", p)
     }
 
     /// Loads the contacts.
@@ -311,19 +488,21 @@ impl Home {
 
     /// Saves the contacts.
     pub fn save_contacts(&self, c: &BTreeMap<String, Contact>) -> Result<(), HomeError> {
-        self.write_json("contacts.json", c, false)
+        self.write_json("contacts.json", c)
     }
 
     /// Loads the seen-message ids.
     pub fn seen(&self) -> Result<Seen, HomeError> {
         let mut s: Seen = self.read_json_or_default("seen.json")?;
-        s.set = s.order.iter().cloned().collect();
+        s.set = s.order.iter().map(|e| e.id().to_owned()).collect();
         Ok(s)
     }
 
-    /// Saves the seen-message ids.
+    /// Saves the seen-message ids (compact: the list holds up to [`SEEN_CAPACITY`] entries).
     pub fn save_seen(&self, s: &Seen) -> Result<(), HomeError> {
-        self.write_json("seen.json", s, false)
+        let path = self.path("seen.json");
+        let text = serde_json::to_vec(s).map_err(|source| HomeError::Corrupt { path: path.clone(), source })?;
+        relay_quic::durable_file::replace(&path, &text, Access::Owner).map_err(|source| HomeError::Io { path, source })
     }
 
     /// The quarantine directory.
@@ -339,13 +518,7 @@ impl Home {
             let path = path.to_path_buf();
             move |source| HomeError::Io { path, source }
         };
-        if !dir.exists() {
-            let mut builder = std::fs::DirBuilder::new();
-            builder.recursive(true);
-            #[cfg(unix)]
-            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-            builder.create(&dir).map_err(io(&dir))?;
-        }
+        relay_quic::durable_file::private_dir(&dir).map_err(io(&dir))?;
         let path = dir.join(format!("{}-{}.json", q.stored_at, q.server_id));
         let text = serde_json::to_vec_pretty(q).map_err(|source| HomeError::Corrupt { path: path.clone(), source })?;
         relay_quic::durable_file::replace(&path, &text, Access::Owner).map_err(io(&path))?;
@@ -381,12 +554,13 @@ impl Home {
         if self.path(name).exists() { self.read_json(name) } else { Ok(T::default()) }
     }
 
-    fn write_json<T: Serialize>(&self, name: &str, value: &T, private: bool) -> Result<(), HomeError> {
+    /// Every file of the home is the owner's alone: none is public, and some (held messages, contacts) are as
+    /// private as the keys.
+    fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), HomeError> {
         let path = self.path(name);
         let text =
             serde_json::to_vec_pretty(value).map_err(|source| HomeError::Corrupt { path: path.clone(), source })?;
-        let access = if private { Access::Owner } else { Access::Everyone };
-        relay_quic::durable_file::replace(&path, &text, access).map_err(|source| HomeError::Io { path, source })
+        relay_quic::durable_file::replace(&path, &text, Access::Owner).map_err(|source| HomeError::Io { path, source })
     }
 }
 
@@ -452,5 +626,52 @@ mod tests {
         home.save_seen(&s).expect("save");
         let s = home.seen().expect("load");
         assert!(s.contains("0") && s.contains(&(SEEN_CAPACITY - 1).to_string()));
+    }
+
+    #[test]
+    fn a_forgotten_message_id_still_refuses_that_senders_older_messages() {
+        let mut s = Seen::default();
+        assert!(s.record("m1", "alice", 1_000));
+        assert_eq!(s.freshness("m1", "alice", 1_000), Freshness::Duplicate);
+        for i in 0..SEEN_CAPACITY {
+            s.insert(&format!("envelope:{i}"));
+        }
+        assert!(!s.contains("m1"), "evicted");
+        assert_eq!(s.freshness("m1", "alice", 1_000), Freshness::Stale, "a replay of the forgotten message");
+        assert_eq!(s.freshness("m0", "alice", 999), Freshness::Stale);
+        assert_eq!(s.freshness("m2", "alice", 1_001), Freshness::New, "alice's later messages");
+        assert_eq!(s.freshness("b1", "bob", 5), Freshness::New, "another sender's clock is not compared");
+        assert!(!s.record("m1", "alice", 1_000));
+
+        // The watermark survives a restart, and files written before senders were recorded still load.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        home.save_seen(&s).expect("save");
+        assert_eq!(home.seen().expect("load").freshness("m1", "alice", 1_000), Freshness::Stale);
+        std::fs::write(dir.path().join("seen.json"), br#"{"order":["a","b"]}"#).expect("old format");
+        let old = home.seen().expect("an old file loads");
+        assert!(old.contains("a") && old.contains("b"));
+    }
+
+    #[tokio::test]
+    async fn the_lock_excludes_a_second_holder_until_released_and_refuses_after_the_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        let held = home.lock().await.expect("first");
+        // A second handle, even in this process, waits and then refuses with a message naming the home.
+        assert!(home.try_lock().expect("try").is_none());
+        let err = home.lock_within(Duration::from_millis(50)).await.expect_err("busy");
+        assert!(matches!(err, HomeError::Busy { .. }), "{err}");
+        assert!(err.to_string().contains("in use by another relay client"), "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+        drop(held);
+        let again = home.lock_within(Duration::from_millis(50)).await.expect("free again");
+        drop(again);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(LOCK_FILE)).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 }

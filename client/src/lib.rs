@@ -24,4 +24,6 @@ pub mod sessions;
 pub use connection::{Authenticated, ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 pub use home::{Device, Home};
 pub use identity::Identity;
-pub use messenger::{Accepted, Messenger, MessengerError, Received, ReceivedMessage, Sent};
+pub use messenger::{
+    Accepted, CodeRequested, Messenger, MessengerError, Received, ReceivedMessage, Sent, Verification,
+};

@@ -16,7 +16,24 @@
 //! Receiving is the reverse. The sender shown is the number in its certificate, checked under the relay's
 //! certificate key pinned at registration, never a string the sender chose. An envelope that cannot be opened,
 //! verified or decrypted is kept in the home's quarantine with the reason, and reported, before it is acknowledged:
-//! nothing is lost without the user learning of it.
+//! nothing is lost without the user learning of it. A replay is not a quarantine entry: it is recognised as a
+//! duplicate (below) and changes nothing.
+//!
+//! One writer per home: every operation that reads state to write it back (sessions, prekeys, contacts, seen
+//! ids, quarantined envelopes, held messages, the access key) takes the home's lock ([`crate::home::HomeLock`]),
+//! loads that state from disk afresh (another process may have changed it: `relay chat` open while a script runs
+//! `relay send`), works, writes, and releases the lock, so two clients of one home never encrypt under one ratchet
+//! key nor write back stale state. A messenger holds the lock only for an operation, never while it waits on the
+//! user or the network for something new: a receive batch ([`Messenger::accept`] … [`Messenger::save_seen`]) covers
+//! the deliveries already received, including the quarantine record of one that could not be read and the note
+//! that it was seen. Lookups and sends to the relay run outside the lock, except fetching the bundle a new session
+//! starts from. The relay's sender-certificate key (pinned once) and this account's own certificate (replaced
+//! whole by what the relay last issued) are written under the lock too, but are nothing to merge: the messenger
+//! keeps them as fields.
+//!
+//! Replays change nothing: a delivered message's side effects (the sender's access key) apply only once it is
+//! known to be new — not a redelivery of an envelope, not a message id already seen, and not older than what the
+//! bounded seen list forgot of that sender (see [`crate::home::Seen`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,10 +41,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
+use relay_proto::verification::{RegistrationPin, VerificationCode};
 use relay_proto::wire::{Deliver, DeviceInfo};
 use relay_proto::{AccountId, ErrorCode, PhoneNumber};
 use serde::Serialize;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{Mutex, MutexGuard, OnceCell};
 use tokio::time::Instant;
 
 use ed25519_dalek::VerifyingKey;
@@ -35,10 +53,11 @@ use relay_proto::identity::{SenderCertificate, SignedCertificate};
 
 use crate::connection::{Authenticated, ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 use crate::content::{Content, MESSAGE_ID_LEN};
+use crate::e2ee::E2eeError;
 use crate::e2ee::message::E2eeMessage;
 use crate::e2ee::safety::{Party, SafetyNumber};
 use crate::home::{
-    ChangedIdentity, Contact, Device, HeldMessage, Home, HomeError, Profile, Quarantined, RelayInfo, Seen,
+    ChangedIdentity, Contact, Device, Freshness, HeldMessage, Home, HomeError, Profile, Quarantined, RelayInfo, Seen,
 };
 use crate::identity::Identity;
 use crate::pin::parse_fingerprint;
@@ -112,11 +131,6 @@ impl MessengerError {
             _ => None,
         }
     }
-
-    /// Whether this device failed (its home could not be read or written), as opposed to the envelope or the peer.
-    fn is_local(&self) -> bool {
-        matches!(self, MessengerError::Home(_) | MessengerError::Session(SessionError::Home(_)))
-    }
 }
 
 /// A message received, decrypted and verified.
@@ -151,26 +165,18 @@ pub struct Sent {
     pub sealed: bool,
 }
 
-/// What became of a delivered envelope.
+/// What became of a delivered envelope that this device processed; acknowledge it in every case. (When the device
+/// itself failed, [`Messenger::accept`] returns an error instead, and the envelope must not be acknowledged.)
 #[derive(Debug)]
 pub enum Accepted {
     /// A new message.
     New(ReceivedMessage),
-    /// Already received before (a redelivery).
+    /// Already received before (a redelivery, or a replay); nothing changed.
     Duplicate,
-    /// Could not be opened, verified or decrypted (tampered, replayed, not for us, a forged sender): kept in the
-    /// home's quarantine with the reason, durably. Acknowledge it like the others.
+    /// Could not be opened, verified or decrypted (tampered, not for us, a forged or expired sender certificate,
+    /// sealed to a substituted key, from a session this device no longer has): kept in the home's quarantine with
+    /// the reason, durably.
     Quarantined(Quarantined),
-    /// This device failed (its home could not be read or written): nothing was decided about the envelope. Do not
-    /// acknowledge it; the relay delivers it again.
-    Failed(MessengerError),
-}
-
-impl Accepted {
-    /// Whether the relay may now delete the envelope.
-    pub fn may_acknowledge(&self) -> bool {
-        !matches!(self, Accepted::Failed(_))
-    }
 }
 
 /// What one call to [`Messenger::receive_all`] received.
@@ -188,8 +194,30 @@ impl Received {
     }
 
     fn len(&self) -> usize {
-        self.messages.len() + self.quarantined.len()
+        self.messages.len().saturating_add(self.quarantined.len())
     }
+}
+
+/// What proves the phone number at registration on a relay that verifies numbers: the code sent to it and, to take
+/// over a number protected by a registration lock, the lock's PIN. Both empty (the default) on an open relay, or to
+/// re-register the number this identity already holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verification {
+    /// The code sent to the number (see [`Messenger::request_code`]), as typed: spaces and dashes are dropped.
+    pub code: Option<String>,
+    /// The registration lock's PIN.
+    pub pin: Option<String>,
+}
+
+/// A code request the relay accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CodeRequested {
+    /// The request's id (names the code file with the `file` verifier).
+    pub request_id: String,
+    /// When the code expires (ms since the Unix epoch).
+    pub expires_at: u64,
+    /// How many registration attempts the code allows.
+    pub attempts: u32,
 }
 
 /// Validates and creates a new home with fresh keys.
@@ -243,74 +271,206 @@ struct CertificateFile {
     signature: String,
 }
 
-/// The relay's sender-certificate key offered in `auth`, checked against the one pinned in `profile` (pinned now,
-/// and saved, if the home has none yet).
-fn pin_certificate_key(
+/// The relay's sender-certificate key offered in `auth`, checked against the one pinned in the home's profile
+/// (pinned now, under the home's lock, if the profile has none yet). `profile` is updated to what was saved.
+async fn pin_certificate_key(
     home: &Home,
     profile: &mut Profile,
     auth: &Authenticated,
 ) -> Result<VerifyingKey, MessengerError> {
     let bad = |why: &str| MessengerError::SenderCertificate(why.to_owned());
     let offered = auth.sender_certificate_key.ok_or_else(|| bad("the relay sent no sender-certificate key"))?;
-    let relay = profile.relay.as_mut().ok_or(HomeError::NotRegistered)?;
-    match &relay.sender_certificate_key {
-        Some(pinned) if key_hex(pinned) == Some(offered) => {}
-        Some(_) => {
+    let pinned = |p: &Profile| -> Result<Option<String>, MessengerError> {
+        Ok(p.relay.as_ref().ok_or(HomeError::NotRegistered)?.sender_certificate_key.clone())
+    };
+    if pinned(profile)?.is_none() {
+        // Pinned once: read again under the lock, since another client of this home may have pinned it meanwhile.
+        let _lock = home.lock().await?;
+        *profile = home.profile()?;
+        if pinned(profile)?.is_none() {
+            let relay = profile.relay.as_mut().ok_or(HomeError::NotRegistered)?;
+            relay.sender_certificate_key = Some(hex::encode(offered));
+            home.save_profile(profile)?;
+        }
+    }
+    match pinned(profile)? {
+        Some(pinned) if key_hex(&pinned) == Some(offered) => {}
+        _ => {
             return Err(bad(
                 "the relay's sender-certificate key is not the one pinned at registration: refusing to trust the \
                  senders it certifies (register again only if the relay's operator confirms a new key)",
             ));
         }
-        None => {
-            relay.sender_certificate_key = Some(hex::encode(offered));
-            home.save_profile(profile)?;
-        }
     }
     VerifyingKey::from_bytes(&offered).map_err(|_| bad("the relay's sender-certificate key is not an Ed25519 key"))
+}
+
+/// The home's state while a messenger holds the home's lock: loaded when an operation (or a receive batch)
+/// begins, written when it ends.
+struct Held {
+    sessions: Sessions,
+    /// Loaded on first use (receiving only).
+    seen: Option<Seen>,
+    /// Whether `seen` changed since it was loaded.
+    seen_changed: bool,
+}
+
+impl Held {
+    fn seen(&mut self, home: &Home) -> Result<&mut Seen, HomeError> {
+        if self.seen.is_none() {
+            self.seen = Some(home.seen()?);
+        }
+        Ok(self.seen.get_or_insert_with(Seen::default))
+    }
+
+    /// Writes what changed, then releases the lock (held by `sessions`): sessions first, so that a crash
+    /// between the two writes leaves messages decryptable-again rather than seen and undecryptable.
+    fn close(self, home: &Home) -> Result<(), MessengerError> {
+        let Held { mut sessions, seen, seen_changed } = self;
+        sessions.flush()?;
+        if let Some(seen) = seen.filter(|_| seen_changed) {
+            home.save_seen(&seen)?;
+        }
+        drop(sessions);
+        Ok(())
+    }
+}
+
+/// One operation under the home's lock (see the module header). It continues a receive batch if one holds the
+/// lock, and keeps it for that batch when done. Otherwise [`Op::end`] writes and releases; dropped without
+/// `end` (an error), it releases without writing more, which is safe: an encryption's state is written before the
+/// message leaves, and what was decrypted and not written comes again, being unacknowledged.
+pub(crate) struct Op<'a> {
+    slot: MutexGuard<'a, Option<Held>>,
+    held: Option<Held>,
+    keep: bool,
+}
+
+impl Op<'_> {
+    fn held(&mut self) -> &mut Held {
+        // `held` is taken only by `end`, which consumes the operation.
+        self.held.as_mut().expect("the state is held until the operation ends")
+    }
+
+    fn sessions(&mut self) -> &mut Sessions {
+        &mut self.held().sessions
+    }
+
+    /// Ends the operation: writes what changed and releases the lock, unless a receive batch keeps it.
+    pub(crate) fn end(mut self, home: &Home) -> Result<(), MessengerError> {
+        if !self.keep
+            && let Some(held) = self.held.take()
+        {
+            held.close(home)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Op<'_> {
+    fn drop(&mut self) {
+        if self.keep {
+            *self.slot = self.held.take();
+        }
+    }
 }
 
 /// A connected, authenticated client.
 pub struct Messenger {
     home: Home,
     identity: Identity,
-    access_key: [u8; 32],
     profile: Profile,
     relay: (SocketAddr, [u8; 32]),
     conn: Connection,
     anonymous: OnceCell<Connection>,
-    sessions: Mutex<Sessions>,
+    /// The home's state while this messenger holds the home's lock; `None` otherwise.
+    state: Mutex<Option<Held>>,
+    /// The contacts as last read from the home.
     contacts: BTreeMap<String, Contact>,
     contact_recheck_ms: u64,
-    seen: Seen,
     /// The relay's sender-certificate key, pinned at registration: what every sender's certificate must verify under.
     certificate_key: VerifyingKey,
-    /// This account's own sender certificate, once fetched (also cached in the home).
+    /// This account's own sender certificate, once fetched (also cached in the home). Issued by the relay from its
+    /// directory, not state this device derives: a stale copy is replaced, never merged.
     certificate: Mutex<Option<SignedCertificate>>,
 }
 
 impl Messenger {
     /// Registers the home's identity with the relay at `server`, pinning `cert_sha256`, publishes prekeys and the
-    /// access-key verifier, and saves the relay.
+    /// access-key verifier, and saves the relay. On a relay that verifies phone numbers, see
+    /// [`Messenger::register_with`].
     pub async fn register(home: &Home, server: &str, cert_sha256: &str) -> Result<(Self, bool), MessengerError> {
+        Self::register_with(home, server, cert_sha256, &Verification::default()).await
+    }
+
+    /// [`Messenger::register`] with the proof of the phone number a verifying relay asks for: without a code it
+    /// refuses a number this identity does not hold yet with `VERIFICATION_REQUIRED` (then
+    /// [`Messenger::request_code`]); a wrong code is `BAD_CODE`, an expired or used-up one `CODE_EXPIRED`, and a
+    /// number whose holder set a registration lock needs its PIN (`REGISTRATION_LOCKED`).
+    pub async fn register_with(
+        home: &Home,
+        server: &str,
+        cert_sha256: &str,
+        verification: &Verification,
+    ) -> Result<(Self, bool), MessengerError> {
         let (identity, mut profile) = (home.identity()?, home.profile()?);
         let relay = parse_relay(server, cert_sha256)?;
+        let code = match &verification.code {
+            Some(c) => VerificationCode::from_user_input(c)
+                .map_err(|e| MessengerError::Input(e.to_string()))?
+                .as_str()
+                .to_owned(),
+            None => String::new(),
+        };
+        let pin = match &verification.pin {
+            Some(p) => RegistrationPin::parse(p).map_err(|e| MessengerError::Input(e.to_string()))?.as_str().to_owned(),
+            None => String::new(),
+        };
         let conn = Connection::connect(relay.0, relay.1).await?;
         let d = &profile.device;
         let device = DeviceInfo { model: d.model.clone(), os: d.os.clone(), app_version: d.app_version.clone() };
-        let created = conn.register(&identity, &profile.phone, device).await?;
+        let created = conn.register_verified(&identity, &profile.phone, device, &code, &pin).await?;
         let access_key = home.access_key()?;
         conn.set_access_key(relay_proto::auth::sha256(&access_key)).await?;
-        profile.relay = Some(RelayInfo {
+        // A registration pins the relay anew: its TLS certificate, and the sender-certificate key it offers next.
+        let relay_info = RelayInfo {
             server: server.to_owned(),
             cert_sha256: cert_sha256.to_lowercase(),
             sender_certificate_key: None,
-        });
-        home.save_profile(&profile)?;
+        };
+        {
+            let _lock = home.lock().await?;
+            profile = home.profile()?;
+            profile.relay = Some(relay_info);
+            home.save_profile(&profile)?;
+        }
         let auth = conn.authenticate_as(&identity).await?;
-        let certificate_key = pin_certificate_key(home, &mut profile, &auth)?;
+        let certificate_key = pin_certificate_key(home, &mut profile, &auth).await?;
         let m = Self::with(home, identity, profile, relay, conn, certificate_key)?;
         m.replenish(&auth.prekeys).await?;
         Ok((m, created))
+    }
+
+    /// Asks the relay at `server` (pinning `cert_sha256`) to send a verification code to the home's phone number.
+    pub async fn request_code(home: &Home, server: &str, cert_sha256: &str) -> Result<CodeRequested, MessengerError> {
+        let profile = home.profile()?;
+        let relay = parse_relay(server, cert_sha256)?;
+        let conn = Connection::connect(relay.0, relay.1).await?;
+        let sent = conn.request_code(&profile.phone).await;
+        conn.close().await;
+        let sent = sent?;
+        Ok(CodeRequested { request_id: sent.request_id, expires_at: sent.expires_at_ms, attempts: sent.attempts })
+    }
+
+    /// Sets the registration lock of this account to `pin` (`None`: removes it). While this account stays active
+    /// (connects at least once every 7 days), another identity needs the PIN, on top of a code sent to the number,
+    /// to register this number. Returns whether a lock is now set.
+    pub async fn set_registration_lock(&self, pin: Option<&str>) -> Result<bool, MessengerError> {
+        let pin = match pin {
+            Some(p) => RegistrationPin::parse(p).map_err(|e| MessengerError::Input(e.to_string()))?.as_str().to_owned(),
+            None => String::new(),
+        };
+        Ok(self.conn.set_registration_lock(&pin).await?)
     }
 
     /// Connects to the home's relay, authenticates, and replenishes the published prekeys if the relay reports
@@ -321,7 +481,7 @@ impl Messenger {
         let relay = parse_relay(&info.server, &info.cert_sha256)?;
         let conn = Connection::connect(relay.0, relay.1).await?;
         let auth = conn.authenticate_as(&identity).await?;
-        let certificate_key = pin_certificate_key(home, &mut profile, &auth)?;
+        let certificate_key = pin_certificate_key(home, &mut profile, &auth).await?;
         let m = Self::with(home, identity, profile, relay, conn, certificate_key)?;
         m.replenish(&auth.prekeys).await?;
         Ok(m)
@@ -335,6 +495,8 @@ impl Messenger {
         conn: Connection,
         certificate_key: VerifyingKey,
     ) -> Result<Self, MessengerError> {
+        // Homes written by earlier versions left files readable by others.
+        home.secure()?;
         let cached: Option<CertificateFile> = home.load_private(CERTIFICATE_FILE)?;
         let certificate = cached.and_then(|f| {
             let (certificate, signature) = (hex::decode(f.certificate).ok()?, hex::decode(f.signature).ok()?);
@@ -343,11 +505,9 @@ impl Messenger {
         Ok(Self {
             certificate_key,
             certificate: Mutex::new(certificate),
-            sessions: Mutex::new(Sessions::load(home, &identity)?),
-            access_key: home.access_key()?,
+            state: Mutex::new(None),
             contacts: home.contacts()?,
             contact_recheck_ms: CONTACT_RECHECK_MS,
-            seen: home.seen()?,
             home: home.clone(),
             anonymous: OnceCell::new(),
             identity,
@@ -365,11 +525,29 @@ impl Messenger {
     }
 
     async fn replenish(&self, counts: &relay_proto::wire::PrekeyCounts) -> Result<(), MessengerError> {
-        let upload = self.sessions.lock().await.replenish(counts)?;
+        let mut op = self.begin(false).await?;
+        let upload = op.sessions().replenish(counts)?;
+        op.end(&self.home)?;
         if let Some(upload) = upload {
             self.conn.upload_prekeys(upload).await?;
         }
         Ok(())
+    }
+
+    /// Begins an operation on the home's state (see [`Op`]): continues the receive batch that holds the lock, or
+    /// takes the lock (waiting up to [`crate::home::LOCK_WAIT`]) and loads the state afresh. `keep` makes it a
+    /// receive batch, which [`Messenger::save_seen`] ends.
+    pub(crate) async fn begin(&self, keep: bool) -> Result<Op<'_>, MessengerError> {
+        let mut slot = self.state.lock().await;
+        let (held, batch) = match slot.take() {
+            Some(held) => (held, true),
+            None => {
+                let lock = self.home.lock().await?;
+                let sessions = Sessions::load(&self.home, &self.identity, lock)?;
+                (Held { sessions, seen: None, seen_changed: false }, false)
+            }
+        };
+        Ok(Op { slot, held: Some(held), keep: keep || batch })
     }
 
     /// Own account id.
@@ -424,6 +602,7 @@ impl Messenger {
     /// [`MessengerError::IdentityChanged`]: the safety number covers both keys, so either changing changes it.
     pub async fn contact(&mut self, phone: &str) -> Result<DirectoryEntry, MessengerError> {
         parse_phone(phone)?;
+        self.contacts = self.home.contacts()?;
         let now = relay_proto::now_ms();
         if let Some(c) = self.contacts.get(phone)
             && c.changed.is_none()
@@ -434,14 +613,19 @@ impl Messenger {
         {
             return Ok(entry);
         }
+        // The lookup runs without the lock; what it found is merged into the contacts as they are once the lock
+        // is held, so that a contact another process recorded meanwhile is neither lost nor overwritten.
         let found = self.conn.lookup(phone).await?;
         if found.verify_binding().is_err() {
             tracing::warn!("the directory returned a sealing key its identity key did not sign: refused");
             return Err(MessengerError::UnboundKey { phone: phone.to_owned() });
         }
-        match self.contacts.get_mut(phone) {
+        let op = self.begin(false).await?;
+        let mut contacts = self.home.contacts()?;
+        let changed = match contacts.get_mut(phone) {
             None => {
-                self.contacts.insert(phone.to_owned(), contact_of(&found));
+                contacts.insert(phone.to_owned(), contact_of(&found));
+                false
             }
             Some(c)
                 if c.identity_key == hex::encode(found.identity_key)
@@ -450,6 +634,7 @@ impl Messenger {
             {
                 c.sealing_key_signature = hex::encode(&found.sealing_key_signature);
                 c.checked_at = now;
+                false
             }
             Some(c) => {
                 let new = contact_of(&found);
@@ -459,17 +644,22 @@ impl Messenger {
                     sealing_key: new.sealing_key,
                     sealing_key_signature: new.sealing_key_signature,
                 });
-                self.home.save_contacts(&self.contacts)?;
-                return Err(MessengerError::IdentityChanged { phone: phone.to_owned() });
+                true
             }
+        };
+        self.home.save_contacts(&contacts)?;
+        op.end(&self.home)?;
+        self.contacts = contacts;
+        if changed {
+            return Err(MessengerError::IdentityChanged { phone: phone.to_owned() });
         }
-        self.home.save_contacts(&self.contacts)?;
         Ok(found)
     }
 
     /// Sends `text` to the account registered with `phone`; returns once the relay acknowledged it durably. If the
     /// contact's identity changed, the message is held (see [`Messenger::held`]) and an error says so.
     pub async fn send_text(&mut self, phone: &str, text: &str) -> Result<Sent, MessengerError> {
+        self.contacts = self.home.contacts()?;
         let pending = self.contacts.get(phone).is_some_and(|c| c.changed.is_some());
         let to = if pending {
             Err(MessengerError::IdentityChanged { phone: phone.to_owned() })
@@ -479,9 +669,11 @@ impl Messenger {
         match to {
             Ok(to) => self.send_to(&to, text).await,
             Err(e @ MessengerError::IdentityChanged { .. }) => {
+                let op = self.begin(false).await?;
                 let mut held = self.home.held()?;
                 held.push(HeldMessage { to: phone.to_owned(), text: text.to_owned(), held_at: relay_proto::now_ms() });
                 self.home.save_held(&held)?;
+                op.end(&self.home)?;
                 Err(e)
             }
             Err(e) => Err(e),
@@ -493,28 +685,40 @@ impl Messenger {
     /// many sends can run at once.
     pub async fn send_to(&self, to: &DirectoryEntry, text: &str) -> Result<Sent, MessengerError> {
         let id: [u8; MESSAGE_ID_LEN] = rand::random();
-        let content = Content {
-            message_id: id.to_vec(),
-            sent_at_ms: relay_proto::now_ms(),
-            text: text.to_owned(),
-            sender_access_key: self.access_key.to_vec(),
-        };
+        // Encrypting with the latest state on disk, under the lock, and writing the new state before the lock goes:
+        // another client of this home then continues from it, never from a key already used.
         let (payload, access_key) = {
-            let mut sessions = self.sessions.lock().await;
+            let mut op = self.begin(false).await?;
+            // Read under the lock: another client of this home may have rotated it.
+            let own_access_key = self.home.access_key()?;
+            let content = Content {
+                message_id: id.to_vec(),
+                sent_at_ms: relay_proto::now_ms(),
+                text: text.to_owned(),
+                sender_access_key: own_access_key.to_vec(),
+            };
+            let sessions = op.sessions();
             if !sessions.has(&to.account)? {
                 let bundle = self.conn.fetch_bundle(&to.account).await?;
                 sessions.start(&bundle, &to.identity_key, &to.sealing_key)?;
             }
-            (sessions.encrypt(&to.account, &content.encode_to_vec())?, sessions.peer_access_key(&to.account))
+            let out = (sessions.encrypt(&to.account, &content.encode_to_vec())?, sessions.peer_access_key(&to.account));
+            op.end(&self.home)?;
+            out
         };
         let certificate = self.sender_certificate().await?;
         let envelope = Bytes::from(seal_message(&self.identity, &certificate, &to.account, &to.sealing_key, payload)?);
         if let Some(key) = access_key {
             match self.anonymous_connection().await?.sealed_send(&to.account, envelope.clone(), &key).await {
                 Ok(ack) => return Ok(Sent { id: hex::encode(id), server_id: ack.server_id, sealed: true }),
-                // The recipient rotated its key: forget it and fall back to the authenticated path.
+                // The recipient rotated its key: forget it (unless a newer one arrived meanwhile) and fall back to
+                // the authenticated path.
                 Err(e) if e.code() == Some(ErrorCode::BadAccessKey) => {
-                    self.sessions.lock().await.set_peer_access_key(&to.account, None)?;
+                    let mut op = self.begin(false).await?;
+                    if op.sessions().peer_access_key(&to.account) == Some(key) {
+                        op.sessions().set_peer_access_key(&to.account, None)?;
+                    }
+                    op.end(&self.home)?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -541,7 +745,10 @@ impl Messenger {
         self.own_certificate(&fresh, relay_proto::now_ms())?;
         let file =
             CertificateFile { certificate: hex::encode(&fresh.certificate), signature: hex::encode(fresh.signature) };
+        // A whole-file replace of what the relay issued (no state read back), under the lock like every write.
+        let op = self.begin(false).await?;
         self.home.save_private(CERTIFICATE_FILE, &Some(file))?;
+        op.end(&self.home)?;
         *cached = Some(fresh.clone());
         Ok(fresh)
     }
@@ -564,9 +771,10 @@ impl Messenger {
     /// so contacts fall back to sending over their authenticated connection until this account's next message to
     /// them carries the new key. The way to cut off a contact that abuses sealed sending.
     pub async fn rotate_access_key(&mut self) -> Result<(), MessengerError> {
+        let op = self.begin(false).await?;
         let key = self.home.rotate_access_key()?;
+        op.end(&self.home)?;
         self.conn.set_access_key(relay_proto::auth::sha256(&key)).await?;
-        self.access_key = key;
         Ok(())
     }
 
@@ -601,8 +809,9 @@ impl Messenger {
     /// Accepts the new identity of `phone`: it replaces the old one, the old session is dropped, and the held
     /// messages to `phone` are sent. Returns what was sent.
     pub async fn accept_identity(&mut self, phone: &str) -> Result<Vec<Sent>, MessengerError> {
-        let c =
-            self.contacts.get_mut(phone).ok_or_else(|| MessengerError::Input(format!("{phone} is not a contact")))?;
+        let mut op = self.begin(false).await?;
+        let mut contacts = self.home.contacts()?;
+        let c = contacts.get_mut(phone).ok_or_else(|| MessengerError::Input(format!("{phone} is not a contact")))?;
         let Some(new) = c.changed.take() else { return Ok(Vec::new()) };
         let old = AccountId::from_hex(&c.account_id);
         *c = Contact {
@@ -614,26 +823,38 @@ impl Messenger {
             checked_at: relay_proto::now_ms(),
         };
         let to = contact_entry(c).ok_or_else(|| MessengerError::Input("corrupt contact".into()))?;
-        self.home.save_contacts(&self.contacts)?;
+        self.home.save_contacts(&contacts)?;
         if let Some(old) = old {
-            self.sessions.lock().await.forget(&old)?;
+            op.sessions().forget(&old)?;
         }
-        let (mine, others): (Vec<_>, Vec<_>) = self.home.held()?.into_iter().partition(|h| h.to == phone);
+        let mine: Vec<_> = self.home.held()?.into_iter().filter(|h| h.to == phone).collect();
+        op.end(&self.home)?;
+        self.contacts = contacts;
         let mut sent = Vec::new();
-        for (i, h) in mine.iter().enumerate() {
+        let mut failure = None;
+        for h in &mine {
             match self.send_to(&to, &h.text).await {
                 Ok(s) => sent.push(s),
                 Err(e) => {
-                    // Keep what was not sent.
-                    let mut keep = others;
-                    keep.extend_from_slice(&mine[i..]);
-                    self.home.save_held(&keep)?;
-                    return Err(e);
+                    failure = Some(e);
+                    break;
                 }
             }
         }
-        self.home.save_held(&others)?;
-        Ok(sent)
+        // Drop exactly what was sent from the held messages as they are now (others may have been held meanwhile).
+        let op = self.begin(false).await?;
+        let mut held = self.home.held()?;
+        for done in &mine[..sent.len()] {
+            if let Some(i) = held.iter().position(|h| h == done) {
+                held.remove(i);
+            }
+        }
+        self.home.save_held(&held)?;
+        op.end(&self.home)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
     }
 
     /// Opens the delivery stream.
@@ -642,13 +863,34 @@ impl Messenger {
     }
 
     /// Opens, verifies, decrypts and de-duplicates a delivered envelope; one that cannot be read or believed is
-    /// kept in the home's quarantine (durably) with the reason. Call [`Messenger::save_seen`] before acknowledging,
-    /// and acknowledge only what [`Accepted::may_acknowledge`].
-    pub async fn accept(&mut self, d: &Deliver) -> Accepted {
-        match self.open_delivery(d).await {
+    /// kept in the home's quarantine (durably) with the reason. The first call of a receive batch takes the home's
+    /// lock (and reads the state afresh); [`Messenger::save_seen`] writes what the batch changed and releases it:
+    /// call it before acknowledging, and before waiting for more deliveries.
+    ///
+    /// `Ok`, whatever the [`Accepted`]: the envelope was dealt with (shown, recognised, or kept in quarantine);
+    /// acknowledge it once the batch is saved. An error means this device failed (the home's lock is busy, a file
+    /// cannot be read, the quarantine record cannot be written): nothing was decided about the envelope, it must not
+    /// be acknowledged, and it comes again.
+    pub async fn accept(&mut self, d: &Deliver) -> Result<Accepted, MessengerError> {
+        let mut op = self.begin(true).await?;
+        // Read before anything changes, so that no failure to read can come after a state change.
+        let contacts = self.home.contacts()?;
+        let seen = op.held().seen(&self.home)?;
+        // A redelivery of an envelope already processed (acknowledgement lost), read or quarantined, is recognised
+        // before decryption: its ratchet key is spent, so decrypting it again would fail as a replay.
+        let envelope_key = format!("envelope:{}", d.server_id);
+        if seen.contains(&envelope_key) {
+            return Ok(Accepted::Duplicate);
+        }
+        let accepted = match self.decrypt_delivery(&mut op, &contacts, d) {
             Ok(Some(m)) => Accepted::New(m),
             Ok(None) => Accepted::Duplicate,
-            Err(e) if e.is_local() => Accepted::Failed(e),
+            Err(e) if is_local(&e) => return Err(e),
+            // A replay is a duplicate, not a loss to report: the message it repeats was shown when it first came.
+            Err(MessengerError::Session(SessionError::InitialReplayed | SessionError::E2ee(E2eeError::Replay))) => {
+                tracing::debug!(server_id = d.server_id, "replayed message ignored");
+                return Ok(Accepted::Duplicate);
+            }
             Err(e) => {
                 let q = Quarantined {
                     error: e.to_string(),
@@ -657,34 +899,27 @@ impl Messenger {
                     quarantined_at: relay_proto::now_ms(),
                     envelope: hex::encode(&d.envelope),
                 };
-                match self.home.quarantine(&q) {
-                    Ok(path) => {
-                        tracing::warn!(server_id = d.server_id, error = %e, file = %path.display(), "envelope quarantined");
-                        // A redelivery (acknowledgement lost) is then a duplicate, not a second report.
-                        self.seen.insert(&format!("envelope:{}", d.server_id));
-                        Accepted::Quarantined(q)
-                    }
-                    Err(h) => Accepted::Failed(h.into()),
-                }
+                // Kept (durably, under the batch's lock) before the envelope can be acknowledged; if it cannot be,
+                // the error leaves the envelope on the relay.
+                let path = self.home.quarantine(&q)?;
+                tracing::warn!(server_id = d.server_id, error = %e, file = %path.display(), "envelope quarantined");
+                Accepted::Quarantined(q)
             }
-        }
+        };
+        // Recorded with the rest of the batch: a redelivery (acknowledgement lost) is then a duplicate, not a second
+        // message or a second quarantine report.
+        op.held().seen(&self.home)?.insert(&envelope_key);
+        op.held().seen_changed = true;
+        op.end(&self.home)?;
+        Ok(accepted)
     }
 
-    async fn open_delivery(&mut self, d: &Deliver) -> Result<Option<ReceivedMessage>, MessengerError> {
-        // A redelivery of an envelope already processed (acknowledgement lost) is recognised before decryption:
-        // its ratchet key is spent, so decrypting it again would fail as a replay.
-        let envelope_key = format!("envelope:{}", d.server_id);
-        if self.seen.contains(&envelope_key) {
-            return Ok(None);
-        }
-        let received = self.decrypt_delivery(d).await;
-        if received.is_ok() {
-            self.seen.insert(&envelope_key);
-        }
-        received
-    }
-
-    async fn decrypt_delivery(&mut self, d: &Deliver) -> Result<Option<ReceivedMessage>, MessengerError> {
+    fn decrypt_delivery(
+        &self,
+        op: &mut Op<'_>,
+        contacts: &BTreeMap<String, Contact>,
+        d: &Deliver,
+    ) -> Result<Option<ReceivedMessage>, MessengerError> {
         let sealed = open_message(&self.identity, &d.envelope, &self.certificate_key, d.stored_at_ms)?;
         // A session's first message names the sender's X25519 identity key: it must be the one the relay certified.
         if let Ok(E2eeMessage::PreKey { header, .. }) = E2eeMessage::decode(&sealed.payload)
@@ -696,20 +931,30 @@ impl Messenger {
         }
         let sender_key = sealed.sender_identity_key();
         let sender = sealed.sender_account();
-        let plaintext = self.sessions.lock().await.decrypt(&sender_key, &sealed.payload)?;
+        let plaintext = op.sessions().decrypt(&sender_key, &sealed.payload)?;
         let content = Content::decode(plaintext.as_slice()).map_err(|_| OpenError::Content)?;
         if content.message_id.len() != MESSAGE_ID_LEN {
             return Err(OpenError::Content.into());
         }
-        if let Ok(key) = <[u8; 32]>::try_from(content.sender_access_key.as_slice()) {
-            self.sessions.lock().await.set_peer_access_key(&sender, Some(key))?;
-        }
+        // Side effects only once the message is known to be new: a replayed old message must not bring back the
+        // access key it carried.
         let id = hex::encode(&content.message_id);
-        if !self.seen.insert(&id) {
-            return Ok(None);
+        let from_account = sender.to_string();
+        let seen = op.held().seen(&self.home)?;
+        match seen.freshness(&id, &from_account, content.sent_at_ms) {
+            Freshness::New => {}
+            Freshness::Duplicate => return Ok(None),
+            Freshness::Stale => {
+                tracing::debug!(server_id = d.server_id, "message older than the seen list's memory ignored");
+                return Ok(None);
+            }
+        }
+        seen.record(&id, &from_account, content.sent_at_ms);
+        if let Ok(key) = <[u8; 32]>::try_from(content.sender_access_key.as_slice()) {
+            op.sessions().learn_peer_access_key(&sender, key, content.sent_at_ms)?;
         }
         let from = sealed.sender.phone.as_str().to_owned();
-        let identity_changed = match self.contacts.get(&from) {
+        let identity_changed = match contacts.get(&from) {
             Some(c) => {
                 c.identity_key != hex::encode(sender_key) || c.sealing_key != hex::encode(sealed.sender.sealing_key)
             }
@@ -722,7 +967,7 @@ impl Messenger {
             id,
             server_id: d.server_id,
             from,
-            from_account: sender.to_string(),
+            from_account,
             text: content.text,
             sent_at: content.sent_at_ms,
             stored_at: d.stored_at_ms,
@@ -730,10 +975,14 @@ impl Messenger {
         }))
     }
 
-    /// Persists what receiving changed (session states, de-duplication ids). Call before acknowledging.
+    /// Ends the receive batch: writes what receiving changed (session states, de-duplication ids) and releases the
+    /// home's lock. Call before acknowledging. Nothing to do when no batch is open.
     pub async fn save_seen(&self) -> Result<(), MessengerError> {
-        self.sessions.lock().await.flush()?;
-        Ok(self.home.save_seen(&self.seen)?)
+        let held = self.state.lock().await.take();
+        match held {
+            Some(held) => held.close(&self.home),
+            None => Ok(()),
+        }
     }
 
     /// [`Messenger::receive_all`], returning the messages only: envelopes quarantined meanwhile are in the home's
@@ -745,7 +994,7 @@ impl Messenger {
     /// Receives until the mailbox is drained and at least `min` envelopes were received (new messages and envelopes
     /// quarantined both count), or `wait` has passed with the mailbox drained. Every delivered envelope is
     /// acknowledged (after the de-duplication state is saved, and an unreadable one kept in the quarantine) before
-    /// this returns.
+    /// this returns; one this device failed to process (see [`Messenger::accept`]) is not, and comes again.
     ///
     /// If the connection fails once messages were received, those are returned (their de-duplication state saved
     /// first) and the failure shows on the next call: a batch already acknowledged is never delivered again, and one
@@ -753,22 +1002,23 @@ impl Messenger {
     /// twice. Not cancellation-safe: dropping the future drops what it had received.
     pub async fn receive_all(&mut self, min: usize, wait: Duration) -> Result<Received, MessengerError> {
         let mut out = Received::default();
-        match self.receive_into(min, wait, &mut out).await {
-            Ok(()) => Ok(out),
-            Err(e) if !out.is_empty() => {
-                if let Err(save) = self.save_seen().await {
-                    // Unsaved, the tail may be shown again after a restart: better than losing the saved head.
-                    tracing::warn!(error = %save, "cannot save received messages as seen");
-                }
+        let result = self.receive_into(min, wait, &mut out).await;
+        // Whatever happened, no batch stays open: it would keep the home locked.
+        let saved = self.save_seen().await;
+        match (result, saved) {
+            (Ok(()), Ok(())) => Ok(out),
+            (Ok(()), Err(e)) | (Err(e), _) if out.is_empty() => Err(e),
+            (Ok(()), Err(e)) | (Err(e), _) => {
+                // Unsaved, the tail may be shown again after a restart: better than losing the saved head.
                 tracing::warn!(error = %e, received = out.len(), "receiving stopped early");
                 Ok(out)
             }
-            Err(e) => Err(e),
         }
     }
 
     async fn receive_into(&mut self, min: usize, wait: Duration, out: &mut Received) -> Result<(), MessengerError> {
-        let deadline = Instant::now() + wait;
+        // `wait` comes from the user (`recv --wait`): a huge one means "no deadline", not an overflow.
+        let deadline = Instant::now().checked_add(wait).unwrap_or_else(far_future);
         let mut inbox = self.inbox().await?;
         let mut pending = Vec::new();
         let (mut drained, mut acks_in_flight) = (false, 0usize);
@@ -778,7 +1028,8 @@ impl Messenger {
                 return Ok(());
             }
             // Past the deadline, only finish acknowledging what was received (bounded by a grace period).
-            let until = if settled { deadline } else { deadline.max(Instant::now()) + Duration::from_secs(10) };
+            let grace = deadline.max(Instant::now()).checked_add(Duration::from_secs(10)).unwrap_or(deadline);
+            let until = if settled { deadline } else { grace };
             let event = match tokio::time::timeout_at(until, inbox.next()).await {
                 Ok(Some(event)) => event?,
                 Ok(None) => return Err(ClientError::Protocol("relay closed the delivery stream".into()).into()),
@@ -788,19 +1039,19 @@ impl Messenger {
             match event {
                 InboxEvent::Deliver(d) => {
                     drained = false;
-                    match self.accept(&d).await {
+                    // An error (this device failed) leaves this envelope unacknowledged: the relay delivers it again.
+                    match self.accept(&d).await? {
                         Accepted::New(m) => out.messages.push(m),
                         Accepted::Duplicate => {}
                         Accepted::Quarantined(q) => out.quarantined.push(q),
-                        // Not acknowledged: the relay keeps it and delivers it again.
-                        Accepted::Failed(e) => return Err(e),
                     }
                     pending.push(d.server_id);
                 }
                 InboxEvent::QueueEmpty => drained = true,
                 InboxEvent::Acked(_) => acks_in_flight = acks_in_flight.saturating_sub(1),
             }
-            if !pending.is_empty() && (drained || pending.len() >= ACK_BATCH) {
+            // The batch ends (and the home's lock is released) before waiting on the network again.
+            if !pending.is_empty() && (drained || pending.len() >= ACK_BATCH || !inbox.has_buffered()) {
                 self.save_seen().await?;
                 inbox.ack(&pending).await?;
                 pending.clear();
@@ -816,4 +1067,15 @@ impl Messenger {
         }
         self.conn.close().await;
     }
+}
+
+/// A deadline no wait reaches (about thirty years from now).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(30 * 365 * 24 * 3600)
+}
+
+/// Whether `e` is about this device's own state (the home) rather than about the envelope: such a delivery was not
+/// processed and must not be acknowledged.
+fn is_local(e: &MessengerError) -> bool {
+    matches!(e, MessengerError::Home(_) | MessengerError::Session(SessionError::Home(_)))
 }

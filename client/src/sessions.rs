@@ -1,10 +1,23 @@
-//! The device's end-to-end state and its persistence: the prekey store (`prekeys.json`) and one Double Ratchet
-//! session per peer account (`session-<account>.json`), each file private (0600) in the home, rewritten (synced,
-//! then renamed) when it changes:
+//! The device's end-to-end state and its persistence: the prekey store (`prekeys.json`), one Double Ratchet
+//! session per peer account (`session-<account>.json`) and the first messages already answered
+//! (`initial-messages.json`), each file private (0600) in the home, rewritten (synced, then renamed) when it
+//! changes:
 //! - after encrypting, before the message leaves the device, so a crash can never make the device reuse a key;
 //! - after decrypting, at the latest in [`Sessions::flush`], which the messenger calls before acknowledging
 //!   deliveries to the relay. A crash before that only means the relay delivers again and the old state decrypts
 //!   again, so receiving a batch costs one write per peer instead of one per message.
+//!
+//! One writer: a `Sessions` is loaded from disk under the home's lock ([`HomeLock`]) and owns it until it is
+//! closed or dropped, so no two of them (in one process or two) ever hold state for the same home at once, and
+//! each encrypts with the latest state written. Load one per operation: keeping it while idle would keep every
+//! other client of the home waiting.
+//!
+//! Replays change nothing. The ratchet refuses a message it already decrypted. A first (PreKey) message that no
+//! current state accepts is answered with PQXDH only if it was never answered before: the digest of each initial
+//! header answered is remembered (for as long as its signed prekey lives, since without it the header cannot be
+//! answered anyway; at most [`MAX_INITIAL_MESSAGES`], oldest forgotten first). Otherwise a replayed first message
+//! would set up its session again, pushing a new state each time until the genuine one is evicted. A peer's
+//! access key is replaced only by one sent later than the key held ([`Sessions::learn_peer_access_key`]).
 //!
 //! A session is started from a peer's prekey bundle (PQXDH) by [`Sessions::start`]; until the peer answers, every
 //! message carries the PQXDH header. A first message from a peer starts the responder side.
@@ -14,7 +27,7 @@
 //! each, and the state that decrypts it becomes the current one. Both sides thus converge on one session within a
 //! round trip, and no message of either session is lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use relay_proto::AccountId;
 use relay_proto::wire::{self, KemPrekey, OneTimePrekey, PrekeyCounts, SignedPrekey, UploadPrekeys};
@@ -25,7 +38,7 @@ use crate::e2ee::message::E2eeMessage;
 use crate::e2ee::pqxdh::{self, InitialHeader};
 use crate::e2ee::prekeys::{self, PrekeyBundle, PrekeyStore};
 use crate::e2ee::ratchet::{RatchetMessage, RatchetState};
-use crate::home::{Home, HomeError};
+use crate::home::{Home, HomeError, HomeLock};
 use crate::identity::Identity;
 
 /// Session states kept per peer (the current one and those it replaced).
@@ -34,6 +47,10 @@ pub const MAX_STATES: usize = 4;
 pub const PREKEY_BATCH: usize = 100;
 /// The signed prekey is rotated after this long (the previous one stays usable for a grace period).
 pub const SIGNED_PREKEY_ROTATION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Most initial headers remembered as answered (see the module header).
+pub const MAX_INITIAL_MESSAGES: usize = 10_000;
+const INITIAL_FILE: &str = "initial-messages.json";
+const INITIAL_DIGEST_LABEL: &[u8] = b"ConsentRelay_InitialHeader_v1";
 
 /// Why an end-to-end operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +71,10 @@ pub enum SessionError {
     /// A ratchet message arrived for a session this device does not have.
     #[error("no session with the sender (it may have been reset): ask them to send again")]
     NoSession,
+    /// A first message whose session was already set up from it, and that no current state accepts: a replay (or a
+    /// late message of a session since replaced). Nothing changed.
+    #[error("first message of a session already set up (replayed, or its session was replaced): ignored")]
+    InitialReplayed,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,6 +101,10 @@ struct PeerSession {
     /// The peer's sealed-sender access key, once it shared it.
     #[serde(default, with = "hex_opt")]
     access_key: Option<[u8; 32]>,
+    /// When the peer wrote the message that carried the newest access key seen (its clock, ms): an older
+    /// message's key never replaces it.
+    #[serde(default)]
+    access_key_sent_at_ms: u64,
 }
 
 impl PeerSession {
@@ -132,7 +157,31 @@ mod hex_opt {
     }
 }
 
-/// Prekeys and sessions of this device.
+/// The digests of initial headers answered, oldest first, each with the signed prekey it used.
+#[derive(Default, Serialize, Deserialize)]
+struct InitialMessages {
+    answered: VecDeque<(u32, String)>,
+}
+
+impl InitialMessages {
+    fn contains(&self, digest: &str) -> bool {
+        self.answered.iter().any(|(_, d)| d == digest)
+    }
+}
+
+/// What identifies an initial header: its ephemeral key and KEM ciphertext are fresh for every session, and the
+/// sender's key ties it to its sender.
+fn initial_digest(header: &InitialHeader) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(INITIAL_DIGEST_LABEL);
+    h.update(header.identity_key);
+    h.update(header.ephemeral);
+    h.update(&header.kem_ciphertext);
+    hex::encode(h.finalize())
+}
+
+/// Prekeys and sessions of this device, loaded under the home's lock (which it holds until dropped).
 pub struct Sessions {
     home: Home,
     identity: Identity,
@@ -141,6 +190,10 @@ pub struct Sessions {
     /// Peers (and the prekey store) changed by decryption and not yet written.
     dirty: std::collections::HashSet<AccountId>,
     prekeys_dirty: bool,
+    /// Loaded when a first message needs answering.
+    initial: Option<InitialMessages>,
+    initial_dirty: bool,
+    _lock: HomeLock,
 }
 
 fn session_file(peer: &AccountId) -> String {
@@ -196,8 +249,9 @@ fn wire_signed(k: &prekeys::SignedPrekey) -> SignedPrekey {
 }
 
 impl Sessions {
-    /// Loads the prekey store (creating one on first use); sessions are loaded when first needed.
-    pub fn load(home: &Home, identity: &Identity) -> Result<Self, SessionError> {
+    /// Loads the prekey store (creating one on first use) under `lock`, the home's lock, which this value keeps;
+    /// sessions are loaded when first needed.
+    pub fn load(home: &Home, identity: &Identity, lock: HomeLock) -> Result<Self, SessionError> {
         let stored: Option<PrekeyFile> = home.load_private("prekeys.json")?;
         let prekeys = match stored {
             Some(p) => p,
@@ -215,7 +269,29 @@ impl Sessions {
             peers: HashMap::new(),
             dirty: Default::default(),
             prekeys_dirty: false,
+            initial: None,
+            initial_dirty: false,
+            _lock: lock,
         })
+    }
+
+    /// Writes what changed ([`Sessions::flush`]) and releases the home's lock.
+    pub fn close(mut self) -> Result<(), SessionError> {
+        self.flush()
+    }
+
+    /// The initial headers answered, loaded on first use; those whose signed prekey is gone are dropped, since
+    /// such a header can no longer be answered.
+    fn initial_messages(&mut self) -> Result<&mut InitialMessages, SessionError> {
+        if self.initial.is_none() {
+            let mut loaded: InitialMessages = self.home.load_private(INITIAL_FILE)?;
+            let store = &self.prekeys.store;
+            let before = loaded.answered.len();
+            loaded.answered.retain(|(spk, _)| store.signed_prekey_secret(*spk).is_ok());
+            self.initial_dirty |= loaded.answered.len() != before;
+            self.initial = Some(loaded);
+        }
+        Ok(self.initial.get_or_insert_with(InitialMessages::default))
     }
 
     fn save_prekeys(&self) -> Result<(), SessionError> {
@@ -281,6 +357,12 @@ impl Sessions {
             self.save_prekeys()?;
             self.prekeys_dirty = false;
         }
+        if self.initial_dirty
+            && let Some(initial) = &self.initial
+        {
+            self.home.save_private(INITIAL_FILE, initial)?;
+            self.initial_dirty = false;
+        }
         let dirty: Vec<_> = self.dirty.iter().copied().collect();
         for peer in dirty {
             self.save_peer(&peer)?;
@@ -315,8 +397,12 @@ impl Sessions {
         match self.peer(&peer)? {
             Some(s) => s.push(state),
             None => {
-                let session =
-                    PeerSession { peer_identity_key: bundle.identity_key, states: vec![state], access_key: None };
+                let session = PeerSession {
+                    peer_identity_key: bundle.identity_key,
+                    states: vec![state],
+                    access_key: None,
+                    access_key_sent_at_ms: 0,
+                };
                 self.peers.insert(peer, session);
             }
         }
@@ -353,6 +439,12 @@ impl Sessions {
                     self.dirty.insert(sender);
                     return Ok(plain);
                 }
+                // No current state accepts it: answer it with PQXDH, unless it was answered before (a replay would
+                // push one more state each time, until the genuine one is evicted).
+                let digest = initial_digest(&header);
+                if self.initial_messages()?.contains(&digest) {
+                    return Err(SessionError::InitialReplayed);
+                }
                 let mut store = self.prekeys.store.clone();
                 let (secret, ad) = pqxdh::respond(&self.identity, &mut store, &header)?;
                 let spk = store.signed_prekey_secret(header.signed_prekey_id)?;
@@ -361,6 +453,12 @@ impl Sessions {
                 let state = SessionState { ad, ratchet, pending_header: None };
                 self.prekeys.store = store;
                 self.prekeys_dirty = true;
+                let initial = self.initial_messages()?;
+                initial.answered.push_back((header.signed_prekey_id, digest));
+                while initial.answered.len() > MAX_INITIAL_MESSAGES {
+                    initial.answered.pop_front();
+                }
+                self.initial_dirty = true;
                 match self.peer(&sender)? {
                     Some(s) => s.push(state),
                     None => {
@@ -368,6 +466,7 @@ impl Sessions {
                             peer_identity_key: *sender_identity_key,
                             states: vec![state],
                             access_key: None,
+                            access_key_sent_at_ms: 0,
                         };
                         self.peers.insert(sender, session);
                     }
@@ -391,6 +490,26 @@ impl Sessions {
     /// The sealed-sender access key `peer` shared, if any.
     pub fn peer_access_key(&mut self, peer: &AccountId) -> Option<[u8; 32]> {
         self.peer(peer).ok().flatten().and_then(|s| s.access_key)
+    }
+
+    /// Records the access key `peer` sent in a message it wrote at `sent_at_ms` (its clock), unless a key from a
+    /// later message is already held: a late or replayed message cannot bring back a key the peer has replaced.
+    /// Written by the next [`Sessions::flush`], with the state that decrypted the message.
+    pub fn learn_peer_access_key(
+        &mut self,
+        peer: &AccountId,
+        key: [u8; 32],
+        sent_at_ms: u64,
+    ) -> Result<(), SessionError> {
+        if let Some(s) = self.peer(peer)?
+            && sent_at_ms >= s.access_key_sent_at_ms
+            && (s.access_key != Some(key) || sent_at_ms != s.access_key_sent_at_ms)
+        {
+            s.access_key = Some(key);
+            s.access_key_sent_at_ms = sent_at_ms;
+            self.dirty.insert(*peer);
+        }
+        Ok(())
     }
 
     /// Records (or forgets) `peer`'s access key.

@@ -133,7 +133,8 @@ impl Exporter {
     /// start. `https://` endpoints are verified against the system's root certificates (see
     /// [`Exporter::trust_extra_ca`] for a private CA).
     pub fn open(data_dir: &Path, catalogue: Catalogue, poll: Duration) -> Result<Self, ExporterError> {
-        std::fs::create_dir_all(data_dir)?;
+        // Keys and the outbox of personal data: the owner's alone (also when an older version made the dir).
+        relay_quic::durable_file::private_dir(data_dir)?;
         let mut endpoints = BTreeMap::new();
         for a in catalogue.iter() {
             let url = http::parse_url(&a.endpoint)
@@ -144,6 +145,8 @@ impl Exporter {
         let master_key = load_or_create_key(&data_dir.join("pseudonym.key"))?;
         let log_key = SigningKey::from_bytes(&load_or_create_key(&data_dir.join("log.key"))?);
         let store = ExporterStore::open(&data_dir.join("db"))?;
+        // sled takes no file mode: tighten what it created (the binary also sets its umask for later files).
+        relay_quic::durable_file::restrict_tree(data_dir)?;
         let log = load_log(&store)?;
         let cursors =
             [(Feed::Consents, store.cursor(Feed::Consents)?), (Feed::Subjects, store.cursor(Feed::Subjects)?)];

@@ -3,9 +3,10 @@
 //! The input is a frame body: it is decoded as a `ClientFrame` (messaging endpoint) and as an `ExportRequest` (export
 //! interface), with prost directly and through `frame::decode_body`, which must agree. Each decoded request is then
 //! taken apart the way the relay's handlers do it (`server/src/session/`, `server/src/export/handler.rs`): account
-//! ids, E.164 phone numbers, keys and signatures of fixed length, transcripts, the sealing-key binding, consent
-//! statements, purposes and affiliate ids, export-log publications. The raw input is also fed to the string and slice
-//! parsers directly, and to the sender-certificate decoder clients run on what arrives in envelopes.
+//! ids, E.164 phone numbers, verification codes and registration-lock PINs, keys and signatures of fixed length,
+//! transcripts, the sealing-key binding, consent statements, purposes and affiliate ids, export-log publications. The
+//! raw input is also fed to the string and slice parsers directly, and to the sender-certificate decoder clients run
+//! on what arrives in envelopes.
 //! Nothing may panic. Both matches list every request type without a wildcard, so a new request type breaks the
 //! build of this target until it is handled here (CI builds every target).
 #![no_main]
@@ -19,6 +20,7 @@ use relay_proto::frame;
 use relay_proto::identity::{self, SenderCertificate};
 use relay_proto::merkle;
 use relay_proto::phone::{MAX_DIGITS, MIN_DIGITS};
+use relay_proto::verification::{RegistrationPin, VerificationCode};
 use relay_proto::wire::{
     ClientFrame, DeviceInfo, ExportRequest, client_frame::Body as Req, export_request::Body as ExportReq,
 };
@@ -59,6 +61,20 @@ fn statement(bytes: &[u8]) {
     }
 }
 
+/// A verification code is accepted only as exactly six ASCII digits, given back unchanged.
+fn code(s: &str) {
+    if let Ok(c) = VerificationCode::parse(s) {
+        assert!(s.len() == 6 && s.bytes().all(|b| b.is_ascii_digit()) && c.as_str() == s);
+    }
+}
+
+/// A PIN is accepted only within its length bounds, without control characters, unchanged.
+fn pin(s: &str) {
+    if let Ok(p) = RegistrationPin::parse(s) {
+        assert!((4..=64).contains(&s.len()) && !s.chars().any(char::is_control) && p.as_str() == s);
+    }
+}
+
 fn device_ok(d: &DeviceInfo) -> bool {
     [&d.model, &d.os, &d.app_version].iter().all(|v| v.len() <= 64 && !v.chars().any(char::is_control))
 }
@@ -80,7 +96,11 @@ fn client_frame(f: ClientFrame) {
                 let _ = identity::verify_binding(&ik, &sk, &r.sealing_key_signature);
                 let _ = AccountId::from_identity_key(&ik);
             }
+            code(&r.code);
+            pin(&r.registration_lock_pin);
         }
+        Some(Req::RequestCode(c)) => phone(&c.phone),
+        Some(Req::SetRegistrationLock(l)) => pin(&l.pin),
         Some(Req::Auth(a)) => {
             if let Some(id) = account(&a.account_id) {
                 let _ = auth::auth_transcript(&ekm, &id);
@@ -176,5 +196,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
         phone(s);
         pair(&[], s, s);
+        code(s);
+        pin(s);
     }
 });

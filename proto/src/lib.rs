@@ -1,6 +1,7 @@
 //! Consent Relay wire protocol: the schema (prost types generated from `protos/relay.proto`), the length-delimited
 //! framing codec, protocol constants, error codes and the pure parts of authentication (transcripts, account ids,
-//! phone number validation) and of identity (the sealing-key binding, sender certificates).
+//! phone number validation, the formats and rules of phone-number verification codes and registration-lock PINs)
+//! and of identity (the sealing-key binding, sender certificates).
 //!
 //! This crate does no I/O and depends on nothing async: bytes go in, values or typed errors come out. The relay and
 //! the client are thin drivers around it.
@@ -13,6 +14,7 @@ pub mod identity;
 pub mod merkle;
 pub mod phone;
 pub mod time;
+pub mod verification;
 
 /// The prost types generated from `protos/relay.proto` (package `relay.v1`).
 #[allow(missing_docs, clippy::all)]

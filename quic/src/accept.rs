@@ -1,5 +1,9 @@
 //! The accept loop shared by the relay's messaging endpoint and its export interface: each incoming connection is
-//! served on its own task inside a `conn` tracing span (kind, sequence number, remote address), until shutdown.
+//! served on its own task inside a `conn` tracing span (kind, sequence number), until shutdown.
+//!
+//! Contract: the span carries no address. Lines inside it may name an account, and one line naming both would tie
+//! a person to where they connected from; the address is logged once, at debug level, outside the span and without
+//! the connection's number.
 
 use std::future::Future;
 use std::time::Duration;
@@ -32,7 +36,8 @@ pub async fn accept_until<F, Fut>(
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 next_id += 1;
-                let span = tracing::info_span!("conn", kind, id = next_id, remote = %incoming.remote_address());
+                tracing::debug!(kind, remote = %incoming.remote_address(), "incoming connection");
+                let span = tracing::info_span!("conn", kind, id = next_id);
                 connections.spawn(serve(incoming).instrument(span));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

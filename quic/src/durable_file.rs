@@ -4,7 +4,9 @@
 //!
 //! Contract: a secret is created with mode 0600 from its first byte (never written and then chmod-ed); after
 //! [`create_secret`] or [`replace`] returns, the file's data and its directory entry are on disk (the file and its
-//! parent directory are fsynced).
+//! parent directory are fsynced). A data directory made by [`private_dir`] is 0700 from its creation;
+//! [`restrict_tree`] tightens one made before (directories 0700, files 0600), and [`restrict_new_files`] makes a
+//! process create its files and directories for its owner only (umask 077), for those a library creates (sled).
 
 use std::io::Write;
 use std::path::Path;
@@ -62,6 +64,53 @@ pub fn replace(path: &Path, bytes: &[u8], access: Access) -> std::io::Result<()>
     sync_parent(path)
 }
 
+/// Creates `dir` (and missing parents) with mode 0700, or tightens it to 0700 if it exists.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(())
+}
+
+/// Makes `dir` and every directory under it 0700 and every file under it 0600, changing only those that are
+/// looser. Symbolic links are left alone (never followed).
+pub fn restrict_tree(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let meta = std::fs::symlink_metadata(&d)?;
+            if meta.permissions().mode() & 0o777 != 0o700 {
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+            }
+            for entry in std::fs::read_dir(&d)? {
+                let entry = entry?;
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    stack.push(entry.path());
+                } else if kind.is_file() && entry.metadata()?.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Sets the process's umask to 077: every file and directory it creates from now on, including those created by
+/// libraries that take no mode (the sled store), is its owner's alone. For server binaries, at start.
+pub fn restrict_new_files() {
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
 /// Fsyncs the directory holding `path`, so that a new or renamed entry in it is durable.
 fn sync_parent(path: &Path) -> std::io::Result<()> {
     let parent = match path.parent() {
@@ -113,5 +162,25 @@ mod tests {
         replace(&path, b"public", Access::Everyone).expect("replace");
         #[cfg(unix)]
         assert_eq!(mode(&path), 0o644);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_dirs_are_created_and_tightened_owner_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("a/b");
+        private_dir(&data).expect("create");
+        assert_eq!((mode(&dir.path().join("a")), mode(&data)), (0o700, 0o700));
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::create_dir(data.join("sub")).expect("mkdir");
+        std::fs::set_permissions(data.join("sub"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::write(data.join("sub/f"), b"x").expect("write");
+        std::fs::set_permissions(data.join("sub/f"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::write(data.join("g"), b"x").expect("write");
+        std::fs::set_permissions(data.join("g"), std::fs::Permissions::from_mode(0o400)).expect("chmod");
+        restrict_tree(&data).expect("restrict");
+        assert_eq!((mode(&data), mode(&data.join("sub")), mode(&data.join("sub/f"))), (0o700, 0o700, 0o600));
+        assert_eq!(mode(&data.join("g")), 0o400, "already private: unchanged");
+        private_dir(&data).expect("an existing dir is fine");
     }
 }

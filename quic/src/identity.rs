@@ -1,6 +1,6 @@
 //! A server process's TLS identity (the relay's, and the exporter's client certificate): a self-signed certificate
-//! generated on first start and kept in the data directory (`cert.der`, `key.der`, the key readable by the owner
-//! only). Peers pin it by the SHA-256 of the DER certificate; nothing here trusts a CA.
+//! generated on first start and kept in the data directory (`cert.der`, `key.der`, both readable by the owner
+//! only, like everything in a data directory). Peers pin it by the SHA-256 of the DER certificate; nothing here trusts a CA.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ impl Identity {
         let cert = generated.cert.der().clone();
         let key = PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der());
         // The certificate first: a crash between the two leaves no key, so the next start generates both again.
-        crate::durable_file::replace(&cert_path, cert.as_ref(), crate::durable_file::Access::Everyone)?;
+        crate::durable_file::replace(&cert_path, cert.as_ref(), crate::durable_file::Access::Owner)?;
         crate::durable_file::create_secret(&key_path, key.secret_pkcs8_der())?;
         Ok(Self { cert, key })
     }

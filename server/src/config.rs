@@ -28,6 +28,17 @@
 //! `export_listen = "127.0.0.1:4434"` (absent by default: off) opens the export interface, a second QUIC endpoint
 //! for the metadata exporter (see `docs/exporter.md`). It requires `exporter_cert_sha256`, the hex SHA-256 of the
 //! exporter's DER certificate: the only client certificate that endpoint accepts. One without the other is refused.
+//!
+//! ```toml
+//! [registration]
+//! verifier = "open"                   # "open" | "file" | "webhook=http://127.0.0.1:8085/sms" (see `verify`)
+//! insecure_open_registration = false  # allow "open" on a listen address that is not loopback
+//! codes_per_hour_per_number = 5       # RequestCode per phone number (burst = the same number)
+//! codes_per_hour_per_ip = 30          # RequestCode per client address, IPv6 per /64 (burst = the same number)
+//! ```
+//!
+//! `open` (first come, first served: anyone may claim any number) is refused unless `listen` is a loopback address
+//! or `insecure_open_registration` is set (`relayd --insecure-open-registration`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +46,8 @@ use std::time::Duration;
 
 use relay_proto::MAX_FRAME_LEN;
 use serde::{Deserialize, Serialize};
+
+use crate::verify::VerifierSpec;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -61,6 +74,51 @@ pub struct Config {
     pub exporter_cert_sha256: Option<String>,
     /// Quotas and limits.
     pub limits: Limits,
+    /// Phone-number verification at registration.
+    pub registration: Registration,
+}
+
+/// How phone numbers are verified at registration (`[registration]`), each key with the default documented in the
+/// module header.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Registration {
+    /// `open`, `file` or `webhook=URL`.
+    #[serde(with = "verifier_text")]
+    pub verifier: VerifierSpec,
+    /// Accept `open` on a listen address that is not loopback.
+    pub insecure_open_registration: bool,
+    /// `RequestCode` requests per phone number per hour.
+    pub codes_per_hour_per_number: u32,
+    /// `RequestCode` requests per client address (IPv6: per /64) per hour.
+    pub codes_per_hour_per_ip: u32,
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Self {
+            verifier: VerifierSpec::Open,
+            insecure_open_registration: false,
+            codes_per_hour_per_number: 5,
+            codes_per_hour_per_ip: 30,
+        }
+    }
+}
+
+/// The verifier as its text form in TOML (`VerifierSpec`'s `Display` and `FromStr`, the same as on the command
+/// line).
+mod verifier_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::verify::VerifierSpec;
+
+    pub fn serialize<S: Serializer>(v: &VerifierSpec, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VerifierSpec, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Quotas and limits, each with the default documented in the module header.
@@ -106,6 +164,7 @@ impl Default for Config {
             export_listen: None,
             exporter_cert_sha256: None,
             limits: Limits::default(),
+            registration: Registration::default(),
         }
     }
 }
@@ -215,6 +274,21 @@ impl Config {
         if !(1..=3600).contains(&l.idle_timeout_secs) {
             return invalid("limits.idle_timeout_secs must be between 1 and 3600".into());
         }
+        let r = &self.registration;
+        if r.codes_per_hour_per_number == 0 || r.codes_per_hour_per_ip == 0 {
+            return invalid(
+                "registration.codes_per_hour_per_number and registration.codes_per_hour_per_ip must be at least 1"
+                    .into(),
+            );
+        }
+        if r.verifier == VerifierSpec::Open && !self.listen.ip().is_loopback() && !r.insecure_open_registration {
+            return invalid(format!(
+                "registration.verifier is \"open\" (anyone may register any phone number) but listen {} is not a \
+                 loopback address: set a verifier (\"file\" or \"webhook=URL\", relayd --verifier), or accept the \
+                 risk with insecure_open_registration = true (relayd --insecure-open-registration)",
+                self.listen
+            ));
+        }
         match (&self.export_listen, &self.exporter_cert_sha256) {
             (None, None) => {}
             (Some(_), None) => return invalid("export_listen requires exporter_cert_sha256".into()),
@@ -277,6 +351,41 @@ mod tests {
         assert!(c.check().is_err());
         let mut c = Config::default();
         c.limits.mailbox_max_bytes = 10;
+        assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn open_registration_only_on_loopback_unless_explicitly_insecure() {
+        let on = |listen: &str| Config { listen: listen.parse().expect("addr"), ..Config::default() };
+        on("127.0.0.1:4433").check().expect("loopback");
+        on("[::1]:4433").check().expect("IPv6 loopback");
+        for public in ["0.0.0.0:4433", "192.0.2.1:4433", "[::]:4433"] {
+            let err = on(public).check().expect_err(public).to_string();
+            assert!(err.contains("insecure-open-registration") && err.contains("--verifier"), "{err}");
+            let mut c = on(public);
+            c.registration.insecure_open_registration = true;
+            c.check().expect("explicitly allowed");
+            let mut c = on(public);
+            c.registration.verifier = VerifierSpec::File;
+            c.check().expect("a verifier makes any address fine");
+        }
+    }
+
+    #[test]
+    fn the_verifier_is_read_as_text_and_bad_ones_say_why() {
+        let c: Config =
+            toml::from_str("[registration]\nverifier = \"webhook=http://127.0.0.1:8085/sms\"\n").expect("toml");
+        assert_eq!(c.registration.verifier.to_string(), "webhook=http://127.0.0.1:8085/sms");
+        let back: Config = toml::from_str(&c.to_toml().expect("serialize")).expect("parse");
+        assert_eq!(back.registration.verifier, c.registration.verifier);
+        let err = toml::from_str::<Config>("[registration]\nverifier = \"sms\"\n").expect_err("unknown").to_string();
+        assert!(err.contains("\"open\", \"file\" or \"webhook=URL\""), "{err}");
+        let err = toml::from_str::<Config>("[registration]\nverifier = \"webhook=http://203.0.113.9/sms\"\n")
+            .expect_err("not loopback")
+            .to_string();
+        assert!(err.contains("loopback"), "{err}");
+        let mut c = Config::default();
+        c.registration.codes_per_hour_per_number = 0;
         assert!(c.check().is_err());
     }
 

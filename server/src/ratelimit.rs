@@ -38,6 +38,11 @@ impl<K: Eq + Hash> RateLimiter<K> {
         Self::with_rate(f64::from(per_minute) / 60.0, f64::from(per_minute))
     }
 
+    /// Allows `per_hour` operations per key per hour, with a burst of `per_hour`.
+    pub fn per_hour(per_hour: u32) -> Self {
+        Self::with_rate(f64::from(per_hour) / 3600.0, f64::from(per_hour))
+    }
+
     /// Allows `per_second` operations per key per second, with a burst of `burst`.
     pub fn per_second(per_second: u32, burst: u32) -> Self {
         Self::with_rate(f64::from(per_second), f64::from(burst))
@@ -141,6 +146,15 @@ mod tests {
         assert!(rl.allow("b", t), "keys are independent");
         assert!(rl.allow("a", t + Duration::from_secs(20)), "one token back after 20 s at 3/min");
         assert!(!rl.allow("a", t + Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn per_hour_refills_one_token_per_share_of_the_hour() {
+        let rl = RateLimiter::per_hour(4);
+        let t = Instant::now();
+        assert_eq!((0..6).filter(|_| rl.allow(1u8, t)).count(), 4);
+        assert!(!rl.allow(1u8, t + Duration::from_secs(899)));
+        assert!(rl.allow(1u8, t + Duration::from_secs(901)), "one token back after a quarter of an hour at 4/h");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 use relay_proto::ErrorCode;
 use relay_proto::wire::ServerFrame;
 
-use crate::store::{CommitError, DirectoryError, ExportLogError, MailboxError, PrekeyError, RegistryError};
+use crate::store::{
+    CommitError, DirectoryError, ExportLogError, MailboxError, PrekeyError, RegistryError, VerificationStoreError,
+};
+use crate::verify::VerifyError;
 
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +57,9 @@ impl From<MailboxError> for Reject {
 impl From<DirectoryError> for Reject {
     fn from(e: DirectoryError) -> Self {
         match e {
-            DirectoryError::PhoneTaken => Reject::new(ErrorCode::PhoneTaken, e.to_string()),
+            DirectoryError::PhoneTaken | DirectoryError::HolderChanged => {
+                Reject::new(ErrorCode::PhoneTaken, e.to_string())
+            }
             DirectoryError::Corrupt | DirectoryError::Store(_) => storage(e),
         }
     }
@@ -87,6 +92,28 @@ impl From<RegistryError> for Reject {
             RegistryError::Rejected(c) => Reject::new(ErrorCode::ConsentRejected, c.to_string()),
             RegistryError::Corrupt | RegistryError::Store(_) => storage(e),
         }
+    }
+}
+
+impl From<VerifyError> for Reject {
+    fn from(e: VerifyError) -> Self {
+        let code = match &e {
+            VerifyError::NotOffered | VerifyError::Format(_) => ErrorCode::InvalidRequest,
+            VerifyError::Required => ErrorCode::VerificationRequired,
+            VerifyError::NoCode => ErrorCode::CodeExpired,
+            VerifyError::BadCode { .. } => ErrorCode::BadCode,
+            VerifyError::Locked { .. } => ErrorCode::RegistrationLocked,
+            VerifyError::RateLimitedAddress(_) | VerifyError::RateLimitedNumber(_) => ErrorCode::RateLimited,
+            VerifyError::Unavailable(_) => ErrorCode::VerifierUnavailable,
+            VerifyError::Store(_) | VerifyError::Commit(_) | VerifyError::ShuttingDown => return storage(e),
+        };
+        Reject::new(code, e.to_string())
+    }
+}
+
+impl From<VerificationStoreError> for Reject {
+    fn from(e: VerificationStoreError) -> Self {
+        storage(e)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The relay process: binds the QUIC endpoint, builds each request family's handler from the store (each given only
-//! the handles it may use), accepts connections, runs the expiry sweep, shuts down cleanly.
+//! the handles it may use), accepts connections, runs the expiry sweep (envelopes, verification codes), shuts down
+//! cleanly.
 //!
 //! A connection starts with credit for [`INITIAL_STREAMS`] concurrent request streams, doubled whenever it uses
 //! three quarters of it, up to `max_streams_per_connection`. quinn allocates state for every stream a peer may open,
@@ -24,6 +25,7 @@ use crate::ratelimit::{ConnectionLimiter, RateLimiter};
 use crate::session::{Handlers, Session, auth, consent, keys, messaging, serve_stream};
 use crate::store::{GroupCommit, MailboxLimits, Mailboxes, Store};
 use crate::subscribers::Subscribers;
+use crate::verify::{Registration, VerifierSpec};
 
 /// Concurrent request streams a new connection may open before it shows it needs more.
 pub const INITIAL_STREAMS: u32 = 16;
@@ -66,6 +68,9 @@ pub enum StartError {
     /// The metrics TCP port could not be bound.
     #[error("cannot serve metrics on {0}: {1}")]
     MetricsBind(SocketAddr, std::io::Error),
+    /// The phone-number verifier could not start.
+    #[error("phone-number verifier: {0}")]
+    Verifier(#[from] crate::verify::StartError),
 }
 
 /// A running relay.
@@ -79,6 +84,7 @@ pub struct RelayHandle {
     task: tokio::task::JoinHandle<()>,
     faults: Arc<crate::store::commit::StorageFaults>,
     tamper: Arc<crate::tamper::Tamper>,
+    clock: crate::verify::Clock,
 }
 
 impl RelayHandle {
@@ -119,6 +125,13 @@ impl RelayHandle {
         self.tamper.clone()
     }
 
+    /// The clock verification codes and registration locks are judged by (for tests: moved forward instead of
+    /// waiting for codes to expire or locks to lapse).
+    #[doc(hidden)]
+    pub fn registration_clock(&self) -> crate::verify::Clock {
+        self.clock.clone()
+    }
+
     /// Stops accepting, closes connections, flushes the store and waits until everything is released.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
@@ -130,7 +143,8 @@ impl RelayHandle {
 pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     config.check()?;
     let data = &config.data_dir;
-    std::fs::create_dir_all(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
+    // The data dir holds the TLS key and every mailbox: the owner's alone (also when an older version made it).
+    relay_quic::durable_file::private_dir(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
     let identity = Identity::load_or_create(data)?;
     let certificates = Arc::new(crate::certificates::CertificateIssuer::load_or_create(data)?);
     tracing::info!(key = %hex::encode(certificates.public_key()), "sender-certificate key");
@@ -141,6 +155,8 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         ttl_ms: limits.message_ttl_secs.saturating_mul(1000),
     };
     let store = Store::open(&data.join("store"), mailbox_limits)?;
+    // sled takes no file mode: tighten what it created (relayd also sets its umask, for the files it adds later).
+    relay_quic::durable_file::restrict_tree(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
 
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(identity.server_crypto()?));
     server.transport_config(Arc::new(relay_quic::transport_config(
@@ -179,11 +195,36 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     };
     let export_addr = export.as_ref().map(|(_, bound, _)| *bound);
     let faults = store.commit.faults();
+    let r = &config.registration;
+    let code_limits = crate::verify::CodeLimits {
+        per_number_per_hour: r.codes_per_hour_per_number,
+        per_address_per_hour: r.codes_per_hour_per_ip,
+    };
+    let registration = Arc::new(Registration::open(
+        &r.verifier,
+        data,
+        store.verifications.clone(),
+        store.commit.clone(),
+        code_limits,
+    )?);
+    if r.verifier == VerifierSpec::Open && !config.listen.ip().is_loopback() {
+        tracing::warn!(addr = %config.listen, "open registration on a non-loopback address: anyone may claim any number");
+    }
+    tracing::info!(verifier = %r.verifier, "phone-number verifier");
+    let clock = registration.clock();
     let tamper = Arc::new(crate::tamper::Tamper::default());
     let metrics = Arc::new(Metrics::default());
     let subscribers = Arc::new(Subscribers::default());
-    let handlers =
-        Arc::new(handlers(&store, &limits, certificates, fence, subscribers.clone(), metrics.clone(), tamper.clone()));
+    let handlers = Arc::new(handlers(
+        &store,
+        &limits,
+        registration.clone(),
+        certificates,
+        fence,
+        subscribers.clone(),
+        metrics.clone(),
+        tamper.clone(),
+    ));
     let shared = Arc::new(Shared {
         handlers,
         connections: Arc::new(ConnectionLimiter::new(limits.max_connections_per_ip)),
@@ -220,7 +261,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let (mailboxes, commit) = (store.mailboxes.clone(), store.commit.clone());
     let sweep_every = Duration::from_secs(limits.expiry_sweep_secs);
     let task = tokio::spawn(async move {
-        let sweeper = tokio::spawn(sweep_expired(mailboxes, sweep_every));
+        let sweeper = tokio::spawn(sweep_expired(mailboxes, registration, sweep_every));
         run(endpoint, shared, commit, rx).await;
         sweeper.abort();
         if let Some(t) = export_task {
@@ -240,13 +281,16 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         task,
         faults,
         tamper,
+        clock,
     })
 }
 
 /// Each request family's handler, built from the store: each gets only the handles it may use.
+#[expect(clippy::too_many_arguments, reason = "the wiring names every handle it hands out, one argument each")]
 fn handlers(
     store: &Store,
     limits: &crate::config::Limits,
+    registration: Arc<Registration>,
     certificates: Arc<crate::certificates::CertificateIssuer>,
     fence: Arc<crate::fence::Fence>,
     subscribers: Arc<Subscribers>,
@@ -258,6 +302,7 @@ fn handlers(
             directory: store.directory.clone(),
             prekeys: store.prekeys.clone(),
             commit: store.commit.clone(),
+            registration,
             certificates,
             registrations: RateLimiter::new(limits.registrations_per_minute_per_ip),
             registrations_per_minute: limits.registrations_per_minute_per_ip,
@@ -365,7 +410,8 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
 }
 
-async fn sweep_expired(mailboxes: Arc<Mailboxes>, every: Duration) {
+/// Removes expired envelopes, and expired verification codes with their files, every `every`.
+async fn sweep_expired(mailboxes: Arc<Mailboxes>, registration: Arc<Registration>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -374,6 +420,12 @@ async fn sweep_expired(mailboxes: Arc<Mailboxes>, every: Duration) {
         match tokio::task::spawn_blocking(move || m.sweep_expired(relay_proto::now_ms())).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired envelopes removed"),
             Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+            _ => {}
+        }
+        let r = registration.clone();
+        match tokio::task::spawn_blocking(move || r.sweep()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired verification codes removed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "verification code sweep failed"),
             _ => {}
         }
     }

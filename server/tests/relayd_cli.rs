@@ -99,3 +99,41 @@ fn export_interface_flags_keep_one_ready_line_and_are_checked_together() {
         .expect("run");
     assert!(!out.status.success(), "a malformed fingerprint is refused");
 }
+
+/// Open (first-come) registration lets anyone claim anyone's number, so it is refused on an address other hosts can
+/// reach, before anything is bound or created, unless the operator says so explicitly; a verifier makes it fine.
+#[test]
+fn open_registration_is_refused_off_loopback_and_verifiers_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let out = relayd().args(["--listen", "0.0.0.0:0", "--data"]).arg(&data).output().expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--insecure-open-registration") && stderr.contains("--verifier"), "{stderr}");
+    assert!(!data.exists(), "refused before creating anything");
+
+    for (bad, why) in [("sms", "\"open\", \"file\" or \"webhook=URL\""), ("webhook=http://192.0.2.1/sms", "loopback")] {
+        let out = relayd().args(["--verifier", bad, "--data"]).arg(&data).output().expect("run");
+        assert!(!out.status.success(), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{bad}: {out:?}");
+    }
+
+    // With the file verifier, a loopback relay starts and makes the code directory owner-only.
+    let mut child = relayd()
+        .args(["--listen", "127.0.0.1:0", "--verifier", "file", "--data"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn relayd");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    assert!(line.starts_with("listening on 127.0.0.1:"), "{line:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("verification")).expect("code directory").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+    assert!(terminate(&mut child).expect("clean exit on SIGTERM").success());
+}

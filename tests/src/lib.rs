@@ -5,6 +5,10 @@
 //! data directory, which is how durability through crashes is tested. Everything a relay wrote (store, certificate,
 //! its log on stderr) stays under [`TestRelay::dir`] until the `TestRelay` is dropped.
 //!
+//! [`TestRelay::verifying`] starts a relay that verifies phone numbers with the `file` verifier: [`TestRelay::user`]
+//! and [`TestRelay::raw_user`] then register with the code they read from the relay's code file, and
+//! [`TestRelay::code`] reads any request's code, as a person would read the SMS.
+//!
 //! [`TestRelay::with_export`] starts an in-process relay with its export interface open for a test exporter
 //! identity; [`export::connect`] opens the exporter's own client on it with any certificate, or none.
 //! [`affiliate::Sink`] is an affiliate's webhook endpoint and [`affiliate::TestExporter`] the exporter process logic
@@ -20,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use relay_client::{Device, Home, Messenger};
+use relay_client::{Device, Home, Messenger, Verification};
+use relay_proto::ErrorCode;
 use relay_quic::ready::{ReadyLine, ServerChild};
 use relay_server::{Config, RelayHandle};
 use tokio::process::Command;
@@ -73,6 +78,8 @@ fn loopback_config(dir: &Path) -> Config {
     config.limits.max_connections_per_ip = 100_000;
     config.limits.registrations_per_minute_per_ip = 1_000_000;
     config.limits.sends_per_second = 1_000_000;
+    config.registration.codes_per_hour_per_ip = 1_000_000;
+    config.registration.codes_per_hour_per_number = 1_000_000;
     config
 }
 
@@ -91,6 +98,48 @@ impl TestRelay {
         let (addr, fingerprint) = (handle.local_addr(), handle.cert_fingerprint().to_owned());
         let (export_addr, metrics_addr) = (handle.export_addr(), handle.metrics_addr());
         Ok(Self { dir, config, addr, fingerprint, export_addr, metrics_addr, running: Running::InProcess(handle) })
+    }
+
+    /// A relay in this process that verifies phone numbers with the `file` verifier.
+    pub async fn verifying() -> Result<Self> {
+        Self::in_process_with(|c| c.registration.verifier = relay_server::verify::VerifierSpec::File).await
+    }
+
+    /// The clock an in-process relay judges codes and registration locks by: tests move it forward instead of
+    /// waiting ten minutes or seven days.
+    pub fn registration_clock(&self) -> Option<relay_server::verify::Clock> {
+        match &self.running {
+            Running::InProcess(h) => Some(h.registration_clock()),
+            _ => None,
+        }
+    }
+
+    /// The code file of request `request_id` (`file` verifier).
+    pub fn code_file(&self, request_id: &str) -> PathBuf {
+        self.config.data_dir.join(relay_server::verify::file::DIR).join(request_id)
+    }
+
+    /// The code of request `request_id`, read from its code file, and the phone number the file names.
+    pub fn code(&self, request_id: &str) -> Result<(String, String)> {
+        let path = self.code_file(request_id);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let field = |k: &str| v[k].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no {k} in {text}"));
+        Ok((field("code")?, field("phone")?))
+    }
+
+    /// Asks the relay for a code for `phone` on a fresh connection; the request id and the code read from its file.
+    pub async fn request_code(&self, phone: &str) -> Result<(String, String)> {
+        let conn = relay_client::Connection::connect(self.addr, self.pinned()?).await?;
+        let sent = conn.request_code(phone).await;
+        conn.close().await;
+        let sent = sent?;
+        let (code, _) = self.code(&sent.request_id)?;
+        Ok((sent.request_id, code))
+    }
+
+    fn pinned(&self) -> Result<[u8; 32]> {
+        relay_client::pin::parse_fingerprint(&self.fingerprint).ok_or_else(|| anyhow!("bad fingerprint"))
     }
 
     /// A relay in this process with its export interface on `127.0.0.1:0`, accepting only `exporter`'s certificate.
@@ -241,6 +290,16 @@ impl TestRelay {
         }
     }
 
+    /// Changes the configuration of a stopped child-process relay; [`TestRelay::restart`] then runs with it (an
+    /// operator switching verifiers on an existing store, say).
+    pub fn reconfigure(&mut self, tweak: impl FnOnce(&mut Config)) -> Result<()> {
+        if !matches!(self.running, Running::Stopped) {
+            bail!("stop the relay before changing its configuration");
+        }
+        tweak(&mut self.config);
+        Ok(())
+    }
+
     /// Starts a stopped or killed child-process relay again, on the same address and data directory.
     pub async fn restart(&mut self) -> Result<()> {
         if !matches!(self.running, Running::Stopped) {
@@ -250,8 +309,25 @@ impl TestRelay {
         Ok(())
     }
 
-    /// A registered client with a fresh home for `phone`.
+    /// A registered client with a fresh home for `phone`. On a verifying relay it registers with the code from
+    /// the relay's code file (and may so take the number over from another identity).
     pub async fn user(&self, phone: &str) -> Result<TestUser> {
+        let user = self.unregistered_user(phone)?;
+        let server = self.addr.to_string();
+        let messenger = match Messenger::register(&user.home, &server, &self.fingerprint).await {
+            Ok((m, _)) => m,
+            Err(e) if e.code() == Some(ErrorCode::VerificationRequired) => {
+                let (_, code) = self.request_code(phone).await?;
+                let proof = Verification { code: Some(code), pin: None };
+                Messenger::register_with(&user.home, &server, &self.fingerprint, &proof).await?.0
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(TestUser { home_dir: user.home_dir, home: user.home, messenger })
+    }
+
+    /// A fresh home for `phone`, initialised and not registered: register it with [`UnregisteredUser::register`].
+    pub fn unregistered_user(&self, phone: &str) -> Result<UnregisteredUser> {
         let home_dir = tempfile::tempdir()?;
         let home = Home::new(home_dir.path());
         relay_client::messenger::init(
@@ -259,8 +335,32 @@ impl TestRelay {
             phone,
             Device { model: "test".into(), os: "linux".into(), app_version: "0".into() },
         )?;
-        let (messenger, _) = Messenger::register(&home, &self.addr.to_string(), &self.fingerprint).await?;
-        Ok(TestUser { home_dir, home, messenger })
+        Ok(UnregisteredUser { home_dir, home, server: self.addr.to_string(), cert: self.fingerprint.clone() })
+    }
+}
+
+/// A home with keys for a number, not registered yet (a new phone, or a squatter), for tests of registration.
+pub struct UnregisteredUser {
+    home_dir: tempfile::TempDir,
+    /// The home.
+    pub home: Home,
+    server: String,
+    cert: String,
+}
+
+impl UnregisteredUser {
+    /// Registers with `verification` (code, PIN); the registered user, or the relay's refusal.
+    pub async fn register(self, verification: &Verification) -> Result<TestUser, relay_client::MessengerError> {
+        let (messenger, _) = Messenger::register_with(&self.home, &self.server, &self.cert, verification).await?;
+        Ok(TestUser { home_dir: self.home_dir, home: self.home, messenger })
+    }
+
+    /// Tries to register with `verification`, keeping the home for another try: `Ok` if the relay accepted (the
+    /// connection is closed again), else why not.
+    pub async fn try_register(&self, verification: &Verification) -> Result<(), relay_client::MessengerError> {
+        let (m, _) = Messenger::register_with(&self.home, &self.server, &self.cert, verification).await?;
+        m.close().await;
+        Ok(())
     }
 }
 
@@ -268,10 +368,16 @@ impl TestRelay {
     /// A connection registered (and authenticated) as a fresh identity for `phone`, without a messenger: nothing is
     /// published or stored on the client side, for tests that speak the protocol directly.
     pub async fn raw_user(&self, phone: &str) -> Result<(relay_client::Connection, relay_client::Identity)> {
-        let fp = relay_client::pin::parse_fingerprint(&self.fingerprint).ok_or_else(|| anyhow!("bad fingerprint"))?;
-        let conn = relay_client::Connection::connect(self.addr, fp).await?;
+        let conn = relay_client::Connection::connect(self.addr, self.pinned()?).await?;
         let identity = relay_client::Identity::generate();
-        conn.register(&identity, phone, Default::default()).await?;
+        match conn.register(&identity, phone, Default::default()).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::VerificationRequired) => {
+                let (_, code) = self.request_code(phone).await?;
+                conn.register_verified(&identity, phone, Default::default(), &code, "").await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok((conn, identity))
     }
 }

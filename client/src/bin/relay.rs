@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! relay --home D init --phone +33612345678 [--device-model M] [--os O]
-//! relay --home D register --server 127.0.0.1:4433 --cert-sha256 HEX
+//! relay --home D register --server 127.0.0.1:4433 --cert-sha256 HEX [--code CODE | --code-file PATH] [--pin PIN]
+//! relay --home D set-pin [--pin PIN | --remove]
 //! relay --home D send --to +33698765432 "text"
 //! relay --home D recv [--wait SECS] [--json]
 //! relay --home D chat --to +33698765432
@@ -11,8 +12,11 @@
 //! relay --home D device [--model M] [--os O] [--app-version V]
 //! relay --home D exports [--verify] [--json]
 //! ```
-//! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr. `recv`
+//! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr with
+//! status 1. `register` exits 3 when the relay verifies phone numbers and no code was given: it has asked the relay
+//! to send one and, with no terminal to prompt on, says to rerun with `--code CODE` (or `--code-file PATH`). `recv`
 //! exits 3 when it set aside (quarantined) an envelope it could not read, after printing everything else.
+//! `verify` exits 2 when a contact's identity changed; `exports --verify` exits 1 when a check fails.
 //! Text another party chose (a message, a sender, anything the relay relays) reaches the terminal only through
 //! `relay_client::display`: control characters are dropped from human output and escaped in JSON.
 
@@ -24,8 +28,9 @@ use clap::{Parser, Subcommand};
 use relay_client::display::{json_line, terminal_safe};
 use relay_client::home::Quarantined;
 use relay_client::messenger::{self, Accepted};
-use relay_client::{Device, Home, InboxEvent, Messenger, MessengerError, ReceivedMessage};
+use relay_client::{Device, Home, InboxEvent, Messenger, MessengerError, ReceivedMessage, Verification};
 use relay_proto::ErrorCode;
+use std::io::IsTerminal;
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Parser)]
@@ -52,7 +57,8 @@ enum Command {
         #[arg(long, default_value = std::env::consts::OS)]
         os: String,
     },
-    /// Register with a relay, pinning its certificate.
+    /// Register with a relay, pinning its certificate. If the relay verifies phone numbers and no code is given,
+    /// asks it to send one and prompts for it on a terminal; otherwise exits with status 3.
     Register {
         /// Relay address, ip:port.
         #[arg(long)]
@@ -60,6 +66,25 @@ enum Command {
         /// SHA-256 of the relay's certificate (printed by relayd at start).
         #[arg(long)]
         cert_sha256: String,
+        /// The verification code sent to your number.
+        #[arg(long, conflicts_with = "code_file")]
+        code: Option<String>,
+        /// A file holding the verification code.
+        #[arg(long)]
+        code_file: Option<PathBuf>,
+        /// The registration lock PIN of the number, when moving it from an identity that set one.
+        #[arg(long)]
+        pin: Option<String>,
+    },
+    /// Set a registration lock PIN: while this identity connects at least once every 7 days, nobody can register
+    /// your number elsewhere without the PIN, even with a code sent to it. Reads the PIN from stdin without --pin.
+    SetPin {
+        /// The PIN (4 to 64 characters).
+        #[arg(long, conflicts_with = "remove")]
+        pin: Option<String>,
+        /// Remove the lock instead.
+        #[arg(long)]
+        remove: bool,
     },
     /// Send a message; exits 0 only once the relay has stored it durably.
     Send {
@@ -202,11 +227,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = messenger::init(&home, &phone, device)?;
             println!("initialised {} for {phone}, account {}", home.dir().display(), id.account_id());
         }
-        Command::Register { server, cert_sha256 } => {
-            let (m, created) = Messenger::register(&home, &server, &cert_sha256).await?;
-            let what = if created { "registered" } else { "updated registration of" };
-            println!("{what} {} as account {} on {server}", m.phone(), m.account_id());
+        Command::Register { server, cert_sha256, code, code_file, pin } => {
+            let code = match code_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read the code from {}", path.display()))?,
+                ),
+                None => code,
+            };
+            register(&home, &server, &cert_sha256, Verification { code, pin }).await?;
+        }
+        Command::SetPin { pin, remove } => {
+            let pin = match (pin, remove) {
+                (_, true) => None,
+                (Some(pin), false) => Some(pin),
+                (None, false) => Some(read_secret("registration lock PIN (4 to 64 characters): ")?),
+            };
+            let m = Messenger::open(&home).await?;
+            let enabled = m.set_registration_lock(pin.as_deref()).await;
             m.close().await;
+            if enabled? {
+                println!("registration lock set: your number cannot be registered elsewhere without this PIN while");
+                println!("this identity connects at least once every 7 days");
+            } else {
+                println!("registration lock removed");
+            }
         }
         Command::Send { to, text, json } => {
             let mut m = Messenger::open(&home).await?;
@@ -263,6 +308,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Exit status of `register` when a code is needed and there is no terminal to ask for it on.
+const EXIT_CODE_NEEDED: i32 = 3;
+
+/// `register`: with the code (and PIN) given, or, when the relay verifies numbers and they are missing, asks for a
+/// code and prompts for what is missing on a terminal. Without a terminal it exits [`EXIT_CODE_NEEDED`].
+async fn register(home: &Home, server: &str, cert_sha256: &str, mut proof: Verification) -> anyhow::Result<()> {
+    let interactive = std::io::stdin().is_terminal();
+    // Each round either registers or learns one more thing to ask for; a person gets a few tries at typing.
+    for _ in 0..6 {
+        let refused = match Messenger::register_with(home, server, cert_sha256, &proof).await {
+            Ok((m, created)) => {
+                let what = if created { "registered" } else { "updated registration of" };
+                println!("{what} {} as account {} on {server}", m.phone(), m.account_id());
+                m.close().await;
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        match refused.code() {
+            Some(ErrorCode::VerificationRequired) | Some(ErrorCode::CodeExpired) => {
+                let sent = Messenger::request_code(home, server, cert_sha256).await?;
+                let phone = home.profile()?.phone;
+                eprintln!(
+                    "this relay verifies phone numbers: a {}-digit code was sent to {phone} (request {}); it \
+                     expires at {} and allows {} attempts",
+                    relay_proto::verification::CODE_DIGITS,
+                    terminal_safe(&sent.request_id),
+                    relay_proto::time::rfc3339(sent.expires_at),
+                    sent.attempts,
+                );
+                if !interactive {
+                    eprintln!("rerun this command with --code CODE (or --code-file PATH)");
+                    std::process::exit(EXIT_CODE_NEEDED);
+                }
+                proof.code = Some(read_secret("verification code: ")?);
+            }
+            Some(ErrorCode::BadCode) if interactive => {
+                // The relay's refusal message is peer-provided text.
+                eprintln!("{}", terminal_safe(&refused.to_string()));
+                proof.code = Some(read_secret("verification code: ")?);
+            }
+            Some(ErrorCode::RegistrationLocked) if interactive => {
+                // The relay's refusal message is peer-provided text.
+                eprintln!("{}", terminal_safe(&refused.to_string()));
+                proof.pin = Some(read_secret("registration lock PIN: ")?);
+            }
+            Some(ErrorCode::RegistrationLocked) => {
+                return Err(anyhow::Error::new(refused).context("rerun with --pin PIN"));
+            }
+            _ => return Err(refused.into()),
+        }
+    }
+    anyhow::bail!("registration did not complete; run the command again")
+}
+
+/// Prompts on stderr (when stdin is a terminal) and reads one line from stdin. The line is echoed by the terminal:
+/// this client links no terminal-control code.
+fn read_secret(prompt: &str) -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        eprint!("{prompt}");
+        std::io::Write::flush(&mut std::io::stderr())?;
+    }
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line)? == 0 {
+        anyhow::bail!("no input on stdin");
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 async fn exports(home: &Home, verify: bool, json: bool) -> anyhow::Result<()> {
@@ -528,18 +642,28 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
             },
             event = inbox.next() => match event {
                 Some(Ok(InboxEvent::Deliver(d))) => {
-                    let accepted = m.accept(&d).await;
-                    match &accepted {
-                        Accepted::New(msg) => print_message(msg, false)?,
-                        Accepted::Duplicate => {}
-                        Accepted::Quarantined(q) => print_quarantined(home, q, false)?,
-                        // Left in the mailbox: the next delivery stream brings it again.
-                        Accepted::Failed(e) => {
+                    match m.accept(&d).await {
+                        Ok(Accepted::New(msg)) => {
+                            print_message(&msg, false)?;
+                            pending.push(d.server_id);
+                        }
+                        Ok(Accepted::Duplicate) => pending.push(d.server_id),
+                        Ok(Accepted::Quarantined(q)) => {
+                            print_quarantined(home, &q, false)?;
+                            pending.push(d.server_id);
+                        }
+                        // Not acknowledged, so left in the mailbox: the next delivery stream brings it again.
+                        Err(e) => {
                             eprintln!("(could not process a message, it stays on the relay: {})", terminal_safe(&e.to_string()));
                         }
                     }
-                    if accepted.may_acknowledge() {
-                        pending.push(d.server_id);
+                    // End the receive batch (it holds the home's lock) before waiting for anything else.
+                    if !inbox.has_buffered() {
+                        m.save_seen().await?;
+                        if !pending.is_empty() {
+                            inbox.ack(&pending).await?;
+                            pending.clear();
+                        }
                     }
                 }
                 Some(Ok(InboxEvent::QueueEmpty)) => {

@@ -45,6 +45,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     relay_quic::logging::init("info");
+    // Everything this process writes (its store included) is for its owner only.
+    relay_quic::durable_file::restrict_new_files();
     let args = Args::parse();
     let fingerprint = relay_quic::pin::parse_fingerprint(&args.relay_cert_sha256)
         .context("--relay-cert-sha256 must be 64 hex digits")?;

@@ -1,5 +1,6 @@
 //! `relayd [--config FILE] [--data DIR] [--listen ADDR] [--metrics ADDR] [--export-listen ADDR
-//! --exporter-cert-sha256 HEX]`: runs the relay until SIGINT or SIGTERM.
+//! --exporter-cert-sha256 HEX] [--verifier open|file|webhook=URL] [--insecure-open-registration]`: runs the relay
+//! until SIGINT or SIGTERM.
 //!
 //! When ready it prints exactly one line on stdout, `listening on <ip:port> cert-sha256 <hex>`; logs go to stderr
 //! (`RUST_LOG` sets the level, default `info`; colour only on a terminal without `NO_COLOR`).
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use relay_server::Config;
+use relay_server::verify::VerifierSpec;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -34,11 +36,21 @@ struct Args {
     /// Hex SHA-256 of the exporter's certificate, the only client certificate the export interface accepts.
     #[arg(long)]
     exporter_cert_sha256: Option<String>,
+    /// How phone numbers are verified at registration: open (first come; loopback only), file (codes written to
+    /// <data>/verification/<request id>), or webhook=http://127.0.0.1:PORT/PATH (an SMS gateway on this host)
+    /// [default: open].
+    #[arg(long, value_name = "open|file|webhook=URL")]
+    verifier: Option<VerifierSpec>,
+    /// Allow the open verifier on a listen address that is not loopback: anyone may then register any number.
+    #[arg(long)]
+    insecure_open_registration: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     relay_quic::logging::init("info");
+    // Everything this process writes (its store included) is for its owner only.
+    relay_quic::durable_file::restrict_new_files();
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
@@ -58,6 +70,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(fp) = args.exporter_cert_sha256 {
         config.exporter_cert_sha256 = Some(fp);
+    }
+    if let Some(verifier) = args.verifier {
+        config.registration.verifier = verifier;
+    }
+    if args.insecure_open_registration {
+        config.registration.insecure_open_registration = true;
     }
     // Handlers are installed before the ready line: a supervisor may signal as soon as it has read it.
     let mut term = signal(SignalKind::terminate())?;

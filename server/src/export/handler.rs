@@ -228,6 +228,7 @@ mod tests {
     use relay_proto::wire::DeviceInfo;
 
     use super::*;
+    use crate::store::directory::Claim;
 
     fn handler() -> (ExportHandler, sled::Db) {
         let db = sled::Config::new().temporary(true).open().expect("db");
@@ -277,7 +278,7 @@ mod tests {
         let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
         let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
-        let (account, _) = h.directory.register(keys, &phone, device, 1).expect("register");
+        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).expect("register").account;
 
         let stale = ConsentStatement { notice_hash: [7; 32], ..grant(account, 1, Purpose::Advertising) };
         let expired = ConsentStatement {

@@ -1,12 +1,17 @@
-//! `Register`, `Auth` and `GetSenderCertificate`: binding a connection to an account, and vouching for it.
+//! `Register`, `Auth`, `RequestCode`, `SetRegistrationLock` and `GetSenderCertificate`: binding a connection to an
+//! account, proving the phone number it registers, and vouching for it.
 //!
 //! Registration creates the account of an identity key, or updates its sealing key, phone number and device info;
-//! it is acknowledged only once durable. Both requests carry a signature over a transcript bound to this
-//! connection's EKM (see [`super::state`]). A sealing key is accepted only with its binding signature by the
-//! identity key (`relay_proto::identity`); clients check that signature again on every lookup and bundle. Sender
-//! certificates state what the directory holds for the authenticated account, never what a request says. This
-//! handler holds the directory (it writes phone numbers and device info), the prekeys (to report pool counts), the
-//! certificate issuer and the group commit; nothing of the mailboxes.
+//! it is acknowledged only once durable. Both `Register` and `Auth` carry a signature over a transcript bound to
+//! this connection's EKM (see [`super::state`]). A sealing key is accepted only with its binding signature by the
+//! identity key (`relay_proto::identity`); clients check that signature again on every lookup and bundle. Whether a
+//! registration may claim its number (a code, a registration lock) is decided by [`Registration`] before the
+//! directory is written; a verified registration of a number another identity holds takes it over, and the old
+//! account's published keys go with it. Sender certificates state what the directory holds for the authenticated
+//! account, never what a request says. This handler holds the directory (it writes phone numbers and device info),
+//! the prekeys (to report pool counts and forget a displaced account's), the registration rules, the certificate
+//! issuer and the group commit; nothing of the mailboxes. It logs account and request ids (at debug level), never a
+//! phone number, a code or a PIN.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,7 +20,8 @@ use std::time::Instant;
 use relay_proto::auth::{auth_transcript, register_transcript};
 use relay_proto::identity::verify_binding;
 use relay_proto::wire::{
-    Auth as AuthRequest, AuthOk, Register, Registered, SenderCertificate, server_frame::Body as Resp,
+    Auth as AuthRequest, AuthOk, CodeSent, Register, Registered, RegistrationLockSet, RequestCode, SenderCertificate,
+    SetRegistrationLock, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, PhoneNumber};
 
@@ -27,6 +33,7 @@ use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
 use crate::store::directory::AccountKeys;
 use crate::store::{Directory, DirectoryError, GroupCommit, Prekeys};
+use crate::verify::Registration;
 
 /// Longest accepted device-info field, in bytes.
 pub const MAX_DEVICE_FIELD: usize = 64;
@@ -39,6 +46,8 @@ pub struct Auth {
     pub prekeys: Prekeys,
     /// Durability barrier.
     pub commit: Arc<GroupCommit>,
+    /// Verification codes and registration locks.
+    pub registration: Arc<Registration>,
     /// The sender-certificate key.
     pub certificates: Arc<CertificateIssuer>,
     /// `Register` requests per client address.
@@ -77,17 +86,50 @@ impl Auth {
             )
         })?;
         let sealing_key_signature = r.sealing_key_signature.as_ref().try_into().ok();
-        session.check_same(AccountId::from_identity_key(&identity_key))?;
+        let account = AccountId::from_identity_key(&identity_key);
+        session.check_same(account)?;
+        let holder = self.directory.lookup(&phone)?.map(|(holder, _)| holder);
+        let admission = self.registration.admit(account, &phone, holder, &r.code, &r.registration_lock_pin).await?;
         let keys = AccountKeys { identity_key, sealing_key, sealing_key_signature };
-        let (account, created) = self.directory.register(keys, &phone, device, relay_proto::now_ms())?;
+        let registered = self.directory.register(keys, &phone, device, relay_proto::now_ms(), admission.claim)?;
+        if let Some(old) = registered.displaced {
+            self.prekeys.forget(&old)?;
+        }
+        let used = self.registration.registered(&admission, &account, registered.displaced)?;
         self.commit.durable().await?;
+        if let Some(request) = used {
+            self.registration.withdraw(&request);
+        }
         session.authenticate(account)?;
-        tracing::info!(%account, created, "registered");
+        // Debug, like every line naming an account: an operator's info log says nothing of who uses the relay.
+        let created = registered.created;
+        match registered.displaced {
+            Some(old) => tracing::debug!(%account, created, displaced = %old, "registered: number taken over"),
+            None => tracing::debug!(%account, created, "registered"),
+        }
         reply(Resp::Registered(Registered {
             account_id: account.as_bytes().to_vec().into(),
             created,
             sender_certificate_key: self.certificates.public_key().to_vec().into(),
         }))
+    }
+
+    /// Asks the verifier to send a code to the requested number.
+    pub async fn request_code(&self, session: &Session, c: RequestCode) -> Reply {
+        let phone = PhoneNumber::parse(&c.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
+        let (request_id, expires_at_ms) = self.registration.request_code(&phone, session.peer()).await?;
+        reply(Resp::CodeSent(CodeSent {
+            request_id: request_id.to_string(),
+            expires_at_ms,
+            attempts: self.registration.attempts(),
+        }))
+    }
+
+    /// Sets or removes the authenticated account's registration lock.
+    pub async fn set_registration_lock(&self, session: &Session, l: SetRegistrationLock) -> Reply {
+        let account = session.account()?;
+        let enabled = self.registration.set_lock(&account, &l.pin).await?;
+        reply(Resp::RegistrationLockSet(RegistrationLockSet { enabled }))
     }
 
     /// Authenticates the connection as an existing account.
@@ -101,6 +143,7 @@ impl Auth {
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account: register first"))?;
         checks::signature(&keys.identity_key, &auth_transcript(session.ekm(), &account), &a.signature)?;
         session.authenticate(account)?;
+        self.registration.touch(&account)?;
         tracing::debug!(%account, "authenticated");
         let prekeys = Some(prekey_counts(&self.prekeys, &account)?);
         reply(Resp::AuthOk(AuthOk {

@@ -6,8 +6,9 @@
 //! the connection and its other streams go on.
 //!
 //! Families, each a handler given only the handles it may use (mini-redis's `apply(db, dst)` is the model):
-//! [`auth`] (`Register`, `Auth`, `GetSenderCertificate`), [`messaging`] (`Send`, `SealedSend`, `Ack`, `Subscribe`), [`keys`] (`Lookup`,
-//! `FetchBundle`, `UploadPrekeys`, `SetAccessKey`), [`consent`] (`PutConsent`, `ListConsent`, `ListExports`).
+//! [`auth`] (`Register`, `Auth`, `RequestCode`, `SetRegistrationLock`, `GetSenderCertificate`), [`messaging`]
+//! (`Send`, `SealedSend`, `Ack`, `Subscribe`), [`keys`] (`Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`),
+//! [`consent`] (`PutConsent`, `ListConsent`, `ListExports`).
 //! [`messaging::Messaging`] holds the mailboxes, the identity keys ([`crate::store::Identities`]) and the access
 //! keys, and no [`crate::store::Directory`]: the message path cannot read a phone number or device info, by type
 //! (invariant 2). The connection's own state is [`Session`].
@@ -33,7 +34,7 @@ use crate::reject::Reject;
 
 /// Every request family's handler, shared by all connections.
 pub struct Handlers {
-    /// `Register`, `Auth`, `GetSenderCertificate`.
+    /// `Register`, `Auth`, `RequestCode`, `SetRegistrationLock`, `GetSenderCertificate`.
     pub auth: auth::Auth,
     /// `Send`, `SealedSend`, `Ack`, `Subscribe`.
     pub messaging: messaging::Messaging,
@@ -80,6 +81,8 @@ pub async fn serve_stream(
             },
             Some(Req::Register(r)) => h.auth.register(&session, r).await,
             Some(Req::Auth(a)) => h.auth.auth(&session, a),
+            Some(Req::RequestCode(c)) => h.auth.request_code(&session, c).await,
+            Some(Req::SetRegistrationLock(l)) => h.auth.set_registration_lock(&session, l).await,
             Some(Req::GetSenderCertificate(_)) => h.auth.sender_certificate(&session),
             Some(Req::Send(s)) => h.messaging.send(&session, s).await,
             Some(Req::SealedSend(s)) => h.messaging.sealed_send(s).await,

@@ -148,10 +148,13 @@ impl ConsentRegistry {
                     ConsentError::StaleSequence { got: statement.sequence, last },
                 )));
             }
+            // Stored values are checked like input: a damaged counter is reported, never wrapped.
             let cursor = match t.get([LAST_CURSOR])? {
                 Some(v) => be_u64(&v).map_err(ConflictableTransactionError::Abort)?,
                 None => 0,
-            } + 1;
+            }
+            .checked_add(1)
+            .ok_or(ConflictableTransactionError::Abort(RegistryError::Corrupt))?;
             t.insert(seq_key(&account), &statement.sequence.to_be_bytes()[..])?;
             t.insert(latest_key(&account, statement.purpose, &statement.affiliate), record.clone())?;
             t.insert(history_key(&account, statement.sequence), record.clone())?;

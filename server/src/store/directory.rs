@@ -2,7 +2,10 @@
 //!
 //! Keys (what authentication and routing need) live in their own tree, apart from the profile (phone number and
 //! device info), so that the message path can check that a recipient exists without reading personal data.
-//! A phone number maps to at most one account; registering it with another identity key is refused.
+//! A phone number maps to at most one account. Registering a number held by another identity key is refused
+//! ([`Claim::FirstCome`]) unless the number was verified ([`Claim::Verified`], see `verify`): then the new identity
+//! takes it over and the account that held it is removed (keys and profile), in the same transaction, so that no
+//! grant of the old account can export the number any more and its key no longer authenticates.
 //!
 //! A re-registration that changes the phone number or the device info of an existing account is also recorded in
 //! the subject-changes tree (`0` → last cursor; `1 ‖ cursor (BE)` → account id), inside the same transaction that
@@ -78,6 +81,32 @@ pub struct AccountProfile {
     pub device: DeviceInfo,
 }
 
+/// On what grounds an identity registers a phone number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// No proof of the number (the `open` verifier, or the number this identity already holds): refused if
+    /// another identity holds it.
+    FirstCome,
+    /// The number was proven with a code (and any registration lock passed) while `holder` held it: takes it over
+    /// from `holder`. If another account holds it by the time of the write, the claim is refused (the lock check
+    /// was about `holder`).
+    Verified {
+        /// The account that held the number when the claim was checked.
+        holder: Option<AccountId>,
+    },
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// The registering identity's account.
+    pub account: AccountId,
+    /// Whether the account was created (false: it existed and was updated).
+    pub created: bool,
+    /// The account that held the number before and was removed by this takeover.
+    pub displaced: Option<AccountId>,
+}
+
 /// Why a directory operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -85,6 +114,9 @@ pub enum DirectoryError {
     /// The phone number belongs to another account.
     #[error("phone number already registered to another account")]
     PhoneTaken,
+    /// The number changed hands between the verification of a claim and its write.
+    #[error("the phone number changed hands during this registration; try again")]
+    HolderChanged,
     /// A stored record does not decode.
     #[error("corrupt directory record")]
     Corrupt,
@@ -134,42 +166,57 @@ impl Directory {
         self.identities.clone()
     }
 
-    /// Creates the account of `keys.identity_key`, or updates its sealing key, phone and device info. Returns the
-    /// account id and whether it was created. Not yet durable: await the group commit before acknowledging.
+    /// Creates the account of `keys.identity_key`, or updates its sealing key, phone and device info, on the
+    /// grounds of `claim` (see [`Claim`]). Not yet durable: await the group commit before acknowledging.
     pub fn register(
         &self,
         keys: AccountKeys,
         phone: &PhoneNumber,
         device: DeviceInfo,
         now_ms: u64,
-    ) -> Result<(AccountId, bool), DirectoryError> {
+        claim: Claim,
+    ) -> Result<Registered, DirectoryError> {
         let account = AccountId::from_identity_key(&keys.identity_key);
+        let abort = ConflictableTransactionError::Abort;
         let trees = (&self.identities.tree, &self.profiles, &self.phones, &self.subjects);
         let result = trees.transaction(|(ids, profiles, phones, subjects)| {
+            let mut displaced = None;
             if let Some(owner) = phones.get(phone.as_str())?
                 && owner.as_ref() != account.as_bytes()
             {
-                return Err(ConflictableTransactionError::Abort(DirectoryError::PhoneTaken));
+                let owner = AccountId::from_slice(&owner).ok_or(abort(DirectoryError::Corrupt))?;
+                match claim {
+                    Claim::FirstCome => return Err(abort(DirectoryError::PhoneTaken)),
+                    Claim::Verified { holder } if holder != Some(owner) => {
+                        return Err(abort(DirectoryError::HolderChanged));
+                    }
+                    Claim::Verified { .. } => {
+                        // The old account goes: its profile (so no grant of it can export the number), its keys
+                        // (so it can no longer authenticate or receive).
+                        ids.remove(owner.as_bytes())?;
+                        profiles.remove(owner.as_bytes())?;
+                        displaced = Some(owner);
+                    }
+                }
             }
             let previous = profiles.get(account.as_bytes())?;
             let mut registered_at_ms = now_ms;
             if let Some(prev) = &previous {
-                let prev = Profile::decode(prev.as_ref())
-                    .map_err(|_| ConflictableTransactionError::Abort(DirectoryError::Corrupt))?;
+                let prev = Profile::decode(prev.as_ref()).map_err(|_| abort(DirectoryError::Corrupt))?;
                 if prev.phone != phone.as_str() {
                     phones.remove(prev.phone.as_bytes())?;
                 }
                 registered_at_ms = prev.registered_at_ms;
                 if prev.phone != phone.as_str() || prev.device.as_ref() != Some(&device) {
                     let last = match subjects.get([LAST_SUBJECT_CURSOR])? {
-                        Some(v) => u64::from_be_bytes(
-                            v.as_ref()
-                                .try_into()
-                                .map_err(|_| ConflictableTransactionError::Abort(DirectoryError::Corrupt))?,
-                        ),
+                        Some(v) => {
+                            u64::from_be_bytes(v.as_ref().try_into().map_err(|_| abort(DirectoryError::Corrupt))?)
+                        }
                         None => 0,
                     };
-                    let cursor = last + 1;
+                    // Stored values are checked like input: a damaged counter is reported, never wrapped.
+                    let cursor =
+                        last.checked_add(1).ok_or(ConflictableTransactionError::Abort(DirectoryError::Corrupt))?;
                     subjects.insert(&[LAST_SUBJECT_CURSOR][..], &cursor.to_be_bytes()[..])?;
                     subjects.insert(&subject_key(cursor)[..], &account.as_bytes()[..])?;
                 }
@@ -178,10 +225,10 @@ impl Directory {
             ids.insert(&account.as_bytes()[..], &keys.to_bytes()[..])?;
             profiles.insert(&account.as_bytes()[..], profile.encode_to_vec())?;
             phones.insert(phone.as_str(), &account.as_bytes()[..])?;
-            Ok(previous.is_none())
+            Ok(Registered { account, created: previous.is_none(), displaced })
         });
         match result {
-            Ok(created) => Ok((account, created)),
+            Ok(r) => Ok(r),
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -253,20 +300,31 @@ mod tests {
         assert_eq!(AccountKeys::from_bytes(&[0; 63]), None);
     }
 
+    /// A first-come registration: (account, created).
+    fn first_come(
+        d: &Directory,
+        keys: AccountKeys,
+        phone: &PhoneNumber,
+        device: DeviceInfo,
+        now: u64,
+    ) -> Result<(AccountId, bool), DirectoryError> {
+        d.register(keys, phone, device, now, Claim::FirstCome).map(|r| (r.account, r.created))
+    }
+
     #[test]
     fn register_lookup_update_and_phone_ownership() {
         let d = directory();
         let p1 = PhoneNumber::parse("+33612345678").expect("valid");
         let p2 = PhoneNumber::parse("+33698765432").expect("valid");
-        let (a, created) = d.register(keys(1), &p1, DeviceInfo::default(), 1).expect("register");
+        let (a, created) = first_come(&d, keys(1), &p1, DeviceInfo::default(), 1).expect("register");
         assert!(created);
         assert_eq!(d.lookup(&p1).expect("lookup"), Some((a, keys(1))));
-        assert!(matches!(d.register(keys(2), &p1, DeviceInfo::default(), 2), Err(DirectoryError::PhoneTaken)));
+        assert!(matches!(first_come(&d, keys(2), &p1, DeviceInfo::default(), 2), Err(DirectoryError::PhoneTaken)));
         // The same identity moves to a new number: the old one is released.
-        let (a2, created) = d.register(keys(1), &p2, DeviceInfo::default(), 3).expect("update");
+        let (a2, created) = first_come(&d, keys(1), &p2, DeviceInfo::default(), 3).expect("update");
         assert_eq!((a2, created), (a, false));
         assert_eq!(d.lookup(&p1).expect("lookup"), None);
-        let (b, _) = d.register(keys(2), &p1, DeviceInfo::default(), 4).expect("number is free again");
+        let (b, _) = first_come(&d, keys(2), &p1, DeviceInfo::default(), 4).expect("number is free again");
         assert!(d.identities().exists(&b).expect("exists"));
         assert!(!d.identities().exists(&AccountId([9; 16])).expect("exists"));
         assert_eq!(d.profile(&a).expect("profile").map(|p| p.phone), Some(p2.as_str().to_owned()));
@@ -279,17 +337,38 @@ mod tests {
         let p1 = PhoneNumber::parse("+33612345678").expect("valid");
         let p2 = PhoneNumber::parse("+33698765432").expect("valid");
         let pixel = DeviceInfo { model: "Pixel 8".into(), os: "Android 15".into(), app_version: "1.0".into() };
-        let (a, _) = d.register(keys(1), &p1, pixel.clone(), 1).expect("register");
-        let (b, _) = d.register(keys(2), &p2, pixel.clone(), 1).expect("register");
+        let (a, _) = first_come(&d, keys(1), &p1, pixel.clone(), 1).expect("register");
+        let (b, _) = first_come(&d, keys(2), &p2, pixel.clone(), 1).expect("register");
         assert!(d.subject_changes(0, 10).expect("changes").is_empty(), "a first registration is not a change");
-        d.register(keys(1), &p1, pixel.clone(), 2).expect("same again");
+        first_come(&d, keys(1), &p1, pixel.clone(), 2).expect("same again");
         assert!(d.subject_changes(0, 10).expect("changes").is_empty(), "nothing changed");
         let newer = DeviceInfo { app_version: "1.1".into(), ..pixel.clone() };
-        d.register(keys(1), &p1, newer, 3).expect("new version");
-        d.register(keys(2), &PhoneNumber::parse("+33600000000").expect("valid"), pixel, 3).expect("new number");
+        first_come(&d, keys(1), &p1, newer, 3).expect("new version");
+        first_come(&d, keys(2), &PhoneNumber::parse("+33600000000").expect("valid"), pixel, 3).expect("new number");
         assert_eq!(d.subject_changes(0, 10).expect("changes"), [(1, a), (2, b)]);
         assert_eq!(d.subject_changes(1, 10).expect("changes"), [(2, b)]);
         assert_eq!(d.subject_changes(0, 1).expect("changes"), [(1, a)]);
         assert!(d.subject_changes(2, 10).expect("changes").is_empty());
+    }
+
+    #[test]
+    fn a_verified_claim_takes_the_number_over_and_removes_the_old_account() {
+        let d = directory();
+        let phone = PhoneNumber::parse("+33612345678").expect("valid");
+        let (squatter, _) = first_come(&d, keys(1), &phone, DeviceInfo::default(), 1).expect("first come");
+        let owner = AccountId::from_identity_key(&keys(2).identity_key);
+        let stale = Claim::Verified { holder: None };
+        let refused = d.register(keys(2), &phone, DeviceInfo::default(), 2, stale);
+        assert!(matches!(refused, Err(DirectoryError::HolderChanged)), "{refused:?}");
+        let claim = Claim::Verified { holder: Some(squatter) };
+        let r = d.register(keys(2), &phone, DeviceInfo::default(), 2, claim).expect("takeover");
+        assert_eq!(r, Registered { account: owner, created: true, displaced: Some(squatter) });
+        assert_eq!(d.lookup(&phone).expect("lookup").map(|(a, _)| a), Some(owner));
+        assert_eq!(d.keys(&squatter).expect("keys"), None, "the old key no longer authenticates");
+        assert_eq!(d.profile(&squatter).expect("profile"), None, "nothing of the old account can be exported");
+        assert!(!d.identities().exists(&squatter).expect("exists"), "and it receives nothing");
+        // A claim on one's own number displaces nobody.
+        let r = d.register(keys(2), &phone, DeviceInfo::default(), 3, Claim::Verified { holder: Some(owner) });
+        assert_eq!(r.expect("own number").displaced, None);
     }
 }

@@ -260,7 +260,7 @@ impl ExportLog {
             let stored = self.tree.get(leaf_key(index))?.ok_or(ExportLogError::Corrupt)?;
             let leaf = stored.get(16..).ok_or(ExportLogError::Corrupt)?.to_vec();
             entries.push((index, leaf, state.log.inclusion_proof(index, size)?));
-            next_index = index + 1;
+            next_index = index.checked_add(1).ok_or(ExportLogError::Corrupt)?;
         }
         Ok(Listing { log_key: state.key, head: Some(head), entries, next_index, more, consistency })
     }
@@ -333,6 +333,35 @@ mod tests {
         assert_eq!(reopened.len(), 5);
         assert_eq!(reopened.list(&alice, 5, 3, 0, 2).expect("page").entries.len(), 1);
         assert!(matches!(reopened.list(&alice, 4, 0, 0, 2), Err(ExportLogError::NoSuchHead(4))));
+    }
+
+    /// `tree_size`, `start_index` and `since_size` come from the client: extreme values are refused or list
+    /// nothing, and never panic.
+    #[test]
+    fn listing_with_extreme_numbers_from_the_client_never_panics() {
+        let (log, _db) = open();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let alice = AccountId::from_identity_key(&[1; 32]);
+        let leaves: Vec<_> = (0..3).map(leaf).collect();
+        let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
+        log.publish(0, &entries, &head_over(&leaves, &key), &key.verifying_key()).expect("publish");
+        for (tree_size, start, since) in [
+            (0, u64::MAX, 0),
+            (0, 4, 0),
+            (0, 0, u64::MAX),
+            (0, 0, 4),
+            (u64::MAX, 0, 0),
+            (3, u64::MAX, u64::MAX),
+            (0, u64::MAX - 1, 3),
+        ] {
+            match log.list(&alice, tree_size, start, since, 100) {
+                Ok(listing) => assert!(listing.entries.is_empty(), "{tree_size} {start} {since}"),
+                Err(e) => assert!(!e.to_string().is_empty()),
+            }
+        }
+        let all = log.list(&alice, 0, 0, 0, 100).expect("list");
+        assert_eq!(all.entries.len(), 3);
+        assert_eq!(all.next_index, 3);
     }
 
     #[test]

@@ -127,8 +127,8 @@ impl Mailboxes {
         let mut u = Usage::default();
         for item in self.tree.scan_prefix(recipient.as_bytes()) {
             let (_, v) = item?;
-            u.messages += 1;
-            u.bytes += envelope_len(&v);
+            u.messages = u.messages.saturating_add(1);
+            u.bytes = u.bytes.saturating_add(envelope_len(&v));
         }
         Ok(u)
     }
@@ -149,7 +149,9 @@ impl Mailboxes {
                 shard.entry(*recipient).or_insert(loaded)
             }
         };
-        if usage.messages + 1 > self.limits.max_messages || usage.bytes + len > self.limits.max_bytes {
+        if usage.messages.saturating_add(1) > self.limits.max_messages
+            || usage.bytes.saturating_add(len) > self.limits.max_bytes
+        {
             return Err(MailboxError::QuotaExceeded {
                 messages: usage.messages,
                 bytes: usage.bytes,
@@ -165,8 +167,8 @@ impl Mailboxes {
         v.extend_from_slice(&expires_at_ms.to_be_bytes());
         v.extend_from_slice(envelope);
         self.tree.insert(key(recipient, id), v)?;
-        usage.messages += 1;
-        usage.bytes += len;
+        usage.messages = usage.messages.saturating_add(1);
+        usage.bytes = usage.bytes.saturating_add(len);
         self.queued.fetch_add(1, Ordering::Relaxed);
         Ok(Appended { id, stored_at_ms: now_ms })
     }

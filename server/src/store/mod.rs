@@ -11,16 +11,18 @@ pub mod directory;
 pub mod exportlog;
 pub mod mailbox;
 pub mod prekeys;
+pub mod verification;
 
 use std::path::Path;
 use std::sync::Arc;
 
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
-pub use directory::{AccountProfile, Directory, DirectoryError, Identities};
+pub use directory::{AccountProfile, Claim, Directory, DirectoryError, Identities, Registered};
 pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
 pub use prekeys::{PrekeyError, Prekeys};
+pub use verification::{VerificationStoreError, Verifications};
 
 /// Names of the sled trees. Nothing else in the relay opens a tree.
 pub mod trees {
@@ -33,6 +35,11 @@ pub mod trees {
     pub const PROFILES: &str = "profiles";
     /// `E.164 phone` → `account id`.
     pub const PHONES: &str = "phones";
+    /// `phone tag (HMAC of the number)` → pending verification code (tag of the code, expiry, attempts left); no
+    /// phone number, no code (see `store::verification`).
+    pub const VERIFICATION_CODES: &str = "verification_codes";
+    /// `account id` → registration lock (PBKDF2 verifier of the PIN, last activity); no PIN.
+    pub const REGISTRATION_LOCKS: &str = "registration_locks";
     /// `account id ‖ kind [‖ key id]` → public prekey (and signature).
     pub const PREKEYS: &str = "prekeys";
     /// `account id` → SHA-256 of the account's sealed-sender access key.
@@ -70,6 +77,8 @@ pub struct Store {
     pub consent: ConsentRegistry,
     /// The exporter's published export log.
     pub export_log: ExportLog,
+    /// Pending verification codes and registration locks.
+    pub verifications: Verifications,
     /// Durability barrier shared by every write that is acknowledged to a client.
     pub commit: Arc<GroupCommit>,
 }
@@ -88,7 +97,9 @@ impl Store {
         let prekeys = Prekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?);
         let consent = ConsentRegistry::new(db.open_tree(trees::CONSENT)?);
         let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
+        let verifications =
+            Verifications::new(db.open_tree(trees::VERIFICATION_CODES)?, db.open_tree(trees::REGISTRATION_LOCKS)?);
         let commit = GroupCommit::start(db);
-        Ok(Self { mailboxes, directory, prekeys, consent, export_log, commit })
+        Ok(Self { mailboxes, directory, prekeys, consent, export_log, verifications, commit })
     }
 }

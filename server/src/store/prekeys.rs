@@ -140,7 +140,8 @@ impl Prekeys {
             check_kem(k)?;
         }
         let before = self.counts(account)?;
-        if before.one_time as usize + one_time.len() > MAX_POOL || before.kem as usize + kem.len() > MAX_POOL {
+        let after = |held: u32, added: usize| usize::try_from(held).unwrap_or(usize::MAX).saturating_add(added);
+        if after(before.one_time, one_time.len()) > MAX_POOL || after(before.kem, kem.len()) > MAX_POOL {
             return Err(PrekeyError::Invalid(format!("at most {MAX_POOL} one-time prekeys of each kind")));
         }
         let mut batch = sled::Batch::default();
@@ -224,6 +225,18 @@ impl Prekeys {
     pub fn set_access_verifier(&self, account: &AccountId, verifier: &[u8]) -> Result<(), PrekeyError> {
         check_len("access key verifier", verifier.len(), 32)?;
         self.access.insert(account.as_bytes(), verifier)?;
+        Ok(())
+    }
+
+    /// Removes everything `account` published (prekeys and access-key verifier): the account lost its number to
+    /// another identity and no longer exists. Not yet durable.
+    pub fn forget(&self, account: &AccountId) -> Result<(), PrekeyError> {
+        let mut batch = sled::Batch::default();
+        for item in self.prekeys.scan_prefix(account.as_bytes()) {
+            batch.remove(item?.0);
+        }
+        self.prekeys.apply_batch(batch)?;
+        self.access.remove(account.as_bytes())?;
         Ok(())
     }
 
@@ -320,5 +333,21 @@ mod tests {
         assert!(p.access_allowed(&a, b"secret-key").expect("check"));
         assert!(!p.access_allowed(&a, b"secret-kez").expect("check"));
         assert!(!p.access_allowed(&AccountId([2; 16]), b"secret-key").expect("check"));
+    }
+
+    #[test]
+    fn forgetting_an_account_removes_its_keys_and_no_one_elses() {
+        let p = store();
+        let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
+        let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
+        for account in [&a, &b] {
+            p.upload(account, Some(&signed()), &ot, &[kem(10)], Some(&kem(99))).expect("upload");
+            p.set_access_verifier(account, &Sha256::digest(b"k")).expect("set");
+        }
+        p.forget(&a).expect("forget");
+        assert_eq!(p.counts(&a).expect("counts"), Counts::default());
+        assert!(!p.access_allowed(&a, b"k").expect("check"));
+        assert_eq!(p.counts(&b).expect("counts"), Counts { one_time: 1, kem: 1, signed: true, last_resort: true });
+        assert!(p.access_allowed(&b, b"k").expect("check"));
     }
 }

@@ -9,8 +9,9 @@ use relay_proto::auth::{auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{
     Ack, Auth, ConsentChanges, EndExport, ExportRequest, FetchBundle, GetSenderCertificate, ListConsent, ListExports,
-    Lookup, PublishLog, PutConsent, Register, SealedSend, Send, ServerFrame, SetAccessKey, SubjectChanges, Subscribe,
-    UploadPrekeys, client_frame::Body, export_request::Body as ExportBody, server_frame::Body as Resp,
+    Lookup, PublishLog, PutConsent, Register, RequestCode, SealedSend, Send, ServerFrame, SetAccessKey,
+    SetRegistrationLock, SubjectChanges, Subscribe, UploadPrekeys, client_frame::Body,
+    export_request::Body as ExportBody, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_tests::TestRelay;
@@ -40,6 +41,7 @@ fn register_frame(conn: &Connection, identity: &Identity, signer: &Identity, pho
         device: Some(device),
         signature: Bytes::copy_from_slice(&signature),
         sealing_key_signature: Bytes::copy_from_slice(&signer.sign(&relay_proto::identity::binding_bytes(&ik, &sk))),
+        ..Default::default()
     })
 }
 
@@ -104,6 +106,8 @@ fn operations(conn: &Connection, bob: &Identity, signer: &Identity, bob_server_i
         Body::ListConsent(ListConsent {}),
         Body::ListExports(ListExports::default()),
         Body::GetSenderCertificate(GetSenderCertificate {}),
+        Body::RequestCode(RequestCode { phone: BOB.into() }),
+        Body::SetRegistrationLock(SetRegistrationLock { pin: "2468".into() }),
     ]
 }
 
@@ -114,6 +118,10 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
     match op {
         Body::Register(_) | Body::Auth(_) => Refused(ErrorCode::BadSignature),
         Body::SealedSend(_) => Refused(ErrorCode::BadAccessKey),
+        // This relay is open (first come): there are no codes to ask for. On a verifying relay anyone may make
+        // the relay text a code to any number (that is how a number is proven), rate-limited per number and address;
+        // the verification tests cover it.
+        Body::RequestCode(_) => Refused(ErrorCode::InvalidRequest),
         _ if !authenticated => Refused(ErrorCode::Unauthenticated),
         Body::PutConsent(_) => Refused(ErrorCode::ConsentRejected),
         Body::Lookup(_) | Body::FetchBundle(_) | Body::Send(_) => Public,
@@ -123,6 +131,7 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
         | Body::SetAccessKey(_)
         | Body::ListConsent(_)
         | Body::ListExports(_)
+        | Body::SetRegistrationLock(_)
         | Body::GetSenderCertificate(_) => OwnOnly,
     }
 }

@@ -130,3 +130,25 @@ async fn messaging_does_not_depend_on_consent() {
         assert_eq!(alice.messenger.receive(1, crate::WAIT).await.expect("receive")[0].text, "ok");
     }
 }
+
+/// The next statement number is computed from what the relay reports; at `u64::MAX` there is none, and the client
+/// says so instead of overflowing.
+#[tokio::test]
+async fn a_consent_sequence_at_its_maximum_is_refused_cleanly() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let alice = relay.user("+33612345678").await.expect("alice");
+    let identity = alice.home.identity().expect("keys");
+    let last = statement(identity.account_id(), u64::MAX, Decision::Grant);
+    let conn = alice.messenger.connection();
+    conn.put_consent(last.encode(), identity.sign(&last.signed_bytes())).await.expect("the relay records it");
+    assert_eq!(conn.list_consent().await.expect("list").last_sequence, u64::MAX);
+
+    let err = alice
+        .messenger
+        .decide_consent("adsco", "advertising", Decision::Withdraw, None)
+        .await
+        .expect_err("no sequence number is left");
+    assert!(err.to_string().contains("sequence"), "the error says why: {err}");
+    // Nothing was recorded and the connection still works.
+    assert_eq!(conn.list_consent().await.expect("list").last_sequence, u64::MAX);
+}

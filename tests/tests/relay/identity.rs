@@ -310,6 +310,7 @@ async fn the_relay_refuses_an_unbound_key_and_certifies_what_it_registered() {
             device: Some(Default::default()),
             signature: id.sign(&transcript).to_vec().into(),
             sealing_key_signature: binding.into(),
+            ..Default::default()
         };
         let err = conn.request(Body::Register(register)).await.expect_err("unbound key");
         assert_eq!(err.code(), Some(relay_proto::ErrorCode::BadSignature), "{err}");

@@ -3,6 +3,7 @@
 mod access;
 mod access_matrix;
 mod bad_input;
+mod client_state;
 mod consent;
 mod crash;
 mod durability;
@@ -18,6 +19,7 @@ mod prekeys;
 mod privacy;
 mod protocol_doc;
 mod storage;
+mod verification;
 
 use std::time::Duration;
 

@@ -14,7 +14,7 @@ async fn next_message(m: &mut Messenger, inbox: &mut relay_client::Inbox) -> rel
     loop {
         match bounded("delivery", inbox.next()).await {
             Some(Ok(InboxEvent::Deliver(d))) => {
-                let Accepted::New(msg) = m.accept(&d).await else { panic!("expected a new message") };
+                let Ok(Accepted::New(msg)) = m.accept(&d).await else { panic!("expected a new message") };
                 inbox.ack(&[d.server_id]).await.expect("ack");
                 return msg;
             }
@@ -137,7 +137,7 @@ async fn redelivery_after_unacked_disconnect_reaches_the_application_once() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    assert!(matches!(bob.messenger.accept(&d).await, Accepted::New(_)));
+    assert!(matches!(bob.messenger.accept(&d).await, Ok(Accepted::New(_))));
     bob.messenger.save_seen().await.expect("save");
     drop(inbox);
     bob.reconnect().await.expect("reconnect");

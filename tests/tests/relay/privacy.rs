@@ -127,3 +127,51 @@ async fn messaging_reads_no_profile_data() {
     bob.messenger.send_text("+33612345678", "nor here").await.expect("reply");
     assert_eq!(alice.messenger.receive(1, crate::WAIT).await.expect("receive")[0].text, "nor here");
 }
+
+/// Operators keep logs; a line naming both an account and the address it connected from would tie a person to a
+/// place. At debug level the relay may log either, never both on one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_relay_log_line_ties_an_account_to_an_address() {
+    let mut relay = TestRelay::process().await.expect("relay");
+    let mut alice = relay.user("+33612345678").await.expect("alice");
+    let mut bob = relay.user("+33698765432").await.expect("bob");
+    alice.messenger.send_text("+33698765432", "hello").await.expect("send");
+    bob.messenger.receive(1, crate::WAIT).await.expect("receive");
+    bob.messenger.send_text("+33612345678", "hi").await.expect("reply");
+    alice.messenger.receive(1, crate::WAIT).await.expect("receive");
+    let accounts = [alice.messenger.account_id().to_string(), bob.messenger.account_id().to_string()];
+    relay.stop().await.expect("stop");
+    let log = std::fs::read_to_string(relay.log_path()).expect("log");
+    assert!(log.lines().any(|l| accounts.iter().any(|a| l.contains(a.as_str()))), "the debug log names accounts");
+    for line in log.lines() {
+        let account = accounts.iter().any(|a| line.contains(a.as_str()));
+        assert!(!(account && line.contains("127.0.0.1:")), "an account with an address: {line}");
+    }
+}
+
+/// The relay's data directory holds its key and every mailbox: 0700, and every file in it 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_data_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut relay = TestRelay::process().await.expect("relay");
+    let mut alice = relay.user("+33612345678").await.expect("alice");
+    relay.user("+33698765432").await.expect("bob");
+    alice.messenger.send_text("+33698765432", "hello").await.expect("send");
+    relay.stop().await.expect("stop");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    let mut stack = vec![relay.data_dir().to_path_buf()];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
+    }
+    assert!(files >= 3, "the store, the certificate and its key were checked");
+}
