@@ -166,9 +166,11 @@ async fn a_replayed_first_message_changes_nothing() {
 
     for i in 1..=5 {
         let again = bob.messenger.accept(&redeliver(&first[0], 1_000_000 + i)).await.expect("accept");
-        assert!(!matches!(again, Accepted::New(_)), "replay {i} shown as new: {again:?}");
+        // A duplicate: neither shown again nor reported as an envelope that could not be read.
+        assert!(matches!(again, Accepted::Duplicate), "replay {i}: {again:?}");
     }
     bob.messenger.save_seen().await.expect("save");
+    assert_eq!(bob.home.quarantined().expect("count"), 0, "a replay is not a quarantine entry");
 
     let sent = bob.messenger.send_text(ALICE, "after the replays").await.expect("send");
     assert!(sent.sealed, "bob kept alice's current access key");
@@ -205,7 +207,9 @@ async fn a_message_forgotten_by_the_seen_list_is_not_shown_again() {
     bob.home.save_seen(&seen).expect("save");
     let mut bob_again = Messenger::open(&bob.home).await.expect("reopen");
     let replay = bob_again.accept(&redeliver(&first[0], 5_000_000)).await.expect("accept");
-    assert!(!matches!(replay, Accepted::New(_)), "an old message shown again as new: {replay:?}");
+    assert!(matches!(replay, Accepted::Duplicate), "an old message shown again or reported: {replay:?}");
+    bob_again.save_seen().await.expect("save");
+    assert_eq!(bob.home.quarantined().expect("count"), 0, "a replay is not a quarantine entry");
     bob_again.close().await;
 }
 

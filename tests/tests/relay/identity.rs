@@ -284,6 +284,43 @@ async fn an_unreadable_envelope_is_quarantined_not_dropped() {
     assert_eq!(status["quarantined"], 2, "{status}");
 }
 
+/// The quarantine record is written within the receive batch, before anything is acknowledged: when it cannot be
+/// written, the home failed (an error), and the envelope stays on the relay and comes again; once it can be, the
+/// envelope is set aside exactly once, and a redelivery of it (an acknowledgement lost) is a duplicate, not a
+/// second report.
+#[tokio::test]
+async fn an_envelope_whose_quarantine_record_cannot_be_written_stays_on_the_relay() {
+    use relay_client::messenger::Accepted;
+    let relay = TestRelay::in_process().await.expect("relay");
+    let mut bob = relay.user(BOB).await.expect("bob");
+    let (conn, _) = relay.raw_user(MALLORY).await.expect("mallory");
+    let ack = conn
+        .send(&bob.messenger.account_id(), bytes::Bytes::from_static(b"\x03garbage that no sealing key opens, at all"))
+        .await
+        .expect("stored");
+    // A file where the quarantine directory goes: no record can be written.
+    let blocker = bob.home_dir().join("quarantine");
+    std::fs::write(&blocker, b"").expect("block the quarantine");
+    let err = bob.messenger.receive_all(1, std::time::Duration::from_secs(2)).await.expect_err("the home failed");
+    assert!(matches!(err, MessengerError::Home(_)), "{err}");
+
+    std::fs::remove_file(&blocker).expect("unblock");
+    let got = bob.messenger.receive_all(1, WAIT).await.expect("receive");
+    assert_eq!(got.quarantined.len(), 1, "the relay delivered it again: {got:?}");
+    assert_eq!(got.quarantined[0].server_id, ack.server_id);
+    assert_eq!(bob.home.quarantined().expect("count"), 1);
+
+    let again = relay_proto::wire::Deliver {
+        server_id: ack.server_id,
+        stored_at_ms: ack.stored_at_ms,
+        envelope: bytes::Bytes::from_static(b"\x03garbage that no sealing key opens, at all"),
+    };
+    let accepted = bob.messenger.accept(&again).await.expect("accept");
+    bob.messenger.save_seen().await.expect("save");
+    assert!(matches!(accepted, Accepted::Duplicate), "{accepted:?}");
+    assert_eq!(bob.home.quarantined().expect("count"), 1, "reported once");
+}
+
 /// The account id of the home in `dir`.
 fn bob_account(dir: &tempfile::TempDir) -> relay_proto::AccountId {
     relay_client::Home::new(dir.path()).identity().expect("identity").account_id()
