@@ -24,7 +24,7 @@ use relay_proto::auth::{EKM_LABEL, auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose, signed_bytes_of, statement_hash};
 use relay_proto::identity::{SenderCertificate, certificate_signed_bytes};
 use relay_proto::merkle::{ExportLeaf, MerkleLog, TreeHead, leaf_hash, node_hash};
-use relay_proto::wire::{Auth, ClientFrame, DeviceInfo, client_frame};
+use relay_proto::wire::{Auth, ClientFrame, DeviceInfo, Register, client_frame};
 use relay_proto::{PROTOCOL_VERSION, PhoneNumber};
 use rustls::CipherSuite;
 use rustls::pki_types::ServerName;
@@ -98,6 +98,21 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
         })),
     };
     v.push(("auth_frame", relay_proto::frame::encode(&frame).expect("small frame").to_vec()));
+    // A `Register` with every field set, so that the field numbers on the wire are pinned too.
+    let frame = ClientFrame {
+        body: Some(client_frame::Body::Register(Register {
+            protocol_version: PROTOCOL_VERSION,
+            identity_key: Bytes::copy_from_slice(&alice.identity_key()),
+            sealing_key: Bytes::copy_from_slice(&alice.sealing_key()),
+            phone: ALICE_PHONE.into(),
+            device: Some(device.clone()),
+            signature: Bytes::copy_from_slice(&register_signature),
+            code: "042042".into(),
+            registration_lock_pin: "2468".into(),
+            sealing_key_signature: Bytes::copy_from_slice(&alice.sealing_key_signature()),
+        })),
+    };
+    v.push(("register_frame", relay_proto::frame::encode(&frame).expect("small frame").to_vec()));
 
     // Sender certificate, then sealed sender.
     let phone = |p| PhoneNumber::parse(p).expect("valid phone");
