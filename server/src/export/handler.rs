@@ -103,7 +103,9 @@ impl ExportHandler {
             next_cursor = cursor;
             let account = r.statement.account;
             let Some(keys) = self.directory.keys(&account)? else {
-                tracing::warn!(%account, "consent statement of an account missing from the directory");
+                // Normal after a takeover removed the account; the account id only at debug level, like every line
+                // naming one.
+                tracing::debug!(%account, "consent statement of an account missing from the directory");
                 continue;
             };
             let subject =
