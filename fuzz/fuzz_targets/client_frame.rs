@@ -166,8 +166,9 @@ fn export_request(r: ExportRequest) {
                 }
             }
         }
-        // Cursors only, nothing to take apart; listed so that a new request type fails to compile here.
-        Some(ExportReq::ConsentChanges(_) | ExportReq::SubjectChanges(_)) | None => {}
+        // Cursors and counts only, nothing to take apart (the relay bounds `max_entries` itself); listed so that a
+        // new request type fails to compile here.
+        Some(ExportReq::ConsentChanges(_) | ExportReq::SubjectChanges(_) | ExportReq::ReadLog(_)) | None => {}
     }
 }
 

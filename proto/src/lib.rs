@@ -45,6 +45,12 @@ pub const MAX_LISTED_EXPORTS: usize = 128;
 /// Most entries in one `PublishLog` request.
 pub const MAX_PUBLISHED_ENTRIES: usize = 256;
 
+/// Most entries in one `LogCopy` answer to `ReadLog`.
+pub const MAX_READ_LOG_ENTRIES: usize = 256;
+
+/// Most leaf bytes in one `LogCopy` answer: with its heads and framing it stays well below the frame limit.
+pub const MAX_READ_LOG_BYTES: usize = 128 * 1024;
+
 /// The protocol version carried in `Register` and `Auth`.
 pub const PROTOCOL_VERSION: u32 = 1;
 

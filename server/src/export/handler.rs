@@ -7,7 +7,8 @@
 //! pair whose latest statement is a grant in force now; `BeginExport` takes its lease *before* it reads the
 //! registry, so it either finishes before a withdrawal is acknowledged or sees the withdrawal and is denied.
 //! `SubjectChanges` likewise carries a subject only with the grants of that account in force now. `PublishLog` is
-//! acknowledged only once the appended entries are durable.
+//! acknowledged only once the appended entries are durable; `ReadLog` returns the log as published (leaves, the
+//! account ids the exporter gave with them, signed heads), nothing more.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,10 +17,13 @@ use relay_proto::consent::{Decision, Purpose, statement_hash, valid_affiliate_id
 use relay_proto::merkle::{SignedTreeHead, log_key_from_wire};
 use relay_proto::wire::{
     BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ExportDenied, ExportEnded, ExportGranted,
-    ExportResponse, LogPublished, PublishLog, Subject, SubjectChangeList, SubjectChanges, export_request::Body as Req,
-    export_response::Body as Resp,
+    ExportResponse, LogCopy, LogPublished, PublishLog, PublishedEntry, ReadLog, Subject, SubjectChangeList,
+    SubjectChanges, export_request::Body as Req, export_response::Body as Resp,
 };
-use relay_proto::{AccountId, MAX_CONSENT_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_SUBJECT_CHANGES};
+use relay_proto::{
+    AccountId, MAX_CONSENT_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_READ_LOG_BYTES, MAX_READ_LOG_ENTRIES,
+    MAX_SUBJECT_CHANGES,
+};
 
 use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
 use crate::reject::Reject;
@@ -79,6 +83,7 @@ impl ExportHandler {
             Some(Req::EndExport(e)) => self.end_export(e),
             Some(Req::SubjectChanges(c)) => self.subject_changes(c),
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
+            Some(Req::ReadLog(r)) => self.read_log(r),
             None => Err(Reject::invalid("empty or unknown export request")),
         };
         reply.unwrap_or_else(|r| ExportResponse::error(r.code, r.message))
@@ -170,6 +175,27 @@ impl ExportHandler {
         let size = self.log.publish(p.first_index, &entries, &head, &key)?;
         self.commit.durable().await?;
         resp(Resp::LogPublished(LogPublished { size }))
+    }
+
+    /// The relay's copy of the log as published: what the exporter checks its own log against and recovers from.
+    /// It names accounts only by id, which the exporter itself supplied.
+    fn read_log(&self, r: ReadLog) -> Result<ExportResponse, Reject> {
+        let max = usize::try_from(r.max_entries).unwrap_or(usize::MAX).min(MAX_READ_LOG_ENTRIES);
+        let page = self.log.copy(r.start_index, max, MAX_READ_LOG_BYTES)?;
+        resp(Resp::LogCopy(LogCopy {
+            size: page.size,
+            log_key: page.log_key.map(|k| k.to_bytes().to_vec()).unwrap_or_default().into(),
+            latest: page.latest.as_ref().map(Into::into),
+            entries: page
+                .entries
+                .into_iter()
+                .map(|(account, leaf)| PublishedEntry {
+                    account_id: account.as_bytes().to_vec().into(),
+                    leaf: leaf.into(),
+                })
+                .collect(),
+            heads: page.heads.iter().map(Into::into).collect(),
+        }))
     }
 
     fn begin_export(&self, b: BeginExport) -> Result<ExportResponse, Reject> {

@@ -57,6 +57,21 @@ pub enum ExportLogError {
     NoSuchHead(u64),
 }
 
+/// A page of the relay's copy of the whole log, as `ReadLog` returns it.
+#[derive(Debug, Clone, Default)]
+pub struct CopyPage {
+    /// Number of entries held.
+    pub size: u64,
+    /// The pinned log key, if anything was ever published.
+    pub log_key: Option<VerifyingKey>,
+    /// The latest signed head, if anything was ever published.
+    pub latest: Option<SignedTreeHead>,
+    /// `(account, leaf)` of the entries from the start asked for, in order.
+    pub entries: Vec<(AccountId, Vec<u8>)>,
+    /// The published heads whose size is past the start and at most the start plus the entries returned.
+    pub heads: Vec<SignedTreeHead>,
+}
+
 /// One page of an account's entries, with proofs against one head.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
@@ -224,6 +239,44 @@ impl ExportLog {
         Ok(state.log.len())
     }
 
+    /// The whole log from `start`: at most `max_entries` entries whose leaves total at most `max_bytes` (at least
+    /// one entry if any is asked for and there is one), with the heads over them, the size, the key and the latest
+    /// head. Read under the state's lock, so one page never mixes two publications.
+    pub fn copy(&self, start: u64, max_entries: usize, max_bytes: usize) -> Result<CopyPage, ExportLogError> {
+        let state = self.state();
+        let latest = match state.latest {
+            Some(size) => match self.tree.get(head_key(size))? {
+                Some(v) => Some(decode_head(size, &v)?),
+                None => return Err(ExportLogError::Corrupt),
+            },
+            None => None,
+        };
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        if start < state.log.len() {
+            for item in self.tree.range(leaf_key(start)..leaf_key(state.log.len())).take(max_entries) {
+                let (_, v) = item?;
+                let (account, leaf) = v.split_at_checked(16).ok_or(ExportLogError::Corrupt)?;
+                bytes = bytes.saturating_add(leaf.len());
+                if !entries.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                entries.push((AccountId::from_slice(account).ok_or(ExportLogError::Corrupt)?, leaf.to_vec()));
+            }
+        }
+        let mut heads = Vec::new();
+        if !entries.is_empty() {
+            let end = start.saturating_add(entries.len() as u64);
+            for item in self.tree.range(head_key(start.saturating_add(1))..=head_key(end)) {
+                let (k, v) = item?;
+                let size =
+                    u64::from_be_bytes(k.get(1..9).and_then(|b| b.try_into().ok()).ok_or(ExportLogError::Corrupt)?);
+                heads.push(decode_head(size, &v)?);
+            }
+        }
+        Ok(CopyPage { size: state.log.len(), log_key: state.key, latest, entries, heads })
+    }
+
     /// `account`'s entries from `start_index`, at most `limit`, with audit paths to the head of size `tree_size` (0:
     /// the latest head), and a consistency proof from `since_size` (0: none).
     pub fn list(
@@ -333,6 +386,38 @@ mod tests {
         assert_eq!(reopened.len(), 5);
         assert_eq!(reopened.list(&alice, 5, 3, 0, 2).expect("page").entries.len(), 1);
         assert!(matches!(reopened.list(&alice, 4, 0, 0, 2), Err(ExportLogError::NoSuchHead(4))));
+    }
+
+    /// `ReadLog`'s pages: entries in order with the heads over them, bounded by count and bytes (never empty while
+    /// an entry is asked for and there is one), and extreme starts list nothing.
+    #[test]
+    fn the_copy_is_read_back_in_bounded_pages_with_its_heads() {
+        let (log, _db) = open();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let alice = AccountId::from_identity_key(&[1; 32]);
+        let leaves: Vec<_> = (0..5).map(leaf).collect();
+        let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
+        assert!(log.copy(0, 256, 1 << 20).expect("empty").latest.is_none());
+        log.publish(0, &entries[..3], &head_over(&leaves[..3], &key), &key.verifying_key()).expect("publish");
+        let last = head_over(&leaves, &key);
+        log.publish(3, &entries[3..], &last, &key.verifying_key()).expect("publish");
+
+        let all = log.copy(0, 256, 1 << 20).expect("copy");
+        assert_eq!((all.size, all.latest, all.log_key), (5, Some(last), Some(key.verifying_key())));
+        assert_eq!(all.entries, entries);
+        assert_eq!(all.heads.iter().map(|h| h.head.size).collect::<Vec<_>>(), [3, 5]);
+        let page = log.copy(1, 2, 1 << 20).expect("page");
+        assert_eq!(page.entries, entries[1..3]);
+        assert_eq!(page.heads.iter().map(|h| h.head.size).collect::<Vec<_>>(), [3]);
+        let one = log.copy(0, 256, 1).expect("a byte bound");
+        assert_eq!(one.entries.len(), 1, "at least one entry");
+        let head_only = log.copy(0, 0, 1 << 20).expect("size only");
+        assert!(head_only.entries.is_empty() && head_only.heads.is_empty());
+        assert_eq!(head_only.latest, Some(last));
+        for start in [5, u64::MAX] {
+            let past = log.copy(start, 256, 1 << 20).expect("past the end");
+            assert!(past.entries.is_empty() && past.heads.is_empty(), "{start}");
+        }
     }
 
     /// `tree_size`, `start_index` and `since_size` come from the client: extreme values are refused or list

@@ -230,6 +230,7 @@ fn export_operations(bob: AccountId) -> Vec<ExportBody> {
         }),
         ExportBody::SubjectChanges(SubjectChanges { after_cursor: 0 }),
         ExportBody::PublishLog(PublishLog::default()),
+        ExportBody::ReadLog(relay_proto::wire::ReadLog { start_index: 0, max_entries: 256 }),
     ];
     // A new export operation must be added above (this match has no wildcard).
     for op in &ops {
@@ -238,7 +239,8 @@ fn export_operations(bob: AccountId) -> Vec<ExportBody> {
             | ExportBody::BeginExport(_)
             | ExportBody::EndExport(_)
             | ExportBody::SubjectChanges(_)
-            | ExportBody::PublishLog(_) => {}
+            | ExportBody::PublishLog(_)
+            | ExportBody::ReadLog(_) => {}
         }
     }
     ops
