@@ -7,6 +7,12 @@
 //! catalogue allows. For the tree heads: each signature verifies under the log key, each root is the root over that
 //! many entries, consecutive heads are consistent (RFC 6962 consistency proofs, checked with the verifier) and their
 //! times do not go back. Every problem is reported with the entry or head it concerns; none is fatal to the audit.
+//!
+//! The store alone cannot show a log that lost its newest entries together with their heads, nor one rewritten and
+//! re-signed by whoever holds `log.key`: both are sound logs. Heads kept outside the store can: a head a user pinned
+//! (`relay exports --verify`), the relay's published heads. [`check_external`] fails every such head the log does
+//! not extend (its size past the log, or another root over that many entries), and every one that claims a
+//! signature that does not verify under the log key.
 
 use ed25519_dalek::VerifyingKey;
 use relay_proto::AccountId;
@@ -28,6 +34,8 @@ pub struct AuditReport {
     pub heads: u64,
     /// Size of the latest signed head (entries past it are not yet signed).
     pub signed_size: u64,
+    /// Heads from outside the store (user-pinned, the relay's) checked.
+    pub external_heads: u64,
     /// Every problem found, each naming its entry or head.
     pub problems: Vec<String>,
 }
@@ -37,6 +45,79 @@ impl AuditReport {
     pub fn passed(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+/// A head kept outside the exporter's store, which the log must extend.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ExternalHead {
+    /// Number of entries it covers.
+    pub size: u64,
+    /// Root over them, hex.
+    pub root: String,
+    /// When it was signed, if known.
+    #[serde(default)]
+    pub timestamp_ms: Option<u64>,
+    /// Its signature under the log key, hex, if the source kept it (a user's pin does not).
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// The log key the source pinned with it, hex, if any.
+    #[serde(default)]
+    pub log_key: Option<String>,
+}
+
+impl From<&relay_proto::merkle::SignedTreeHead> for ExternalHead {
+    fn from(h: &relay_proto::merkle::SignedTreeHead) -> Self {
+        Self {
+            size: h.head.size,
+            root: hex::encode(h.head.root),
+            timestamp_ms: Some(h.head.timestamp_ms),
+            signature: Some(hex::encode(h.signature)),
+            log_key: None,
+        }
+    }
+}
+
+/// Problems of `log` against heads kept elsewhere, each `(where it came from, head)`: a head the log does not extend,
+/// a head pinned with another log key, a head whose signature (when it has one) does not verify under `log_key`.
+pub fn check_external(log: &MerkleLog, log_key: &VerifyingKey, heads: &[(String, ExternalHead)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (source, head) in heads {
+        let name = format!("{source}: head of size {}", head.size);
+        let Some(root) = hex::decode(&head.root).ok().and_then(|r| <[u8; 32]>::try_from(r).ok()) else {
+            problems.push(format!("{name}: root is not 32 bytes of hex"));
+            continue;
+        };
+        if head.log_key.as_ref().is_some_and(|k| !k.eq_ignore_ascii_case(&hex::encode(log_key.as_bytes()))) {
+            problems.push(format!("{name}: pinned with another log key"));
+        }
+        if let Some(signature) = &head.signature {
+            let signed = hex::decode(signature).ok().and_then(|s| <[u8; 64]>::try_from(s).ok()).map(|signature| {
+                relay_proto::merkle::SignedTreeHead {
+                    head: relay_proto::merkle::TreeHead {
+                        size: head.size,
+                        root,
+                        timestamp_ms: head.timestamp_ms.unwrap_or_default(),
+                    },
+                    signature,
+                }
+            });
+            if signed.is_none_or(|h| h.verify(log_key).is_err()) {
+                problems.push(format!("{name}: signature does not verify under the log key"));
+            }
+        }
+        match log.root_at(head.size) {
+            Ok(r) if r == root => {}
+            Ok(_) => problems.push(format!(
+                "{name}: the log does not extend it (another root over its first {} entries: entries changed)",
+                head.size
+            )),
+            Err(_) => problems.push(format!(
+                "{name}: the log does not extend it (the log holds {} entries: entries lost)",
+                log.len()
+            )),
+        }
+    }
+    problems
 }
 
 /// The statement of `evidence` and the SHA-256 of its bytes as signed, if its signature verifies under its identity
@@ -115,6 +196,16 @@ pub fn audit(
     log_key: &VerifyingKey,
     catalogue: Option<&Catalogue>,
 ) -> Result<AuditReport, StoreError> {
+    audit_against(store, log_key, catalogue, &[])
+}
+
+/// [`audit`], and [`check_external`] against `external` heads (user-pinned, the relay's).
+pub fn audit_against(
+    store: &ExporterStore,
+    log_key: &VerifyingKey,
+    catalogue: Option<&Catalogue>,
+    external: &[(String, ExternalHead)],
+) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
     let mut hashes = Vec::new();
     store.visit_log_records(|index, record| {
@@ -163,6 +254,8 @@ pub fn audit(
         previous = Some(head);
     }
     report.signed_size = previous.map_or(0, |h| h.size);
+    report.external_heads = external.len() as u64;
+    report.problems.extend(check_external(&log, log_key, external));
     Ok(report)
 }
 
@@ -295,6 +388,86 @@ mod tests {
         assert!(problems.contains("entry 3: exported before the grant was recorded"), "{problems}");
         assert!(problems.contains("entry 4: fields"), "{problems}");
         assert!(problems.contains("entry 5: consent evidence: the user's signature does not verify"), "{problems}");
+    }
+
+    /// The rollbacks and rewrites that whoever holds `log.key` can make pass the store's own checks; a head kept
+    /// outside (a user's pin, the relay's) fails each.
+    #[test]
+    fn rollbacks_and_re_signed_rewrites_pass_alone_and_fail_against_an_earlier_head() {
+        let grant = statement(&SigningKey::from_bytes(&[5; 32]), 1, Decision::Grant, 1_000);
+        let honest = || {
+            let mut f = Fixture::new();
+            f.record_statement(1, &grant.1);
+            for n in 1..=3 {
+                f.export(n, &grant, 2_000 + u64::from(n), FIELDS);
+            }
+            f
+        };
+        let pinned = |f: &Fixture| {
+            let head = f.store.heads().expect("heads").last().copied().expect("a head");
+            vec![("pin".to_owned(), ExternalHead::from(&head))]
+        };
+        // Rewrites the log as `leaves` (records from the honest log), re-signing a head per size.
+        let rewrite = |f: &mut Fixture, records: Vec<LogRecord>| {
+            f.store.drop_log_tail(0).expect("drop");
+            f.log = MerkleLog::new();
+            for (index, record) in records.into_iter().enumerate() {
+                let export_id = ExportLeaf::decode(&record.leaf).expect("leaf").export_id;
+                f.store.append_recovered(index as u64, &WebhookId::from_export_id(export_id), &record).expect("append");
+                f.log.append(&record.leaf);
+                let head = TreeHead { size: f.log.len(), root: f.log.root(), timestamp_ms: 10 + index as u64 };
+                f.store.put_head(&head.sign(&f.log_key)).expect("head");
+            }
+        };
+        let records = |f: &Fixture| -> Vec<LogRecord> {
+            f.store.log_records(0, 10).expect("records").into_iter().map(|(_, r)| r).collect()
+        };
+
+        // The newest entry dropped with its heads.
+        let f = honest();
+        let pin = pinned(&f);
+        f.store.drop_log_tail(2).expect("drop the newest");
+        assert!(f.audit().passed(), "alone, the shortened log passes");
+        let report = audit_against(&f.store, &f.log_key.verifying_key(), None, &pin).expect("audit");
+        assert_eq!(
+            report.problems,
+            ["pin: head of size 3: the log does not extend it (the log holds 2 entries: entries lost)"]
+        );
+
+        // Entry 0 deleted, every head re-signed.
+        let mut f = honest();
+        let pin = pinned(&f);
+        let kept = records(&f).split_off(1);
+        rewrite(&mut f, kept);
+        assert!(f.audit().passed(), "alone, the re-signed log passes: {:?}", f.audit().problems);
+        let problems = audit_against(&f.store, &f.log_key.verifying_key(), None, &pin).expect("audit").problems;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("does not extend it"), "{problems:?}");
+
+        // An entry's payload hash altered, every head re-signed.
+        let mut f = honest();
+        let pin = pinned(&f);
+        let mut altered = records(&f);
+        let mut leaf = ExportLeaf::decode(&altered[1].leaf).expect("leaf");
+        leaf.payload_hash = [0xee; 32];
+        altered[1].leaf = leaf.encode().expect("leaf");
+        rewrite(&mut f, altered);
+        assert!(f.audit().passed(), "alone, the re-signed log passes: {:?}", f.audit().problems);
+        let problems = audit_against(&f.store, &f.log_key.verifying_key(), None, &pin).expect("audit").problems;
+        assert_eq!(
+            problems,
+            [
+                "pin: head of size 3: the log does not extend it (another root over its first 3 entries: entries changed)"
+            ]
+        );
+
+        // A head that claims a signature it does not have is reported too; the honest log extends its pin.
+        let f = honest();
+        let mut pin = pinned(&f);
+        assert!(audit_against(&f.store, &f.log_key.verifying_key(), None, &pin).expect("audit").passed());
+        pin[0].1.signature = Some(hex::encode([1u8; 64]));
+        let problems = audit_against(&f.store, &f.log_key.verifying_key(), None, &pin).expect("audit").problems;
+        assert_eq!(problems, ["pin: head of size 3: signature does not verify under the log key"]);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! (account, affiliate, purpose) pairs ([`ids`]), the affiliates catalogue ([`affiliates`]), payloads with exactly
 //! the allowed fields and per-affiliate phone pseudonyms ([`payload`]), Standard Webhooks signatures ([`webhook`]).
 //! The I/O: the link to the relay's export interface ([`relay_link`]), the sled store that performs the core's
-//! writes, with the export log ([`outbox`]), a minimal webhook client ([`http`]), the async driver of the core
+//! writes, with the export log ([`outbox`]), the checks of that log against its signed heads and the relay's
+//! copy, and its recovery from that copy ([`logcheck`]), a minimal webhook client ([`http`]), the async driver of the core
 //! ([`process`]), and the auditor that checks a stored log ([`audit`]).
 //!
 //! Contract: the exporter never reads mailboxes. This crate does not depend on the relay's crate (`relay-server`),
@@ -19,6 +20,7 @@ pub mod core;
 pub mod feed;
 pub mod http;
 pub mod ids;
+pub mod logcheck;
 pub mod outbox;
 pub mod payload;
 pub mod process;

@@ -198,11 +198,7 @@ impl ExporterStore {
             Some(v) => be_u64(&v, "logged export index")?,
             None => {
                 let index = self.log_len()?;
-                let mut batch = sled::Batch::default();
-                batch.insert(&log_record_key(index)[..], json(record));
-                batch.insert(LOG_LEN, &(index + 1).to_be_bytes()[..]);
-                batch.insert(log_id_key(id), &index.to_be_bytes()[..]);
-                self.log.apply_batch(batch)?;
+                self.append_record(index, id, record)?;
                 self.db.flush()?;
                 index
             }
@@ -218,6 +214,27 @@ impl ExporterStore {
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+    }
+
+    /// Appends `record` at `index` (the log's length) as one atomic batch: the record, the new length, the webhook
+    /// id's index.
+    fn append_record(&self, index: u64, id: &WebhookId, record: &LogRecord) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(&log_record_key(index)[..], json(record));
+        batch.insert(LOG_LEN, &(index + 1).to_be_bytes()[..]);
+        batch.insert(log_id_key(id), &index.to_be_bytes()[..]);
+        self.log.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Appends a record recovered from the relay's copy of the log at `index`, which must be the log's length (the
+    /// caller flushes).
+    pub fn append_recovered(&self, index: u64, id: &WebhookId, record: &LogRecord) -> Result<(), StoreError> {
+        let len = self.log_len()?;
+        if index != len {
+            return Err(StoreError::Corrupt(format!("recovered entry {index} appended to a log of {len}")));
+        }
+        self.append_record(index, id, record)
     }
 
     /// Number of entries in the export log.
@@ -271,6 +288,31 @@ impl ExporterStore {
     #[doc(hidden)]
     pub fn replace_log_record(&self, index: u64, record: &LogRecord) -> Result<(), StoreError> {
         self.log.insert(&log_record_key(index)[..], json(record))?;
+        Ok(())
+    }
+
+    /// Drops every log record from `len` on, their webhook id index, the heads over them and the count of entries
+    /// the relay holds beyond them: what sled leaves when it discards every write after a damaged point of its
+    /// files (for tests that damage the store).
+    #[doc(hidden)]
+    pub fn drop_log_tail(&self, len: u64) -> Result<(), StoreError> {
+        for (index, record) in self.log_records(len, usize::MAX)? {
+            let export_id = relay_proto::merkle::ExportLeaf::decode(&record.leaf)
+                .map_err(|e| StoreError::Corrupt(format!("log record {index}: {e}")))?
+                .export_id;
+            self.log.remove(log_id_key(&WebhookId::from_export_id(export_id)))?;
+            self.log.remove(&log_record_key(index)[..])?;
+        }
+        self.log.insert(LOG_LEN, &len.to_be_bytes()[..])?;
+        for head in self.heads()? {
+            if head.head.size > len {
+                self.heads.remove(head.head.size.to_be_bytes())?;
+            }
+        }
+        if self.published()? > len {
+            self.set_published(len)?;
+        }
+        self.db.flush()?;
         Ok(())
     }
 

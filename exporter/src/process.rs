@@ -14,6 +14,10 @@
 //! After each pass in which the log grew, the exporter signs a tree head over the whole log with its log key
 //! (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the relay, which shows each user
 //! their own entries.
+//!
+//! A damaged log stops the exporter ([`ExporterError::LogDamaged`]): checked by [`Exporter::check_log`] at start, and
+//! every pass, before a feed is read or anything delivered, against the latest stored head and the relay's latest
+//! signed head ([`crate::logcheck`]). [`Exporter::recover_log`] rebuilds a log that lost entries from the relay's copy.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -35,6 +39,7 @@ use crate::core::{
 use crate::feed::{self, Feed};
 use crate::http::{self, HttpError, Url};
 use crate::ids::{Pair, WebhookId};
+use crate::logcheck::{self, LogDamage, Recovered, RecoveryError};
 use crate::outbox::{ExporterStore, StoreError};
 use crate::relay_link::{ExportClient, RelayLinkError};
 use crate::webhook;
@@ -62,6 +67,13 @@ pub enum ExporterError {
     /// The rules refused to go on: an entry that cannot be logged (a damaged store), or a driver fault.
     #[error("exporter rules: {0}")]
     Core(#[from] CoreError),
+    /// The export log is damaged: it lost or changed entries that a signed head (its own, or the relay's) covers. The
+    /// exporter stops exporting; `relay-exporter --recover-log-from-relay` rebuilds it.
+    #[error(transparent)]
+    LogDamaged(#[from] LogDamage),
+    /// Recovering the log from the relay failed; nothing was written unless every check passed.
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
     /// An affiliate's endpoint cannot be used by this exporter.
     #[error("affiliate {affiliate:?}: {source}")]
     Endpoint {
@@ -195,14 +207,51 @@ impl Exporter {
         self.progress.subscribe()
     }
 
+    /// Checks the export log against every head the store kept (each signed with the log key, each root the root
+    /// over that many entries), the store's count of records and how much of the log the relay was sent: a
+    /// [`ExporterError::LogDamaged`] if the store lost or changed entries. [`Exporter::run`] does it first.
+    pub fn check_log(&self) -> Result<(), ExporterError> {
+        logcheck::check_local(&self.store, &self.log, &self.log_key.verifying_key(), true)??;
+        Ok(())
+    }
+
+    /// Rebuilds the tail of a damaged export log from the relay's copy ([`logcheck::recover`]), then checks the log
+    /// as [`Exporter::check_log`] does.
+    pub async fn recover_log(
+        &mut self,
+        relay: SocketAddr,
+        relay_fingerprint: [u8; 32],
+    ) -> Result<Recovered, ExporterError> {
+        let client = ExportClient::connect(relay, relay_fingerprint, &self.identity)
+            .await
+            .map_err(|e| ExporterError::Recovery(e.into()))?;
+        let recovered = logcheck::recover(&self.store, &client, &self.log_key.verifying_key()).await;
+        client.close().await;
+        let recovered = recovered?;
+        self.log = load_log(&self.store)?;
+        let (logged, published) = (self.log.len(), self.store.published()?);
+        self.progress.send_modify(|p| {
+            p.logged = logged;
+            p.published = published;
+        });
+        self.check_log()?;
+        Ok(recovered)
+    }
+
     /// Runs until `shutdown` turns true: connects to the relay at `relay` (pinning `relay_fingerprint`), and every
     /// poll interval reads the feeds and delivers what is due. Relay errors drop the connection and are retried.
+    /// A damaged export log ([`Exporter::check_log`] at start; every pass, the store's latest head and the relay's
+    /// copy, before anything is read or delivered) stops it with [`ExporterError::LogDamaged`].
     pub async fn run(
         mut self,
         relay: SocketAddr,
         relay_fingerprint: [u8; 32],
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ExporterError> {
+        if let Err(e) = self.check_log() {
+            self.store.flush().await?;
+            return Err(e);
+        }
         let mut client: Option<ExportClient> = None;
         while !*shutdown.borrow() {
             if client.as_ref().is_some_and(ExportClient::is_closed) {
@@ -237,6 +286,14 @@ impl Exporter {
                         }
                     }
                     Err(PassError::Store(e)) => return Err(e.into()),
+                    Err(PassError::Damage(e)) => {
+                        tracing::error!(error = %e, "stopping: the export log is damaged");
+                        if let Some(c) = client.take() {
+                            c.close().await;
+                        }
+                        self.store.flush().await?;
+                        return Err(e.into());
+                    }
                     Err(PassError::Core(e)) => return Err(e.into()),
                 }
             }
@@ -253,6 +310,11 @@ impl Exporter {
     }
 
     async fn pass(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        // Before anything is read or delivered: an exporter whose log lost entries must not export (its webhooks
+        // would go unlogged, or be logged at indices the relay already holds other entries at).
+        let key = self.log_key.verifying_key();
+        logcheck::check_local(&self.store, &self.log, &key, false)??;
+        logcheck::check_relay(client, &self.log, &key).await??;
         for feed in Feed::ALL {
             self.read_feed(client, feed).await?;
         }
@@ -420,8 +482,11 @@ impl Exporter {
                 _ => return Err(RelayLinkError::Unexpected("expected LogPublished".into()).into()),
             };
             if size > len {
-                tracing::error!(relay = size, local = len, "the relay holds more log entries than this exporter");
-                return Ok(());
+                // The relay's signed head, checked at the start of the pass, was no larger: this unsigned size is
+                // the relay's fault until a signed head says otherwise.
+                return Err(
+                    RelayLinkError::Unexpected(format!("the relay claims {size} log entries, its head fewer")).into()
+                );
             }
             if size != end {
                 tracing::info!(relay = size, "the relay's copy of the log differs in size; resuming from it");
@@ -501,6 +566,8 @@ enum PassError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Core(#[from] CoreError),
+    #[error(transparent)]
+    Damage(#[from] LogDamage),
 }
 
 #[cfg(test)]
@@ -531,6 +598,81 @@ mod tests {
         assert!(exporter.endpoints.get("adsco").is_some_and(|e| e.url.tls));
         let bad = b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n";
         assert!(exporter.trust_extra_ca(bad).is_err());
+    }
+
+    /// What sled leaves after damage, at start: records lost under a head that was kept, an entry changed under its
+    /// head, a published count past the log. Each stops the exporter before it connects.
+    #[test]
+    fn a_store_that_lost_or_changed_logged_entries_is_refused_at_start() {
+        use crate::core::{LogRecord, Write};
+        use relay_proto::consent::Purpose;
+
+        let dir = tempfile::tempdir().expect("dir");
+        let open = || {
+            let catalogue = Catalogue::parse(include_str!("../affiliates.example.toml")).expect("catalogue");
+            Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).expect("opens")
+        };
+        let account = relay_proto::AccountId::from_identity_key(&[1; 32]);
+        let leaf = |n: u8| relay_proto::merkle::ExportLeaf {
+            export_id: [n; 16],
+            affiliate: "adsco".into(),
+            purpose: "advertising".into(),
+            fields: vec!["device_model".into()],
+            payload_hash: [n; 32],
+            consent_hash: [n; 32],
+            time_ms: u64::from(n),
+        };
+        {
+            let mut exporter = open();
+            for n in 0..3 {
+                let record = LogRecord { leaf: leaf(n).encode().expect("leaf"), account, evidence: Default::default() };
+                let settle = Write::Settle {
+                    id: WebhookId::from_export_id([n; 16]),
+                    pair: Pair::new(account, "adsco", Purpose::Advertising),
+                    pseudonym: "p".into(),
+                    record: Box::new(record),
+                };
+                exporter.store.apply(&settle).expect("settle");
+                exporter.sync_log().expect("sync");
+            }
+            exporter.sign_head(3).expect("head");
+            exporter.store.set_published(3).expect("published");
+            exporter.check_log().expect("a sound log passes");
+        }
+        let damaged = |damage: &dyn Fn(&ExporterStore)| {
+            {
+                let store = ExporterStore::open(&dir.path().join("db")).expect("store");
+                damage(&store);
+            }
+            match open().check_log() {
+                Err(ExporterError::LogDamaged(d)) => d,
+                other => panic!("expected a damaged log, got {other:?}"),
+            }
+        };
+
+        // One record changed under its head.
+        let changed = damaged(&|store| {
+            let (_, mut record) = store.log_records(1, 1).expect("record").remove(0);
+            record.leaf = leaf(9).encode().expect("leaf");
+            store.replace_log_record(1, &record).expect("tamper");
+        });
+        assert_eq!(changed, LogDamage::Changed { size: 3, which: "stored" });
+        assert!(changed.to_string().contains("--recover-log-from-relay"), "{changed}");
+        // The newest record lost, its head kept.
+        let lost = damaged(&|store| {
+            let heads = store.heads().expect("heads");
+            store.drop_log_tail(2).expect("drop");
+            for head in &heads {
+                store.put_head(head).expect("head");
+            }
+        });
+        assert_eq!(lost, LogDamage::LostEntries { head: 3, len: 2 });
+        // The record and its heads lost, the count of entries sent to the relay kept.
+        let published = damaged(&|store| {
+            store.drop_log_tail(1).expect("drop");
+            store.set_published(3).expect("published");
+        });
+        assert_eq!(published, LogDamage::LostPublished { published: 3, len: 1 });
     }
 
     #[test]

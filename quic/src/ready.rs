@@ -120,6 +120,14 @@ pub enum ChildError {
         /// The parse error.
         source: ReadyLineError,
     },
+    /// It was expected to exit by itself and did not within the bound; it was killed.
+    #[error("{program} was still running after {bound:?} and was killed")]
+    StillRunning {
+        /// The program.
+        program: String,
+        /// The bound.
+        bound: Duration,
+    },
     /// It did not exit within the grace period after SIGTERM, and was killed.
     #[error("{program} did not exit within {grace:?} of SIGTERM and was killed")]
     Hung {
@@ -181,6 +189,18 @@ impl ServerChild {
             Err(_) => {
                 self.child.kill().await.ok();
                 Err(ChildError::Hung { program: self.program, grace })
+            }
+        }
+    }
+
+    /// Waits up to `bound` for it to exit by itself; kills it (and fails) if it takes longer.
+    pub async fn wait(mut self, bound: Duration) -> Result<ExitStatus, ChildError> {
+        let io = |source| ChildError::Io { program: self.program.clone(), source };
+        match tokio::time::timeout(bound, self.child.wait()).await {
+            Ok(status) => status.map_err(io),
+            Err(_) => {
+                self.child.kill().await.ok();
+                Err(ChildError::StillRunning { program: self.program, bound })
             }
         }
     }

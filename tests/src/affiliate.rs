@@ -430,6 +430,44 @@ impl ExporterProcess {
         Ok(())
     }
 
+    /// Waits, at most `bound`, for it to exit by itself (a fatal error); its exit status.
+    pub async fn wait_exit(&mut self, bound: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.take().ok_or_else(|| anyhow!("the exporter is not running"))?;
+        Ok(child.wait(bound).await?)
+    }
+
+    /// Runs the binary once more on its data directory, catalogue and relay, with `extra` arguments (a one-shot
+    /// mode such as `--recover-log-from-relay`), and waits at most `bound` for it to exit.
+    pub async fn run_once(&self, extra: &[&str], bound: Duration) -> Result<std::process::Output> {
+        if self.child.is_some() {
+            bail!("the exporter is still running");
+        }
+        let (relay, relay_fp) = self.relay.clone().ok_or_else(|| anyhow!("no relay to run against"))?;
+        let mut command = tokio::process::Command::new(crate::binary_path("relay-exporter", "RELAY_EXPORTER_BIN")?);
+        command
+            .arg("--data")
+            .arg(self.data_dir())
+            .arg("--relay")
+            .arg(relay.to_string())
+            .arg("--relay-cert-sha256")
+            .arg(relay_fp)
+            .arg("--affiliates")
+            .arg(self.catalogue_path())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        tokio::time::timeout(bound, command.output())
+            .await
+            .context("relay-exporter did not exit in time")?
+            .map_err(Into::into)
+    }
+
+    /// Its affiliates catalogue.
+    pub fn catalogue_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("affiliates.toml")
+    }
+
     /// Hex SHA-256 of its certificate: what the relay's export interface pins.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint

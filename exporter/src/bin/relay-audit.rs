@@ -1,20 +1,32 @@
-//! `relay-audit --exporter-data DIR [--log-key HEX] [--affiliates FILE] [--json]`: checks a whole export log.
+//! `relay-audit --exporter-data DIR [--log-key HEX] [--affiliates FILE] [--head FILE]... [--relay ADDR
+//! --relay-cert-sha256 HEX] [--json]`: checks a whole export log.
 //!
 //! Reads the log, its signed tree heads and the consent evidence from a `relay-exporter` data dir (the exporter must
 //! be stopped, or the dir a copy taken while it was), and reports every entry not backed by a user-signed grant in
 //! force at its time, every head whose signature, root or consistency with the previous head fails, and, with
-//! `--affiliates`, every entry whose fields differ from the catalogue's. Exit status 0 if the log passed, 1 if a
-//! problem was found, 2 if the audit could not run.
+//! `--affiliates`, every entry whose fields differ from the catalogue's.
+//!
+//! A log that lost its newest entries with their heads, or that was rewritten and re-signed with `log.key`, is sound
+//! on its own; heads kept elsewhere catch it, and the log must extend each: `--head FILE` (repeatable) is a head as a
+//! user's client pins it (`exports.json` in the user's home: `{"log_key", "size", "root", "timestamp_ms"}`) or a
+//! JSON object `{"size", "root", "timestamp_ms", "signature"}` (hex; a signature, when present, must verify), or a
+//! JSON array of such objects; `--relay` reads every head the relay published over the export interface, with the
+//! data dir's TLS identity (the relay admits only the exporter's certificate).
+//!
+//! Exit status 0 if the log passed, 1 if a problem was found, 2 if the audit could not run.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use relay_exporter::Catalogue;
-use relay_exporter::audit::audit;
+use relay_exporter::audit::{ExternalHead, audit_against};
+use relay_exporter::logcheck;
 use relay_exporter::outbox::ExporterStore;
+use relay_exporter::relay_link::ExportClient;
 
 #[derive(Parser)]
 #[command(name = "relay-audit", version, about = "Audit a Consent Relay export log")]
@@ -28,6 +40,16 @@ struct Args {
     /// Affiliates catalogue: also check that every entry's fields are exactly those allowed.
     #[arg(long)]
     affiliates: Option<PathBuf>,
+    /// A head kept outside the store, which the log must extend (a user's `exports.json`, or a JSON head or array of
+    /// heads); repeatable.
+    #[arg(long = "head", value_name = "FILE")]
+    heads: Vec<PathBuf>,
+    /// UDP address of the relay's export interface: check the log against every head the relay published.
+    #[arg(long, requires = "relay_cert_sha256")]
+    relay: Option<SocketAddr>,
+    /// Hex SHA-256 of the relay's certificate (with --relay).
+    #[arg(long, requires = "relay")]
+    relay_cert_sha256: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -57,13 +79,21 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let store = ExporterStore::open(&db).with_context(|| {
         format!("cannot open {} (is relay-exporter still running on it? stop it or audit a copy)", db.display())
     })?;
-    let report = audit(&store, &log_key, catalogue.as_ref())?;
+    let mut external = Vec::new();
+    for path in &args.heads {
+        external.extend(head_file(path)?);
+    }
+    if let (Some(relay), Some(fp)) = (args.relay, &args.relay_cert_sha256) {
+        external.extend(relay_heads(&args.exporter_data, relay, fp)?);
+    }
+    let report = audit_against(&store, &log_key, catalogue.as_ref(), &external)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("log key      {}", hex::encode(log_key.as_bytes()));
         println!("entries      {}", report.entries);
         println!("tree heads   {} (latest signed size {})", report.heads, report.signed_size);
+        println!("outside      {} head(s) the log must extend", report.external_heads);
         if report.passed() {
             println!(
                 "result       PASSED: every entry backed by a user-signed grant in force at its time; heads consistent"
@@ -76,6 +106,46 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         }
     }
     Ok(report.passed())
+}
+
+/// The heads in `path`: one JSON object or an array of them.
+fn head_file(path: &Path) -> anyhow::Result<Vec<(String, ExternalHead)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --head {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--head {} is not JSON", path.display()))?;
+    let items = match value {
+        serde_json::Value::Array(items) => items,
+        one => vec![one],
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let head = serde_json::from_value(item)
+                .with_context(|| format!("--head {}: item {i} is not a head (size, root)", path.display()))?;
+            Ok((format!("{} #{i}", path.display()), head))
+        })
+        .collect()
+}
+
+/// Every head the relay published, read over the export interface as the exporter in `data` (its TLS identity).
+fn relay_heads(data: &Path, relay: SocketAddr, fingerprint: &str) -> anyhow::Result<Vec<(String, ExternalHead)>> {
+    let fingerprint =
+        relay_quic::pin::parse_fingerprint(fingerprint).context("--relay-cert-sha256 must be 64 hex digits")?;
+    // Loaded, never created: the audit writes nothing into the data dir.
+    if !data.join("cert.der").exists() || !data.join("key.der").exists() {
+        anyhow::bail!("{} has no TLS identity to present to the relay", data.display());
+    }
+    let identity = relay_quic::identity::Identity::load_or_create(data)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The relay's size needs no check of its own: its latest head, among these, has that size.
+    let (_, heads) = runtime.block_on(async {
+        let client = ExportClient::connect(relay, fingerprint, &identity).await?;
+        let heads = logcheck::relay_heads(&client).await;
+        client.close().await;
+        heads
+    })?;
+    Ok(heads.iter().map(|h| (format!("relay {relay}"), ExternalHead::from(h))).collect())
 }
 
 fn main() -> ExitCode {

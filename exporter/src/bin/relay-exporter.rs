@@ -1,5 +1,5 @@
 //! `relay-exporter --data DIR --relay ADDR --relay-cert-sha256 HEX --affiliates FILE [--affiliate-ca PEM]
-//! [--poll-ms N]`: the metadata
+//! [--poll-ms N] [--recover-log-from-relay]`: the metadata
 //! exporter. Reads the relay's consent feed over the export interface and delivers signed webhooks to affiliates,
 //! within the withdrawal fence, until SIGINT or SIGTERM.
 //!
@@ -7,15 +7,22 @@
 //! on stdout, `exporter cert-sha256 <hex> log-key <hex>`: the first is relayd's `--exporter-cert-sha256`, the second
 //! the Ed25519 key that verifies the export log's tree heads (`relay-audit --log-key`). Logs go to stderr
 //! (`RUST_LOG`).
+//!
+//! Exit status: 0 after SIGINT or SIGTERM; 3 if the export log is damaged (checked before the ready line against the
+//! store's signed heads, and every pass against the latest one and the relay's copy: the exporter exports nothing
+//! more); 1 for any other error. `--recover-log-from-relay` does not run the exporter: it rebuilds a log that lost
+//! entries from the relay's copy, verified against the signed heads, prints one line saying what it did, and exits 0
+//! (1 if it refused: then it wrote nothing).
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use relay_exporter::{Catalogue, Exporter};
+use relay_exporter::{Catalogue, Exporter, ExporterError};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -40,10 +47,27 @@ struct Args {
     /// Feed poll interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     poll_ms: u64,
+    /// Rebuild a damaged export log from the relay's copy (verified against the signed heads), then exit.
+    #[arg(long)]
+    recover_log_from_relay: bool,
+}
+
+/// Exit status when the export log is damaged.
+const DAMAGED: u8 = 3;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let damaged = e.chain().any(|c| matches!(c.downcast_ref(), Some(ExporterError::LogDamaged(_))));
+            eprintln!("relay-exporter: {e:#}");
+            ExitCode::from(if damaged { DAMAGED } else { 1 })
+        }
+    }
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     relay_quic::logging::init("info");
     // Everything this process writes (its store included) is for its owner only.
     relay_quic::durable_file::restrict_new_files();
@@ -56,6 +80,17 @@ async fn main() -> anyhow::Result<()> {
     let catalogue = Catalogue::from_file(&args.affiliates)?;
     let mut exporter = Exporter::open(&args.data, catalogue, Duration::from_millis(args.poll_ms))
         .context("relay-exporter could not start")?;
+    if args.recover_log_from_relay {
+        let r = exporter.recover_log(args.relay, fingerprint).await.context("--recover-log-from-relay")?;
+        let plural = if r.appended == 1 { "y" } else { "ies" };
+        println!(
+            "recovered {} entr{plural} from the relay's copy ({} kept, {} heads checked and stored, {} without consent \
+             evidence); the log now passes its checks",
+            r.appended, r.kept, r.heads, r.without_evidence
+        );
+        return Ok(());
+    }
+    exporter.check_log().context("relay-exporter will not start")?;
     if let Some(path) = &args.affiliate_ca {
         let pem = std::fs::read(path).with_context(|| format!("cannot read --affiliate-ca {}", path.display()))?;
         exporter.trust_extra_ca(&pem).with_context(|| format!("--affiliate-ca {}", path.display()))?;

@@ -13,6 +13,7 @@ mod exporter;
 mod exportlog;
 mod identity;
 mod limits;
+mod logdamage;
 mod messaging;
 mod metrics;
 mod prekeys;
