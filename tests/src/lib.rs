@@ -409,6 +409,40 @@ impl TestUser {
     }
 }
 
+/// What [`private_tree`] found under a directory.
+#[derive(Debug)]
+pub struct TreeModes {
+    /// Regular files seen.
+    pub files: usize,
+    /// Directories not 0700 and files with any group or other permission bit, with their modes.
+    pub loose: Vec<(PathBuf, u32)>,
+}
+
+/// Walks `dir` (itself included): every directory must be 0700 and no file may grant anything to group or others.
+pub fn private_tree(dir: &Path) -> Result<TreeModes> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
+    let mut modes = TreeModes { files: 0, loose: Vec::new() };
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if mode(&d)? != 0o700 {
+            modes.loose.push((d.clone(), mode(&d)?));
+        }
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                modes.files += 1;
+                if mode(&path)? & 0o077 != 0 {
+                    modes.loose.push((path.clone(), mode(&path)?));
+                }
+            }
+        }
+    }
+    Ok(modes)
+}
+
 /// Every file under `dir` whose bytes contain `needle`.
 pub fn files_containing(dir: &Path, needle: &[u8]) -> Result<Vec<PathBuf>> {
     let mut hits = Vec::new();

@@ -78,29 +78,9 @@ async fn a_stale_messenger_does_not_bring_back_consumed_prekeys() {
     second.close().await;
 }
 
-fn mode(path: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
-}
-
 /// Every file and directory under `dir` (and `dir` itself) with a mode that lets others in.
 fn open_to_others(dir: &Path) -> Vec<(std::path::PathBuf, u32)> {
-    let mut loose = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        if mode(&d) != 0o700 {
-            loose.push((d.clone(), mode(&d)));
-        }
-        for entry in std::fs::read_dir(&d).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if mode(&path) & 0o077 != 0 {
-                loose.push((path.clone(), mode(&path)));
-            }
-        }
-    }
-    loose
+    relay_tests::private_tree(dir).expect("walk the home").loose
 }
 
 /// The home holds keys, sessions, contacts and the plaintext of held messages: 0700, every file 0600, from

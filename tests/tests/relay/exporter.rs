@@ -218,23 +218,9 @@ async fn https_affiliates_are_reached_only_over_a_verified_connection() {
 /// every file in it 0600.
 #[tokio::test]
 async fn the_exporter_data_dir_is_private() {
-    use std::os::unix::fs::PermissionsExt;
     let s = setup().await;
-    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
-    let mut stack = vec![s.exporter.data_dir()];
-    let mut files = 0;
-    while let Some(dir) = stack.pop() {
-        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
-        for entry in std::fs::read_dir(&dir).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files += 1;
-                assert_eq!(mode(&path), 0o600, "{}", path.display());
-            }
-        }
-    }
-    assert!(files >= 4, "the keys and the store were checked");
+    let modes = relay_tests::private_tree(&s.exporter.data_dir()).expect("walk the data dir");
+    assert!(modes.loose.is_empty(), "readable by others: {:?}", modes.loose);
+    assert!(modes.files >= 4, "the keys and the store were checked");
     drop(s.relay);
 }

@@ -152,26 +152,12 @@ async fn no_relay_log_line_ties_an_account_to_an_address() {
 /// The relay's data directory holds its key and every mailbox: 0700, and every file in it 0600.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_data_dir_is_private() {
-    use std::os::unix::fs::PermissionsExt;
     let mut relay = TestRelay::process().await.expect("relay");
     let mut alice = relay.user("+33612345678").await.expect("alice");
     relay.user("+33698765432").await.expect("bob");
     alice.messenger.send_text("+33698765432", "hello").await.expect("send");
     relay.stop().await.expect("stop");
-    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
-    let mut stack = vec![relay.data_dir().to_path_buf()];
-    let mut files = 0;
-    while let Some(dir) = stack.pop() {
-        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
-        for entry in std::fs::read_dir(&dir).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files += 1;
-                assert_eq!(mode(&path), 0o600, "{}", path.display());
-            }
-        }
-    }
-    assert!(files >= 3, "the store, the certificate and its key were checked");
+    let modes = relay_tests::private_tree(relay.data_dir()).expect("walk the data dir");
+    assert!(modes.loose.is_empty(), "readable by others: {:?}", modes.loose);
+    assert!(modes.files >= 3, "the store, the certificate and its key were checked");
 }
