@@ -131,6 +131,45 @@ async fn read_rest<M: Message + Default>(
     Ok(frame::decode_body(&body)?)
 }
 
+/// What [`next_request`] got from a request stream.
+#[derive(Debug)]
+pub enum NextRequest<M> {
+    /// The next request.
+    Request(M),
+    /// The stream is over: the peer finished it between frames (our half is finished too) or it failed.
+    Closed,
+    /// The frame was oversized, undecodable, cut short or too slow: the peer's half was stopped with the matching
+    /// close code, the error frame sent and our half finished. The stream is over; the code is for counting.
+    Refused(ErrorCode),
+}
+
+/// Reads the next request frame on a request stream, and closes the stream the one way the protocol says when the
+/// peer ends it or sends a frame that cannot be read: `error` makes the error frame for a code and a message.
+/// Shared by the messaging endpoint and the export interface, so both refuse bad input identically.
+pub async fn next_request<M: Message + Default, E: Message>(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    frame_timeout: Duration,
+    error: impl FnOnce(ErrorCode, String) -> E,
+) -> NextRequest<M> {
+    match read_frame_within::<M>(recv, relay_proto::MAX_FRAME_LEN, frame_timeout).await {
+        Ok(Some(request)) => NextRequest::Request(request),
+        Ok(None) => {
+            send.finish().ok();
+            NextRequest::Closed
+        }
+        Err(ReadError::Stream(_)) => NextRequest::Closed,
+        Err(e) => {
+            let (code, close) = e.codes();
+            tracing::debug!(error = %e, "bad frame, closing stream");
+            recv.stop(close.code().into()).ok();
+            write_frame(send, &error(code, e.to_string())).await.ok();
+            send.finish().ok();
+            NextRequest::Refused(code)
+        }
+    }
+}
+
 /// Writes one frame.
 pub async fn write_frame<M: Message>(send: &mut quinn::SendStream, msg: &M) -> Result<(), WriteError> {
     let bytes = frame::encode(msg)?;

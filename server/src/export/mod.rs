@@ -11,9 +11,8 @@ pub mod handler;
 
 use std::sync::Arc;
 
-use relay_proto::MAX_FRAME_LEN;
 use relay_proto::wire::{ExportRequest, ExportResponse};
-use relay_quic::{ReadError, read_frame_within, write_frame};
+use relay_quic::{NextRequest, next_request, write_frame};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -63,22 +62,13 @@ async fn serve_connection(handler: Arc<ExportHandler>, incoming: quinn::Incoming
 
 async fn serve_stream(handler: Arc<ExportHandler>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     loop {
-        let request = match read_frame_within::<ExportRequest>(&mut recv, MAX_FRAME_LEN, EXPORT_FRAME_TIMEOUT).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                send.finish().ok();
-                return;
-            }
-            Err(ReadError::Stream(_)) => return,
-            Err(e) => {
-                let (code, close) = e.codes();
-                tracing::debug!(error = %e, "bad export frame, closing stream");
-                recv.stop(close.code().into()).ok();
-                write_frame(&mut send, &ExportResponse::error(code, e.to_string())).await.ok();
-                send.finish().ok();
-                return;
-            }
-        };
+        let request =
+            match next_request::<ExportRequest, _>(&mut send, &mut recv, EXPORT_FRAME_TIMEOUT, ExportResponse::error)
+                .await
+            {
+                NextRequest::Request(r) => r,
+                NextRequest::Closed | NextRequest::Refused(_) => return,
+            };
         // Registry and profile reads are short sled look-ups, like the messaging handlers' reads; a publication
         // waits for the group commit.
         let reply = handler.handle(request.body).await;

@@ -23,9 +23,8 @@ pub mod state;
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_proto::MAX_FRAME_LEN;
 use relay_proto::wire::{ClientFrame, client_frame::Body as Req};
-use relay_quic::{ReadError, read_frame_within, write_frame};
+use relay_quic::{NextRequest, next_request, write_frame};
 
 pub use state::Session;
 
@@ -56,20 +55,12 @@ pub async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) {
     loop {
-        let frame = match read_frame_within::<ClientFrame>(&mut recv, MAX_FRAME_LEN, handlers.frame_timeout).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                send.finish().ok();
-                return;
-            }
-            Err(ReadError::Stream(_)) => return,
-            Err(e) => {
-                let (code, close) = e.codes();
+        let error = |code, message| Reject::new(code, message).to_frame();
+        let frame = match next_request::<ClientFrame, _>(&mut send, &mut recv, handlers.frame_timeout, error).await {
+            NextRequest::Request(frame) => frame,
+            NextRequest::Closed => return,
+            NextRequest::Refused(code) => {
                 handlers.metrics.error(code);
-                tracing::debug!(error = %e, "bad frame, closing stream");
-                recv.stop(close.code().into()).ok();
-                write_frame(&mut send, &Reject::new(code, e.to_string()).to_frame()).await.ok();
-                send.finish().ok();
                 return;
             }
         };
