@@ -188,6 +188,13 @@ fn validate(raw: RawAffiliate, index: usize) -> Result<Affiliate, CatalogueError
     if rest.is_empty() || rest.starts_with('/') || rest.chars().any(char::is_whitespace) {
         return Err(invalid(format!("endpoint {:?} has no host", raw.endpoint)));
     }
+    // Plain http carries personal data in clear: only to an affiliate on this host.
+    if raw.endpoint.starts_with("http://") && !is_loopback_host(endpoint_host(rest)) {
+        return Err(invalid(format!(
+            "endpoint {:?}: http:// is accepted only for a loopback host (127.0.0.1, [::1], localhost); use https://",
+            raw.endpoint
+        )));
+    }
     let key = raw
         .secret
         .strip_prefix("whsec_")
@@ -217,6 +224,21 @@ fn validate(raw: RawAffiliate, index: usize) -> Result<Affiliate, CatalogueError
         purposes.insert(purpose, set);
     }
     Ok(Affiliate { id: raw.id, name: raw.name, country: raw.country, endpoint: raw.endpoint, secret, purposes })
+}
+
+/// The host of a URL's `host[:port][/path]` part (an IPv6 literal without its brackets). Kept here, not taken from
+/// the webhook client, so that the catalogue stays free of network code.
+fn endpoint_host(rest: &str) -> &str {
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+    }
+}
+
+/// Whether `host` (as in a URL, IPv6 without brackets) names this machine over loopback.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -250,6 +272,8 @@ mod tests {
             (with("whsec_", "wh_"), "secret must be"),
             (with("country = \"FR\"", "country = \"France\""), "country"),
             (with("endpoint = \"http://", "endpoint = \"ftp://"), "endpoint"),
+            (with("http://127.0.0.1:9000", "http://hooks.example.com"), "only for a loopback host"),
+            (with("http://127.0.0.1:9000", "http://10.0.0.7:9000"), "only for a loopback host"),
             (with("id = \"adsco\"", "id = \"Ads Co\""), "id"),
         ];
         for (text, want) in cases {
@@ -263,5 +287,15 @@ mod tests {
         assert!(Catalogue::parse(&dup).expect_err("duplicate").to_string().contains("duplicate"));
         assert!(Catalogue::parse("[[affiliate]]\nid = 3\n").is_err());
         assert!(Catalogue::parse("[[affiliate]]\nid = \"a\"\nunknown_key = 1\n").is_err());
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_hosts() {
+        for ok in
+            ["http://localhost:9000/h", "http://[::1]:9000/h", "http://127.0.0.2/h", "https://hooks.example.com/in"]
+        {
+            let text = with("http://127.0.0.1:9000/hooks", ok);
+            assert!(Catalogue::parse(&text).is_ok(), "{ok} should be accepted");
+        }
     }
 }
