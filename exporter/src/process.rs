@@ -608,9 +608,24 @@ mod tests {
         use relay_proto::consent::Purpose;
 
         let dir = tempfile::tempdir().expect("dir");
+        // sled's background threads may hold the store's file lock for a moment after the last handle is dropped:
+        // retry a refused open, boundedly, instead of failing on that race.
+        fn when_released<T, E: std::fmt::Debug>(open: impl Fn() -> Result<T, E>) -> T {
+            let mut tries = 0;
+            loop {
+                match open() {
+                    Ok(t) => return t,
+                    Err(e) if tries < 250 && format!("{e:?}").contains("could not acquire lock") => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("opens: {e:?}"),
+                }
+            }
+        }
         let open = || {
             let catalogue = Catalogue::parse(include_str!("../affiliates.example.toml")).expect("catalogue");
-            Exporter::open(dir.path(), catalogue, Duration::from_millis(50)).expect("opens")
+            when_released(|| Exporter::open(dir.path(), catalogue.clone(), Duration::from_millis(50)))
         };
         let account = relay_proto::AccountId::from_identity_key(&[1; 32]);
         let leaf = |n: u8| relay_proto::merkle::ExportLeaf {
@@ -641,7 +656,7 @@ mod tests {
         }
         let damaged = |damage: &dyn Fn(&ExporterStore)| {
             {
-                let store = ExporterStore::open(&dir.path().join("db")).expect("store");
+                let store = when_released(|| ExporterStore::open(&dir.path().join("db")));
                 damage(&store);
             }
             match open().check_log() {
