@@ -379,20 +379,8 @@ impl ExporterProcess {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let (relay, relay_fp) = self.relay.clone().ok_or_else(|| anyhow!("no relay to run against"))?;
-        let mut command = tokio::process::Command::new(crate::binary_path("relay-exporter", "RELAY_EXPORTER_BIN")?);
-        command
-            .arg("--data")
-            .arg(self.data_dir())
-            .arg("--relay")
-            .arg(relay.to_string())
-            .arg("--relay-cert-sha256")
-            .arg(relay_fp)
-            .arg("--affiliates")
-            .arg(self.dir.path().join("affiliates.toml"))
-            .arg("--poll-ms")
-            .arg(self.poll_ms.to_string())
-            .env("RUST_LOG", "info");
+        let mut command = self.command()?;
+        command.arg("--poll-ms").arg(self.poll_ms.to_string());
         let (child, ready) = ServerChild::start(command, &self.log_path(), crate::START_TIMEOUT).await?;
         let ReadyLine::Exporter { log_key, .. } = ready else { bail!("relay-exporter printed {ready}") };
         let (fingerprint, log_key) = (ready.cert_hex(), hex::encode(log_key));
@@ -442,6 +430,16 @@ impl ExporterProcess {
         if self.child.is_some() {
             bail!("the exporter is still running");
         }
+        let mut command = self.command()?;
+        command.args(extra).stdin(std::process::Stdio::null()).kill_on_drop(true);
+        tokio::time::timeout(bound, command.output())
+            .await
+            .context("relay-exporter did not exit in time")?
+            .map_err(Into::into)
+    }
+
+    /// `relay-exporter` on this data directory and catalogue, against the relay it runs with.
+    fn command(&self) -> Result<tokio::process::Command> {
         let (relay, relay_fp) = self.relay.clone().ok_or_else(|| anyhow!("no relay to run against"))?;
         let mut command = tokio::process::Command::new(crate::binary_path("relay-exporter", "RELAY_EXPORTER_BIN")?);
         command
@@ -453,14 +451,8 @@ impl ExporterProcess {
             .arg(relay_fp)
             .arg("--affiliates")
             .arg(self.catalogue_path())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        tokio::time::timeout(bound, command.output())
-            .await
-            .context("relay-exporter did not exit in time")?
-            .map_err(Into::into)
+            .env("RUST_LOG", "info");
+        Ok(command)
     }
 
     /// Its affiliates catalogue.
