@@ -338,6 +338,25 @@ impl Connection {
         }
     }
 
+    /// A notice document the exporter published: the pair's current one, or (with `hash`) the one with that SHA-256.
+    /// The bytes as served; the caller checks them ([`relay_proto::notice::Notice::decode`] and the hash).
+    pub async fn get_notice(
+        &self,
+        affiliate: &str,
+        purpose: &str,
+        hash: Option<[u8; 32]>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let req = relay_proto::wire::GetNotice {
+            affiliate: affiliate.to_owned(),
+            purpose: purpose.to_owned(),
+            hash: hash.map(|h| Bytes::copy_from_slice(&h)).unwrap_or_default(),
+        };
+        match self.request(Req::GetNotice(req)).await? {
+            Resp::NoticeDocument(d) => Ok(d.document.to_vec()),
+            other => Err(unexpected("NoticeDocument", &other)),
+        }
+    }
+
     /// The account's latest consent statement per pair, and its last sequence number.
     pub async fn list_consent(&self) -> Result<ConsentList, ClientError> {
         match self.request(Req::ListConsent(ListConsent {})).await? {
@@ -402,6 +421,7 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::SenderCertificate(_) => "SenderCertificate",
         Resp::CodeSent(_) => "CodeSent",
         Resp::RegistrationLockSet(_) => "RegistrationLockSet",
+        Resp::NoticeDocument(_) => "NoticeDocument",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

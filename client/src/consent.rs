@@ -2,6 +2,12 @@
 //! the home (`receipts.json`) for every decision. Every pair (affiliate, purpose) is denied until the user grants it;
 //! a grant is specific to one affiliate and one purpose and is withdrawn with one statement.
 //!
+//! A grant signs the hash of the notice the user was shown: the document the exporter published for the pair, as
+//! the relay serves it ([`Messenger::notice`] fetches it and checks it is a canonical notice for the pair asked
+//! about, and [`Messenger::grant_consent`] signs exactly that one). A relay that shows another document than the
+//! exporter's current one gets a grant that covers nothing: the exporter acts only on grants naming its own current
+//! notice. A withdrawal names no notice.
+//!
 //! The receipt follows the spirit of the Kantara Initiative's Consent Receipt specification (v1.1): who consented
 //! (the account), to whom data may go (the affiliate), for what (the purpose, its notice version and hash), how
 //! (explicitly, from the CLI), when, until when, and the signed statement itself, so the user can later prove what
@@ -14,6 +20,7 @@
 use relay_proto::consent::{
     ConsentError, ConsentStatement, Decision, PURPOSES, Purpose, signed_bytes_of, statement_hash, verify_signature,
 };
+use relay_proto::notice::{Notice, notice_hash};
 use serde::{Deserialize, Serialize};
 
 use crate::messenger::{Messenger, MessengerError};
@@ -41,11 +48,11 @@ pub struct Receipt {
     pub affiliate: String,
     /// The purpose.
     pub purpose: String,
-    /// Notice version shown.
+    /// Notice version shown (0 for a withdrawal, which names no notice).
     pub notice_version: u32,
-    /// Hex SHA-256 of the notice shown.
+    /// Hex SHA-256 of the notice shown (zeros for a withdrawal).
     pub notice_hash: String,
-    /// The notice text shown.
+    /// The notice document shown, as published (empty for a withdrawal).
     pub notice: String,
     /// `EXPLICIT`: an affirmative, per-purpose action.
     pub consent_type: String,
@@ -89,9 +96,57 @@ fn consent_error(e: ConsentError) -> MessengerError {
     MessengerError::Input(e.to_string())
 }
 
+/// A notice as the relay served it, checked: a canonical notice document for the pair asked about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShownNotice {
+    /// Its terms.
+    pub notice: Notice,
+    /// The document, byte for byte (UTF-8 text: what is shown).
+    pub document: String,
+    /// SHA-256 of the document: what a grant signs.
+    pub hash: [u8; 32],
+}
+
+impl ShownNotice {
+    /// Checks `document` served for (`affiliate`, `purpose`).
+    pub fn check(document: Vec<u8>, affiliate: &str, purpose: Purpose) -> Result<Self, MessengerError> {
+        let hash = notice_hash(&document);
+        let notice = Notice::decode(&document)
+            .map_err(|e| MessengerError::Input(format!("the relay served a notice that does not check: {e}")))?;
+        if notice.affiliate != affiliate || notice.purpose != purpose {
+            return Err(MessengerError::Input(format!(
+                "the relay served the notice of {}/{} when asked for {affiliate}/{purpose}",
+                notice.affiliate, notice.purpose
+            )));
+        }
+        // Decoding proved it canonical UTF-8 text.
+        let document = String::from_utf8(document).map_err(|_| MessengerError::Input("notice is not UTF-8".into()))?;
+        Ok(Self { notice, document, hash })
+    }
+}
+
 impl Messenger {
-    /// Grants (with an optional lifetime in days) or withdraws consent for one (affiliate, purpose) pair; returns
-    /// the receipt, which is also appended to the home's `receipts.json`.
+    /// The current notice of (`affiliate`, `purpose`), as the exporter published it and the relay serves it,
+    /// checked ([`ShownNotice::check`]). What to show before [`Messenger::grant_consent`].
+    pub async fn notice(&self, affiliate: &str, purpose_name: &str) -> Result<ShownNotice, MessengerError> {
+        let purpose = purpose(purpose_name)?;
+        let document = self.connection().get_notice(affiliate, purpose.as_str(), None).await?;
+        ShownNotice::check(document, affiliate, purpose)
+    }
+
+    /// Grants consent under `shown` (the notice the user saw), for an optional lifetime in days.
+    pub async fn grant_consent(
+        &self,
+        shown: &ShownNotice,
+        expires_in_days: Option<u64>,
+    ) -> Result<Receipt, MessengerError> {
+        let (affiliate, purpose) = (shown.notice.affiliate.clone(), shown.notice.purpose);
+        self.decide(&affiliate, purpose, Decision::Grant, Some(shown), expires_in_days).await
+    }
+
+    /// Grants (under the pair's current notice, fetched now: see [`Messenger::grant_consent`] to sign one shown
+    /// first) or withdraws consent for one (affiliate, purpose) pair; returns the receipt, which is also appended to
+    /// the home's `receipts.json`.
     pub async fn decide_consent(
         &self,
         affiliate: &str,
@@ -100,7 +155,23 @@ impl Messenger {
         expires_in_days: Option<u64>,
     ) -> Result<Receipt, MessengerError> {
         let purpose = purpose(purpose_name)?;
-        let notice = purpose.notice();
+        match decision {
+            Decision::Grant => {
+                let shown = self.notice(affiliate, purpose_name).await?;
+                self.decide(affiliate, purpose, decision, Some(&shown), expires_in_days).await
+            }
+            Decision::Withdraw => self.decide(affiliate, purpose, decision, None, None).await,
+        }
+    }
+
+    async fn decide(
+        &self,
+        affiliate: &str,
+        purpose: Purpose,
+        decision: Decision,
+        notice: Option<&ShownNotice>,
+        expires_in_days: Option<u64>,
+    ) -> Result<Receipt, MessengerError> {
         let op = self.begin(false).await?;
         let now = relay_proto::now_ms();
         let last = self.connection().list_consent().await?.last_sequence;
@@ -115,7 +186,7 @@ impl Messenger {
             affiliate: affiliate.to_owned(),
             purpose,
             decision,
-            notice_hash: notice.hash(),
+            notice_hash: notice.map_or([0; 32], |n| n.hash),
             sequence,
             time_ms: now,
             expires_ms: expires_in_days.map(|d| now.saturating_add(d.saturating_mul(24 * 3600 * 1000))),
@@ -142,9 +213,9 @@ impl Messenger {
             recorded_by: self.relay_address(),
             affiliate: affiliate.to_owned(),
             purpose: purpose.as_str().to_owned(),
-            notice_version: notice.version,
-            notice_hash: hex::encode(notice.hash()),
-            notice: notice.text.to_owned(),
+            notice_version: notice.map_or(0, |n| n.notice.version),
+            notice_hash: hex::encode(notice.map_or([0; 32], |n| n.hash)),
+            notice: notice.map(|n| n.document.clone()).unwrap_or_default(),
             consent_type: "EXPLICIT".into(),
             expires_at: statement.expires_ms,
             sequence: statement.sequence,
@@ -184,11 +255,20 @@ impl Messenger {
             if statement.account != self.account_id() {
                 return Err(consent_error(ConsentError::WrongAccount));
             }
-            let in_force = statement.in_force(now);
+            // Whether the grant's notice is still the pair's current one: asked of the relay (none: no longer offered).
+            let current = match statement.decision {
+                Decision::Grant => match self.notice(&statement.affiliate, statement.purpose.as_str()).await {
+                    Ok(shown) => Some(shown.hash),
+                    Err(MessengerError::Client(e)) if e.code() == Some(relay_proto::ErrorCode::NotFound) => None,
+                    Err(e) => return Err(e),
+                },
+                Decision::Withdraw => None,
+            };
+            let in_force = statement.in_force(now, current.as_ref());
             let status = match statement.decision {
                 Decision::Withdraw => "withdrawn",
                 Decision::Grant if in_force => "granted",
-                Decision::Grant if statement.notice_hash != statement.purpose.notice().hash() => "notice changed",
+                Decision::Grant if current != Some(statement.notice_hash) => "notice changed",
                 Decision::Grant => "expired",
             };
             out.push(PairState {

@@ -100,8 +100,18 @@ fn consent_problem(leaf: &ExportLeaf, receipts: &[Receipt]) -> (Option<u64>, Opt
     if statement.affiliate != leaf.affiliate || statement.purpose.as_str() != leaf.purpose {
         return (seq, Some("the grant was for another affiliate or purpose".into()));
     }
-    if !statement.in_force(leaf.time_ms) {
+    if !statement.granted_at(leaf.time_ms) {
         return (seq, Some("the grant was not in force at the export's time".into()));
+    }
+    // The notice this device showed and signed, kept in the receipt: every field that left must be on it.
+    let Ok(notice) = relay_proto::notice::Notice::decode(receipt.notice.as_bytes()) else {
+        return (seq, Some("the receipt's notice is not a notice naming its fields (granted before they did)".into()));
+    };
+    if relay_proto::notice::notice_hash(receipt.notice.as_bytes()) != statement.notice_hash {
+        return (seq, Some("the receipt's notice is not the one the statement signed".into()));
+    }
+    if let Some(field) = leaf.fields.iter().find(|f| !notice.fields.iter().any(|n| n.as_str() == f.as_str())) {
+        return (seq, Some(format!("{field} was sent although the notice you agreed to does not name it")));
     }
     let superseded = receipts.iter().any(|r| {
         r.affiliate == leaf.affiliate
@@ -263,13 +273,28 @@ mod tests {
 
     use super::*;
 
+    /// AdsCo's advertising notice: the pseudonym and the device model.
+    fn notice() -> String {
+        use relay_proto::notice::{Field, Notice, Retention};
+        let n = Notice {
+            version: 1,
+            affiliate: "adsco".into(),
+            legal_name: "AdsCo SAS".into(),
+            country: "FR".into(),
+            purpose: Purpose::Advertising,
+            fields: vec![Field::PhonePseudonym, Field::DeviceModel],
+            retention: Retention::UntilWithdrawn,
+        };
+        String::from_utf8(n.encode().expect("notice")).expect("utf-8")
+    }
+
     fn receipt(sequence: u64, decision: Decision, recorded_at: u64) -> (Receipt, [u8; 32]) {
         let s = ConsentStatement {
             account: AccountId([1; 16]),
             affiliate: "adsco".into(),
             purpose: Purpose::Advertising,
             decision,
-            notice_hash: Purpose::Advertising.notice().hash(),
+            notice_hash: relay_proto::notice::notice_hash(notice().as_bytes()),
             sequence,
             time_ms: recorded_at,
             expires_ms: None,
@@ -287,7 +312,7 @@ mod tests {
             purpose: "advertising".into(),
             notice_version: 1,
             notice_hash: String::new(),
-            notice: String::new(),
+            notice: notice(),
             consent_type: String::new(),
             expires_at: None,
             sequence,
@@ -332,5 +357,18 @@ mod tests {
         assert!(problem(&leaf(grant_hash, "shieldco", 2_000)).contains("another affiliate"));
         assert!(problem(&leaf(withdraw_hash, "adsco", 6_000)).contains("withdrawal"));
         assert!(problem(&leaf([9; 32], "adsco", 2_000)).contains("no consent statement"));
+
+        // Only the fields the notice this device signed names.
+        let with_fields = |fields: &[&str]| ExportLeaf {
+            fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+            ..leaf(grant_hash, "adsco", 2_000)
+        };
+        assert_eq!(consent_problem(&with_fields(&["phone_pseudonym", "device_model"]), &receipts).1, None);
+        assert!(problem(&with_fields(&["phone", "device_model"])).contains("phone was sent although the notice"));
+        // A receipt whose notice is not the one its statement signed proves nothing.
+        let mut altered = receipts.clone();
+        altered[0].notice = altered[0].notice.replace("version: 1", "version: 2");
+        let problem = consent_problem(&with_fields(&["device_model"]), &altered).1.unwrap_or_default();
+        assert!(problem.contains("not the one the statement signed"), "{problem}");
     }
 }

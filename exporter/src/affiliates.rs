@@ -10,58 +10,23 @@
 //! secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"   # Standard Webhooks secret: "whsec_" + base64 key
 //! [affiliate.purposes]
 //! advertising = ["phone_pseudonym", "device_model"]
-//! analytics = ["device_model", "os", "app_version"]
+//! analytics = { fields = ["device_model", "os", "app_version"], retention_days = 30 }
 //! ```
+//!
+//! A purpose lists its fields, either alone (the purpose's default retention, [`Retention::default_for`]) or with
+//! `retention_days`. From each (affiliate, purpose) the catalogue makes the terms of its notice
+//! ([`Catalogue::notices`]): legal name, country, purpose, exact fields, retention. The notice's version comes from
+//! the exporter's store (`crate::outbox::ExporterStore::version_notices`), which bumps it whenever the terms change;
+//! [`Catalogue::set_notices`] then fixes the versioned notices, and their hashes are what a grant must name.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::Path;
 
 use base64::Engine;
 use relay_proto::consent::{Purpose, valid_affiliate_id};
+pub use relay_proto::notice::{FIELDS, Field};
+use relay_proto::notice::{Notice, Retention, valid_country, valid_legal_name};
 use serde::Deserialize;
-
-/// A field an affiliate may receive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Field {
-    /// The E.164 phone number itself.
-    Phone,
-    /// HMAC-SHA256 of the phone number under a key specific to the affiliate (unlinkable across affiliates).
-    PhonePseudonym,
-    /// Device model.
-    DeviceModel,
-    /// Operating system.
-    Os,
-    /// Client version.
-    AppVersion,
-}
-
-/// Every field, in payload order.
-pub const FIELDS: [Field; 5] = [Field::Phone, Field::PhonePseudonym, Field::DeviceModel, Field::Os, Field::AppVersion];
-
-impl Field {
-    /// The name used in the catalogue and in payloads.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Field::Phone => "phone",
-            Field::PhonePseudonym => "phone_pseudonym",
-            Field::DeviceModel => "device_model",
-            Field::Os => "os",
-            Field::AppVersion => "app_version",
-        }
-    }
-
-    /// Parses a field name.
-    pub fn parse(s: &str) -> Option<Self> {
-        FIELDS.into_iter().find(|f| f.as_str() == s)
-    }
-}
-
-impl fmt::Display for Field {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// One affiliate, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,12 +43,27 @@ pub struct Affiliate {
     pub secret: Vec<u8>,
     /// Allowed fields per purpose; a purpose not listed is never exported to this affiliate.
     pub purposes: BTreeMap<Purpose, BTreeSet<Field>>,
+    /// How long the affiliate may keep what it receives, per purpose listed.
+    pub retention: BTreeMap<Purpose, Retention>,
 }
 
-/// The whole catalogue.
+/// A pair's current notice, with its document and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentNotice {
+    /// The terms.
+    pub notice: Notice,
+    /// Its canonical document.
+    pub document: Vec<u8>,
+    /// SHA-256 of the document: what a grant must name.
+    pub hash: [u8; 32],
+}
+
+/// The whole catalogue, with the current notice of each (affiliate, purpose) it allows.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Catalogue {
     affiliates: BTreeMap<String, Affiliate>,
+    /// The current notice per pair: version 1 until [`Catalogue::set_notices`].
+    notices: BTreeMap<(String, Purpose), CurrentNotice>,
 }
 
 /// Why a catalogue is refused.
@@ -127,7 +107,21 @@ struct RawAffiliate {
     endpoint: String,
     secret: String,
     #[serde(default)]
-    purposes: BTreeMap<String, Vec<String>>,
+    purposes: BTreeMap<String, RawPurpose>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPurpose {
+    Fields(Vec<String>),
+    Terms(RawTerms),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTerms {
+    fields: Vec<String>,
+    retention_days: Option<u32>,
 }
 
 impl Catalogue {
@@ -149,7 +143,59 @@ impl Catalogue {
             }
             affiliates.insert(a.id.clone(), a);
         }
-        Ok(Self { affiliates })
+        let mut catalogue = Self { affiliates, notices: BTreeMap::new() };
+        let terms = catalogue.notice_terms();
+        catalogue.set_notices(terms).map_err(|e| CatalogueError::Parse(e.to_string()))?;
+        Ok(catalogue)
+    }
+
+    /// The terms of every pair's notice, from the catalogue alone (version 1).
+    pub fn notice_terms(&self) -> Vec<Notice> {
+        let mut out = Vec::new();
+        for a in self.affiliates.values() {
+            for (purpose, fields) in &a.purposes {
+                out.push(Notice {
+                    version: 1,
+                    affiliate: a.id.clone(),
+                    legal_name: a.name.clone(),
+                    country: a.country.clone(),
+                    purpose: *purpose,
+                    fields: fields.iter().copied().collect(),
+                    retention: a.retention.get(purpose).copied().unwrap_or(Retention::default_for(*purpose)),
+                });
+            }
+        }
+        out
+    }
+
+    /// Fixes the current notices to `notices` (the catalogue's terms, each with its version from the store). Refuses
+    /// a notice whose terms are not the catalogue's, so a version can change but nothing else.
+    pub fn set_notices(&mut self, notices: Vec<Notice>) -> Result<(), relay_proto::notice::NoticeError> {
+        let terms = self.notice_terms();
+        let mut map = BTreeMap::new();
+        for notice in notices {
+            if !terms.iter().any(|t| t.same_terms(&notice)) {
+                return Err(relay_proto::notice::NoticeError::Invalid("not the catalogue's terms"));
+            }
+            let document = notice.encode()?;
+            let hash = relay_proto::notice::notice_hash(&document);
+            map.insert((notice.affiliate.clone(), notice.purpose), CurrentNotice { notice, document, hash });
+        }
+        if map.len() != terms.len() {
+            return Err(relay_proto::notice::NoticeError::Invalid("a notice for every pair of the catalogue"));
+        }
+        self.notices = map;
+        Ok(())
+    }
+
+    /// The current notice of `affiliate` for `purpose`; `None` if the pair is not allowed.
+    pub fn notice(&self, affiliate: &str, purpose: Purpose) -> Option<&CurrentNotice> {
+        self.notices.get(&(affiliate.to_owned(), purpose))
+    }
+
+    /// Every current notice, by pair.
+    pub fn notices(&self) -> impl Iterator<Item = &CurrentNotice> {
+        self.notices.values()
     }
 
     /// The affiliate with this id.
@@ -174,10 +220,12 @@ fn validate(raw: RawAffiliate, index: usize) -> Result<Affiliate, CatalogueError
     if !valid_affiliate_id(&raw.id) {
         return Err(invalid(format!("id {:?} must be 1-32 of a-z, 0-9, _ and -", raw.id)));
     }
-    if raw.name.trim().is_empty() || raw.name.len() > 200 {
-        return Err(invalid("name must be 1-200 characters".into()));
+    if !valid_legal_name(&raw.name) {
+        return Err(invalid(
+            "name must be 1-200 bytes, without control characters or leading and trailing spaces".into(),
+        ));
     }
-    if raw.country.len() != 2 || !raw.country.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !valid_country(&raw.country) {
         return Err(invalid(format!("country {:?} must be an ISO 3166-1 alpha-2 code such as \"FR\"", raw.country)));
     }
     let rest = raw
@@ -206,8 +254,22 @@ fn validate(raw: RawAffiliate, index: usize) -> Result<Affiliate, CatalogueError
         return Err(invalid(format!("secret key must be 16 to 64 bytes, got {}", secret.len())));
     }
     let mut purposes = BTreeMap::new();
-    for (name, fields) in raw.purposes {
+    let mut retention = BTreeMap::new();
+    for (name, terms) in raw.purposes {
         let purpose = Purpose::parse(&name).ok_or_else(|| invalid(format!("unknown purpose {name:?}")))?;
+        let fields = match terms {
+            RawPurpose::Fields(fields) => fields,
+            RawPurpose::Terms(RawTerms { fields, retention_days }) => {
+                match retention_days {
+                    Some(0) => return Err(invalid(format!("purpose {name}: retention_days must be at least 1"))),
+                    Some(days) => {
+                        retention.insert(purpose, Retention::Days(days));
+                    }
+                    None => {}
+                }
+                fields
+            }
+        };
         if fields.is_empty() {
             return Err(invalid(format!("purpose {name}: list at least one field, or leave the purpose out")));
         }
@@ -223,7 +285,15 @@ fn validate(raw: RawAffiliate, index: usize) -> Result<Affiliate, CatalogueError
         }
         purposes.insert(purpose, set);
     }
-    Ok(Affiliate { id: raw.id, name: raw.name, country: raw.country, endpoint: raw.endpoint, secret, purposes })
+    Ok(Affiliate {
+        id: raw.id,
+        name: raw.name,
+        country: raw.country,
+        endpoint: raw.endpoint,
+        secret,
+        purposes,
+        retention,
+    })
 }
 
 /// The host of a URL's `host[:port][/path]` part (an IPv6 literal without its brackets). Kept here, not taken from
@@ -296,6 +366,51 @@ mod tests {
         {
             let text = with("http://127.0.0.1:9000/hooks", ok);
             assert!(Catalogue::parse(&text).is_ok(), "{ok} should be accepted");
+        }
+    }
+
+    #[test]
+    fn each_allowed_pair_has_a_notice_naming_its_exact_terms() {
+        let c = Catalogue::parse(EXAMPLE).expect("example parses");
+        assert_eq!(c.notices().count(), 3, "adsco advertising and analytics, shieldco security");
+        let n = &c.notice("adsco", Purpose::Advertising).expect("a notice").notice;
+        assert_eq!((n.legal_name.as_str(), n.country.as_str(), n.version), ("AdsCo SAS", "FR", 1));
+        assert_eq!(n.fields, [Field::PhonePseudonym, Field::DeviceModel]);
+        assert_eq!(n.retention, Retention::UntilWithdrawn);
+        assert!(c.notice("adsco", Purpose::Security).is_none(), "a pair not allowed has no notice");
+
+        let with_days = with(
+            r#"analytics = ["device_model", "os", "app_version"]"#,
+            r#"analytics = { fields = ["os", "device_model"], retention_days = 30 }"#,
+        );
+        let c2 = Catalogue::parse(&with_days).expect("the table form");
+        let n2 = &c2.notice("adsco", Purpose::Analytics).expect("a notice").notice;
+        assert_eq!((n2.fields.as_slice(), n2.retention), (&[Field::DeviceModel, Field::Os][..], Retention::Days(30)));
+        assert_ne!(
+            c.notice("adsco", Purpose::Analytics).map(|n| n.hash),
+            c2.notice("adsco", Purpose::Analytics).map(|n| n.hash)
+        );
+        for (text, want) in [
+            (
+                with(
+                    r#"analytics = ["device_model""#,
+                    r#"analytics = { fields = ["device_model"], retention_days = 0 }
+x = ["device_model""#,
+                ),
+                "retention_days must be at least 1",
+            ),
+            (with("name = \"AdsCo SAS\"", "name = \"AdsCo\\nSAS\""), "control characters"),
+        ] {
+            let err = Catalogue::parse(&text).map(|_| ()).expect_err(want).to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+        // Renaming the affiliate, moving it to another country: new notices.
+        for changed in [with("AdsCo SAS", "AdsCo Holding Ltd"), with("country = \"FR\"", "country = \"US\"")] {
+            let c3 = Catalogue::parse(&changed).expect("catalogue");
+            assert_ne!(
+                c3.notice("adsco", Purpose::Advertising).map(|n| n.hash),
+                c.notice("adsco", Purpose::Advertising).map(|n| n.hash)
+            );
         }
     }
 }

@@ -166,8 +166,21 @@ fn check_entry(
     if record.evidence.recorded_at_ms > leaf.time_ms {
         return Ok(Err("exported before the grant was recorded".into()));
     }
-    if !statement.in_force(leaf.time_ms) {
-        return Ok(Err("the grant was not in force at the export's time (expired or notice changed)".into()));
+    if !statement.granted_at(leaf.time_ms) {
+        return Ok(Err("the grant was not in force at the export's time (not yet made, or expired)".into()));
+    }
+    // The notice the user signed must be one this exporter made for the pair, and name every field that left.
+    let Some(document) = store.notice_document(&statement.notice_hash)? else {
+        return Ok(Err("the grant names a notice this exporter never made".into()));
+    };
+    let Ok(notice) = relay_proto::notice::Notice::decode(&document) else {
+        return Ok(Err("the grant's notice does not decode".into()));
+    };
+    if notice.affiliate != leaf.affiliate || notice.purpose != statement.purpose {
+        return Ok(Err("the grant's notice is for another affiliate or purpose".into()));
+    }
+    if let Some(field) = leaf.fields.iter().find(|f| !notice.fields.iter().any(|n| n.as_str() == f.as_str())) {
+        return Ok(Err(format!("fields: {field} left although the notice the user signed does not name it")));
     }
     // The statement's pair is the leaf's: both were checked above.
     let pair = Pair::new(statement.account, statement.affiliate.clone(), statement.purpose);
@@ -269,6 +282,14 @@ mod tests {
     use crate::core::Write;
     use crate::ids::WebhookId;
 
+    fn example() -> Catalogue {
+        Catalogue::parse(include_str!("../affiliates.example.toml")).expect("catalogue")
+    }
+
+    fn advertising_notice() -> [u8; 32] {
+        example().notice("adsco", Purpose::Advertising).expect("a notice").hash
+    }
+
     struct Fixture {
         _dir: tempfile::TempDir,
         store: ExporterStore,
@@ -283,7 +304,7 @@ mod tests {
             affiliate: "adsco".into(),
             purpose: Purpose::Advertising,
             decision,
-            notice_hash: Purpose::Advertising.notice().hash(),
+            notice_hash: advertising_notice(),
             sequence,
             time_ms,
             expires_ms: None,
@@ -301,6 +322,7 @@ mod tests {
         fn new() -> Self {
             let dir = tempfile::tempdir().expect("dir");
             let store = ExporterStore::open(dir.path()).expect("store");
+            store.version_notices(example().notice_terms()).expect("notices");
             Self {
                 _dir: dir,
                 store,

@@ -93,7 +93,7 @@ mod tests {
             affiliate: affiliate.into(),
             purpose: Purpose::Advertising,
             decision,
-            notice_hash: Purpose::Advertising.notice().hash(),
+            notice_hash: [9; 32],
             sequence,
             time_ms: 1_000,
             expires_ms: None,

@@ -27,5 +27,5 @@ pub mod process;
 pub mod relay_link;
 pub mod webhook;
 
-pub use affiliates::{Affiliate, Catalogue, CatalogueError, Field};
+pub use affiliates::{Affiliate, Catalogue, CatalogueError, CurrentNotice, Field};
 pub use process::{Exporter, ExporterError, Progress};

@@ -3,7 +3,8 @@
 //! `exported` (pair → what was last queued for it, so unchanged data is not exported twice), `meta` (the feed
 //! cursors, how much of the log the relay holds), `log` (index → [`LogRecord`]: the leaf and the user-signed
 //! statement that allowed it), `heads` (its signed tree heads) and `statements` (every verified statement per pair:
-//! the auditor's evidence that no later statement had withdrawn a grant). Keys are the text forms of
+//! the auditor's evidence that no later statement had withdrawn a grant) and `notices` (every notice document the
+//! exporter made, by hash, and the latest per pair: [`ExporterStore::version_notices`]). Keys are the text forms of
 //! [`crate::ids`].
 //!
 //! Contract: the store decides nothing; it performs the core's writes ([`ExporterStore::apply`]) in the order given
@@ -14,7 +15,9 @@
 
 use std::path::Path;
 
+use relay_proto::consent::Purpose;
 use relay_proto::merkle::{SignedTreeHead, TreeHead};
+use relay_proto::notice::{Notice, notice_hash};
 use serde::Serialize;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -46,6 +49,17 @@ pub struct ExporterStore {
     log: sled::Tree,
     heads: sled::Tree,
     statements: sled::Tree,
+    notices: sled::Tree,
+}
+
+/// In the `notices` tree: `p ‖ affiliate ‖ / ‖ purpose` → the pair's latest notice document.
+fn latest_notice_key(affiliate: &str, purpose: Purpose) -> Vec<u8> {
+    format!("p{affiliate}/{purpose}").into_bytes()
+}
+
+/// In the `notices` tree: `h ‖ SHA-256` → a notice document.
+fn notice_key(hash: &[u8; 32]) -> Vec<u8> {
+    [&b"h"[..], hash].concat()
 }
 
 /// A log record as read: decoded, or why it does not decode.
@@ -108,8 +122,42 @@ impl ExporterStore {
             log: db.open_tree("log")?,
             heads: db.open_tree("heads")?,
             statements: db.open_tree("statements")?,
+            notices: db.open_tree("notices")?,
             db,
         })
+    }
+
+    /// Gives each notice of `terms` (version 1, from the catalogue) its version: the stored one if the pair's latest
+    /// notice has the same terms, one more if they changed (a new pair starts at 1). New documents are stored, by
+    /// hash and as the pair's latest, and flushed before this returns, so a version is never given twice.
+    pub fn version_notices(&self, terms: Vec<Notice>) -> Result<Vec<Notice>, StoreError> {
+        let mut out = Vec::with_capacity(terms.len());
+        for notice in terms {
+            let key = latest_notice_key(&notice.affiliate, notice.purpose);
+            let latest = match self.notices.get(&key)? {
+                Some(doc) => Some(Notice::decode(&doc).map_err(|e| StoreError::Corrupt(format!("notice: {e}")))?),
+                None => None,
+            };
+            let notice = match latest {
+                Some(l) if l.same_terms(&notice) => l,
+                Some(l) => Notice { version: l.version.saturating_add(1), ..notice },
+                None => notice,
+            };
+            let document = notice.encode().map_err(|e| StoreError::Corrupt(format!("notice: {e}")))?;
+            let hash = notice_hash(&document);
+            if self.notices.get(notice_key(&hash))?.is_none() {
+                self.notices.insert(notice_key(&hash), document.as_slice())?;
+                self.notices.insert(key, document)?;
+            }
+            out.push(notice);
+        }
+        self.notices.flush()?;
+        Ok(out)
+    }
+
+    /// The notice document whose SHA-256 is `hash`, if this exporter ever made it.
+    pub fn notice_document(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.notices.get(notice_key(hash))?.map(|v| v.to_vec()))
     }
 
     fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {
@@ -593,7 +641,7 @@ mod tests {
     #[test]
     fn the_core_resumes_a_store_written_before_it_where_each_entry_stood() {
         use crate::affiliates::Catalogue;
-        use crate::core::{Answer, Core, Effect, Lease, LeaseAnswer, SystemEntropy};
+        use crate::core::{Answer, Core, Effect, SystemEntropy};
 
         let dir = tempfile::tempdir().expect("dir");
         write_fixture(dir.path(), STORE_C167199);
@@ -620,19 +668,14 @@ mod tests {
         let effects = core.handle_answer(Answer::Status(204), now).expect("answered");
         assert!(matches!(effects[..], [Effect::Write(Write::Remove { .. })]));
         write(&effects);
-        // Then shieldco's export (queued at 50), under a lease, durably in flight before it leaves; refused.
-        assert!(matches!(core.poll_attempt(now).expect("an attempt")[..], [Effect::AskLease { .. }]));
-        let granted = LeaseAnswer::Granted(Lease { id: 1, deadline_ms: now + 15_000 });
-        let effects = core.handle_lease(granted, now).expect("leased");
-        assert!(matches!(effects[..], [Effect::Write(Write::Put { .. }), Effect::Flush, Effect::Post { .. }]));
+        // The exports were granted under the notices of that format (constants without the affiliate's terms), which
+        // no notice of the catalogue is any more: their grants do not cover what would leave. Shieldco's export
+        // (queued at 50, never attempted) is dropped; the analytics export whose attempt at 45 got no answer may be
+        // held by the affiliate, so it is logged at 45, as the exporter that wrote the store would have done.
+        let effects = core.poll_attempt(now).expect("an attempt");
+        assert!(matches!(effects[..], [Effect::Write(Write::Remove { .. })]), "{effects:?}");
         write(&effects);
-        let release = core.handle_answer(Answer::Status(503), now).expect("answered");
-        assert!(matches!(release[..], [Effect::ReleaseLease { .. }]));
-        write(&core.handle_released(now).expect("released"));
-        // Last (due at 5000): the analytics export whose attempt at 45 got no answer. Denied now, it is logged at 45,
-        // as the exporter that wrote the store would have done.
-        assert!(matches!(core.poll_attempt(now).expect("an attempt")[..], [Effect::AskLease { .. }]));
-        let effects = core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, now).expect("denied");
+        let effects = core.poll_attempt(now).expect("an attempt");
         let [Effect::Write(Write::Settle { record, pair, .. })] = &effects[..] else { panic!("{effects:?}") };
         assert_eq!(ExportLeaf::decode(&record.leaf).expect("leaf").time_ms, 45);
         write(&effects);
@@ -640,9 +683,41 @@ mod tests {
 
         assert_eq!(store.log_len().expect("len"), 2);
         assert!(store.known(pair).expect("known").delivered.is_some(), "a withdrawal will notify adsco");
-        let left = store.entries().expect("entries");
-        assert_eq!(left.len(), 1);
-        assert_eq!((left[0].1.pair.affiliate.as_str(), left[0].1.attempts), ("shieldco", 1));
-        assert!(left[0].1.state.unanswered_since().is_none(), "refused: known not to be held");
+        assert!(store.entries().expect("entries").is_empty(), "nothing left to send under the old notices");
+    }
+
+    /// A notice keeps its version while its terms stay, gets the next one when they change (also when they change
+    /// back: the earlier document is not current again), and every version stays readable by hash.
+    #[test]
+    fn notices_are_versioned_by_their_terms_and_kept_by_hash() {
+        use crate::affiliates::Catalogue;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = ExporterStore::open(dir.path()).expect("store");
+        let example = include_str!("../affiliates.example.toml");
+        let versions = |text: &str| {
+            let c = Catalogue::parse(text).expect("catalogue");
+            let notices = store.version_notices(c.notice_terms()).expect("versioned");
+            let n = notices.iter().find(|n| n.affiliate == "adsco" && n.purpose == Purpose::Advertising).cloned();
+            n.expect("adsco advertising")
+        };
+        let v1 = versions(example);
+        assert_eq!(v1.version, 1);
+        assert_eq!(versions(example), v1, "same terms, same version");
+        let widened = example
+            .replace(r#"["phone_pseudonym", "device_model"]"#, r#"["phone", "phone_pseudonym", "device_model"]"#);
+        let v2 = versions(&widened);
+        assert_eq!(v2.version, 2);
+        let v3 = versions(example);
+        assert_eq!((v3.version, v3.same_terms(&v1)), (3, true), "back to the first terms: a third version");
+        for n in [&v1, &v2, &v3] {
+            let doc = n.encode().expect("doc");
+            assert_eq!(store.notice_document(&relay_proto::notice::notice_hash(&doc)).expect("read"), Some(doc));
+        }
+        let shieldco = Catalogue::parse(example).expect("c").notice_terms();
+        let versioned = store.version_notices(shieldco).expect("versioned");
+        assert!(
+            versioned.iter().filter(|n| n.affiliate == "shieldco").all(|n| n.version == 1),
+            "untouched pairs stay at 1"
+        );
     }
 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use relay_proto::merkle::{MerkleLog, SignedTreeHead};
 use relay_proto::wire::{
-    BeginExport, ConsentChangeList, EndExport, PublishLog, PublishedEntry, export_request::Body as Req,
+    BeginExport, ConsentChangeList, EndExport, PublishLog, PublishNotices, PublishedEntry, export_request::Body as Req,
     export_response::Body as Resp,
 };
 use tokio::sync::watch;
@@ -58,6 +58,9 @@ pub enum ExporterError {
     /// The pseudonym key file is not 32 bytes.
     #[error("pseudonym key file {0} is not 32 bytes")]
     BadKey(PathBuf),
+    /// The catalogue's notices could not be made (a stored notice does not match the catalogue's terms).
+    #[error("notices: {0}")]
+    Notices(#[from] relay_proto::notice::NoticeError),
     /// The TLS identity could not be loaded or created.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -101,6 +104,8 @@ pub struct Progress {
     pub logged: u64,
     /// Entries of the export log the relay holds.
     pub published: u64,
+    /// Notices the relay acknowledged as current (0 until the first publication since start).
+    pub notices: u32,
 }
 
 /// Where an affiliate's webhooks go, and the key that signs them.
@@ -120,6 +125,8 @@ pub struct Exporter {
     tls: http::Tls,
     poll: Duration,
     progress: watch::Sender<Progress>,
+    /// Whether the current connection to the relay has carried the catalogue's notices yet.
+    notices_published: bool,
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
@@ -144,7 +151,7 @@ impl Exporter {
     /// Opens the data dir, creating the TLS identity, the pseudonym and log keys (mode 0600) and the store on first
     /// start. `https://` endpoints are verified against the system's root certificates (see
     /// [`Exporter::trust_extra_ca`] for a private CA).
-    pub fn open(data_dir: &Path, catalogue: Catalogue, poll: Duration) -> Result<Self, ExporterError> {
+    pub fn open(data_dir: &Path, mut catalogue: Catalogue, poll: Duration) -> Result<Self, ExporterError> {
         // Keys and the outbox of personal data: the owner's alone (also when an older version made the dir).
         relay_quic::durable_file::private_dir(data_dir)?;
         let mut endpoints = BTreeMap::new();
@@ -159,6 +166,8 @@ impl Exporter {
         let store = ExporterStore::open(&data_dir.join("db"))?;
         // sled takes no file mode: tighten what it created (the binary also sets its umask for later files).
         relay_quic::durable_file::restrict_tree(data_dir)?;
+        // Each notice gets its version from the store: a change of terms since the last start is a new version.
+        catalogue.set_notices(store.version_notices(catalogue.notice_terms())?)?;
         let log = load_log(&store)?;
         let cursors =
             [(Feed::Consents, store.cursor(Feed::Consents)?), (Feed::Subjects, store.cursor(Feed::Subjects)?)];
@@ -174,7 +183,7 @@ impl Exporter {
         if tls.roots() == 0 && endpoints.values().any(|e| e.url.tls) {
             tracing::warn!("no system root certificates: https affiliates need --affiliate-ca");
         }
-        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress })
+        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress, notices_published: false })
     }
 
     /// Also trusts the CA certificates in `pem` for `https://` affiliates (an operator's private CA).
@@ -266,6 +275,7 @@ impl Exporter {
                     Ok(c) => {
                         tracing::info!("connected to the relay's export interface");
                         client = Some(c);
+                        self.notices_published = false;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot reach the relay; retrying"),
                 }
@@ -315,6 +325,9 @@ impl Exporter {
         let key = self.log_key.verifying_key();
         logcheck::check_local(&self.store, &self.log, &key, false)??;
         logcheck::check_relay(client, &self.log, &key).await??;
+        if !self.notices_published {
+            self.publish_notices(client).await?;
+        }
         for feed in Feed::ALL {
             self.read_feed(client, feed).await?;
         }
@@ -440,6 +453,20 @@ impl Exporter {
     }
 
     /// Signs a head over the log if it grew, then sends the relay what it does not hold yet, in pages.
+    /// Sends the catalogue's complete set of current notices: from then on the relay accepts grants under them only.
+    async fn publish_notices(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        let documents = self.core.catalogue().notices().map(|n| n.document.clone().into()).collect();
+        match client.request(Req::PublishNotices(PublishNotices { documents })).await? {
+            Resp::NoticesPublished(p) => {
+                tracing::info!(new = p.new_documents, current = p.current, "notices published to the relay");
+                self.notices_published = true;
+                self.progress.send_modify(|progress| progress.notices = p.current);
+                Ok(())
+            }
+            _ => Err(RelayLinkError::Unexpected("expected NoticesPublished".into()).into()),
+        }
+    }
+
     async fn publish(&mut self, client: &ExportClient) -> Result<(), PassError> {
         let len = self.log.len();
         if len == 0 {

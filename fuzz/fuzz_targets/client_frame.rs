@@ -131,6 +131,10 @@ fn client_frame(f: ClientFrame) {
         Some(Req::SetAccessKey(k)) => {
             let _ = <[u8; 32]>::try_from(k.verifier.as_ref());
         }
+        Some(Req::GetNotice(n)) => {
+            pair(&[], &n.affiliate, &n.purpose);
+            let _ = <[u8; 32]>::try_from(n.hash.as_ref());
+        }
         // Bare integers, nothing to take apart; listed so that a new request type fails to compile here.
         Some(Req::Subscribe(_) | Req::ListConsent(_) | Req::ListExports(_) | Req::GetSenderCertificate(_)) | None => {}
     }
@@ -153,6 +157,14 @@ fn export_request(r: ExportRequest) {
             let _ = <[u8; 32]>::try_from(b.statement_hash.as_ref());
         }
         Some(ExportReq::EndExport(e)) => pair(&e.account_id, &e.affiliate, &e.purpose),
+        Some(ExportReq::PublishNotices(p)) => {
+            // As the relay's notice store takes each document apart (server/src/store/notices.rs).
+            for d in &p.documents {
+                if let Ok(n) = relay_proto::notice::Notice::decode(d) {
+                    assert_eq!(n.encode().as_deref(), Ok(d.as_ref()));
+                }
+            }
+        }
         Some(ExportReq::PublishLog(p)) => {
             // As the relay takes a publication apart (server/src/export/handler.rs, store/exportlog.rs).
             let _ = merkle::log_key_from_wire(&p.log_key);

@@ -45,11 +45,17 @@ fn check_statement(bytes: &[u8], now_ms: u64) -> Option<ConsentStatement> {
     assert_eq!(ConsentStatement::decode_stored(&encoded).as_ref(), Ok(&s));
     assert_eq!(s.signed_bytes(), [LABEL, bytes].concat());
     assert_eq!(s.hash(), <[u8; 32]>::from(Sha256::digest(bytes)));
-    if s.in_force(now_ms) {
+    // In force only under the notice it names, within its lifetime.
+    let named = Some(&s.notice_hash);
+    if s.in_force(now_ms, named) {
         assert!(s.decision == Decision::Grant && now_ms >= s.time_ms && s.validate().is_ok());
         assert!(s.expires_ms.is_none_or(|e| now_ms < e));
+        assert!(s.names_notice(named).is_ok());
     }
-    assert!(!s.in_force(s.time_ms.saturating_sub(1)) || s.time_ms == 0);
+    assert!(!s.in_force(now_ms, None), "no notice, nothing in force");
+    let other = s.notice_hash.map(|b| !b);
+    assert!(!s.in_force(now_ms, Some(&other)), "another notice, nothing in force");
+    assert!(!s.in_force(s.time_ms.saturating_sub(1), named) || s.time_ms == 0);
     Some(s)
 }
 

@@ -1,13 +1,16 @@
-//! Consent: the closed catalogue of purposes with their notices, and consent statements signed by a user's identity
-//! key. Pure logic: bytes and the current time go in, decisions come out.
+//! Consent: the closed catalogue of purposes, and consent statements signed by a user's identity key. Pure logic:
+//! bytes and the current time go in, decisions come out.
 //!
 //! A statement says: account A, for affiliate F and purpose P, grants (or withdraws) consent, having been shown the
 //! notice with hash H, as its statement number S, at time T, optionally until time E. The user's Ed25519 identity key
 //! signs its canonical encoding, so the relay (which stores it) cannot forge or alter one; anyone holding the
 //! account's identity key can check it. For each (affiliate, purpose) the statement with the highest sequence number
 //! wins. Everything is denied by default. A grant is *in force* at time t when it is the latest statement for its
-//! pair, t is within [T, E), and H is the hash of the purpose's *current* notice: a material change of a notice (a
-//! new version) voids earlier grants to it until the user grants again.
+//! pair, t is within [T, E), and H is the hash of the pair's *current* notice (see [`crate::notice`]: a document
+//! generated from the exporter's catalogue naming the recipient, the exact fields and the retention). Any change of
+//! those terms makes a new notice with a new hash, which voids earlier grants to the pair until the user grants
+//! again. Which notice is current is not known here: whoever decides passes it to [`ConsentStatement::in_force`]. A
+//! withdrawal names no notice (its hash is all zeros).
 //!
 //! The encoding is canonical and checked to be: a statement has exactly one encoding, and [`ConsentStatement::decode`]
 //! refuses any bytes that do not re-encode to themselves. Signatures are over the bytes as received
@@ -38,30 +41,6 @@ pub enum Purpose {
 pub const PURPOSES: [Purpose; 4] =
     [Purpose::Security, Purpose::Analytics, Purpose::Advertising, Purpose::BusinessMessaging];
 
-/// A notice shown to the user before consenting to a purpose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Notice {
-    /// The purpose.
-    pub purpose: Purpose,
-    /// Version; a new version is a material change.
-    pub version: u32,
-    /// The text shown.
-    pub text: &'static str,
-}
-
-impl Notice {
-    /// SHA-256 of version and text: what a statement commits to.
-    pub fn hash(&self) -> [u8; 32] {
-        Sha256::new()
-            .chain_update(b"consent-relay notice v1")
-            .chain_update(self.purpose.as_str().as_bytes())
-            .chain_update(self.version.to_be_bytes())
-            .chain_update(self.text.as_bytes())
-            .finalize()
-            .into()
-    }
-}
-
 impl Purpose {
     /// The catalogue name (`security`, `analytics`, `advertising`, `business_messaging`).
     pub fn as_str(self) -> &'static str {
@@ -76,31 +55,6 @@ impl Purpose {
     /// Parses a catalogue name; anything else is `None`.
     pub fn parse(s: &str) -> Option<Self> {
         PURPOSES.into_iter().find(|p| p.as_str() == s)
-    }
-
-    /// The current notice of this purpose.
-    pub fn notice(self) -> Notice {
-        let text = match self {
-            Purpose::Security => {
-                "The affiliate may receive the fields listed for it to detect and stop spam, fraud and account \
-                 takeover. It may keep them for 90 days. Refusing does not change how messaging works for you."
-            }
-            Purpose::Analytics => {
-                "The affiliate may receive the fields listed for it to count how the service is used, in aggregate. \
-                 It may keep them for 12 months. Refusing does not change how messaging works for you."
-            }
-            Purpose::Advertising => {
-                "The affiliate may receive the fields listed for it to choose and measure advertising shown to you \
-                 on its own services. It may keep them until you withdraw. Refusing does not change how messaging \
-                 works for you."
-            }
-            Purpose::BusinessMessaging => {
-                "The affiliate may receive the fields listed for it so that businesses you write to on its \
-                 platform can reach you. It may keep them until you withdraw. Refusing does not change how \
-                 messaging works for you."
-            }
-        };
-        Notice { purpose: self, version: 1, text }
     }
 }
 
@@ -142,9 +96,14 @@ pub enum ConsentError {
     /// The affiliate id is not well formed.
     #[error("invalid affiliate id {0:?} (1-32 of a-z, 0-9, _ and -)")]
     InvalidAffiliate(String),
-    /// A grant names a notice that is not the purpose's current one.
-    #[error("the notice of purpose {0} has changed: review it and grant again")]
-    StaleNotice(Purpose),
+    /// A grant names a notice that is not the pair's current one.
+    #[error("the notice for {affiliate}/{purpose} has changed or was never published: review it and grant again")]
+    StaleNotice {
+        /// The affiliate.
+        affiliate: String,
+        /// The purpose.
+        purpose: Purpose,
+    },
     /// The signature does not verify with the account's identity key.
     #[error("consent statement signature does not verify")]
     BadSignature,
@@ -234,9 +193,8 @@ impl ConsentStatement {
         Ok(s)
     }
 
-    /// Decodes a statement recorded earlier: the encoding and the affiliate id are checked, but not that a grant's
-    /// notice is still current (a later notice change voids the grant, see [`ConsentStatement::in_force`], but the
-    /// record stays readable for history and audit).
+    /// Decodes a statement recorded earlier: the encoding and the affiliate id are checked, but not the expiry rule
+    /// of new statements; the record stays readable for history and audit.
     pub fn decode_stored(b: &[u8]) -> Result<Self, ConsentError> {
         let s = Self::parse(b)?;
         // Every field above is read back exactly, so this cannot fail today; it keeps "one statement, one encoding"
@@ -283,8 +241,8 @@ impl ConsentStatement {
         })
     }
 
-    /// Checks what the encoding cannot: the affiliate id's form, the expiry, and for a grant that it names the
-    /// purpose's current notice.
+    /// Checks what the encoding cannot: the affiliate id's form and the expiry. Whether a grant names the pair's
+    /// current notice is the caller's check ([`ConsentStatement::names_notice`]), since only it knows the notice.
     pub fn validate(&self) -> Result<(), ConsentError> {
         if !valid_affiliate_id(&self.affiliate) {
             return Err(ConsentError::InvalidAffiliate(self.affiliate.clone()));
@@ -292,8 +250,14 @@ impl ConsentStatement {
         if self.expires_ms.is_some_and(|e| e <= self.time_ms) {
             return Err(ConsentError::BadExpiry);
         }
-        if self.decision == Decision::Grant && self.notice_hash != self.purpose.notice().hash() {
-            return Err(ConsentError::StaleNotice(self.purpose));
+        Ok(())
+    }
+
+    /// For a grant: that it names `current`, the pair's current notice hash (`None`: no notice is published for the
+    /// pair, so nothing can be granted). A withdrawal names no notice and always passes.
+    pub fn names_notice(&self, current: Option<&[u8; 32]>) -> Result<(), ConsentError> {
+        if self.decision == Decision::Grant && current != Some(&self.notice_hash) {
+            return Err(ConsentError::StaleNotice { affiliate: self.affiliate.clone(), purpose: self.purpose });
         }
         Ok(())
     }
@@ -308,12 +272,15 @@ impl ConsentStatement {
         statement_hash(&self.encode())
     }
 
-    /// Whether this statement, as the latest for its pair, lets data flow at `now_ms`.
-    pub fn in_force(&self, now_ms: u64) -> bool {
-        self.decision == Decision::Grant
-            && now_ms >= self.time_ms
-            && self.expires_ms.is_none_or(|e| now_ms < e)
-            && self.notice_hash == self.purpose.notice().hash()
+    /// Whether this statement is a grant and `now_ms` is within its lifetime [time, expiry).
+    pub fn granted_at(&self, now_ms: u64) -> bool {
+        self.decision == Decision::Grant && now_ms >= self.time_ms && self.expires_ms.is_none_or(|e| now_ms < e)
+    }
+
+    /// Whether this statement, as the latest for its pair, lets data flow at `now_ms` when the pair's current notice
+    /// hash is `current_notice` (`None`: the pair has no notice, so nothing flows).
+    pub fn in_force(&self, now_ms: u64, current_notice: Option<&[u8; 32]>) -> bool {
+        self.granted_at(now_ms) && current_notice == Some(&self.notice_hash)
     }
 }
 
@@ -340,13 +307,15 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    const NOTICE: [u8; 32] = [9; 32];
+
     fn grant() -> ConsentStatement {
         ConsentStatement {
             account: AccountId([3; 16]),
             affiliate: "adsco".into(),
             purpose: Purpose::Advertising,
             decision: Decision::Grant,
-            notice_hash: Purpose::Advertising.notice().hash(),
+            notice_hash: NOTICE,
             sequence: 1,
             time_ms: 1000,
             expires_ms: Some(5000),
@@ -358,8 +327,6 @@ mod tests {
         assert_eq!(Purpose::parse("business_messaging"), Some(Purpose::BusinessMessaging));
         assert_eq!(Purpose::parse("business intelligence"), None);
         assert_eq!(Purpose::parse("Advertising"), None);
-        let hashes: std::collections::HashSet<_> = PURPOSES.iter().map(|p| p.notice().hash()).collect();
-        assert_eq!(hashes.len(), PURPOSES.len(), "each notice has its own hash");
     }
 
     #[test]
@@ -433,14 +400,19 @@ mod tests {
     #[test]
     fn in_force_only_within_time_for_the_current_notice() {
         let s = grant();
-        assert!(!s.in_force(999), "not before it was made");
-        assert!(s.in_force(1000) && s.in_force(4999));
-        assert!(!s.in_force(5000), "expired");
+        let current = Some(&NOTICE);
+        assert!(!s.in_force(999, current), "not before it was made");
+        assert!(s.in_force(1000, current) && s.in_force(4999, current));
+        assert!(!s.in_force(5000, current), "expired");
         let withdrawn = ConsentStatement { decision: Decision::Withdraw, ..s.clone() };
-        assert!(!withdrawn.in_force(2000));
-        let old_notice = ConsentStatement { notice_hash: [0; 32], ..s };
-        assert!(!old_notice.in_force(2000), "a changed notice voids the grant");
-        assert_eq!(old_notice.validate(), Err(ConsentError::StaleNotice(Purpose::Advertising)));
+        assert!(!withdrawn.in_force(2000, current));
+        assert_eq!(withdrawn.names_notice(None), Ok(()), "a withdrawal needs no notice");
+        assert!(!s.in_force(2000, Some(&[0; 32])), "a changed notice voids the grant");
+        assert!(!s.in_force(2000, None), "no notice published: nothing flows");
+        let stale = Err(ConsentError::StaleNotice { affiliate: "adsco".into(), purpose: Purpose::Advertising });
+        assert_eq!(s.names_notice(Some(&[0; 32])), stale);
+        assert_eq!(s.names_notice(None), stale);
+        assert_eq!(s.names_notice(current), Ok(()));
     }
 
     #[test]
@@ -459,11 +431,8 @@ mod tests {
         let variants = [
             ConsentStatement { account: AccountId([4; 16]), ..base.clone() },
             ConsentStatement { affiliate: "adsco2".into(), ..base.clone() },
-            ConsentStatement {
-                purpose: Purpose::Analytics,
-                notice_hash: Purpose::Analytics.notice().hash(),
-                ..base.clone()
-            },
+            ConsentStatement { purpose: Purpose::Analytics, ..base.clone() },
+            ConsentStatement { notice_hash: [8; 32], ..base.clone() },
             ConsentStatement { decision: Decision::Withdraw, ..base.clone() },
             ConsentStatement { sequence: 2, ..base.clone() },
             ConsentStatement { time_ms: 1001, ..base.clone() },

@@ -12,6 +12,7 @@ pub mod consent;
 pub mod frame;
 pub mod identity;
 pub mod merkle;
+pub mod notice;
 pub mod phone;
 pub mod time;
 pub mod verification;

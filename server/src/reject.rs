@@ -5,7 +5,8 @@ use relay_proto::ErrorCode;
 use relay_proto::wire::ServerFrame;
 
 use crate::store::{
-    CommitError, DirectoryError, ExportLogError, MailboxError, PrekeyError, RegistryError, VerificationStoreError,
+    CommitError, DirectoryError, ExportLogError, MailboxError, NoticeStoreError, PrekeyError, RegistryError,
+    VerificationStoreError,
 };
 use crate::verify::VerifyError;
 
@@ -91,6 +92,17 @@ impl From<RegistryError> for Reject {
         match e {
             RegistryError::Rejected(c) => Reject::new(ErrorCode::ConsentRejected, c.to_string()),
             RegistryError::Corrupt | RegistryError::Store(_) => storage(e),
+        }
+    }
+}
+
+impl From<NoticeStoreError> for Reject {
+    fn from(e: NoticeStoreError) -> Self {
+        match e {
+            NoticeStoreError::Invalid { .. } | NoticeStoreError::Duplicate { .. } | NoticeStoreError::TooMany(_) => {
+                Reject::invalid(e.to_string())
+            }
+            NoticeStoreError::Corrupt | NoticeStoreError::Store(_) => storage(e),
         }
     }
 }

@@ -85,6 +85,7 @@ pub struct RelayHandle {
     faults: Arc<crate::store::commit::StorageFaults>,
     tamper: Arc<crate::tamper::Tamper>,
     clock: crate::verify::Clock,
+    notices: crate::store::Notices,
 }
 
 impl RelayHandle {
@@ -111,6 +112,13 @@ impl RelayHandle {
     /// The line the relay prints on stdout when it is ready.
     pub fn ready_line(&self) -> relay_quic::ready::ReadyLine {
         relay_quic::ready::ReadyLine::Relay { addr: self.local_addr, cert_sha256: self.cert_sha256 }
+    }
+
+    /// The notices the exporter published (what `PublishNotices` writes): the harness seeds it for tests that
+    /// grant consent without running an exporter.
+    #[doc(hidden)]
+    pub fn notices(&self) -> crate::store::Notices {
+        self.notices.clone()
     }
 
     /// The store's fault injector (for tests of disk failures).
@@ -155,6 +163,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         ttl_ms: limits.message_ttl_secs.saturating_mul(1000),
     };
     let store = Store::open(&data.join("store"), mailbox_limits)?;
+    let store_notices = store.notices.clone();
     // sled takes no file mode: tighten what it created (relayd also sets its umask, for the files it adds later).
     relay_quic::durable_file::restrict_tree(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
 
@@ -187,6 +196,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
                 store.directory.clone(),
                 fence.clone(),
                 store.export_log.clone(),
+                store.notices.clone(),
                 store.commit.clone(),
             );
             Some((endpoint, bound, Arc::new(handler)))
@@ -282,6 +292,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         faults,
         tamper,
         clock,
+        notices: store_notices,
     })
 }
 
@@ -337,6 +348,7 @@ fn handlers(
             registry: store.consent.clone(),
             identities: store.directory.identities(),
             export_log: store.export_log.clone(),
+            notices: store.notices.clone(),
             fence,
             commit: store.commit.clone(),
         },

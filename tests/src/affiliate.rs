@@ -289,7 +289,10 @@ impl TestExporter {
                 tracing::error!(error = %e, "test exporter stopped");
             }
         });
-        Ok((relay, Self { dir, log_key, progress, stop, task: Some(task) }))
+        let exporter = Self { dir, log_key, progress, stop, task: Some(task) };
+        // Users can grant only once the exporter's notices are on the relay: its first pass publishes them.
+        exporter.wait_until(crate::START_TIMEOUT, |p| p.notices > 0 || p.passes > 0).await?;
+        Ok((relay, exporter))
     }
 
     /// The exporter's progress now.

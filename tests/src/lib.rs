@@ -238,6 +238,40 @@ impl TestRelay {
         }
     }
 
+    /// Seeds an in-process relay with the notices of the exporter's example catalogue plus `metrico` (analytics), as
+    /// an exporter publishes them at start: for tests that grant consent without running an exporter. Returns the
+    /// documents published.
+    pub fn publish_test_notices(&self) -> Result<Vec<Vec<u8>>> {
+        let documents = test_notices()?;
+        self.publish_notices(&documents)?;
+        Ok(documents)
+    }
+
+    /// Waits, at most `bound`, until an exporter has published its notices to this in-process relay (a test starting
+    /// an exporter child waits for this before its users grant anything).
+    pub async fn wait_for_notices(&self, bound: Duration) -> Result<()> {
+        let Running::InProcess(h) = &self.running else { bail!("in-process relays only") };
+        let notices = h.notices();
+        tokio::time::timeout(bound, async {
+            while notices.current_count() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .context("the exporter did not publish its notices in time")
+    }
+
+    /// Publishes `documents` as an exporter's complete set of current notices (in-process relays only).
+    pub fn publish_notices(&self, documents: &[Vec<u8>]) -> Result<()> {
+        match &self.running {
+            Running::InProcess(h) => {
+                h.notices().publish(documents)?;
+                Ok(())
+            }
+            _ => bail!("notices are seeded in-process only; a relayd child gets them from its exporter"),
+        }
+    }
+
     /// The hook that makes an in-process relay lie about keys and envelopes.
     pub fn tamper(&self) -> Option<std::sync::Arc<relay_server::tamper::Tamper>> {
         match &self.running {
@@ -482,4 +516,21 @@ pub async fn drain_mailbox(conn: &relay_client::Connection) -> Result<Vec<bytes:
             relay_client::InboxEvent::Acked(_) => {}
         }
     }
+}
+
+/// The affiliates catalogue of the tests: the exporter's example file (adsco: advertising and analytics; shieldco:
+/// security) and `metrico` (analytics).
+pub fn test_catalogue() -> String {
+    format!(
+        "{}\n[[affiliate]]\nid = \"metrico\"\nname = \"Metrico Oy\"\ncountry = \"FI\"\n\
+         endpoint = \"http://127.0.0.1:9002/in\"\nsecret = \"whsec_bWV0cmljby1zZWNyZXQta2V5LTEyMzQ1Ng==\"\n\
+         [affiliate.purposes]\nanalytics = [\"device_model\", \"os\"]\n",
+        include_str!("../../exporter/affiliates.example.toml")
+    )
+}
+
+/// The notice documents of [`test_catalogue`], each at version 1.
+pub fn test_notices() -> Result<Vec<Vec<u8>>> {
+    let catalogue = relay_exporter::Catalogue::parse(&test_catalogue())?;
+    Ok(catalogue.notices().map(|n| n.document.clone()).collect())
 }

@@ -8,7 +8,7 @@
 //! relay --home D recv [--wait SECS] [--json]
 //! relay --home D chat --to +33698765432
 //! relay --home D status [--json]
-//! relay --home D consent grant|withdraw --affiliate A --purpose P | reject-all | show
+//! relay --home D consent notice|grant|withdraw --affiliate A --purpose P | reject-all | show
 //! relay --home D device [--model M] [--os O] [--app-version V]
 //! relay --home D exports [--verify] [--json]
 //! ```
@@ -16,7 +16,8 @@
 //! status 1. `register` exits 3 when the relay verifies phone numbers and no code was given: it has asked the relay
 //! to send one and, with no terminal to prompt on, says to rerun with `--code CODE` (or `--code-file PATH`). `recv`
 //! exits 3 when it set aside (quarantined) an envelope it could not read, after printing everything else.
-//! `verify` exits 2 when a contact's identity changed; `exports --verify` exits 1 when a check fails.
+//! `verify` exits 2 when a contact's identity changed; `exports --verify` exits 1 when a check fails. `consent grant`
+//! shows the notice and signs only after `yes` is typed (or with `--yes`); anything else exits 1, nothing signed.
 //! Text another party chose (a message, a sender, anything the relay relays) reaches the terminal only through
 //! `relay_client::display`: control characters are dropped from human output and escaped in JSON.
 
@@ -167,7 +168,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConsentAction {
-    /// Grant one affiliate one purpose (shows the notice; prints a receipt).
+    /// Print the current notice of one affiliate and purpose: who receives what, where, and for how long.
+    Notice {
+        /// Affiliate id (e.g. adsco).
+        #[arg(long)]
+        affiliate: String,
+        /// Purpose: security, analytics, advertising or business_messaging.
+        #[arg(long)]
+        purpose: String,
+        /// Print {"hash", "version", "document"} as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grant one affiliate one purpose: shows the notice, asks for confirmation, then signs its hash and prints a
+    /// receipt.
     Grant {
         /// Affiliate id (e.g. adsco).
         #[arg(long)]
@@ -178,7 +192,10 @@ enum ConsentAction {
         /// Let the grant lapse after this many days.
         #[arg(long)]
         expires_days: Option<u64>,
-        /// Print the receipt as JSON.
+        /// Sign without asking (for scripts; the notice is still printed).
+        #[arg(long)]
+        yes: bool,
+        /// Print the receipt as JSON (the notice then goes to stderr).
         #[arg(long)]
         json: bool,
     },
@@ -365,6 +382,12 @@ async fn register(home: &Home, server: &str, cert_sha256: &str, mut proof: Verif
     anyhow::bail!("registration did not complete; run the command again")
 }
 
+/// A notice document for the terminal: every line through [`terminal_safe`] (a canonical notice has no control
+/// characters, but the relay served it).
+fn terminal_safe_notice(document: &str) -> String {
+    document.lines().map(|l| format!("{}\n", terminal_safe(l))).collect()
+}
+
 /// Prompts on stderr (when stdin is a terminal) and reads one line from stdin. The line is echoed by the terminal:
 /// this client links no terminal-control code.
 fn read_secret(prompt: &str) -> anyhow::Result<String> {
@@ -443,11 +466,43 @@ async fn consent(home: &Home, action: ConsentAction) -> anyhow::Result<()> {
         Ok(())
     };
     match action {
-        ConsentAction::Grant { affiliate, purpose, expires_days, json } => {
-            let r = m.decide_consent(&affiliate, &purpose, Decision::Grant, expires_days).await?;
-            if !json {
-                println!("notice (version {}): {}", r.notice_version, r.notice);
+        ConsentAction::Notice { affiliate, purpose, json } => {
+            let shown = m.notice(&affiliate, &purpose).await?;
+            if json {
+                let out = serde_json::json!({
+                    "hash": hex::encode(shown.hash),
+                    "version": shown.notice.version,
+                    "document": shown.document,
+                });
+                println!("{}", json_line(&out)?);
+            } else {
+                print!("{}", terminal_safe_notice(&shown.document));
+                println!("notice hash: {}", hex::encode(shown.hash));
             }
+        }
+        ConsentAction::Grant { affiliate, purpose, expires_days, yes, json } => {
+            // Shown first, then signed: the grant names exactly the document printed here.
+            let shown = m.notice(&affiliate, &purpose).await?;
+            let text = format!("{}notice hash: {}\n", terminal_safe_notice(&shown.document), hex::encode(shown.hash));
+            if json {
+                eprint!("{text}");
+            } else {
+                print!("{text}");
+            }
+            if !yes {
+                let answer = read_secret(&format!(
+                    "Grant {} ({}) this, for {}? Type yes to sign: ",
+                    shown.notice.legal_name, shown.notice.affiliate, shown.notice.purpose
+                ))
+                .unwrap_or_default();
+                if answer.trim() != "yes" {
+                    m.close().await;
+                    anyhow::bail!(
+                        "not granted: nothing was signed (type yes at the prompt, or pass --yes in a script)"
+                    );
+                }
+            }
+            let r = m.grant_consent(&shown, expires_days).await?;
             print_receipt(&r, json)?;
         }
         ConsentAction::Withdraw { affiliate, purpose, json } => {

@@ -1,7 +1,8 @@
 //! What a change read from the relay's feeds does to the outbox.
 //!
 //! Contract: only a change whose signature [`feed::verify`] accepts is acted on, and every one that is is kept as
-//! audit evidence. A grant with a subject, for a pair the catalogue allows, queues one export whose webhook id is
+//! audit evidence. A grant with a subject, for a pair the catalogue allows, naming the pair's current notice (the
+//! catalogue's, not the relay's word for it), queues one export whose webhook id is
 //! derived from the statement hash, the affiliate and a digest of the exported data; the same data again (the change
 //! read twice, or a subject change that leaves the affiliate's fields as they were) queues nothing, while new data
 //! supersedes what is still queued for the pair. A withdrawal removes the pair's queued exports and, if the pair had
@@ -158,6 +159,16 @@ impl Core {
         let purpose = v.pair.purpose.as_str();
         let applied = match v.statement.decision {
             Decision::Grant => {
+                // Consent covers the notice the user signed, and only while it is the pair's current one: a grant
+                // under any other (older terms, or a document the relay made up) exports nothing.
+                let current = self.catalogue.notice(&affiliate.id, v.pair.purpose).map(|n| n.hash);
+                if current != Some(v.statement.notice_hash) {
+                    tracing::info!(
+                        cursor = change.cursor,
+                        "grant under a notice that is not current; nothing exported"
+                    );
+                    return Ok((Applied::Nothing, effects));
+                }
                 let Some(subject) = &v.subject else { return Ok((Applied::Nothing, effects)) };
                 let Some((mut data, fields)) = payload::build(&affiliate, v.pair.purpose, subject, &self.master_key)
                 else {

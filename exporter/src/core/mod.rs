@@ -47,6 +47,8 @@ pub use entry::{
 };
 pub use retry::{Entropy, RETRY_BASE, RETRY_MAX, SystemEntropy, backoff};
 
+use relay_proto::consent::ConsentStatement;
+
 use crate::affiliates::Catalogue;
 use crate::feed::Feed;
 use crate::ids::{Pair, WebhookId};
@@ -280,6 +282,11 @@ impl Core {
         }
     }
 
+    /// The affiliates catalogue with its current notices.
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
     /// Entries in the outbox.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
@@ -326,6 +333,19 @@ impl Core {
                 tracing::warn!(webhook = %id, "affiliate no longer in the catalogue; entry dropped");
                 self.outbox.remove(&id);
                 return Some(vec![Effect::Write(Write::Remove { id })]);
+            }
+            if entry.kind == Kind::Export && !self.under_current_notice(entry) {
+                // The terms changed since the grant (a restart with a new catalogue): the grant no longer covers
+                // what would leave. Dropped like a withdrawn pair's export (logged if an attempt may have reached).
+                tracing::info!(webhook = %id, "the pair's notice changed since the grant; export dropped");
+                let mut effects = Vec::new();
+                return match self.drop_export(&id, &mut effects) {
+                    Ok(_) => Some(effects),
+                    Err(e) => {
+                        tracing::error!(webhook = %id, error = %e, "cannot drop an export under an old notice");
+                        continue;
+                    }
+                };
             }
             let first = match entry.kind {
                 Kind::Withdrawn => {
@@ -484,6 +504,20 @@ impl Core {
                 Ok(None)
             }
         }
+    }
+}
+
+impl Core {
+    /// Whether an export's grant names its pair's current notice (the evidence is the signed statement).
+    fn under_current_notice(&self, entry: &Entry) -> bool {
+        let current = self.catalogue.notice(&entry.pair.affiliate, entry.pair.purpose).map(|n| n.hash);
+        let named = entry
+            .evidence
+            .as_ref()
+            .and_then(|e| hex::decode(&e.statement).ok())
+            .and_then(|b| ConsentStatement::decode_stored(&b).ok())
+            .map(|s| s.notice_hash);
+        named.is_some() && named == current
     }
 }
 

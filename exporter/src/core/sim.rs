@@ -23,6 +23,7 @@ use crate::ids::{Pair, WebhookId};
 
 /// The catalogue of the tests: adsco (advertising, analytics) and shieldco (security).
 pub const CATALOGUE: &str = include_str!("../../affiliates.example.toml");
+
 /// The exporter's pseudonym key in the tests.
 pub const MASTER_KEY: [u8; 32] = [3; 32];
 /// How long a lease lasts, as the relay's `LEASE_TTL`.
@@ -389,6 +390,8 @@ pub struct World {
     pub store: MemStore,
     pub relay: Relay,
     pub affiliates: BTreeMap<String, Affiliate>,
+    /// The catalogue the core starts with (at the next restart, if changed).
+    pub catalogue: Catalogue,
     pub now: u64,
     /// How far the clock moves per effect performed (ms).
     pub tick: u64,
@@ -407,11 +410,13 @@ impl World {
     pub fn new(seed: u64) -> Self {
         let affiliates = ["adsco", "shieldco"].into_iter().map(|a| (a.to_owned(), Affiliate::default())).collect();
         let store = MemStore::default();
+        let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
         Self {
-            core: Self::core(&store, seed, None),
+            core: Self::core(&catalogue, &store, seed, None),
             store,
             relay: Relay::new(),
             affiliates,
+            catalogue,
             now: 1_000_000,
             tick: 1,
             step: 0,
@@ -426,12 +431,12 @@ impl World {
     pub fn with_jitter(seed: u64, jitter: u64) -> Self {
         let mut world = Self::new(seed);
         world.jitter = Some(jitter);
-        world.core = Self::core(&world.store, seed, Some(jitter));
+        world.core = Self::core(&world.catalogue, &world.store, seed, Some(jitter));
         world
     }
 
-    fn core(store: &MemStore, seed: u64, jitter: Option<u64>) -> Core {
-        let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
+    fn core(catalogue: &Catalogue, store: &MemStore, seed: u64, jitter: Option<u64>) -> Core {
+        let catalogue = catalogue.clone();
         let cursors = store.durable.cursors.clone();
         let entropy: Box<dyn Entropy> = match jitter {
             Some(j) => Box::new(FixedJitter(j, SeededEntropy(seed))),
@@ -454,6 +459,23 @@ impl World {
 
     /// The user decides, and the relay records it (a withdrawal waits for the pair's leases to be acknowledged).
     pub fn decide(&mut self, user: usize, affiliate: &str, purpose: Purpose, decision: Decision) -> [u8; 32] {
+        // The user signs the notice the relay serves, which is the catalogue's current one.
+        let notice = match decision {
+            Decision::Grant => self.catalogue.notice(affiliate, purpose).map_or([0; 32], |n| n.hash),
+            Decision::Withdraw => [0; 32],
+        };
+        self.decide_under(user, affiliate, purpose, decision, notice)
+    }
+
+    /// As [`World::decide`], the statement naming `notice_hash` (a relay that showed the user another document).
+    pub fn decide_under(
+        &mut self,
+        user: usize,
+        affiliate: &str,
+        purpose: Purpose,
+        decision: Decision,
+        notice_hash: [u8; 32],
+    ) -> [u8; 32] {
         let u = &mut self.relay.users[user];
         u.sequence += 1;
         let statement = ConsentStatement {
@@ -461,7 +483,7 @@ impl World {
             affiliate: affiliate.into(),
             purpose,
             decision,
-            notice_hash: purpose.notice().hash(),
+            notice_hash,
             sequence: u.sequence,
             time_ms: self.now,
             expires_ms: None,
@@ -617,7 +639,7 @@ impl World {
         self.relay.leases.clear();
         self.relay.acknowledge(self.step, self.now);
         self.seed = self.seed.wrapping_add(1);
-        self.core = Self::core(&self.store, self.seed, self.jitter);
+        self.core = Self::core(&self.catalogue, &self.store, self.seed, self.jitter);
     }
 
     /// Runs passes, moving the clock to the next due attempt between them, until the outbox is empty (at most

@@ -609,3 +609,61 @@ fn a_crash_before_any_effect_of_the_story_breaks_no_delivery_or_crash_rule() {
     }
     assert!(runs >= 4 * 60, "{runs} runs over {steps} effects");
 }
+
+/// A grant names the notice the user was shown. A relay that showed another document than the catalogue's (one
+/// without the phone number, say, or an older version) gets a grant the exporter does not act on: nothing leaves.
+#[test]
+fn a_grant_under_a_notice_that_is_not_the_catalogues_current_one_exports_nothing() {
+    let mut w = World::new(7);
+    let alice = w.user(1, "Pixel 9");
+    let current = w.catalogue.notice("adsco", Purpose::Advertising).expect("a notice").hash;
+    for other in [[0; 32], [7; 32]] {
+        assert_ne!(other, current);
+        w.decide_under(alice, "adsco", Purpose::Advertising, Decision::Grant, other);
+        w.drain(10, 0);
+        assert!(w.affiliates["adsco"].received.is_empty(), "nothing left under notice {}", hex::encode(other));
+        assert!(w.core.outbox().is_empty());
+    }
+    // The same user granting under the current notice: exported.
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
+    w.drain(10, 0);
+    assert_eq!(w.affiliates["adsco"].received.len(), 1);
+}
+
+/// The operator adds the raw phone number to what AdsCo receives for advertising and restarts the exporter: the
+/// notice changes, so the grants made under the old one cover nothing any more. What was still queued under them is
+/// dropped (never sent with the new fields, nor the old), and a new export needs a new grant under the new notice.
+#[test]
+fn widening_an_affiliates_fields_voids_the_grants_made_before_until_the_user_grants_again() {
+    let mut w = World::new(11);
+    let alice = w.user(1, "Pixel 9");
+    let old = w.catalogue.notice("adsco", Purpose::Advertising).expect("a notice").hash;
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
+    w.affiliate("adsco").script = [Unreachable].into();
+    w.pass().expect("no crash");
+    assert_eq!(w.core.outbox().len(), 1, "queued, its first attempt not through");
+
+    let widened = CATALOGUE.replace(
+        r#"advertising = ["phone_pseudonym", "device_model"]"#,
+        r#"advertising = ["phone", "phone_pseudonym", "device_model"]"#,
+    );
+    assert_ne!(widened, CATALOGUE);
+    w.catalogue = crate::affiliates::Catalogue::parse(&widened).expect("catalogue");
+    let new = w.catalogue.notice("adsco", Purpose::Advertising).expect("a notice").hash;
+    assert_ne!(old, new, "new terms, new notice");
+    w.restart(0);
+    w.drain(10, 0);
+    assert!(w.affiliates["adsco"].received.is_empty(), "nothing left under the old grant");
+    assert!(w.core.outbox().is_empty(), "the export queued under the old notice is gone");
+    // Device changes re-read the grant: still nothing under the old notice.
+    w.change_device(alice, "Pixel 10");
+    w.drain(10, 0);
+    assert!(w.affiliates["adsco"].received.is_empty());
+
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
+    w.drain(10, 0);
+    let received = &w.affiliates["adsco"].received;
+    assert_eq!(received.len(), 1, "granted again under the new notice");
+    let data = body(&received[0].body)["data"].clone();
+    assert_eq!(data["phone"], w.relay.users[alice].phone.as_str(), "with the fields the new notice names");
+}

@@ -1,24 +1,25 @@
 //! The export protocol's requests, answered from the consent registry, the directory's profiles and the fence.
 //!
-//! Contract: an [`ExportHandler`] is built from those three, the relay's copy of the export log and the group commit
-//! (a durability barrier that reads nothing), and nothing else. It holds no `Mailboxes` handle (nor
+//! Contract: an [`ExportHandler`] is built from those three, the relay's copy of the export log, the notices and the
+//! group commit (a durability barrier that reads nothing), and nothing else. It holds no `Mailboxes` handle (nor
 //! the `Store` or the relay's `Shared` state), so no request of the export protocol can read, write or count a
 //! mailbox, whatever it carries (invariant 2 of `docs/exporter.md`). Personal data (a [`Subject`]) leaves only for a
-//! pair whose latest statement is a grant in force now; `BeginExport` takes its lease *before* it reads the
+//! pair whose latest statement is a grant in force now, under the pair's current notice; `BeginExport` takes its lease *before* it reads the
 //! registry, so it either finishes before a withdrawal is acknowledged or sees the withdrawal and is denied.
-//! `SubjectChanges` likewise carries a subject only with the grants of that account in force now. `PublishLog` is
+//! `SubjectChanges` likewise carries a subject only with the grants of that account in force now. `PublishNotices`
+//! replaces the current notices with the exporter's complete set, durably before it is acknowledged. `PublishLog` is
 //! acknowledged only once the appended entries are durable; `ReadLog` returns the log as published (leaves, the
 //! account ids the exporter gave with them, signed heads), nothing more.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use relay_proto::consent::{Decision, Purpose, statement_hash, valid_affiliate_id};
+use relay_proto::consent::{Purpose, statement_hash, valid_affiliate_id};
 use relay_proto::merkle::{SignedTreeHead, log_key_from_wire};
 use relay_proto::wire::{
     BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ExportDenied, ExportEnded, ExportGranted,
-    ExportResponse, LogCopy, LogPublished, PublishLog, PublishedEntry, ReadLog, Subject, SubjectChangeList,
-    SubjectChanges, export_request::Body as Req, export_response::Body as Resp,
+    ExportResponse, LogCopy, LogPublished, NoticesPublished, PublishLog, PublishNotices, PublishedEntry, ReadLog,
+    Subject, SubjectChangeList, SubjectChanges, export_request::Body as Req, export_response::Body as Resp,
 };
 use relay_proto::{
     AccountId, MAX_CONSENT_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_READ_LOG_BYTES, MAX_READ_LOG_ENTRIES,
@@ -29,7 +30,7 @@ use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
 use crate::reject::Reject;
 use crate::store::consent::Recorded;
 use crate::store::directory::AccountKeys;
-use crate::store::{AccountProfile, ConsentRegistry, Directory, ExportLog, GroupCommit};
+use crate::store::{AccountProfile, ConsentRegistry, Directory, ExportLog, GroupCommit, Notices};
 
 /// Answers export requests. Cheap to share: every connection of the export interface uses the same one.
 pub struct ExportHandler {
@@ -37,6 +38,7 @@ pub struct ExportHandler {
     directory: Directory,
     fence: Arc<Fence>,
     log: ExportLog,
+    notices: Notices,
     commit: Arc<GroupCommit>,
 }
 
@@ -63,16 +65,17 @@ fn ms(d: std::time::Duration) -> u64 {
 }
 
 impl ExportHandler {
-    /// A handler over the consent registry, the directory (for profiles), the withdrawal fence, the export log and the
-    /// group commit: all it may use.
+    /// A handler over the consent registry, the directory (for profiles), the withdrawal fence, the export log, the
+    /// notices and the group commit: all it may use.
     pub fn new(
         consent: ConsentRegistry,
         directory: Directory,
         fence: Arc<Fence>,
         log: ExportLog,
+        notices: Notices,
         commit: Arc<GroupCommit>,
     ) -> Self {
-        Self { consent, directory, fence, log, commit }
+        Self { consent, directory, fence, log, notices, commit }
     }
 
     /// Answers one request; a refused one becomes an error frame.
@@ -84,14 +87,24 @@ impl ExportHandler {
             Some(Req::SubjectChanges(c)) => self.subject_changes(c),
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
             Some(Req::ReadLog(r)) => self.read_log(r),
+            Some(Req::PublishNotices(p)) => self.publish_notices(p).await,
             None => Err(Reject::invalid("empty or unknown export request")),
         };
         reply.unwrap_or_else(|r| ExportResponse::error(r.code, r.message))
     }
 
+    /// Whether `r` is in force at `now_ms` under its pair's current notice (not whether it is the latest).
+    fn in_force(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
+        let s = &r.statement;
+        if !s.granted_at(now_ms) {
+            return Ok(false);
+        }
+        Ok(s.in_force(now_ms, self.notices.current_hash(&s.affiliate, s.purpose)?.as_ref()))
+    }
+
     /// Whether `r` is a grant that is the latest statement for its pair and in force at `now_ms`.
     fn in_force_latest(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
-        if r.statement.decision != Decision::Grant || !r.statement.in_force(now_ms) {
+        if !self.in_force(r, now_ms)? {
             return Ok(false);
         }
         let s = &r.statement;
@@ -148,7 +161,7 @@ impl ExportHandler {
                 continue;
             };
             for r in self.consent.latest(&account)? {
-                if r.statement.decision == Decision::Grant && r.statement.in_force(now) {
+                if self.in_force(&r, now)? {
                     changes.push(Self::change(cursor, &keys, r, Some(subject(profile.clone()))));
                 }
             }
@@ -175,6 +188,17 @@ impl ExportHandler {
         let size = self.log.publish(p.first_index, &entries, &head, &key)?;
         self.commit.durable().await?;
         resp(Resp::LogPublished(LogPublished { size }))
+    }
+
+    async fn publish_notices(&self, p: PublishNotices) -> Result<ExportResponse, Reject> {
+        let documents: Vec<Vec<u8>> = p.documents.iter().map(|d| d.to_vec()).collect();
+        let published = self.notices.publish(&documents)?;
+        self.commit.durable().await?;
+        tracing::info!(new = published.new_documents, current = published.current, "notices published");
+        resp(Resp::NoticesPublished(NoticesPublished {
+            new_documents: u32::try_from(published.new_documents).unwrap_or(u32::MAX),
+            current: u32::try_from(published.current).unwrap_or(u32::MAX),
+        }))
     }
 
     /// The relay's copy of the log as published: what the exporter checks its own log against and recovers from.
@@ -233,7 +257,7 @@ impl ExportHandler {
         if statement_hash(&latest.encoded) != *hash {
             return Ok(Err("not the latest statement for this pair"));
         }
-        if latest.statement.decision != Decision::Grant || !latest.statement.in_force(relay_proto::now_ms()) {
+        if !self.in_force(&latest, relay_proto::now_ms())? {
             return Ok(Err("consent is not in force for this pair"));
         }
         match self.directory.profile(account)? {
@@ -252,7 +276,8 @@ impl ExportHandler {
 #[cfg(test)]
 mod tests {
     use relay_proto::PhoneNumber;
-    use relay_proto::consent::ConsentStatement;
+    use relay_proto::consent::{ConsentStatement, Decision};
+    use relay_proto::notice::{Field, Notice, Retention};
     use relay_proto::wire::DeviceInfo;
 
     use super::*;
@@ -266,9 +291,30 @@ mod tests {
             Directory::new(tree("i"), tree("p"), tree("n"), tree("s")),
             Arc::new(Fence::default()),
             ExportLog::open(tree("log")).expect("log"),
+            Notices::new(tree("notices")),
             GroupCommit::start(db.clone()),
         );
         (handler, db)
+    }
+
+    fn notice(purpose: Purpose, fields: &[Field]) -> Notice {
+        Notice {
+            version: 1,
+            affiliate: "adsco".into(),
+            legal_name: "AdsCo SAS".into(),
+            country: "FR".into(),
+            purpose,
+            fields: fields.to_vec(),
+            retention: Retention::default_for(purpose),
+        }
+    }
+
+    async fn publish(h: &ExportHandler, notices: &[Notice]) {
+        let documents = notices.iter().map(|n| n.encode().expect("notice").into()).collect();
+        match ask(h, Req::PublishNotices(PublishNotices { documents })).await {
+            Resp::NoticesPublished(p) => assert_eq!(p.current as usize, notices.len()),
+            other => panic!("expected NoticesPublished, got {other:?}"),
+        }
     }
 
     fn grant(account: AccountId, sequence: u64, purpose: Purpose) -> ConsentStatement {
@@ -277,7 +323,7 @@ mod tests {
             affiliate: "adsco".into(),
             purpose,
             decision: Decision::Grant,
-            notice_hash: purpose.notice().hash(),
+            notice_hash: notice(purpose, &[Field::DeviceModel]).hash().expect("notice"),
             sequence,
             time_ms: relay_proto::now_ms() - 10_000,
             expires_ms: None,
@@ -303,6 +349,11 @@ mod tests {
     #[tokio::test]
     async fn grants_under_a_changed_notice_or_expired_are_not_in_force() {
         let (h, _db) = handler();
+        let published: Vec<_> = [Purpose::Advertising, Purpose::Analytics, Purpose::Security]
+            .into_iter()
+            .map(|p| notice(p, &[Field::DeviceModel]))
+            .collect();
+        publish(&h, &published).await;
         let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
         let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
@@ -335,5 +386,22 @@ mod tests {
             Resp::ExportGranted(g) => assert_eq!(g.subject.map(|s| s.phone), Some("+33612345678".into())),
             other => panic!("expected a lease, got {other:?}"),
         }
+
+        // The operator adds the phone number to what AdsCo receives for security: a new notice, and
+        // the grant made under the old one stops being in force at once.
+        let widened = notice(Purpose::Security, &[Field::Phone, Field::DeviceModel]);
+        publish(&h, &[published[0].clone(), published[1].clone(), widened]).await;
+        match ask(&h, begin(&current)).await {
+            Resp::ExportDenied(d) => assert!(d.reason.contains("not in force"), "{}", d.reason),
+            other => panic!("a grant under the old notice: expected a denial, got {other:?}"),
+        }
+        let Resp::ConsentChangeList(list) = ask(&h, Req::ConsentChanges(ConsentChanges { after_cursor: 0 })).await
+        else {
+            panic!("expected a change list")
+        };
+        assert!(list.changes.iter().all(|c| c.subject.is_none()), "no subject under a notice no longer current");
+        // A pair the exporter stopped publishing has no notice: nothing is in force for it either.
+        publish(&h, &[published[0].clone()]).await;
+        assert!(matches!(ask(&h, begin(&current)).await, Resp::ExportDenied(_)));
     }
 }

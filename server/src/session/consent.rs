@@ -1,11 +1,13 @@
-//! `PutConsent`, `ListConsent` and `ListExports`: the caller's own consent statements and export-log entries.
+//! `PutConsent`, `ListConsent`, `ListExports` and `GetNotice`: the caller's own consent statements and export-log
+//! entries, and the notices the exporter published.
 //!
 //! A statement must be the caller's own, signed by the caller's identity key over exactly the bytes sent, for a
-//! purpose in the catalogue (a grant: under its current notice), with a sequence number above the last. It is
+//! purpose in the catalogue, with a sequence number above the last; a grant must name the current notice the
+//! exporter published for its pair (none published: nothing can be granted). It is
 //! acknowledged only once durable; a withdrawal is acknowledged only after every export lease of its pair has ended
 //! (the withdrawal fence), so that from then on nothing of the pair leaves. No request names another account.
-//! Holds the registry, the identity keys (to verify signatures), the export-log copy, the fence and the group
-//! commit; no mailbox and no profile.
+//! Holds the registry, the identity keys (to verify signatures), the export-log copy, the notices, the fence and the
+//! group commit; no mailbox and no profile.
 
 use std::sync::Arc;
 
@@ -14,15 +16,15 @@ use relay_proto::ErrorCode;
 use relay_proto::consent::{self, ConsentError, ConsentStatement, Decision};
 use relay_proto::merkle;
 use relay_proto::wire::{
-    ConsentList, ConsentRecorded, ExportList, ListExports, LogLeaf, PutConsent, SignedStatement,
-    server_frame::Body as Resp,
+    ConsentList, ConsentRecorded, ExportList, GetNotice, ListExports, LogLeaf, NoticeDocument, PutConsent,
+    SignedStatement, server_frame::Body as Resp,
 };
 
 use super::checks::{Reply, reply};
 use super::state::Session;
 use crate::fence::Fence;
 use crate::reject::Reject;
-use crate::store::{ConsentRegistry, ExportLog, GroupCommit, Identities};
+use crate::store::{ConsentRegistry, ExportLog, GroupCommit, Identities, Notices};
 
 /// The consent and export-history handler.
 pub struct Consent {
@@ -32,6 +34,8 @@ pub struct Consent {
     pub identities: Identities,
     /// The relay's copy of the export log.
     pub export_log: ExportLog,
+    /// The exporter's notices.
+    pub notices: Notices,
     /// Export leases that withdrawals wait for.
     pub fence: Arc<Fence>,
     /// Durability barrier.
@@ -53,6 +57,8 @@ impl Consent {
         if statement.account != account {
             return Err(rejected(ConsentError::WrongAccount));
         }
+        let current = self.notices.current_hash(&statement.affiliate, statement.purpose)?;
+        statement.names_notice(current.as_ref()).map_err(rejected)?;
         let now = relay_proto::now_ms();
         self.registry.record(&c.statement, &signature, now)?;
         self.commit.durable().await?;
@@ -83,6 +89,28 @@ impl Consent {
             .collect();
         let last_sequence = self.registry.last_sequence(&account)?;
         reply(Resp::ConsentList(ConsentList { latest, last_sequence }))
+    }
+
+    /// A notice document: the pair's current one, or the one with the hash asked for.
+    pub fn notice(&self, session: &Session, n: GetNotice) -> Reply {
+        session.account()?;
+        let document = if n.hash.is_empty() {
+            let purpose = consent::Purpose::parse(&n.purpose)
+                .ok_or_else(|| Reject::new(ErrorCode::NotFound, format!("unknown purpose {:?}", n.purpose)))?;
+            self.notices.current(&n.affiliate, purpose)?.ok_or_else(|| {
+                Reject::new(
+                    ErrorCode::NotFound,
+                    format!("no notice is published for {}/{purpose}: nothing can be granted for it", n.affiliate),
+                )
+            })?
+        } else {
+            let hash: [u8; 32] =
+                n.hash.as_ref().try_into().map_err(|_| Reject::invalid("a notice hash is 32 bytes"))?;
+            self.notices
+                .by_hash(&hash)?
+                .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no notice with this hash was ever published"))?
+        };
+        reply(Resp::NoticeDocument(NoticeDocument { document: document.into() }))
     }
 
     /// The caller's entries of the export log, with proofs.

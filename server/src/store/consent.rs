@@ -231,7 +231,7 @@ mod tests {
             affiliate: affiliate.into(),
             purpose,
             decision,
-            notice_hash: purpose.notice().hash(),
+            notice_hash: [9; 32],
             sequence,
             time_ms: 1000 + sequence,
             expires_ms: None,

@@ -10,6 +10,7 @@ pub mod consent;
 pub mod directory;
 pub mod exportlog;
 pub mod mailbox;
+pub mod notices;
 pub mod prekeys;
 pub mod verification;
 
@@ -21,6 +22,7 @@ pub use consent::{ConsentRegistry, RegistryError};
 pub use directory::{AccountProfile, Claim, Directory, DirectoryError, Identities, Registered};
 pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
+pub use notices::{NoticeStoreError, Notices};
 pub use prekeys::{PrekeyError, Prekeys};
 pub use verification::{VerificationStoreError, Verifications};
 
@@ -51,6 +53,8 @@ pub mod trees {
     pub const SUBJECT_CHANGES: &str = "subject_changes";
     /// The relay's copy of the exporter's Merkle export log, indexed by account (see `store::exportlog`).
     pub const EXPORT_LOG: &str = "export_log";
+    /// Notice documents by hash, and the current notice per (affiliate, purpose) (see `store::notices`).
+    pub const NOTICES: &str = "notices";
 }
 
 /// Why the store could not be opened.
@@ -77,6 +81,8 @@ pub struct Store {
     pub consent: ConsentRegistry,
     /// The exporter's published export log.
     pub export_log: ExportLog,
+    /// The exporter's published notices.
+    pub notices: Notices,
     /// Pending verification codes and registration locks.
     pub verifications: Verifications,
     /// Durability barrier shared by every write that is acknowledged to a client.
@@ -97,9 +103,10 @@ impl Store {
         let prekeys = Prekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?);
         let consent = ConsentRegistry::new(db.open_tree(trees::CONSENT)?);
         let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
+        let notices = Notices::new(db.open_tree(trees::NOTICES)?);
         let verifications =
             Verifications::new(db.open_tree(trees::VERIFICATION_CODES)?, db.open_tree(trees::REGISTRATION_LOCKS)?);
         let commit = GroupCommit::start(db);
-        Ok(Self { mailboxes, directory, prekeys, consent, export_log, verifications, commit })
+        Ok(Self { mailboxes, directory, prekeys, consent, export_log, notices, verifications, commit })
     }
 }

@@ -8,9 +8,9 @@ use relay_client::{Connection, Identity, InboxEvent};
 use relay_proto::auth::{auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{
-    Ack, Auth, ConsentChanges, EndExport, ExportRequest, FetchBundle, GetSenderCertificate, ListConsent, ListExports,
-    Lookup, PublishLog, PutConsent, Register, RequestCode, SealedSend, Send, ServerFrame, SetAccessKey,
-    SetRegistrationLock, SubjectChanges, Subscribe, UploadPrekeys, client_frame::Body,
+    Ack, Auth, ConsentChanges, EndExport, ExportRequest, FetchBundle, GetNotice, GetSenderCertificate, ListConsent,
+    ListExports, Lookup, PublishLog, PublishNotices, PutConsent, Register, RequestCode, SealedSend, Send, ServerFrame,
+    SetAccessKey, SetRegistrationLock, SubjectChanges, Subscribe, UploadPrekeys, client_frame::Body,
     export_request::Body as ExportBody, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
@@ -53,13 +53,19 @@ fn auth_frame(conn: &Connection, account: AccountId, signer: &Identity) -> Body 
     })
 }
 
+/// The hash of the test catalogue's notice for adsco's advertising.
+fn adsco_advertising_notice() -> [u8; 32] {
+    let catalogue = relay_exporter::Catalogue::parse(&relay_tests::test_catalogue()).expect("catalogue");
+    catalogue.notice("adsco", Purpose::Advertising).expect("a notice").hash
+}
+
 fn statement(account: AccountId, sequence: u64) -> ConsentStatement {
     ConsentStatement {
         account,
         affiliate: "adsco".into(),
         purpose: Purpose::Advertising,
         decision: Decision::Grant,
-        notice_hash: Purpose::Advertising.notice().hash(),
+        notice_hash: adsco_advertising_notice(),
         sequence,
         time_ms: relay_proto::now_ms(),
         expires_ms: None,
@@ -108,6 +114,7 @@ fn operations(conn: &Connection, bob: &Identity, signer: &Identity, bob_server_i
         Body::GetSenderCertificate(GetSenderCertificate {}),
         Body::RequestCode(RequestCode { phone: BOB.into() }),
         Body::SetRegistrationLock(SetRegistrationLock { pin: "2468".into() }),
+        Body::GetNotice(GetNotice { affiliate: "adsco".into(), purpose: "advertising".into(), hash: Bytes::new() }),
     ]
 }
 
@@ -124,7 +131,8 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
         Body::RequestCode(_) => Refused(ErrorCode::InvalidRequest),
         _ if !authenticated => Refused(ErrorCode::Unauthenticated),
         Body::PutConsent(_) => Refused(ErrorCode::ConsentRejected),
-        Body::Lookup(_) | Body::FetchBundle(_) | Body::Send(_) => Public,
+        // Notices are the same for everyone: what any user is shown before granting.
+        Body::Lookup(_) | Body::FetchBundle(_) | Body::Send(_) | Body::GetNotice(_) => Public,
         Body::Subscribe(_)
         | Body::Ack(_)
         | Body::UploadPrekeys(_)
@@ -163,6 +171,7 @@ async fn every_operation_is_refused_or_confined_without_the_right_identity() {
     let bob_identity = bob.home.identity().expect("bob's keys");
     let (alice, _) = relay.raw_user("+33612345678").await.expect("alice");
     let queued = alice.send(&bob_identity.account_id(), Bytes::from_static(b"for bob")).await.expect("send");
+    relay.publish_test_notices().expect("notices");
     bob.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("bob's grant");
 
     // No identity at all.
@@ -231,6 +240,7 @@ fn export_operations(bob: AccountId) -> Vec<ExportBody> {
         ExportBody::SubjectChanges(SubjectChanges { after_cursor: 0 }),
         ExportBody::PublishLog(PublishLog::default()),
         ExportBody::ReadLog(relay_proto::wire::ReadLog { start_index: 0, max_entries: 256 }),
+        ExportBody::PublishNotices(PublishNotices { documents: vec![] }),
     ];
     // A new export operation must be added above (this match has no wildcard).
     for op in &ops {
@@ -240,7 +250,8 @@ fn export_operations(bob: AccountId) -> Vec<ExportBody> {
             | ExportBody::EndExport(_)
             | ExportBody::SubjectChanges(_)
             | ExportBody::PublishLog(_)
-            | ExportBody::ReadLog(_) => {}
+            | ExportBody::ReadLog(_)
+            | ExportBody::PublishNotices(_) => {}
         }
     }
     ops

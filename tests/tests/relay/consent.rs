@@ -19,13 +19,15 @@ fn own(a: &str, p: &str, s: &str) -> (String, String, String) {
 #[tokio::test]
 async fn grants_are_specific_withdrawable_and_off_by_default() {
     let relay = TestRelay::in_process().await.expect("relay");
+    relay.publish_test_notices().expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let m = &alice.messenger;
     assert!(m.consent_state().await.expect("show").is_empty(), "default: nothing granted");
 
     let r = m.decide_consent("adsco", "advertising", Decision::Grant, Some(30)).await.expect("grant");
     assert_eq!((r.affiliate.as_str(), r.purpose.as_str(), r.decision.as_str()), ("adsco", "advertising", "grant"));
-    assert_eq!(r.notice_hash, hex::encode(Purpose::Advertising.notice().hash()));
+    assert_eq!(r.notice_hash, hex::encode(adsco_advertising_notice()));
+    assert!(r.notice.contains("recipient: AdsCo SAS") && r.notice.contains("fields: phone_pseudonym, device_model"));
     assert!(r.expires_at.is_some());
     m.decide_consent("metrico", "analytics", Decision::Grant, None).await.expect("grant");
     // Granting (adsco, advertising) says nothing about (adsco, analytics) or (otherco, advertising).
@@ -49,13 +51,21 @@ async fn grants_are_specific_withdrawable_and_off_by_default() {
     assert!(err.to_string().contains("unknown purpose"), "{err}");
 }
 
+fn adsco_advertising_notice() -> [u8; 32] {
+    let catalogue = relay_exporter::Catalogue::parse(&relay_tests::test_catalogue()).expect("catalogue");
+    catalogue.notice("adsco", Purpose::Advertising).expect("a notice").hash
+}
+
 fn statement(account: relay_proto::AccountId, sequence: u64, decision: Decision) -> ConsentStatement {
     ConsentStatement {
         account,
         affiliate: "adsco".into(),
         purpose: Purpose::Advertising,
         decision,
-        notice_hash: Purpose::Advertising.notice().hash(),
+        notice_hash: match decision {
+            Decision::Grant => adsco_advertising_notice(),
+            Decision::Withdraw => [0; 32],
+        },
         sequence,
         time_ms: relay_proto::now_ms(),
         expires_ms: None,
@@ -65,6 +75,7 @@ fn statement(account: relay_proto::AccountId, sequence: u64, decision: Decision)
 #[tokio::test]
 async fn the_relay_accepts_only_the_accounts_own_fresh_signed_statements() {
     let relay = TestRelay::in_process().await.expect("relay");
+    relay.publish_test_notices().expect("notices");
     let (bob, bob_id) = relay.raw_user("+33698765432").await.expect("bob");
     let (eve, eve_id) = relay.raw_user("+33655555555").await.expect("eve");
     let sign = |id: &relay_client::Identity, s: &ConsentStatement| id.sign(&s.signed_bytes());
@@ -107,6 +118,7 @@ async fn the_relay_accepts_only_the_accounts_own_fresh_signed_statements() {
 #[tokio::test]
 async fn messaging_does_not_depend_on_consent() {
     let relay = TestRelay::in_process().await.expect("relay");
+    relay.publish_test_notices().expect("notices");
     let mut alice = relay.user("+33612345678").await.expect("alice");
     let mut bob = relay.user("+33698765432").await.expect("bob");
     for (i, step) in ["none", "granted", "withdrawn", "rejected all"].iter().enumerate() {
@@ -118,7 +130,7 @@ async fn messaging_does_not_depend_on_consent() {
                 alice.messenger.decide_consent("adsco", "advertising", Decision::Withdraw, None).await.expect("w");
             }
             3 => {
-                bob.messenger.decide_consent("adsco", "security", Decision::Grant, None).await.expect("grant");
+                bob.messenger.decide_consent("shieldco", "security", Decision::Grant, None).await.expect("grant");
                 bob.messenger.reject_all_consent().await.expect("reject all");
             }
             _ => {}
@@ -136,6 +148,7 @@ async fn messaging_does_not_depend_on_consent() {
 #[tokio::test]
 async fn a_consent_sequence_at_its_maximum_is_refused_cleanly() {
     let relay = TestRelay::in_process().await.expect("relay");
+    relay.publish_test_notices().expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let identity = alice.home.identity().expect("keys");
     let last = statement(identity.account_id(), u64::MAX, Decision::Grant);
@@ -151,4 +164,133 @@ async fn a_consent_sequence_at_its_maximum_is_refused_cleanly() {
     assert!(err.to_string().contains("sequence"), "the error says why: {err}");
     // Nothing was recorded and the connection still works.
     assert_eq!(conn.list_consent().await.expect("list").last_sequence, u64::MAX);
+}
+
+/// Consent covers exactly what leaves. Before the exporter published a notice for a pair nothing can be granted for
+/// it; a grant signs the document shown, which names the recipient, its country, the exact fields and the retention;
+/// when the operator changes what the affiliate receives, the exporter publishes a new notice and the earlier grant
+/// stops being in force (the user sees "notice changed") until the user grants under the new one. Every version
+/// stays readable by its hash.
+#[tokio::test]
+async fn a_grant_signs_the_notice_shown_and_a_change_of_terms_voids_it() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let alice = relay.user("+33612345678").await.expect("alice");
+    let m = &alice.messenger;
+
+    // No notice published: nothing can be granted, and the error says why.
+    let err = m.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect_err("no notice");
+    assert!(err.to_string().contains("no notice is published"), "{err}");
+    let identity = alice.home.identity().expect("keys");
+    let blind = ConsentStatement { notice_hash: [7; 32], ..statement(identity.account_id(), 1, Decision::Grant) };
+    let err = m.connection().put_consent(blind.encode(), identity.sign(&blind.signed_bytes())).await.expect_err("x");
+    assert_eq!(err.code(), Some(ErrorCode::ConsentRejected), "{err}");
+
+    let catalogue = relay_tests::test_catalogue();
+    relay.publish_notices(&notices_of(&catalogue)).expect("publish");
+    let shown = m.notice("adsco", "advertising").await.expect("the notice");
+    for term in ["recipient: AdsCo SAS", "country: FR", "fields: phone_pseudonym, device_model", "until withdrawn"] {
+        assert!(shown.document.contains(term), "{term} in {}", shown.document);
+    }
+    assert!(m.notice("adsco", "security").await.is_err(), "adsco receives nothing for security: no notice");
+    let receipt = m.grant_consent(&shown, None).await.expect("grant");
+    assert_eq!(
+        (receipt.notice_hash.clone(), receipt.notice.clone()),
+        (hex::encode(shown.hash), shown.document.clone())
+    );
+    assert_eq!(states(&m.consent_state().await.expect("show")), [own("adsco", "advertising", "granted")]);
+
+    // The operator adds the raw phone number to AdsCo's advertising fields: a new notice (version 2).
+    let widened = catalogue.replace(
+        r#"advertising = ["phone_pseudonym", "device_model"]"#,
+        r#"advertising = ["phone", "phone_pseudonym", "device_model"]"#,
+    );
+    let mut v2 = relay_exporter::Catalogue::parse(&widened).expect("catalogue");
+    let bumped: Vec<_> = v2
+        .notice_terms()
+        .into_iter()
+        .map(|n| {
+            if n.affiliate == "adsco" && n.purpose == Purpose::Advertising {
+                relay_proto::notice::Notice { version: 2, ..n }
+            } else {
+                n
+            }
+        })
+        .collect();
+    v2.set_notices(bumped).expect("versions");
+    relay.publish_notices(&v2.notices().map(|n| n.document.clone()).collect::<Vec<_>>()).expect("publish");
+    let pairs = m.consent_state().await.expect("show");
+    assert_eq!(states(&pairs), [own("adsco", "advertising", "notice changed")]);
+    assert!(!pairs[0].in_force);
+    // The old grant's notice is still there to read, by hash; the new one names the phone number.
+    let old = m.connection().get_notice("adsco", "advertising", Some(shown.hash)).await.expect("by hash");
+    assert_eq!(old, shown.document.as_bytes());
+    let new = m.notice("adsco", "advertising").await.expect("the new notice");
+    assert!(
+        new.document.contains("version: 2") && new.document.contains("fields: phone, phone_pseudonym"),
+        "{}",
+        new.document
+    );
+    // The old notice cannot be granted any more; the new one can.
+    let err = m.grant_consent(&shown, None).await.expect_err("old notice");
+    assert!(err.to_string().contains("has changed"), "{err}");
+    m.grant_consent(&new, None).await.expect("grant under the new notice");
+    assert_eq!(states(&m.consent_state().await.expect("show")), [own("adsco", "advertising", "granted")]);
+}
+
+fn notices_of(catalogue: &str) -> Vec<Vec<u8>> {
+    let c = relay_exporter::Catalogue::parse(catalogue).expect("catalogue");
+    c.notices().map(|n| n.document.clone()).collect()
+}
+
+/// `relay consent grant` prints the notice and signs only once `yes` is typed: anything else (or nothing) exits 1
+/// with nothing recorded. `consent notice --json` prints the document and its hash.
+#[tokio::test]
+async fn the_cli_shows_the_notice_and_signs_only_after_yes() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    relay.publish_test_notices().expect("notices");
+    let alice = relay.user("+33612345678").await.expect("alice");
+    let bin = relay_tests::binary_path("relay", "RELAY_BIN").expect("the relay binary");
+    let run = |args: &'static [&'static str], typed: &'static str| {
+        let bin = bin.clone();
+        let home = alice.home_dir().to_owned();
+        async move {
+            let mut child = tokio::process::Command::new(bin)
+                .arg("--home")
+                .arg(home)
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn relay");
+            let mut stdin = child.stdin.take().expect("stdin");
+            tokio::io::AsyncWriteExt::write_all(&mut stdin, typed.as_bytes()).await.expect("type");
+            drop(stdin);
+            crate::bounded("relay consent", child.wait_with_output()).await.expect("output")
+        }
+    };
+    let grant: &[&str] = &["consent", "grant", "--affiliate", "adsco", "--purpose", "advertising"];
+
+    let out = run(&["consent", "notice", "--affiliate", "adsco", "--purpose", "advertising", "--json"], "").await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let document = shown["document"].as_str().expect("document");
+    assert!(document.starts_with("consent-relay notice v2\nversion: 1\naffiliate: adsco\n"), "{document}");
+    assert_eq!(shown["hash"], hex::encode(relay_proto::notice::notice_hash(document.as_bytes())));
+
+    for typed in ["no\n", "", "y\n"] {
+        let out = run(grant, typed).await;
+        assert_eq!(out.status.code(), Some(1), "typed {typed:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("recipient: AdsCo SAS") && stdout.contains("notice hash: "), "shown first: {stdout}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not granted: nothing was signed"));
+    }
+    assert_eq!(alice.messenger.connection().list_consent().await.expect("list").last_sequence, 0, "nothing recorded");
+
+    let out = run(grant, "yes\n").await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("grant: adsco for advertising (statement 1"));
+    let receipts: Vec<relay_client::consent::Receipt> = alice.home.load_private("receipts.json").expect("receipts");
+    assert_eq!(receipts.last().map(|r| r.notice.as_str()), Some(document), "the receipt keeps the document signed");
 }

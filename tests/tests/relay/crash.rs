@@ -362,6 +362,7 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
     let relay = TestRelay::with_export_for(exporter.fingerprint().to_owned()).await.expect("relay");
     let export_addr = relay.export_addr().expect("export interface");
     exporter.start(export_addr, relay.fingerprint()).await.expect("exporter");
+    relay.wait_for_notices(WAIT).await.expect("the exporter's notices");
 
     let mut c = Consents { users: Vec::new(), grants: Vec::new(), in_force: vec![[None; PAIRS.len()]; USERS] };
     for u in 0..USERS {

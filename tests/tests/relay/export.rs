@@ -20,7 +20,15 @@ async fn relay_and_exporter() -> (TestRelay, ExportClient) {
     let id = ExporterIdentity::generate().expect("exporter identity");
     let relay = TestRelay::with_export(&id).await.expect("relay");
     let exporter = relay.exporter(Some(&id)).await.expect("exporter connects");
+    publish_notices(&exporter).await;
     (relay, exporter)
+}
+
+/// Publishes the test catalogue's notices over the export interface, as an exporter does when it connects.
+async fn publish_notices(exporter: &ExportClient) {
+    let documents = relay_tests::test_notices().expect("notices").into_iter().map(Into::into).collect();
+    let published = exporter.request(Req::PublishNotices(relay_proto::wire::PublishNotices { documents })).await;
+    assert!(matches!(published.expect("published"), Resp::NoticesPublished(p) if p.current > 0));
 }
 
 async fn changes(exporter: &ExportClient, after_cursor: u64) -> Vec<ConsentChange> {

@@ -42,10 +42,25 @@ async fn nothing_leaves_without_a_grant_the_catalogue_allows() {
     let s = setup().await;
     let _alice = s.relay.user(ALICE).await.expect("alice, who never grants");
     let bob = s.relay.user("+33655555555").await.expect("bob");
-    // Granted by the user, but not in the catalogue for these affiliates.
-    bob.messenger.decide_consent("shieldco", "advertising", Decision::Grant, None).await.expect("grant");
-    bob.messenger.decide_consent("adsco", "security", Decision::Grant, None).await.expect("grant");
-    s.exporter.wait_until(WAIT, |p| p.changes >= 2).await.expect("feed read");
+    // Pairs the catalogue does not allow have no notice: a grant for them cannot even be made.
+    for (affiliate, purpose) in [("shieldco", "advertising"), ("adsco", "security")] {
+        let err = bob.messenger.decide_consent(affiliate, purpose, Decision::Grant, None).await.expect_err("no notice");
+        assert!(err.to_string().contains("no notice is published"), "{err}");
+    }
+    // Nor signed blind, under a notice hash of the user's choosing.
+    let bob_id = bob.home.identity().expect("keys");
+    let blind = ConsentStatement {
+        account: bob_id.account_id(),
+        affiliate: "shieldco".into(),
+        purpose: relay_proto::consent::Purpose::Advertising,
+        decision: Decision::Grant,
+        notice_hash: [7; 32],
+        sequence: 1,
+        time_ms: relay_proto::now_ms(),
+        expires_ms: None,
+    };
+    let refused = bob.messenger.connection().put_consent(blind.encode(), bob_id.sign(&blind.signed_bytes())).await;
+    assert_eq!(refused.expect_err("blind grant").code(), Some(relay_proto::ErrorCode::ConsentRejected));
     let p = s.exporter.wait_passes(2, WAIT).await.expect("passes");
     assert_eq!(p.outbox, 0, "nothing queued");
     assert_eq!(p.delivered, 0);
@@ -59,11 +74,11 @@ async fn a_grant_delivers_exactly_the_catalogue_fields_signed_and_pseudonymised_
     let alice = s.relay.user(ALICE).await.expect("alice");
     let ads = alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
     let sec = alice.messenger.decide_consent("shieldco", "security", Decision::Grant, None).await.expect("grant");
-    alice.messenger.decide_consent("shieldco", "advertising", Decision::Grant, None).await.expect("not in catalogue");
+    alice.messenger.decide_consent("shieldco", "advertising", Decision::Grant, None).await.expect_err("no notice");
 
     let adsco = s.adsco.wait_events(1, WAIT).await.expect("adsco export");
     let shieldco = s.shieldco.wait_events(1, WAIT).await.expect("shieldco export");
-    s.exporter.wait_until(WAIT, |p| p.changes >= 3 && p.outbox == 0).await.expect("all processed");
+    s.exporter.wait_until(WAIT, |p| p.changes >= 2 && p.outbox == 0).await.expect("all processed");
     s.exporter.wait_passes(2, WAIT).await.expect("passes");
 
     let a = &adsco[0];
@@ -171,7 +186,7 @@ async fn an_expired_grant_stops_a_queued_export() {
         affiliate: "adsco".into(),
         purpose: relay_proto::consent::Purpose::Advertising,
         decision: Decision::Grant,
-        notice_hash: relay_proto::consent::Purpose::Advertising.notice().hash(),
+        notice_hash: alice.messenger.notice("adsco", "advertising").await.expect("the notice").hash,
         sequence: 1,
         time_ms: now,
         expires_ms: Some(now + 1_500),

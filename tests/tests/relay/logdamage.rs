@@ -64,6 +64,7 @@ async fn a_store_that_lost_logged_exports_stops_the_exporter_fails_the_audit_and
     let export_addr = relay.export_addr().expect("export interface").to_string();
     let relay_fp = relay.fingerprint().to_owned();
     exporter.start(export_addr.parse().expect("addr"), &relay_fp).await.expect("exporter");
+    relay.wait_for_notices(WAIT).await.expect("the exporter's notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let bob = relay.user("+33655555555").await.expect("bob");
     let carol = relay.user("+33644444444").await.expect("carol");

@@ -164,19 +164,22 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     let safety = SafetyNumber::new(&alice_party, &bob_party);
     v.push(("safety_number", safety.digits().as_bytes().to_vec()));
 
-    // Consent: the catalogue's notices, then one statement.
-    let notices: [(&str, &str, Purpose); 4] = [
-        ("notice_text_security", "notice_hash_security", Purpose::Security),
-        ("notice_text_analytics", "notice_hash_analytics", Purpose::Analytics),
-        ("notice_text_advertising", "notice_hash_advertising", Purpose::Advertising),
-        ("notice_text_business_messaging", "notice_hash_business_messaging", Purpose::BusinessMessaging),
-    ];
-    for (text, hash, purpose) in notices {
-        assert_eq!(purpose.notice().version, 1, "the document describes version 1 of every notice");
-        v.push((text, purpose.notice().text.as_bytes().to_vec()));
-        v.push((hash, purpose.notice().hash().to_vec()));
-    }
-    let notice_hash = Purpose::Advertising.notice().hash();
+    // Consent: one notice (AdsCo's for advertising, version 1), then one statement under it.
+    let notice = relay_proto::notice::Notice {
+        version: 1,
+        affiliate: "adsco".into(),
+        legal_name: "AdsCo SAS".into(),
+        country: "FR".into(),
+        purpose: Purpose::Advertising,
+        fields: vec![relay_proto::notice::Field::PhonePseudonym, relay_proto::notice::Field::DeviceModel],
+        retention: relay_proto::notice::Retention::UntilWithdrawn,
+    };
+    let document = notice.encode().expect("a valid notice");
+    // A text block holds lines; the document is those lines, each ended by a line feed.
+    let lines = document.strip_suffix(b"\n").expect("a notice ends with a line feed").to_vec();
+    v.push(("notice_text_adsco_advertising", lines));
+    let notice_hash = relay_proto::notice::notice_hash(&document);
+    v.push(("notice_hash_adsco_advertising", notice_hash.to_vec()));
     let statement = ConsentStatement {
         account: alice.account_id(),
         affiliate: "adsco".into(),

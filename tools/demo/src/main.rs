@@ -64,11 +64,28 @@ fn free_udp_port() -> Result<u16> {
 impl Demo {
     /// Runs the `relay` CLI for `user`, echoing the command and its output.
     fn relay_cli(&self, user: &str, args: &[&str]) -> Result<String> {
+        self.relay_cli_answering(user, args, None)
+    }
+
+    /// Runs the CLI with `answer` typed on its stdin (a confirmation prompt), or nothing.
+    fn relay_cli_answering(&self, user: &str, args: &[&str], answer: Option<&str>) -> Result<String> {
         let home = self.dir.join(user);
         let shown: Vec<String> =
             args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { (*a).to_owned() }).collect();
-        println!("{}", styled("36", &format!("$ relay --home {user} {}", shown.join(" "))));
-        let out = Command::new(self.bin.join("relay")).arg("--home").arg(&home).args(args).output()?;
+        let typed = answer.map(|a| format!("echo {a} | ")).unwrap_or_default();
+        println!("{}", styled("36", &format!("$ {typed}relay --home {user} {}", shown.join(" "))));
+        let mut child = Command::new(self.bin.join("relay"))
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        if let (Some(mut stdin), Some(a)) = (child.stdin.take(), answer) {
+            std::io::Write::write_all(&mut stdin, format!("{a}\n").as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         for line in text.lines() {
             println!("  {line}");
@@ -203,13 +220,38 @@ async fn run(dir: &Path) -> Result<()> {
     let (mut ads_seen, mut shield_seen) = (0, 0);
     expect_nothing_new("adsco", &adsco, 0).await?;
 
-    section("Alice grants AdsCo advertising: AdsCo gets exactly a pseudonym and the device model");
-    demo.relay_cli("alice", &["consent", "grant", "--affiliate", "adsco", "--purpose", "advertising"])?;
+    section("Alice reads AdsCo's advertising notice: who receives what, where, for how long");
+    // The exporter publishes its notices to the relay when it connects; wait for that (bounded) before showing one.
+    let notice = ["consent", "notice", "--affiliate", "adsco", "--purpose", "advertising"];
+    let deadline = std::time::Instant::now() + WAIT;
+    while Command::new(demo.bin.join("relay"))
+        .arg("--home")
+        .arg(demo.dir.join("alice"))
+        .args(notice)
+        .output()?
+        .status
+        .code()
+        != Some(0)
+    {
+        if std::time::Instant::now() > deadline {
+            bail!("the exporter did not publish its notices in time");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    demo.relay_cli("alice", &notice)?;
+
+    section("Alice grants it (the CLI shows the notice again and signs its hash once she types yes)");
+    demo.relay_cli_answering(
+        "alice",
+        &["consent", "grant", "--affiliate", "adsco", "--purpose", "advertising"],
+        Some("yes"),
+    )?;
+    println!("  AdsCo gets exactly what the notice names: a pseudonym and the device model");
     expect_events("adsco", &adsco, &mut ads_seen, 1).await?;
     println!("  (no phone number, no OS, no app version; ShieldCo got nothing about Alice)");
 
     section("Bob grants ShieldCo security: ShieldCo may see his number, model and OS; AdsCo hears nothing of Bob");
-    demo.relay_cli("bob", &["consent", "grant", "--affiliate", "shieldco", "--purpose", "security"])?;
+    demo.relay_cli("bob", &["consent", "grant", "--affiliate", "shieldco", "--purpose", "security", "--yes"])?;
     expect_events("shieldco", &shieldco, &mut shield_seen, 1).await?;
     expect_nothing_new("adsco", &adsco, ads_seen).await?;
 
