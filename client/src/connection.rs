@@ -357,6 +357,17 @@ impl Connection {
         }
     }
 
+    /// One page of the account's consent statements after `after_sequence`, as recorded.
+    pub async fn consent_history(
+        &self,
+        after_sequence: u64,
+    ) -> Result<relay_proto::wire::ConsentHistoryPage, ClientError> {
+        match self.request(Req::ConsentHistory(relay_proto::wire::ConsentHistory { after_sequence })).await? {
+            Resp::ConsentHistoryPage(p) => Ok(p),
+            other => Err(unexpected("ConsentHistoryPage", &other)),
+        }
+    }
+
     /// The account's latest consent statement per pair, and its last sequence number.
     pub async fn list_consent(&self) -> Result<ConsentList, ClientError> {
         match self.request(Req::ListConsent(ListConsent {})).await? {
@@ -422,6 +433,7 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::CodeSent(_) => "CodeSent",
         Resp::RegistrationLockSet(_) => "RegistrationLockSet",
         Resp::NoticeDocument(_) => "NoticeDocument",
+        Resp::ConsentHistoryPage(_) => "ConsentHistoryPage",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

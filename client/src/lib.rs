@@ -20,6 +20,7 @@ pub mod messenger;
 pub mod pin;
 pub mod sealed;
 pub mod sessions;
+pub mod subject;
 
 pub use connection::{Authenticated, ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 pub use home::{Device, Home};

@@ -136,7 +136,14 @@ fn client_frame(f: ClientFrame) {
             let _ = <[u8; 32]>::try_from(n.hash.as_ref());
         }
         // Bare integers, nothing to take apart; listed so that a new request type fails to compile here.
-        Some(Req::Subscribe(_) | Req::ListConsent(_) | Req::ListExports(_) | Req::GetSenderCertificate(_)) | None => {}
+        Some(
+            Req::Subscribe(_)
+            | Req::ListConsent(_)
+            | Req::ConsentHistory(_)
+            | Req::ListExports(_)
+            | Req::GetSenderCertificate(_),
+        )
+        | None => {}
     }
 }
 

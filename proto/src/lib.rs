@@ -37,6 +37,9 @@ pub const EXPORT_ALPN: &[u8] = b"consent-relay-export/1";
 /// Most consent changes in one `ConsentChangeList`.
 pub const MAX_CONSENT_CHANGES: usize = 256;
 
+/// Most statements in one `ConsentHistoryPage`.
+pub const MAX_HISTORY_PAGE: usize = 256;
+
 /// Most accounts examined for one `SubjectChangeList`.
 pub const MAX_SUBJECT_CHANGES: usize = 64;
 

@@ -342,7 +342,7 @@ fn handlers(
             commit: store.commit.clone(),
             lookups: RateLimiter::new(limits.lookups_per_minute),
             lookups_per_minute: limits.lookups_per_minute,
-            tamper,
+            tamper: tamper.clone(),
         },
         consent: consent::Consent {
             registry: store.consent.clone(),
@@ -351,6 +351,7 @@ fn handlers(
             notices: store.notices.clone(),
             fence,
             commit: store.commit.clone(),
+            tamper,
         },
         metrics,
         frame_timeout: limits.frame_timeout(),

@@ -4,8 +4,8 @@
 //! Contract: nothing in the relay ever sets a [`Tamper`] itself; no configuration key, flag or request reaches it. It
 //! exists only as a `#[doc(hidden)]` handle on an in-process [`crate::RelayHandle`]. While it is untouched (always,
 //! outside tests) every answer is exactly what the relay would send without it. It holds no store handle: it can
-//! only rewrite the keys a lookup or bundle answer carries and the opaque envelopes a send stores, so the message
-//! path that consults it still names no personal data.
+//! only rewrite the keys a lookup or bundle answer carries, the opaque envelopes a send stores and the pages of a
+//! user's consent history, so the message path that consults it still names no personal data.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,9 @@ pub struct SubstituteKey {
 /// Rewrites an envelope stored for a recipient; `None` stores it unchanged.
 pub type EnvelopeRewrite = Arc<dyn Fn(&AccountId, &[u8]) -> Option<Vec<u8>> + Send + Sync>;
 
+/// Rewrites a page of a user's consent history (each entry: statement bytes, signature, recorded at).
+pub type HistoryRewrite = Arc<dyn Fn(Vec<(Vec<u8>, Vec<u8>, u64)>) -> Vec<(Vec<u8>, Vec<u8>, u64)> + Send + Sync>;
+
 /// What the relay is told to lie about.
 #[doc(hidden)]
 #[derive(Default)]
@@ -35,6 +38,7 @@ pub struct Tamper {
     active: AtomicBool,
     sealing_keys: Mutex<HashMap<AccountId, SubstituteKey>>,
     envelopes: Mutex<Option<EnvelopeRewrite>>,
+    history: Mutex<Option<HistoryRewrite>>,
 }
 
 impl std::fmt::Debug for Tamper {
@@ -54,6 +58,24 @@ impl Tamper {
     pub fn rewrite_envelopes(&self, rewrite: EnvelopeRewrite) {
         *self.envelopes.lock().unwrap_or_else(PoisonError::into_inner) = Some(rewrite);
         self.active.store(true, Ordering::Release);
+    }
+
+    /// From now on, every page of consent history served is first passed through `rewrite`.
+    pub fn rewrite_history(&self, rewrite: HistoryRewrite) {
+        *self.history.lock().unwrap_or_else(PoisonError::into_inner) = Some(rewrite);
+        self.active.store(true, Ordering::Release);
+    }
+
+    /// A page of consent history as served: `page` itself unless a rewrite is set.
+    pub fn history(&self, page: Vec<(Vec<u8>, Vec<u8>, u64)>) -> Vec<(Vec<u8>, Vec<u8>, u64)> {
+        if !self.active.load(Ordering::Acquire) {
+            return page;
+        }
+        let rewrite = self.history.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        match rewrite {
+            Some(r) => r(page),
+            None => page,
+        }
     }
 
     /// The substitute for `account`'s sealing key in a lookup (or, with `bundle`, a bundle) answer, if any.

@@ -11,6 +11,8 @@
 //! relay --home D consent notice|grant|withdraw --affiliate A --purpose P | reject-all | show
 //! relay --home D device [--model M] [--os O] [--app-version V]
 //! relay --home D exports [--verify] [--json]
+//! relay --home D consent history [--json]
+//! relay --home D data export FILE
 //! ```
 //! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr with
 //! status 1. `register` exits 3 when the relay verifies phone numbers and no code was given: it has asked the relay
@@ -146,6 +148,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Your data, as one portable document.
+    Data {
+        #[command(subcommand)]
+        action: DataAction,
+    },
     /// What this home holds: account, relay, contacts, held messages, quarantined envelopes. Works offline.
     Status {
         /// Print one JSON object.
@@ -167,7 +174,23 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum DataAction {
+    /// Write everything about this account to FILE (mode 0600) as one JSON document: profile, device, every consent
+    /// decision (signatures checked), receipts with the notices shown, and what was shared with its log proofs.
+    Export {
+        /// Where to write it (replaced atomically if it exists).
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConsentAction {
+    /// Every consent decision you made, as the relay recorded it, each signature checked on this device.
+    History {
+        /// One JSON object per statement, one per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the current notice of one affiliate and purpose: who receives what, where, and for how long.
     Notice {
         /// Affiliate id (e.g. adsco).
@@ -317,6 +340,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             m.close().await;
         }
         Command::Exports { verify, json } => exports(&home, verify, json).await?,
+        Command::Data { action: DataAction::Export { file } } => {
+            let m = Messenger::open(&home).await?;
+            let export = m.data_export().await;
+            m.close().await;
+            let export = export?;
+            let bytes = serde_json::to_vec_pretty(&export)?;
+            relay_quic::durable_file::replace(&file, &bytes, relay_quic::durable_file::Access::Owner)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            println!(
+                "wrote {} ({} consent decisions, {} receipts, {} export-log entries{})",
+                file.display(),
+                export.consent_history.len(),
+                export.receipts.len(),
+                export.exports.entries.len(),
+                if export.exports.problems.is_empty() { ", all verified" } else { ", VERIFICATION PROBLEMS listed" }
+            );
+        }
         Command::RotateAccessKey => {
             let mut m = Messenger::open(&home).await?;
             m.rotate_access_key().await?;
@@ -466,6 +506,28 @@ async fn consent(home: &Home, action: ConsentAction) -> anyhow::Result<()> {
         Ok(())
     };
     match action {
+        ConsentAction::History { json } => {
+            let history = m.consent_history().await?;
+            for h in &history {
+                if json {
+                    println!("{}", json_line(h)?);
+                } else {
+                    let until =
+                        h.expires_at.map(|e| format!(" until {}", relay_proto::time::date(e))).unwrap_or_default();
+                    println!(
+                        "#{:<4} {} {:<8} {:<12} {:<20}{until} (signature verified)",
+                        h.sequence,
+                        relay_proto::time::date(h.decided_at),
+                        h.decision,
+                        terminal_safe(&h.affiliate),
+                        h.purpose
+                    );
+                }
+            }
+            if !json {
+                println!("{} decisions, every one signed by this device's identity key", history.len());
+            }
+        }
         ConsentAction::Notice { affiliate, purpose, json } => {
             let shown = m.notice(&affiliate, &purpose).await?;
             if json {

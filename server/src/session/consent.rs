@@ -1,5 +1,5 @@
-//! `PutConsent`, `ListConsent`, `ListExports` and `GetNotice`: the caller's own consent statements and export-log
-//! entries, and the notices the exporter published.
+//! `PutConsent`, `ListConsent`, `ConsentHistory`, `ListExports` and `GetNotice`: the caller's own consent statements
+//! and export-log entries, and the notices the exporter published.
 //!
 //! A statement must be the caller's own, signed by the caller's identity key over exactly the bytes sent, for a
 //! purpose in the catalogue, with a sequence number above the last; a grant must name the current notice the
@@ -16,8 +16,8 @@ use relay_proto::ErrorCode;
 use relay_proto::consent::{self, ConsentError, ConsentStatement, Decision};
 use relay_proto::merkle;
 use relay_proto::wire::{
-    ConsentList, ConsentRecorded, ExportList, GetNotice, ListExports, LogLeaf, NoticeDocument, PutConsent,
-    SignedStatement, server_frame::Body as Resp,
+    ConsentHistory, ConsentHistoryPage, ConsentList, ConsentRecorded, ExportList, GetNotice, ListExports, LogLeaf,
+    NoticeDocument, PutConsent, SignedStatement, server_frame::Body as Resp,
 };
 
 use super::checks::{Reply, reply};
@@ -40,6 +40,8 @@ pub struct Consent {
     pub fence: Arc<Fence>,
     /// Durability barrier.
     pub commit: Arc<GroupCommit>,
+    /// The test-only lie hook (untouched outside tests; see `crate::tamper`).
+    pub tamper: Arc<crate::tamper::Tamper>,
 }
 
 impl Consent {
@@ -89,6 +91,24 @@ impl Consent {
             .collect();
         let last_sequence = self.registry.last_sequence(&account)?;
         reply(Resp::ConsentList(ConsentList { latest, last_sequence }))
+    }
+
+    /// A page of the caller's statements, as signed, oldest first.
+    pub fn history(&self, session: &Session, h: ConsentHistory) -> Reply {
+        let account = session.account()?;
+        let (page, more) = self.registry.history_page(&account, h.after_sequence, relay_proto::MAX_HISTORY_PAGE)?;
+        let page = page.into_iter().map(|r| (r.encoded, r.signature.to_vec(), r.recorded_at_ms)).collect();
+        let statements = self
+            .tamper
+            .history(page)
+            .into_iter()
+            .map(|(statement, signature, recorded_at_ms)| SignedStatement {
+                statement: statement.into(),
+                signature: signature.into(),
+                recorded_at_ms,
+            })
+            .collect();
+        reply(Resp::ConsentHistoryPage(ConsentHistoryPage { statements, more }))
     }
 
     /// A notice document: the pair's current one, or the one with the hash asked for.

@@ -8,7 +8,7 @@
 //! Families, each a handler given only the handles it may use (mini-redis's `apply(db, dst)` is the model):
 //! [`auth`] (`Register`, `Auth`, `RequestCode`, `SetRegistrationLock`, `GetSenderCertificate`), [`messaging`]
 //! (`Send`, `SealedSend`, `Ack`, `Subscribe`), [`keys`] (`Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`),
-//! [`consent`] (`PutConsent`, `ListConsent`, `ListExports`, `GetNotice`).
+//! [`consent`] (`PutConsent`, `ListConsent`, `ConsentHistory`, `ListExports`, `GetNotice`).
 //! [`messaging::Messaging`] holds the mailboxes, the identity keys ([`crate::store::Identities`]) and the access
 //! keys, and no [`crate::store::Directory`]: the message path cannot read a phone number or device info, by type
 //! (invariant 2). The connection's own state is [`Session`].
@@ -39,7 +39,7 @@ pub struct Handlers {
     pub messaging: messaging::Messaging,
     /// `Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`.
     pub keys: keys::Keys,
-    /// `PutConsent`, `ListConsent`, `ListExports`, `GetNotice`.
+    /// `PutConsent`, `ListConsent`, `ConsentHistory`, `ListExports`, `GetNotice`.
     pub consent: consent::Consent,
     /// Refusals are counted by code.
     pub metrics: Arc<Metrics>,
@@ -86,6 +86,7 @@ pub async fn serve_stream(
             Some(Req::ListConsent(_)) => h.consent.list(&session),
             Some(Req::ListExports(l)) => h.consent.list_exports(&session, l),
             Some(Req::GetNotice(n)) => h.consent.notice(&session, n),
+            Some(Req::ConsentHistory(c)) => h.consent.history(&session, c),
             None => Err(Reject::invalid("empty or unknown request")),
         };
         let frame = reply.unwrap_or_else(|r| {

@@ -211,7 +211,28 @@ impl ConsentRegistry {
         Ok(out)
     }
 
-    /// Every statement of `account`, oldest first.
+    /// Up to `limit` statements of `account` with a sequence number above `after_sequence`, oldest first, and whether
+    /// others follow.
+    pub fn history_page(
+        &self,
+        account: &AccountId,
+        after_sequence: u64,
+        limit: usize,
+    ) -> Result<(Vec<Recorded>, bool), RegistryError> {
+        let Some(start) = after_sequence.checked_add(1) else { return Ok((Vec::new(), false)) };
+        let mut page = Vec::new();
+        let mut more = false;
+        for item in self.tree.range(history_key(account, start)..=history_key(account, u64::MAX)) {
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push(decode_record(&item?.1)?);
+        }
+        Ok((page, more))
+    }
+
+    /// Every statement of `account`, in sequence order.
     pub fn history(&self, account: &AccountId) -> Result<Vec<Recorded>, RegistryError> {
         let mut prefix = vec![HISTORY];
         prefix.extend_from_slice(account.as_bytes());
@@ -255,6 +276,12 @@ mod tests {
         assert_eq!((ads.statement.decision, ads.recorded_at_ms), (Decision::Withdraw, 12));
         assert_eq!(r.latest(&a).expect("latest").len(), 2);
         assert_eq!(r.history(&a).expect("history").iter().map(|h| h.statement.sequence).collect::<Vec<_>>(), [1, 2, 3]);
+        let seqs =
+            |(page, more): (Vec<Recorded>, bool)| (page.iter().map(|h| h.statement.sequence).collect::<Vec<_>>(), more);
+        assert_eq!(seqs(r.history_page(&a, 0, 2).expect("page")), (vec![1, 2], true));
+        assert_eq!(seqs(r.history_page(&a, 2, 2).expect("page")), (vec![3], false));
+        assert_eq!(seqs(r.history_page(&a, 3, 2).expect("page")), (vec![], false));
+        assert_eq!(seqs(r.history_page(&a, u64::MAX, 2).expect("page")), (vec![], false));
         assert_eq!(r.last_sequence(&a).expect("seq"), 3);
         assert_eq!(r.latest_for(&a, Purpose::Advertising, "otherco").expect("get"), None, "default: nothing");
     }

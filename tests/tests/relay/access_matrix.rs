@@ -8,9 +8,9 @@ use relay_client::{Connection, Identity, InboxEvent};
 use relay_proto::auth::{auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{
-    Ack, Auth, ConsentChanges, EndExport, ExportRequest, FetchBundle, GetNotice, GetSenderCertificate, ListConsent,
-    ListExports, Lookup, PublishLog, PublishNotices, PutConsent, Register, RequestCode, SealedSend, Send, ServerFrame,
-    SetAccessKey, SetRegistrationLock, SubjectChanges, Subscribe, UploadPrekeys, client_frame::Body,
+    Ack, Auth, ConsentChanges, ConsentHistory, EndExport, ExportRequest, FetchBundle, GetNotice, GetSenderCertificate,
+    ListConsent, ListExports, Lookup, PublishLog, PublishNotices, PutConsent, Register, RequestCode, SealedSend, Send,
+    ServerFrame, SetAccessKey, SetRegistrationLock, SubjectChanges, Subscribe, UploadPrekeys, client_frame::Body,
     export_request::Body as ExportBody, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
@@ -115,6 +115,7 @@ fn operations(conn: &Connection, bob: &Identity, signer: &Identity, bob_server_i
         Body::RequestCode(RequestCode { phone: BOB.into() }),
         Body::SetRegistrationLock(SetRegistrationLock { pin: "2468".into() }),
         Body::GetNotice(GetNotice { affiliate: "adsco".into(), purpose: "advertising".into(), hash: Bytes::new() }),
+        Body::ConsentHistory(ConsentHistory { after_sequence: 0 }),
     ]
 }
 
@@ -138,6 +139,7 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
         | Body::UploadPrekeys(_)
         | Body::SetAccessKey(_)
         | Body::ListConsent(_)
+        | Body::ConsentHistory(_)
         | Body::ListExports(_)
         | Body::SetRegistrationLock(_)
         | Body::GetSenderCertificate(_) => OwnOnly,
@@ -152,6 +154,9 @@ async fn check(conn: &Connection, op: Body, expected: &Expect) {
         (Expect::Refused(code), Ok(r)) => panic!("{name} should be refused with {code:?}, got {r:?}"),
         (Expect::OwnOnly, Ok(Resp::Acked(a))) => assert_eq!(a.removed, 0, "{name} removed another's envelope"),
         (Expect::OwnOnly, Ok(Resp::ConsentList(l))) => assert!(l.latest.is_empty(), "{name} shows Bob's consent"),
+        (Expect::OwnOnly, Ok(Resp::ConsentHistoryPage(p))) => {
+            assert!(p.statements.is_empty(), "{name} shows Bob's consent history")
+        }
         (Expect::OwnOnly, Ok(Resp::ExportList(l))) => assert!(l.entries.is_empty(), "{name} shows Bob's exports"),
         (Expect::OwnOnly, Ok(Resp::QueueEmpty(_))) => {}
         (Expect::OwnOnly, Ok(Resp::SenderCertificate(c))) => {

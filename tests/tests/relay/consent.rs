@@ -294,3 +294,84 @@ async fn the_cli_shows_the_notice_and_signs_only_after_yes() {
     let receipts: Vec<relay_client::consent::Receipt> = alice.home.load_private("receipts.json").expect("receipts");
     assert_eq!(receipts.last().map(|r| r.notice.as_str()), Some(document), "the receipt keeps the document signed");
 }
+
+/// `consent history` returns every decision, each signature checked on the device; a relay that drops, alters,
+/// reorders or repeats a statement makes it an error, not a shorter list. `data export` writes one owner-only JSON
+/// document with the profile, the history, the receipts and the verified exports.
+#[tokio::test]
+async fn the_history_is_every_signed_decision_and_the_data_export_carries_it() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    relay.publish_test_notices().expect("notices");
+    let alice = relay.user("+33612345678").await.expect("alice");
+    let m = &alice.messenger;
+    m.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    m.decide_consent("adsco", "advertising", Decision::Withdraw, None).await.expect("withdraw");
+    m.decide_consent("shieldco", "security", Decision::Grant, Some(30)).await.expect("grant");
+    let history = m.consent_history().await.expect("history");
+    let got: Vec<_> = history.iter().map(|h| (h.sequence, h.decision.as_str(), h.affiliate.as_str())).collect();
+    assert_eq!(got, [(1, "grant", "adsco"), (2, "withdraw", "adsco"), (3, "grant", "shieldco")]);
+    let receipts: Vec<relay_client::consent::Receipt> = alice.home.load_private("receipts.json").expect("receipts");
+    for (h, r) in history.iter().zip(&receipts) {
+        assert_eq!((h.statement_hash.as_str(), h.statement.as_str()), (r.receipt_id.as_str(), r.statement.as_str()));
+    }
+
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("alice.json");
+    let bin = relay_tests::binary_path("relay", "RELAY_BIN").expect("the relay binary");
+    let out = crate::bounded(
+        "relay data export",
+        tokio::process::Command::new(&bin)
+            .arg("--home")
+            .arg(alice.home_dir())
+            .arg("data")
+            .arg("export")
+            .arg(&file)
+            .output(),
+    )
+    .await
+    .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).expect("written").permissions().mode() & 0o777, 0o600);
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("JSON");
+    assert_eq!(doc["format"], relay_client::subject::DATA_EXPORT_FORMAT);
+    assert_eq!(
+        (doc["phone"].as_str(), doc["account_id"].as_str()),
+        (Some("+33612345678"), Some(m.account_id().to_string().as_str()))
+    );
+    assert_eq!(doc["consent_history"].as_array().map(Vec::len), Some(3));
+    assert_eq!(doc["receipts"].as_array().map(Vec::len), Some(3));
+    assert!(doc["receipts"][0]["notice"].as_str().is_some_and(|n| n.contains("recipient: AdsCo SAS")));
+    assert!(doc["exports"]["problems"].as_array().is_some_and(Vec::is_empty), "{}", doc["exports"]);
+
+    // A lying relay: each rewrite of the history pages is refused as a whole.
+    let tamper = relay.tamper().expect("in-process");
+    type Page = Vec<(Vec<u8>, Vec<u8>, u64)>;
+    type Lie = fn(Page) -> Page;
+    let lies: [(&str, Lie); 4] = [
+        ("drop the withdrawal", |mut p| {
+            p.remove(1);
+            p
+        }),
+        ("alter a byte of a statement", |mut p| {
+            p[0].0[20] ^= 1;
+            p
+        }),
+        ("reorder", |mut p| {
+            p.swap(0, 2);
+            p
+        }),
+        ("repeat one", |mut p| {
+            let first = p[0].clone();
+            p.push(first);
+            p
+        }),
+    ];
+    for (what, lie) in lies {
+        tamper.rewrite_history(std::sync::Arc::new(lie));
+        match m.consent_history().await {
+            Err(e) => assert!(e.to_string().contains("does not check"), "{what}: {e}"),
+            Ok(h) => panic!("{what}: accepted {} entries", h.len()),
+        }
+    }
+}
