@@ -92,6 +92,9 @@ fn purpose(name: &str) -> Result<Purpose, MessengerError> {
     })
 }
 
+/// The affiliate column of an objection in [`PairState`]: every affiliate.
+pub const OBJECTION: &str = "*";
+
 fn consent_error(e: ConsentError) -> MessengerError {
     MessengerError::Input(e.to_string())
 }
@@ -161,7 +164,28 @@ impl Messenger {
                 self.decide(affiliate, purpose, decision, Some(&shown), expires_in_days).await
             }
             Decision::Withdraw => self.decide(affiliate, purpose, decision, None, None).await,
+            Decision::Object | Decision::Lift => Err(MessengerError::Input(
+                "an objection is about a purpose, not an affiliate: use object_to_purpose".into(),
+            )),
         }
+    }
+
+    /// Objects to a purpose (no affiliate may receive anything for it, now or under a later grant, until lifted), or
+    /// lifts the objection. Objecting first withdraws every pair of the purpose still granted, so each affiliate that
+    /// received data hears of it; the receipts are returned in order, the objection's last.
+    pub async fn object_to_purpose(&self, purpose_name: &str, lift: bool) -> Result<Vec<Receipt>, MessengerError> {
+        let purpose = purpose(purpose_name)?;
+        let mut out = Vec::new();
+        if !lift {
+            for pair in self.consent_state().await? {
+                if pair.purpose == purpose.as_str() && pair.affiliate != OBJECTION && pair.status != "withdrawn" {
+                    out.push(self.decide(&pair.affiliate, purpose, Decision::Withdraw, None, None).await?);
+                }
+            }
+        }
+        let decision = if lift { Decision::Lift } else { Decision::Object };
+        out.push(self.decide("", purpose, decision, None, None).await?);
+        Ok(out)
     }
 
     async fn decide(
@@ -202,10 +226,7 @@ impl Messenger {
         let receipt = Receipt {
             version: "consent-relay receipt 1 (after Kantara Consent Receipt 1.1)".into(),
             receipt_id: hex::encode(hash),
-            decision: match decision {
-                Decision::Grant => "grant".into(),
-                Decision::Withdraw => "withdraw".into(),
-            },
+            decision: decision.as_str().into(),
             consent_timestamp: now,
             recorded_at: recorded.recorded_at_ms,
             collection_method: "relay CLI, explicit per-purpose command".into(),
@@ -234,7 +255,7 @@ impl Messenger {
     pub async fn reject_all_consent(&self) -> Result<Vec<Receipt>, MessengerError> {
         let mut out = Vec::new();
         for pair in self.consent_state().await? {
-            if pair.status != "withdrawn" {
+            if pair.status != "withdrawn" && pair.affiliate != OBJECTION {
                 out.push(self.decide_consent(&pair.affiliate, &pair.purpose, Decision::Withdraw, None).await?);
             }
         }
@@ -247,13 +268,35 @@ impl Messenger {
         let list = self.connection().list_consent().await?;
         let key = self.identity().verifying_key();
         let now = relay_proto::now_ms();
-        let mut out = Vec::new();
+        let mut statements = Vec::new();
         for s in list.latest {
             // The bytes as the relay returned them are what the signature must cover; decode only after.
             verify_signature(&s.statement, &s.signature, &key).map_err(consent_error)?;
             let statement = ConsentStatement::decode_stored(&s.statement).map_err(consent_error)?;
             if statement.account != self.account_id() {
                 return Err(consent_error(ConsentError::WrongAccount));
+            }
+            statements.push(statement);
+        }
+        let objection = |purpose: Purpose| {
+            statements
+                .iter()
+                .filter(|s| s.purpose == purpose && s.decision.is_purpose_level())
+                .max_by_key(|s| s.sequence)
+        };
+        let mut out = Vec::new();
+        for statement in &statements {
+            if statement.decision.is_purpose_level() {
+                out.push(PairState {
+                    affiliate: OBJECTION.into(),
+                    purpose: statement.purpose.as_str().to_owned(),
+                    status: if statement.decision == Decision::Object { "objected" } else { "objection lifted" }.into(),
+                    in_force: false,
+                    sequence: statement.sequence,
+                    decided_at: statement.time_ms,
+                    expires_at: None,
+                });
+                continue;
             }
             // Whether the grant's notice is still the pair's current one: asked of the relay (none: no longer offered).
             let current = match statement.decision {
@@ -262,14 +305,16 @@ impl Messenger {
                     Err(MessengerError::Client(e)) if e.code() == Some(relay_proto::ErrorCode::NotFound) => None,
                     Err(e) => return Err(e),
                 },
-                Decision::Withdraw => None,
+                Decision::Withdraw | Decision::Object | Decision::Lift => None,
             };
-            let in_force = statement.in_force(now, current.as_ref());
+            let not_objected = statement.not_objected(objection(statement.purpose));
+            let in_force = statement.in_force(now, current.as_ref()) && not_objected;
             let status = match statement.decision {
-                Decision::Withdraw => "withdrawn",
                 Decision::Grant if in_force => "granted",
+                Decision::Grant if !not_objected => "objected",
                 Decision::Grant if current != Some(statement.notice_hash) => "notice changed",
                 Decision::Grant => "expired",
+                Decision::Withdraw | Decision::Object | Decision::Lift => "withdrawn",
             };
             out.push(PairState {
                 affiliate: statement.affiliate.clone(),

@@ -9,7 +9,7 @@
 //! ([`MAX_HISTORY_PAGES`]). The data export carries the profile (phone, device), the consent history, the
 //! receipts the device kept, and the export-log entries with their inclusion proofs and the verification result.
 
-use relay_proto::consent::{ConsentStatement, Decision, statement_hash, verify_signature};
+use relay_proto::consent::{ConsentStatement, statement_hash, verify_signature};
 use serde::Serialize;
 
 use crate::consent::Receipt;
@@ -96,10 +96,7 @@ impl Messenger {
                 after = statement.sequence;
                 out.push(HistoryEntry {
                     sequence: statement.sequence,
-                    decision: match statement.decision {
-                        Decision::Grant => "grant".into(),
-                        Decision::Withdraw => "withdraw".into(),
-                    },
+                    decision: statement.decision.as_str().into(),
                     affiliate: statement.affiliate.clone(),
                     purpose: statement.purpose.as_str().to_owned(),
                     notice_hash: hex::encode(statement.notice_hash),

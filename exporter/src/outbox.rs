@@ -215,7 +215,10 @@ impl ExporterStore {
             None => None,
         };
         let delivered = self.delivered.get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
-        Ok(Known { exported, delivered })
+        // Purpose-level statements are kept under the pair with no affiliate.
+        let purpose_level = self.statements_of(&Pair::new(pair.account, "", pair.purpose))?;
+        let objection = Known::latest_objection(purpose_level.iter().map(|(_, e)| e));
+        Ok(Known { exported, delivered, objection })
     }
 
     /// Every statement kept for the pair, by sequence.
@@ -539,7 +542,10 @@ mod tests {
         store.apply(&Write::SetExported { pair: analytics.clone(), marker }).expect("exported");
         store.apply(&Write::ForgetExported { pair: analytics.clone() }).expect("forget");
         settle(&store, 1, &entry(Kind::Export, Purpose::Advertising, 0), 1);
-        assert_eq!(store.known(&ads).expect("known"), Known { exported: Some(marker), delivered: Some("p".into()) });
+        assert_eq!(
+            store.known(&ads).expect("known"),
+            Known { exported: Some(marker), delivered: Some("p".into()), objection: None }
+        );
         store.apply(&Write::ForgetDelivered { pair: ads.clone() }).expect("forget");
         assert_eq!(store.known(&ads).expect("known").delivered, None);
         assert_eq!(store.known(&analytics).expect("known"), Known::default());

@@ -64,13 +64,36 @@ impl fmt::Display for Purpose {
     }
 }
 
-/// Grant or withdraw.
+/// Grant or withdraw (for one affiliate), object or lift an objection (to a purpose, for every affiliate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Decision {
     /// Consent given.
     Grant,
     /// Consent withdrawn.
     Withdraw,
+    /// An objection to the purpose: no affiliate may receive anything for it, under any grant made before the
+    /// objection or while it stands. A purpose-level statement: its affiliate id is empty.
+    Object,
+    /// The objection to the purpose is lifted: grants made after this statement can be in force again (earlier ones
+    /// stay void). A purpose-level statement: its affiliate id is empty.
+    Lift,
+}
+
+impl Decision {
+    /// Whether the statement is about a whole purpose (object, lift) rather than one affiliate.
+    pub fn is_purpose_level(self) -> bool {
+        matches!(self, Decision::Object | Decision::Lift)
+    }
+
+    /// `grant`, `withdraw`, `object` or `lift`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Grant => "grant",
+            Decision::Withdraw => "withdraw",
+            Decision::Object => "object",
+            Decision::Lift => "lift",
+        }
+    }
 }
 
 /// Longest affiliate id.
@@ -178,6 +201,8 @@ impl ConsentStatement {
         out.push(match self.decision {
             Decision::Grant => 1,
             Decision::Withdraw => 2,
+            Decision::Object => 3,
+            Decision::Lift => 4,
         });
         out.extend_from_slice(&self.notice_hash);
         out.extend_from_slice(&self.sequence.to_be_bytes());
@@ -217,6 +242,8 @@ impl ConsentStatement {
         let decision = match r.take(1)?[0] {
             1 => Decision::Grant,
             2 => Decision::Withdraw,
+            3 => Decision::Object,
+            4 => Decision::Lift,
             _ => return Err(ConsentError::Malformed("decision")),
         };
         let notice_hash = r.array()?;
@@ -226,7 +253,10 @@ impl ConsentStatement {
         if !r.0.is_empty() {
             return Err(ConsentError::Malformed("trailing bytes"));
         }
-        if !valid_affiliate_id(&affiliate) {
+        // One affiliate, or (objections) none.
+        if decision.is_purpose_level() != affiliate.is_empty()
+            || (!decision.is_purpose_level() && !valid_affiliate_id(&affiliate))
+        {
             return Err(ConsentError::InvalidAffiliate(affiliate));
         }
         Ok(Self {
@@ -244,13 +274,27 @@ impl ConsentStatement {
     /// Checks what the encoding cannot: the affiliate id's form and the expiry. Whether a grant names the pair's
     /// current notice is the caller's check ([`ConsentStatement::names_notice`]), since only it knows the notice.
     pub fn validate(&self) -> Result<(), ConsentError> {
-        if !valid_affiliate_id(&self.affiliate) {
+        let purpose_level = self.decision.is_purpose_level();
+        if purpose_level != self.affiliate.is_empty() || (!purpose_level && !valid_affiliate_id(&self.affiliate)) {
             return Err(ConsentError::InvalidAffiliate(self.affiliate.clone()));
         }
         if self.expires_ms.is_some_and(|e| e <= self.time_ms) {
             return Err(ConsentError::BadExpiry);
         }
+        if purpose_level && (self.expires_ms.is_some() || self.notice_hash != [0; 32]) {
+            return Err(ConsentError::Malformed("an objection names no notice and does not expire"));
+        }
         Ok(())
+    }
+
+    /// For a grant: whether the account's latest purpose-level statement for its purpose (`objection`, if any)
+    /// leaves it in force: none, or a lift made before this grant. An objection voids every grant made before it and
+    /// blocks new ones while it stands; grants made after a lift count again.
+    pub fn not_objected(&self, objection: Option<&ConsentStatement>) -> bool {
+        match objection {
+            None => true,
+            Some(o) => o.decision == Decision::Lift && self.sequence > o.sequence,
+        }
     }
 
     /// For a grant: that it names `current`, the pair's current notice hash (`None`: no notice is published for the
@@ -413,6 +457,37 @@ mod tests {
         assert_eq!(s.names_notice(Some(&[0; 32])), stale);
         assert_eq!(s.names_notice(None), stale);
         assert_eq!(s.names_notice(current), Ok(()));
+    }
+
+    #[test]
+    fn objections_are_purpose_level_and_void_earlier_grants_until_lifted() {
+        let object = ConsentStatement {
+            affiliate: String::new(),
+            decision: Decision::Object,
+            notice_hash: [0; 32],
+            expires_ms: None,
+            sequence: 5,
+            ..grant()
+        };
+        assert_eq!(ConsentStatement::decode(&object.encode()), Ok(object.clone()));
+        let lift = ConsentStatement { decision: Decision::Lift, sequence: 7, ..object.clone() };
+        assert_eq!(ConsentStatement::decode(&lift.encode()), Ok(lift.clone()));
+        // A purpose-level statement names no affiliate, no notice, no expiry; an affiliate-level one names one.
+        for bad in [
+            ConsentStatement { affiliate: "adsco".into(), ..object.clone() },
+            ConsentStatement { notice_hash: [1; 32], ..object.clone() },
+            ConsentStatement { expires_ms: Some(9_999), ..object.clone() },
+            ConsentStatement { affiliate: String::new(), ..grant() },
+            ConsentStatement { affiliate: String::new(), decision: Decision::Withdraw, ..grant() },
+        ] {
+            assert!(ConsentStatement::decode(&bad.encode()).is_err(), "{bad:?}");
+        }
+        let grant_at = |sequence| ConsentStatement { sequence, ..grant() };
+        assert!(grant_at(3).not_objected(None));
+        assert!(!grant_at(3).not_objected(Some(&object)), "objected after the grant");
+        assert!(!grant_at(6).not_objected(Some(&object)), "granted while objecting");
+        assert!(!grant_at(3).not_objected(Some(&lift)), "a lift does not revive a grant made before it");
+        assert!(grant_at(8).not_objected(Some(&lift)), "granted after the lift");
     }
 
     #[test]

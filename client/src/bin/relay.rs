@@ -8,7 +8,8 @@
 //! relay --home D recv [--wait SECS] [--json]
 //! relay --home D chat --to +33698765432
 //! relay --home D status [--json]
-//! relay --home D consent notice|grant|withdraw --affiliate A --purpose P | reject-all | show
+//! relay --home D consent notice|grant|withdraw --affiliate A --purpose P | object --purpose P [--lift]
+//! relay --home D consent reject-all | show | history
 //! relay --home D device [--model M] [--os O] [--app-version V]
 //! relay --home D exports [--verify] [--json]
 //! relay --home D consent history [--json]
@@ -185,6 +186,19 @@ enum DataAction {
 
 #[derive(Subcommand)]
 enum ConsentAction {
+    /// Object to a purpose: no affiliate may receive anything about you for it, now or under a later grant, until you
+    /// lift the objection (withdraws every grant of the purpose first).
+    Object {
+        /// Purpose.
+        #[arg(long)]
+        purpose: String,
+        /// Lift the objection instead (grants made after this count again; earlier ones stay void).
+        #[arg(long)]
+        lift: bool,
+        /// Print the receipts as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every consent decision you made, as the relay recorded it, each signature checked on this device.
     History {
         /// One JSON object per statement, one per line.
@@ -498,14 +512,28 @@ async fn consent(home: &Home, action: ConsentAction) -> anyhow::Result<()> {
         } else {
             let until =
                 r.expires_at.map(|e| format!(" until {} (UTC)", relay_proto::time::date(e))).unwrap_or_default();
+            let who = if r.affiliate.is_empty() { "every affiliate" } else { r.affiliate.as_str() };
             println!(
-                "{}: {} for {}{until} (statement {}, receipt {})",
-                r.decision, r.affiliate, r.purpose, r.sequence, r.receipt_id
+                "{}: {who} for {}{until} (statement {}, receipt {})",
+                r.decision, r.purpose, r.sequence, r.receipt_id
             );
         }
         Ok(())
     };
     match action {
+        ConsentAction::Object { purpose, lift, json } => {
+            let receipts = m.object_to_purpose(&purpose, lift).await?;
+            for r in &receipts {
+                print_receipt(r, json)?;
+            }
+            if !json {
+                if lift {
+                    println!("objection to {purpose} lifted: grants you make from now on count again");
+                } else {
+                    println!("you object to {purpose}: no affiliate receives anything for it until you lift this");
+                }
+            }
+        }
         ConsentAction::History { json } => {
             let history = m.consent_history().await?;
             for h in &history {

@@ -84,6 +84,21 @@ pub struct Known {
     pub exported: Option<ExportMarker>,
     /// The user's pseudonym for the affiliate, if the pair's data reached it since its last withdrawal.
     pub delivered: Option<String>,
+    /// The account's latest verified purpose-level statement (objection or lift) for the pair's purpose.
+    pub objection: Option<ConsentStatement>,
+}
+
+impl Known {
+    /// The latest purpose-level statement among verified `evidence` (as the store keeps it for the pair of the
+    /// account, no affiliate and the purpose), if any.
+    pub fn latest_objection<'a>(evidence: impl IntoIterator<Item = &'a Evidence>) -> Option<ConsentStatement> {
+        evidence
+            .into_iter()
+            .filter_map(|e| hex::decode(&e.statement).ok())
+            .filter_map(|b| ConsentStatement::decode_stored(&b).ok())
+            .filter(|s| s.decision.is_purpose_level())
+            .max_by_key(|s| s.sequence)
+    }
 }
 
 /// A change whose signature was checked.
@@ -152,6 +167,25 @@ impl Core {
             sequence: v.statement.sequence,
             evidence: v.evidence.clone(),
         })];
+        if v.statement.decision == Decision::Object {
+            // Every affiliate of the purpose: what is still queued for it under earlier grants is dropped (the relay
+            // denies their leases too). The client withdraws each granted pair before it objects, so affiliates that
+            // received data hear of it through those withdrawals.
+            let doomed: Vec<Pair> = self
+                .outbox
+                .values()
+                .filter(|e| {
+                    e.kind == Kind::Export && e.pair.account == v.pair.account && e.pair.purpose == v.pair.purpose
+                })
+                .map(|e| e.pair.clone())
+                .collect();
+            let mut dropped = 0;
+            for pair in doomed {
+                dropped += self.drop_exports_of(&pair, &mut effects)?.0;
+            }
+            tracing::info!(dropped, "objection to a purpose applied to the outbox");
+            return Ok((Applied::Withdrawn { dropped, notified: false }, effects));
+        }
         let Some(affiliate) = self.catalogue.get(&v.pair.affiliate).cloned() else {
             return Ok((Applied::Nothing, effects));
         };
@@ -167,6 +201,10 @@ impl Core {
                         cursor = change.cursor,
                         "grant under a notice that is not current; nothing exported"
                     );
+                    return Ok((Applied::Nothing, effects));
+                }
+                if !v.statement.not_objected(known.objection.as_ref()) {
+                    tracing::info!(cursor = change.cursor, "grant for a purpose the user objects to; nothing exported");
                     return Ok((Applied::Nothing, effects));
                 }
                 let Some(subject) = &v.subject else { return Ok((Applied::Nothing, effects)) };
@@ -200,6 +238,8 @@ impl Core {
                 effects.push(Effect::Write(Write::SetExported { pair: v.pair, marker }));
                 Applied::Queued
             }
+            // An objection was handled above; a lift changes nothing queued (grants after it count again).
+            Decision::Object | Decision::Lift => Applied::Nothing,
             Decision::Withdraw => {
                 let (dropped, logged_pseudonym) = self.drop_exports_of(&v.pair, &mut effects)?;
                 effects.push(Effect::Write(Write::ForgetExported { pair: v.pair.clone() }));

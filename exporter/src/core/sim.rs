@@ -191,7 +191,13 @@ impl MemStore {
     }
 
     pub fn known(&self, pair: &Pair) -> Known {
-        Known { exported: self.live.exported.get(pair).copied(), delivered: self.live.delivered.get(pair).cloned() }
+        let purpose_level = Pair::new(pair.account, "", pair.purpose);
+        let evidence = self.live.statements.iter().filter(|((p, _), _)| *p == purpose_level).map(|(_, e)| e);
+        Known {
+            exported: self.live.exported.get(pair).copied(),
+            delivered: self.live.delivered.get(pair).cloned(),
+            objection: Known::latest_objection(evidence),
+        }
     }
 }
 
@@ -462,7 +468,7 @@ impl World {
         // The user signs the notice the relay serves, which is the catalogue's current one.
         let notice = match decision {
             Decision::Grant => self.catalogue.notice(affiliate, purpose).map_or([0; 32], |n| n.hash),
-            Decision::Withdraw => [0; 32],
+            Decision::Withdraw | Decision::Object | Decision::Lift => [0; 32],
         };
         self.decide_under(user, affiliate, purpose, decision, notice)
     }
@@ -500,6 +506,23 @@ impl World {
                 self.relay.withdrawals.push((pair, self.relay.consents.len(), None));
                 self.relay.acknowledge(self.step, self.now);
             }
+            // The relay denies every lease of the purpose from now on, and acknowledges the objection like a
+            // withdrawal of each of them.
+            Decision::Object => {
+                let objected: Vec<Pair> = self
+                    .relay
+                    .in_force
+                    .keys()
+                    .filter(|p| p.account == pair.account && p.purpose == purpose)
+                    .cloned()
+                    .collect();
+                for p in objected {
+                    self.relay.in_force.remove(&p);
+                    self.relay.withdrawals.push((p, self.relay.consents.len(), None));
+                }
+                self.relay.acknowledge(self.step, self.now);
+            }
+            Decision::Lift => {}
         }
         self.relay.consents.push(Recorded { user, statement, signature, recorded_at_ms: self.now });
         hash

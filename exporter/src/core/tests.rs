@@ -667,3 +667,30 @@ fn widening_an_affiliates_fields_voids_the_grants_made_before_until_the_user_gra
     let data = body(&received[0].body)["data"].clone();
     assert_eq!(data["phone"], w.relay.users[alice].phone.as_str(), "with the fields the new notice names");
 }
+
+/// An objection to a purpose drops what is queued for it to every affiliate; and a grant for that purpose recorded
+/// while the objection stands exports nothing, even from a relay that passes it on and grants its lease. After a
+/// lift, a new grant exports again.
+#[test]
+fn an_objection_stops_every_affiliate_of_the_purpose_and_later_grants_until_lifted() {
+    let mut w = World::new(13);
+    let alice = w.user(1, "Pixel 9");
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
+    w.affiliate("adsco").script = [Unreachable, Unreachable].into();
+    w.pass().expect("no crash");
+    assert_eq!(w.core.outbox().len(), 1, "queued, not through");
+
+    w.decide_under(alice, "", Purpose::Advertising, Decision::Object, [0; 32]);
+    w.read_feeds().expect("no crash");
+    assert!(w.core.outbox().is_empty(), "the objection dropped the queued export");
+    // A compromised relay records a grant for the objected purpose and grants its lease: the exporter ignores it.
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
+    w.drain(10, 0);
+    assert!(w.affiliates["adsco"].received.iter().all(|r| r.behaviour != Accept), "nothing delivered while objected");
+    assert!(w.core.outbox().is_empty());
+
+    w.decide_under(alice, "", Purpose::Advertising, Decision::Lift, [0; 32]);
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
+    w.drain(10, 0);
+    assert_eq!(w.affiliates["adsco"].received.iter().filter(|r| r.behaviour == Accept).count(), 1, "after the lift");
+}

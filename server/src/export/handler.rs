@@ -93,13 +93,16 @@ impl ExportHandler {
         reply.unwrap_or_else(|r| ExportResponse::error(r.code, r.message))
     }
 
-    /// Whether `r` is in force at `now_ms` under its pair's current notice (not whether it is the latest).
+    /// Whether `r` is in force at `now_ms` under its pair's current notice and not objected to (not whether it is the
+    /// latest).
     fn in_force(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
         let s = &r.statement;
         if !s.granted_at(now_ms) {
             return Ok(false);
         }
-        Ok(s.in_force(now_ms, self.notices.current_hash(&s.affiliate, s.purpose)?.as_ref()))
+        let objection = self.consent.latest_for(&s.account, s.purpose, "")?;
+        Ok(s.in_force(now_ms, self.notices.current_hash(&s.affiliate, s.purpose)?.as_ref())
+            && s.not_objected(objection.as_ref().map(|o| &o.statement)))
     }
 
     /// Whether `r` is a grant that is the latest statement for its pair and in force at `now_ms`.
@@ -403,5 +406,35 @@ mod tests {
         // A pair the exporter stopped publishing has no notice: nothing is in force for it either.
         publish(&h, &[published[0].clone()]).await;
         assert!(matches!(ask(&h, begin(&current)).await, Resp::ExportDenied(_)));
+    }
+
+    /// An objection to a purpose ends every grant for it, to every affiliate, made before it; a lift lets grants made
+    /// after it count again, not the old ones.
+    #[tokio::test]
+    async fn an_objection_voids_the_purposes_grants_until_a_new_grant_after_its_lift() {
+        let (h, _db) = handler();
+        publish(&h, &[notice(Purpose::Advertising, &[Field::DeviceModel])]).await;
+        let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
+        let phone = PhoneNumber::parse("+33612345678").expect("phone");
+        let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
+        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).expect("register").account;
+        let purpose_level = |decision, sequence| ConsentStatement {
+            affiliate: String::new(),
+            decision,
+            notice_hash: [0; 32],
+            ..grant(account, sequence, Purpose::Advertising)
+        };
+        let record =
+            |s: &ConsentStatement| h.consent.record(&s.encode(), &[0; 64], relay_proto::now_ms()).expect("record");
+        let first = grant(account, 1, Purpose::Advertising);
+        record(&first);
+        assert!(matches!(ask(&h, begin(&first)).await, Resp::ExportGranted(_)));
+        record(&purpose_level(Decision::Object, 2));
+        assert!(matches!(ask(&h, begin(&first)).await, Resp::ExportDenied(_)), "objected: denied");
+        record(&purpose_level(Decision::Lift, 3));
+        assert!(matches!(ask(&h, begin(&first)).await, Resp::ExportDenied(_)), "a lift does not revive it");
+        let second = grant(account, 4, Purpose::Advertising);
+        record(&second);
+        assert!(matches!(ask(&h, begin(&second)).await, Resp::ExportGranted(_)), "granted again after the lift");
     }
 }

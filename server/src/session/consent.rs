@@ -3,7 +3,9 @@
 //!
 //! A statement must be the caller's own, signed by the caller's identity key over exactly the bytes sent, for a
 //! purpose in the catalogue, with a sequence number above the last; a grant must name the current notice the
-//! exporter published for its pair (none published: nothing can be granted). It is
+//! exporter published for its pair (none published: nothing can be granted), and is refused while the account
+//! objects to its purpose. An objection is acknowledged, like a withdrawal, only once no export of the purpose to any
+//! affiliate the account ever decided about is in flight. It is
 //! acknowledged only once durable; a withdrawal is acknowledged only after every export lease of its pair has ended
 //! (the withdrawal fence), so that from then on nothing of the pair leaves. No request names another account.
 //! Holds the registry, the identity keys (to verify signatures), the export-log copy, the notices, the fence and the
@@ -61,13 +63,40 @@ impl Consent {
         }
         let current = self.notices.current_hash(&statement.affiliate, statement.purpose)?;
         statement.names_notice(current.as_ref()).map_err(rejected)?;
+        if statement.decision == Decision::Grant {
+            let objection = self.registry.latest_for(&account, statement.purpose, "")?;
+            if !statement.not_objected(objection.as_ref().map(|o| &o.statement)) {
+                return Err(Reject::new(
+                    ErrorCode::ConsentRejected,
+                    format!(
+                        "you object to {p}: no affiliate may receive anything for it; lift the objection first \
+                         (relay consent object --purpose {p} --lift)",
+                        p = statement.purpose
+                    ),
+                ));
+            }
+        }
         let now = relay_proto::now_ms();
         self.registry.record(&c.statement, &signature, now)?;
         self.commit.durable().await?;
-        if statement.decision == Decision::Withdraw {
-            // The withdrawal fence: an export of this pair in flight finishes (or its lease lapses) before the user
-            // hears that the withdrawal took effect; any later export attempt reads the withdrawal and is refused.
-            self.fence.wait_clear(&(account, statement.purpose, statement.affiliate.clone())).await;
+        match statement.decision {
+            Decision::Withdraw => {
+                // The withdrawal fence: an export of this pair in flight finishes (or its lease lapses) before the
+                // user hears that the withdrawal took effect; any later export attempt reads the withdrawal and is
+                // refused.
+                self.fence.wait_clear(&(account, statement.purpose, statement.affiliate.clone())).await;
+            }
+            Decision::Object => {
+                // The same for every affiliate of the purpose: a lease needs a grant, so the pairs the account has
+                // statements for are all the pairs that can hold one.
+                for r in self.registry.latest(&account)? {
+                    let s = r.statement;
+                    if s.purpose == statement.purpose && !s.decision.is_purpose_level() {
+                        self.fence.wait_clear(&(account, s.purpose, s.affiliate)).await;
+                    }
+                }
+            }
+            Decision::Grant | Decision::Lift => {}
         }
         reply(Resp::ConsentRecorded(ConsentRecorded {
             sequence: statement.sequence,

@@ -64,7 +64,7 @@ fn statement(account: relay_proto::AccountId, sequence: u64, decision: Decision)
         decision,
         notice_hash: match decision {
             Decision::Grant => adsco_advertising_notice(),
-            Decision::Withdraw => [0; 32],
+            Decision::Withdraw | Decision::Object | Decision::Lift => [0; 32],
         },
         sequence,
         time_ms: relay_proto::now_ms(),
@@ -374,4 +374,48 @@ async fn the_history_is_every_signed_decision_and_the_data_export_carries_it() {
             Ok(h) => panic!("{what}: accepted {} entries", h.len()),
         }
     }
+}
+
+/// `relay consent object --purpose P` withdraws every grant of the purpose, then objects: no grant for it can be
+/// recorded while the objection stands; `--lift` lets new grants count again (not the old ones).
+#[tokio::test]
+async fn an_objection_withdraws_the_purpose_and_refuses_grants_until_lifted() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    relay.publish_test_notices().expect("notices");
+    let alice = relay.user("+33612345678").await.expect("alice");
+    let m = &alice.messenger;
+    m.decide_consent("adsco", "analytics", Decision::Grant, None).await.expect("grant");
+    m.decide_consent("metrico", "analytics", Decision::Grant, None).await.expect("grant");
+    m.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+
+    let receipts = m.object_to_purpose("analytics", false).await.expect("object");
+    let decisions: Vec<_> = receipts.iter().map(|r| (r.decision.as_str(), r.affiliate.as_str())).collect();
+    assert_eq!(decisions, [("withdraw", "adsco"), ("withdraw", "metrico"), ("object", "")]);
+    assert_eq!(
+        states(&m.consent_state().await.expect("show")),
+        [
+            own("*", "analytics", "objected"),
+            own("adsco", "advertising", "granted"),
+            own("adsco", "analytics", "withdrawn"),
+            own("metrico", "analytics", "withdrawn")
+        ]
+    );
+    let err = m.decide_consent("metrico", "analytics", Decision::Grant, None).await.expect_err("objected");
+    assert!(err.to_string().contains("you object to analytics"), "{err}");
+    // A purpose-level statement naming an affiliate is malformed, whoever signs it.
+    let identity = alice.home.identity().expect("keys");
+    let next = m.connection().list_consent().await.expect("list").last_sequence + 1;
+    let bad = ConsentStatement {
+        decision: Decision::Lift,
+        notice_hash: [0; 32],
+        ..statement(identity.account_id(), next, Decision::Grant)
+    };
+    let err = m.connection().put_consent(bad.encode(), identity.sign(&bad.signed_bytes())).await.expect_err("bad");
+    assert_eq!(err.code(), Some(ErrorCode::ConsentRejected));
+
+    m.object_to_purpose("analytics", true).await.expect("lift");
+    m.decide_consent("metrico", "analytics", Decision::Grant, None).await.expect("grant after the lift");
+    let after: Vec<_> = states(&m.consent_state().await.expect("show"));
+    assert!(after.contains(&own("metrico", "analytics", "granted")), "{after:?}");
+    assert!(after.contains(&own("*", "analytics", "objection lifted")), "{after:?}");
 }

@@ -239,3 +239,22 @@ async fn the_exporter_data_dir_is_private() {
     assert!(modes.files >= 4, "the keys and the store were checked");
     drop(s.relay);
 }
+
+/// An objection to a purpose: the affiliate that received data is told (the client withdraws its grant first), and
+/// nothing more leaves for the purpose — not a device change, not a grant a relay might let through — until lifted.
+#[tokio::test]
+async fn an_objection_tells_the_affiliate_and_stops_the_purpose() {
+    let s = setup().await;
+    let mut alice = s.relay.user(ALICE).await.expect("alice");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    s.adsco.wait_events(1, WAIT).await.expect("export");
+    alice.messenger.object_to_purpose("advertising", false).await.expect("object");
+    let events = s.adsco.wait_events(2, WAIT).await.expect("withdrawal notice");
+    assert!(events.iter().any(|e| e.body["type"] == "consent.withdrawn"), "{events:?}");
+    let device =
+        relay_client::home::Device { model: "Pixel 10".into(), os: "Android 17".into(), app_version: "2.0".into() };
+    alice.messenger.update_device(device).await.expect("new device");
+    s.exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("settled");
+    s.exporter.wait_passes(3, WAIT).await.expect("passes");
+    assert_eq!(s.adsco.events().len(), 2, "nothing after the objection: {:?}", s.adsco.events());
+}
