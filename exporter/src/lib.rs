@@ -25,6 +25,7 @@ pub mod outbox;
 pub mod payload;
 pub mod process;
 pub mod relay_link;
+pub mod vault;
 pub mod webhook;
 
 pub use affiliates::{Affiliate, Catalogue, CatalogueError, CurrentNotice, Field};
