@@ -609,7 +609,7 @@ fn format_time(ms: u64) -> String {
 
 async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     let mut m = Messenger::open(home).await?;
-    relay_proto::PhoneNumber::parse(to).with_context(|| format!("invalid phone number {to:?}"))?;
+    relay_proto::PhoneNumber::parse_valid(to).with_context(|| format!("invalid phone number {to:?}"))?;
     let mut inbox = m.inbox().await?;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     eprintln!("chatting with {to} as {} — type a line and press Enter; Ctrl-D to quit", m.phone());
