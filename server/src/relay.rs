@@ -331,7 +331,7 @@ fn handlers(
             commit: store.commit.clone(),
             lookups: RateLimiter::new(limits.lookups_per_minute),
             lookups_per_minute: limits.lookups_per_minute,
-            tamper,
+            tamper: tamper.clone(),
         },
         consent: consent::Consent {
             registry: store.consent.clone(),
@@ -339,6 +339,7 @@ fn handlers(
             export_log: store.export_log.clone(),
             fence,
             commit: store.commit.clone(),
+            tamper,
         },
         metrics,
         frame_timeout: limits.frame_timeout(),
