@@ -407,17 +407,17 @@ async fn exports(home: &Home, verify: bool, json: bool) -> anyhow::Result<()> {
                 terminal_safe(&status)
             );
         }
-        if verify {
-            if report.problems.is_empty() {
-                println!(
-                    "log key {} — head of size {} verified",
-                    report.log_key.as_deref().unwrap_or(""),
-                    report.tree_size
-                );
-            }
-            for p in &report.problems {
-                println!("PROBLEM: {}", terminal_safe(p));
-            }
+        if verify && report.problems.is_empty() {
+            println!(
+                "log key {} — head of size {} verified",
+                report.log_key.as_deref().unwrap_or(""),
+                report.tree_size
+            );
+        }
+    }
+    if verify && !json {
+        for p in &report.problems {
+            println!("PROBLEM: {}", terminal_safe(p));
         }
     }
     if verify && !report.problems.is_empty() {
