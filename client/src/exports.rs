@@ -10,7 +10,17 @@
 //!   that affiliate and purpose, in force at the export's time, and not superseded by a statement the relay had
 //!   recorded before that time.
 //!
+//! - a home that verified a head before fails when the relay now serves no head at all, or a head older (smaller)
+//!   than the pinned one: a log only grows.
+//!
 //! The head is pinned only when every check passed.
+//!
+//! Paging is bounded: at most [`MAX_PAGES`] pages and [`MAX_ENTRIES`] entries per listing (each page is one frame of
+//! bounded size), so a relay that announces "more" forever gets an error, not a client that loops or grows.
+//!
+//! The report carries, for each entry, its canonical leaf and its inclusion proof, and the signed head they were
+//! checked against with the log key: enough for another tool to check it all again without this code (README,
+//! "`relay exports --json`").
 
 use relay_proto::consent::{ConsentStatement, Decision, statement_hash};
 use relay_proto::merkle::{
@@ -24,6 +34,13 @@ use crate::messenger::{Messenger, MessengerError};
 
 /// The file that pins the log key and the last verified head.
 pub const STATE_FILE: &str = "exports.json";
+
+/// Most entries of one listing the client keeps.
+pub const MAX_ENTRIES: usize = 8_192;
+
+/// Most pages of one listing the client asks for: twice what [`MAX_ENTRIES`] takes in full pages, as an honest relay
+/// sends them.
+pub const MAX_PAGES: usize = 2 * MAX_ENTRIES / relay_proto::MAX_LISTED_EXPORTS;
 
 /// One export concerning the user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,6 +67,46 @@ pub struct ExportedEntry {
     pub consent_sequence: Option<u64>,
     /// Why the entry failed verification, if it did.
     pub problem: Option<String>,
+    /// The canonical leaf encoding (`ExportLeaf::encode`), hex: its RFC 6962 leaf hash is SHA-256(0x00 ‖ leaf).
+    pub leaf: String,
+    /// The audit path of the leaf to the report's head.
+    pub inclusion: InclusionProof,
+}
+
+/// An RFC 6962 audit path, as the relay served it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InclusionProof {
+    /// The leaf's index.
+    pub index: u64,
+    /// The size of the tree (the head) it leads to.
+    pub tree_size: u64,
+    /// The hashes, leaf side first, hex.
+    pub hashes: Vec<String>,
+}
+
+/// A tree head signed by the log key: the key signs `TreeHead::encode` ("consent-relay tree head v1" ‖ size, u64
+/// big-endian ‖ timestamp_ms, u64 big-endian ‖ root) with Ed25519.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SignedHead {
+    /// Number of leaves.
+    pub size: u64,
+    /// Merkle tree root, hex.
+    pub root: String,
+    /// When it was signed (ms since the Unix epoch).
+    pub timestamp_ms: u64,
+    /// Ed25519 signature, hex.
+    pub signature: String,
+}
+
+/// The RFC 6962 consistency proof from the head this home verified before to the report's head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsistencyProof {
+    /// The size of the head verified before.
+    pub old_size: u64,
+    /// Its root, hex.
+    pub old_root: String,
+    /// The proof's hashes, hex.
+    pub hashes: Vec<String>,
 }
 
 /// What the relay returned, and what verification found.
@@ -61,6 +118,10 @@ pub struct ExportsReport {
     pub tree_size: u64,
     /// When that head was signed (ms since the Unix epoch).
     pub head_time_ms: u64,
+    /// That head, as signed.
+    pub head: Option<SignedHead>,
+    /// With `verify` and a head verified before: the proof that the log only grew since.
+    pub consistency: Option<ConsistencyProof>,
     /// The user's entries, oldest first.
     pub entries: Vec<ExportedEntry>,
     /// Whether the checks ran.
@@ -142,6 +203,32 @@ fn next_page(start: u64, page: &ExportList, size: u64) -> Result<Option<u64>, St
     Ok(Some(page.next_index))
 }
 
+/// Counts the pages and entries of one listing against [`MAX_PAGES`] and [`MAX_ENTRIES`].
+#[derive(Debug, Default)]
+struct PageBounds {
+    pages: usize,
+    entries: usize,
+}
+
+impl PageBounds {
+    /// Counts one more page received; an error once either bound is passed.
+    fn take(&mut self, page: &ExportList) -> Result<(), String> {
+        self.pages += 1;
+        self.entries = self.entries.saturating_add(page.entries.len());
+        if self.pages > MAX_PAGES {
+            return Err(format!(
+                "export log: the relay announced more than {MAX_PAGES} pages of entries for this account; stopped"
+            ));
+        }
+        if self.entries > MAX_ENTRIES {
+            return Err(format!(
+                "export log: the relay sent more than {MAX_ENTRIES} entries for this account; stopped"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Messenger {
     /// The exports concerning this account, from the relay's copy of the export log; with `verify`, every check of
     /// the module header, and the head pinned if all pass.
@@ -160,7 +247,15 @@ impl Messenger {
             }
             Err(e) => return Err(e.into()),
         };
-        let Some(wire_head) = &first.head else { return Ok(report) };
+        let Some(wire_head) = &first.head else {
+            if verify && pinned.log_key.is_some() {
+                report.problems.push(format!(
+                    "the relay serves no tree head, but this home verified a head of size {} before: a log only grows",
+                    pinned.size
+                ));
+            }
+            return Ok(report);
+        };
         let bad = |e: relay_proto::merkle::MerkleError| MessengerError::Input(format!("export log: {e}"));
         let key = log_key_from_wire(&first.log_key).map_err(bad)?;
         let head = SignedTreeHead::try_from(wire_head).map_err(bad)?;
@@ -168,14 +263,24 @@ impl Messenger {
         report.log_key = Some(key_hex.clone());
         report.tree_size = head.head.size;
         report.head_time_ms = head.head.timestamp_ms;
+        report.head = Some(SignedHead {
+            size: head.head.size,
+            root: hex::encode(head.head.root),
+            timestamp_ms: head.head.timestamp_ms,
+            signature: hex::encode(head.signature),
+        });
 
-        let mut pages = vec![first.clone()];
-        let mut page = first;
-        let mut start = 0;
-        while let Some(next) = next_page(start, &page, head.head.size).map_err(MessengerError::Input)? {
+        let mut bounds = PageBounds::default();
+        bounds.take(&first).map_err(MessengerError::Input)?;
+        let mut pages = Vec::new();
+        let (mut page, mut start) = (first, 0);
+        loop {
+            let next = next_page(start, &page, head.head.size).map_err(MessengerError::Input)?;
+            pages.push(page);
+            let Some(next) = next else { break };
             start = next;
             page = conn.list_exports(head.head.size, next, 0).await?;
-            pages.push(page.clone());
+            bounds.take(&page).map_err(MessengerError::Input)?;
         }
         let receipts: Vec<Receipt> = self.home().load_private("receipts.json")?;
         if verify {
@@ -187,9 +292,21 @@ impl Messenger {
             if head.verify(&key).is_err() {
                 report.problems.push("the tree head's signature does not verify under the log key".into());
             }
+            if head.head.size < pinned.size {
+                report.problems.push(format!(
+                    "the relay serves a head of size {}, older than the head of size {} verified before: a log only \
+                     grows",
+                    head.head.size, pinned.size
+                ));
+            }
             if pinned.size > 0 && report.problems.is_empty() {
                 let old_root: Option<[u8; 32]> = hex::decode(&pinned.root).ok().and_then(|r| r.try_into().ok());
                 let proof = proof_from_wire(&pages[0].consistency).map_err(bad)?;
+                report.consistency = Some(ConsistencyProof {
+                    old_size: pinned.size,
+                    old_root: pinned.root.clone(),
+                    hashes: proof.iter().map(hex::encode).collect(),
+                });
                 let consistent = old_root.is_some_and(|old| {
                     verify_consistency(pinned.size, head.head.size, &old, &head.head.root, &proof).is_ok()
                 });
@@ -205,8 +322,13 @@ impl Messenger {
         for entry in pages.iter().flat_map(|p| &p.entries) {
             let leaf = ExportLeaf::decode(&entry.leaf).map_err(bad)?;
             let (consent_sequence, mut problem) = consent_problem(&leaf, &receipts);
+            let proof = proof_from_wire(&entry.proof).map_err(bad)?;
+            let inclusion = InclusionProof {
+                index: entry.index,
+                tree_size: head.head.size,
+                hashes: proof.iter().map(hex::encode).collect(),
+            };
             if verify {
-                let proof = proof_from_wire(&entry.proof).map_err(bad)?;
                 let hash = relay_proto::merkle::leaf_hash(&entry.leaf);
                 if let Err(e) = verify_inclusion(&hash, entry.index, head.head.size, &proof, &head.head.root) {
                     problem = Some(format!("inclusion proof: {e}"));
@@ -227,6 +349,8 @@ impl Messenger {
                 consent: hex::encode(leaf.consent_hash),
                 consent_sequence,
                 problem,
+                leaf: hex::encode(&entry.leaf),
+                inclusion,
             });
         }
         if failed > 0 {
@@ -343,6 +467,21 @@ mod tests {
         for (start, next) in [(4, 4), (4, 3), (4, 10), (4, u64::MAX)] {
             assert!(next_page(start, &page(true, next), 10).is_err(), "{start} -> {next}");
         }
+    }
+
+    #[test]
+    fn a_listing_stops_at_the_page_and_entry_bounds() {
+        // The figures README and docs/protocol.md give.
+        assert_eq!((MAX_PAGES, MAX_ENTRIES), (128, 8_192));
+        let page = |n| ExportList { entries: vec![relay_proto::wire::LogLeaf::default(); n], ..ExportList::default() };
+        let mut bounds = PageBounds::default();
+        for _ in 0..MAX_PAGES {
+            assert_eq!(bounds.take(&page(0)), Ok(()));
+        }
+        assert!(bounds.take(&page(0)).is_err_and(|e| e.contains("pages")));
+        let mut bounds = PageBounds::default();
+        assert_eq!(bounds.take(&page(MAX_ENTRIES)), Ok(()));
+        assert!(bounds.take(&page(1)).is_err_and(|e| e.contains("entries")));
     }
 
     #[test]

@@ -222,7 +222,8 @@ pub struct CodeRequested {
 
 /// Validates and creates a new home with fresh keys.
 pub fn init(home: &Home, phone: &str, device: Device) -> Result<Identity, MessengerError> {
-    PhoneNumber::parse(phone).map_err(|e| MessengerError::Input(format!("invalid phone number {phone:?}: {e}")))?;
+    PhoneNumber::parse_valid(phone)
+        .map_err(|e| MessengerError::Input(format!("invalid phone number {phone:?}: {e}")))?;
     Ok(home.init(&Profile { phone: phone.to_owned(), device, relay: None })?)
 }
 
@@ -233,8 +234,9 @@ fn parse_relay(server: &str, cert_sha256: &str) -> Result<(SocketAddr, [u8; 32])
     Ok((addr, fp))
 }
 
+/// A number the user typed, checked against its numbering plan before it is sent anywhere (refused, not repaired).
 fn parse_phone(phone: &str) -> Result<(), MessengerError> {
-    PhoneNumber::parse(phone)
+    PhoneNumber::parse_valid(phone)
         .map(|_| ())
         .map_err(|e| MessengerError::Input(format!("invalid phone number {phone:?}: {e}")))
 }
@@ -1078,4 +1080,26 @@ fn far_future() -> Instant {
 /// processed and must not be acknowledged.
 fn is_local(e: &MessengerError) -> bool {
     matches!(e, MessengerError::Home(_) | MessengerError::Session(SessionError::Home(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Numbers the user types are checked against their numbering plan before anything is written or sent.
+    #[test]
+    fn numbers_outside_the_numbering_plan_are_refused_before_anything_is_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path().join("h"));
+        for bad in ["+99912345678", "+3361234567", "+33690123456", "+330612345678"] {
+            let err = init(&home, bad, Device::default()).expect_err(bad);
+            assert!(
+                matches!(&err, MessengerError::Input(m) if m.contains("numbering plan") || m.contains("canonical"))
+            );
+            assert!(matches!(parse_phone(bad), Err(MessengerError::Input(_))), "{bad}");
+        }
+        assert!(!dir.path().join("h").join("identity.json").exists(), "nothing written for a refused number");
+        assert_eq!(parse_phone("+33612345678").ok(), Some(()));
+        init(&home, "+33612345678", Device::default()).expect("a valid French mobile");
+    }
 }

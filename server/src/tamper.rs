@@ -4,14 +4,16 @@
 //! Contract: nothing in the relay ever sets a [`Tamper`] itself; no configuration key, flag or request reaches it. It
 //! exists only as a `#[doc(hidden)]` handle on an in-process [`crate::RelayHandle`]. While it is untouched (always,
 //! outside tests) every answer is exactly what the relay would send without it. It holds no store handle: it can
-//! only rewrite the keys a lookup or bundle answer carries, the opaque envelopes a send stores and the pages of a
-//! user's consent history, so the message path that consults it still names no personal data.
+//! only rewrite the keys a lookup or bundle answer carries, the opaque envelopes a send stores, the export-log
+//! listings (`ExportList`) and the pages of a user's consent history the consent handler answers, so the message path
+//! that consults it still names no personal data.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use relay_proto::AccountId;
+use relay_proto::wire::{ExportList, ListExports};
 
 /// A sealing key the relay hands out in place of an account's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,9 @@ pub type EnvelopeRewrite = Arc<dyn Fn(&AccountId, &[u8]) -> Option<Vec<u8>> + Se
 
 /// Rewrites a page of a user's consent history (each entry: statement bytes, signature, recorded at).
 pub type HistoryRewrite = Arc<dyn Fn(Vec<(Vec<u8>, Vec<u8>, u64)>) -> Vec<(Vec<u8>, Vec<u8>, u64)> + Send + Sync>;
+/// Rewrites the answer to a `ListExports` request (given as asked), given the honest answer (`None` where the relay
+/// would have refused the request); `None` sends the honest answer (or refusal).
+pub type ExportListRewrite = Arc<dyn Fn(&ListExports, Option<&ExportList>) -> Option<ExportList> + Send + Sync>;
 
 /// What the relay is told to lie about.
 #[doc(hidden)]
@@ -39,6 +44,7 @@ pub struct Tamper {
     sealing_keys: Mutex<HashMap<AccountId, SubstituteKey>>,
     envelopes: Mutex<Option<EnvelopeRewrite>>,
     history: Mutex<Option<HistoryRewrite>>,
+    export_lists: Mutex<Option<ExportListRewrite>>,
 }
 
 impl std::fmt::Debug for Tamper {
@@ -78,6 +84,12 @@ impl Tamper {
         }
     }
 
+    /// From now on, every answer to `ListExports` is first passed through `rewrite`.
+    pub fn rewrite_export_lists(&self, rewrite: ExportListRewrite) {
+        *self.export_lists.lock().unwrap_or_else(PoisonError::into_inner) = Some(rewrite);
+        self.active.store(true, Ordering::Release);
+    }
+
     /// The substitute for `account`'s sealing key in a lookup (or, with `bundle`, a bundle) answer, if any.
     pub fn sealing_key(&self, account: &AccountId, bundle: bool) -> Option<SubstituteKey> {
         if !self.active.load(Ordering::Acquire) {
@@ -94,5 +106,15 @@ impl Tamper {
         }
         let rewrite = self.envelopes.lock().unwrap_or_else(PoisonError::into_inner).clone();
         rewrite.and_then(|r| r(recipient, envelope))
+    }
+
+    /// The export listing to send for `request`: `None` (send `honest`, or the refusal when it is `None`) unless a
+    /// rewrite is set and changes it.
+    pub fn export_list(&self, request: &ListExports, honest: Option<&ExportList>) -> Option<ExportList> {
+        if !self.active.load(Ordering::Acquire) {
+            return None;
+        }
+        let rewrite = self.export_lists.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        rewrite.and_then(|r| r(request, honest))
     }
 }

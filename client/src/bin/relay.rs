@@ -484,17 +484,17 @@ async fn exports(home: &Home, verify: bool, json: bool) -> anyhow::Result<()> {
                 terminal_safe(&status)
             );
         }
-        if verify {
-            if report.problems.is_empty() {
-                println!(
-                    "log key {} — head of size {} verified",
-                    report.log_key.as_deref().unwrap_or(""),
-                    report.tree_size
-                );
-            }
-            for p in &report.problems {
-                println!("PROBLEM: {}", terminal_safe(p));
-            }
+        if verify && report.problems.is_empty() {
+            println!(
+                "log key {} — head of size {} verified",
+                report.log_key.as_deref().unwrap_or(""),
+                report.tree_size
+            );
+        }
+    }
+    if verify && !json {
+        for p in &report.problems {
+            println!("PROBLEM: {}", terminal_safe(p));
         }
     }
     if verify && !report.problems.is_empty() {
@@ -754,7 +754,7 @@ fn format_time(ms: u64) -> String {
 
 async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     let mut m = Messenger::open(home).await?;
-    relay_proto::PhoneNumber::parse(to).with_context(|| format!("invalid phone number {to:?}"))?;
+    relay_proto::PhoneNumber::parse_valid(to).with_context(|| format!("invalid phone number {to:?}"))?;
     let mut inbox = m.inbox().await?;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     eprintln!("chatting with {to} as {} — type a line and press Enter; Ctrl-D to quit", m.phone());

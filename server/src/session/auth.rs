@@ -2,7 +2,9 @@
 //! account, proving the phone number it registers, and vouching for it.
 //!
 //! Registration creates the account of an identity key, or updates its sealing key, phone number and device info;
-//! it is acknowledged only once durable. Both `Register` and `Auth` carry a signature over a transcript bound to
+//! it is acknowledged only once durable. The number of a `Register` or a `RequestCode` must be a valid number of its
+//! country's numbering plan, already in canonical E.164 form (`PhoneNumber::parse_valid`): refused with
+//! `INVALID_PHONE`, never repaired. Both `Register` and `Auth` carry a signature over a transcript bound to
 //! this connection's EKM (see [`super::state`]). A sealing key is accepted only with its binding signature by the
 //! identity key (`relay_proto::identity`); clients check that signature again on every lookup and bundle. Whether a
 //! registration may claim its number (a code, a registration lock) is decided by [`Registration`] before the
@@ -68,7 +70,8 @@ impl Auth {
         }
         let identity_key = checks::key32(&r.identity_key, "identity_key")?;
         let sealing_key = checks::key32(&r.sealing_key, "sealing_key")?;
-        let phone = PhoneNumber::parse(&r.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
+        let phone =
+            PhoneNumber::parse_valid(&r.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
         let device = r.device.unwrap_or_default();
         for (name, value) in [("model", &device.model), ("os", &device.os), ("app_version", &device.app_version)] {
             if value.len() > MAX_DEVICE_FIELD || value.chars().any(char::is_control) {
@@ -116,7 +119,8 @@ impl Auth {
 
     /// Asks the verifier to send a code to the requested number.
     pub async fn request_code(&self, session: &Session, c: RequestCode) -> Reply {
-        let phone = PhoneNumber::parse(&c.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
+        let phone =
+            PhoneNumber::parse_valid(&c.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
         let (request_id, expires_at_ms) = self.registration.request_code(&phone, session.peer()).await?;
         reply(Resp::CodeSent(CodeSent {
             request_id: request_id.to_string(),

@@ -27,6 +27,7 @@ use super::state::Session;
 use crate::fence::Fence;
 use crate::reject::Reject;
 use crate::store::{ConsentRegistry, ExportLog, GroupCommit, Identities, Notices};
+use crate::tamper::Tamper;
 
 /// The consent and export-history handler.
 pub struct Consent {
@@ -42,8 +43,8 @@ pub struct Consent {
     pub fence: Arc<Fence>,
     /// Durability barrier.
     pub commit: Arc<GroupCommit>,
-    /// The test-only lie hook (untouched outside tests; see `crate::tamper`).
-    pub tamper: Arc<crate::tamper::Tamper>,
+    /// Lies to tell, for tests only (see [`crate::tamper`]).
+    pub tamper: Arc<Tamper>,
 }
 
 impl Consent {
@@ -165,25 +166,29 @@ impl Consent {
     /// The caller's entries of the export log, with proofs.
     pub fn list_exports(&self, session: &Session, l: ListExports) -> Reply {
         let account = session.account()?;
-        let listing = self.export_log.list(
-            &account,
-            l.tree_size,
-            l.start_index,
-            l.since_size,
-            relay_proto::MAX_LISTED_EXPORTS,
-        )?;
+        let honest = self.export_list(&account, &l);
+        match self.tamper.export_list(&l, honest.as_ref().ok()) {
+            Some(lie) => reply(Resp::ExportList(lie)),
+            None => reply(Resp::ExportList(honest?)),
+        }
+    }
+
+    /// The honest answer to `l`.
+    fn export_list(&self, account: &relay_proto::AccountId, l: &ListExports) -> Result<ExportList, Reject> {
+        let listing =
+            self.export_log.list(account, l.tree_size, l.start_index, l.since_size, relay_proto::MAX_LISTED_EXPORTS)?;
         let entries = listing
             .entries
             .into_iter()
             .map(|(index, leaf, proof)| LogLeaf { index, leaf: leaf.into(), proof: merkle::proof_to_wire(&proof) })
             .collect();
-        reply(Resp::ExportList(ExportList {
+        Ok(ExportList {
             log_key: listing.log_key.map(|k| k.to_bytes().to_vec().into()).unwrap_or_default(),
             head: listing.head.as_ref().map(Into::into),
             entries,
             next_index: listing.next_index,
             more: listing.more,
             consistency: merkle::proof_to_wire(&listing.consistency),
-        }))
+        })
     }
 }

@@ -116,6 +116,21 @@ async fn invalid_phone_numbers_are_rejected_not_repaired() {
         let err = conn.register(&id, bad, Default::default()).await.expect_err(bad);
         assert_eq!(err.code(), Some(ErrorCode::InvalidPhone), "{bad:?}: {err}");
     }
+    // Valid syntax, but outside any numbering plan: no country +999, a French number one digit short, one in a French
+    // range nobody is assigned, one that is valid only once its trunk prefix is dropped (refused, not repaired).
+    for (bad, why) in [
+        ("+99912345678", "country calling code"),
+        ("+3361234567", "too short"),
+        ("+33690123456", "does not assign"),
+        ("+330612345678", "canonical"),
+    ] {
+        let err = conn.register(&id, bad, Default::default()).await.expect_err(bad);
+        assert_eq!(err.code(), Some(ErrorCode::InvalidPhone), "{bad:?}: {err}");
+        assert!(err.to_string().contains(why), "{bad:?}: {err}");
+        // Nor is a verification code sent to it.
+        let err = conn.request_code(bad).await.expect_err(bad);
+        assert_eq!(err.code(), Some(ErrorCode::InvalidPhone), "{bad:?}: {err}");
+    }
     // Nothing was stored: the number, spelled correctly, is free.
     assert!(conn.register(&id, "+33678829916", Default::default()).await.expect("valid"));
 }

@@ -11,6 +11,7 @@ mod e2ee;
 mod export;
 mod exporter;
 mod exportlog;
+mod exports_verify;
 mod identity;
 mod limits;
 mod logdamage;

@@ -58,9 +58,9 @@ pub struct LoadClient {
     pub conn: Option<Arc<Connection>>,
 }
 
-/// `+1555` followed by seven digits: valid E.164 (North American numbering), never a real subscriber range used here.
+/// `+3360` followed by seven digits: French mobile numbers, valid in the numbering plan the relay checks.
 fn phone(n: u64) -> String {
-    format!("+1555{:07}", n % 10_000_000)
+    format!("+3360{:07}", n % 10_000_000)
 }
 
 fn device() -> DeviceInfo {

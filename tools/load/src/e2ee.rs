@@ -83,7 +83,7 @@ impl Pairs {
             .iter()
             .enumerate()
             .map(|(i, id)| {
-                let phone = PhoneNumber::parse(&format!("+1555{i:07}"))?;
+                let phone = PhoneNumber::parse(&format!("+3360{i:07}"))?;
                 Ok(SenderCertificate::new(id.identity_key(), id.sealing_key(), phone, expires_ms).sign(&issuer))
             })
             .collect::<Result<_>>()?;

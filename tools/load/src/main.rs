@@ -12,7 +12,8 @@
 //! Against a relay it starts itself (a `relayd` child process on 127.0.0.1:0 in a temporary directory, whose CPU time
 //! and memory it reads from /proc) or one given by `--server ADDR --cert-sha256 HEX`. Each run prints one summary
 //! line on stdout and, with `--json FILE`, writes a JSON report. Load clients register with fresh identities and
-//! synthetic phone numbers (+1555…); payloads are random bytes, never anything a person wrote.
+//! synthetic phone numbers (+3360…, French mobiles valid in the numbering plan); payloads are random bytes, never
+//! anything a person wrote.
 
 mod clients;
 mod conns;
