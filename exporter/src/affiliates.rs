@@ -61,6 +61,7 @@ pub struct CurrentNotice {
 /// The whole catalogue, with the current notice of each (affiliate, purpose) it allows.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Catalogue {
+    controller: Option<Controller>,
     affiliates: BTreeMap<String, Affiliate>,
     /// The current notice per pair: version 1 until [`Catalogue::set_notices`].
     notices: BTreeMap<(String, Purpose), CurrentNotice>,
@@ -95,7 +96,21 @@ pub enum CatalogueError {
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
+    controller: Option<Controller>,
+    #[serde(default)]
     affiliate: Vec<RawAffiliate>,
+}
+
+/// Who decides what is exported: the operator, as named in the records of processing (GDPR Article 30).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Controller {
+    /// Legal name.
+    pub name: String,
+    /// How to reach it (and its data protection officer, if any).
+    pub contact: String,
+    /// ISO 3166-1 alpha-2 country of establishment.
+    pub country: String,
 }
 
 #[derive(Deserialize)]
@@ -143,7 +158,17 @@ impl Catalogue {
             }
             affiliates.insert(a.id.clone(), a);
         }
-        let mut catalogue = Self { affiliates, notices: BTreeMap::new() };
+        if let Some(c) = &file.controller {
+            let invalid =
+                |message: &str| CatalogueError::Invalid { affiliate: "[controller]".into(), message: message.into() };
+            if !valid_legal_name(&c.name) || !valid_legal_name(&c.contact) {
+                return Err(invalid("name and contact must be 1-200 bytes without control characters"));
+            }
+            if !valid_country(&c.country) {
+                return Err(invalid("country must be an ISO 3166-1 alpha-2 code such as \"FR\""));
+            }
+        }
+        let mut catalogue = Self { controller: file.controller, affiliates, notices: BTreeMap::new() };
         let terms = catalogue.notice_terms();
         catalogue.set_notices(terms).map_err(|e| CatalogueError::Parse(e.to_string()))?;
         Ok(catalogue)
@@ -196,6 +221,11 @@ impl Catalogue {
     /// Every current notice, by pair.
     pub fn notices(&self) -> impl Iterator<Item = &CurrentNotice> {
         self.notices.values()
+    }
+
+    /// The controller, if the catalogue names one (`[controller]`).
+    pub fn controller(&self) -> Option<&Controller> {
+        self.controller.as_ref()
     }
 
     /// The affiliate with this id.

@@ -62,6 +62,22 @@ fn notice_key(hash: &[u8; 32]) -> Vec<u8> {
     [&b"h"[..], hash].concat()
 }
 
+/// In the `notices` tree: `t ‖ SHA-256` → when the exporter made that notice (ms since the Unix epoch, BE).
+fn notice_made_key(hash: &[u8; 32]) -> Vec<u8> {
+    [&b"t"[..], hash].concat()
+}
+
+/// A notice the exporter made, with when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MadeNotice {
+    /// The document.
+    pub document: Vec<u8>,
+    /// Its terms.
+    pub notice: Notice,
+    /// When the exporter first made it current (ms since the Unix epoch; 0 if made before this was recorded).
+    pub made_ms: u64,
+}
+
 /// A log record as read: decoded, or why it does not decode.
 pub type RecordRead = Result<LogRecord, String>;
 
@@ -147,11 +163,27 @@ impl ExporterStore {
             let hash = notice_hash(&document);
             if self.notices.get(notice_key(&hash))?.is_none() {
                 self.notices.insert(notice_key(&hash), document.as_slice())?;
+                self.notices.insert(notice_made_key(&hash), &relay_proto::now_ms().to_be_bytes()[..])?;
                 self.notices.insert(key, document)?;
             }
             out.push(notice);
         }
         self.notices.flush()?;
+        Ok(out)
+    }
+
+    /// Every notice this exporter made, each with when it became current, oldest first.
+    pub fn made_notices(&self) -> Result<Vec<MadeNotice>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.notices.scan_prefix(b"h") {
+            let (k, document) = item?;
+            let hash: [u8; 32] =
+                k.get(1..).and_then(|h| h.try_into().ok()).ok_or_else(|| StoreError::Corrupt("notice key".into()))?;
+            let notice = Notice::decode(&document).map_err(|e| StoreError::Corrupt(format!("notice: {e}")))?;
+            let made_ms = self.notices.get(notice_made_key(&hash))?.map_or(Ok(0), |v| be_u64(&v, "notice time"))?;
+            out.push(MadeNotice { document: document.to_vec(), notice, made_ms });
+        }
+        out.sort_by_key(|n| (n.made_ms, n.notice.version));
         Ok(out)
     }
 
