@@ -8,7 +8,8 @@
 //! - each entry is in the log under that head (inclusion proof);
 //! - each entry's consent hash is the hash of a grant this device signed (a receipt in `receipts.json`) for exactly
 //!   that affiliate and purpose, in force at the export's time, and not superseded by a statement the relay had
-//!   recorded before that time.
+//!   recorded before that time;
+//! - with witnesses remembered in the home ([`crate::witnessed`]), the head carries a valid cosignature from each.
 //!
 //! The head is pinned only when every check passed.
 
@@ -158,6 +159,12 @@ impl Messenger {
         report.log_key = Some(key_hex.clone());
         report.tree_size = head.head.size;
         report.head_time_ms = head.head.timestamp_ms;
+        let witness_problems = if verify {
+            let witnesses = crate::witnessed::Witnesses::load(self.home())?.parsed().map_err(MessengerError::Input)?;
+            crate::witnessed::problems(wire_head, &head, &key, &witnesses)
+        } else {
+            Vec::new()
+        };
 
         let mut pages = vec![first.clone()];
         let mut page = first;
@@ -177,6 +184,7 @@ impl Messenger {
             if head.verify(&key).is_err() {
                 report.problems.push("the tree head's signature does not verify under the log key".into());
             }
+            report.problems.extend(witness_problems);
             if pinned.size > 0 && report.problems.is_empty() {
                 let old_root: Option<[u8; 32]> = hex::decode(&pinned.root).ok().and_then(|r| r.try_into().ok());
                 let proof = proof_from_wire(&pages[0].consistency).map_err(bad)?;
