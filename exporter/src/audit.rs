@@ -593,6 +593,10 @@ mod tests {
             problems.iter().any(|p| p.starts_with("witness: head of size 3: the log does not extend it")),
             "{problems:?}"
         );
+        // The limit of the key alone: the older head that is now the latest was cosigned, so without the witness's
+        // checkpoint the rollback passes.
+        let key_only = audit_witnessed(&f.store, &f.log_key.verifying_key(), None, &[], &[f.witness.verifying_key()]);
+        assert!(key_only.expect("audit").passed(), "a rollback to a cosigned head passes the key alone");
         // ...and then another entry logged in its place and re-signed: the witness refuses to cosign it.
         let mut replaced = records(&f);
         let mut leaf = ExportLeaf::decode(&replaced[1].leaf).expect("leaf");

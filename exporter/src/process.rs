@@ -63,6 +63,12 @@ pub const WITNESS_FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest pause before a witness that did not cosign is asked again.
 pub const WITNESS_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The pause after `pause` before a witness that did not cosign is asked again: doubled, at most
+/// [`WITNESS_MAX_BACKOFF`].
+fn next_witness_backoff(pause: Duration) -> Duration {
+    pause.saturating_mul(2).min(WITNESS_MAX_BACKOFF)
+}
+
 /// A configured witness and when it may be asked again.
 struct WitnessSlot {
     spec: WitnessSpec,
@@ -272,7 +278,7 @@ impl Exporter {
                         "the witness did not cosign; the head is published without its cosignature and retried"
                     );
                     slot.retry_at = Some(now + slot.backoff);
-                    slot.backoff = (slot.backoff * 2).min(WITNESS_MAX_BACKOFF);
+                    slot.backoff = next_witness_backoff(slot.backoff);
                 }
             }
         }
@@ -723,6 +729,18 @@ enum PassError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_witness_that_did_not_cosign_is_asked_again_after_a_doubling_pause() {
+        let mut pause = WITNESS_FIRST_BACKOFF;
+        let mut pauses = vec![pause];
+        for _ in 0..8 {
+            pause = next_witness_backoff(pause);
+            pauses.push(pause);
+        }
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);
+    }
 
     #[test]
     fn the_key_file_is_created_once_owner_only() {

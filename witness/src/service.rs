@@ -210,8 +210,16 @@ mod tests {
                 }
             }
         }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE)).expect("key").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the witness key is its owner's alone");
+        }
         // Restarted on the same data dir: same key, same state, same refusals.
+        let public = load_or_create_key(dir.path()).expect("key").verifying_key();
         let witness = Witness::open(dir.path(), &[log_key.verifying_key()]).expect("reopen");
+        assert_eq!(witness.public_key(), public, "the same key after a restart");
         for (what, forged) in &attacks {
             let r = witness.handle(add(&log_key, forged, 3), 4);
             assert!(matches!(r.body, Some(witness_response::Body::Error(_))), "{what} after a restart: {:?}", r.body);
