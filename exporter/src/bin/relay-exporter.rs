@@ -7,7 +7,7 @@
 //! on stdout, `exporter cert-sha256 <hex> log-key <hex>`: the first is relayd's `--exporter-cert-sha256`, the second
 //! the Ed25519 key that verifies the export log's tree heads (`relay-audit --log-key`). Logs go to stderr
 //! (`RUST_LOG`). Each `--witness` (a `relay-witness`: its address, its certificate's SHA-256 from its ready line, its
-//! public key) is asked to cosign every new tree head; a witness that is down delays nothing (see
+//! public key) is asked to cosign every new tree head; a witness that is down holds nothing back (see
 //! `relay_exporter::process`).
 //!
 //! Exit status: 0 after SIGINT or SIGTERM; 3 if the export log is damaged (checked before the ready line against the
