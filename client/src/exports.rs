@@ -8,7 +8,8 @@
 //! - each entry is in the log under that head (inclusion proof);
 //! - each entry's consent hash is the hash of a grant this device signed (a receipt in `receipts.json`) for exactly
 //!   that affiliate and purpose, in force at the export's time, and not superseded by a statement the relay had
-//!   recorded before that time.
+//!   recorded before that time;
+//! - with witnesses remembered in the home ([`crate::witnessed`]), the head carries a valid cosignature from each.
 //!
 //! - a home that verified a head before fails when the relay now serves no head at all, or a head older (smaller)
 //!   than the pinned one: a log only grows.
@@ -269,6 +270,12 @@ impl Messenger {
             timestamp_ms: head.head.timestamp_ms,
             signature: hex::encode(head.signature),
         });
+        let witness_problems = if verify {
+            let witnesses = crate::witnessed::Witnesses::load(self.home())?.parsed().map_err(MessengerError::Input)?;
+            crate::witnessed::problems(wire_head, &head, &key, &witnesses)
+        } else {
+            Vec::new()
+        };
 
         let mut bounds = PageBounds::default();
         bounds.take(&first).map_err(MessengerError::Input)?;
@@ -299,6 +306,7 @@ impl Messenger {
                     head.head.size, pinned.size
                 ));
             }
+            report.problems.extend(witness_problems);
             if pinned.size > 0 && report.problems.is_empty() {
                 let old_root: Option<[u8; 32]> = hex::decode(&pinned.root).ok().and_then(|r| r.try_into().ok());
                 let proof = proof_from_wire(&pages[0].consistency).map_err(bad)?;

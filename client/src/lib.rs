@@ -6,7 +6,8 @@
 //! Ratchet, safety numbers: pure, no I/O), [`sealed`] (the sealed-sender envelope), [`content`] (message
 //! plaintext), [`connection`] (the wire protocol over QUIC), [`home`] (local files), [`sessions`] (end-to-end
 //! state and its persistence), [`messenger`] (what the CLI and applications use), [`consent`] (signed consent
-//! statements and receipts), [`display`] (peer-provided text made safe for a terminal).
+//! statements and receipts), [`display`] (peer-provided text made safe for a terminal), [`witnessed`] (the witnesses
+//! whose cosignature the export log's head must carry).
 
 pub mod connection;
 pub mod consent;
@@ -21,6 +22,7 @@ pub mod pin;
 pub mod sealed;
 pub mod sessions;
 pub mod subject;
+pub mod witnessed;
 
 pub use connection::{Authenticated, ClientError, Connection, DirectoryEntry, Inbox, InboxEvent};
 pub use home::{Device, Home};

@@ -13,11 +13,18 @@
 //! (`relay exports --verify`), the relay's published heads. [`check_external`] fails every such head the log does
 //! not extend (its size past the log, or another root over that many entries), and every one that claims a
 //! signature that does not verify under the log key.
+//!
+//! Witnesses ([`audit_witnessed`]): with witness keys configured, the latest head must carry a valid cosignature
+//! from each (`relay_proto::witness`). A witness cosigns only heads that extend the last one it cosigned, so a log
+//! rewritten and re-signed by whoever holds `log.key` cannot get its new heads cosigned; a witness's own latest
+//! checkpoint, read from it (`relay-audit --witness`), is one more head the log must extend, which catches a log
+//! rolled back to an older cosigned head.
 
 use ed25519_dalek::VerifyingKey;
 use relay_proto::AccountId;
 use relay_proto::consent::{self, ConsentStatement, Decision};
 use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
+use relay_proto::witness::require_cosignatures;
 use serde::Serialize;
 
 use crate::affiliates::Catalogue;
@@ -272,11 +279,42 @@ pub fn audit_against(
     Ok(report)
 }
 
+/// [`audit_against`], requiring the latest head to carry a valid cosignature from each of `witnesses`.
+pub fn audit_witnessed(
+    store: &ExporterStore,
+    log_key: &VerifyingKey,
+    catalogue: Option<&Catalogue>,
+    external: &[(String, ExternalHead)],
+    witnesses: &[VerifyingKey],
+) -> Result<AuditReport, StoreError> {
+    let mut report = audit_against(store, log_key, catalogue, external)?;
+    if witnesses.is_empty() {
+        return Ok(report);
+    }
+    let heads = store.heads()?;
+    match heads.last() {
+        Some(latest) => {
+            let cosignatures = store.cosignatures(latest.head.size)?;
+            for witness in witnesses {
+                if let Err(e) = require_cosignatures(log_key, &latest.head, &cosignatures, &[*witness]) {
+                    report.problems.push(format!("latest head: {e}"));
+                }
+            }
+        }
+        None if report.entries > 0 => {
+            report.problems.push("no signed head: the log's entries are not witnessed".to_owned());
+        }
+        None => {}
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use ed25519_dalek::{Signer, SigningKey};
     use relay_proto::consent::Purpose;
     use relay_proto::merkle::TreeHead;
+    use relay_proto::witness::{Checkpoint, Cosignature, check_checkpoint};
 
     use super::*;
     use crate::core::Write;
@@ -296,6 +334,9 @@ mod tests {
         user: SigningKey,
         log_key: SigningKey,
         log: MerkleLog,
+        /// A witness of the log, and the last checkpoint it cosigned (it applies the real rule).
+        witness: SigningKey,
+        checkpoint: Checkpoint,
     }
 
     fn statement(user: &SigningKey, sequence: u64, decision: Decision, time_ms: u64) -> (ConsentStatement, Evidence) {
@@ -329,7 +370,43 @@ mod tests {
                 user: SigningKey::from_bytes(&[5; 32]),
                 log_key: SigningKey::from_bytes(&[6; 32]),
                 log: MerkleLog::new(),
+                witness: SigningKey::from_bytes(&[7; 32]),
+                checkpoint: Checkpoint::empty(),
             }
+        }
+
+        /// Submits the latest stored head to the witness, as the exporter does, and stores its cosignature if it
+        /// gives one. Returns whether it did.
+        fn cosign_latest(&mut self) -> bool {
+            let Some(head) = self.store.heads().expect("heads").last().copied() else { return false };
+            let old = self.checkpoint.size.min(self.log.len());
+            let proof = self.log.consistency_proof(old, head.head.size).unwrap_or_default();
+            let log_key = self.log_key.verifying_key();
+            match check_checkpoint(&log_key, self.checkpoint, self.checkpoint.size, &proof, &head) {
+                Ok(next) => {
+                    self.checkpoint = next;
+                    let c = Cosignature::sign(&self.witness, &log_key, &head.head, 50);
+                    self.store.put_cosignature(head.head.size, &c).expect("cosignature");
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+
+        /// The audit with the witness's key configured and its latest checkpoint as a head the log must extend.
+        fn witnessed_audit(&self) -> Vec<String> {
+            let checkpoint = ExternalHead {
+                log_key: None,
+                size: self.checkpoint.size,
+                root: hex::encode(self.checkpoint.root),
+                timestamp_ms: None,
+                signature: None,
+            };
+            let external = [("witness".to_owned(), checkpoint)];
+            let witnesses = [self.witness.verifying_key()];
+            audit_witnessed(&self.store, &self.log_key.verifying_key(), None, &external, &witnesses)
+                .expect("audit")
+                .problems
         }
 
         fn account(&self) -> AccountId {
@@ -490,6 +567,98 @@ mod tests {
         pin[0].1.signature = Some(hex::encode([1u8; 64]));
         let problems = audit_against(&f.store, &f.log_key.verifying_key(), None, &pin).expect("audit").problems;
         assert_eq!(problems, ["pin: head of size 3: signature does not verify under the log key"]);
+    }
+
+    /// The same attacks by a holder of `log.key`, against a log whose heads a witness cosigned: the witness refuses
+    /// every rewritten head, and the audit with the witness configured fails each, without any head pinned by a user.
+    #[test]
+    fn with_a_witness_rollbacks_and_re_signed_rewrites_fail() {
+        let grant = statement(&SigningKey::from_bytes(&[5; 32]), 1, Decision::Grant, 1_000);
+        let honest = || {
+            let mut f = Fixture::new();
+            f.record_statement(1, &grant.1);
+            for n in 1..=3 {
+                f.export(n, &grant, 2_000 + u64::from(n), FIELDS);
+                assert!(f.cosign_latest(), "the honest head of size {n} is cosigned");
+            }
+            f
+        };
+        // Rewrites the log as `records`, re-signing a head per size and asking the witness to cosign each.
+        let rewrite = |f: &mut Fixture, records: Vec<LogRecord>| {
+            f.store.drop_log_tail(0).expect("drop");
+            f.log = MerkleLog::new();
+            let mut cosigned = false;
+            for (index, record) in records.into_iter().enumerate() {
+                let export_id = ExportLeaf::decode(&record.leaf).expect("leaf").export_id;
+                f.store.append_recovered(index as u64, &WebhookId::from_export_id(export_id), &record).expect("append");
+                f.log.append(&record.leaf);
+                let head = TreeHead { size: f.log.len(), root: f.log.root(), timestamp_ms: 10 + index as u64 };
+                f.store.put_head(&head.sign(&f.log_key)).expect("head");
+                cosigned |= f.cosign_latest();
+            }
+            cosigned
+        };
+        let records = |f: &Fixture| -> Vec<LogRecord> {
+            f.store.log_records(0, 10).expect("records").into_iter().map(|(_, r)| r).collect()
+        };
+        let f = honest();
+        assert_eq!(f.witnessed_audit(), Vec::<String>::new(), "the honest, cosigned log passes");
+
+        // (a) The newest entry dropped with its heads and cosignatures: the head of size 2 is still cosigned, but
+        // the witness's checkpoint is not extended.
+        let mut f = honest();
+        f.store.drop_log_tail(2).expect("drop the newest");
+        f.log = crate::process::load_log(&f.store).expect("log");
+        assert!(f.audit().passed(), "alone, the shortened log passes");
+        let problems = f.witnessed_audit();
+        assert!(
+            problems.iter().any(|p| p.starts_with("witness: head of size 3: the log does not extend it")),
+            "{problems:?}"
+        );
+        // The limit of the key alone: the older head that is now the latest was cosigned, so without the witness's
+        // checkpoint the rollback passes.
+        let key_only = audit_witnessed(&f.store, &f.log_key.verifying_key(), None, &[], &[f.witness.verifying_key()]);
+        assert!(key_only.expect("audit").passed(), "a rollback to a cosigned head passes the key alone");
+        // ...and then another entry logged in its place and re-signed: the witness refuses to cosign it.
+        let mut replaced = records(&f);
+        let mut leaf = ExportLeaf::decode(&replaced[1].leaf).expect("leaf");
+        leaf.export_id = [0xaa; 16];
+        replaced.push(LogRecord { leaf: leaf.encode().expect("leaf"), ..replaced[1].clone() });
+        assert!(!rewrite(&mut f, replaced), "the witness cosigned a rewritten head");
+        let problems = f.witnessed_audit();
+        assert!(
+            problems.iter().any(|p| p.contains("head of size 3 carries no cosignature from witness")),
+            "{problems:?}"
+        );
+
+        // (b) Entry 0 deleted, every head re-signed.
+        let mut f = honest();
+        let kept = records(&f).split_off(1);
+        assert!(!rewrite(&mut f, kept), "the witness cosigned a rewritten head");
+        assert!(f.audit().passed(), "alone, the re-signed log passes");
+        let problems = f.witnessed_audit();
+        assert!(problems.iter().any(|p| p.contains("carries no cosignature from witness")), "{problems:?}");
+
+        // (c) An entry's payload hash altered, every head re-signed.
+        let mut f = honest();
+        let mut altered = records(&f);
+        let mut leaf = ExportLeaf::decode(&altered[1].leaf).expect("leaf");
+        leaf.payload_hash = [0xee; 32];
+        altered[1].leaf = leaf.encode().expect("leaf");
+        assert!(!rewrite(&mut f, altered), "the witness cosigned a rewritten head");
+        assert!(f.audit().passed(), "alone, the re-signed log passes");
+        let problems = f.witnessed_audit();
+        assert!(problems.iter().any(|p| p.contains("carries no cosignature from witness")), "{problems:?}");
+
+        // A cosignature forged with another key, claiming to be the witness's.
+        let f = honest();
+        let head = f.store.heads().expect("heads").last().copied().expect("head");
+        let mut forged =
+            Cosignature::sign(&SigningKey::from_bytes(&[9; 32]), &f.log_key.verifying_key(), &head.head, 1);
+        forged.witness_key = f.witness.verifying_key().to_bytes();
+        f.store.put_cosignature(3, &forged).expect("forged");
+        let problems = f.witnessed_audit();
+        assert!(problems.iter().any(|p| p.contains("cosignature does not verify under witness key")), "{problems:?}");
     }
 
     #[test]

@@ -72,10 +72,40 @@ pub fn subject(change: &ConsentChange) -> Option<payload::Subject> {
     })
 }
 
-/// The JSON body of an event of type `kind` written at `now_ms`, with `nonce` and `data`.
-pub fn event(kind: &str, now_ms: u64, nonce: [u8; 16], data: serde_json::Map<String, Value>) -> String {
-    json!({ "type": kind, "timestamp": relay_proto::time::rfc3339(now_ms), "nonce": hex::encode(nonce), "data": data })
-        .to_string()
+/// The JSON body of an event of type `kind` written at `now_ms`, with `nonce` and `data`, and `log_head` (the export
+/// log's latest signed head with its witnesses' cosignatures when the event was queued, [`log_head`]) if there is one.
+pub fn event(
+    kind: &str,
+    now_ms: u64,
+    nonce: [u8; 16],
+    data: serde_json::Map<String, Value>,
+    log_head: Option<&Value>,
+) -> String {
+    let mut body = json!({ "type": kind, "timestamp": relay_proto::time::rfc3339(now_ms), "nonce": hex::encode(nonce), "data": data });
+    if let (Some(head), Some(object)) = (log_head, body.as_object_mut()) {
+        object.insert("log_head".into(), head.clone());
+    }
+    body.to_string()
+}
+
+/// The `log_head` object of an event body: the log key, the signed head and the cosignatures, all hex.
+pub fn log_head(
+    log_key: &ed25519_dalek::VerifyingKey,
+    head: &relay_proto::merkle::SignedTreeHead,
+    cosignatures: &[relay_proto::witness::Cosignature],
+) -> Value {
+    json!({
+        "log_key": hex::encode(log_key.as_bytes()),
+        "size": head.head.size,
+        "root": hex::encode(head.head.root),
+        "timestamp_ms": head.head.timestamp_ms,
+        "signature": hex::encode(head.signature),
+        "cosignatures": cosignatures.iter().map(|c| json!({
+            "witness_key": hex::encode(c.witness_key),
+            "timestamp_ms": c.timestamp_ms,
+            "signature": hex::encode(c.signature),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 #[cfg(test)]
@@ -133,13 +163,27 @@ mod tests {
     fn events_carry_their_type_time_nonce_and_data_only() {
         let mut data = serde_json::Map::new();
         data.insert("purpose".into(), Value::String("advertising".into()));
-        let body = event("consent.withdrawn", 1_700_000_000_123, [0xab; 16], data);
+        let body = event("consent.withdrawn", 1_700_000_000_123, [0xab; 16], data.clone(), None);
         let parsed: Value = serde_json::from_str(&body).expect("json");
         assert_eq!(parsed["type"], "consent.withdrawn");
         assert_eq!(parsed["timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(parsed["nonce"], "ab".repeat(16));
         assert_eq!(parsed["data"], json!({"purpose": "advertising"}));
         assert_eq!(parsed.as_object().map(|o| o.len()), Some(4));
+        // With a head: the same, and the head with its cosignatures, each verifiable from the body alone.
+        let (log_key, witness) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+        let head = relay_proto::merkle::TreeHead { size: 3, root: [4; 32], timestamp_ms: 5 }.sign(&log_key);
+        let cosignature = relay_proto::witness::Cosignature::sign(&witness, &log_key.verifying_key(), &head.head, 6);
+        let value = log_head(&log_key.verifying_key(), &head, &[cosignature]);
+        let body = event("consent.withdrawn", 1_700_000_000_123, [0xab; 16], data, Some(&value));
+        let parsed: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(parsed.as_object().map(|o| o.len()), Some(5));
+        assert_eq!(parsed["log_head"]["size"], 3);
+        assert_eq!(parsed["log_head"]["signature"], hex::encode(head.signature));
+        assert_eq!(
+            parsed["log_head"]["cosignatures"][0]["witness_key"],
+            hex::encode(witness.verifying_key().as_bytes())
+        );
     }
 
     #[test]

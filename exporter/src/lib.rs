@@ -7,8 +7,9 @@
 //! the allowed fields and per-affiliate phone pseudonyms ([`payload`]), Standard Webhooks signatures ([`webhook`]).
 //! The I/O: the link to the relay's export interface ([`relay_link`]), the sled store that performs the core's
 //! writes, with the export log ([`outbox`]), the checks of that log against its signed heads and the relay's
-//! copy, and its recovery from that copy ([`logcheck`]), a minimal webhook client ([`http`]), the async driver of the core
-//! ([`process`]), and the auditor that checks a stored log ([`audit`]).
+//! copy, and its recovery from that copy ([`logcheck`]), a minimal webhook client ([`http`]), the witness link that gets each
+//! new tree head cosigned ([`witness_link`]), the async driver of the core ([`process`]), and the auditor that
+//! checks a stored log ([`audit`]).
 //!
 //! Contract: the exporter never reads mailboxes. This crate does not depend on the relay's crate (`relay-server`),
 //! so it cannot name a mailbox tree or an envelope store; `.ci/run` fails if that dependency ever appears. What it
@@ -27,6 +28,7 @@ pub mod process;
 pub mod relay_link;
 pub mod vault;
 pub mod webhook;
+pub mod witness_link;
 
 pub use affiliates::{Affiliate, Catalogue, CatalogueError, CurrentNotice, Field};
 pub use process::{Exporter, ExporterError, Progress};

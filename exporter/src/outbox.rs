@@ -2,9 +2,10 @@
 //! deliver), `delivered` (pair → the user's pseudonym for that affiliate, for a later `consent.withdrawn` event),
 //! `exported` (pair → what was last queued for it, so unchanged data is not exported twice), `meta` (the feed
 //! cursors, how much of the log the relay holds), `log` (index → [`LogRecord`]: the leaf and the user-signed
-//! statement that allowed it), `heads` (its signed tree heads) and `statements` (every verified statement per pair:
-//! the auditor's evidence that no later statement had withdrawn a grant) and `notices` (every notice document the
-//! exporter made, by hash, and the latest per pair: [`ExporterStore::version_notices`]). Keys are the text forms of
+//! statement that allowed it), `heads` (its signed tree heads), `cosignatures` (head size ‖ witness key → the
+//! witness's cosignature of that head), `statements` (every verified statement per pair: the auditor's evidence
+//! that no later statement had withdrawn a grant) and `notices` (every notice document the exporter made, by hash,
+//! and the latest per pair: [`ExporterStore::version_notices`]). Keys are the text forms of
 //! [`crate::ids`].
 //!
 //! Contract: the store decides nothing; it performs the core's writes ([`ExporterStore::apply`]) in the order given
@@ -18,6 +19,7 @@ use std::path::Path;
 use relay_proto::consent::Purpose;
 use relay_proto::merkle::{SignedTreeHead, TreeHead};
 use relay_proto::notice::{Notice, notice_hash};
+use relay_proto::witness::Cosignature;
 use serde::Serialize;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -48,6 +50,7 @@ pub struct ExporterStore {
     meta: sled::Tree,
     log: sled::Tree,
     heads: sled::Tree,
+    cosignatures: sled::Tree,
     statements: sled::Tree,
     notices: sled::Tree,
 }
@@ -137,6 +140,7 @@ impl ExporterStore {
             meta: db.open_tree("meta")?,
             log: db.open_tree("log")?,
             heads: db.open_tree("heads")?,
+            cosignatures: db.open_tree("cosignatures")?,
             statements: db.open_tree("statements")?,
             notices: db.open_tree("notices")?,
             db,
@@ -392,6 +396,9 @@ impl ExporterStore {
                 self.heads.remove(head.head.size.to_be_bytes())?;
             }
         }
+        for item in self.cosignatures.range(len.saturating_add(1).to_be_bytes()..) {
+            self.cosignatures.remove(item?.0)?;
+        }
         if self.published()? > len {
             self.set_published(len)?;
         }
@@ -426,6 +433,36 @@ impl ExporterStore {
                     root: v[8..40].try_into().map_err(|_| corrupt())?,
                 },
                 signature: v[40..].try_into().map_err(|_| corrupt())?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores a witness's cosignature of the head of size `size` (the caller flushes); replaces an earlier one by
+    /// the same witness.
+    pub fn put_cosignature(&self, size: u64, cosignature: &Cosignature) -> Result<(), StoreError> {
+        let mut key = size.to_be_bytes().to_vec();
+        key.extend_from_slice(&cosignature.witness_key);
+        let mut v = Vec::with_capacity(8 + 64);
+        v.extend_from_slice(&cosignature.timestamp_ms.to_be_bytes());
+        v.extend_from_slice(&cosignature.signature);
+        self.cosignatures.insert(key, v)?;
+        Ok(())
+    }
+
+    /// The witnesses' cosignatures of the head of size `size`.
+    pub fn cosignatures(&self, size: u64) -> Result<Vec<Cosignature>, StoreError> {
+        let corrupt = || StoreError::Corrupt("cosignature".into());
+        let mut out = Vec::new();
+        for item in self.cosignatures.scan_prefix(size.to_be_bytes()) {
+            let (k, v) = item?;
+            if k.len() != 8 + 32 || v.len() != 8 + 64 {
+                return Err(corrupt());
+            }
+            out.push(Cosignature {
+                witness_key: k[8..].try_into().map_err(|_| corrupt())?,
+                timestamp_ms: be_u64(&v[..8], "cosignature time")?,
+                signature: v[8..].try_into().map_err(|_| corrupt())?,
             });
         }
         Ok(out)

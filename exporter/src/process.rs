@@ -15,6 +15,14 @@
 //! (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the relay, which shows each user
 //! their own entries.
 //!
+//! Witnesses ([`Exporter::add_witness`], `--witness`): after signing a head, the exporter asks every configured
+//! witness to cosign it ([`crate::witness_link::cosign`], from the largest head that witness cosigned before),
+//! stores each cosignature with the head (flushed) and publishes the head with them. A witness that does not answer
+//! holds nothing up: the head is published without its cosignature, the failure is logged (the witness's key id,
+//! the size, the error; nothing personal) and the latest head is submitted again on a later pass, after a pause that
+//! doubles up to [`WITNESS_MAX_BACKOFF`]; cosignatures that come later are published by re-publishing the latest
+//! head. Bodies queued from then on carry the latest head with its cosignatures (`log_head`).
+//!
 //! A damaged log stops the exporter ([`ExporterError::LogDamaged`]): checked by [`Exporter::check_log`] at start, and
 //! every pass, before a feed is read or anything delivered, against the latest stored head and the relay's latest
 //! signed head ([`crate::logcheck`]). [`Exporter::recover_log`] rebuilds a log that lost entries from the relay's copy.
@@ -22,7 +30,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use relay_proto::merkle::{MerkleLog, SignedTreeHead};
@@ -43,10 +51,30 @@ use crate::logcheck::{self, LogDamage, Recovered, RecoveryError};
 use crate::outbox::{ExporterStore, StoreError};
 use crate::relay_link::{ExportClient, RelayLinkError};
 use crate::webhook;
+use crate::witness_link::{self, WitnessSpec};
 use relay_quic::identity::{Identity, TlsError};
 
 /// Feed pages read per pass.
 pub const PAGES_PER_PASS: usize = 16;
+
+/// First pause before a witness that did not cosign is asked again.
+pub const WITNESS_FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Longest pause before a witness that did not cosign is asked again.
+pub const WITNESS_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The pause after `pause` before a witness that did not cosign is asked again: doubled, at most
+/// [`WITNESS_MAX_BACKOFF`].
+fn next_witness_backoff(pause: Duration) -> Duration {
+    pause.saturating_mul(2).min(WITNESS_MAX_BACKOFF)
+}
+
+/// A configured witness and when it may be asked again.
+struct WitnessSlot {
+    spec: WitnessSpec,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
 
 /// Why the exporter could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +155,9 @@ pub struct Exporter {
     progress: watch::Sender<Progress>,
     /// Whether the current connection to the relay has carried the catalogue's notices yet.
     notices_published: bool,
+    witnesses: Vec<WitnessSlot>,
+    /// (size, number of cosignatures) of the latest head as the relay last accepted it.
+    cosignatures_published: Option<(u64, usize)>,
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
@@ -183,7 +214,89 @@ impl Exporter {
         if tls.roots() == 0 && endpoints.values().any(|e| e.url.tls) {
             tracing::warn!("no system root certificates: https affiliates need --affiliate-ca");
         }
-        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress, notices_published: false })
+        let mut exporter = Self {
+            identity,
+            log_key,
+            log,
+            store,
+            core,
+            endpoints,
+            tls,
+            poll,
+            progress,
+            witnesses: Vec::new(),
+            cosignatures_published: None,
+            notices_published: false,
+        };
+        exporter.refresh_log_head()?;
+        Ok(exporter)
+    }
+
+    /// Adds a witness whose cosignature every new head is to get.
+    pub fn add_witness(&mut self, spec: WitnessSpec) {
+        self.witnesses.push(WitnessSlot { spec, retry_at: None, backoff: WITNESS_FIRST_BACKOFF });
+    }
+
+    /// Gives the core the latest head with its cosignatures, for the bodies it queues from now on.
+    fn refresh_log_head(&mut self) -> Result<(), StoreError> {
+        let head = match self.store.heads()?.last() {
+            Some(head) => {
+                let cosignatures = self.store.cosignatures(head.head.size)?;
+                Some(crate::feed::log_head(&self.log_key.verifying_key(), head, &cosignatures))
+            }
+            None => None,
+        };
+        self.core.set_log_head(head);
+        Ok(())
+    }
+
+    /// Asks each witness that has not cosigned `head` yet (and is not pausing) to cosign it; stores and flushes what
+    /// they give. A witness's failure is logged and retried later, never returned.
+    async fn witness_head(&mut self, heads: &[SignedTreeHead], head: &SignedTreeHead) -> Result<(), StoreError> {
+        let key = self.log_key.verifying_key();
+        let now = Instant::now();
+        let mut added = false;
+        for slot in &mut self.witnesses {
+            let witness = slot.spec.key.to_bytes();
+            if self.store.cosignatures(head.head.size)?.iter().any(|c| c.witness_key == witness) {
+                continue;
+            }
+            if slot.retry_at.is_some_and(|at| at > now) {
+                continue;
+            }
+            // The largest head this witness cosigned before: its last size, as far as the exporter knows.
+            let mut believed = 0;
+            for h in heads.iter().rev().filter(|h| h.head.size < head.head.size) {
+                if self.store.cosignatures(h.head.size)?.iter().any(|c| c.witness_key == witness) {
+                    believed = h.head.size;
+                    break;
+                }
+            }
+            match witness_link::cosign(&slot.spec, &self.log, &key, head, believed).await {
+                Ok(cosignature) => {
+                    self.store.put_cosignature(head.head.size, &cosignature)?;
+                    slot.retry_at = None;
+                    slot.backoff = WITNESS_FIRST_BACKOFF;
+                    added = true;
+                    tracing::info!(witness = %slot.spec.short(), size = head.head.size, "head cosigned");
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        witness = %slot.spec.short(),
+                        size = head.head.size,
+                        error = %e,
+                        "the witness did not cosign; the head is published without its cosignature and retried"
+                    );
+                    slot.retry_at = Some(now + slot.backoff);
+                    slot.backoff = next_witness_backoff(slot.backoff);
+                }
+            }
+        }
+        if added {
+            self.store.flush().await?;
+            self.refresh_log_head()?;
+        }
+        Ok(())
     }
 
     /// Also trusts the CA certificates in `pem` for `https://` affiliates (an operator's private CA).
@@ -476,6 +589,12 @@ impl Exporter {
         if heads.last().is_none_or(|h| h.head.size < len) {
             heads.push(self.sign_head(len)?);
             self.store.flush().await?;
+            self.refresh_log_head()?;
+        }
+        // Cosigned before it is published, so the publication carries the cosignatures.
+        let latest = heads.last().copied();
+        if let Some(latest) = latest {
+            self.witness_head(&heads, &latest).await?;
         }
         for _ in 0..PAGES_PER_PASS {
             let published = self.store.published()?;
@@ -498,10 +617,11 @@ impl Exporter {
                     leaf: record.leaf.into(),
                 });
             }
+            let cosignatures = self.store.cosignatures(head.head.size)?;
             let request = PublishLog {
                 first_index: published,
                 entries,
-                head: Some((&head).into()),
+                head: Some(relay_proto::witness::head_to_wire(&head, &cosignatures)),
                 log_key: self.log_key.verifying_key().to_bytes().to_vec().into(),
             };
             let size = match client.request(Req::PublishLog(request)).await? {
@@ -521,8 +641,45 @@ impl Exporter {
             self.store.set_published(size)?;
             self.store.flush().await?;
             self.progress.send_modify(|p| p.published = size);
+            if size == end {
+                self.cosignatures_published = Some((end, cosignatures.len()));
+            }
         }
-        Ok(())
+        self.publish_cosignatures(client, latest).await
+    }
+
+    /// Re-publishes the latest head (no entries) if the relay holds it with fewer cosignatures than the store.
+    async fn publish_cosignatures(
+        &mut self,
+        client: &ExportClient,
+        latest: Option<SignedTreeHead>,
+    ) -> Result<(), PassError> {
+        let Some(head) = latest else { return Ok(()) };
+        let size = head.head.size;
+        if self.store.published()? != size {
+            return Ok(());
+        }
+        let cosignatures = self.store.cosignatures(size)?;
+        if cosignatures.is_empty() || self.cosignatures_published == Some((size, cosignatures.len())) {
+            return Ok(());
+        }
+        let request = PublishLog {
+            first_index: size,
+            entries: Vec::new(),
+            head: Some(relay_proto::witness::head_to_wire(&head, &cosignatures)),
+            log_key: self.log_key.verifying_key().to_bytes().to_vec().into(),
+        };
+        match client.request(Req::PublishLog(request)).await? {
+            Resp::LogPublished(p) if p.size == size => {
+                self.cosignatures_published = Some((size, cosignatures.len()));
+                Ok(())
+            }
+            Resp::LogPublished(p) => {
+                tracing::info!(relay = p.size, "the relay's copy of the log differs in size; cosignatures sent later");
+                Ok(())
+            }
+            _ => Err(RelayLinkError::Unexpected("expected LogPublished".into()).into()),
+        }
     }
 
     /// Signs and stores the head over the first `size` entries (the caller flushes).
@@ -600,6 +757,18 @@ enum PassError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_witness_that_did_not_cosign_is_asked_again_after_a_doubling_pause() {
+        let mut pause = WITNESS_FIRST_BACKOFF;
+        let mut pauses = vec![pause];
+        for _ in 0..8 {
+            pause = next_witness_backoff(pause);
+            pauses.push(pause);
+        }
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);
+    }
 
     #[test]
     fn the_key_file_is_created_once_owner_only() {

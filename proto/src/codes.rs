@@ -41,6 +41,18 @@ impl ExportResponse {
     }
 }
 
+impl crate::wire::WitnessResponse {
+    /// An error frame of the witness protocol.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            body: Some(crate::wire::witness_response::Body::Error(Error {
+                code: code as i32,
+                message: message.into(),
+            })),
+        }
+    }
+}
+
 /// Prost's generated `Error::code()` maps an unknown number to `Unspecified`.
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

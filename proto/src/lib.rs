@@ -1,7 +1,8 @@
 //! Consent Relay wire protocol: the schema (prost types generated from `protos/relay.proto`), the length-delimited
 //! framing codec, protocol constants, error codes and the pure parts of authentication (transcripts, account ids,
 //! phone number validation, the formats and rules of phone-number verification codes and registration-lock PINs)
-//! and of identity (the sealing-key binding, sender certificates).
+//! and of identity (the sealing-key binding, sender certificates), and witness cosignatures of the export log's
+//! heads ([`witness`]).
 //!
 //! This crate does no I/O and depends on nothing async: bytes go in, values or typed errors come out. The relay and
 //! the client are thin drivers around it.
@@ -16,6 +17,7 @@ pub mod notice;
 pub mod phone;
 pub mod time;
 pub mod verification;
+pub mod witness;
 
 /// The prost types generated from `protos/relay.proto` (package `relay.v1`).
 #[allow(missing_docs, clippy::all)]
@@ -33,6 +35,9 @@ pub const ALPN: &[u8] = b"consent-relay/1";
 
 /// ALPN identifier of the export protocol (version 1), spoken on the relay's separate export endpoint only.
 pub const EXPORT_ALPN: &[u8] = b"consent-relay-export/1";
+
+/// ALPN identifier of the witness protocol (version 1), spoken by `relay-witness`.
+pub const WITNESS_ALPN: &[u8] = b"consent-relay-witness/1";
 
 /// Most consent changes in one `ConsentChangeList`.
 pub const MAX_CONSENT_CHANGES: usize = 256;

@@ -524,6 +524,7 @@ impl From<&SignedTreeHead> for crate::wire::SignedTreeHead {
             timestamp_ms: h.head.timestamp_ms,
             root: h.head.root.to_vec().into(),
             signature: h.signature.to_vec().into(),
+            cosignatures: Vec::new(),
         }
     }
 }

@@ -85,6 +85,14 @@ impl Identity {
         export_client_crypto(relay_fingerprint, Some((self.cert.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))))
     }
 
+    /// rustls server configuration of a service spoken with ALPN `alpn` (the witness's): TLS 1.3 only, no client
+    /// certificate, no 0-RTT.
+    pub fn server_crypto_with_alpn(&self, alpn: &[u8]) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+        let mut tls = self.server_tls()?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
+    }
+
     /// rustls server configuration of the messaging endpoint: TLS 1.3 only, our ALPN, no 0-RTT (early data can be
     /// replayed).
     pub fn server_crypto(&self) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
@@ -128,6 +136,23 @@ pub fn export_client_crypto(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![relay_proto::EXPORT_ALPN.to_vec()];
+    quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+/// A client configuration for a service spoken with ALPN `alpn` (the witness's): TLS 1.3, only the server certificate
+/// with SHA-256 `server_fingerprint` accepted, no client certificate.
+pub fn pinned_client_crypto(
+    server_fingerprint: [u8; 32],
+    alpn: &[u8],
+) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
+    let provider = crate::crypto_provider();
+    let verifier = Arc::new(crate::pin::PinnedServerCert::new(server_fingerprint, provider.clone()));
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
     quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| TlsError::Quic(e.to_string()))
 }
 

@@ -2,7 +2,7 @@
 //! child and wait for that line (used by the test harness, the load tool and the demo).
 //!
 //! Formats (stable; more fields may only be appended, and only once documented in the README):
-//! - `relayd`: `listening on <ip:port> cert-sha256 <64 hex>`
+//! - `relayd` and `relay-witness`: `listening on <ip:port> cert-sha256 <64 hex>` ([`ReadyLine::Relay`])
 //! - `relay-exporter`: `exporter cert-sha256 <64 hex> log-key <64 hex>`
 //!
 //! Contract: [`ReadyLine`] is the only place these lines are written ([`std::fmt::Display`]) or read

@@ -80,9 +80,10 @@ impl From<ExportLogError> for Reject {
         match e {
             ExportLogError::Sled(_) | ExportLogError::Corrupt => storage(e),
             ExportLogError::NoSuchHead(_) => Reject::new(ErrorCode::NotFound, e.to_string()),
-            ExportLogError::KeyChanged | ExportLogError::HeadSize { .. } | ExportLogError::Merkle(_) => {
-                Reject::invalid(e.to_string())
-            }
+            ExportLogError::KeyChanged
+            | ExportLogError::HeadSize { .. }
+            | ExportLogError::Merkle(_)
+            | ExportLogError::Cosignature(_) => Reject::invalid(e.to_string()),
         }
     }
 }

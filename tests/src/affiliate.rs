@@ -349,6 +349,7 @@ pub struct ExporterProcess {
     log_key: String,
     poll_ms: u64,
     relay: Option<(SocketAddr, String)>,
+    witnesses: Vec<String>,
     child: Option<ServerChild>,
 }
 
@@ -364,12 +365,18 @@ impl ExporterProcess {
             log_key: String::new(),
             poll_ms,
             relay: Some((SocketAddr::from(([127, 0, 0, 1], 9)), "00".repeat(32))),
+            witnesses: Vec::new(),
             child: None,
         };
         exporter.spawn().await?;
         exporter.kill().await?;
         exporter.relay = None;
         Ok(exporter)
+    }
+
+    /// Has every later start ask the witness `spec` (`ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX`) to cosign its heads.
+    pub fn add_witness(&mut self, spec: &str) {
+        self.witnesses.push(spec.to_owned());
     }
 
     /// Starts it against the export interface at `relay`, pinning the relay certificate `relay_fingerprint`.
@@ -455,6 +462,9 @@ impl ExporterProcess {
             .arg("--affiliates")
             .arg(self.catalogue_path())
             .env("RUST_LOG", "info");
+        for spec in &self.witnesses {
+            command.arg("--witness").arg(spec);
+        }
         Ok(command)
     }
 

@@ -13,11 +13,13 @@
 //! identity; [`export::connect`] opens the exporter's own client on it with any certificate, or none.
 //! [`affiliate::Sink`] is an affiliate's webhook endpoint and [`affiliate::TestExporter`] the exporter process logic
 //! running in-process against such a relay, [`affiliate::ExporterProcess`] the `relay-exporter` binary as a child
-//! process. [`chaos::Rng`] gives crash campaigns a replayable random schedule.
+//! process, [`witness::WitnessProcess`] the `relay-witness` binary. [`chaos::Rng`] gives crash campaigns a replayable
+//! random schedule.
 
 pub mod affiliate;
 pub mod chaos;
 pub mod export;
+pub mod witness;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -148,6 +148,10 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Hex key of a witness (`relay-witness ... public-key`) whose cosignature the log's head must carry;
+        /// remembered in the home (witnesses.json) for every later --verify (repeatable).
+        #[arg(long = "witness-key", value_name = "HEX", requires = "verify")]
+        witness_keys: Vec<String>,
     },
     /// Your data, as one portable document.
     Data {
@@ -353,7 +357,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             m.close().await;
         }
-        Command::Exports { verify, json } => exports(&home, verify, json).await?,
+        Command::Exports { verify, json, witness_keys } => {
+            if !witness_keys.is_empty() {
+                relay_client::witnessed::Witnesses::remember(&home, &witness_keys).map_err(anyhow::Error::msg)?;
+            }
+            exports(&home, verify, json).await?
+        }
         Command::Data { action: DataAction::Export { file } } => {
             let m = Messenger::open(&home).await?;
             let export = m.data_export().await;

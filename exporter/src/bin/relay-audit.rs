@@ -1,5 +1,6 @@
 //! `relay-audit --exporter-data DIR [--log-key HEX] [--affiliates FILE] [--head FILE]... [--relay ADDR
-//! --relay-cert-sha256 HEX] [--json]`: checks a whole export log.
+//! --relay-cert-sha256 HEX] [--witness-key HEX]... [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]... [--json]`:
+//! checks a whole export log.
 //!
 //! Reads the log, its signed tree heads and the consent evidence from a `relay-exporter` data dir (the exporter must
 //! be stopped, or the dir a copy taken while it was), and reports every entry not backed by a user-signed grant in
@@ -13,6 +14,11 @@
 //! JSON array of such objects; `--relay` reads every head the relay published over the export interface, with the
 //! data dir's TLS identity (the relay admits only the exporter's certificate).
 //!
+//! `--witness-key HEX` (repeatable) requires the latest head to carry a valid cosignature from that witness: a log
+//! rewritten and re-signed with `log.key` cannot get one. `--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX` does the
+//! same and also asks the witness for the latest head it cosigned (its cosignature checked under that key), which
+//! the log must extend: that catches a log rolled back to an older cosigned head.
+//!
 //! Exit status 0 if the log passed, 1 if a problem was found, 2 if the audit could not run.
 
 use std::net::SocketAddr;
@@ -23,10 +29,11 @@ use anyhow::Context;
 use clap::Parser;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use relay_exporter::Catalogue;
-use relay_exporter::audit::{ExternalHead, audit_against};
+use relay_exporter::audit::{ExternalHead, audit_witnessed};
 use relay_exporter::logcheck;
 use relay_exporter::outbox::ExporterStore;
 use relay_exporter::relay_link::ExportClient;
+use relay_exporter::witness_link::{self, WitnessSpec};
 
 #[derive(Parser)]
 #[command(name = "relay-audit", version, about = "Audit a Consent Relay export log")]
@@ -50,6 +57,13 @@ struct Args {
     /// Hex SHA-256 of the relay's certificate (with --relay).
     #[arg(long, requires = "relay")]
     relay_cert_sha256: Option<String>,
+    /// Hex Ed25519 key of a witness whose cosignature the latest head must carry (repeatable).
+    #[arg(long = "witness-key", value_name = "HEX")]
+    witness_keys: Vec<String>,
+    /// A witness to ask for its latest cosigned head, which the log must extend; its key is required as with
+    /// --witness-key (repeatable).
+    #[arg(long = "witness", value_name = "ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX")]
+    witnesses: Vec<WitnessSpec>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -86,7 +100,16 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     if let (Some(relay), Some(fp)) = (args.relay, &args.relay_cert_sha256) {
         external.extend(relay_heads(&args.exporter_data, relay, fp)?);
     }
-    let report = audit_against(&store, &log_key, catalogue.as_ref(), &external)?;
+    let mut witness_keys = Vec::new();
+    for hex_key in &args.witness_keys {
+        witness_keys
+            .push(relay_proto::witness::parse_witness_key(hex_key).context("--witness-key must be 64 hex digits")?);
+    }
+    for spec in &args.witnesses {
+        witness_keys.push(spec.key);
+        external.extend(witness_checkpoint(spec, &log_key)?);
+    }
+    let report = audit_witnessed(&store, &log_key, catalogue.as_ref(), &external, &witness_keys)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -94,6 +117,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         println!("entries      {}", report.entries);
         println!("tree heads   {} (latest signed size {})", report.heads, report.signed_size);
         println!("outside      {} head(s) the log must extend", report.external_heads);
+        println!("witnesses    {} whose cosignature the latest head must carry", witness_keys.len());
         if report.passed() {
             println!(
                 "result       PASSED: every entry backed by a user-signed grant in force at its time; heads consistent"
@@ -146,6 +170,18 @@ fn relay_heads(data: &Path, relay: SocketAddr, fingerprint: &str) -> anyhow::Res
         heads
     })?;
     Ok(heads.iter().map(|h| (format!("relay {relay}"), ExternalHead::from(h))).collect())
+}
+
+/// The latest head `spec` cosigned for the log, as a head the log must extend (none if it never cosigned one).
+fn witness_checkpoint(spec: &WitnessSpec, log_key: &VerifyingKey) -> anyhow::Result<Option<(String, ExternalHead)>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let checkpoint = runtime
+        .block_on(witness_link::checkpoint(spec, log_key))
+        .with_context(|| format!("--witness {}", spec.addr))?;
+    Ok(checkpoint.map(|(size, root)| {
+        let head = ExternalHead { size, root: hex::encode(root), timestamp_ms: None, signature: None, log_key: None };
+        (format!("witness {}", spec.short()), head)
+    }))
 }
 
 fn main() -> ExitCode {

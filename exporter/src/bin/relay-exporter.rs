@@ -1,12 +1,14 @@
 //! `relay-exporter --data DIR --relay ADDR --relay-cert-sha256 HEX --affiliates FILE [--affiliate-ca PEM]
-//! [--poll-ms N] [--recover-log-from-relay]`: the metadata
+//! [--poll-ms N] [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]... [--recover-log-from-relay]`: the metadata
 //! exporter. Reads the relay's consent feed over the export interface and delivers signed webhooks to affiliates,
 //! within the withdrawal fence, until SIGINT or SIGTERM.
 //!
 //! On first start it creates its TLS identity and pseudonym key in `--data`. When ready it prints exactly one line
 //! on stdout, `exporter cert-sha256 <hex> log-key <hex>`: the first is relayd's `--exporter-cert-sha256`, the second
 //! the Ed25519 key that verifies the export log's tree heads (`relay-audit --log-key`). Logs go to stderr
-//! (`RUST_LOG`).
+//! (`RUST_LOG`). Each `--witness` (a `relay-witness`: its address, its certificate's SHA-256 from its ready line, its
+//! public key) is asked to cosign every new tree head; a witness that is down holds nothing back (see
+//! `relay_exporter::process`).
 //!
 //! Exit status: 0 after SIGINT or SIGTERM; 3 if the export log is damaged (checked before the ready line against the
 //! store's signed heads, and every pass against the latest one and the relay's copy: the exporter exports nothing
@@ -47,6 +49,9 @@ struct Args {
     /// Feed poll interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     poll_ms: u64,
+    /// A witness to cosign every new tree head: ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX (repeatable).
+    #[arg(long = "witness", value_name = "ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX")]
+    witnesses: Vec<relay_exporter::witness_link::WitnessSpec>,
     /// Rebuild a damaged export log from the relay's copy (verified against the signed heads), then exit.
     #[arg(long)]
     recover_log_from_relay: bool,
@@ -91,6 +96,9 @@ async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     exporter.check_log().context("relay-exporter will not start")?;
+    for witness in &args.witnesses {
+        exporter.add_witness(*witness);
+    }
     if let Some(path) = &args.affiliate_ca {
         let pem = std::fs::read(path).with_context(|| format!("cannot read --affiliate-ca {}", path.display()))?;
         exporter.trust_extra_ca(&pem).with_context(|| format!("--affiliate-ca {}", path.display()))?;

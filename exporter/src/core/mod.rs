@@ -257,6 +257,8 @@ pub struct Core {
     current: Option<Current>,
     entropy: Box<dyn Entropy>,
     delivered: u64,
+    /// The export log's latest signed head with its cosignatures (the `log_head` of event bodies queued now).
+    log_head: Option<serde_json::Value>,
 }
 
 impl Core {
@@ -279,12 +281,19 @@ impl Core {
             current: None,
             entropy,
             delivered: 0,
+            log_head: None,
         }
     }
 
     /// The affiliates catalogue with its current notices.
     pub fn catalogue(&self) -> &Catalogue {
         &self.catalogue
+    }
+
+    /// Sets the export log head that bodies queued from now on carry (`crate::feed::log_head`). A queued body
+    /// never changes: retries repeat it with the head it was queued with.
+    pub fn set_log_head(&mut self, head: Option<serde_json::Value>) {
+        self.log_head = head;
     }
 
     /// Entries in the outbox.

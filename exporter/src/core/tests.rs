@@ -109,6 +109,26 @@ fn an_export_goes_lease_then_durably_in_flight_then_post_then_release_then_settl
     assert!(w.relay.asked.iter().all(|(p, granted)| *p == pair && *granted));
 }
 
+/// An event carries the log head the core had when it was queued; a head that changes while it is retried does not
+/// change its body.
+#[test]
+fn a_body_keeps_the_log_head_it_was_queued_with_across_retries() {
+    let mut w = World::new(5);
+    w.core.set_log_head(Some(serde_json::json!({"size": 1, "root": "aa"})));
+    let alice = w.user(1, "Pixel 9");
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
+    w.affiliate("adsco").script = [Refuse].into();
+    w.pass().expect("no crash");
+    w.core.set_log_head(Some(serde_json::json!({"size": 2, "root": "bb"})));
+    let (_, entry) = only_entry(&w);
+    w.now = entry.next_attempt_ms;
+    w.pass().expect("no crash");
+    let received = &w.affiliates["adsco"].received;
+    assert_eq!(received.len(), 2, "refused, then accepted");
+    assert_eq!(received[0].body, received[1].body, "one body across retries");
+    assert_eq!(body(&received[0].body)["log_head"], serde_json::json!({"size": 1, "root": "aa"}));
+}
+
 #[test]
 fn failures_are_retried_after_one_second_doubling_with_the_injected_jitter_under_one_id_and_body() {
     let mut w = World::with_jitter(3, 100);

@@ -188,7 +188,14 @@ impl ExportHandler {
                 Ok((account, e.leaf.to_vec()))
             })
             .collect::<Result<Vec<_>, Reject>>()?;
-        let size = self.log.publish(p.first_index, &entries, &head, &key)?;
+        let cosignatures = p
+            .head
+            .as_ref()
+            .map(relay_proto::witness::cosignatures_from_wire)
+            .transpose()
+            .map_err(|e| Reject::invalid(e.to_string()))?
+            .unwrap_or_default();
+        let size = self.log.publish(p.first_index, &entries, &head, &key, &cosignatures)?;
         self.commit.durable().await?;
         resp(Resp::LogPublished(LogPublished { size }))
     }
@@ -212,7 +219,7 @@ impl ExportHandler {
         resp(Resp::LogCopy(LogCopy {
             size: page.size,
             log_key: page.log_key.map(|k| k.to_bytes().to_vec()).unwrap_or_default().into(),
-            latest: page.latest.as_ref().map(Into::into),
+            latest: page.latest.as_ref().map(|h| self.log.wire_head(h)).transpose()?,
             entries: page
                 .entries
                 .into_iter()
@@ -221,7 +228,7 @@ impl ExportHandler {
                     leaf: leaf.into(),
                 })
                 .collect(),
-            heads: page.heads.iter().map(Into::into).collect(),
+            heads: page.heads.iter().map(|h| self.log.wire_head(h)).collect::<Result<_, _>>()?,
         }))
     }
 

@@ -184,7 +184,7 @@ impl Consent {
             .collect();
         Ok(ExportList {
             log_key: listing.log_key.map(|k| k.to_bytes().to_vec().into()).unwrap_or_default(),
-            head: listing.head.as_ref().map(Into::into),
+            head: listing.head.as_ref().map(|h| self.export_log.wire_head(h)).transpose()?,
             entries,
             next_index: listing.next_index,
             more: listing.more,

@@ -10,10 +10,14 @@
 //! - `1 ‖ index (BE)` → `account id (16) ‖ canonical leaf`.
 //! - `2 ‖ account id ‖ index (BE)` → empty: the account's entries in log order.
 //! - `3 ‖ size (BE)` → signed tree head: `timestamp_ms (8, BE) ‖ root (32) ‖ signature (64)`.
+//! - `4 ‖ size (BE) ‖ witness key (32)` → a witness's cosignature of the head of that size: `timestamp_ms (8, BE) ‖
+//!   signature (64)`. At most `relay_proto::witness::MAX_COSIGNATURES` witnesses per head; each cosignature is
+//!   checked under the key it names (the relay knows no witness; clients check the keys they configured).
 //!
 //! Contract: a publication is all or nothing (one sled transaction) and only ever extends the log: it must start at
 //! the current size, carry leaves that decode, and come with a head whose signature verifies under the pinned key and
-//! whose root is the root over the log with the new leaves. The in-memory tree is updated only after the transaction
+//! whose root is the root over the log with the new leaves. A publication with no entries at the current size
+//! re-publishes the latest head, adding the cosignatures it carries. The in-memory tree is updated only after the transaction
 //! commits. The caller makes the write durable (group commit) before acknowledging it.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,12 +25,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ed25519_dalek::VerifyingKey;
 use relay_proto::AccountId;
 use relay_proto::merkle::{ExportLeaf, Hash, MerkleError, MerkleLog, SignedTreeHead, TreeHead, leaf_hash};
+use relay_proto::witness::{Cosignature, MAX_COSIGNATURES, WitnessError};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 const KEY: u8 = 0;
 const LEAF: u8 = 1;
 const BY_ACCOUNT: u8 = 2;
 const HEAD: u8 = 3;
+const COSIGNATURE: u8 = 4;
 
 /// Why a publication or a listing was refused, or the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +58,9 @@ pub enum ExportLogError {
     /// A leaf, a head or a proof was refused.
     #[error(transparent)]
     Merkle(#[from] MerkleError),
+    /// A cosignature does not verify under the witness key it names, or a head would carry too many.
+    #[error("cosignature refused: {0}")]
+    Cosignature(#[from] WitnessError),
     /// No published head has the size asked for.
     #[error("no tree head of size {0} was published")]
     NoSuchHead(u64),
@@ -119,6 +128,18 @@ fn account_key(account: &AccountId, index: u64) -> Vec<u8> {
 fn head_key(size: u64) -> [u8; 9] {
     let mut k = [HEAD; 9];
     k[1..].copy_from_slice(&size.to_be_bytes());
+    k
+}
+
+fn cosignature_prefix(size: u64) -> [u8; 9] {
+    let mut k = head_key(size);
+    k[0] = COSIGNATURE;
+    k
+}
+
+fn cosignature_key(size: u64, witness: &[u8; 32]) -> Vec<u8> {
+    let mut k = cosignature_prefix(size).to_vec();
+    k.extend_from_slice(witness);
     k
 }
 
@@ -194,6 +215,7 @@ impl ExportLog {
         entries: &[(AccountId, Vec<u8>)],
         head: &SignedTreeHead,
         key: &VerifyingKey,
+        cosignatures: &[Cosignature],
     ) -> Result<u64, ExportLogError> {
         let mut state = self.state();
         if state.key.is_some_and(|pinned| pinned != *key) {
@@ -214,6 +236,15 @@ impl ExportLog {
         if head.head.root != log.root() {
             return Err(MerkleError::RootMismatch.into());
         }
+        for c in cosignatures {
+            c.verify_self_named(key, &head.head)?;
+        }
+        let mut witnesses: std::collections::BTreeSet<[u8; 32]> =
+            self.cosignatures(head.head.size)?.iter().map(|c| c.witness_key).collect();
+        witnesses.extend(cosignatures.iter().map(|c| c.witness_key));
+        if witnesses.len() > MAX_COSIGNATURES {
+            return Err(WitnessError::TooMany(witnesses.len()).into());
+        }
         let result = self.tree.transaction(|t| {
             if state.key.is_none() {
                 t.insert(&[KEY][..], &key.to_bytes()[..])?;
@@ -226,6 +257,12 @@ impl ExportLog {
                 t.insert(account_key(account, offset), &[][..])?;
             }
             t.insert(&head_key(head.head.size)[..], encode_head(head))?;
+            for c in cosignatures {
+                let mut v = Vec::with_capacity(8 + 64);
+                v.extend_from_slice(&c.timestamp_ms.to_be_bytes());
+                v.extend_from_slice(&c.signature);
+                t.insert(cosignature_key(head.head.size, &c.witness_key), v)?;
+            }
             Ok::<_, ConflictableTransactionError<ExportLogError>>(())
         });
         match result {
@@ -237,6 +274,26 @@ impl ExportLog {
         state.key = Some(*key);
         state.latest = Some(head.head.size);
         Ok(state.log.len())
+    }
+
+    /// The witnesses' cosignatures of the head of size `size`.
+    pub fn cosignatures(&self, size: u64) -> Result<Vec<Cosignature>, ExportLogError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(cosignature_prefix(size)) {
+            let (k, v) = item?;
+            let (ts, signature) = v.split_at_checked(8).ok_or(ExportLogError::Corrupt)?;
+            out.push(Cosignature {
+                witness_key: k.get(9..).and_then(|w| w.try_into().ok()).ok_or(ExportLogError::Corrupt)?,
+                timestamp_ms: u64::from_be_bytes(ts.try_into().map_err(|_| ExportLogError::Corrupt)?),
+                signature: signature.try_into().map_err(|_| ExportLogError::Corrupt)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `head` as sent on the wire, with the cosignatures the relay holds for it.
+    pub fn wire_head(&self, head: &SignedTreeHead) -> Result<relay_proto::wire::SignedTreeHead, ExportLogError> {
+        Ok(relay_proto::witness::head_to_wire(head, &self.cosignatures(head.head.size)?))
     }
 
     /// The whole log from `start`: at most `max_entries` entries whose leaves total at most `max_bytes` (at least
@@ -352,6 +409,36 @@ mod tests {
         log.tree_head(7).sign(key)
     }
 
+    /// Cosignatures come with a publication or a re-publication of the latest head (no entries), are checked under
+    /// the key they name, bounded per head, and served with the head.
+    #[test]
+    fn cosignatures_are_checked_kept_and_served_with_their_head() {
+        let (log, _db) = open();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let alice = AccountId::from_identity_key(&[1; 32]);
+        let leaves: Vec<_> = (0..2).map(leaf).collect();
+        let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
+        let head = head_over(&leaves, &key);
+        let witness = |n: u8| Cosignature::sign(&SigningKey::from_bytes(&[n; 32]), &key.verifying_key(), &head.head, 9);
+        assert_eq!(log.publish(0, &entries, &head, &key.verifying_key(), &[witness(10)]).expect("publish"), 2);
+        // The witness that was down answers later: the head is re-published with its cosignature.
+        assert_eq!(log.publish(2, &[], &head, &key.verifying_key(), &[witness(11)]).expect("republish"), 2);
+        let served = log.wire_head(&head).expect("wire");
+        let keys: Vec<_> = served.cosignatures.iter().map(|c| c.witness_key.to_vec()).collect();
+        assert_eq!(keys, [witness(10).witness_key.to_vec(), witness(11).witness_key.to_vec()]);
+        // One that does not verify under the key it names is refused, and nothing of that publication is kept.
+        let mut forged = witness(12);
+        forged.witness_key = witness(13).witness_key;
+        assert!(matches!(
+            log.publish(2, &[], &head, &key.verifying_key(), &[forged]),
+            Err(ExportLogError::Cosignature(_))
+        ));
+        assert_eq!(log.cosignatures(2).expect("read").len(), 2);
+        let many: Vec<_> = (20..40).map(witness).collect();
+        assert!(log.publish(2, &[], &head, &key.verifying_key(), &many).is_err(), "bounded per head");
+        assert_eq!(log.cosignatures(2).expect("read").len(), 2);
+    }
+
     #[test]
     fn publications_extend_the_log_and_each_account_sees_only_its_entries() {
         let (log, db) = open();
@@ -359,12 +446,18 @@ mod tests {
         let (alice, bob) = (AccountId::from_identity_key(&[1; 32]), AccountId::from_identity_key(&[2; 32]));
         let leaves: Vec<_> = (0..5).map(leaf).collect();
         let first = [(alice, leaves[0].clone()), (bob, leaves[1].clone()), (alice, leaves[2].clone())];
-        assert_eq!(log.publish(0, &first, &head_over(&leaves[..3], &key), &key.verifying_key()).expect("publish"), 3);
+        assert_eq!(
+            log.publish(0, &first, &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).expect("publish"),
+            3
+        );
         // A stale or future start writes nothing and reports the size.
-        assert_eq!(log.publish(1, &first, &head_over(&leaves[..3], &key), &key.verifying_key()).expect("stale"), 3);
+        assert_eq!(
+            log.publish(1, &first, &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).expect("stale"),
+            3
+        );
         let second = [(alice, leaves[3].clone()), (bob, leaves[4].clone())];
         let head = head_over(&leaves, &key);
-        assert_eq!(log.publish(3, &second, &head, &key.verifying_key()).expect("publish"), 5);
+        assert_eq!(log.publish(3, &second, &head, &key.verifying_key(), &[]).expect("publish"), 5);
 
         let listing = log.list(&alice, 0, 0, 3, 100).expect("list");
         assert_eq!(listing.head, Some(head));
@@ -398,9 +491,9 @@ mod tests {
         let leaves: Vec<_> = (0..5).map(leaf).collect();
         let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
         assert!(log.copy(0, 256, 1 << 20).expect("empty").latest.is_none());
-        log.publish(0, &entries[..3], &head_over(&leaves[..3], &key), &key.verifying_key()).expect("publish");
+        log.publish(0, &entries[..3], &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).expect("publish");
         let last = head_over(&leaves, &key);
-        log.publish(3, &entries[3..], &last, &key.verifying_key()).expect("publish");
+        log.publish(3, &entries[3..], &last, &key.verifying_key(), &[]).expect("publish");
 
         let all = log.copy(0, 256, 1 << 20).expect("copy");
         assert_eq!((all.size, all.latest, all.log_key), (5, Some(last), Some(key.verifying_key())));
@@ -429,7 +522,7 @@ mod tests {
         let alice = AccountId::from_identity_key(&[1; 32]);
         let leaves: Vec<_> = (0..3).map(leaf).collect();
         let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
-        log.publish(0, &entries, &head_over(&leaves, &key), &key.verifying_key()).expect("publish");
+        log.publish(0, &entries, &head_over(&leaves, &key), &key.verifying_key(), &[]).expect("publish");
         for (tree_size, start, since) in [
             (0, u64::MAX, 0),
             (0, 4, 0),
@@ -461,20 +554,20 @@ mod tests {
         let mut bad_sig = good;
         bad_sig.signature[0] ^= 1;
         assert!(matches!(
-            log.publish(0, &entries, &bad_sig, &key.verifying_key()),
+            log.publish(0, &entries, &bad_sig, &key.verifying_key(), &[]),
             Err(ExportLogError::Merkle(MerkleError::BadSignature))
         ));
         let wrong_root = head_over(&leaves[..1], &key);
-        assert!(log.publish(0, &entries, &wrong_root, &key.verifying_key()).is_err());
+        assert!(log.publish(0, &entries, &wrong_root, &key.verifying_key(), &[]).is_err());
         let garbage = [(alice, vec![9, 9, 9])];
-        assert!(log.publish(0, &garbage, &good, &key.verifying_key()).is_err());
+        assert!(log.publish(0, &garbage, &good, &key.verifying_key(), &[]).is_err());
         assert_eq!(log.len(), 0);
-        log.publish(0, &entries, &good, &key.verifying_key()).expect("publish");
+        log.publish(0, &entries, &good, &key.verifying_key(), &[]).expect("publish");
         let more = [(alice, leaf(3))];
         let mut all = leaves.clone();
         all.push(leaf(3));
         assert!(matches!(
-            log.publish(2, &more, &head_over(&all, &other), &other.verifying_key()),
+            log.publish(2, &more, &head_over(&all, &other), &other.verifying_key(), &[]),
             Err(ExportLogError::KeyChanged)
         ));
         assert_eq!(log.len(), 2);

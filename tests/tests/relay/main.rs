@@ -22,6 +22,7 @@ mod privacy;
 mod protocol_doc;
 mod storage;
 mod verification;
+mod witness;
 
 use std::time::Duration;
 

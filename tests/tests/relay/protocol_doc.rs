@@ -232,6 +232,14 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     let head = TreeHead { size: 3, root: log.root(), timestamp_ms: 1_700_000_100_000 };
     v.push(("tree_head_signed_bytes", head.encode().to_vec()));
     v.push(("tree_head_signature", head.sign(&log_key).signature.to_vec()));
+    let witness = SigningKey::from_bytes(&run(0xf0));
+    v.push(("witness_key", witness.verifying_key().to_bytes().to_vec()));
+    v.push(("log_key_id", relay_proto::witness::log_key_id(&log_key.verifying_key()).to_vec()));
+    let cosigned_at = 1_700_000_200_000;
+    let message = relay_proto::witness::cosigned_message(&log_key.verifying_key(), 3, &log.root(), cosigned_at);
+    v.push(("cosigned_bytes", message.to_vec()));
+    let cosignature = relay_proto::witness::Cosignature::sign(&witness, &log_key.verifying_key(), &head, cosigned_at);
+    v.push(("cosignature", cosignature.signature.to_vec()));
     v
 }
 
