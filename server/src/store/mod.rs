@@ -51,6 +51,9 @@ pub mod trees {
     pub const SUBJECT_CHANGES: &str = "subject_changes";
     /// The relay's copy of the exporter's Merkle export log, indexed by account (see `store::exportlog`).
     pub const EXPORT_LOG: &str = "export_log";
+    /// Export leases not yet released: `b'l' ‖ lease id (8, big-endian)` → pair, and `next` → the last lease id
+    /// (see `fence`).
+    pub const EXPORT_LEASES: &str = "export_leases";
 }
 
 /// Why the store could not be opened.
@@ -63,6 +66,9 @@ pub enum OpenError {
     /// The export log does not load.
     #[error(transparent)]
     ExportLog(#[from] ExportLogError),
+    /// The export leases do not load.
+    #[error(transparent)]
+    Fence(#[from] crate::fence::FenceError),
 }
 
 /// The opened store.
@@ -81,6 +87,8 @@ pub struct Store {
     pub verifications: Verifications,
     /// Durability barrier shared by every write that is acknowledged to a client.
     pub commit: Arc<GroupCommit>,
+    /// Export leases (the withdrawal fence), kept across restarts.
+    pub fence: Arc<crate::fence::Fence>,
 }
 
 impl Store {
@@ -99,7 +107,12 @@ impl Store {
         let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
         let verifications =
             Verifications::new(db.open_tree(trees::VERIFICATION_CODES)?, db.open_tree(trees::REGISTRATION_LOCKS)?);
+        let fence = crate::fence::Fence::open(
+            db.open_tree(trees::EXPORT_LEASES)?,
+            std::time::Instant::now(),
+            crate::fence::LEASE_TTL,
+        )?;
         let commit = GroupCommit::start(db);
-        Ok(Self { mailboxes, directory, prekeys, consent, export_log, verifications, commit })
+        Ok(Self { mailboxes, directory, prekeys, consent, export_log, verifications, commit, fence: Arc::new(fence) })
     }
 }
