@@ -167,7 +167,23 @@ impl ExporterStore {
             None => None,
         };
         let delivered = self.delivered.get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
-        Ok(Known { exported, delivered })
+        Ok(Known { exported, delivered, latest: self.latest_statement(pair)? })
+    }
+
+    /// The latest statement kept for `pair` (keys sort by sequence): its sequence and SHA-256.
+    fn latest_statement(&self, pair: &Pair) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let prefix = format!("{pair}/");
+        let Some(item) = self.statements.scan_prefix(&prefix).next_back() else { return Ok(None) };
+        let (k, v) = item?;
+        let corrupt = || StoreError::Corrupt(format!("latest statement of {pair}"));
+        let seq = k
+            .get(prefix.len()..)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(corrupt)?;
+        let evidence: Evidence = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+        let bytes = hex::decode(&evidence.statement).map_err(|_| corrupt())?;
+        Ok(Some((seq, relay_proto::consent::statement_hash(&bytes))))
     }
 
     /// Every statement kept for the pair, by sequence.
@@ -491,17 +507,23 @@ mod tests {
         store.apply(&Write::SetExported { pair: analytics.clone(), marker }).expect("exported");
         store.apply(&Write::ForgetExported { pair: analytics.clone() }).expect("forget");
         settle(&store, 1, &entry(Kind::Export, Purpose::Advertising, 0), 1);
-        assert_eq!(store.known(&ads).expect("known"), Known { exported: Some(marker), delivered: Some("p".into()) });
+        assert_eq!(
+            store.known(&ads).expect("known"),
+            Known { exported: Some(marker), delivered: Some("p".into()), latest: None }
+        );
         store.apply(&Write::ForgetDelivered { pair: ads.clone() }).expect("forget");
         assert_eq!(store.known(&ads).expect("known").delivered, None);
         assert_eq!(store.known(&analytics).expect("known"), Known::default());
 
-        for sequence in [2, 1, 10] {
-            let evidence = Evidence { recorded_at_ms: sequence, ..Evidence::default() };
+        for sequence in [2u64, 1, 10] {
+            let statement = hex::encode(sequence.to_be_bytes());
+            let evidence = Evidence { recorded_at_ms: sequence, statement, ..Evidence::default() };
             store.apply(&Write::Statement { pair: ads.clone(), sequence, evidence }).expect("statement");
         }
         let sequences: Vec<u64> = store.statements_of(&ads).expect("statements").iter().map(|s| s.0).collect();
         assert_eq!(sequences, [1, 2, 10], "in sequence order");
+        let latest = Some((10, relay_proto::consent::statement_hash(&10u64.to_be_bytes())));
+        assert_eq!(store.known(&ads).expect("known").latest, latest, "the pair's latest statement, by sequence");
         assert!(store.statements_of(&analytics).expect("statements").is_empty());
 
         store.apply(&Write::Cursor { feed: Feed::Subjects, cursor: 7 }).expect("cursor");
@@ -567,9 +589,16 @@ mod tests {
         assert_eq!(stored.map(|(_, _, v)| v.clone()), Some(marker.to_string().into_bytes()));
         let advertising = Pair::new(account, "adsco", Purpose::Advertising);
         let known = store.known(&advertising).expect("known");
-        assert_eq!(known, Known::default(), "withdrawn: forgotten, the notice queued");
-        let sequences: Vec<u64> = store.statements_of(&advertising).expect("statements").iter().map(|s| s.0).collect();
+        assert_eq!((known.exported, known.delivered), (None, None), "withdrawn: forgotten, the notice queued");
+        let statements = store.statements_of(&advertising).expect("statements");
+        let sequences: Vec<u64> = statements.iter().map(|s| s.0).collect();
         assert_eq!(sequences, [1, 2]);
+        let withdrawal = hex::decode(&statements[1].1.statement).expect("hex");
+        assert_eq!(
+            known.latest,
+            Some((2, relay_proto::consent::statement_hash(&withdrawal))),
+            "the latest, from old stores too"
+        );
 
         // The log, its head, the cursors.
         let logged = store.log_records(0, 10).expect("log");
@@ -622,17 +651,18 @@ mod tests {
         write(&effects);
         // Then shieldco's export (queued at 50), under a lease, durably in flight before it leaves; refused.
         assert!(matches!(core.poll_attempt(now).expect("an attempt")[..], [Effect::AskLease { .. }]));
-        let granted = LeaseAnswer::Granted(Lease { id: 1, deadline_ms: now + 15_000 });
-        let effects = core.handle_lease(granted, now).expect("leased");
-        assert!(matches!(effects[..], [Effect::Write(Write::Put { .. }), Effect::Flush, Effect::Post { .. }]));
+        let granted = LeaseAnswer::Granted(Lease { id: 1, valid_for_ms: 30_000 });
+        let effects = core.handle_lease(granted, 0, 0).expect("leased");
+        assert!(matches!(effects[..], [Effect::Write(Write::Put { .. }), Effect::Flush, Effect::CheckLease { .. }]));
         write(&effects);
+        assert!(matches!(core.handle_lease_check(0).expect("checked")[..], [Effect::Post { .. }]));
         let release = core.handle_answer(Answer::Status(503), now).expect("answered");
         assert!(matches!(release[..], [Effect::ReleaseLease { .. }]));
         write(&core.handle_released(now).expect("released"));
         // Last (due at 5000): the analytics export whose attempt at 45 got no answer. Denied now, it is logged at 45,
         // as the exporter that wrote the store would have done.
         assert!(matches!(core.poll_attempt(now).expect("an attempt")[..], [Effect::AskLease { .. }]));
-        let effects = core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, now).expect("denied");
+        let effects = core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, 0, 0).expect("denied");
         let [Effect::Write(Write::Settle { record, pair, .. })] = &effects[..] else { panic!("{effects:?}") };
         assert_eq!(ExportLeaf::decode(&record.leaf).expect("leaf").time_ms, 45);
         write(&effects);

@@ -120,6 +120,8 @@ pub struct Exporter {
     tls: http::Tls,
     poll: Duration,
     progress: watch::Sender<Progress>,
+    /// The origin of the monotonic clock leases are counted on.
+    started: std::time::Instant,
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
@@ -174,7 +176,8 @@ impl Exporter {
         if tls.roots() == 0 && endpoints.values().any(|e| e.url.tls) {
             tracing::warn!("no system root certificates: https affiliates need --affiliate-ca");
         }
-        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress })
+        let started = std::time::Instant::now();
+        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress, started })
     }
 
     /// Also trusts the CA certificates in `pem` for `https://` affiliates (an operator's private CA).
@@ -384,9 +387,12 @@ impl Exporter {
                     continue;
                 }
                 Effect::AskLease { pair, statement_hash } => {
+                    let asked = self.mono_ms();
                     let answer = match client.request(Req::BeginExport(begin_export(&pair, statement_hash))).await {
+                        // A relay that does not say how long the lease lasts (`valid_for_ms` absent, 0) gives no
+                        // time to post in.
                         Ok(Resp::ExportGranted(g)) => {
-                            LeaseAnswer::Granted(Lease { id: g.lease_id, deadline_ms: g.deadline_ms })
+                            LeaseAnswer::Granted(Lease { id: g.lease_id, valid_for_ms: g.valid_for_ms })
                         }
                         Ok(Resp::ExportDenied(d)) => LeaseAnswer::Denied { reason: d.reason },
                         Ok(_) => {
@@ -399,8 +405,9 @@ impl Exporter {
                             LeaseAnswer::Failed
                         }
                     };
-                    self.core.handle_lease(answer, relay_proto::now_ms())?
+                    self.core.handle_lease(answer, asked, self.mono_ms())?
                 }
+                Effect::CheckLease { .. } => self.core.handle_lease_check(self.mono_ms())?,
                 Effect::Post { id, affiliate, body } => {
                     let outcome = self.post(&affiliate, &id, &body).await;
                     self.core.handle_answer(answer(outcome), relay_proto::now_ms())?
@@ -505,6 +512,11 @@ impl Exporter {
         let signed = head.sign(&self.log_key);
         self.store.put_head(&signed)?;
         Ok(signed)
+    }
+
+    /// The monotonic clock the core counts leases on: ms since this exporter was opened.
+    fn mono_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Posts `body` under webhook id `id` to `affiliate`'s endpoint, signed (Standard Webhooks).

@@ -1,7 +1,9 @@
 //! What a change read from the relay's feeds does to the outbox.
 //!
-//! Contract: only a change whose signature [`feed::verify`] accepts is acted on, and every one that is is kept as
-//! audit evidence. A grant with a subject, for a pair the catalogue allows, queues one export whose webhook id is
+//! Contract: only a change whose signature [`feed::verify`] accepts is acted on, and only if it is not older than a
+//! statement of its pair already seen ([`Known::latest`]: a lower sequence number, or the same one with other bytes);
+//! the exporter keeps its own record of each pair's statements and does not trust the relay's ordering. Every
+//! change acted on is kept as audit evidence. A grant with a subject, for a pair the catalogue allows, queues one export whose webhook id is
 //! derived from the statement hash, the affiliate and a digest of the exported data; the same data again (the change
 //! read twice, or a subject change that leaves the affiliate's fields as they were) queues nothing, while new data
 //! supersedes what is still queued for the pair. A withdrawal removes the pair's queued exports and, if the pair had
@@ -31,6 +33,9 @@ pub enum Applied {
     Rejected(&'static str),
     /// A grant with nothing to export (not in force any more, or not allowed by the catalogue).
     Nothing,
+    /// Older than a statement of its pair already seen (a lower sequence number, or the same one with other bytes):
+    /// ignored, whatever the relay says of it.
+    Stale,
     /// An export was queued.
     Queued,
     /// The same data was already queued or delivered for this statement.
@@ -83,6 +88,8 @@ pub struct Known {
     pub exported: Option<ExportMarker>,
     /// The user's pseudonym for the affiliate, if the pair's data reached it since its last withdrawal.
     pub delivered: Option<String>,
+    /// The latest statement of the pair seen so far: its sequence number and SHA-256.
+    pub latest: Option<(u64, [u8; 32])>,
 }
 
 /// A change whose signature was checked.
@@ -146,6 +153,20 @@ impl Core {
                 return Ok((Applied::Rejected(reason), Vec::new()));
             }
         };
+        if let Some((sequence, hash)) = known.latest {
+            let seq = v.statement.sequence;
+            if seq < sequence || (seq == sequence && hash != v.hash) {
+                // A compromised relay replaying a superseded grant (validly signed, but old): the user said more
+                // recently what holds for this pair. The same statement read again goes on (it is idempotent).
+                tracing::warn!(
+                    cursor = change.cursor,
+                    sequence = seq,
+                    latest = sequence,
+                    "stale consent change ignored"
+                );
+                return Ok((Applied::Stale, Vec::new()));
+            }
+        }
         let mut effects = vec![Effect::Write(Write::Statement {
             pair: v.pair.clone(),
             sequence: v.statement.sequence,

@@ -33,8 +33,9 @@ pub enum Kind {
 pub struct Lease {
     /// The relay's id of the lease (what `EndExport` releases).
     pub id: u64,
-    /// When the lease lapses by itself (ms since the Unix epoch).
-    pub deadline_ms: u64,
+    /// How long the lease had left when the relay answered (ms). The core counts it on the exporter's monotonic
+    /// clock from when the lease was asked for, so the deadline it keeps falls before the relay's.
+    pub valid_for_ms: u64,
 }
 
 /// Where an outbox entry stands in its delivery.
@@ -342,7 +343,7 @@ mod hex_account {
 mod tests {
     use super::*;
 
-    const LEASE: Lease = Lease { id: 9, deadline_ms: 20_000 };
+    const LEASE: Lease = Lease { id: 9, valid_for_ms: 20_000 };
 
     #[test]
     fn an_attempt_goes_from_rest_to_leased_to_in_flight_and_back() {

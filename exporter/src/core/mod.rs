@@ -6,18 +6,27 @@
 //!
 //! Events: [`Core::handle_change`] and [`Core::page_done`] for the feeds; for deliveries, [`Core::plan_deliveries`]
 //! then, attempt by attempt, [`Core::poll_attempt`] and the answers to the questions its effects ask:
-//! [`Core::handle_lease`] (the relay's answer to [`Effect::AskLease`]), [`Core::handle_answer`] (the affiliate's
-//! answer to [`Effect::Post`]) and [`Core::handle_released`] (once [`Effect::ReleaseLease`] is done, whatever the
-//! relay said). An attempt asks one question at a time, and a question is always the last effect of its batch.
+//! [`Core::handle_lease`] (the relay's answer to [`Effect::AskLease`]), [`Core::handle_lease_check`] (the time once
+//! the flush before a request is done, [`Effect::CheckLease`]), [`Core::handle_answer`] (the affiliate's answer to
+//! [`Effect::Post`]) and [`Core::handle_released`] (once [`Effect::ReleaseLease`] is done, whatever the relay said).
+//! An attempt asks one question at a time, and a question is always the last effect of its batch.
+//!
+//! Two clocks: wall-clock times (`now_ms`, ms since the Unix epoch) date log entries, events and retries; a lease is
+//! counted on the exporter's monotonic clock (`mono_ms`, ms since any fixed point of this process), which does not
+//! jump, from the moment the lease was asked for, for as long as the relay says it has left
+//! ([`Lease::valid_for_ms`]).
 //!
 //! Contract (the withdrawal fence and the crash rules, `docs/exporter.md`):
-//! - An export is posted only inside a lease asked for immediately before that attempt, never with less than
-//!   [`HTTP_TIMEOUT`] left before the lease's deadline, and the lease is released after the attempt. Withdrawal
-//!   notices carry no data and need no lease.
+//! - An export is posted only inside a lease asked for immediately before that attempt, and the lease is released
+//!   after the attempt. The lease's deadline is the time it was asked for plus what the relay said it has left, on
+//!   the monotonic clock. An attempt goes on to the flush before its request only with [`LEASE_NEEDED`] left, and
+//!   the request starts only if, once that flush is done, [`POST_NEEDED`] is still left (the whole
+//!   [`HTTP_TIMEOUT`] and [`CLOCK_SLACK`]); otherwise nothing is sent, the lease is released and the export
+//!   retried. Withdrawal notices carry no data and need no lease.
 //! - Durability is ordering: the driver performs effects one after the other, and an effect runs only once the ones
 //!   before it are done; after a [`Effect::Flush`], every write before it is durable. Before an export request
-//!   leaves, its entry is written as [`EntryState::InFlight`] and flushed ([`Write::Put`], [`Effect::Flush`], then
-//!   [`Effect::Post`]), so an export whose answer never comes (a crash, a lost connection) is known after a restart.
+//!   leaves, its entry is written as [`EntryState::InFlight`] and flushed ([`Write::Put`], [`Effect::Flush`],
+//!   [`Effect::CheckLease`], then [`Effect::Post`]), so an export whose answer never comes (a crash, a lost connection) is known after a restart.
 //! - An entry leaves the outbox only on a 2xx answer, a denial of its lease, a withdrawal of its pair (or a newer
 //!   export superseding it), or its affiliate leaving the catalogue. An export that leaves any way but the last
 //!   after an attempt that got no answer is logged as delivered, at that attempt's time, since the affiliate may
@@ -51,9 +60,18 @@ use crate::affiliates::Catalogue;
 use crate::feed::Feed;
 use crate::ids::{Pair, WebhookId};
 
-/// Bound of one webhook request, and the least lease time left at which one may start; shorter than the relay's
-/// lease, so a request that started is over before its lease can lapse.
+/// Bound of one webhook request (connect, TLS, send, status line); the socket is torn down when it fires.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the flush that marks an export in flight, before its request, may take out of the lease before the
+/// request can no longer start (it is checked again after the flush, so a slower disk only costs a retry).
+pub const FLUSH_BOUND: Duration = Duration::from_secs(5);
+/// Slack for the two clocks' rates, timer lateness and tearing the socket down once the timeout fires.
+pub const CLOCK_SLACK: Duration = Duration::from_secs(2);
+/// Lease time that must be left, once the flush before the request is done, for the request to start.
+pub const POST_NEEDED: Duration = HTTP_TIMEOUT.saturating_add(CLOCK_SLACK);
+/// Lease time that must be left when the relay's grant arrives for the attempt to go on: 17 s, within the relay's
+/// `LEASE_TTL` (30 s) with room for the lease request's own round trip.
+pub const LEASE_NEEDED: Duration = POST_NEEDED.saturating_add(FLUSH_BOUND);
 /// Deliveries attempted per pass.
 pub const DELIVERIES_PER_PASS: usize = 64;
 
@@ -96,6 +114,12 @@ pub enum Effect {
         pair: Pair,
         /// The statement the export follows from.
         statement_hash: [u8; 32],
+    },
+    /// The export's entry is durably in flight: tell the core the monotonic time now, with
+    /// [`Core::handle_lease_check`], which decides whether its request may still start inside the lease.
+    CheckLease {
+        /// The webhook id.
+        id: WebhookId,
     },
     /// Post `body` under webhook id `id` to `affiliate`'s endpoint, signed; answer with [`Core::handle_answer`].
     Post {
@@ -200,6 +224,8 @@ pub enum CoreError {
 enum Current {
     /// Waiting for the relay's answer to the lease asked for the export `id`, begun at `started_ms`.
     Leasing { id: WebhookId, started_ms: u64 },
+    /// Waiting for the flush before the request of `id` to be done; the lease lapses at `deadline` (monotonic ms).
+    Starting { id: WebhookId, deadline: u64 },
     /// Waiting for the affiliate's answer to the request for `id`.
     Posting { id: WebhookId },
     /// Waiting for the lease of `id` to be released, then settling it.
@@ -209,7 +235,10 @@ enum Current {
 impl Current {
     fn id(&self) -> WebhookId {
         match self {
-            Current::Leasing { id, .. } | Current::Posting { id } | Current::Releasing { id, .. } => *id,
+            Current::Leasing { id, .. }
+            | Current::Starting { id, .. }
+            | Current::Posting { id }
+            | Current::Releasing { id, .. } => *id,
         }
     }
 }
@@ -343,8 +372,14 @@ impl Core {
         std::mem::take(&mut self.plan_open).then(|| vec![Effect::Flush])
     }
 
-    /// The relay answered the lease asked for the attempt under way, at `now_ms`.
-    pub fn handle_lease(&mut self, answer: LeaseAnswer, now_ms: u64) -> Result<Vec<Effect>, CoreError> {
+    /// The relay answered the lease asked for the attempt under way; `asked_mono_ms` is when the request for it was
+    /// sent and `now_mono_ms` now, both on the monotonic clock.
+    pub fn handle_lease(
+        &mut self,
+        answer: LeaseAnswer,
+        asked_mono_ms: u64,
+        now_mono_ms: u64,
+    ) -> Result<Vec<Effect>, CoreError> {
         let Some(Current::Leasing { id, started_ms }) = self.current.clone() else {
             return Err(CoreError::Unasked("a lease answer"));
         };
@@ -361,8 +396,9 @@ impl Core {
         };
         let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("a lease for no entry")) };
         let leased = take_state(entry).lease(lease, started_ms).map_err(|e| restore_state(entry, e))?;
-        let left = lease.deadline_ms.saturating_sub(now_ms);
-        if u128::from(left) < HTTP_TIMEOUT.as_millis() {
+        // Counted from when it was asked for, which is before the relay took it: this deadline is the earlier one.
+        let deadline = asked_mono_ms.saturating_add(lease.valid_for_ms);
+        if !left_at_least(deadline, now_mono_ms, LEASE_NEEDED) {
             let (lease, state) = leased.unused();
             entry.state = state;
             let failure = Failure::Failed("lease too short to start a request".to_owned());
@@ -370,13 +406,41 @@ impl Core {
             return Ok(vec![Effect::ReleaseLease { pair: entry.pair.clone(), lease }]);
         }
         entry.state = EntryState::InFlight(leased.send());
-        tracing::info!(webhook = %id, attempt = entry.attempts + 1, "posting export");
-        self.current = Some(Current::Posting { id });
+        self.current = Some(Current::Starting { id, deadline });
         Ok(vec![
             Effect::Write(Write::Put { id, entry: Box::new(entry.clone()) }),
             Effect::Flush,
-            Effect::Post { id, affiliate: entry.pair.affiliate.clone(), body: entry.body.clone() },
+            Effect::CheckLease { id },
         ])
+    }
+
+    /// The flush before the request of the attempt under way is done, at `now_mono_ms`: the request leaves if its
+    /// whole timeout (and the slack) still fits in the lease; otherwise nothing is sent and the lease is released.
+    pub fn handle_lease_check(&mut self, now_mono_ms: u64) -> Result<Vec<Effect>, CoreError> {
+        let Some(Current::Starting { id, deadline }) = self.current.clone() else {
+            return Err(CoreError::Unasked("a lease check"));
+        };
+        let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("a check for no entry")) };
+        if left_at_least(deadline, now_mono_ms, POST_NEEDED) {
+            tracing::info!(webhook = %id, attempt = entry.attempts + 1, "posting export");
+            self.current = Some(Current::Posting { id });
+            return Ok(vec![Effect::Post { id, affiliate: entry.pair.affiliate.clone(), body: entry.body.clone() }]);
+        }
+        // Nothing left: back to what the entry was before this attempt (its stored in-flight mark is only ever on
+        // the safe side, and the retry writes the entry again).
+        let in_flight = match take_state(entry) {
+            EntryState::InFlight(in_flight) => in_flight,
+            state => {
+                entry.state = state.clone();
+                return Err(TransitionError { state, transition: "start its request" }.into());
+            }
+        };
+        let (attempt, state) = in_flight.answered(Reached::Known).map_err(|e| restore_state(entry, e))?;
+        entry.state = state;
+        tracing::info!(webhook = %id, "the flush before the request left too little of the lease; not sent");
+        let failure = Failure::Failed("lease too short after the flush".to_owned());
+        self.current = Some(Current::Releasing { id, settle: Settle::Retry(failure) });
+        Ok(vec![Effect::ReleaseLease { pair: entry.pair.clone(), lease: attempt.lease }])
     }
 
     /// The affiliate answered the request of the attempt under way (or it failed), at `now_ms`.
@@ -485,6 +549,11 @@ impl Core {
             }
         }
     }
+}
+
+/// Whether at least `needed` is left from `now` to `deadline` (monotonic ms).
+fn left_at_least(deadline: u64, now: u64, needed: Duration) -> bool {
+    u128::from(deadline.saturating_sub(now)) >= needed.as_millis()
 }
 
 /// Moves an entry's state out for a transition (which consumes it); the entry holds a placeholder meanwhile.

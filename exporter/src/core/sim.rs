@@ -26,7 +26,7 @@ pub const CATALOGUE: &str = include_str!("../../affiliates.example.toml");
 /// The exporter's pseudonym key in the tests.
 pub const MASTER_KEY: [u8; 32] = [3; 32];
 /// How long a lease lasts, as the relay's `LEASE_TTL`.
-pub const LEASE_MS: u64 = 15_000;
+pub const LEASE_MS: u64 = 30_000;
 
 /// Reproducible randomness (SplitMix64).
 #[derive(Debug, Clone)]
@@ -190,7 +190,17 @@ impl MemStore {
     }
 
     pub fn known(&self, pair: &Pair) -> Known {
-        Known { exported: self.live.exported.get(pair).copied(), delivered: self.live.delivered.get(pair).cloned() }
+        let latest = self.live.statements.range((pair.clone(), 0)..=(pair.clone(), u64::MAX)).next_back().map(
+            |((_, sequence), evidence)| {
+                let bytes = hex::decode(&evidence.statement).expect("statement hex");
+                (*sequence, relay_proto::consent::statement_hash(&bytes))
+            },
+        );
+        Known {
+            exported: self.live.exported.get(pair).copied(),
+            delivered: self.live.delivered.get(pair).cloned(),
+            latest,
+        }
     }
 }
 
@@ -362,9 +372,8 @@ impl Relay {
             return LeaseAnswer::Denied { reason: "not the latest grant in force".into() };
         }
         self.next_lease += 1;
-        let deadline_ms = now + self.lease_ms;
-        self.leases.insert(self.next_lease, (pair.clone(), deadline_ms));
-        LeaseAnswer::Granted(Lease { id: self.next_lease, deadline_ms })
+        self.leases.insert(self.next_lease, (pair.clone(), now + self.lease_ms));
+        LeaseAnswer::Granted(Lease { id: self.next_lease, valid_for_ms: self.lease_ms })
     }
 
     /// Lets the leases past their deadline lapse, and acknowledges the withdrawals whose pair has no lease out any
@@ -392,6 +401,10 @@ pub struct World {
     pub now: u64,
     /// How far the clock moves per effect performed (ms).
     pub tick: u64,
+    /// How much longer than `tick` a flush takes (ms): a slow disk.
+    pub flush_ms: u64,
+    /// How long the relay's answer to a lease request takes to arrive (ms), after the relay took the lease.
+    pub lease_answer_ms: u64,
     /// Effects performed so far, across restarts.
     pub step: u64,
     /// The process dies before performing the effect of this step.
@@ -414,6 +427,8 @@ impl World {
             affiliates,
             now: 1_000_000,
             tick: 1,
+            flush_ms: 0,
+            lease_answer_ms: 0,
             step: 0,
             crash_at: None,
             batches: Vec::new(),
@@ -483,6 +498,17 @@ impl World {
         hash
     }
 
+    /// A compromised relay serves again, as a new change, the statement at position `at` of the consent feed (validly
+    /// signed, but old), and treats it as the one in force (it grants its leases and attaches the subject).
+    pub fn replay(&mut self, at: usize) {
+        let r = self.relay.consents[at].clone();
+        let pair = Pair::new(r.statement.account, r.statement.affiliate.clone(), r.statement.purpose);
+        if r.statement.decision == Decision::Grant {
+            self.relay.in_force.insert(pair, r.statement.hash());
+        }
+        self.relay.consents.push(r);
+    }
+
     /// The user reports a new device model.
     pub fn change_device(&mut self, user: usize, model: &str) {
         self.relay.users[user].model = model.into();
@@ -511,12 +537,17 @@ impl World {
                 }
                 Effect::Flush => {
                     self.store.flush();
+                    self.now += self.flush_ms;
                     continue;
                 }
                 Effect::AskLease { pair, statement_hash } => {
+                    // The sim's one clock is both the wall clock and the monotonic one (and the relay's).
+                    let asked = self.now;
                     let answer = self.relay.begin(&pair, statement_hash, self.now);
-                    self.core.handle_lease(answer, self.now).expect("a lease was asked for")
+                    self.now += self.lease_answer_ms;
+                    self.core.handle_lease(answer, asked, self.now).expect("a lease was asked for")
                 }
+                Effect::CheckLease { .. } => self.core.handle_lease_check(self.now).expect("a check was asked for"),
                 Effect::Post { id, affiliate, body } => {
                     let answer = self.post(id, &affiliate, body);
                     self.core.handle_answer(answer, self.now).expect("a request was posted")
@@ -545,6 +576,17 @@ impl World {
                         && stored.state.unanswered_since() == live.state.unanswered_since(),
                     "{id} posted while stored as {:?}",
                     stored.state
+                );
+            }
+            // The fence: an export request leaves only with its whole timeout inside a lease the relay holds.
+            if stored.kind == super::Kind::Export {
+                let timeout = u64::try_from(super::HTTP_TIMEOUT.as_millis()).expect("ms");
+                assert!(
+                    self.relay
+                        .leases
+                        .values()
+                        .any(|(p, deadline)| *p == stored.pair && *deadline >= self.now + timeout),
+                    "{id} posted with less than its timeout left on the relay's lease"
                 );
             }
         } else {

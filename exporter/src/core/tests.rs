@@ -6,7 +6,7 @@ use relay_proto::consent::{Decision, Purpose};
 use relay_proto::merkle::ExportLeaf;
 use serde_json::Value;
 
-use super::sim::{Behaviour, CATALOGUE, MASTER_KEY, SeededEntropy, World};
+use super::sim::{Behaviour, CATALOGUE, LEASE_MS, MASTER_KEY, SeededEntropy, World};
 use super::*;
 use crate::payload::phone_pseudonym;
 
@@ -24,6 +24,7 @@ fn kind(effect: &Effect) -> &'static str {
         Effect::Write(Write::ForgetDelivered { .. }) => "forget-delivered",
         Effect::Write(Write::Cursor { .. }) => "cursor",
         Effect::Flush => "flush",
+        Effect::CheckLease { .. } => "check",
         Effect::AskLease { .. } => "lease",
         Effect::Post { .. } => "post",
         Effect::ReleaseLease { .. } => "release",
@@ -74,6 +75,7 @@ fn an_export_goes_lease_then_durably_in_flight_then_post_then_release_then_settl
             "lease",
             "put",
             "flush",
+            "check",
             "post",
             "release",
             "settle",
@@ -188,7 +190,7 @@ fn a_crash_before_the_in_flight_mark_is_durable_leaves_an_export_that_never_left
     let post_step = dry.affiliates["adsco"].received[0].step;
     // Before the flush that precedes the post, with the in-flight write lost.
     let (mut w, alice, _) = alice_grants();
-    w.crash_at = Some(post_step - 2);
+    w.crash_at = Some(post_step - 3);
     assert!(w.pass().is_err());
     w.restart(0);
     assert_eq!(only_entry(&w).1.state, EntryState::Queued);
@@ -308,7 +310,7 @@ fn an_acknowledged_export_is_logged_once_even_when_a_crash_brings_its_entry_back
 #[test]
 fn an_attempt_whose_lease_is_too_short_sends_nothing_and_releases_it() {
     let (mut w, _, _) = alice_grants();
-    w.relay.lease_ms = HTTP_TIMEOUT.as_millis() as u64 - 1;
+    w.relay.lease_ms = LEASE_NEEDED.as_millis() as u64 - 1;
     let before = w.batches.len();
     w.pass().expect("no crash");
     let delivery: Vec<_> = kinds(&w, before).into_iter().skip_while(|k| *k != "lease").collect();
@@ -367,7 +369,8 @@ fn a_pass_attempts_at_most_64_due_entries_soonest_first_and_none_twice() {
 fn the_core_refuses_events_out_of_turn() {
     let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
     let mut core = Core::new(catalogue, MASTER_KEY, [], [], Box::new(SeededEntropy(1)));
-    assert_eq!(core.handle_lease(LeaseAnswer::Failed, 1), Err(CoreError::Unasked("a lease answer")));
+    assert_eq!(core.handle_lease(LeaseAnswer::Failed, 1, 1), Err(CoreError::Unasked("a lease answer")));
+    assert_eq!(core.handle_lease_check(1), Err(CoreError::Unasked("a lease check")));
     assert_eq!(core.handle_answer(Answer::Status(200), 1), Err(CoreError::Unasked("a webhook answer")));
     assert_eq!(core.handle_released(1), Err(CoreError::Unasked("a released lease")));
     assert_eq!(core.poll_attempt(1), None, "nothing planned");
@@ -386,7 +389,8 @@ fn the_core_refuses_events_out_of_turn() {
     let busy = w.core.handle_change(change, Known::default(), w.now);
     assert!(matches!(busy, Err(CoreError::Busy(_))), "{busy:?}");
     // The attempt goes on as if nothing had been asked.
-    assert_eq!(w.core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, w.now).map(|e| e.len()), Ok(1));
+    let denied = w.core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, w.now, w.now);
+    assert_eq!(denied.map(|e| e.len()), Ok(1));
 }
 
 #[test]
@@ -608,4 +612,59 @@ fn a_crash_before_any_effect_of_the_story_breaks_no_delivery_or_crash_rule() {
         }
     }
     assert!(runs >= 4 * 60, "{runs} runs over {steps} effects");
+}
+
+/// Issue #12, point 4: the lease's time left was checked before the flush that marks the entry in flight, and that
+/// flush is unbounded: a slow disk let a request start with less than its timeout left on the relay's lease, which
+/// could then lapse (and a withdrawal be acknowledged) while the request was still going out.
+#[test]
+fn a_slow_flush_before_the_post_never_eats_into_the_requests_timeout() {
+    let (mut w, _, _) = alice_grants();
+    // 30 s of lease, 17 s needed at the grant; a flush of 20 s leaves 10 s, less than the 12 s a request needs.
+    w.flush_ms = 20_000;
+    w.drain(3, 0);
+    assert!(w.affiliates["adsco"].received.is_empty(), "no request may leave once the flush ate the margin");
+    assert_eq!(w.relay.leases_out(), 0, "every lease released");
+    assert_eq!(w.core.outbox_len(), 1, "the export waits for a faster attempt");
+    // The disk recovers: the export goes out, inside its lease.
+    w.flush_ms = 0;
+    w.drain(3, 0);
+    assert_eq!(w.affiliates["adsco"].received.len(), 1);
+}
+
+/// Issue #12, point 4: the exporter trusted the relay's ordering. A compromised relay that serves a validly signed
+/// grant again after the withdrawal that superseded it (and lies that it is in force) got it queued and delivered.
+/// The exporter keeps the latest sequence number it has seen per pair and ignores a statement not above it.
+#[test]
+fn a_replayed_old_grant_after_its_withdrawal_is_ignored() {
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.drain(3, 0);
+    let exports = |w: &World| {
+        w.affiliates["adsco"].received.iter().filter(|r| body(&r.body)["type"] == "user.metadata.exported").count()
+    };
+    assert_eq!(exports(&w), 1);
+    w.replay(0);
+    w.drain(3, 0);
+    assert_eq!(exports(&w), 1, "the replayed grant must not be exported again");
+    assert!(w.core.outbox().is_empty());
+}
+
+/// Issue #12, point 4: the lease's deadline was the relay's wall-clock time, compared on the exporter's clock, and
+/// counted from the answer. It is now what the relay says is left, counted on the exporter's monotonic clock from
+/// when the lease was asked for: an answer that took long to arrive leaves less of the lease, and an attempt whose
+/// request could outlast the relay's lease sends nothing.
+#[test]
+fn a_lease_is_counted_from_when_it_was_asked_for() {
+    let (mut w, _, _) = alice_grants();
+    // The relay took the lease at once, but its answer took 25 s to arrive: 5 s of 30 are left.
+    w.lease_answer_ms = 25_000;
+    w.drain(2, 0);
+    assert!(w.affiliates["adsco"].received.is_empty(), "no request with less than its timeout left");
+    assert_eq!(w.relay.leases_out(), 0, "released");
+    // Just enough left: the export leaves (and the sim checks it fits in the relay's lease).
+    w.lease_answer_ms = LEASE_MS - LEASE_NEEDED.as_millis() as u64;
+    w.drain(3, 0);
+    assert_eq!(w.affiliates["adsco"].received.len(), 1);
 }

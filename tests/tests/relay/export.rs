@@ -278,3 +278,14 @@ async fn the_export_protocol_cannot_reach_a_mailbox() {
     }
     assert_eq!(delivered, [(queued.server_id, b"sealed for bob".to_vec())]);
 }
+
+/// The relay's lease outlasts what the exporter needs left of it when the grant arrives (its HTTP timeout, the
+/// bound on the flush before the request and the clock slack), with 10 s to spare for the lease request's own round
+/// trip: the numbers `docs/exporter.md` gives ("The withdrawal fence").
+#[test]
+fn the_relays_lease_covers_the_exporters_margins() {
+    use relay_exporter::core::{CLOCK_SLACK, FLUSH_BOUND, HTTP_TIMEOUT, LEASE_NEEDED};
+    assert_eq!(LEASE_NEEDED, HTTP_TIMEOUT + FLUSH_BOUND + CLOCK_SLACK);
+    assert_eq!(relay_server::fence::LEASE_TTL, Duration::from_secs(30));
+    assert!(relay_server::fence::LEASE_TTL >= LEASE_NEEDED + Duration::from_secs(10));
+}
