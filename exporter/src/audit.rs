@@ -332,7 +332,8 @@ mod tests {
             let encoded = leaf.encode().expect("leaf");
             let record = LogRecord { leaf: encoded.clone(), account: self.account(), evidence: grant.1.clone() };
             let id = WebhookId::from_export_id([n; 16]);
-            let settle = Write::Settle { id, pair: self.pair(), pseudonym: "p".into(), record: Box::new(record) };
+            let settle =
+                Write::Settle { id, pair: self.pair(), delivered: Default::default(), record: Box::new(record) };
             self.store.apply(&settle).expect("log");
             self.log.append(&encoded);
             let head = TreeHead { size: self.log.len(), root: self.log.root(), timestamp_ms: u64::from(n) };

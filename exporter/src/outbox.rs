@@ -1,5 +1,6 @@
 //! The exporter's durable state, in its own sled database, one tree per concern: `outbox` (webhook id → entry to
-//! deliver), `delivered` (pair → the user's pseudonym for that affiliate, for a later `consent.withdrawn` event),
+//! deliver), `delivered` (pair → how its affiliate received the user: phone numbers, pseudonyms, webhook ids; for a
+//! later `consent.withdrawn` event),
 //! `exported` (pair → what was last queued for it, so unchanged data is not exported twice), `meta` (the feed
 //! cursors, how much of the log the relay holds), `log` (index → [`LogRecord`]: the leaf and the user-signed
 //! statement that allowed it), `heads` (its signed tree heads) and `statements` (every verified statement per pair:
@@ -19,7 +20,7 @@ use serde::Serialize;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::core::{Entry, Evidence, ExportMarker, Known, LogRecord, Write};
+use crate::core::{Delivered, Entry, Evidence, ExportMarker, Known, LogRecord, Write};
 use crate::feed::Feed;
 use crate::ids::{Pair, WebhookId};
 
@@ -134,8 +135,8 @@ impl ExporterStore {
             Write::Remove { id } => {
                 self.outbox.remove(id.to_string())?;
             }
-            Write::Settle { id, pair, pseudonym, record } => {
-                self.settle(id, pair, pseudonym, record)?;
+            Write::Settle { id, pair, delivered, record } => {
+                self.settle(id, pair, delivered, record)?;
             }
             Write::SetExported { pair, marker } => {
                 self.exported.insert(pair.to_string(), marker.to_string().as_bytes())?;
@@ -166,7 +167,7 @@ impl ExporterStore {
             ),
             None => None,
         };
-        let delivered = self.delivered.get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let delivered = self.delivered.get(&key)?.map(|v| Delivered::from_stored(&v));
         Ok(Known { exported, delivered, latest: self.latest_statement(pair)? })
     }
 
@@ -203,13 +204,14 @@ impl ExporterStore {
     }
 
     /// Settles an export: appends `record` to the log (unless export `id` is logged already), makes that durable,
-    /// then removes the entry from the outbox and marks `pair` delivered with `pseudonym`. Returns the record's index.
+    /// then removes the entry from the outbox and adds `delivered` to what `pair`'s affiliate received. Returns the
+    /// record's index.
     ///
     /// The log append is one atomic batch on one tree (record, length, id index) and is flushed before the entry
     /// leaves the outbox: whatever a crash keeps, an export that leaves the outbox is in the log, and an entry that
     /// comes back after a crash is settled again without a second record. This does not rely on a transaction
     /// across trees surviving a crash whole.
-    fn settle(&self, id: &WebhookId, pair: &Pair, pseudonym: &str, record: &LogRecord) -> Result<u64, StoreError> {
+    fn settle(&self, id: &WebhookId, pair: &Pair, add: &Delivered, record: &LogRecord) -> Result<u64, StoreError> {
         let index = match self.log.get(log_id_key(id))? {
             Some(v) => be_u64(&v, "logged export index")?,
             None => {
@@ -221,7 +223,10 @@ impl ExporterStore {
         };
         let trees = (&self.outbox, &self.delivered);
         let result = trees.transaction(|(outbox, delivered)| {
-            delivered.insert(pair.to_string().as_bytes(), pseudonym.as_bytes())?;
+            let key = pair.to_string();
+            let mut received = delivered.get(key.as_bytes())?.map(|v| Delivered::from_stored(&v)).unwrap_or_default();
+            received.merge(add.clone());
+            delivered.insert(key.as_bytes(), received.to_stored())?;
             outbox.remove(id.to_string().as_bytes())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
@@ -460,7 +465,8 @@ mod tests {
     fn settle(store: &ExporterStore, n: u8, e: &Entry, leaf: u8) {
         let record = LogRecord { leaf: vec![leaf], account: e.pair.account, evidence: Evidence::default() };
         let record = Box::new(record);
-        let settle = Write::Settle { id: id(n), pair: e.pair.clone(), pseudonym: e.pseudonym.clone(), record };
+        let delivered = Delivered { phone_pseudonym: vec![e.pseudonym.clone()], ..Delivered::default() };
+        let settle = Write::Settle { id: id(n), pair: e.pair.clone(), delivered, record };
         store.apply(&settle).expect("settle");
     }
 
@@ -480,7 +486,8 @@ mod tests {
         assert_eq!(store.log_len().expect("len"), 2);
         let leaves: Vec<_> = store.log_records(0, 10).expect("records").into_iter().map(|(i, r)| (i, r.leaf)).collect();
         assert_eq!(leaves, [(0, vec![1]), (1, vec![2])]);
-        assert_eq!(store.known(&e.pair).expect("known").delivered.as_deref(), Some("p"));
+        let delivered = store.known(&e.pair).expect("known").delivered.expect("delivered");
+        assert_eq!(delivered.phone_pseudonym, ["p"]);
         assert!(store.is_empty());
         drop(store);
         let reopened = ExporterStore::open(dir.path()).expect("reopen");
@@ -509,7 +516,11 @@ mod tests {
         settle(&store, 1, &entry(Kind::Export, Purpose::Advertising, 0), 1);
         assert_eq!(
             store.known(&ads).expect("known"),
-            Known { exported: Some(marker), delivered: Some("p".into()), latest: None }
+            Known {
+                exported: Some(marker),
+                delivered: Some(Delivered { phone_pseudonym: vec!["p".into()], ..Delivered::default() }),
+                latest: None
+            }
         );
         store.apply(&Write::ForgetDelivered { pair: ads.clone() }).expect("forget");
         assert_eq!(store.known(&ads).expect("known").delivered, None);

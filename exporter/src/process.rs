@@ -656,7 +656,7 @@ mod tests {
                 let settle = Write::Settle {
                     id: WebhookId::from_export_id([n; 16]),
                     pair: Pair::new(account, "adsco", Purpose::Advertising),
-                    pseudonym: "p".into(),
+                    delivered: Default::default(),
                     record: Box::new(record),
                 };
                 exporter.store.apply(&settle).expect("settle");

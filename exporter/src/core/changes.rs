@@ -7,7 +7,8 @@
 //! derived from the statement hash, the affiliate and a digest of the exported data; the same data again (the change
 //! read twice, or a subject change that leaves the affiliate's fields as they were) queues nothing, while new data
 //! supersedes what is still queued for the pair. A withdrawal removes the pair's queued exports and, if the pair had
-//! been delivered, queues a `consent.withdrawn` notice carrying only the user's pseudonym for that affiliate. An
+//! been delivered, queues a `consent.withdrawn` notice that names the user as that affiliate received them
+//! ([`Delivered::notice_data`]) and carries no other data. An
 //! export that leaves the outbox this way after an attempt that got no answer is logged as delivered (see
 //! [`super::Core`]). A feed's cursor moves only once the writes of the changes before it are durable.
 
@@ -20,6 +21,7 @@ use relay_proto::wire::ConsentChange;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::delivered::Delivered;
 use super::entry::{Entry, EntryState, Evidence, Kind};
 use super::{Core, CoreError, Effect, Write};
 use crate::feed::{self, Feed};
@@ -86,8 +88,8 @@ impl FromStr for ExportMarker {
 pub struct Known {
     /// What was last queued for the pair since its last withdrawal.
     pub exported: Option<ExportMarker>,
-    /// The user's pseudonym for the affiliate, if the pair's data reached it since its last withdrawal.
-    pub delivered: Option<String>,
+    /// How the affiliate received the user, if the pair's data reached it since its last withdrawal.
+    pub delivered: Option<Delivered>,
     /// The latest statement of the pair seen so far: its sequence number and SHA-256.
     pub latest: Option<(u64, [u8; 32])>,
 }
@@ -211,20 +213,25 @@ impl Core {
                 Applied::Queued
             }
             Decision::Withdraw => {
-                let (dropped, logged_pseudonym) = self.drop_exports_of(&v.pair, &mut effects)?;
+                let (dropped, logged) = self.drop_exports_of(&v.pair, &mut effects)?;
                 effects.push(Effect::Write(Write::ForgetExported { pair: v.pair.clone() }));
-                // An export just logged as delivered marked its pair delivered, with its pseudonym.
-                let delivered = logged_pseudonym.or(known.delivered);
+                // An export just logged as delivered added to what the pair's affiliate received.
+                let delivered = match (known.delivered, logged) {
+                    (Some(mut known), Some(logged)) => {
+                        known.merge(logged);
+                        Some(known)
+                    }
+                    (known, logged) => known.or(logged),
+                };
                 let notified = delivered.is_some();
-                if let Some(pseudonym) = delivered {
-                    let mut data = serde_json::Map::new();
+                if let Some(delivered) = delivered {
+                    let mut data = delivered.notice_data();
                     data.insert("purpose".into(), Value::String(purpose.into()));
-                    data.insert("subject".into(), Value::String(pseudonym.clone()));
                     let entry = Entry {
                         kind: Kind::Withdrawn,
                         pair: v.pair.clone(),
                         statement_hash: hash,
-                        pseudonym,
+                        pseudonym: delivered.phone_pseudonym.first().cloned().unwrap_or_default(),
                         body: feed::event("consent.withdrawn", now_ms, self.entropy.nonce(), data),
                         attempts: 0,
                         next_attempt_ms: now_ms,
@@ -262,19 +269,19 @@ impl Core {
         }
     }
 
-    /// Drops every queued export (not notice) of `pair`, in id order: how many, and the pseudonym of the last one
-    /// logged as delivered because an attempt of it got no answer.
+    /// Drops every queued export (not notice) of `pair`, in id order: how many, and how those logged as delivered
+    /// (because an attempt of theirs got no answer) identified the user.
     fn drop_exports_of(
         &mut self,
         pair: &Pair,
         effects: &mut Vec<Effect>,
-    ) -> Result<(usize, Option<String>), CoreError> {
+    ) -> Result<(usize, Option<Delivered>), CoreError> {
         let doomed: Vec<WebhookId> =
             self.outbox.iter().filter(|(_, e)| e.kind == Kind::Export && e.pair == *pair).map(|(id, _)| *id).collect();
-        let mut logged = None;
+        let mut logged: Option<Delivered> = None;
         for id in &doomed {
-            if let Some(pseudonym) = self.drop_export(id, effects)? {
-                logged = Some(pseudonym);
+            if let Some(delivered) = self.drop_export(id, effects)? {
+                logged.get_or_insert_with(Delivered::default).merge(delivered);
             }
         }
         Ok((doomed.len(), logged))

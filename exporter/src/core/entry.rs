@@ -203,6 +203,11 @@ pub struct Entry {
 pub struct UnloggableError(pub WebhookId, pub &'static str);
 
 impl Entry {
+    /// How this export, delivered under webhook id `id`, identifies the user to its affiliate.
+    pub fn delivered_as(&self, id: &WebhookId) -> super::Delivered {
+        super::Delivered::of_export(id, &self.fields, &self.body, &self.pseudonym)
+    }
+
     /// The log record of this export, delivered (or possibly delivered) by the attempt begun at `started_ms`: no
     /// personal data, the payload by its (nonce-salted) hash.
     pub fn log_record(&self, id: &WebhookId, started_ms: u64) -> Result<LogRecord, UnloggableError> {

@@ -39,6 +39,7 @@
 //! Logs (through `tracing`) carry webhook ids and counts, never personal data.
 
 mod changes;
+pub mod delivered;
 pub mod entry;
 pub mod retry;
 #[cfg(test)]
@@ -50,6 +51,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 pub use changes::{Applied, CheckedChange, ExportMarker, Known};
+pub use delivered::Delivered;
 pub use entry::{
     Attempt, Entry, EntryState, Evidence, InFlight, Kind, Lease, Leased, LogRecord, Reached, TransitionError,
     UnloggableError,
@@ -164,14 +166,14 @@ pub enum Write {
         id: WebhookId,
     },
     /// Append `record` to the export log unless `id` is logged already, durably; then remove the entry under `id`
-    /// and record `pair` as delivered with `pseudonym`.
+    /// and add `delivered` to what `pair`'s affiliate received.
     Settle {
         /// The export's webhook id.
         id: WebhookId,
         /// Its pair.
         pair: Pair,
-        /// The user's pseudonym for the affiliate (what a later withdrawal notice carries).
-        pseudonym: String,
+        /// How the export identified the user to the affiliate (what a later withdrawal notice carries).
+        delivered: Delivered,
         /// The log record.
         record: Box<LogRecord>,
     },
@@ -493,7 +495,7 @@ impl Core {
                     id,
                     record: Box::new(entry.log_record(&id, started_ms)?),
                     pair: entry.pair.clone(),
-                    pseudonym: entry.pseudonym.clone(),
+                    delivered: entry.delivered_as(&id),
                 };
                 self.outbox.remove(&id);
                 Ok(vec![Effect::Write(self.count_delivered(id, status, write))])
@@ -524,22 +526,22 @@ impl Core {
 
     /// Takes export `id` out of the outbox undelivered. If an attempt of it may have reached the affiliate, it is
     /// settled as delivered instead, logged at that attempt's time (the log must never miss data an affiliate may
-    /// hold): then the user's pseudonym it marks the pair delivered with.
-    fn drop_export(&mut self, id: &WebhookId, effects: &mut Vec<Effect>) -> Result<Option<String>, CoreError> {
+    /// hold): then how it identified the user, which the pair's delivered record gains.
+    fn drop_export(&mut self, id: &WebhookId, effects: &mut Vec<Effect>) -> Result<Option<Delivered>, CoreError> {
         let Some(entry) = self.outbox.get(id) else { return Ok(None) };
         match entry.state.unanswered_since() {
             Some(since) if entry.kind == Kind::Export => {
                 let record = Box::new(entry.log_record(id, since)?);
-                let pseudonym = entry.pseudonym.clone();
+                let delivered = entry.delivered_as(id);
                 effects.push(Effect::Write(Write::Settle {
                     id: *id,
                     pair: entry.pair.clone(),
-                    pseudonym: pseudonym.clone(),
+                    delivered: delivered.clone(),
                     record,
                 }));
                 self.outbox.remove(id);
                 tracing::info!(webhook = %id, "export dropped after an attempt with no answer; logged as delivered");
-                Ok(Some(pseudonym))
+                Ok(Some(delivered))
             }
             _ => {
                 effects.push(Effect::Write(Write::Remove { id: *id }));

@@ -14,8 +14,8 @@ use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{ConsentChange, ConsentChangeList, DeviceInfo, Subject};
 
 use super::{
-    Answer, CheckedChange, Core, Effect, Entropy, Entry, EntryState, Evidence, ExportMarker, Known, Lease, LeaseAnswer,
-    LogRecord, Write,
+    Answer, CheckedChange, Core, Delivered, Effect, Entropy, Entry, EntryState, Evidence, ExportMarker, Known, Lease,
+    LeaseAnswer, LogRecord, Write,
 };
 use crate::affiliates::Catalogue;
 use crate::feed::{self, Feed};
@@ -74,7 +74,7 @@ impl Entropy for FixedJitter {
 pub struct Image {
     pub outbox: BTreeMap<WebhookId, Vec<u8>>,
     pub exported: BTreeMap<Pair, ExportMarker>,
-    pub delivered: BTreeMap<Pair, String>,
+    pub delivered: BTreeMap<Pair, Delivered>,
     pub statements: BTreeMap<(Pair, u64), Evidence>,
     pub log: Vec<LogRecord>,
     pub logged: BTreeMap<WebhookId, u64>,
@@ -114,8 +114,8 @@ impl Image {
                 self.cursors.insert(*feed, *cursor);
             }
             Op::Write(Write::Settle { .. }) => unreachable!("a settle is split into its log append and its removal"),
-            Op::Unlist { id, pair, pseudonym } => {
-                self.delivered.insert(pair.clone(), pseudonym.clone());
+            Op::Unlist { id, pair, delivered } => {
+                self.delivered.entry(pair.clone()).or_default().merge(delivered.clone());
                 self.outbox.remove(id);
             }
         }
@@ -137,7 +137,7 @@ enum Op {
     Unlist {
         id: WebhookId,
         pair: Pair,
-        pseudonym: String,
+        delivered: Delivered,
     },
 }
 
@@ -154,11 +154,11 @@ pub struct MemStore {
 impl MemStore {
     pub fn apply(&mut self, write: &Write) {
         match write {
-            Write::Settle { id, pair, pseudonym, record } => {
+            Write::Settle { id, pair, delivered, record } => {
                 self.flush();
                 self.live.append_log(*id, record);
                 self.durable.append_log(*id, record);
-                let op = Op::Unlist { id: *id, pair: pair.clone(), pseudonym: pseudonym.clone() };
+                let op = Op::Unlist { id: *id, pair: pair.clone(), delivered: delivered.clone() };
                 self.live.apply(&op);
                 self.pending.push(op);
             }

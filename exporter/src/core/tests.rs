@@ -106,7 +106,12 @@ fn an_export_goes_lease_then_durably_in_flight_then_post_then_release_then_settl
     assert!(w.core.outbox().is_empty() && w.store.durable.outbox.is_empty());
     let pair = w.pair(alice, "adsco", Purpose::Advertising);
     let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", &w.relay.users[alice].phone);
-    assert_eq!(w.store.durable.delivered.get(&pair), Some(&pseudonym));
+    let delivered = w.store.durable.delivered.get(&pair).expect("delivered");
+    assert_eq!(
+        (&delivered.phone_pseudonym, &delivered.webhook_ids),
+        (&vec![pseudonym], &vec![received[0].id.to_string()])
+    );
+    assert!(delivered.phone.is_empty(), "adsco gets no phone for advertising");
     assert_eq!(w.core.delivered(), 1);
     assert!(w.relay.asked.iter().all(|(p, granted)| *p == pair && *granted));
 }
@@ -172,14 +177,14 @@ fn a_crash_after_the_in_flight_mark_leaves_an_export_that_is_logged_and_notified
         // The log errs on the side of the affiliate holding the data: logged at the attempt's time...
         assert_eq!(w.logged(), [id]);
         assert_eq!(leaf(&w.store.durable.log[0]).time_ms, since);
-        // ...and the affiliate is told of the withdrawal, by pseudonym only.
+        // ...and the affiliate is told of the withdrawal, by the pseudonym it received only.
         let received = &w.affiliates["adsco"].received;
         assert_eq!(received.len(), 1, "{received:?}");
         assert_eq!(received[0].id, WebhookId::notice(&withdrawal, "adsco"));
         let notice = body(&received[0].body);
         assert_eq!(notice["type"], "consent.withdrawn");
         let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", &w.relay.users[alice].phone);
-        assert_eq!(notice["data"], serde_json::json!({"purpose": "advertising", "subject": pseudonym}));
+        assert_eq!(notice["data"], serde_json::json!({"purpose": "advertising", "phone_pseudonym": [pseudonym]}));
     }
 }
 
@@ -283,7 +288,8 @@ fn a_withdrawal_removes_its_pairs_queued_exports_only_and_notifies_only_an_affil
         w.affiliates["adsco"].received.iter().filter(|r| r.id == WebhookId::notice(&withdrawal, "adsco")).collect();
     assert_eq!(notices.len(), 2, "refused once, then taken");
     assert_eq!(notices[0].body, notices[1].body);
-    assert_eq!(body(&notices[0].body)["data"]["subject"], phone_pseudonym(&MASTER_KEY, "adsco", "+33612345602"));
+    let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", "+33612345602");
+    assert_eq!(body(&notices[0].body)["data"]["phone_pseudonym"], serde_json::json!([pseudonym]));
     assert!(!w.store.durable.delivered.contains_key(&w.pair(bob, "adsco", Purpose::Advertising)));
 }
 
@@ -537,7 +543,9 @@ fn check(w: &World, run: &str) {
         let event = body(&r.body);
         if event["type"] == "consent.withdrawn" {
             let keys: Vec<&String> = event["data"].as_object().expect("data").keys().collect();
-            assert_eq!(keys, ["purpose", "subject"], "{run}: a notice carries the pseudonym only");
+            // adsco got the pseudonym for advertising, shieldco the phone for security: each is told by that alone.
+            let expected = if affiliate == "adsco" { ["phone_pseudonym", "purpose"] } else { ["phone", "purpose"] };
+            assert_eq!(keys, expected, "{run}: a notice names the user as the affiliate received them, nothing more");
             continue;
         }
         assert_eq!(event["type"], "user.metadata.exported", "{run}");
@@ -667,4 +675,59 @@ fn a_lease_is_counted_from_when_it_was_asked_for() {
     w.lease_answer_ms = LEASE_MS - LEASE_NEEDED.as_millis() as u64;
     w.drain(3, 0);
     assert_eq!(w.affiliates["adsco"].received.len(), 1);
+}
+
+/// Issue #12, point 5: a withdrawal notice carried the exporter's pseudonym of the user to every affiliate, even one
+/// that had received the raw phone number (and so cannot match a pseudonym it never saw) or no identifier at all. A
+/// notice now names the user exactly as that affiliate received them: the phone if it got the phone, the pseudonym
+/// if it got that; and an affiliate that got neither gets the webhook ids of the exports it received.
+#[test]
+fn a_withdrawal_notice_names_the_user_as_the_affiliate_received_them() {
+    let mut w = World::new(11);
+    let alice = w.user(1, "Pixel 9");
+    for (affiliate, purpose) in
+        [("shieldco", Purpose::Security), ("adsco", Purpose::Advertising), ("adsco", Purpose::Analytics)]
+    {
+        w.decide(alice, affiliate, purpose, Decision::Grant);
+    }
+    w.drain(3, 0);
+    let exports: Vec<(String, Value)> = w
+        .received()
+        .into_iter()
+        .map(|(a, r)| (a.to_owned(), body(&r.body)))
+        .filter(|(_, b)| b["type"] == "user.metadata.exported")
+        .collect();
+    assert_eq!(exports.len(), 3);
+    let analytics_id = w.affiliates["adsco"]
+        .received
+        .iter()
+        .find(|r| body(&r.body)["data"]["purpose"] == "analytics")
+        .map(|r| r.id.to_string())
+        .expect("the analytics export");
+    for (affiliate, purpose) in
+        [("shieldco", Purpose::Security), ("adsco", Purpose::Advertising), ("adsco", Purpose::Analytics)]
+    {
+        w.decide(alice, affiliate, purpose, Decision::Withdraw);
+    }
+    w.drain(3, 0);
+    let notice = |affiliate: &str, purpose: &str| {
+        w.affiliates[affiliate]
+            .received
+            .iter()
+            .map(|r| body(&r.body))
+            .find(|b| b["type"] == "consent.withdrawn" && b["data"]["purpose"] == purpose)
+            .unwrap_or_else(|| panic!("a notice to {affiliate} for {purpose}"))["data"]
+            .clone()
+    };
+    let phone = w.relay.users[alice].phone.clone();
+    let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", &phone);
+    assert_eq!(notice("shieldco", "security"), serde_json::json!({"purpose": "security", "phone": [phone]}));
+    assert_eq!(
+        notice("adsco", "advertising"),
+        serde_json::json!({"purpose": "advertising", "phone_pseudonym": [pseudonym]})
+    );
+    assert_eq!(
+        notice("adsco", "analytics"),
+        serde_json::json!({"purpose": "analytics", "webhook_ids": [analytics_id]})
+    );
 }

@@ -2,7 +2,7 @@
 //! affiliates as HTTP sinks. Default deny, exactly the catalogue's fields per pair, signatures, pseudonyms that
 //! differ per affiliate, retries until the affiliate is back (each webhook id processed once), and the withdrawal
 //! fence: a queued export never leaves after the withdrawal is acknowledged, and an affiliate that received data
-//! gets a `consent.withdrawn` notice with the pseudonym only.
+//! gets a `consent.withdrawn` notice naming the user as it received them (here, by the pseudonym only).
 
 use relay_exporter::ids::WebhookId;
 use relay_proto::consent::{ConsentStatement, Decision};
@@ -149,9 +149,9 @@ async fn an_affiliate_that_received_data_is_told_of_the_withdrawal_by_pseudonym(
     assert!(notice.signature_ok);
     assert_eq!(notice.id, WebhookId::notice(&statement_hash(&withdrawal.statement), "adsco").to_string());
     assert_eq!(notice.body["type"], "consent.withdrawn");
-    assert_eq!(data_keys(&notice.body), ["purpose", "subject"]);
+    assert_eq!(data_keys(&notice.body), ["phone_pseudonym", "purpose"]);
     assert_eq!(notice.body["data"]["purpose"], "advertising");
-    assert_eq!(notice.body["data"]["subject"], export.body["data"]["phone_pseudonym"]);
+    assert_eq!(notice.body["data"]["phone_pseudonym"], serde_json::json!([export.body["data"]["phone_pseudonym"]]));
     assert!(!notice.raw.contains("612345678"), "{}", notice.raw);
     s.exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("outbox empty");
     s.exporter.wait_passes(2, WAIT).await.expect("passes");
