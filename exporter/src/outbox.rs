@@ -456,6 +456,7 @@ mod tests {
             body: "{}".into(),
             attempts: 0,
             next_attempt_ms: next,
+            queued_ms: None,
             fields: Vec::new(),
             evidence: None,
             state: EntryState::Queued,

@@ -97,6 +97,8 @@ pub struct Progress {
     pub outbox: usize,
     /// Webhooks acknowledged with 2xx since start.
     pub delivered: u64,
+    /// Withdrawal notices abandoned since start, after their retry period: affiliates not told of a withdrawal.
+    pub abandoned: u64,
     /// Entries in the export log.
     pub logged: u64,
     /// Entries of the export log the relay holds.
@@ -185,6 +187,12 @@ impl Exporter {
         self.tls = http::Tls::with_extra_roots(Some(pem))
             .map_err(|source| ExporterError::Endpoint { affiliate: "*".into(), source })?;
         Ok(())
+    }
+
+    /// Retries each withdrawal notice for `bound` from when it was queued, then abandons it (default 7 days,
+    /// [`crate::core::NOTICE_RETRY_FOR`]).
+    pub fn set_notice_retry_for(&mut self, bound: Duration) {
+        self.core.set_notice_retry_for(bound);
     }
 
     /// Hex of the Ed25519 key that verifies the export log's tree heads.
@@ -419,8 +427,11 @@ impl Exporter {
                     self.core.handle_released(relay_proto::now_ms())?
                 }
             };
-            let delivered = self.core.delivered();
-            self.progress.send_modify(|p| p.delivered = delivered);
+            let (delivered, abandoned) = (self.core.delivered(), self.core.abandoned());
+            self.progress.send_modify(|p| {
+                p.delivered = delivered;
+                p.abandoned = abandoned;
+            });
             queue.extend(next);
         }
         relay_error.map_or(Ok(()), |e| Err(e.into()))

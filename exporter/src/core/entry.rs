@@ -188,6 +188,9 @@ pub struct Entry {
     pub attempts: u32,
     /// Earliest time of the next attempt (ms since the Unix epoch).
     pub next_attempt_ms: u64,
+    /// When a notice was queued (ms since the Unix epoch), from which its retries are bounded; `None` for exports,
+    /// and for a notice stored before this was kept until its next failure sets it.
+    pub queued_ms: Option<u64>,
     /// Names of the exported fields (exports only).
     pub fields: Vec<String>,
     /// The signed statement that allows the export (exports only).
@@ -240,6 +243,9 @@ struct StoredEntry {
     body: String,
     attempts: u32,
     next_attempt_ms: u64,
+    // Absent from entries written before notices' retries were bounded (and from exports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queued_ms: Option<u64>,
     // Absent from entries written before exports were logged.
     #[serde(default)]
     fields: Vec<String>,
@@ -266,6 +272,7 @@ impl TryFrom<StoredEntry> for Entry {
             body: e.body,
             attempts: e.attempts,
             next_attempt_ms: e.next_attempt_ms,
+            queued_ms: e.queued_ms,
             fields: e.fields,
             evidence: e.evidence,
             state: EntryState::at_rest(e.in_flight_ms),
@@ -285,6 +292,7 @@ impl From<Entry> for StoredEntry {
             body: e.body,
             attempts: e.attempts,
             next_attempt_ms: e.next_attempt_ms,
+            queued_ms: e.queued_ms,
             fields: e.fields,
             evidence: e.evidence,
             in_flight_ms: e.state.unanswered_since(),

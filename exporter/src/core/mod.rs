@@ -33,7 +33,9 @@
 //!   hold it; a 2xx is logged at the answered attempt's time. Logging and removal are one [`Write::Settle`], which
 //!   the store performs log first, durably, then the removal.
 //! - A failed attempt is retried after [`backoff`] (1 s doubling to 10 min, with jitter), under the same webhook id
-//!   and with the same body.
+//!   and with the same body. A withdrawal notice is retried only for [`Core::set_notice_retry_for`] (default
+//!   [`NOTICE_RETRY_FOR`], 7 days) from when it was queued: its first failure after that abandons it (out of the
+//!   outbox, counted in [`Core::abandoned`], an `error!` line naming its webhook id and affiliate).
 //! - Changes and deliveries take turns: no change is applied while an attempt is under way.
 //!
 //! Logs (through `tracing`) carry webhook ids and counts, never personal data.
@@ -74,6 +76,8 @@ pub const POST_NEEDED: Duration = HTTP_TIMEOUT.saturating_add(CLOCK_SLACK);
 /// Lease time that must be left when the relay's grant arrives for the attempt to go on: 17 s, within the relay's
 /// `LEASE_TTL` (30 s) with room for the lease request's own round trip.
 pub const LEASE_NEEDED: Duration = POST_NEEDED.saturating_add(FLUSH_BOUND);
+/// How long a withdrawal notice is retried, from when it was queued, before it is abandoned.
+pub const NOTICE_RETRY_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Deliveries attempted per pass.
 pub const DELIVERIES_PER_PASS: usize = 64;
 
@@ -286,6 +290,8 @@ pub struct Core {
     current: Option<Current>,
     entropy: Box<dyn Entropy>,
     delivered: u64,
+    abandoned: u64,
+    notice_retry_for: Duration,
 }
 
 impl Core {
@@ -308,7 +314,19 @@ impl Core {
             current: None,
             entropy,
             delivered: 0,
+            abandoned: 0,
+            notice_retry_for: NOTICE_RETRY_FOR,
         }
+    }
+
+    /// Retries a withdrawal notice for `bound` from when it was queued (default [`NOTICE_RETRY_FOR`]).
+    pub fn set_notice_retry_for(&mut self, bound: Duration) {
+        self.notice_retry_for = bound;
+    }
+
+    /// Withdrawal notices abandoned since this core was made: affiliates that were not told of a withdrawal.
+    pub fn abandoned(&self) -> u64 {
+        self.abandoned
     }
 
     /// Entries in the outbox.
@@ -458,7 +476,7 @@ impl Core {
                     self.outbox.remove(&id);
                     Ok(vec![Effect::Write(self.count_delivered(id, status, Write::Remove { id }))])
                 }
-                Err(failure) => Ok(vec![self.reschedule(id, failure, now_ms)?]),
+                Err(failure) => Ok(vec![self.reschedule_notice(id, failure, now_ms)?]),
             };
         }
         let in_flight = match take_state(entry) {
@@ -509,6 +527,27 @@ impl Core {
         self.delivered += 1;
         tracing::info!(webhook = %id, status, "webhook delivered");
         write
+    }
+
+    /// Reschedules notice `id` after a failure at `now_ms`, or abandons it if it was queued `notice_retry_for` ago or
+    /// more (a notice stored before queue times were kept starts counting now).
+    fn reschedule_notice(&mut self, id: WebhookId, failure: Failure, now_ms: u64) -> Result<Effect, CoreError> {
+        let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("rescheduling no entry")) };
+        let queued = *entry.queued_ms.get_or_insert(now_ms);
+        let bound = u64::try_from(self.notice_retry_for.as_millis()).unwrap_or(u64::MAX);
+        if now_ms.saturating_sub(queued) < bound {
+            return self.reschedule(id, failure, now_ms);
+        }
+        let affiliate = entry.pair.affiliate.clone();
+        self.outbox.remove(&id);
+        self.abandoned += 1;
+        tracing::error!(
+            webhook = %id,
+            affiliate = %affiliate,
+            abandoned_total = self.abandoned,
+            "withdrawal notice abandoned after its retry period: the affiliate was not told of a withdrawal"
+        );
+        Ok(Effect::Write(Write::Remove { id }))
     }
 
     /// Schedules the next attempt of `id` after its `attempts`-th failure, [`backoff`] from `now_ms`.

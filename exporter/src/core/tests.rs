@@ -731,3 +731,51 @@ fn a_withdrawal_notice_names_the_user_as_the_affiliate_received_them() {
         serde_json::json!({"purpose": "analytics", "webhook_ids": [analytics_id]})
     );
 }
+
+/// Issue #12, point 5: a withdrawal notice an affiliate never accepts was retried for ever, and nobody heard of it.
+/// It is retried for 7 days (simulated clock) from when it was queued, then abandoned: out of the outbox, counted,
+/// and (not checked here) an `error!` line names its webhook id and affiliate.
+#[test]
+fn a_withdrawal_notice_is_abandoned_after_seven_days_of_failures_and_counted() {
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    let withdrawal = w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.affiliate("adsco").script = std::iter::repeat_n(Refuse, 5_000).collect();
+    w.read_feeds().expect("no crash");
+    let (id, entry) = only_entry(&w);
+    assert_eq!((id, entry.kind), (WebhookId::notice(&withdrawal, "adsco"), Kind::Withdrawn));
+    let queued = entry.queued_ms.expect("a notice knows when it was queued");
+    assert_eq!(w.store.live.entry(&id).and_then(|e| e.queued_ms), Some(queued), "and so does the store");
+    let week = NOTICE_RETRY_FOR.as_millis() as u64;
+    let mut passes = 0;
+    while !w.core.outbox().is_empty() {
+        assert!(w.now < queued + week + RETRY_MAX.as_millis() as u64 * 2, "still retried long after the bound");
+        assert_eq!(w.core.abandoned(), 0);
+        w.pass().expect("no crash");
+        passes += 1;
+        if let Some(next) = w.core.outbox().values().map(|e| e.next_attempt_ms).min() {
+            w.now = w.now.max(next);
+        }
+    }
+    assert!(w.now >= queued + week, "abandoned only after the bound");
+    assert_eq!(w.core.abandoned(), 1);
+    assert!(w.store.durable.outbox.is_empty(), "out of the store too");
+    let tries = w.affiliates["adsco"].received.iter().filter(|r| r.id == id).count();
+    assert!(tries > 1_000 && tries == passes, "retried every pass until then: {tries} of {passes}");
+}
+
+/// The bound is configurable (`--notice-retry-for`): an hour here.
+#[test]
+fn the_notice_retry_bound_is_configurable() {
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    w.core.set_notice_retry_for(std::time::Duration::from_secs(3600));
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.affiliate("adsco").script = std::iter::repeat_n(Refuse, 100).collect();
+    w.read_feeds().expect("no crash");
+    let queued = only_entry(&w).1.queued_ms.expect("queued at");
+    w.drain(100, 0);
+    assert!(w.core.outbox().is_empty());
+    assert_eq!(w.core.abandoned(), 1);
+    assert!(w.now >= queued + 3_600_000 && w.now < queued + 3_600_000 + 2 * RETRY_MAX.as_millis() as u64);
+}
