@@ -136,7 +136,7 @@ impl ExporterStore {
                 self.outbox.remove(id.to_string())?;
             }
             Write::Settle { id, pair, delivered, record } => {
-                self.settle(id, pair, delivered, record)?;
+                self.settle(id, pair, delivered.as_ref(), record)?;
             }
             Write::SetExported { pair, marker } => {
                 self.exported.insert(pair.to_string(), marker.to_string().as_bytes())?;
@@ -204,14 +204,20 @@ impl ExporterStore {
     }
 
     /// Settles an export: appends `record` to the log (unless export `id` is logged already), makes that durable,
-    /// then removes the entry from the outbox and adds `delivered` to what `pair`'s affiliate received. Returns the
-    /// record's index.
+    /// then removes the entry from the outbox and adds `add` (an export's; none for a notice) to what `pair`'s
+    /// affiliate received. Returns the record's index.
     ///
     /// The log append is one atomic batch on one tree (record, length, id index) and is flushed before the entry
     /// leaves the outbox: whatever a crash keeps, an export that leaves the outbox is in the log, and an entry that
     /// comes back after a crash is settled again without a second record. This does not rely on a transaction
     /// across trees surviving a crash whole.
-    fn settle(&self, id: &WebhookId, pair: &Pair, add: &Delivered, record: &LogRecord) -> Result<u64, StoreError> {
+    fn settle(
+        &self,
+        id: &WebhookId,
+        pair: &Pair,
+        add: Option<&Delivered>,
+        record: &LogRecord,
+    ) -> Result<u64, StoreError> {
         let index = match self.log.get(log_id_key(id))? {
             Some(v) => be_u64(&v, "logged export index")?,
             None => {
@@ -223,10 +229,13 @@ impl ExporterStore {
         };
         let trees = (&self.outbox, &self.delivered);
         let result = trees.transaction(|(outbox, delivered)| {
-            let key = pair.to_string();
-            let mut received = delivered.get(key.as_bytes())?.map(|v| Delivered::from_stored(&v)).unwrap_or_default();
-            received.merge(add.clone());
-            delivered.insert(key.as_bytes(), received.to_stored())?;
+            if let Some(add) = add {
+                let key = pair.to_string();
+                let mut received =
+                    delivered.get(key.as_bytes())?.map(|v| Delivered::from_stored(&v)).unwrap_or_default();
+                received.merge(add.clone());
+                delivered.insert(key.as_bytes(), received.to_stored())?;
+            }
             outbox.remove(id.to_string().as_bytes())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
@@ -456,6 +465,7 @@ mod tests {
             body: "{}".into(),
             attempts: 0,
             next_attempt_ms: next,
+            notice_hash: None,
             queued_ms: None,
             fields: Vec::new(),
             evidence: None,
@@ -467,7 +477,7 @@ mod tests {
         let record = LogRecord { leaf: vec![leaf], account: e.pair.account, evidence: Evidence::default() };
         let record = Box::new(record);
         let delivered = Delivered { phone_pseudonym: vec![e.pseudonym.clone()], ..Delivered::default() };
-        let settle = Write::Settle { id: id(n), pair: e.pair.clone(), delivered, record };
+        let settle = Write::Settle { id: id(n), pair: e.pair.clone(), delivered: Some(delivered), record };
         store.apply(&settle).expect("settle");
     }
 

@@ -652,6 +652,8 @@ mod tests {
         };
         let account = relay_proto::AccountId::from_identity_key(&[1; 32]);
         let leaf = |n: u8| relay_proto::merkle::ExportLeaf {
+            kind: relay_proto::merkle::LeafKind::Export,
+            notice_hash: Some([0; 32]),
             export_id: [n; 16],
             affiliate: "adsco".into(),
             purpose: "advertising".into(),
@@ -667,7 +669,7 @@ mod tests {
                 let settle = Write::Settle {
                     id: WebhookId::from_export_id([n; 16]),
                     pair: Pair::new(account, "adsco", Purpose::Advertising),
-                    delivered: Default::default(),
+                    delivered: None,
                     record: Box::new(record),
                 };
                 exporter.store.apply(&settle).expect("settle");

@@ -202,6 +202,7 @@ impl Core {
                     body: feed::event("user.metadata.exported", now_ms, self.entropy.nonce(), data),
                     attempts: 0,
                     next_attempt_ms: now_ms,
+                    notice_hash: None,
                     queued_ms: None,
                     fields: fields.iter().map(|f| f.as_str().to_owned()).collect(),
                     evidence: Some(v.evidence),
@@ -236,9 +237,11 @@ impl Core {
                         body: feed::event("consent.withdrawn", now_ms, self.entropy.nonce(), data),
                         attempts: 0,
                         next_attempt_ms: now_ms,
+                        notice_hash: Some(delivered.notice_hash().unwrap_or([0; 32])),
                         queued_ms: Some(now_ms),
                         fields: Vec::new(),
-                        evidence: None,
+                        // The withdrawal: what the notice's log record shows it follows from.
+                        evidence: Some(v.evidence.clone()),
                         state: EntryState::Queued,
                     };
                     // Queued before the delivered mark is forgotten, so a crash between the two loses neither.

@@ -26,6 +26,9 @@ pub struct Delivered {
     /// Webhook ids of the exports delivered (or possibly delivered).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhook_ids: Vec<String>,
+    /// The notice hash (hex) the grant of the latest of those exports signed: what the notice's log leaf records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice_hash: Option<String>,
 }
 
 impl std::fmt::Debug for Delivered {
@@ -46,9 +49,16 @@ fn add(list: &mut Vec<String>, value: String) {
 
 impl Delivered {
     /// What export `id` gave its affiliate: its `fields` as sent in `body` (the event as stored), and `pseudonym`
-    /// if the pseudonym was among them.
-    pub fn of_export(id: &WebhookId, fields: &[String], body: &str, pseudonym: &str) -> Self {
-        let mut d = Self { webhook_ids: vec![id.to_string()], ..Self::default() };
+    /// if the pseudonym was among them; `notice_hash` is what its grant signed.
+    pub fn of_export(
+        id: &WebhookId,
+        fields: &[String],
+        body: &str,
+        pseudonym: &str,
+        notice_hash: Option<[u8; 32]>,
+    ) -> Self {
+        let notice_hash = notice_hash.map(hex::encode);
+        let mut d = Self { webhook_ids: vec![id.to_string()], notice_hash, ..Self::default() };
         if fields.iter().any(|f| f == Field::Phone.as_str()) {
             let event: Value = serde_json::from_str(body).unwrap_or(Value::Null);
             if let Some(phone) = event["data"][Field::Phone.as_str()].as_str() {
@@ -61,11 +71,20 @@ impl Delivered {
         d
     }
 
-    /// Adds what `other` holds (in order, without repeats).
+    /// Adds what `other` holds (in order, without repeats; its notice hash, if any, is the latest).
     pub fn merge(&mut self, other: Delivered) {
+        if other.notice_hash.is_some() {
+            self.notice_hash = other.notice_hash;
+        }
         other.phone.into_iter().for_each(|v| add(&mut self.phone, v));
         other.phone_pseudonym.into_iter().for_each(|v| add(&mut self.phone_pseudonym, v));
         other.webhook_ids.into_iter().for_each(|v| add(&mut self.webhook_ids, v));
+    }
+
+    /// The notice hash to log with a notice, if known.
+    pub fn notice_hash(&self) -> Option<[u8; 32]> {
+        let hex = self.notice_hash.as_ref()?;
+        hex::decode(hex).ok()?.try_into().ok()
     }
 
     /// The identifying part of a notice's data (see the module header).

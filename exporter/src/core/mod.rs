@@ -170,14 +170,15 @@ pub enum Write {
         id: WebhookId,
     },
     /// Append `record` to the export log unless `id` is logged already, durably; then remove the entry under `id`
-    /// and add `delivered` to what `pair`'s affiliate received.
+    /// and add `delivered` (an export's) to what `pair`'s affiliate received.
     Settle {
-        /// The export's webhook id.
+        /// The export's (or notice's) webhook id.
         id: WebhookId,
         /// Its pair.
         pair: Pair,
-        /// How the export identified the user to the affiliate (what a later withdrawal notice carries).
-        delivered: Delivered,
+        /// How an export identified the user to the affiliate (what a later withdrawal notice carries); `None` for
+        /// a notice, which gives the affiliate nothing new.
+        delivered: Option<Delivered>,
         /// The log record.
         record: Box<LogRecord>,
     },
@@ -234,6 +235,8 @@ enum Current {
     Starting { id: WebhookId, deadline: u64 },
     /// Waiting for the affiliate's answer to the request for `id`.
     Posting { id: WebhookId },
+    /// Waiting for the affiliate's answer to notice `id`, whose attempt began at `started_ms`.
+    Notifying { id: WebhookId, started_ms: u64 },
     /// Waiting for the lease of `id` to be released, then settling it.
     Releasing { id: WebhookId, settle: Settle },
 }
@@ -244,6 +247,7 @@ impl Current {
             Current::Leasing { id, .. }
             | Current::Starting { id, .. }
             | Current::Posting { id }
+            | Current::Notifying { id, .. }
             | Current::Releasing { id, .. } => *id,
         }
     }
@@ -378,7 +382,7 @@ impl Core {
             }
             let first = match entry.kind {
                 Kind::Withdrawn => {
-                    self.current = Some(Current::Posting { id });
+                    self.current = Some(Current::Notifying { id, started_ms: now_ms });
                     Effect::Post { id, affiliate: entry.pair.affiliate.clone(), body: entry.body.clone() }
                 }
                 Kind::Export => {
@@ -465,20 +469,32 @@ impl Core {
 
     /// The affiliate answered the request of the attempt under way (or it failed), at `now_ms`.
     pub fn handle_answer(&mut self, answer: Answer, now_ms: u64) -> Result<Vec<Effect>, CoreError> {
-        let Some(Current::Posting { id }) = self.current.clone() else {
-            return Err(CoreError::Unasked("a webhook answer"));
-        };
-        let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("an answer for no entry")) };
-        if entry.kind == Kind::Withdrawn {
+        if let Some(Current::Notifying { id, started_ms }) = self.current.clone() {
             self.current = None;
+            let Some(entry) = self.outbox.get(&id) else { return Err(CoreError::Unasked("an answer for no entry")) };
             return match answer.outcome() {
                 Ok(status) => {
+                    // Logged as a withdrawal notice (a notice stored before notices were logged has no evidence:
+                    // it is only removed).
+                    let write = match entry.log_record(&id, started_ms) {
+                        Ok(record) => {
+                            Write::Settle { id, pair: entry.pair.clone(), delivered: None, record: Box::new(record) }
+                        }
+                        Err(e) => {
+                            tracing::warn!(webhook = %id, error = %e, "withdrawal notice delivered but not logged");
+                            Write::Remove { id }
+                        }
+                    };
                     self.outbox.remove(&id);
-                    Ok(vec![Effect::Write(self.count_delivered(id, status, Write::Remove { id }))])
+                    Ok(vec![Effect::Write(self.count_delivered(id, status, write))])
                 }
                 Err(failure) => Ok(vec![self.reschedule_notice(id, failure, now_ms)?]),
             };
         }
+        let Some(Current::Posting { id }) = self.current.clone() else {
+            return Err(CoreError::Unasked("a webhook answer"));
+        };
+        let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("an answer for no entry")) };
         let in_flight = match take_state(entry) {
             EntryState::InFlight(in_flight) => in_flight,
             state => {
@@ -513,7 +529,7 @@ impl Core {
                     id,
                     record: Box::new(entry.log_record(&id, started_ms)?),
                     pair: entry.pair.clone(),
-                    delivered: entry.delivered_as(&id),
+                    delivered: Some(entry.delivered_as(&id)),
                 };
                 self.outbox.remove(&id);
                 Ok(vec![Effect::Write(self.count_delivered(id, status, write))])
@@ -575,7 +591,7 @@ impl Core {
                 effects.push(Effect::Write(Write::Settle {
                     id: *id,
                     pair: entry.pair.clone(),
-                    delivered: delivered.clone(),
+                    delivered: Some(delivered.clone()),
                     record,
                 }));
                 self.outbox.remove(id);

@@ -115,7 +115,9 @@ impl Image {
             }
             Op::Write(Write::Settle { .. }) => unreachable!("a settle is split into its log append and its removal"),
             Op::Unlist { id, pair, delivered } => {
-                self.delivered.entry(pair.clone()).or_default().merge(delivered.clone());
+                if let Some(delivered) = delivered {
+                    self.delivered.entry(pair.clone()).or_default().merge(delivered.clone());
+                }
                 self.outbox.remove(id);
             }
         }
@@ -137,7 +139,7 @@ enum Op {
     Unlist {
         id: WebhookId,
         pair: Pair,
-        delivered: Delivered,
+        delivered: Option<Delivered>,
     },
 }
 
@@ -682,15 +684,24 @@ impl World {
         self.affiliates.iter().flat_map(|(a, aff)| aff.received.iter().map(move |r| (a.as_str(), r))).collect()
     }
 
-    /// The webhook ids in the durable log, in order.
+    /// The webhook ids of the exports in the durable log, in order.
     pub fn logged(&self) -> Vec<WebhookId> {
+        self.logged_of(relay_proto::merkle::LeafKind::Export)
+    }
+
+    /// The webhook ids of the withdrawal notices in the durable log, in order.
+    pub fn logged_notices(&self) -> Vec<WebhookId> {
+        self.logged_of(relay_proto::merkle::LeafKind::WithdrawalNotice)
+    }
+
+    fn logged_of(&self, kind: relay_proto::merkle::LeafKind) -> Vec<WebhookId> {
         self.store
             .durable
             .log
             .iter()
-            .map(|r| {
-                WebhookId::from_export_id(relay_proto::merkle::ExportLeaf::decode(&r.leaf).expect("leaf").export_id)
-            })
+            .map(|r| relay_proto::merkle::ExportLeaf::decode(&r.leaf).expect("leaf"))
+            .filter(|l| l.kind == kind)
+            .map(|l| WebhookId::from_export_id(l.export_id))
             .collect()
     }
 

@@ -3,8 +3,9 @@
 //! `tests/tests/relay/crash.rs` check the same rules on the real process at random moments.
 
 use relay_proto::consent::{Decision, Purpose};
-use relay_proto::merkle::ExportLeaf;
+use relay_proto::merkle::{ExportLeaf, LeafKind};
 use serde_json::Value;
+use sha2::Digest;
 
 use super::sim::{Behaviour, CATALOGUE, LEASE_MS, MASTER_KEY, SeededEntropy, World};
 use super::*;
@@ -778,4 +779,40 @@ fn the_notice_retry_bound_is_configurable() {
     assert!(w.core.outbox().is_empty());
     assert_eq!(w.core.abandoned(), 1);
     assert!(w.now >= queued + 3_600_000 && w.now < queued + 3_600_000 + 2 * RETRY_MAX.as_millis() as u64);
+}
+
+/// Issue #12, point 5: a withdrawal notice's delivery was not logged. A notice the affiliate took is a leaf of the
+/// export log of its own kind: the withdrawal as its consent hash (and as its evidence), the withdrawn grant's
+/// notice hash, no fields, the body's hash; an export's leaf records the notice its grant signed.
+#[test]
+fn a_delivered_withdrawal_notice_is_logged_as_a_leaf_of_its_own_kind() {
+    let (mut w, alice, grant) = alice_grants();
+    w.drain(3, 0);
+    let withdrawal = w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.drain(3, 0);
+    let notice_id = WebhookId::notice(&withdrawal, "adsco");
+    assert_eq!(w.logged_notices(), [notice_id]);
+    assert_eq!(w.logged().len(), 1, "and the export before it");
+    let leaves: Vec<(ExportLeaf, &LogRecord)> = w.store.durable.log.iter().map(|r| (leaf(r), r)).collect();
+    let notice_hash = Some(Purpose::Advertising.notice().hash());
+    let (export, _) = &leaves[0];
+    assert_eq!((export.kind, export.consent_hash, export.notice_hash), (LeafKind::Export, grant, notice_hash));
+    let (notice, record) = &leaves[1];
+    assert_eq!(
+        (notice.kind, notice.consent_hash, notice.notice_hash),
+        (LeafKind::WithdrawalNotice, withdrawal, notice_hash)
+    );
+    assert!(notice.fields.is_empty());
+    let received = w.affiliates["adsco"].received.iter().find(|r| r.id == notice_id).expect("the notice");
+    let sent: [u8; 32] = sha2::Sha256::digest(received.body.as_bytes()).into();
+    assert_eq!(notice.payload_hash, sent);
+    let evidence = hex::decode(&record.evidence.statement).expect("hex");
+    assert_eq!(relay_proto::consent::statement_hash(&evidence), withdrawal, "the withdrawal is the evidence");
+    // A notice that fails is not logged.
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.affiliate("adsco").script = [Refuse].into();
+    w.pass().expect("no crash");
+    assert!(w.logged_notices().is_empty());
 }
