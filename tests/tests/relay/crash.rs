@@ -294,8 +294,13 @@ impl Consents {
     async fn withdraw(&mut self, user: usize, pair: usize) {
         let (affiliate, purpose) = PAIRS[pair];
         let m = &self.users[user].messenger;
-        // Bounded by the relay's lease on an export in flight, which an exporter killed mid-attempt never releases.
-        bounded("withdraw", m.decide_consent(affiliate, purpose, Decision::Withdraw, None)).await.expect("withdraw");
+        // Bounded by the relay's lease on an export in flight, which an exporter killed mid-attempt never releases: it
+        // lapses within LEASE_TTL, so the bound is that plus the usual one.
+        let bound = relay_server::fence::LEASE_TTL + crate::WAIT;
+        tokio::time::timeout(bound, m.decide_consent(affiliate, purpose, Decision::Withdraw, None))
+            .await
+            .unwrap_or_else(|_| panic!("withdraw did not finish within {bound:?}"))
+            .expect("withdraw");
         let acknowledged = Instant::now();
         if let Some(g) = self.in_force[user][pair].take() {
             self.grants[g].withdrawn_at = Some(acknowledged);
