@@ -96,7 +96,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         println!("outside      {} head(s) the log must extend", report.external_heads);
         if report.passed() {
             println!(
-                "result       PASSED: every entry backed by a user-signed grant in force at its time; heads consistent"
+                "result       PASSED: every export backed by a user-signed grant in force at its time, every notice by a \
+                 withdrawal; heads consistent"
             );
         } else {
             println!("result       FAILED: {} problem(s)", report.problems.len());
