@@ -299,4 +299,29 @@ mod tests {
         assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
         assert!(received.len() < body.len());
     }
+
+    /// A request that is answered closes its connection in order: the reset is only for one cut short.
+    #[tokio::test]
+    async fn an_answered_request_closes_in_order() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = parse_url(&format!("http://{}/hooks", listener.local_addr().expect("addr"))).expect("url");
+        let tls = Tls::with_extra_roots(None).expect("tls");
+        let sink = async {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(5).any(|w| w == b"\r\n\r\nx") {
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the whole request arrives");
+                request.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.expect("answer");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await
+        };
+        let (post, rest) = tokio::join!(post(&url, &tls, &[], b"x", Duration::from_secs(20)), sink);
+        assert_eq!(post.expect("answered"), 204);
+        assert_eq!(rest.expect("an orderly end, not a reset"), 0);
+    }
 }

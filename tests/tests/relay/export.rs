@@ -201,7 +201,8 @@ async fn a_withdrawal_after_a_relay_restart_still_waits_for_the_export_in_flight
     assert!(lease.valid_for_ms > 0, "the lease's remaining duration is on the wire");
     exporter.close().await;
 
-    crate::bounded("stop", relay.stop()).await.expect("stop");
+    // Killed, not stopped: the lease must have been durable before the grant was answered.
+    crate::bounded("kill", relay.kill()).await.expect("kill");
     crate::bounded("restart", relay.restart()).await.expect("restart");
     crate::bounded("reconnect", alice.reconnect()).await.expect("reconnect");
     let mut withdrawal = tokio::spawn(async move {
