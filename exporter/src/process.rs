@@ -15,6 +15,10 @@
 //! (`log.key`, Ed25519, mode 0600) and publishes the new entries and the head to the relay, which shows each user
 //! their own entries.
 //!
+//! A lease whose `EndExport` failed is released again at the start of the next pass, on a new connection: the
+//! relay keeps leases across its restarts, so a withdrawal waiting for one goes on once the attempt is over rather
+//! than when the lease lapses.
+//!
 //! A damaged log stops the exporter ([`ExporterError::LogDamaged`]): checked by [`Exporter::check_log`] at start, and
 //! every pass, before a feed is read or anything delivered, against the latest stored head and the relay's latest
 //! signed head ([`crate::logcheck`]). [`Exporter::recover_log`] rebuilds a log that lost entries from the relay's copy.
@@ -47,6 +51,8 @@ use relay_quic::identity::{Identity, TlsError};
 
 /// Feed pages read per pass.
 pub const PAGES_PER_PASS: usize = 16;
+/// Leases whose release failed kept to release again (at most one per attempt, and attempts are sequential).
+const MAX_UNRELEASED: usize = 64;
 
 /// Why the exporter could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +130,9 @@ pub struct Exporter {
     progress: watch::Sender<Progress>,
     /// The origin of the monotonic clock leases are counted on.
     started: std::time::Instant,
+    /// Leases whose `EndExport` failed (the relay restarted, the connection broke): their attempts are over, and
+    /// releasing them at the next pass lets a withdrawal waiting for them go on before they lapse.
+    unreleased: VecDeque<(Pair, Lease)>,
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
@@ -179,7 +188,8 @@ impl Exporter {
             tracing::warn!("no system root certificates: https affiliates need --affiliate-ca");
         }
         let started = std::time::Instant::now();
-        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress, started })
+        let unreleased = VecDeque::new();
+        Ok(Self { identity, log_key, log, store, core, endpoints, tls, poll, progress, started, unreleased })
     }
 
     /// Also trusts the CA certificates in `pem` for `https://` affiliates (an operator's private CA).
@@ -326,6 +336,7 @@ impl Exporter {
         let key = self.log_key.verifying_key();
         logcheck::check_local(&self.store, &self.log, &key, false)??;
         logcheck::check_relay(client, &self.log, &key).await??;
+        self.release_leftovers(client).await?;
         for feed in Feed::ALL {
             self.read_feed(client, feed).await?;
         }
@@ -363,6 +374,23 @@ impl Exporter {
                 p.cursor = cursor;
                 p.changes += read;
             });
+        }
+        Ok(())
+    }
+
+    /// Releases the leases whose release failed before (they outlive a relay restart, so the relay still counts
+    /// them); a relay error ends the pass and keeps the rest for the next.
+    async fn release_leftovers(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        while let Some((pair, lease)) = self.unreleased.front() {
+            match client.request(Req::EndExport(end_export(pair, *lease))).await {
+                Ok(_) => tracing::info!(lease = lease.id, "export lease released after a lost connection"),
+                // Answered, but refused: asking again will not help, and the lease lapses by itself.
+                Err(e @ (RelayLinkError::Refused(_) | RelayLinkError::Unexpected(_))) => {
+                    tracing::warn!(lease = lease.id, error = %e, "releasing an export lease again was refused");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.unreleased.pop_front();
         }
         Ok(())
     }
@@ -423,6 +451,11 @@ impl Exporter {
                 Effect::ReleaseLease { pair, lease } => {
                     if let Err(e) = client.request(Req::EndExport(end_export(&pair, lease))).await {
                         relay_error = Some(e);
+                        if self.unreleased.len() >= MAX_UNRELEASED {
+                            // The oldest has lapsed by now anyway.
+                            self.unreleased.pop_front();
+                        }
+                        self.unreleased.push_back((pair, lease));
                     }
                     self.core.handle_released(relay_proto::now_ms())?
                 }

@@ -224,3 +224,49 @@ async fn the_exporter_data_dir_is_private() {
     assert!(modes.files >= 4, "the keys and the store were checked");
     drop(s.relay);
 }
+
+/// Issue #12, point 4, end to end: relayd killed and restarted while the exporter's request was at a slow affiliate.
+/// Leases lived in the relay's memory, so a withdrawal recorded after the restart was acknowledged at once while the
+/// export was still going out. Now the relay still counts the lease after its restart, and the withdrawal is
+/// acknowledged only once the affiliate has answered that request and the exporter, on its new connection, has
+/// released the lease. Ordering only: the affiliate holds its answer until the relay says the withdrawal waits.
+#[tokio::test]
+async fn a_relay_restart_does_not_let_a_withdrawal_overtake_an_export_in_flight() {
+    let adsco = Sink::start(b"adsco webhook key 0123456789").await.expect("adsco sink");
+    let shieldco = Sink::start(b"shieldco webhook key 98765432").await.expect("shieldco sink");
+    let (mut relay, _exporter) =
+        TestExporter::start_with_relay_process(&test_catalogue(&adsco, &shieldco)).await.expect("relay and exporter");
+    let mut alice = relay.user(ALICE).await.expect("alice");
+    adsco.hold(true);
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    adsco.wait_arrivals(1, WAIT).await.expect("the export reaches the affiliate");
+
+    crate::bounded("kill", relay.kill()).await.expect("kill");
+    crate::bounded("restart", relay.restart()).await.expect("restart");
+    crate::bounded("reconnect", alice.reconnect()).await.expect("reconnect");
+    let mut withdrawal = tokio::spawn(async move {
+        let r = alice.messenger.decide_consent("adsco", "advertising", Decision::Withdraw, None).await;
+        (alice, r)
+    });
+    let log = relay.log_path();
+    let waits = crate::bounded("the withdrawal acknowledged or waiting for the lease", async {
+        loop {
+            if withdrawal.is_finished() {
+                return false;
+            }
+            if std::fs::read_to_string(&log).unwrap_or_default().contains("withdrawal waits for the export leases") {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let answered = |s: &Sink| s.attempts().iter().any(|a| a.body["type"] == "user.metadata.exported");
+    assert!(waits && !answered(&adsco), "the withdrawal was acknowledged while the export was at the affiliate");
+
+    adsco.hold(false);
+    let (_alice, result) = crate::bounded("withdrawal acknowledged", &mut withdrawal).await.expect("join");
+    result.expect("withdrawal acknowledged");
+    assert!(answered(&adsco), "acknowledged only after the affiliate answered the export");
+    relay.stop().await.expect("stop");
+}
