@@ -25,7 +25,7 @@
 
 use relay_proto::consent::{ConsentStatement, Decision, statement_hash};
 use relay_proto::merkle::{
-    ExportLeaf, SignedTreeHead, log_key_from_wire, proof_from_wire, verify_consistency, verify_inclusion,
+    ExportLeaf, LeafKind, SignedTreeHead, log_key_from_wire, proof_from_wire, verify_consistency, verify_inclusion,
 };
 use relay_proto::wire::ExportList;
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,9 @@ pub const MAX_PAGES: usize = 2 * MAX_ENTRIES / relay_proto::MAX_LISTED_EXPORTS;
 pub struct ExportedEntry {
     /// Position in the log.
     pub index: u64,
+    /// What the entry records: `export`, `withdrawal_notice` (no data, only the identifiers the affiliate already
+    /// held) or `erasure_notice`.
+    pub kind: &'static str,
     /// Export (webhook) id, hex.
     pub export_id: String,
     /// Affiliate that received the data.
@@ -155,6 +158,13 @@ fn consent_problem(leaf: &ExportLeaf, receipts: &[Receipt]) -> (Option<u64>, Opt
     let seq = Some(statement.sequence);
     if statement_hash(&encoded) != leaf.consent_hash {
         return (seq, Some("the receipt's statement does not have the receipt's hash".into()));
+    }
+    if leaf.kind != LeafKind::Export {
+        // A notice carries nothing new: it must follow from this device's withdrawal of exactly that pair.
+        let ok = statement.decision == Decision::Withdraw
+            && statement.affiliate == leaf.affiliate
+            && statement.purpose.as_str() == leaf.purpose;
+        return (seq, (!ok).then(|| "a notice that does not follow from a withdrawal of its pair".into()));
     }
     if statement.decision != Decision::Grant {
         return (seq, Some("exported under a withdrawal".into()));
@@ -347,6 +357,7 @@ impl Messenger {
             failed += usize::from(problem.is_some());
             report.entries.push(ExportedEntry {
                 index: entry.index,
+                kind: leaf.kind.as_str(),
                 export_id: hex::encode(leaf.export_id),
                 affiliate: leaf.affiliate,
                 purpose: leaf.purpose,
@@ -456,6 +467,8 @@ mod tests {
 
     fn leaf(consent_hash: [u8; 32], affiliate: &str, time_ms: u64) -> ExportLeaf {
         ExportLeaf {
+            kind: LeafKind::Export,
+            notice_hash: Some([0; 32]),
             export_id: [0; 16],
             affiliate: affiliate.into(),
             purpose: "advertising".into(),
@@ -504,6 +517,12 @@ mod tests {
         assert!(problem(&leaf(grant_hash, "shieldco", 2_000)).contains("another affiliate"));
         assert!(problem(&leaf(withdraw_hash, "adsco", 6_000)).contains("withdrawal"));
         assert!(problem(&leaf([9; 32], "adsco", 2_000)).contains("no consent statement"));
+        // A withdrawal notice rests on the withdrawal of its pair, and only on one.
+        let notice =
+            |hash, affiliate: &str| ExportLeaf { kind: LeafKind::WithdrawalNotice, ..leaf(hash, affiliate, 6_000) };
+        assert_eq!(consent_problem(&notice(withdraw_hash, "adsco"), &receipts), (Some(2), None));
+        assert!(problem(&notice(grant_hash, "adsco")).contains("does not follow from a withdrawal"));
+        assert!(problem(&notice(withdraw_hash, "shieldco")).contains("does not follow from a withdrawal"));
 
         // Only the fields the notice this device signed names.
         let with_fields = |fields: &[&str]| ExportLeaf {

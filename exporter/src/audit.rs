@@ -1,9 +1,11 @@
 //! The auditor: checks a whole export log, as the exporter stored it, without trusting the exporter.
 //!
 //! For every entry: the leaf decodes; the statement kept with it is signed by the identity key the account id
-//! derives from; it is a grant for exactly the leaf's affiliate and purpose, its hash is the leaf's consent hash, it
-//! was recorded before the export and was in force at the export's time (not expired, notice current), and no later
-//! statement for the pair had been recorded before that millisecond; with a catalogue, the leaf's fields are exactly those the
+//! derives from and its hash is the leaf's consent hash. An export's statement is a grant for exactly the leaf's
+//! affiliate and purpose, whose notice hash is the leaf's (version-2 leaves), recorded before the export and in force
+//! at the export's time (not expired, notice current), and no later statement for the pair had been recorded before
+//! that millisecond; a notice's (withdrawal or erasure) is a withdrawal of exactly its pair recorded before it, and
+//! the notice lists no fields; with a catalogue, the leaf's fields are exactly those the
 //! catalogue allows. For the tree heads: each signature verifies under the log key, each root is the root over that
 //! many entries, consecutive heads are consistent (RFC 6962 consistency proofs, checked with the verifier) and their
 //! times do not go back. Every problem is reported with the entry or head it concerns; none is fatal to the audit.
@@ -23,7 +25,7 @@
 use ed25519_dalek::VerifyingKey;
 use relay_proto::AccountId;
 use relay_proto::consent::{self, ConsentStatement, Decision};
-use relay_proto::merkle::{ExportLeaf, MerkleLog, leaf_hash, verify_consistency};
+use relay_proto::merkle::{ExportLeaf, LeafKind, MerkleLog, leaf_hash, verify_consistency};
 use relay_proto::witness::require_cosignatures;
 use serde::Serialize;
 
@@ -163,6 +165,22 @@ fn check_entry(
     }
     if statement_hash != leaf.consent_hash {
         return Ok(Err("the leaf's consent hash is not the hash of the signed statement".into()));
+    }
+    if leaf.kind != LeafKind::Export {
+        // A notice carries no new data: it must follow from a withdrawal of exactly its pair, recorded before it.
+        if statement.decision != Decision::Withdraw {
+            return Ok(Err(format!("a {} that does not follow from a withdrawal", leaf.kind.as_str())));
+        }
+        if statement.affiliate != leaf.affiliate || statement.purpose.as_str() != leaf.purpose {
+            return Ok(Err("the withdrawal is for another affiliate or purpose".into()));
+        }
+        if record.evidence.recorded_at_ms > leaf.time_ms || !leaf.fields.is_empty() {
+            return Ok(Err("a notice sent before its withdrawal was recorded, or with fields".into()));
+        }
+        return Ok(Ok(leaf));
+    }
+    if leaf.notice_hash.is_some_and(|n| n != statement.notice_hash) {
+        return Ok(Err("the leaf's notice hash is not the one its grant signed".into()));
     }
     if statement.decision != Decision::Grant {
         return Ok(Err("the statement is a withdrawal, not a grant".into()));
@@ -419,7 +437,21 @@ mod tests {
 
         /// Logs an export at `time_ms` under `grant`, then signs a head over the log.
         fn export(&mut self, n: u8, grant: &(ConsentStatement, Evidence), time_ms: u64, fields: &[&str]) {
+            self.log_leaf(LeafKind::Export, n, grant, time_ms, fields);
+        }
+
+        /// Logs a leaf of `kind` at `time_ms` following from `statement`, then signs a head over the log.
+        fn log_leaf(
+            &mut self,
+            kind: LeafKind,
+            n: u8,
+            grant: &(ConsentStatement, Evidence),
+            time_ms: u64,
+            fields: &[&str],
+        ) {
             let leaf = ExportLeaf {
+                kind,
+                notice_hash: Some(grant.0.notice_hash),
                 export_id: [n; 16],
                 affiliate: "adsco".into(),
                 purpose: "advertising".into(),
@@ -431,7 +463,7 @@ mod tests {
             let encoded = leaf.encode().expect("leaf");
             let record = LogRecord { leaf: encoded.clone(), account: self.account(), evidence: grant.1.clone() };
             let id = WebhookId::from_export_id([n; 16]);
-            let settle = Write::Settle { id, pair: self.pair(), pseudonym: "p".into(), record: Box::new(record) };
+            let settle = Write::Settle { id, pair: self.pair(), delivered: None, record: Box::new(record) };
             self.store.apply(&settle).expect("log");
             self.log.append(&encoded);
             let head = TreeHead { size: self.log.len(), root: self.log.root(), timestamp_ms: u64::from(n) };
@@ -462,6 +494,28 @@ mod tests {
         let report = f.audit();
         assert!(report.passed(), "{:?}", report.problems);
         assert_eq!((report.entries, report.heads, report.signed_size), (5, 5, 5));
+    }
+
+    /// Withdrawal notices are leaves of their own kind: one that follows from the pair's withdrawal passes; one that
+    /// claims to follow from a grant, or lists fields, or precedes its withdrawal, is reported.
+    #[test]
+    fn withdrawal_notices_must_follow_from_a_withdrawal_of_their_pair() {
+        let mut f = Fixture::new();
+        let grant = statement(&f.user, 1, Decision::Grant, 1_000);
+        let withdraw = statement(&f.user, 2, Decision::Withdraw, 3_000);
+        f.record_statement(1, &grant.1);
+        f.record_statement(2, &withdraw.1);
+        f.export(1, &grant, 2_000, FIELDS);
+        f.log_leaf(LeafKind::WithdrawalNotice, 2, &withdraw, 3_500, &[]);
+        let report = f.audit();
+        assert!(report.passed(), "{:?}", report.problems);
+        f.log_leaf(LeafKind::WithdrawalNotice, 3, &grant, 3_600, &[]);
+        f.log_leaf(LeafKind::WithdrawalNotice, 4, &withdraw, 3_700, FIELDS);
+        f.log_leaf(LeafKind::ErasureNotice, 5, &withdraw, 2_900, &[]);
+        let report = f.audit();
+        let flagged: Vec<&str> =
+            report.problems.iter().filter_map(|p| p.strip_prefix("entry ")?.split(':').next()).collect();
+        assert_eq!(flagged, ["2", "3", "4"], "{:?}", report.problems);
     }
 
     #[test]

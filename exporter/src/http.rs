@@ -2,7 +2,9 @@
 //! `Content-Length` body and `Connection: close`, returning the status code.
 //!
 //! Contract: one request per connection; the whole exchange (connect, TLS handshake, send, status line) is bounded by
-//! the timeout given; at most [`MAX_STATUS_LINE`] bytes of the answer are read, the rest is ignored. `https://`
+//! the timeout given, and when the timeout fires the connection is reset (`SO_LINGER` 0), not closed gracefully: the
+//! kernel discards what it still held of the request, so no byte of it reaches the affiliate after the timeout (a
+//! lease that covered the request may have lapsed by then). An exchange that completes closes normally; at most [`MAX_STATUS_LINE`] bytes of the answer are read, the rest is ignored. `https://`
 //! verifies the server's certificate chain and name with rustls (TLS 1.2 or 1.3, ring) against the system's roots
 //! plus any extra CA the operator adds ([`Tls::with_extra_roots`]); there is no way to turn verification off.
 
@@ -155,16 +157,29 @@ pub async fn post(
 
 async fn connect_and_exchange(url: &Url, tls: &Tls, headers: &[(&str, String)], body: &[u8]) -> Result<u16, HttpError> {
     let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(HttpError::Connect)?;
+    // Until the answer is in, dropping the socket (the timeout firing) resets the connection.
+    set_linger_zero(&tcp, true).map_err(HttpError::Connect)?;
     if !url.tls {
-        return exchange(tcp, url, headers, body).await;
+        let mut tcp = tcp;
+        let status = exchange(&mut tcp, url, headers, body).await?;
+        set_linger_zero(&tcp, false)?;
+        return Ok(status);
     }
     let name = ServerName::try_from(url.host.clone()).map_err(|e| HttpError::Tls(format!("server name: {e}")))?;
-    let stream = tls.connector.connect(name, tcp).await.map_err(|e| HttpError::Tls(e.to_string()))?;
-    exchange(stream, url, headers, body).await
+    let mut stream = tls.connector.connect(name, tcp).await.map_err(|e| HttpError::Tls(e.to_string()))?;
+    let status = exchange(&mut stream, url, headers, body).await?;
+    set_linger_zero(stream.get_ref().0, false)?;
+    Ok(status)
+}
+
+/// `SO_LINGER` 0 (`abort`: a close resets the connection and discards unsent data) or the default (a graceful
+/// close).
+fn set_linger_zero(tcp: &TcpStream, abort: bool) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_linger(abort.then_some(Duration::ZERO))
 }
 
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: &mut S,
     url: &Url,
     headers: &[(&str, String)],
     body: &[u8],
@@ -259,5 +274,54 @@ mod tests {
         for bad in [&b"HTTP/1.1 +00\r\n"[..], b"HTTP/1.1 +20 OK\r\n", b"HTTP/1.1 20 OK\r\n", b"HTTP/1.1 2000\r\n"] {
             assert!(matches!(parse_status(bad), Err(HttpError::BadStatus)), "{bad:?}");
         }
+    }
+
+    /// Issue #12, point 4: a request that timed out was dropped with a graceful close, so what the kernel still
+    /// held of it kept going to a slow affiliate after the timeout (and after a withdrawal its lease no longer held
+    /// back). An affiliate that stops reading must see the connection reset once the timeout fires, not the rest of
+    /// the request followed by an orderly end.
+    #[tokio::test]
+    async fn a_timed_out_request_is_reset_not_drained() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = parse_url(&format!("http://{}/hooks", listener.local_addr().expect("addr"))).expect("url");
+        let tls = Tls::with_extra_roots(None).expect("tls");
+        // More than the socket buffers of both ends hold, so the request is still being written when it times out.
+        let body = vec![b'x'; 32 << 20];
+        let (post, accepted) = tokio::join!(post(&url, &tls, &[], &body, Duration::from_millis(300)), async {
+            listener.accept().await.expect("accept").0
+        });
+        assert!(matches!(post, Err(HttpError::Timeout)), "{post:?}");
+        // Only now does the affiliate read what reached it.
+        let mut sink = accepted;
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), sink.read_to_end(&mut received)).await.expect("ends");
+        let error = read.expect_err("the connection must be reset, not ended in order");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+        assert!(received.len() < body.len());
+    }
+
+    /// A request that is answered closes its connection in order: the reset is only for one cut short.
+    #[tokio::test]
+    async fn an_answered_request_closes_in_order() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = parse_url(&format!("http://{}/hooks", listener.local_addr().expect("addr"))).expect("url");
+        let tls = Tls::with_extra_roots(None).expect("tls");
+        let sink = async {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(5).any(|w| w == b"\r\n\r\nx") {
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the whole request arrives");
+                request.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.expect("answer");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await
+        };
+        let (post, rest) = tokio::join!(post(&url, &tls, &[], b"x", Duration::from_secs(20)), sink);
+        assert_eq!(post.expect("answered"), 204);
+        assert_eq!(rest.expect("an orderly end, not a reset"), 0);
     }
 }

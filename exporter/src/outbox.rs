@@ -1,5 +1,6 @@
 //! The exporter's durable state, in its own sled database, one tree per concern: `outbox` (webhook id → entry to
-//! deliver), `delivered` (pair → the user's pseudonym for that affiliate, for a later `consent.withdrawn` event),
+//! deliver), `delivered` (pair → how its affiliate received the user: phone numbers, pseudonyms, webhook ids; for a
+//! later `consent.withdrawn` event),
 //! `exported` (pair → what was last queued for it, so unchanged data is not exported twice), `meta` (the feed
 //! cursors, how much of the log the relay holds), `log` (index → [`LogRecord`]: the leaf and the user-signed
 //! statement that allowed it), `heads` (its signed tree heads), `cosignatures` (head size ‖ witness key → the
@@ -24,7 +25,7 @@ use serde::Serialize;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::core::{Entry, Evidence, ExportMarker, Known, LogRecord, Write};
+use crate::core::{Delivered, Entry, Evidence, ExportMarker, Known, LogRecord, Write};
 use crate::feed::Feed;
 use crate::ids::{Pair, WebhookId};
 
@@ -218,8 +219,8 @@ impl ExporterStore {
             Write::Remove { id } => {
                 self.outbox.remove(id.to_string())?;
             }
-            Write::Settle { id, pair, pseudonym, record } => {
-                self.settle(id, pair, pseudonym, record)?;
+            Write::Settle { id, pair, delivered, record } => {
+                self.settle(id, pair, delivered.as_ref(), record)?;
             }
             Write::SetExported { pair, marker } => {
                 self.exported.insert(pair.to_string(), marker.to_string().as_bytes())?;
@@ -250,11 +251,27 @@ impl ExporterStore {
             ),
             None => None,
         };
-        let delivered = self.delivered.get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let delivered = self.delivered.get(&key)?.map(|v| Delivered::from_stored(&v));
         // Purpose-level statements are kept under the pair with no affiliate.
         let purpose_level = self.statements_of(&Pair::new(pair.account, "", pair.purpose))?;
         let objection = Known::latest_objection(purpose_level.iter().map(|(_, e)| e));
-        Ok(Known { exported, delivered, objection })
+        Ok(Known { exported, delivered, latest: self.latest_statement(pair)?, objection })
+    }
+
+    /// The latest statement kept for `pair` (keys sort by sequence): its sequence and SHA-256.
+    fn latest_statement(&self, pair: &Pair) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let prefix = format!("{pair}/");
+        let Some(item) = self.statements.scan_prefix(&prefix).next_back() else { return Ok(None) };
+        let (k, v) = item?;
+        let corrupt = || StoreError::Corrupt(format!("latest statement of {pair}"));
+        let seq = k
+            .get(prefix.len()..)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(corrupt)?;
+        let evidence: Evidence = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+        let bytes = hex::decode(&evidence.statement).map_err(|_| corrupt())?;
+        Ok(Some((seq, relay_proto::consent::statement_hash(&bytes))))
     }
 
     /// Every statement kept for the pair, by sequence.
@@ -274,13 +291,20 @@ impl ExporterStore {
     }
 
     /// Settles an export: appends `record` to the log (unless export `id` is logged already), makes that durable,
-    /// then removes the entry from the outbox and marks `pair` delivered with `pseudonym`. Returns the record's index.
+    /// then removes the entry from the outbox and adds `add` (an export's; none for a notice) to what `pair`'s
+    /// affiliate received. Returns the record's index.
     ///
     /// The log append is one atomic batch on one tree (record, length, id index) and is flushed before the entry
     /// leaves the outbox: whatever a crash keeps, an export that leaves the outbox is in the log, and an entry that
     /// comes back after a crash is settled again without a second record. This does not rely on a transaction
     /// across trees surviving a crash whole.
-    fn settle(&self, id: &WebhookId, pair: &Pair, pseudonym: &str, record: &LogRecord) -> Result<u64, StoreError> {
+    fn settle(
+        &self,
+        id: &WebhookId,
+        pair: &Pair,
+        add: Option<&Delivered>,
+        record: &LogRecord,
+    ) -> Result<u64, StoreError> {
         let index = match self.log.get(log_id_key(id))? {
             Some(v) => be_u64(&v, "logged export index")?,
             None => {
@@ -292,7 +316,13 @@ impl ExporterStore {
         };
         let trees = (&self.outbox, &self.delivered);
         let result = trees.transaction(|(outbox, delivered)| {
-            delivered.insert(pair.to_string().as_bytes(), pseudonym.as_bytes())?;
+            if let Some(add) = add {
+                let key = pair.to_string();
+                let mut received =
+                    delivered.get(key.as_bytes())?.map(|v| Delivered::from_stored(&v)).unwrap_or_default();
+                received.merge(add.clone());
+                delivered.insert(key.as_bytes(), received.to_stored())?;
+            }
             outbox.remove(id.to_string().as_bytes())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
@@ -555,6 +585,8 @@ mod tests {
             body: "{}".into(),
             attempts: 0,
             next_attempt_ms: next,
+            notice_hash: None,
+            queued_ms: None,
             fields: Vec::new(),
             evidence: None,
             state: EntryState::Queued,
@@ -564,7 +596,8 @@ mod tests {
     fn settle(store: &ExporterStore, n: u8, e: &Entry, leaf: u8) {
         let record = LogRecord { leaf: vec![leaf], account: e.pair.account, evidence: Evidence::default() };
         let record = Box::new(record);
-        let settle = Write::Settle { id: id(n), pair: e.pair.clone(), pseudonym: e.pseudonym.clone(), record };
+        let delivered = Delivered { phone_pseudonym: vec![e.pseudonym.clone()], ..Delivered::default() };
+        let settle = Write::Settle { id: id(n), pair: e.pair.clone(), delivered: Some(delivered), record };
         store.apply(&settle).expect("settle");
     }
 
@@ -584,7 +617,8 @@ mod tests {
         assert_eq!(store.log_len().expect("len"), 2);
         let leaves: Vec<_> = store.log_records(0, 10).expect("records").into_iter().map(|(i, r)| (i, r.leaf)).collect();
         assert_eq!(leaves, [(0, vec![1]), (1, vec![2])]);
-        assert_eq!(store.known(&e.pair).expect("known").delivered.as_deref(), Some("p"));
+        let delivered = store.known(&e.pair).expect("known").delivered.expect("delivered");
+        assert_eq!(delivered.phone_pseudonym, ["p"]);
         assert!(store.is_empty());
         drop(store);
         let reopened = ExporterStore::open(dir.path()).expect("reopen");
@@ -613,18 +647,26 @@ mod tests {
         settle(&store, 1, &entry(Kind::Export, Purpose::Advertising, 0), 1);
         assert_eq!(
             store.known(&ads).expect("known"),
-            Known { exported: Some(marker), delivered: Some("p".into()), objection: None }
+            Known {
+                exported: Some(marker),
+                delivered: Some(Delivered { phone_pseudonym: vec!["p".into()], ..Delivered::default() }),
+                latest: None,
+                objection: None,
+            }
         );
         store.apply(&Write::ForgetDelivered { pair: ads.clone() }).expect("forget");
         assert_eq!(store.known(&ads).expect("known").delivered, None);
         assert_eq!(store.known(&analytics).expect("known"), Known::default());
 
-        for sequence in [2, 1, 10] {
-            let evidence = Evidence { recorded_at_ms: sequence, ..Evidence::default() };
+        for sequence in [2u64, 1, 10] {
+            let statement = hex::encode(sequence.to_be_bytes());
+            let evidence = Evidence { recorded_at_ms: sequence, statement, ..Evidence::default() };
             store.apply(&Write::Statement { pair: ads.clone(), sequence, evidence }).expect("statement");
         }
         let sequences: Vec<u64> = store.statements_of(&ads).expect("statements").iter().map(|s| s.0).collect();
         assert_eq!(sequences, [1, 2, 10], "in sequence order");
+        let latest = Some((10, relay_proto::consent::statement_hash(&10u64.to_be_bytes())));
+        assert_eq!(store.known(&ads).expect("known").latest, latest, "the pair's latest statement, by sequence");
         assert!(store.statements_of(&analytics).expect("statements").is_empty());
 
         store.apply(&Write::Cursor { feed: Feed::Subjects, cursor: 7 }).expect("cursor");
@@ -690,9 +732,16 @@ mod tests {
         assert_eq!(stored.map(|(_, _, v)| v.clone()), Some(marker.to_string().into_bytes()));
         let advertising = Pair::new(account, "adsco", Purpose::Advertising);
         let known = store.known(&advertising).expect("known");
-        assert_eq!(known, Known::default(), "withdrawn: forgotten, the notice queued");
-        let sequences: Vec<u64> = store.statements_of(&advertising).expect("statements").iter().map(|s| s.0).collect();
+        assert_eq!((known.exported, known.delivered), (None, None), "withdrawn: forgotten, the notice queued");
+        let statements = store.statements_of(&advertising).expect("statements");
+        let sequences: Vec<u64> = statements.iter().map(|s| s.0).collect();
         assert_eq!(sequences, [1, 2]);
+        let withdrawal = hex::decode(&statements[1].1.statement).expect("hex");
+        assert_eq!(
+            known.latest,
+            Some((2, relay_proto::consent::statement_hash(&withdrawal))),
+            "the latest, from old stores too"
+        );
 
         // The log, its head, the cursors.
         let logged = store.log_records(0, 10).expect("log");

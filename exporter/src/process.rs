@@ -22,6 +22,9 @@
 //! the size, the error; nothing personal) and the latest head is submitted again on a later pass, after a pause that
 //! doubles up to [`WITNESS_MAX_BACKOFF`]; cosignatures that come later are published by re-publishing the latest
 //! head. Bodies queued from then on carry the latest head with its cosignatures (`log_head`).
+//! A lease whose `EndExport` failed is released again at the start of the next pass, on a new connection: the
+//! relay keeps leases across its restarts, so a withdrawal waiting for one goes on once the attempt is over rather
+//! than when the lease lapses.
 //!
 //! A damaged log stops the exporter ([`ExporterError::LogDamaged`]): checked by [`Exporter::check_log`] at start, and
 //! every pass, before a feed is read or anything delivered, against the latest stored head and the relay's latest
@@ -56,6 +59,8 @@ use relay_quic::identity::{Identity, TlsError};
 
 /// Feed pages read per pass.
 pub const PAGES_PER_PASS: usize = 16;
+/// Leases whose release failed kept to release again (at most one per attempt, and attempts are sequential).
+const MAX_UNRELEASED: usize = 64;
 
 /// First pause before a witness that did not cosign is asked again.
 pub const WITNESS_FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -128,6 +133,8 @@ pub struct Progress {
     pub outbox: usize,
     /// Webhooks acknowledged with 2xx since start.
     pub delivered: u64,
+    /// Withdrawal notices abandoned since start, after their retry period: affiliates not told of a withdrawal.
+    pub abandoned: u64,
     /// Entries in the export log.
     pub logged: u64,
     /// Entries of the export log the relay holds.
@@ -158,6 +165,11 @@ pub struct Exporter {
     witnesses: Vec<WitnessSlot>,
     /// (size, number of cosignatures) of the latest head as the relay last accepted it.
     cosignatures_published: Option<(u64, usize)>,
+    /// The origin of the monotonic clock leases are counted on.
+    started: std::time::Instant,
+    /// Leases whose `EndExport` failed (the relay restarted, the connection broke): their attempts are over, and
+    /// releasing them at the next pass lets a withdrawal waiting for them go on before they lapse.
+    unreleased: VecDeque<(Pair, Lease)>,
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
@@ -227,6 +239,8 @@ impl Exporter {
             witnesses: Vec::new(),
             cosignatures_published: None,
             notices_published: false,
+            started: std::time::Instant::now(),
+            unreleased: VecDeque::new(),
         };
         exporter.refresh_log_head()?;
         Ok(exporter)
@@ -304,6 +318,12 @@ impl Exporter {
         self.tls = http::Tls::with_extra_roots(Some(pem))
             .map_err(|source| ExporterError::Endpoint { affiliate: "*".into(), source })?;
         Ok(())
+    }
+
+    /// Retries each withdrawal notice for `bound` from when it was queued, then abandons it (default 7 days,
+    /// [`crate::core::NOTICE_RETRY_FOR`]).
+    pub fn set_notice_retry_for(&mut self, bound: Duration) {
+        self.core.set_notice_retry_for(bound);
     }
 
     /// Hex of the Ed25519 key that verifies the export log's tree heads.
@@ -438,6 +458,7 @@ impl Exporter {
         let key = self.log_key.verifying_key();
         logcheck::check_local(&self.store, &self.log, &key, false)??;
         logcheck::check_relay(client, &self.log, &key).await??;
+        self.release_leftovers(client).await?;
         if !self.notices_published {
             self.publish_notices(client).await?;
         }
@@ -482,6 +503,23 @@ impl Exporter {
         Ok(())
     }
 
+    /// Releases the leases whose release failed before (they outlive a relay restart, so the relay still counts
+    /// them); a relay error ends the pass and keeps the rest for the next.
+    async fn release_leftovers(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        while let Some((pair, lease)) = self.unreleased.front() {
+            match client.request(Req::EndExport(end_export(pair, *lease))).await {
+                Ok(_) => tracing::info!(lease = lease.id, "export lease released after a lost connection"),
+                // Answered, but refused: asking again will not help, and the lease lapses by itself.
+                Err(e @ (RelayLinkError::Refused(_) | RelayLinkError::Unexpected(_))) => {
+                    tracing::warn!(lease = lease.id, error = %e, "releasing an export lease again was refused");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.unreleased.pop_front();
+        }
+        Ok(())
+    }
+
     /// Lets the core attempt what is due, one attempt after the other.
     async fn deliver_due(&mut self, client: &ExportClient) -> Result<(), PassError> {
         self.core.plan_deliveries(relay_proto::now_ms());
@@ -510,9 +548,12 @@ impl Exporter {
                     continue;
                 }
                 Effect::AskLease { pair, statement_hash } => {
+                    let asked = self.mono_ms();
                     let answer = match client.request(Req::BeginExport(begin_export(&pair, statement_hash))).await {
+                        // A relay that does not say how long the lease lasts (`valid_for_ms` absent, 0) gives no
+                        // time to post in.
                         Ok(Resp::ExportGranted(g)) => {
-                            LeaseAnswer::Granted(Lease { id: g.lease_id, deadline_ms: g.deadline_ms })
+                            LeaseAnswer::Granted(Lease { id: g.lease_id, valid_for_ms: g.valid_for_ms })
                         }
                         Ok(Resp::ExportDenied(d)) => LeaseAnswer::Denied { reason: d.reason },
                         Ok(_) => {
@@ -525,8 +566,9 @@ impl Exporter {
                             LeaseAnswer::Failed
                         }
                     };
-                    self.core.handle_lease(answer, relay_proto::now_ms())?
+                    self.core.handle_lease(answer, asked, self.mono_ms())?
                 }
+                Effect::CheckLease { .. } => self.core.handle_lease_check(self.mono_ms())?,
                 Effect::Post { id, affiliate, body } => {
                     let outcome = self.post(&affiliate, &id, &body).await;
                     self.core.handle_answer(answer(outcome), relay_proto::now_ms())?
@@ -534,12 +576,20 @@ impl Exporter {
                 Effect::ReleaseLease { pair, lease } => {
                     if let Err(e) = client.request(Req::EndExport(end_export(&pair, lease))).await {
                         relay_error = Some(e);
+                        if self.unreleased.len() >= MAX_UNRELEASED {
+                            // The oldest has lapsed by now anyway.
+                            self.unreleased.pop_front();
+                        }
+                        self.unreleased.push_back((pair, lease));
                     }
                     self.core.handle_released(relay_proto::now_ms())?
                 }
             };
-            let delivered = self.core.delivered();
-            self.progress.send_modify(|p| p.delivered = delivered);
+            let (delivered, abandoned) = (self.core.delivered(), self.core.abandoned());
+            self.progress.send_modify(|p| {
+                p.delivered = delivered;
+                p.abandoned = abandoned;
+            });
             queue.extend(next);
         }
         relay_error.map_or(Ok(()), |e| Err(e.into()))
@@ -691,6 +741,11 @@ impl Exporter {
         Ok(signed)
     }
 
+    /// The monotonic clock the core counts leases on: ms since this exporter was opened.
+    fn mono_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Posts `body` under webhook id `id` to `affiliate`'s endpoint, signed (Standard Webhooks).
     async fn post(&self, affiliate: &str, id: &WebhookId, body: &str) -> Result<u16, HttpError> {
         let Some(endpoint) = self.endpoints.get(affiliate) else {
@@ -825,6 +880,8 @@ mod tests {
         };
         let account = relay_proto::AccountId::from_identity_key(&[1; 32]);
         let leaf = |n: u8| relay_proto::merkle::ExportLeaf {
+            kind: relay_proto::merkle::LeafKind::Export,
+            notice_hash: Some([0; 32]),
             export_id: [n; 16],
             affiliate: "adsco".into(),
             purpose: "advertising".into(),
@@ -840,7 +897,7 @@ mod tests {
                 let settle = Write::Settle {
                     id: WebhookId::from_export_id([n; 16]),
                     pair: Pair::new(account, "adsco", Purpose::Advertising),
-                    pseudonym: "p".into(),
+                    delivered: None,
                     record: Box::new(record),
                 };
                 exporter.store.apply(&settle).expect("settle");

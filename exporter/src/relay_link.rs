@@ -2,7 +2,9 @@
 //! only the pinned relay certificate, and sends one export request per bidirectional stream.
 //!
 //! Contract: every answer is checked to be a response frame; an `Error` frame becomes [`RelayLinkError::Refused`] and
-//! nothing here panics on what the relay sends.
+//! nothing here panics on what the relay sends. A request not answered within [`REQUEST_TIMEOUT`] fails and closes
+//! the connection: a relay that was killed and restarted never answers on the old connection (its stateless resets
+//! do not match the old connection's tokens), which would otherwise hang until the idle timeout, a minute.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use relay_quic::identity::{Identity, TlsError};
 
 /// How long connecting to the relay may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the relay may take to answer one request before the connection is given up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why an export request failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,16 @@ impl ExportClient {
 
     /// Sends `frame` (any protobuf message, framed) on a new stream and reads the answer as an export response.
     pub async fn raw<M: prost::Message>(&self, frame: &M) -> Result<ExportResponse, RelayLinkError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(frame)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.conn.close(0u32.into(), b"request timed out");
+                Err(RelayLinkError::Stream(format!("no answer within {REQUEST_TIMEOUT:?}")))
+            }
+        }
+    }
+
+    async fn exchange<M: prost::Message>(&self, frame: &M) -> Result<ExportResponse, RelayLinkError> {
         let stream = |e: &dyn std::fmt::Display| RelayLinkError::Stream(e.to_string());
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| stream(&e))?;
         write_frame(&mut send, frame).await.map_err(|e| stream(&e))?;

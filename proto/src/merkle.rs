@@ -89,6 +89,13 @@ pub enum MerkleError {
         /// The version byte found.
         version: u8,
     },
+    /// An encoded export leaf names a kind this code does not know, or a version-1 leaf (which has no notice hash)
+    /// is not an export.
+    #[error("unsupported export leaf kind {kind}")]
+    LeafKind {
+        /// The kind byte found.
+        kind: u8,
+    },
     /// A string of an export leaf is longer than [`MAX_LEAF_STRING_LEN`].
     #[error("export leaf string of {len} bytes exceeds the maximum of {max} bytes")]
     LeafStringTooLong {
@@ -560,8 +567,53 @@ pub fn log_key_from_wire(key: &[u8]) -> Result<VerifyingKey, MerkleError> {
     VerifyingKey::from_bytes(&bytes).map_err(|_| MerkleError::WrongLength("log key"))
 }
 
-/// The version byte that starts every encoded [`ExportLeaf`].
-pub const EXPORT_LEAF_VERSION: u8 = 1;
+/// The version byte that starts every encoded [`ExportLeaf`] written now.
+pub const EXPORT_LEAF_VERSION: u8 = 2;
+
+/// The version of the leaves written before leaves had a kind and a notice hash: still decoded (and re-encoded as
+/// they were), so that logs written then still verify.
+pub const EXPORT_LEAF_VERSION_1: u8 = 1;
+
+/// What a leaf of the export log records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LeafKind {
+    /// Personal data sent to an affiliate (`user.metadata.exported`).
+    Export,
+    /// A `consent.withdrawn` notice: no personal data but the identifiers the affiliate already holds.
+    WithdrawalNotice,
+    /// An erasure notice (defined now, sent by a later version).
+    ErasureNotice,
+}
+
+impl LeafKind {
+    /// Its byte in the encoding.
+    pub fn byte(self) -> u8 {
+        match self {
+            Self::Export => 0,
+            Self::WithdrawalNotice => 1,
+            Self::ErasureNotice => 2,
+        }
+    }
+
+    /// The kind of byte `b`, if it is one.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Export),
+            1 => Some(Self::WithdrawalNotice),
+            2 => Some(Self::ErasureNotice),
+            _ => None,
+        }
+    }
+
+    /// Its name in JSON output: `export`, `withdrawal_notice`, `erasure_notice`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Export => "export",
+            Self::WithdrawalNotice => "withdrawal_notice",
+            Self::ErasureNotice => "erasure_notice",
+        }
+    }
+}
 
 /// Maximum length, in bytes, of each string of an [`ExportLeaf`] (affiliate, purpose, each field name).
 pub const MAX_LEAF_STRING_LEN: usize = 256;
@@ -580,9 +632,12 @@ pub const MAX_LEAF_FIELDS: usize = 16;
 ///
 /// The encoding ([`ExportLeaf::encode`]) is canonical: a version byte, fixed-length fields as they are, each string
 /// prefixed with its length (u16 BE), the field list with its count (u8); [`ExportLeaf::decode`] accepts exactly the
-/// encodings `encode` produces.
+/// encodings `encode` produces. Version 2 adds the kind and the notice hash; a version-1 leaf decodes as an export
+/// with no notice hash (`None`) and encodes back to its version-1 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportLeaf {
+    /// What the leaf records.
+    pub kind: LeafKind,
     /// Identifier of the export (random, chosen by the exporter).
     pub export_id: [u8; 16],
     /// Identifier of the affiliate that received the export.
@@ -593,8 +648,12 @@ pub struct ExportLeaf {
     pub fields: Vec<String>,
     /// SHA-256 of the payload as shipped, or of a salted encoding of it (see above).
     pub payload_hash: Hash,
-    /// SHA-256 of the signed consent statement that allowed the export.
+    /// SHA-256 of the signed consent statement that allowed the export (for a notice: the withdrawal it tells of).
     pub consent_hash: Hash,
+    /// The notice hash of the consent statement: for an export, the notice its grant signed; for a withdrawal
+    /// notice, the notice the withdrawn grant signed (zeros if the exporter does not know it). `None` only for a
+    /// version-1 leaf.
+    pub notice_hash: Option<Hash>,
     /// When the export was made, in milliseconds since the Unix epoch.
     pub time_ms: u64,
 }
@@ -614,15 +673,20 @@ impl ExportLeaf {
         Ok(())
     }
 
-    /// The canonical encoding: version ‖ export_id ‖ affiliate ‖ purpose ‖ field count (u8) ‖ fields ‖ payload_hash ‖
-    /// consent_hash ‖ time_ms (u64 BE), each string as its length (u16 BE) then its UTF-8 bytes. Fails if
-    /// [`ExportLeaf::check`] does.
+    /// The canonical encoding: version (2) ‖ kind (u8) ‖ export_id ‖ affiliate ‖ purpose ‖ field count (u8) ‖ fields
+    /// ‖ payload_hash ‖ consent_hash ‖ notice_hash ‖ time_ms (u64 BE), each string as its length (u16 BE) then its
+    /// UTF-8 bytes; a leaf without a notice hash in version 1 (no kind, no notice hash). Fails if
+    /// [`ExportLeaf::check`] does, or for a leaf without a notice hash that is not an export.
     pub fn encode(&self) -> Result<Vec<u8>, MerkleError> {
         self.check()?;
         let strings: usize =
             [&self.affiliate, &self.purpose].into_iter().chain(&self.fields).map(|s| 2 + s.len()).sum();
-        let mut out = Vec::with_capacity(1 + 16 + strings + 1 + 2 * HASH_LEN + 8);
-        out.push(EXPORT_LEAF_VERSION);
+        let mut out = Vec::with_capacity(2 + 16 + strings + 1 + 3 * HASH_LEN + 8);
+        match self.notice_hash {
+            Some(_) => out.extend_from_slice(&[EXPORT_LEAF_VERSION, self.kind.byte()]),
+            None if self.kind == LeafKind::Export => out.push(EXPORT_LEAF_VERSION_1),
+            None => return Err(MerkleError::LeafKind { kind: self.kind.byte() }),
+        }
         out.extend_from_slice(&self.export_id);
         put_str(&mut out, &self.affiliate);
         put_str(&mut out, &self.purpose);
@@ -633,6 +697,9 @@ impl ExportLeaf {
         }
         out.extend_from_slice(&self.payload_hash);
         out.extend_from_slice(&self.consent_hash);
+        if let Some(notice_hash) = &self.notice_hash {
+            out.extend_from_slice(notice_hash);
+        }
         out.extend_from_slice(&self.time_ms.to_be_bytes());
         Ok(out)
     }
@@ -642,9 +709,14 @@ impl ExportLeaf {
     pub fn decode(bytes: &[u8]) -> Result<Self, MerkleError> {
         let mut r = Reader(bytes);
         let [version] = r.array()?;
-        if version != EXPORT_LEAF_VERSION {
-            return Err(MerkleError::LeafVersion { version });
-        }
+        let kind = match version {
+            EXPORT_LEAF_VERSION => {
+                let [kind] = r.array()?;
+                Some(LeafKind::from_byte(kind).ok_or(MerkleError::LeafKind { kind })?)
+            }
+            EXPORT_LEAF_VERSION_1 => None,
+            version => return Err(MerkleError::LeafVersion { version }),
+        };
         let export_id = r.array()?;
         let affiliate = r.string()?;
         let purpose = r.string()?;
@@ -659,11 +731,16 @@ impl ExportLeaf {
         }
         let payload_hash = r.array()?;
         let consent_hash = r.array()?;
+        let notice_hash = match kind {
+            Some(_) => Some(r.array()?),
+            None => None,
+        };
         let time_ms = u64::from_be_bytes(r.array()?);
         if !r.0.is_empty() {
             return Err(MerkleError::LeafTrailingBytes { extra: r.0.len() });
         }
-        Ok(Self { export_id, affiliate, purpose, fields, payload_hash, consent_hash, time_ms })
+        let kind = kind.unwrap_or(LeafKind::Export);
+        Ok(Self { kind, export_id, affiliate, purpose, fields, payload_hash, consent_hash, notice_hash, time_ms })
     }
 
     /// The leaf hash under which the export is logged: [`leaf_hash`] of [`ExportLeaf::encode`].
@@ -1206,12 +1283,14 @@ mod tests {
 
     fn sample_leaf() -> ExportLeaf {
         ExportLeaf {
+            kind: LeafKind::Export,
             export_id: [0x42; 16],
             affiliate: "affiliate-7".into(),
             purpose: "fraud-prevention".into(),
             fields: vec!["phone_number".into(), "device_model".into(), "app_version".into()],
             payload_hash: [0x11; 32],
             consent_hash: [0x22; 32],
+            notice_hash: Some([0x33; 32]),
             time_ms: 1_700_000_000_123,
         }
     }
@@ -1237,12 +1316,13 @@ mod tests {
     fn export_leaf_round_trips_and_hashes_its_encoding() {
         let leaf = sample_leaf();
         let bytes = leaf.encode().expect("within limits");
-        assert_eq!(bytes[0], EXPORT_LEAF_VERSION);
-        assert_eq!(&bytes[1..17], &[0x42; 16]);
-        assert_eq!(&bytes[17..19], &[0, 11]);
+        assert_eq!(bytes[..2], [EXPORT_LEAF_VERSION, 0]);
+        assert_eq!(&bytes[2..18], &[0x42; 16]);
+        assert_eq!(&bytes[18..20], &[0, 11]);
+        assert_eq!(&bytes[bytes.len() - 40..bytes.len() - 8], &[0x33; 32]);
         assert_eq!(&bytes[bytes.len() - 8..], &1_700_000_000_123u64.to_be_bytes());
         let strings = 2 + 11 + 2 + 16 + (2 + 12) + (2 + 12) + (2 + 11);
-        assert_eq!(bytes.len(), 1 + 16 + strings + 1 + 32 + 32 + 8);
+        assert_eq!(bytes.len(), 2 + 16 + strings + 1 + 32 + 32 + 32 + 8);
         assert_eq!(ExportLeaf::decode(&bytes), Ok(leaf.clone()));
         assert_eq!(leaf.leaf_hash(), Ok(leaf_hash(&bytes)));
 
@@ -1262,8 +1342,36 @@ mod tests {
         let b = ExportLeaf { affiliate: "a".into(), purpose: "bc".into(), ..leaf.clone() };
         assert_ne!(a.encode(), b.encode());
         let a = ExportLeaf { fields: vec!["ab".into()], ..leaf.clone() };
-        let b = ExportLeaf { fields: vec!["a".into(), "b".into()], ..leaf };
+        let b = ExportLeaf { fields: vec!["a".into(), "b".into()], ..leaf.clone() };
         assert_ne!(a.leaf_hash(), b.leaf_hash());
+
+        // Each kind has its own encoding.
+        let notice = ExportLeaf { kind: LeafKind::WithdrawalNotice, fields: Vec::new(), ..leaf.clone() };
+        let erasure = ExportLeaf { kind: LeafKind::ErasureNotice, ..notice.clone() };
+        for l in [&notice, &erasure] {
+            assert_eq!(ExportLeaf::decode(&l.encode().expect("encodes")).as_ref(), Ok(l));
+        }
+        assert_ne!(notice.encode(), erasure.encode());
+    }
+
+    /// Leaves written before version 2 (no kind, no notice hash) still decode, as exports, and encode back to the
+    /// very same bytes, so the logs they are in still verify; a notice cannot be written that way.
+    #[test]
+    fn version_1_leaves_still_decode_and_keep_their_bytes() {
+        let v1 = ExportLeaf { notice_hash: None, ..sample_leaf() };
+        let bytes = v1.encode().expect("a version-1 export");
+        assert_eq!(bytes[0], EXPORT_LEAF_VERSION_1);
+        assert_eq!(&bytes[1..17], &[0x42; 16]);
+        let strings = 2 + 11 + 2 + 16 + (2 + 12) + (2 + 12) + (2 + 11);
+        assert_eq!(bytes.len(), 1 + 16 + strings + 1 + 32 + 32 + 8);
+        let decoded = ExportLeaf::decode(&bytes).expect("decodes");
+        assert_eq!((decoded.kind, decoded.notice_hash), (LeafKind::Export, None));
+        assert_eq!(decoded.encode(), Ok(bytes));
+        let notice = ExportLeaf { kind: LeafKind::WithdrawalNotice, ..v1 };
+        assert_eq!(notice.encode(), Err(MerkleError::LeafKind { kind: 1 }));
+        let mut unknown = sample_leaf().encode().expect("encodes");
+        unknown[1] = 3;
+        assert_eq!(ExportLeaf::decode(&unknown), Err(MerkleError::LeafKind { kind: 3 }));
     }
 
     #[test]
@@ -1280,24 +1388,24 @@ mod tests {
 
         // Hand-made encodings past the limits are refused too.
         let bytes = leaf.encode().expect("within limits");
-        let mut long_affiliate = bytes[..17].to_vec();
+        let mut long_affiliate = bytes[..18].to_vec();
         long_affiliate.extend_from_slice(&257u16.to_be_bytes());
         long_affiliate.extend_from_slice(&[b'x'; 257]);
         assert_eq!(ExportLeaf::decode(&long_affiliate), Err(too_long));
-        let mut huge = bytes[..17].to_vec();
+        let mut huge = bytes[..18].to_vec();
         huge.extend_from_slice(&u16::MAX.to_be_bytes());
         assert!(matches!(ExportLeaf::decode(&huge), Err(MerkleError::LeafStringTooLong { len: 65535, .. })));
-        let count_at = 17 + 2 + 11 + 2 + 16;
+        let count_at = 18 + 2 + 11 + 2 + 16;
         assert_eq!(bytes[count_at], 3);
         let mut seventeen = bytes.clone();
         seventeen[count_at] = 17;
         assert_eq!(ExportLeaf::decode(&seventeen), Err(MerkleError::LeafTooManyFields { count: 17, max: 16 }));
 
         let mut version = bytes.clone();
-        version[0] = 2;
-        assert_eq!(ExportLeaf::decode(&version), Err(MerkleError::LeafVersion { version: 2 }));
+        version[0] = 3;
+        assert_eq!(ExportLeaf::decode(&version), Err(MerkleError::LeafVersion { version: 3 }));
         let mut not_utf8 = bytes.clone();
-        not_utf8[19] = 0xff;
+        not_utf8[20] = 0xff;
         assert_eq!(ExportLeaf::decode(&not_utf8), Err(MerkleError::LeafNotUtf8));
         let mut trailing = bytes.clone();
         trailing.push(0);

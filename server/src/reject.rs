@@ -88,6 +88,12 @@ impl From<ExportLogError> for Reject {
     }
 }
 
+impl From<crate::fence::FenceError> for Reject {
+    fn from(e: crate::fence::FenceError) -> Self {
+        storage(e)
+    }
+}
+
 impl From<RegistryError> for Reject {
     fn from(e: RegistryError) -> Self {
         match e {

@@ -176,7 +176,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let endpoint = relay_quic::endpoint(config.listen, Some(server)).map_err(|e| StartError::Bind(config.listen, e))?;
     let local_addr = endpoint.local_addr().map_err(|e| StartError::Bind(config.listen, e))?;
 
-    let fence = Arc::new(crate::fence::Fence::default());
+    let fence = store.fence.clone();
     let export = match (config.export_listen, config.exporter_fingerprint()) {
         (Some(addr), Some(pinned)) => {
             let verifier = relay_quic::pin::PinnedClientCert::new(pinned, relay_quic::crypto_provider());

@@ -55,6 +55,10 @@ pub struct Sink {
     delay_ms: Arc<AtomicU64>,
     attempts: Arc<Mutex<Vec<Attempt>>>,
     changed: watch::Receiver<usize>,
+    /// Requests read whole so far (counted before any delay, so a slow sink shows a request in flight).
+    arrived: watch::Receiver<usize>,
+    /// While false, requests read whole wait for it before they are answered.
+    open: Arc<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -97,19 +101,29 @@ impl Sink {
         let delay_ms = Arc::new(AtomicU64::new(0));
         let attempts = Arc::new(Mutex::new(Vec::new()));
         let (tx, changed) = watch::channel(0usize);
+        let (arrivals, arrived) = watch::channel(0usize);
+        let open = Arc::new(watch::Sender::new(true));
+        let gate = open.clone();
         let (k, f, d, a) = (key.to_vec(), fail.clone(), delay_ms.clone(), attempts.clone());
         let task = tokio::spawn(async move {
             // Ends when the sink is dropped (the task is aborted) or the listener fails.
             while let Ok((stream, _)) = listener.accept().await {
                 let at = Instant::now();
                 let (k, f, d, a, tx, tls) = (k.clone(), f.clone(), d.clone(), a.clone(), tx.clone(), tls.clone());
+                let arrivals = arrivals.clone();
+                let mut gate = gate.subscribe();
                 tokio::spawn(async move {
+                    let arrived = async move {
+                        arrivals.send_modify(|n| *n += 1);
+                        // A closed sender (the sink dropped) opens the gate: nothing waits for ever.
+                        let _ = gate.wait_for(|open| *open).await;
+                    };
                     let served = match tls {
                         Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(stream) => serve(stream, &k, &f, &d, at).await,
+                            Ok(stream) => serve(stream, &k, &f, &d, at, arrived).await,
                             Err(e) => Err(e.into()),
                         },
-                        None => serve(stream, &k, &f, &d, at).await,
+                        None => serve(stream, &k, &f, &d, at, arrived).await,
                     };
                     if let Ok(attempt) = served {
                         let n = {
@@ -122,7 +136,7 @@ impl Sink {
                 });
             }
         });
-        Ok(Self { addr, ca_pem: None, key: key.to_vec(), fail, delay_ms, attempts, changed, task })
+        Ok(Self { addr, ca_pem: None, key: key.to_vec(), fail, delay_ms, attempts, changed, arrived, open, task })
     }
 
     /// The webhook URL.
@@ -145,6 +159,22 @@ impl Sink {
     /// deliver (crash tests kill the exporter in the middle of one).
     pub fn set_delay(&self, delay: Duration) {
         self.delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// While `hold` is true, requests read whole are not answered (an affiliate that is slow for as long as a test
+    /// needs); turning it false answers them.
+    pub fn hold(&self, hold: bool) {
+        self.open.send_replace(!hold);
+    }
+
+    /// Waits, at most `bound`, until `n` requests have been read whole (a slow sink has not answered them yet).
+    pub async fn wait_arrivals(&self, n: usize, bound: Duration) -> Result<()> {
+        let mut arrived = self.arrived.clone();
+        tokio::time::timeout(bound, arrived.wait_for(|a| *a >= n))
+            .await
+            .context("the sink did not receive the requests in time")?
+            .map_err(|_| anyhow!("sink stopped"))?;
+        Ok(())
     }
 
     /// Every request received so far, in order.
@@ -191,6 +221,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     fail: &AtomicBool,
     delay_ms: &AtomicU64,
     at: Instant,
+    arrived: impl std::future::Future<Output = ()>,
 ) -> Result<Attempt> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -227,6 +258,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(len);
+    arrived.await;
     let id = headers.get("webhook-id").cloned().unwrap_or_default();
     let timestamp = headers.get("webhook-timestamp").and_then(|t| t.parse().ok()).unwrap_or(0);
     let signature = headers.get("webhook-signature").map(String::as_str).unwrap_or("");
@@ -279,6 +311,27 @@ impl TestExporter {
             exporter.trust_extra_ca(pem.as_bytes())?;
         }
         let relay = TestRelay::with_export_for(exporter.fingerprint()).await?;
+        Self::run(dir, exporter, relay).await
+    }
+
+    /// The same against a `relayd` child process whose export interface listens on a port fixed across its
+    /// restarts (so the exporter reconnects to it), pinning this exporter.
+    pub async fn start_with_relay_process(catalogue: &str) -> Result<(TestRelay, Self)> {
+        let dir = tempfile::tempdir()?;
+        let exporter =
+            Exporter::open(&dir.path().join("exporter"), Catalogue::parse(catalogue)?, Duration::from_millis(20))?;
+        let port = crate::free_udp_port()?;
+        let fingerprint = exporter.fingerprint();
+        let relay = TestRelay::process_with(|c| {
+            c.export_listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+            c.exporter_cert_sha256 = Some(fingerprint);
+        })
+        .await?;
+        Self::run(dir, exporter, relay).await
+    }
+
+    /// Runs `exporter` (its data dir in `dir`) against `relay`'s export interface.
+    async fn run(dir: tempfile::TempDir, exporter: Exporter, relay: TestRelay) -> Result<(TestRelay, Self)> {
         let addr = relay.export_addr().ok_or_else(|| anyhow!("no export interface"))?;
         let fp = relay_client::pin::parse_fingerprint(relay.fingerprint()).ok_or_else(|| anyhow!("bad fingerprint"))?;
         let progress = exporter.progress();

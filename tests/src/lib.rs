@@ -218,6 +218,8 @@ impl TestRelay {
         let fingerprint = ready.cert_hex();
         self.addr = addr;
         self.fingerprint = fingerprint;
+        // A child reports only its messaging address; an export interface on a fixed port is where it was told.
+        self.export_addr = self.config.export_listen.filter(|a| a.port() != 0);
         self.running = Running::Process(child);
         Ok(())
     }
@@ -416,6 +418,12 @@ impl TestRelay {
         }
         Ok((conn, identity))
     }
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago, for a child relay's export interface that must keep its
+/// address across restarts.
+pub fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?.local_addr()?.port())
 }
 
 /// A registered client and its home directory.

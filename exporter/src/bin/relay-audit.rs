@@ -120,7 +120,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         println!("witnesses    {} whose cosignature the latest head must carry", witness_keys.len());
         if report.passed() {
             println!(
-                "result       PASSED: every entry backed by a user-signed grant in force at its time; heads consistent"
+                "result       PASSED: every export backed by a user-signed grant in force at its time, every notice by a \
+                 withdrawal; heads consistent"
             );
         } else {
             println!("result       FAILED: {} problem(s)", report.problems.len());

@@ -1,5 +1,5 @@
 //! `relay-exporter --data DIR --relay ADDR --relay-cert-sha256 HEX --affiliates FILE [--affiliate-ca PEM]
-//! [--poll-ms N] [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]... [--recover-log-from-relay]`: the metadata
+//! [--poll-ms N] [--notice-retry-for DURATION] [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]... [--recover-log-from-relay]`: the metadata
 //! exporter. Reads the relay's consent feed over the export interface and delivers signed webhooks to affiliates,
 //! within the withdrawal fence, until SIGINT or SIGTERM.
 //!
@@ -52,9 +52,32 @@ struct Args {
     /// A witness to cosign every new tree head: ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX (repeatable).
     #[arg(long = "witness", value_name = "ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX")]
     witnesses: Vec<relay_exporter::witness_link::WitnessSpec>,
+    /// How long a withdrawal notice is retried before it is abandoned (an `error!` line and a counter say so):
+    /// a number followed by s, m, h or d.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    notice_retry_for: Duration,
     /// Rebuild a damaged export log from the relay's copy (verified against the signed heads), then exit.
     #[arg(long)]
     recover_log_from_relay: bool,
+}
+
+/// `90s`, `30m`, `12h`, `7d`: a positive whole number and its unit.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let refused = || format!("{text:?}: expected a positive number followed by s, m, h or d (e.g. 7d)");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(refused)?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| refused())?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(refused()),
+    };
+    match n.checked_mul(unit) {
+        Some(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(refused()),
+    }
 }
 
 /// Exit status when the export log is damaged.
@@ -85,6 +108,7 @@ async fn run() -> anyhow::Result<()> {
     let catalogue = Catalogue::from_file(&args.affiliates)?;
     let mut exporter = Exporter::open(&args.data, catalogue, Duration::from_millis(args.poll_ms))
         .context("relay-exporter could not start")?;
+    exporter.set_notice_retry_for(args.notice_retry_for);
     if args.recover_log_from_relay {
         let r = exporter.recover_log(args.relay, fingerprint).await.context("--recover-log-from-relay")?;
         let plural = if r.appended == 1 { "y" } else { "ies" };
@@ -122,4 +146,20 @@ async fn run() -> anyhow::Result<()> {
     stop.send(true).ok();
     run.await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notice_retry_periods_parse() {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        for bad in ["", "7", "d", "0d", "-1d", "1.5h", "7 d", "7w", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 }

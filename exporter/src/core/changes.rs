@@ -1,12 +1,15 @@
 //! What a change read from the relay's feeds does to the outbox.
 //!
-//! Contract: only a change whose signature [`feed::verify`] accepts is acted on, and every one that is is kept as
-//! audit evidence. A grant with a subject, for a pair the catalogue allows, naming the pair's current notice (the
-//! catalogue's, not the relay's word for it), queues one export whose webhook id is
+//! Contract: only a change whose signature [`feed::verify`] accepts is acted on, and only if it is not older than a
+//! statement of its pair already seen ([`Known::latest`]: a lower sequence number, or the same one with other bytes);
+//! the exporter keeps its own record of each pair's statements and does not trust the relay's ordering. Every
+//! change acted on is kept as audit evidence. A grant with a subject, for a pair the catalogue allows, naming the pair's current
+//! notice (the catalogue's, not the relay's word for it), queues one export whose webhook id is
 //! derived from the statement hash, the affiliate and a digest of the exported data; the same data again (the change
 //! read twice, or a subject change that leaves the affiliate's fields as they were) queues nothing, while new data
 //! supersedes what is still queued for the pair. A withdrawal removes the pair's queued exports and, if the pair had
-//! been delivered, queues a `consent.withdrawn` notice carrying only the user's pseudonym for that affiliate. An
+//! been delivered, queues a `consent.withdrawn` notice that names the user as that affiliate received them
+//! ([`Delivered::notice_data`]) and carries no other data. An
 //! export that leaves the outbox this way after an attempt that got no answer is logged as delivered (see
 //! [`super::Core`]). A feed's cursor moves only once the writes of the changes before it are durable.
 
@@ -19,6 +22,7 @@ use relay_proto::wire::ConsentChange;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::delivered::Delivered;
 use super::entry::{Entry, EntryState, Evidence, Kind};
 use super::{Core, CoreError, Effect, Write};
 use crate::feed::{self, Feed};
@@ -32,6 +36,9 @@ pub enum Applied {
     Rejected(&'static str),
     /// A grant with nothing to export (not in force any more, or not allowed by the catalogue).
     Nothing,
+    /// Older than a statement of its pair already seen (a lower sequence number, or the same one with other bytes):
+    /// ignored, whatever the relay says of it.
+    Stale,
     /// An export was queued.
     Queued,
     /// The same data was already queued or delivered for this statement.
@@ -82,8 +89,10 @@ impl FromStr for ExportMarker {
 pub struct Known {
     /// What was last queued for the pair since its last withdrawal.
     pub exported: Option<ExportMarker>,
-    /// The user's pseudonym for the affiliate, if the pair's data reached it since its last withdrawal.
-    pub delivered: Option<String>,
+    /// How the affiliate received the user, if the pair's data reached it since its last withdrawal.
+    pub delivered: Option<Delivered>,
+    /// The latest statement of the pair seen so far: its sequence number and SHA-256.
+    pub latest: Option<(u64, [u8; 32])>,
     /// The account's latest verified purpose-level statement (objection or lift) for the pair's purpose.
     pub objection: Option<ConsentStatement>,
 }
@@ -162,6 +171,20 @@ impl Core {
                 return Ok((Applied::Rejected(reason), Vec::new()));
             }
         };
+        if let Some((sequence, hash)) = known.latest {
+            let seq = v.statement.sequence;
+            if seq < sequence || (seq == sequence && hash != v.hash) {
+                // A compromised relay replaying a superseded grant (validly signed, but old): the user said more
+                // recently what holds for this pair. The same statement read again goes on (it is idempotent).
+                tracing::warn!(
+                    cursor = change.cursor,
+                    sequence = seq,
+                    latest = sequence,
+                    "stale consent change ignored"
+                );
+                return Ok((Applied::Stale, Vec::new()));
+            }
+        }
         let mut effects = vec![Effect::Write(Write::Statement {
             pair: v.pair.clone(),
             sequence: v.statement.sequence,
@@ -234,6 +257,8 @@ impl Core {
                     ),
                     attempts: 0,
                     next_attempt_ms: now_ms,
+                    notice_hash: None,
+                    queued_ms: None,
                     fields: fields.iter().map(|f| f.as_str().to_owned()).collect(),
                     evidence: Some(v.evidence),
                     state: EntryState::Queued,
@@ -247,20 +272,25 @@ impl Core {
             // An objection was handled above; a lift changes nothing queued (grants after it count again).
             Decision::Object | Decision::Lift => Applied::Nothing,
             Decision::Withdraw => {
-                let (dropped, logged_pseudonym) = self.drop_exports_of(&v.pair, &mut effects)?;
+                let (dropped, logged) = self.drop_exports_of(&v.pair, &mut effects)?;
                 effects.push(Effect::Write(Write::ForgetExported { pair: v.pair.clone() }));
-                // An export just logged as delivered marked its pair delivered, with its pseudonym.
-                let delivered = logged_pseudonym.or(known.delivered);
+                // An export just logged as delivered added to what the pair's affiliate received.
+                let delivered = match (known.delivered, logged) {
+                    (Some(mut known), Some(logged)) => {
+                        known.merge(logged);
+                        Some(known)
+                    }
+                    (known, logged) => known.or(logged),
+                };
                 let notified = delivered.is_some();
-                if let Some(pseudonym) = delivered {
-                    let mut data = serde_json::Map::new();
+                if let Some(delivered) = delivered {
+                    let mut data = delivered.notice_data();
                     data.insert("purpose".into(), Value::String(purpose.into()));
-                    data.insert("subject".into(), Value::String(pseudonym.clone()));
                     let entry = Entry {
                         kind: Kind::Withdrawn,
                         pair: v.pair.clone(),
                         statement_hash: hash,
-                        pseudonym,
+                        pseudonym: delivered.phone_pseudonym.first().cloned().unwrap_or_default(),
                         body: feed::event(
                             "consent.withdrawn",
                             now_ms,
@@ -270,8 +300,11 @@ impl Core {
                         ),
                         attempts: 0,
                         next_attempt_ms: now_ms,
+                        notice_hash: Some(delivered.notice_hash().unwrap_or([0; 32])),
+                        queued_ms: Some(now_ms),
                         fields: Vec::new(),
-                        evidence: None,
+                        // The withdrawal: what the notice's log record shows it follows from.
+                        evidence: Some(v.evidence.clone()),
                         state: EntryState::Queued,
                     };
                     // Queued before the delivered mark is forgotten, so a crash between the two loses neither.
@@ -304,19 +337,19 @@ impl Core {
         }
     }
 
-    /// Drops every queued export (not notice) of `pair`, in id order: how many, and the pseudonym of the last one
-    /// logged as delivered because an attempt of it got no answer.
+    /// Drops every queued export (not notice) of `pair`, in id order: how many, and how those logged as delivered
+    /// (because an attempt of theirs got no answer) identified the user.
     fn drop_exports_of(
         &mut self,
         pair: &Pair,
         effects: &mut Vec<Effect>,
-    ) -> Result<(usize, Option<String>), CoreError> {
+    ) -> Result<(usize, Option<Delivered>), CoreError> {
         let doomed: Vec<WebhookId> =
             self.outbox.iter().filter(|(_, e)| e.kind == Kind::Export && e.pair == *pair).map(|(id, _)| *id).collect();
-        let mut logged = None;
+        let mut logged: Option<Delivered> = None;
         for id in &doomed {
-            if let Some(pseudonym) = self.drop_export(id, effects)? {
-                logged = Some(pseudonym);
+            if let Some(delivered) = self.drop_export(id, effects)? {
+                logged.get_or_insert_with(Delivered::default).merge(delivered);
             }
         }
         Ok((doomed.len(), logged))

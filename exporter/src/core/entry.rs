@@ -13,7 +13,8 @@
 //! data dirs open unchanged. Pure: no I/O.
 
 use relay_proto::AccountId;
-use relay_proto::merkle::ExportLeaf;
+use relay_proto::consent::ConsentStatement;
+use relay_proto::merkle::{ExportLeaf, LeafKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -24,7 +25,8 @@ use crate::ids::{Pair, WebhookId};
 pub enum Kind {
     /// `user.metadata.exported`: needs an export lease before every attempt.
     Export,
-    /// `consent.withdrawn`: carries only the pseudonym, delivered without a lease.
+    /// `consent.withdrawn`: names the user as the affiliate received them, delivered without a lease, logged as a
+    /// withdrawal notice once the affiliate took it.
     Withdrawn,
 }
 
@@ -33,8 +35,9 @@ pub enum Kind {
 pub struct Lease {
     /// The relay's id of the lease (what `EndExport` releases).
     pub id: u64,
-    /// When the lease lapses by itself (ms since the Unix epoch).
-    pub deadline_ms: u64,
+    /// How long the lease had left when the relay answered (ms). The core counts it on the exporter's monotonic
+    /// clock from when the lease was asked for, so the deadline it keeps falls before the relay's.
+    pub valid_for_ms: u64,
 }
 
 /// Where an outbox entry stands in its delivery.
@@ -187,6 +190,12 @@ pub struct Entry {
     pub attempts: u32,
     /// Earliest time of the next attempt (ms since the Unix epoch).
     pub next_attempt_ms: u64,
+    /// For a withdrawal notice: the notice hash the withdrawn grant signed, as the affiliate last received data under
+    /// it, if the exporter knows it (its log leaf records it, or zeros).
+    pub notice_hash: Option<[u8; 32]>,
+    /// When a notice was queued (ms since the Unix epoch), from which its retries are bounded; `None` for exports,
+    /// and for a notice stored before this was kept until its next failure sets it.
+    pub queued_ms: Option<u64>,
     /// Names of the exported fields (exports only).
     pub fields: Vec<String>,
     /// The signed statement that allows the export (exports only).
@@ -202,22 +211,47 @@ pub struct Entry {
 pub struct UnloggableError(pub WebhookId, pub &'static str);
 
 impl Entry {
-    /// The log record of this export, delivered (or possibly delivered) by the attempt begun at `started_ms`: no
-    /// personal data, the payload by its (nonce-salted) hash.
+    /// How this export, delivered under webhook id `id`, identifies the user to its affiliate.
+    pub fn delivered_as(&self, id: &WebhookId) -> super::Delivered {
+        let notice_hash = self
+            .evidence
+            .as_ref()
+            .and_then(|e| hex::decode(&e.statement).ok())
+            .and_then(|b| ConsentStatement::decode_stored(&b).ok())
+            .map(|s| s.notice_hash);
+        super::Delivered::of_export(id, &self.fields, &self.body, &self.pseudonym, notice_hash)
+    }
+
+    /// The log record of this export (or notice), delivered (or possibly delivered) by the attempt begun at
+    /// `started_ms`: no personal data, the payload by its (nonce-salted) hash. An export's leaf records the notice
+    /// hash its grant signed; a withdrawal notice's, the withdrawn grant's as far as the exporter knows it, or zeros.
     pub fn log_record(&self, id: &WebhookId, started_ms: u64) -> Result<LogRecord, UnloggableError> {
+        let evidence = self.evidence.clone().ok_or(UnloggableError(*id, "it holds no consent evidence"))?;
+        let (kind, notice_hash) = match self.kind {
+            Kind::Export => {
+                let statement = hex::decode(&evidence.statement)
+                    .ok()
+                    .and_then(|b| ConsentStatement::decode_stored(&b).ok())
+                    .ok_or(UnloggableError(*id, "its consent evidence does not decode"))?;
+                (LeafKind::Export, statement.notice_hash)
+            }
+            Kind::Withdrawn => (LeafKind::WithdrawalNotice, self.notice_hash.unwrap_or([0; 32])),
+        };
         let leaf = ExportLeaf {
+            kind,
             export_id: id.export_id(),
             affiliate: self.pair.affiliate.clone(),
             purpose: self.pair.purpose.as_str().to_owned(),
             fields: self.fields.clone(),
             payload_hash: Sha256::digest(self.body.as_bytes()).into(),
             consent_hash: self.statement_hash,
+            notice_hash: Some(notice_hash),
             time_ms: started_ms,
         };
         Ok(LogRecord {
             leaf: leaf.encode().map_err(|_| UnloggableError(*id, "its leaf does not encode"))?,
             account: self.pair.account,
-            evidence: self.evidence.clone().ok_or(UnloggableError(*id, "it holds no consent evidence"))?,
+            evidence,
         })
     }
 }
@@ -234,6 +268,12 @@ struct StoredEntry {
     body: String,
     attempts: u32,
     next_attempt_ms: u64,
+    // Absent from entries written before notices' retries were bounded (and from exports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queued_ms: Option<u64>,
+    // Hex; absent from exports and from entries written before notices were logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notice_hash: Option<String>,
     // Absent from entries written before exports were logged.
     #[serde(default)]
     fields: Vec<String>,
@@ -260,6 +300,13 @@ impl TryFrom<StoredEntry> for Entry {
             body: e.body,
             attempts: e.attempts,
             next_attempt_ms: e.next_attempt_ms,
+            notice_hash: match e.notice_hash {
+                Some(h) => Some(
+                    hex::decode(&h).ok().and_then(|h| h.try_into().ok()).ok_or_else(|| format!("notice hash {h:?}"))?,
+                ),
+                None => None,
+            },
+            queued_ms: e.queued_ms,
             fields: e.fields,
             evidence: e.evidence,
             state: EntryState::at_rest(e.in_flight_ms),
@@ -279,6 +326,8 @@ impl From<Entry> for StoredEntry {
             body: e.body,
             attempts: e.attempts,
             next_attempt_ms: e.next_attempt_ms,
+            queued_ms: e.queued_ms,
+            notice_hash: e.notice_hash.map(hex::encode),
             fields: e.fields,
             evidence: e.evidence,
             in_flight_ms: e.state.unanswered_since(),
@@ -342,7 +391,7 @@ mod hex_account {
 mod tests {
     use super::*;
 
-    const LEASE: Lease = Lease { id: 9, deadline_ms: 20_000 };
+    const LEASE: Lease = Lease { id: 9, valid_for_ms: 20_000 };
 
     #[test]
     fn an_attempt_goes_from_rest_to_leased_to_in_flight_and_back() {

@@ -6,30 +6,42 @@
 //!
 //! Events: [`Core::handle_change`] and [`Core::page_done`] for the feeds; for deliveries, [`Core::plan_deliveries`]
 //! then, attempt by attempt, [`Core::poll_attempt`] and the answers to the questions its effects ask:
-//! [`Core::handle_lease`] (the relay's answer to [`Effect::AskLease`]), [`Core::handle_answer`] (the affiliate's
-//! answer to [`Effect::Post`]) and [`Core::handle_released`] (once [`Effect::ReleaseLease`] is done, whatever the
-//! relay said). An attempt asks one question at a time, and a question is always the last effect of its batch.
+//! [`Core::handle_lease`] (the relay's answer to [`Effect::AskLease`]), [`Core::handle_lease_check`] (the time once
+//! the flush before a request is done, [`Effect::CheckLease`]), [`Core::handle_answer`] (the affiliate's answer to
+//! [`Effect::Post`]) and [`Core::handle_released`] (once [`Effect::ReleaseLease`] is done, whatever the relay said).
+//! An attempt asks one question at a time, and a question is always the last effect of its batch.
+//!
+//! Two clocks: wall-clock times (`now_ms`, ms since the Unix epoch) date log entries, events and retries; a lease is
+//! counted on the exporter's monotonic clock (`mono_ms`, ms since any fixed point of this process), which does not
+//! jump, from the moment the lease was asked for, for as long as the relay says it has left
+//! ([`Lease::valid_for_ms`]).
 //!
 //! Contract (the withdrawal fence and the crash rules, `docs/exporter.md`):
-//! - An export is posted only inside a lease asked for immediately before that attempt, never with less than
-//!   [`HTTP_TIMEOUT`] left before the lease's deadline, and the lease is released after the attempt. Withdrawal
-//!   notices carry no data and need no lease.
+//! - An export is posted only inside a lease asked for immediately before that attempt, and the lease is released
+//!   after the attempt. The lease's deadline is the time it was asked for plus what the relay said it has left, on
+//!   the monotonic clock. An attempt goes on to the flush before its request only with [`LEASE_NEEDED`] left, and
+//!   the request starts only if, once that flush is done, [`POST_NEEDED`] is still left (the whole
+//!   [`HTTP_TIMEOUT`] and [`CLOCK_SLACK`]); otherwise nothing is sent, the lease is released and the export
+//!   retried. Withdrawal notices carry no data and need no lease.
 //! - Durability is ordering: the driver performs effects one after the other, and an effect runs only once the ones
 //!   before it are done; after a [`Effect::Flush`], every write before it is durable. Before an export request
-//!   leaves, its entry is written as [`EntryState::InFlight`] and flushed ([`Write::Put`], [`Effect::Flush`], then
-//!   [`Effect::Post`]), so an export whose answer never comes (a crash, a lost connection) is known after a restart.
+//!   leaves, its entry is written as [`EntryState::InFlight`] and flushed ([`Write::Put`], [`Effect::Flush`],
+//!   [`Effect::CheckLease`], then [`Effect::Post`]), so an export whose answer never comes (a crash, a lost connection) is known after a restart.
 //! - An entry leaves the outbox only on a 2xx answer, a denial of its lease, a withdrawal of its pair (or a newer
 //!   export superseding it), or its affiliate leaving the catalogue. An export that leaves any way but the last
 //!   after an attempt that got no answer is logged as delivered, at that attempt's time, since the affiliate may
 //!   hold it; a 2xx is logged at the answered attempt's time. Logging and removal are one [`Write::Settle`], which
 //!   the store performs log first, durably, then the removal.
 //! - A failed attempt is retried after [`backoff`] (1 s doubling to 10 min, with jitter), under the same webhook id
-//!   and with the same body.
+//!   and with the same body. A withdrawal notice is retried only for [`Core::set_notice_retry_for`] (default
+//!   [`NOTICE_RETRY_FOR`], 7 days) from when it was queued: its first failure after that abandons it (out of the
+//!   outbox, counted in [`Core::abandoned`], an `error!` line naming its webhook id and affiliate).
 //! - Changes and deliveries take turns: no change is applied while an attempt is under way.
 //!
 //! Logs (through `tracing`) carry webhook ids and counts, never personal data.
 
 mod changes;
+pub mod delivered;
 pub mod entry;
 pub mod retry;
 #[cfg(test)]
@@ -41,6 +53,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 pub use changes::{Applied, CheckedChange, ExportMarker, Known};
+pub use delivered::Delivered;
 pub use entry::{
     Attempt, Entry, EntryState, Evidence, InFlight, Kind, Lease, Leased, LogRecord, Reached, TransitionError,
     UnloggableError,
@@ -53,9 +66,20 @@ use crate::affiliates::Catalogue;
 use crate::feed::Feed;
 use crate::ids::{Pair, WebhookId};
 
-/// Bound of one webhook request, and the least lease time left at which one may start; shorter than the relay's
-/// lease, so a request that started is over before its lease can lapse.
+/// Bound of one webhook request (connect, TLS, send, status line); the socket is torn down when it fires.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the flush that marks an export in flight, before its request, may take out of the lease before the
+/// request can no longer start (it is checked again after the flush, so a slower disk only costs a retry).
+pub const FLUSH_BOUND: Duration = Duration::from_secs(5);
+/// Slack for the two clocks' rates, timer lateness and tearing the socket down once the timeout fires.
+pub const CLOCK_SLACK: Duration = Duration::from_secs(2);
+/// Lease time that must be left, once the flush before the request is done, for the request to start.
+pub const POST_NEEDED: Duration = HTTP_TIMEOUT.saturating_add(CLOCK_SLACK);
+/// Lease time that must be left when the relay's grant arrives for the attempt to go on: 17 s, within the relay's
+/// `LEASE_TTL` (30 s) with room for the lease request's own round trip.
+pub const LEASE_NEEDED: Duration = POST_NEEDED.saturating_add(FLUSH_BOUND);
+/// How long a withdrawal notice is retried, from when it was queued, before it is abandoned.
+pub const NOTICE_RETRY_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Deliveries attempted per pass.
 pub const DELIVERIES_PER_PASS: usize = 64;
 
@@ -98,6 +122,12 @@ pub enum Effect {
         pair: Pair,
         /// The statement the export follows from.
         statement_hash: [u8; 32],
+    },
+    /// The export's entry is durably in flight: tell the core the monotonic time now, with
+    /// [`Core::handle_lease_check`], which decides whether its request may still start inside the lease.
+    CheckLease {
+        /// The webhook id.
+        id: WebhookId,
     },
     /// Post `body` under webhook id `id` to `affiliate`'s endpoint, signed; answer with [`Core::handle_answer`].
     Post {
@@ -142,14 +172,15 @@ pub enum Write {
         id: WebhookId,
     },
     /// Append `record` to the export log unless `id` is logged already, durably; then remove the entry under `id`
-    /// and record `pair` as delivered with `pseudonym`.
+    /// and add `delivered` (an export's) to what `pair`'s affiliate received.
     Settle {
-        /// The export's webhook id.
+        /// The export's (or notice's) webhook id.
         id: WebhookId,
         /// Its pair.
         pair: Pair,
-        /// The user's pseudonym for the affiliate (what a later withdrawal notice carries).
-        pseudonym: String,
+        /// How an export identified the user to the affiliate (what a later withdrawal notice carries); `None` for
+        /// a notice, which gives the affiliate nothing new.
+        delivered: Option<Delivered>,
         /// The log record.
         record: Box<LogRecord>,
     },
@@ -202,8 +233,12 @@ pub enum CoreError {
 enum Current {
     /// Waiting for the relay's answer to the lease asked for the export `id`, begun at `started_ms`.
     Leasing { id: WebhookId, started_ms: u64 },
+    /// Waiting for the flush before the request of `id` to be done; the lease lapses at `deadline` (monotonic ms).
+    Starting { id: WebhookId, deadline: u64 },
     /// Waiting for the affiliate's answer to the request for `id`.
     Posting { id: WebhookId },
+    /// Waiting for the affiliate's answer to notice `id`, whose attempt began at `started_ms`.
+    Notifying { id: WebhookId, started_ms: u64 },
     /// Waiting for the lease of `id` to be released, then settling it.
     Releasing { id: WebhookId, settle: Settle },
 }
@@ -211,7 +246,11 @@ enum Current {
 impl Current {
     fn id(&self) -> WebhookId {
         match self {
-            Current::Leasing { id, .. } | Current::Posting { id } | Current::Releasing { id, .. } => *id,
+            Current::Leasing { id, .. }
+            | Current::Starting { id, .. }
+            | Current::Posting { id }
+            | Current::Notifying { id, .. }
+            | Current::Releasing { id, .. } => *id,
         }
     }
 }
@@ -259,6 +298,8 @@ pub struct Core {
     delivered: u64,
     /// The export log's latest signed head with its cosignatures (the `log_head` of event bodies queued now).
     log_head: Option<serde_json::Value>,
+    abandoned: u64,
+    notice_retry_for: Duration,
 }
 
 impl Core {
@@ -282,6 +323,8 @@ impl Core {
             entropy,
             delivered: 0,
             log_head: None,
+            abandoned: 0,
+            notice_retry_for: NOTICE_RETRY_FOR,
         }
     }
 
@@ -294,6 +337,16 @@ impl Core {
     /// never changes: retries repeat it with the head it was queued with.
     pub fn set_log_head(&mut self, head: Option<serde_json::Value>) {
         self.log_head = head;
+    }
+
+    /// Retries a withdrawal notice for `bound` from when it was queued (default [`NOTICE_RETRY_FOR`]).
+    pub fn set_notice_retry_for(&mut self, bound: Duration) {
+        self.notice_retry_for = bound;
+    }
+
+    /// Withdrawal notices abandoned since this core was made: affiliates that were not told of a withdrawal.
+    pub fn abandoned(&self) -> u64 {
+        self.abandoned
     }
 
     /// Entries in the outbox.
@@ -358,7 +411,7 @@ impl Core {
             }
             let first = match entry.kind {
                 Kind::Withdrawn => {
-                    self.current = Some(Current::Posting { id });
+                    self.current = Some(Current::Notifying { id, started_ms: now_ms });
                     Effect::Post { id, affiliate: entry.pair.affiliate.clone(), body: entry.body.clone() }
                 }
                 Kind::Export => {
@@ -372,8 +425,14 @@ impl Core {
         std::mem::take(&mut self.plan_open).then(|| vec![Effect::Flush])
     }
 
-    /// The relay answered the lease asked for the attempt under way, at `now_ms`.
-    pub fn handle_lease(&mut self, answer: LeaseAnswer, now_ms: u64) -> Result<Vec<Effect>, CoreError> {
+    /// The relay answered the lease asked for the attempt under way; `asked_mono_ms` is when the request for it was
+    /// sent and `now_mono_ms` now, both on the monotonic clock.
+    pub fn handle_lease(
+        &mut self,
+        answer: LeaseAnswer,
+        asked_mono_ms: u64,
+        now_mono_ms: u64,
+    ) -> Result<Vec<Effect>, CoreError> {
         let Some(Current::Leasing { id, started_ms }) = self.current.clone() else {
             return Err(CoreError::Unasked("a lease answer"));
         };
@@ -390,8 +449,9 @@ impl Core {
         };
         let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("a lease for no entry")) };
         let leased = take_state(entry).lease(lease, started_ms).map_err(|e| restore_state(entry, e))?;
-        let left = lease.deadline_ms.saturating_sub(now_ms);
-        if u128::from(left) < HTTP_TIMEOUT.as_millis() {
+        // Counted from when it was asked for, which is before the relay took it: this deadline is the earlier one.
+        let deadline = asked_mono_ms.saturating_add(lease.valid_for_ms);
+        if !left_at_least(deadline, now_mono_ms, LEASE_NEEDED) {
             let (lease, state) = leased.unused();
             entry.state = state;
             let failure = Failure::Failed("lease too short to start a request".to_owned());
@@ -399,31 +459,71 @@ impl Core {
             return Ok(vec![Effect::ReleaseLease { pair: entry.pair.clone(), lease }]);
         }
         entry.state = EntryState::InFlight(leased.send());
-        tracing::info!(webhook = %id, attempt = entry.attempts + 1, "posting export");
-        self.current = Some(Current::Posting { id });
+        self.current = Some(Current::Starting { id, deadline });
         Ok(vec![
             Effect::Write(Write::Put { id, entry: Box::new(entry.clone()) }),
             Effect::Flush,
-            Effect::Post { id, affiliate: entry.pair.affiliate.clone(), body: entry.body.clone() },
+            Effect::CheckLease { id },
         ])
+    }
+
+    /// The flush before the request of the attempt under way is done, at `now_mono_ms`: the request leaves if its
+    /// whole timeout (and the slack) still fits in the lease; otherwise nothing is sent and the lease is released.
+    pub fn handle_lease_check(&mut self, now_mono_ms: u64) -> Result<Vec<Effect>, CoreError> {
+        let Some(Current::Starting { id, deadline }) = self.current.clone() else {
+            return Err(CoreError::Unasked("a lease check"));
+        };
+        let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("a check for no entry")) };
+        if left_at_least(deadline, now_mono_ms, POST_NEEDED) {
+            tracing::info!(webhook = %id, attempt = entry.attempts + 1, "posting export");
+            self.current = Some(Current::Posting { id });
+            return Ok(vec![Effect::Post { id, affiliate: entry.pair.affiliate.clone(), body: entry.body.clone() }]);
+        }
+        // Nothing left: back to what the entry was before this attempt (its stored in-flight mark is only ever on
+        // the safe side, and the retry writes the entry again).
+        let in_flight = match take_state(entry) {
+            EntryState::InFlight(in_flight) => in_flight,
+            state => {
+                entry.state = state.clone();
+                return Err(TransitionError { state, transition: "start its request" }.into());
+            }
+        };
+        let (attempt, state) = in_flight.answered(Reached::Known).map_err(|e| restore_state(entry, e))?;
+        entry.state = state;
+        tracing::info!(webhook = %id, "the flush before the request left too little of the lease; not sent");
+        let failure = Failure::Failed("lease too short after the flush".to_owned());
+        self.current = Some(Current::Releasing { id, settle: Settle::Retry(failure) });
+        Ok(vec![Effect::ReleaseLease { pair: entry.pair.clone(), lease: attempt.lease }])
     }
 
     /// The affiliate answered the request of the attempt under way (or it failed), at `now_ms`.
     pub fn handle_answer(&mut self, answer: Answer, now_ms: u64) -> Result<Vec<Effect>, CoreError> {
+        if let Some(Current::Notifying { id, started_ms }) = self.current.clone() {
+            self.current = None;
+            let Some(entry) = self.outbox.get(&id) else { return Err(CoreError::Unasked("an answer for no entry")) };
+            return match answer.outcome() {
+                Ok(status) => {
+                    // Logged as a withdrawal notice (a notice stored before notices were logged has no evidence:
+                    // it is only removed).
+                    let write = match entry.log_record(&id, started_ms) {
+                        Ok(record) => {
+                            Write::Settle { id, pair: entry.pair.clone(), delivered: None, record: Box::new(record) }
+                        }
+                        Err(e) => {
+                            tracing::warn!(webhook = %id, error = %e, "withdrawal notice delivered but not logged");
+                            Write::Remove { id }
+                        }
+                    };
+                    self.outbox.remove(&id);
+                    Ok(vec![Effect::Write(self.count_delivered(id, status, write))])
+                }
+                Err(failure) => Ok(vec![self.reschedule_notice(id, failure, now_ms)?]),
+            };
+        }
         let Some(Current::Posting { id }) = self.current.clone() else {
             return Err(CoreError::Unasked("a webhook answer"));
         };
         let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("an answer for no entry")) };
-        if entry.kind == Kind::Withdrawn {
-            self.current = None;
-            return match answer.outcome() {
-                Ok(status) => {
-                    self.outbox.remove(&id);
-                    Ok(vec![Effect::Write(self.count_delivered(id, status, Write::Remove { id }))])
-                }
-                Err(failure) => Ok(vec![self.reschedule(id, failure, now_ms)?]),
-            };
-        }
         let in_flight = match take_state(entry) {
             EntryState::InFlight(in_flight) => in_flight,
             state => {
@@ -458,7 +558,7 @@ impl Core {
                     id,
                     record: Box::new(entry.log_record(&id, started_ms)?),
                     pair: entry.pair.clone(),
-                    pseudonym: entry.pseudonym.clone(),
+                    delivered: Some(entry.delivered_as(&id)),
                 };
                 self.outbox.remove(&id);
                 Ok(vec![Effect::Write(self.count_delivered(id, status, write))])
@@ -472,6 +572,27 @@ impl Core {
         self.delivered += 1;
         tracing::info!(webhook = %id, status, "webhook delivered");
         write
+    }
+
+    /// Reschedules notice `id` after a failure at `now_ms`, or abandons it if it was queued `notice_retry_for` ago or
+    /// more (a notice stored before queue times were kept starts counting now).
+    fn reschedule_notice(&mut self, id: WebhookId, failure: Failure, now_ms: u64) -> Result<Effect, CoreError> {
+        let Some(entry) = self.outbox.get_mut(&id) else { return Err(CoreError::Unasked("rescheduling no entry")) };
+        let queued = *entry.queued_ms.get_or_insert(now_ms);
+        let bound = u64::try_from(self.notice_retry_for.as_millis()).unwrap_or(u64::MAX);
+        if now_ms.saturating_sub(queued) < bound {
+            return self.reschedule(id, failure, now_ms);
+        }
+        let affiliate = entry.pair.affiliate.clone();
+        self.outbox.remove(&id);
+        self.abandoned += 1;
+        tracing::error!(
+            webhook = %id,
+            affiliate = %affiliate,
+            abandoned_total = self.abandoned,
+            "withdrawal notice abandoned after its retry period: the affiliate was not told of a withdrawal"
+        );
+        Ok(Effect::Write(Write::Remove { id }))
     }
 
     /// Schedules the next attempt of `id` after its `attempts`-th failure, [`backoff`] from `now_ms`.
@@ -489,22 +610,22 @@ impl Core {
 
     /// Takes export `id` out of the outbox undelivered. If an attempt of it may have reached the affiliate, it is
     /// settled as delivered instead, logged at that attempt's time (the log must never miss data an affiliate may
-    /// hold): then the user's pseudonym it marks the pair delivered with.
-    fn drop_export(&mut self, id: &WebhookId, effects: &mut Vec<Effect>) -> Result<Option<String>, CoreError> {
+    /// hold): then how it identified the user, which the pair's delivered record gains.
+    fn drop_export(&mut self, id: &WebhookId, effects: &mut Vec<Effect>) -> Result<Option<Delivered>, CoreError> {
         let Some(entry) = self.outbox.get(id) else { return Ok(None) };
         match entry.state.unanswered_since() {
             Some(since) if entry.kind == Kind::Export => {
                 let record = Box::new(entry.log_record(id, since)?);
-                let pseudonym = entry.pseudonym.clone();
+                let delivered = entry.delivered_as(id);
                 effects.push(Effect::Write(Write::Settle {
                     id: *id,
                     pair: entry.pair.clone(),
-                    pseudonym: pseudonym.clone(),
+                    delivered: Some(delivered.clone()),
                     record,
                 }));
                 self.outbox.remove(id);
                 tracing::info!(webhook = %id, "export dropped after an attempt with no answer; logged as delivered");
-                Ok(Some(pseudonym))
+                Ok(Some(delivered))
             }
             _ => {
                 effects.push(Effect::Write(Write::Remove { id: *id }));
@@ -528,6 +649,11 @@ impl Core {
             .map(|s| s.notice_hash);
         named.is_some() && named == current
     }
+}
+
+/// Whether at least `needed` is left from `now` to `deadline` (monotonic ms).
+fn left_at_least(deadline: u64, now: u64, needed: Duration) -> bool {
+    u128::from(deadline.saturating_sub(now)) >= needed.as_millis()
 }
 
 /// Moves an entry's state out for a transition (which consumes it); the entry holds a placeholder meanwhile.

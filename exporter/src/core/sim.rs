@@ -14,8 +14,8 @@ use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{ConsentChange, ConsentChangeList, DeviceInfo, Subject};
 
 use super::{
-    Answer, CheckedChange, Core, Effect, Entropy, Entry, EntryState, Evidence, ExportMarker, Known, Lease, LeaseAnswer,
-    LogRecord, Write,
+    Answer, CheckedChange, Core, Delivered, Effect, Entropy, Entry, EntryState, Evidence, ExportMarker, Known, Lease,
+    LeaseAnswer, LogRecord, Write,
 };
 use crate::affiliates::Catalogue;
 use crate::feed::{self, Feed};
@@ -27,7 +27,7 @@ pub const CATALOGUE: &str = include_str!("../../affiliates.example.toml");
 /// The exporter's pseudonym key in the tests.
 pub const MASTER_KEY: [u8; 32] = [3; 32];
 /// How long a lease lasts, as the relay's `LEASE_TTL`.
-pub const LEASE_MS: u64 = 15_000;
+pub const LEASE_MS: u64 = 30_000;
 
 /// Reproducible randomness (SplitMix64).
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Entropy for FixedJitter {
 pub struct Image {
     pub outbox: BTreeMap<WebhookId, Vec<u8>>,
     pub exported: BTreeMap<Pair, ExportMarker>,
-    pub delivered: BTreeMap<Pair, String>,
+    pub delivered: BTreeMap<Pair, Delivered>,
     pub statements: BTreeMap<(Pair, u64), Evidence>,
     pub log: Vec<LogRecord>,
     pub logged: BTreeMap<WebhookId, u64>,
@@ -115,8 +115,10 @@ impl Image {
                 self.cursors.insert(*feed, *cursor);
             }
             Op::Write(Write::Settle { .. }) => unreachable!("a settle is split into its log append and its removal"),
-            Op::Unlist { id, pair, pseudonym } => {
-                self.delivered.insert(pair.clone(), pseudonym.clone());
+            Op::Unlist { id, pair, delivered } => {
+                if let Some(delivered) = delivered {
+                    self.delivered.entry(pair.clone()).or_default().merge(delivered.clone());
+                }
                 self.outbox.remove(id);
             }
         }
@@ -138,7 +140,7 @@ enum Op {
     Unlist {
         id: WebhookId,
         pair: Pair,
-        pseudonym: String,
+        delivered: Option<Delivered>,
     },
 }
 
@@ -155,11 +157,11 @@ pub struct MemStore {
 impl MemStore {
     pub fn apply(&mut self, write: &Write) {
         match write {
-            Write::Settle { id, pair, pseudonym, record } => {
+            Write::Settle { id, pair, delivered, record } => {
                 self.flush();
                 self.live.append_log(*id, record);
                 self.durable.append_log(*id, record);
-                let op = Op::Unlist { id: *id, pair: pair.clone(), pseudonym: pseudonym.clone() };
+                let op = Op::Unlist { id: *id, pair: pair.clone(), delivered: delivered.clone() };
                 self.live.apply(&op);
                 self.pending.push(op);
             }
@@ -193,9 +195,16 @@ impl MemStore {
     pub fn known(&self, pair: &Pair) -> Known {
         let purpose_level = Pair::new(pair.account, "", pair.purpose);
         let evidence = self.live.statements.iter().filter(|((p, _), _)| *p == purpose_level).map(|(_, e)| e);
+        let latest = self.live.statements.range((pair.clone(), 0)..=(pair.clone(), u64::MAX)).next_back().map(
+            |((_, sequence), evidence)| {
+                let bytes = hex::decode(&evidence.statement).expect("statement hex");
+                (*sequence, relay_proto::consent::statement_hash(&bytes))
+            },
+        );
         Known {
             exported: self.live.exported.get(pair).copied(),
             delivered: self.live.delivered.get(pair).cloned(),
+            latest,
             objection: Known::latest_objection(evidence),
         }
     }
@@ -369,9 +378,8 @@ impl Relay {
             return LeaseAnswer::Denied { reason: "not the latest grant in force".into() };
         }
         self.next_lease += 1;
-        let deadline_ms = now + self.lease_ms;
-        self.leases.insert(self.next_lease, (pair.clone(), deadline_ms));
-        LeaseAnswer::Granted(Lease { id: self.next_lease, deadline_ms })
+        self.leases.insert(self.next_lease, (pair.clone(), now + self.lease_ms));
+        LeaseAnswer::Granted(Lease { id: self.next_lease, valid_for_ms: self.lease_ms })
     }
 
     /// Lets the leases past their deadline lapse, and acknowledges the withdrawals whose pair has no lease out any
@@ -401,6 +409,10 @@ pub struct World {
     pub now: u64,
     /// How far the clock moves per effect performed (ms).
     pub tick: u64,
+    /// How much longer than `tick` a flush takes (ms): a slow disk.
+    pub flush_ms: u64,
+    /// How long the relay's answer to a lease request takes to arrive (ms), after the relay took the lease.
+    pub lease_answer_ms: u64,
     /// Effects performed so far, across restarts.
     pub step: u64,
     /// The process dies before performing the effect of this step.
@@ -425,6 +437,8 @@ impl World {
             catalogue,
             now: 1_000_000,
             tick: 1,
+            flush_ms: 0,
+            lease_answer_ms: 0,
             step: 0,
             crash_at: None,
             batches: Vec::new(),
@@ -528,6 +542,17 @@ impl World {
         hash
     }
 
+    /// A compromised relay serves again, as a new change, the statement at position `at` of the consent feed (validly
+    /// signed, but old), and treats it as the one in force (it grants its leases and attaches the subject).
+    pub fn replay(&mut self, at: usize) {
+        let r = self.relay.consents[at].clone();
+        let pair = Pair::new(r.statement.account, r.statement.affiliate.clone(), r.statement.purpose);
+        if r.statement.decision == Decision::Grant {
+            self.relay.in_force.insert(pair, r.statement.hash());
+        }
+        self.relay.consents.push(r);
+    }
+
     /// The user reports a new device model.
     pub fn change_device(&mut self, user: usize, model: &str) {
         self.relay.users[user].model = model.into();
@@ -556,12 +581,17 @@ impl World {
                 }
                 Effect::Flush => {
                     self.store.flush();
+                    self.now += self.flush_ms;
                     continue;
                 }
                 Effect::AskLease { pair, statement_hash } => {
+                    // The sim's one clock is both the wall clock and the monotonic one (and the relay's).
+                    let asked = self.now;
                     let answer = self.relay.begin(&pair, statement_hash, self.now);
-                    self.core.handle_lease(answer, self.now).expect("a lease was asked for")
+                    self.now += self.lease_answer_ms;
+                    self.core.handle_lease(answer, asked, self.now).expect("a lease was asked for")
                 }
+                Effect::CheckLease { .. } => self.core.handle_lease_check(self.now).expect("a check was asked for"),
                 Effect::Post { id, affiliate, body } => {
                     let answer = self.post(id, &affiliate, body);
                     self.core.handle_answer(answer, self.now).expect("a request was posted")
@@ -590,6 +620,17 @@ impl World {
                         && stored.state.unanswered_since() == live.state.unanswered_since(),
                     "{id} posted while stored as {:?}",
                     stored.state
+                );
+            }
+            // The fence: an export request leaves only with its whole timeout inside a lease the relay holds.
+            if stored.kind == super::Kind::Export {
+                let timeout = u64::try_from(super::HTTP_TIMEOUT.as_millis()).expect("ms");
+                assert!(
+                    self.relay
+                        .leases
+                        .values()
+                        .any(|(p, deadline)| *p == stored.pair && *deadline >= self.now + timeout),
+                    "{id} posted with less than its timeout left on the relay's lease"
                 );
             }
         } else {
@@ -685,15 +726,24 @@ impl World {
         self.affiliates.iter().flat_map(|(a, aff)| aff.received.iter().map(move |r| (a.as_str(), r))).collect()
     }
 
-    /// The webhook ids in the durable log, in order.
+    /// The webhook ids of the exports in the durable log, in order.
     pub fn logged(&self) -> Vec<WebhookId> {
+        self.logged_of(relay_proto::merkle::LeafKind::Export)
+    }
+
+    /// The webhook ids of the withdrawal notices in the durable log, in order.
+    pub fn logged_notices(&self) -> Vec<WebhookId> {
+        self.logged_of(relay_proto::merkle::LeafKind::WithdrawalNotice)
+    }
+
+    fn logged_of(&self, kind: relay_proto::merkle::LeafKind) -> Vec<WebhookId> {
         self.store
             .durable
             .log
             .iter()
-            .map(|r| {
-                WebhookId::from_export_id(relay_proto::merkle::ExportLeaf::decode(&r.leaf).expect("leaf").export_id)
-            })
+            .map(|r| relay_proto::merkle::ExportLeaf::decode(&r.leaf).expect("leaf"))
+            .filter(|l| l.kind == kind)
+            .map(|l| WebhookId::from_export_id(l.export_id))
             .collect()
     }
 

@@ -3,10 +3,11 @@
 //! `tests/tests/relay/crash.rs` check the same rules on the real process at random moments.
 
 use relay_proto::consent::{Decision, Purpose};
-use relay_proto::merkle::ExportLeaf;
+use relay_proto::merkle::{ExportLeaf, LeafKind};
 use serde_json::Value;
+use sha2::Digest;
 
-use super::sim::{Behaviour, CATALOGUE, MASTER_KEY, SeededEntropy, World};
+use super::sim::{Behaviour, CATALOGUE, LEASE_MS, MASTER_KEY, SeededEntropy, World};
 use super::*;
 use crate::payload::phone_pseudonym;
 
@@ -24,6 +25,7 @@ fn kind(effect: &Effect) -> &'static str {
         Effect::Write(Write::ForgetDelivered { .. }) => "forget-delivered",
         Effect::Write(Write::Cursor { .. }) => "cursor",
         Effect::Flush => "flush",
+        Effect::CheckLease { .. } => "check",
         Effect::AskLease { .. } => "lease",
         Effect::Post { .. } => "post",
         Effect::ReleaseLease { .. } => "release",
@@ -74,6 +76,7 @@ fn an_export_goes_lease_then_durably_in_flight_then_post_then_release_then_settl
             "lease",
             "put",
             "flush",
+            "check",
             "post",
             "release",
             "settle",
@@ -104,7 +107,12 @@ fn an_export_goes_lease_then_durably_in_flight_then_post_then_release_then_settl
     assert!(w.core.outbox().is_empty() && w.store.durable.outbox.is_empty());
     let pair = w.pair(alice, "adsco", Purpose::Advertising);
     let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", &w.relay.users[alice].phone);
-    assert_eq!(w.store.durable.delivered.get(&pair), Some(&pseudonym));
+    let delivered = w.store.durable.delivered.get(&pair).expect("delivered");
+    assert_eq!(
+        (&delivered.phone_pseudonym, &delivered.webhook_ids),
+        (&vec![pseudonym], &vec![received[0].id.to_string()])
+    );
+    assert!(delivered.phone.is_empty(), "adsco gets no phone for advertising");
     assert_eq!(w.core.delivered(), 1);
     assert!(w.relay.asked.iter().all(|(p, granted)| *p == pair && *granted));
 }
@@ -190,14 +198,14 @@ fn a_crash_after_the_in_flight_mark_leaves_an_export_that_is_logged_and_notified
         // The log errs on the side of the affiliate holding the data: logged at the attempt's time...
         assert_eq!(w.logged(), [id]);
         assert_eq!(leaf(&w.store.durable.log[0]).time_ms, since);
-        // ...and the affiliate is told of the withdrawal, by pseudonym only.
+        // ...and the affiliate is told of the withdrawal, by the pseudonym it received only.
         let received = &w.affiliates["adsco"].received;
         assert_eq!(received.len(), 1, "{received:?}");
         assert_eq!(received[0].id, WebhookId::notice(&withdrawal, "adsco"));
         let notice = body(&received[0].body);
         assert_eq!(notice["type"], "consent.withdrawn");
         let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", &w.relay.users[alice].phone);
-        assert_eq!(notice["data"], serde_json::json!({"purpose": "advertising", "subject": pseudonym}));
+        assert_eq!(notice["data"], serde_json::json!({"purpose": "advertising", "phone_pseudonym": [pseudonym]}));
     }
 }
 
@@ -208,7 +216,7 @@ fn a_crash_before_the_in_flight_mark_is_durable_leaves_an_export_that_never_left
     let post_step = dry.affiliates["adsco"].received[0].step;
     // Before the flush that precedes the post, with the in-flight write lost.
     let (mut w, alice, _) = alice_grants();
-    w.crash_at = Some(post_step - 2);
+    w.crash_at = Some(post_step - 3);
     assert!(w.pass().is_err());
     w.restart(0);
     assert_eq!(only_entry(&w).1.state, EntryState::Queued);
@@ -301,7 +309,8 @@ fn a_withdrawal_removes_its_pairs_queued_exports_only_and_notifies_only_an_affil
         w.affiliates["adsco"].received.iter().filter(|r| r.id == WebhookId::notice(&withdrawal, "adsco")).collect();
     assert_eq!(notices.len(), 2, "refused once, then taken");
     assert_eq!(notices[0].body, notices[1].body);
-    assert_eq!(body(&notices[0].body)["data"]["subject"], phone_pseudonym(&MASTER_KEY, "adsco", "+33612345602"));
+    let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", "+33612345602");
+    assert_eq!(body(&notices[0].body)["data"]["phone_pseudonym"], serde_json::json!([pseudonym]));
     assert!(!w.store.durable.delivered.contains_key(&w.pair(bob, "adsco", Purpose::Advertising)));
 }
 
@@ -328,7 +337,7 @@ fn an_acknowledged_export_is_logged_once_even_when_a_crash_brings_its_entry_back
 #[test]
 fn an_attempt_whose_lease_is_too_short_sends_nothing_and_releases_it() {
     let (mut w, _, _) = alice_grants();
-    w.relay.lease_ms = HTTP_TIMEOUT.as_millis() as u64 - 1;
+    w.relay.lease_ms = LEASE_NEEDED.as_millis() as u64 - 1;
     let before = w.batches.len();
     w.pass().expect("no crash");
     let delivery: Vec<_> = kinds(&w, before).into_iter().skip_while(|k| *k != "lease").collect();
@@ -387,7 +396,8 @@ fn a_pass_attempts_at_most_64_due_entries_soonest_first_and_none_twice() {
 fn the_core_refuses_events_out_of_turn() {
     let catalogue = Catalogue::parse(CATALOGUE).expect("catalogue");
     let mut core = Core::new(catalogue, MASTER_KEY, [], [], Box::new(SeededEntropy(1)));
-    assert_eq!(core.handle_lease(LeaseAnswer::Failed, 1), Err(CoreError::Unasked("a lease answer")));
+    assert_eq!(core.handle_lease(LeaseAnswer::Failed, 1, 1), Err(CoreError::Unasked("a lease answer")));
+    assert_eq!(core.handle_lease_check(1), Err(CoreError::Unasked("a lease check")));
     assert_eq!(core.handle_answer(Answer::Status(200), 1), Err(CoreError::Unasked("a webhook answer")));
     assert_eq!(core.handle_released(1), Err(CoreError::Unasked("a released lease")));
     assert_eq!(core.poll_attempt(1), None, "nothing planned");
@@ -406,7 +416,8 @@ fn the_core_refuses_events_out_of_turn() {
     let busy = w.core.handle_change(change, Known::default(), w.now);
     assert!(matches!(busy, Err(CoreError::Busy(_))), "{busy:?}");
     // The attempt goes on as if nothing had been asked.
-    assert_eq!(w.core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, w.now).map(|e| e.len()), Ok(1));
+    let denied = w.core.handle_lease(LeaseAnswer::Denied { reason: "withdrawn".into() }, w.now, w.now);
+    assert_eq!(denied.map(|e| e.len()), Ok(1));
 }
 
 #[test]
@@ -553,7 +564,9 @@ fn check(w: &World, run: &str) {
         let event = body(&r.body);
         if event["type"] == "consent.withdrawn" {
             let keys: Vec<&String> = event["data"].as_object().expect("data").keys().collect();
-            assert_eq!(keys, ["purpose", "subject"], "{run}: a notice carries the pseudonym only");
+            // adsco got the pseudonym for advertising, shieldco the phone for security: each is told by that alone.
+            let expected = if affiliate == "adsco" { ["phone_pseudonym", "purpose"] } else { ["phone", "purpose"] };
+            assert_eq!(keys, expected, "{run}: a notice names the user as the affiliate received them, nothing more");
             continue;
         }
         assert_eq!(event["type"], "user.metadata.exported", "{run}");
@@ -713,4 +726,198 @@ fn an_objection_stops_every_affiliate_of_the_purpose_and_later_grants_until_lift
     w.decide(alice, "adsco", Purpose::Advertising, Decision::Grant);
     w.drain(10, 0);
     assert_eq!(w.affiliates["adsco"].received.iter().filter(|r| r.behaviour == Accept).count(), 1, "after the lift");
+}
+
+/// Issue #12, point 4: the lease's time left was checked before the flush that marks the entry in flight, and that
+/// flush is unbounded: a slow disk let a request start with less than its timeout left on the relay's lease, which
+/// could then lapse (and a withdrawal be acknowledged) while the request was still going out.
+#[test]
+fn a_slow_flush_before_the_post_never_eats_into_the_requests_timeout() {
+    let (mut w, _, _) = alice_grants();
+    // 30 s of lease, 17 s needed at the grant; a flush of 20 s leaves 10 s, less than the 12 s a request needs.
+    w.flush_ms = 20_000;
+    w.drain(3, 0);
+    assert!(w.affiliates["adsco"].received.is_empty(), "no request may leave once the flush ate the margin");
+    assert_eq!(w.relay.leases_out(), 0, "every lease released");
+    assert_eq!(w.core.outbox_len(), 1, "the export waits for a faster attempt");
+    // The disk recovers: the export goes out, inside its lease.
+    w.flush_ms = 0;
+    w.drain(3, 0);
+    assert_eq!(w.affiliates["adsco"].received.len(), 1);
+}
+
+/// Issue #12, point 4: the exporter trusted the relay's ordering. A compromised relay that serves a validly signed
+/// grant again after the withdrawal that superseded it (and lies that it is in force) got it queued and delivered.
+/// The exporter keeps the latest sequence number it has seen per pair and ignores a statement not above it.
+#[test]
+fn a_replayed_old_grant_after_its_withdrawal_is_ignored() {
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.drain(3, 0);
+    let exports = |w: &World| {
+        w.affiliates["adsco"].received.iter().filter(|r| body(&r.body)["type"] == "user.metadata.exported").count()
+    };
+    assert_eq!(exports(&w), 1);
+    w.replay(0);
+    w.drain(3, 0);
+    assert_eq!(exports(&w), 1, "the replayed grant must not be exported again");
+    assert!(w.core.outbox().is_empty());
+}
+
+/// Issue #12, point 4: the lease's deadline was the relay's wall-clock time, compared on the exporter's clock, and
+/// counted from the answer. It is now what the relay says is left, counted on the exporter's monotonic clock from
+/// when the lease was asked for: an answer that took long to arrive leaves less of the lease, and an attempt whose
+/// request could outlast the relay's lease sends nothing.
+#[test]
+fn a_lease_is_counted_from_when_it_was_asked_for() {
+    let (mut w, _, _) = alice_grants();
+    // The relay took the lease at once, but its answer took 25 s to arrive: 5 s of 30 are left.
+    w.lease_answer_ms = 25_000;
+    w.drain(2, 0);
+    assert!(w.affiliates["adsco"].received.is_empty(), "no request with less than its timeout left");
+    assert_eq!(w.relay.leases_out(), 0, "released");
+    // Just enough left: the export leaves (and the sim checks it fits in the relay's lease).
+    w.lease_answer_ms = LEASE_MS - LEASE_NEEDED.as_millis() as u64;
+    w.drain(3, 0);
+    assert_eq!(w.affiliates["adsco"].received.len(), 1);
+}
+
+/// Issue #12, point 5: a withdrawal notice carried the exporter's pseudonym of the user to every affiliate, even one
+/// that had received the raw phone number (and so cannot match a pseudonym it never saw) or no identifier at all. A
+/// notice now names the user exactly as that affiliate received them: the phone if it got the phone, the pseudonym
+/// if it got that; and an affiliate that got neither gets the webhook ids of the exports it received.
+#[test]
+fn a_withdrawal_notice_names_the_user_as_the_affiliate_received_them() {
+    let mut w = World::new(11);
+    let alice = w.user(1, "Pixel 9");
+    for (affiliate, purpose) in
+        [("shieldco", Purpose::Security), ("adsco", Purpose::Advertising), ("adsco", Purpose::Analytics)]
+    {
+        w.decide(alice, affiliate, purpose, Decision::Grant);
+    }
+    w.drain(3, 0);
+    let exports: Vec<(String, Value)> = w
+        .received()
+        .into_iter()
+        .map(|(a, r)| (a.to_owned(), body(&r.body)))
+        .filter(|(_, b)| b["type"] == "user.metadata.exported")
+        .collect();
+    assert_eq!(exports.len(), 3);
+    let analytics_id = w.affiliates["adsco"]
+        .received
+        .iter()
+        .find(|r| body(&r.body)["data"]["purpose"] == "analytics")
+        .map(|r| r.id.to_string())
+        .expect("the analytics export");
+    for (affiliate, purpose) in
+        [("shieldco", Purpose::Security), ("adsco", Purpose::Advertising), ("adsco", Purpose::Analytics)]
+    {
+        w.decide(alice, affiliate, purpose, Decision::Withdraw);
+    }
+    w.drain(3, 0);
+    let notice = |affiliate: &str, purpose: &str| {
+        w.affiliates[affiliate]
+            .received
+            .iter()
+            .map(|r| body(&r.body))
+            .find(|b| b["type"] == "consent.withdrawn" && b["data"]["purpose"] == purpose)
+            .unwrap_or_else(|| panic!("a notice to {affiliate} for {purpose}"))["data"]
+            .clone()
+    };
+    let phone = w.relay.users[alice].phone.clone();
+    let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", &phone);
+    assert_eq!(notice("shieldco", "security"), serde_json::json!({"purpose": "security", "phone": [phone]}));
+    assert_eq!(
+        notice("adsco", "advertising"),
+        serde_json::json!({"purpose": "advertising", "phone_pseudonym": [pseudonym]})
+    );
+    assert_eq!(
+        notice("adsco", "analytics"),
+        serde_json::json!({"purpose": "analytics", "webhook_ids": [analytics_id]})
+    );
+}
+
+/// Issue #12, point 5: a withdrawal notice an affiliate never accepts was retried for ever, and nobody heard of it.
+/// It is retried for 7 days (simulated clock) from when it was queued, then abandoned: out of the outbox, counted,
+/// and (not checked here) an `error!` line names its webhook id and affiliate.
+#[test]
+fn a_withdrawal_notice_is_abandoned_after_seven_days_of_failures_and_counted() {
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    let withdrawal = w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.affiliate("adsco").script = std::iter::repeat_n(Refuse, 5_000).collect();
+    w.read_feeds().expect("no crash");
+    let (id, entry) = only_entry(&w);
+    assert_eq!((id, entry.kind), (WebhookId::notice(&withdrawal, "adsco"), Kind::Withdrawn));
+    let queued = entry.queued_ms.expect("a notice knows when it was queued");
+    assert_eq!(w.store.live.entry(&id).and_then(|e| e.queued_ms), Some(queued), "and so does the store");
+    let week = NOTICE_RETRY_FOR.as_millis() as u64;
+    let mut passes = 0;
+    while !w.core.outbox().is_empty() {
+        assert!(w.now < queued + week + RETRY_MAX.as_millis() as u64 * 2, "still retried long after the bound");
+        assert_eq!(w.core.abandoned(), 0);
+        w.pass().expect("no crash");
+        passes += 1;
+        if let Some(next) = w.core.outbox().values().map(|e| e.next_attempt_ms).min() {
+            w.now = w.now.max(next);
+        }
+    }
+    assert!(w.now >= queued + week, "abandoned only after the bound");
+    assert_eq!(w.core.abandoned(), 1);
+    assert!(w.store.durable.outbox.is_empty(), "out of the store too");
+    let tries = w.affiliates["adsco"].received.iter().filter(|r| r.id == id).count();
+    assert!(tries > 1_000 && tries == passes, "retried every pass until then: {tries} of {passes}");
+}
+
+/// The bound is configurable (`--notice-retry-for`): an hour here.
+#[test]
+fn the_notice_retry_bound_is_configurable() {
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    w.core.set_notice_retry_for(std::time::Duration::from_secs(3600));
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.affiliate("adsco").script = std::iter::repeat_n(Refuse, 100).collect();
+    w.read_feeds().expect("no crash");
+    let queued = only_entry(&w).1.queued_ms.expect("queued at");
+    w.drain(100, 0);
+    assert!(w.core.outbox().is_empty());
+    assert_eq!(w.core.abandoned(), 1);
+    assert!(w.now >= queued + 3_600_000 && w.now < queued + 3_600_000 + 2 * RETRY_MAX.as_millis() as u64);
+}
+
+/// Issue #12, point 5: a withdrawal notice's delivery was not logged. A notice the affiliate took is a leaf of the
+/// export log of its own kind: the withdrawal as its consent hash (and as its evidence), the withdrawn grant's
+/// notice hash, no fields, the body's hash; an export's leaf records the notice its grant signed.
+#[test]
+fn a_delivered_withdrawal_notice_is_logged_as_a_leaf_of_its_own_kind() {
+    let (mut w, alice, grant) = alice_grants();
+    w.drain(3, 0);
+    let withdrawal = w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.drain(3, 0);
+    let notice_id = WebhookId::notice(&withdrawal, "adsco");
+    assert_eq!(w.logged_notices(), [notice_id]);
+    assert_eq!(w.logged().len(), 1, "and the export before it");
+    let leaves: Vec<(ExportLeaf, &LogRecord)> = w.store.durable.log.iter().map(|r| (leaf(r), r)).collect();
+    let notice_hash = w.catalogue.notice("adsco", Purpose::Advertising).map(|n| n.hash);
+    let (export, _) = &leaves[0];
+    assert_eq!((export.kind, export.consent_hash, export.notice_hash), (LeafKind::Export, grant, notice_hash));
+    let (notice, record) = &leaves[1];
+    assert_eq!(
+        (notice.kind, notice.consent_hash, notice.notice_hash),
+        (LeafKind::WithdrawalNotice, withdrawal, notice_hash)
+    );
+    assert!(notice.fields.is_empty());
+    let received = w.affiliates["adsco"].received.iter().find(|r| r.id == notice_id).expect("the notice");
+    let sent: [u8; 32] = sha2::Sha256::digest(received.body.as_bytes()).into();
+    assert_eq!(notice.payload_hash, sent);
+    let evidence = hex::decode(&record.evidence.statement).expect("hex");
+    assert_eq!(relay_proto::consent::statement_hash(&evidence), withdrawal, "the withdrawal is the evidence");
+    // A notice that fails is not logged.
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    w.decide(alice, "adsco", Purpose::Advertising, Decision::Withdraw);
+    w.affiliate("adsco").script = [Refuse].into();
+    w.pass().expect("no crash");
+    assert!(w.logged_notices().is_empty());
 }

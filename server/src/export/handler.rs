@@ -82,7 +82,7 @@ impl ExportHandler {
     pub async fn handle(&self, body: Option<Req>) -> ExportResponse {
         let reply = match body {
             Some(Req::ConsentChanges(c)) => self.consent_changes(c),
-            Some(Req::BeginExport(b)) => self.begin_export(b),
+            Some(Req::BeginExport(b)) => self.begin_export(b).await,
             Some(Req::EndExport(e)) => self.end_export(e),
             Some(Req::SubjectChanges(c)) => self.subject_changes(c),
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
@@ -232,17 +232,28 @@ impl ExportHandler {
         }))
     }
 
-    fn begin_export(&self, b: BeginExport) -> Result<ExportResponse, Reject> {
+    async fn begin_export(&self, b: BeginExport) -> Result<ExportResponse, Reject> {
         let pair = pair(&b.account_id, &b.affiliate, &b.purpose)?;
         let hash: [u8; 32] =
             b.statement_hash.as_ref().try_into().map_err(|_| Reject::invalid("statement_hash must be 32 bytes"))?;
         // The lease first, then the registry read (the fence's ordering; see the module header).
-        let (lease, deadline) = self.fence.acquire(pair.clone(), Instant::now(), LEASE_TTL);
-        let deadline_ms = relay_proto::now_ms().saturating_add(ms(deadline.saturating_duration_since(Instant::now())));
-        match self.check_grant(&pair, &hash) {
+        let (lease, deadline) = self.fence.acquire(pair.clone(), Instant::now(), LEASE_TTL)?;
+        let granted = match self.check_grant(&pair, &hash) {
+            // The lease is durable before the exporter hears of it, so that a restart cannot forget it.
+            Ok(Ok(subject)) => self.commit.durable().await.map(|()| Ok(subject)).map_err(Reject::from),
+            other => other,
+        };
+        match granted {
             Ok(Ok(subject)) => {
                 tracing::debug!(account = %pair.0, purpose = %pair.1, lease = lease.0, "export lease granted");
-                resp(Resp::ExportGranted(ExportGranted { lease_id: lease.0, deadline_ms, subject: Some(subject) }))
+                let now = Instant::now();
+                let deadline_ms = relay_proto::now_ms().saturating_add(ms(deadline.saturating_duration_since(now)));
+                resp(Resp::ExportGranted(ExportGranted {
+                    lease_id: lease.0,
+                    deadline_ms,
+                    subject: Some(subject),
+                    valid_for_ms: ms(deadline.saturating_duration_since(now)),
+                }))
             }
             Ok(Err(reason)) => {
                 self.fence.release(&pair, lease);

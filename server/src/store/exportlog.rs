@@ -384,6 +384,8 @@ mod tests {
 
     fn leaf(n: u8) -> Vec<u8> {
         ExportLeaf {
+            kind: relay_proto::merkle::LeafKind::Export,
+            notice_hash: Some([n; 32]),
             export_id: [n; 16],
             affiliate: "adsco".into(),
             purpose: "advertising".into(),

@@ -55,6 +55,9 @@ pub mod trees {
     pub const EXPORT_LOG: &str = "export_log";
     /// Notice documents by hash, and the current notice per (affiliate, purpose) (see `store::notices`).
     pub const NOTICES: &str = "notices";
+    /// Export leases not yet released: `b'l' ‖ lease id (8, big-endian)` → pair, and `next` → the last lease id
+    /// (see `fence`).
+    pub const EXPORT_LEASES: &str = "export_leases";
 }
 
 /// Why the store could not be opened.
@@ -67,6 +70,9 @@ pub enum OpenError {
     /// The export log does not load.
     #[error(transparent)]
     ExportLog(#[from] ExportLogError),
+    /// The export leases do not load.
+    #[error(transparent)]
+    Fence(#[from] crate::fence::FenceError),
 }
 
 /// The opened store.
@@ -87,6 +93,8 @@ pub struct Store {
     pub verifications: Verifications,
     /// Durability barrier shared by every write that is acknowledged to a client.
     pub commit: Arc<GroupCommit>,
+    /// Export leases (the withdrawal fence), kept across restarts.
+    pub fence: Arc<crate::fence::Fence>,
 }
 
 impl Store {
@@ -106,7 +114,22 @@ impl Store {
         let notices = Notices::new(db.open_tree(trees::NOTICES)?);
         let verifications =
             Verifications::new(db.open_tree(trees::VERIFICATION_CODES)?, db.open_tree(trees::REGISTRATION_LOCKS)?);
+        let fence = crate::fence::Fence::open(
+            db.open_tree(trees::EXPORT_LEASES)?,
+            std::time::Instant::now(),
+            crate::fence::LEASE_TTL,
+        )?;
         let commit = GroupCommit::start(db);
-        Ok(Self { mailboxes, directory, prekeys, consent, export_log, notices, verifications, commit })
+        Ok(Self {
+            mailboxes,
+            directory,
+            prekeys,
+            consent,
+            export_log,
+            notices,
+            verifications,
+            commit,
+            fence: Arc::new(fence),
+        })
     }
 }

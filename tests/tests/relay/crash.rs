@@ -23,7 +23,7 @@ use relay_exporter::core::EntryState;
 use relay_exporter::ids::{Pair, WebhookId};
 use relay_exporter::outbox::ExporterStore;
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
-use relay_proto::merkle::ExportLeaf;
+use relay_proto::merkle::{ExportLeaf, LeafKind};
 use relay_tests::affiliate::{Attempt, ExporterProcess, Sink, test_catalogue};
 use relay_tests::chaos::Rng;
 use relay_tests::{TestRelay, TestUser};
@@ -294,8 +294,13 @@ impl Consents {
     async fn withdraw(&mut self, user: usize, pair: usize) {
         let (affiliate, purpose) = PAIRS[pair];
         let m = &self.users[user].messenger;
-        // Bounded by the relay's lease on an export in flight, which an exporter killed mid-attempt never releases.
-        bounded("withdraw", m.decide_consent(affiliate, purpose, Decision::Withdraw, None)).await.expect("withdraw");
+        // Bounded by the relay's lease on an export in flight, which an exporter killed mid-attempt never releases: it
+        // lapses within LEASE_TTL, so the bound is that plus the usual one.
+        let bound = relay_server::fence::LEASE_TTL + crate::WAIT;
+        tokio::time::timeout(bound, m.decide_consent(affiliate, purpose, Decision::Withdraw, None))
+            .await
+            .unwrap_or_else(|_| panic!("withdraw did not finish within {bound:?}"))
+            .expect("withdraw");
         let acknowledged = Instant::now();
         if let Some(g) = self.in_force[user][pair].take() {
             self.grants[g].withdrawn_at = Some(acknowledged);
@@ -497,8 +502,12 @@ async fn exporter_campaign(kills: usize) -> ExporterFigures {
         for (index, record) in store.log_records(0, usize::MAX).expect("log") {
             let leaf = ExportLeaf::decode(&record.leaf).expect("leaf");
             let id = WebhookId::from_export_id(leaf.export_id).to_string();
+            // Users see withdrawal notices among their entries; the figures below are about exports.
+            logged_by_account.entry(record.account.to_string()).or_default().insert(id.clone());
+            if leaf.kind != LeafKind::Export {
+                continue;
+            }
             assert!(logged.insert(id.clone()), "{id} logged twice, again at {index} (seed {seed})");
-            logged_by_account.entry(record.account.to_string()).or_default().insert(id);
         }
         // An export whose attempt got no answer before the last kill may still be in the outbox, marked in flight,
         // when the exporter is stopped: it is logged when it leaves the outbox (settled or dropped), so it counts

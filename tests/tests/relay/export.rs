@@ -187,6 +187,64 @@ async fn an_acknowledged_withdrawal_waits_for_the_export_in_flight() {
     denied(&exporter, begin(a, "adsco", "advertising", &receipt.receipt_id)).await;
 }
 
+/// Issue #12, point 4: leases lived only in the relay's memory, so a relay restarted while an export was in flight
+/// acknowledged a withdrawal at once while the exporter's request ran on. The lease granted before the restart
+/// (standing for a request still being posted to a slow affiliate) must hold the withdrawal until it is released,
+/// by its id, after the restart. Ordering only: the relay either acknowledges or logs that it waits.
+#[tokio::test]
+async fn a_withdrawal_after_a_relay_restart_still_waits_for_the_export_in_flight() {
+    let id = ExporterIdentity::generate().expect("exporter identity");
+    let port = relay_tests::free_udp_port().expect("port");
+    let mut relay = TestRelay::process_with(|c| {
+        c.export_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        c.exporter_cert_sha256 = Some(id.fingerprint());
+    })
+    .await
+    .expect("relay");
+    let mut alice = relay.user(ALICE).await.expect("alice");
+    let a = alice.messenger.account_id();
+    let exporter = relay.exporter(Some(&id)).await.expect("exporter connects");
+    publish_notices(&exporter).await;
+    let grant = alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    let lease = granted(&exporter, begin(a, "adsco", "advertising", &grant.receipt_id)).await;
+    assert!(lease.valid_for_ms > 0, "the lease's remaining duration is on the wire");
+    exporter.close().await;
+
+    // Killed, not stopped: the lease must have been durable before the grant was answered.
+    crate::bounded("kill", relay.kill()).await.expect("kill");
+    crate::bounded("restart", relay.restart()).await.expect("restart");
+    crate::bounded("reconnect", alice.reconnect()).await.expect("reconnect");
+    let mut withdrawal = tokio::spawn(async move {
+        let r = alice.messenger.decide_consent("adsco", "advertising", Decision::Withdraw, None).await;
+        (alice, r)
+    });
+    let log = relay.log_path();
+    let waits = crate::bounded("the withdrawal acknowledged or waiting for the lease", async {
+        loop {
+            if withdrawal.is_finished() {
+                return false;
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("withdrawal waits for the export leases of its pair") {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waits, "the withdrawal was acknowledged while the export leased before the restart was in flight");
+    assert!(!withdrawal.is_finished(), "still waiting");
+
+    // The exporter's attempt ends: it releases the lease by the id it was granted before the restart.
+    let exporter = crate::bounded("exporter reconnects", relay.exporter(Some(&id))).await.expect("reconnects");
+    assert!(matches!(exporter.request(end(a, "adsco", "advertising", lease.lease_id)).await, Ok(Resp::ExportEnded(_))));
+    let (_alice, result) = crate::bounded("withdrawal acknowledged", &mut withdrawal).await.expect("join");
+    result.expect("withdrawal acknowledged once the lease is released");
+    denied(&exporter, begin(a, "adsco", "advertising", &grant.receipt_id)).await;
+    exporter.close().await;
+    relay.stop().await.expect("stop");
+}
+
 #[tokio::test]
 async fn the_export_protocol_cannot_reach_a_mailbox() {
     let (relay, exporter) = relay_and_exporter().await;
@@ -229,4 +287,15 @@ async fn the_export_protocol_cannot_reach_a_mailbox() {
         }
     }
     assert_eq!(delivered, [(queued.server_id, b"sealed for bob".to_vec())]);
+}
+
+/// The relay's lease outlasts what the exporter needs left of it when the grant arrives (its HTTP timeout, the
+/// bound on the flush before the request and the clock slack), with 10 s to spare for the lease request's own round
+/// trip: the numbers `docs/exporter.md` gives ("The withdrawal fence").
+#[test]
+fn the_relays_lease_covers_the_exporters_margins() {
+    use relay_exporter::core::{CLOCK_SLACK, FLUSH_BOUND, HTTP_TIMEOUT, LEASE_NEEDED};
+    assert_eq!(LEASE_NEEDED, HTTP_TIMEOUT + FLUSH_BOUND + CLOCK_SLACK);
+    assert_eq!(relay_server::fence::LEASE_TTL, Duration::from_secs(30));
+    assert!(relay_server::fence::LEASE_TTL >= LEASE_NEEDED + Duration::from_secs(10));
 }

@@ -2,7 +2,7 @@
 //! affiliates as HTTP sinks. Default deny, exactly the catalogue's fields per pair, signatures, pseudonyms that
 //! differ per affiliate, retries until the affiliate is back (each webhook id processed once), and the withdrawal
 //! fence: a queued export never leaves after the withdrawal is acknowledged, and an affiliate that received data
-//! gets a `consent.withdrawn` notice with the pseudonym only.
+//! gets a `consent.withdrawn` notice naming the user as it received them (here, by the pseudonym only).
 
 use relay_exporter::ids::WebhookId;
 use relay_proto::consent::{ConsentStatement, Decision};
@@ -164,9 +164,9 @@ async fn an_affiliate_that_received_data_is_told_of_the_withdrawal_by_pseudonym(
     assert!(notice.signature_ok);
     assert_eq!(notice.id, WebhookId::notice(&statement_hash(&withdrawal.statement), "adsco").to_string());
     assert_eq!(notice.body["type"], "consent.withdrawn");
-    assert_eq!(data_keys(&notice.body), ["purpose", "subject"]);
+    assert_eq!(data_keys(&notice.body), ["phone_pseudonym", "purpose"]);
     assert_eq!(notice.body["data"]["purpose"], "advertising");
-    assert_eq!(notice.body["data"]["subject"], export.body["data"]["phone_pseudonym"]);
+    assert_eq!(notice.body["data"]["phone_pseudonym"], serde_json::json!([export.body["data"]["phone_pseudonym"]]));
     assert!(!notice.raw.contains("612345678"), "{}", notice.raw);
     s.exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("outbox empty");
     s.exporter.wait_passes(2, WAIT).await.expect("passes");
@@ -257,4 +257,50 @@ async fn an_objection_tells_the_affiliate_and_stops_the_purpose() {
     s.exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("settled");
     s.exporter.wait_passes(3, WAIT).await.expect("passes");
     assert_eq!(s.adsco.events().len(), 2, "nothing after the objection: {:?}", s.adsco.events());
+}
+
+/// Issue #12, point 4, end to end: relayd killed and restarted while the exporter's request was at a slow affiliate.
+/// Leases lived in the relay's memory, so a withdrawal recorded after the restart was acknowledged at once while the
+/// export was still going out. Now the relay still counts the lease after its restart, and the withdrawal is
+/// acknowledged only once the affiliate has answered that request and the exporter, on its new connection, has
+/// released the lease. Ordering only: the affiliate holds its answer until the relay says the withdrawal waits.
+#[tokio::test]
+async fn a_relay_restart_does_not_let_a_withdrawal_overtake_an_export_in_flight() {
+    let adsco = Sink::start(b"adsco webhook key 0123456789").await.expect("adsco sink");
+    let shieldco = Sink::start(b"shieldco webhook key 98765432").await.expect("shieldco sink");
+    let (mut relay, _exporter) =
+        TestExporter::start_with_relay_process(&test_catalogue(&adsco, &shieldco)).await.expect("relay and exporter");
+    let mut alice = relay.user(ALICE).await.expect("alice");
+    adsco.hold(true);
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    adsco.wait_arrivals(1, WAIT).await.expect("the export reaches the affiliate");
+
+    crate::bounded("kill", relay.kill()).await.expect("kill");
+    crate::bounded("restart", relay.restart()).await.expect("restart");
+    crate::bounded("reconnect", alice.reconnect()).await.expect("reconnect");
+    let mut withdrawal = tokio::spawn(async move {
+        let r = alice.messenger.decide_consent("adsco", "advertising", Decision::Withdraw, None).await;
+        (alice, r)
+    });
+    let log = relay.log_path();
+    let waits = crate::bounded("the withdrawal acknowledged or waiting for the lease", async {
+        loop {
+            if withdrawal.is_finished() {
+                return false;
+            }
+            if std::fs::read_to_string(&log).unwrap_or_default().contains("withdrawal waits for the export leases") {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let answered = |s: &Sink| s.attempts().iter().any(|a| a.body["type"] == "user.metadata.exported");
+    assert!(waits && !answered(&adsco), "the withdrawal was acknowledged while the export was at the affiliate");
+
+    adsco.hold(false);
+    let (_alice, result) = crate::bounded("withdrawal acknowledged", &mut withdrawal).await.expect("join");
+    result.expect("withdrawal acknowledged");
+    assert!(answered(&adsco), "acknowledged only after the affiliate answered the export");
+    relay.stop().await.expect("stop");
 }

@@ -23,7 +23,7 @@ use relay_client::sealed::{SealedContent, seal_for_test_vector, signature_input}
 use relay_proto::auth::{EKM_LABEL, auth_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose, signed_bytes_of, statement_hash};
 use relay_proto::identity::{SenderCertificate, certificate_signed_bytes};
-use relay_proto::merkle::{ExportLeaf, MerkleLog, TreeHead, leaf_hash, node_hash};
+use relay_proto::merkle::{ExportLeaf, LeafKind, MerkleLog, TreeHead, leaf_hash, node_hash};
 use relay_proto::wire::{Auth, ClientFrame, DeviceInfo, Register, client_frame};
 use relay_proto::{PROTOCOL_VERSION, PhoneNumber};
 use rustls::CipherSuite;
@@ -48,20 +48,22 @@ fn x25519_public(secret: [u8; 32]) -> [u8; 32] {
 }
 
 fn leaf(
-    id: u8,
+    (kind, id): (LeafKind, u8),
     affiliate: &str,
     purpose: &str,
     fields: &[&str],
-    hashes: ([u8; 32], [u8; 32]),
+    (payload_hash, consent_hash, notice_hash): ([u8; 32], [u8; 32], Option<[u8; 32]>),
     time_ms: u64,
 ) -> ExportLeaf {
     ExportLeaf {
+        kind,
+        notice_hash,
         export_id: [id; 16],
         affiliate: affiliate.into(),
         purpose: purpose.into(),
         fields: fields.iter().map(|f| (*f).to_owned()).collect(),
-        payload_hash: hashes.0,
-        consent_hash: hashes.1,
+        payload_hash,
+        consent_hash,
         time_ms,
     }
 }
@@ -201,16 +203,41 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     // Export log.
     let leaves = [
         leaf(
-            0x10,
+            (LeafKind::Export, 0x10),
             "adsco",
             "advertising",
             &["phone_pseudonym", "device_model"],
-            ([0x11; 32], consent_hash),
+            ([0x11; 32], consent_hash, Some(notice_hash)),
             1_700_000_050_000,
         ),
-        leaf(0x20, "shieldco", "security", &["phone"], ([0x33; 32], [0x44; 32]), 1_700_000_060_000),
-        leaf(0x30, "adsco", "analytics", &[], ([0x55; 32], [0x66; 32]), 1_700_000_070_000),
+        leaf(
+            (LeafKind::Export, 0x20),
+            "shieldco",
+            "security",
+            &["phone"],
+            ([0x33; 32], [0x44; 32], Some([0x77; 32])),
+            1_700_000_060_000,
+        ),
+        leaf(
+            (LeafKind::WithdrawalNotice, 0x30),
+            "adsco",
+            "analytics",
+            &[],
+            ([0x55; 32], [0x66; 32], Some([0; 32])),
+            1_700_000_070_000,
+        ),
     ];
+    // A leaf as written before version 2, which still decodes (and keeps its bytes).
+    let v1 = leaf(
+        (LeafKind::Export, 0x10),
+        "adsco",
+        "advertising",
+        &["phone_pseudonym", "device_model"],
+        ([0x11; 32], consent_hash, None),
+        1_700_000_050_000,
+    );
+    let v1 = v1.encode().expect("within limits");
+    assert_eq!(ExportLeaf::decode(&v1).and_then(|l| l.encode()), Ok(v1.clone()));
     let encoded: Vec<Vec<u8>> = leaves.iter().map(|l| l.encode().expect("within limits")).collect();
     let hashes: Vec<[u8; 32]> = encoded.iter().map(|l| leaf_hash(l)).collect();
     let mut log = MerkleLog::new();
@@ -223,6 +250,7 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("leaf_hash_1", hashes[1].to_vec()));
     v.push(("export_leaf_2", encoded[2].clone()));
     v.push(("leaf_hash_2", hashes[2].to_vec()));
+    v.push(("export_leaf_v1", v1));
     v.push(("node_hash_01", node_hash(&hashes[0], &hashes[1]).to_vec()));
     v.push(("tree_root_3", log.root().to_vec()));
     v.push(("inclusion_proof_1_of_3", log.inclusion_proof(1, 3).expect("in range").concat()));
