@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_proto::auth::{EKM_LEN, auth_transcript, register_transcript};
+use relay_proto::auth::{EKM_LEN, auth_transcript, delete_transcript, register_transcript};
 use relay_proto::wire::{
     self, Ack, Auth, Bundle, ClientFrame, CodeSent, ConsentList, ConsentRecorded, Deliver, DeviceInfo, FetchBundle,
     GetSenderCertificate, ListConsent, Lookup, PrekeyCounts, PutConsent, Register, RequestCode, SealedSend, SendAck,
@@ -244,6 +244,17 @@ impl Connection {
                 sender_certificate_key: ok.sender_certificate_key.as_ref().try_into().ok(),
             }),
             other => Err(unexpected("AuthOk", &other)),
+        }
+    }
+
+    /// Erases `identity`'s account, which this connection is authenticated as (`DeleteAccount`, signed over this
+    /// connection's delete transcript). The relay closes the connection after answering.
+    pub async fn delete_account(&self, identity: &Identity) -> Result<(), ClientError> {
+        let signature = identity.sign(&delete_transcript(&self.ekm, &identity.account_id()));
+        let req = relay_proto::wire::DeleteAccount { signature: Bytes::copy_from_slice(&signature) };
+        match self.request(Req::DeleteAccount(req)).await? {
+            Resp::AccountDeleted(_) => Ok(()),
+            other => Err(unexpected("AccountDeleted", &other)),
         }
     }
 

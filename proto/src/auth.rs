@@ -104,6 +104,38 @@ pub fn auth_transcript(ekm: &[u8; EKM_LEN], account: &AccountId) -> Vec<u8> {
     out
 }
 
+/// Domain-separation label of the delete transcript.
+pub const DELETE_LABEL: &[u8] = b"consent-relay/v1 delete account";
+
+/// The bytes an identity key signs to erase its account on this connection (`DeleteAccount`): the label, the
+/// connection's EKM and the account id, each length-prefixed.
+pub fn delete_transcript(ekm: &[u8; EKM_LEN], account: &AccountId) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    put_field(&mut out, DELETE_LABEL);
+    put_field(&mut out, ekm);
+    put_field(&mut out, account.as_bytes());
+    out
+}
+
+/// The account a delete transcript erases, if `signed` is exactly a delete transcript (of any connection): what a
+/// party that cannot know the connection's EKM, the exporter, checks of the bytes the user signed.
+pub fn parse_delete_transcript(signed: &[u8]) -> Option<AccountId> {
+    let (label, rest) = take_field(signed, DELETE_LABEL.len())?;
+    let (_ekm, rest) = take_field(rest, EKM_LEN)?;
+    let (account, rest) = take_field(rest, ACCOUNT_ID_LEN)?;
+    (label == DELETE_LABEL && rest.is_empty()).then(|| AccountId::from_slice(account)).flatten()
+}
+
+/// One length-prefixed field of exactly `len` bytes at the start of `bytes`, and what follows it.
+fn take_field(bytes: &[u8], len: usize) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+    if usize::try_from(n).ok()? != len {
+        return None;
+    }
+    let value = bytes.get(4..4 + len)?;
+    Some((value, &bytes[4 + len..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +147,20 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(AccountId::from_hex(&a.to_string()), Some(a));
         assert_eq!(AccountId::from_slice(&[0; 15]), None);
+    }
+
+    #[test]
+    fn delete_transcripts_bind_the_connection_and_parse_back_exactly() {
+        let acct = AccountId([7; 16]);
+        let t = delete_transcript(&[1; 32], &acct);
+        assert_ne!(t, delete_transcript(&[2; 32], &acct));
+        assert_ne!(t, auth_transcript(&[1; 32], &acct), "not an auth transcript");
+        assert_eq!(parse_delete_transcript(&t), Some(acct));
+        assert_eq!(parse_delete_transcript(&auth_transcript(&[1; 32], &acct)), None);
+        let mut longer = t.clone();
+        longer.push(0);
+        assert_eq!(parse_delete_transcript(&longer), None);
+        assert_eq!(parse_delete_transcript(&t[..t.len() - 1]), None);
     }
 
     #[test]

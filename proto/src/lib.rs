@@ -42,6 +42,9 @@ pub const WITNESS_ALPN: &[u8] = b"consent-relay-witness/1";
 /// Most consent changes in one `ConsentChangeList`.
 pub const MAX_CONSENT_CHANGES: usize = 256;
 
+/// Most erasures in one `ErasureChangeList`.
+pub const MAX_ERASURE_CHANGES: usize = 256;
+
 /// Most statements in one `ConsentHistoryPage`.
 pub const MAX_HISTORY_PAGE: usize = 256;
 

@@ -5,7 +5,7 @@ use relay_proto::ErrorCode;
 use relay_proto::wire::ServerFrame;
 
 use crate::store::{
-    CommitError, DirectoryError, ExportLogError, MailboxError, NoticeStoreError, PrekeyError, RegistryError,
+    CommitError, DirectoryError, ErasureStoreError, ExportLogError, MailboxError, NoticeStoreError, PrekeyError, RegistryError,
     VerificationStoreError,
 };
 use crate::verify::VerifyError;
@@ -132,6 +132,12 @@ impl From<VerifyError> for Reject {
 
 impl From<VerificationStoreError> for Reject {
     fn from(e: VerificationStoreError) -> Self {
+        storage(e)
+    }
+}
+
+impl From<ErasureStoreError> for Reject {
+    fn from(e: ErasureStoreError) -> Self {
         storage(e)
     }
 }

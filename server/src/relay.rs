@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::{ConnectionLimiter, RateLimiter};
-use crate::session::{Handlers, Session, auth, consent, keys, messaging, serve_stream};
+use crate::session::{Handlers, Session, account, auth, consent, keys, messaging, serve_stream};
 use crate::store::{GroupCommit, MailboxLimits, Mailboxes, Store};
 use crate::subscribers::Subscribers;
 use crate::verify::{Registration, VerifierSpec};
@@ -198,6 +198,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
                 store.export_log.clone(),
                 store.notices.clone(),
                 store.commit.clone(),
+                store.erasures.clone(),
             );
             Some((endpoint, bound, Arc::new(handler)))
         }
@@ -313,8 +314,9 @@ fn handlers(
             directory: store.directory.clone(),
             prekeys: store.prekeys.clone(),
             commit: store.commit.clone(),
-            registration,
+            registration: registration.clone(),
             certificates,
+            erasures: store.erasures.clone(),
             registrations: RateLimiter::new(limits.registrations_per_minute_per_ip),
             registrations_per_minute: limits.registrations_per_minute_per_ip,
         },
@@ -343,6 +345,16 @@ fn handlers(
             lookups: RateLimiter::new(limits.lookups_per_minute),
             lookups_per_minute: limits.lookups_per_minute,
             tamper: tamper.clone(),
+        },
+        account: account::Account {
+            directory: store.directory.clone(),
+            prekeys: store.prekeys.clone(),
+            mailboxes: store.mailboxes.clone(),
+            registration,
+            erasures: store.erasures.clone(),
+            registry: store.consent.clone(),
+            fence: fence.clone(),
+            commit: store.commit.clone(),
         },
         consent: consent::Consent {
             registry: store.consent.clone(),
@@ -419,6 +431,10 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 }
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            () = session.closing() => {
+                conn.close(0u32.into(), b"account deleted");
+                break;
+            }
         }
     }
 }

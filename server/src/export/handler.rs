@@ -8,7 +8,8 @@
 //! registry, so it either finishes before a withdrawal is acknowledged or sees the withdrawal and is denied.
 //! `SubjectChanges` likewise carries a subject only with the grants of that account in force now. `PublishNotices`
 //! replaces the current notices with the exporter's complete set, durably before it is acknowledged. `PublishLog` is
-//! acknowledged only once the appended entries are durable; `ReadLog` returns the log as published (leaves, the
+//! acknowledged only once the appended entries are durable; `ErasureChanges` pages through the erasure feed, each
+//! request as the user signed it; `ReadLog` returns the log as published (leaves, the
 //! account ids the exporter gave with them, signed heads), nothing more.
 
 use std::sync::Arc;
@@ -17,12 +18,13 @@ use std::time::Instant;
 use relay_proto::consent::{Purpose, statement_hash, valid_affiliate_id};
 use relay_proto::merkle::{SignedTreeHead, log_key_from_wire};
 use relay_proto::wire::{
-    BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ExportDenied, ExportEnded, ExportGranted,
+    BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ErasureChange, ErasureChangeList,
+    ErasureChanges, ExportDenied, ExportEnded, ExportGranted,
     ExportResponse, LogCopy, LogPublished, NoticesPublished, PublishLog, PublishNotices, PublishedEntry, ReadLog,
     Subject, SubjectChangeList, SubjectChanges, export_request::Body as Req, export_response::Body as Resp,
 };
 use relay_proto::{
-    AccountId, MAX_CONSENT_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_READ_LOG_BYTES, MAX_READ_LOG_ENTRIES,
+    AccountId, MAX_CONSENT_CHANGES, MAX_ERASURE_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_READ_LOG_BYTES, MAX_READ_LOG_ENTRIES,
     MAX_SUBJECT_CHANGES,
 };
 
@@ -30,7 +32,7 @@ use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
 use crate::reject::Reject;
 use crate::store::consent::Recorded;
 use crate::store::directory::AccountKeys;
-use crate::store::{AccountProfile, ConsentRegistry, Directory, ExportLog, GroupCommit, Notices};
+use crate::store::{AccountProfile, ConsentRegistry, Directory, Erasures, ExportLog, GroupCommit, Notices};
 
 /// Answers export requests. Cheap to share: every connection of the export interface uses the same one.
 pub struct ExportHandler {
@@ -40,6 +42,7 @@ pub struct ExportHandler {
     log: ExportLog,
     notices: Notices,
     commit: Arc<GroupCommit>,
+    erasures: Erasures,
 }
 
 fn resp(body: Resp) -> Result<ExportResponse, Reject> {
@@ -74,8 +77,9 @@ impl ExportHandler {
         log: ExportLog,
         notices: Notices,
         commit: Arc<GroupCommit>,
+        erasures: Erasures,
     ) -> Self {
-        Self { consent, directory, fence, log, notices, commit }
+        Self { consent, directory, fence, log, notices, commit, erasures }
     }
 
     /// Answers one request; a refused one becomes an error frame.
@@ -88,6 +92,7 @@ impl ExportHandler {
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
             Some(Req::ReadLog(r)) => self.read_log(r),
             Some(Req::PublishNotices(p)) => self.publish_notices(p).await,
+            Some(Req::ErasureChanges(c)) => self.erasure_changes(c),
             None => Err(Reject::invalid("empty or unknown export request")),
         };
         reply.unwrap_or_else(|r| ExportResponse::error(r.code, r.message))
@@ -151,6 +156,24 @@ impl ExportHandler {
             recorded_at_ms: r.recorded_at_ms,
             subject,
         }
+    }
+
+    /// Recorded erasures, as the users signed them: the exporter verifies each itself.
+    fn erasure_changes(&self, c: ErasureChanges) -> Result<ExportResponse, Reject> {
+        let mut next_cursor = c.after_cursor;
+        let mut changes = Vec::new();
+        for (cursor, e) in self.erasures.changes(c.after_cursor, MAX_ERASURE_CHANGES)? {
+            next_cursor = cursor;
+            changes.push(ErasureChange {
+                cursor,
+                account_id: e.account.as_bytes().to_vec().into(),
+                identity_key: e.identity_key.to_vec().into(),
+                signed: e.signed.into(),
+                signature: e.signature.to_vec().into(),
+                recorded_at_ms: e.recorded_at_ms,
+            });
+        }
+        resp(Resp::ErasureChangeList(ErasureChangeList { changes, next_cursor }))
     }
 
     fn subject_changes(&self, c: SubjectChanges) -> Result<ExportResponse, Reject> {
@@ -314,6 +337,7 @@ mod tests {
             ExportLog::open(tree("log")).expect("log"),
             Notices::new(tree("notices")),
             GroupCommit::start(db.clone()),
+            Erasures::new(tree("erasures")),
         );
         (handler, db)
     }
@@ -454,5 +478,57 @@ mod tests {
         let second = grant(account, 4, Purpose::Advertising);
         record(&second);
         assert!(matches!(ask(&h, begin(&second)).await, Resp::ExportGranted(_)), "granted again after the lift");
+    }
+
+    /// Erasure: once the account is out of the directory, its grant (still in the registry, as evidence) releases
+    /// nothing: no lease, no subject in the consent feed; the erasure feed pages its requests in order.
+    #[tokio::test]
+    async fn an_erased_accounts_grants_are_never_in_force_again() {
+        let (h, _db) = handler();
+        publish(&h, &[notice(Purpose::Advertising, &[Field::DeviceModel])]).await;
+        let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
+        let phone = PhoneNumber::parse("+33612345678").expect("phone");
+        let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
+        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).expect("register").account;
+        let g = grant(account, 1, Purpose::Advertising);
+        h.consent.record(&g.encode(), &[0; 64], relay_proto::now_ms()).expect("record");
+        assert!(matches!(ask(&h, begin(&g)).await, Resp::ExportGranted(_)), "in force before the erasure");
+
+        let erasure = crate::store::Erasure {
+            account,
+            identity_key: [1; 32],
+            recorded_at_ms: 5,
+            signature: [3; 64],
+            signed: relay_proto::auth::delete_transcript(&[4; 32], &account),
+        };
+        h.erasures.record(&erasure).expect("erasure");
+        assert_eq!(h.directory.remove(&account).expect("remove"), Some(phone.clone()));
+        assert_eq!(h.directory.lookup(&phone).expect("lookup"), None, "the number is free");
+
+        match ask(&h, begin(&g)).await {
+            Resp::ExportDenied(d) => assert!(d.reason.contains("no such account"), "{}", d.reason),
+            other => panic!("an erased account's grant: expected a denial, got {other:?}"),
+        }
+        let Resp::ConsentChangeList(list) = ask(&h, Req::ConsentChanges(ConsentChanges { after_cursor: 0 })).await
+        else {
+            panic!("expected a change list")
+        };
+        assert!(list.changes.iter().all(|c| c.subject.is_none()), "no subject of an erased account");
+        assert_eq!(h.consent.history(&account).expect("history").len(), 1, "the statement stays as evidence");
+
+        let Resp::ErasureChangeList(list) = ask(&h, Req::ErasureChanges(ErasureChanges { after_cursor: 0 })).await
+        else {
+            panic!("expected an erasure list")
+        };
+        assert_eq!(list.next_cursor, 1);
+        assert_eq!(list.changes.len(), 1);
+        assert_eq!(list.changes[0].signed.as_ref(), erasure.signed.as_slice());
+        assert_eq!(list.changes[0].account_id.as_ref(), account.as_bytes());
+        let Resp::ErasureChangeList(list) = ask(&h, Req::ErasureChanges(ErasureChanges { after_cursor: 1 })).await
+        else {
+            panic!("expected an erasure list")
+        };
+        assert!(list.changes.is_empty());
+        assert_eq!(list.next_cursor, 1);
     }
 }

@@ -13,7 +13,7 @@
 //! account, never what a request says. This handler holds the directory (it writes phone numbers and device info),
 //! the prekeys (to report pool counts and forget a displaced account's), the registration rules, the certificate
 //! issuer and the group commit; nothing of the mailboxes. It logs account and request ids (at debug level), never a
-//! phone number, a code or a PIN.
+//! phone number, a code or a PIN. An identity key whose account was erased (`DeleteAccount`) cannot register again.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -56,6 +56,8 @@ pub struct Auth {
     pub registrations: RateLimiter<IpAddr>,
     /// The configured rate, for the refusal message.
     pub registrations_per_minute: u32,
+    /// Erased accounts, whose identity keys may not register again.
+    pub erasures: crate::store::Erasures,
 }
 
 impl Auth {
@@ -91,6 +93,13 @@ impl Auth {
         let sealing_key_signature = r.sealing_key_signature.as_ref().try_into().ok();
         let account = AccountId::from_identity_key(&identity_key);
         session.check_same(account)?;
+        if self.erasures.erased(&account)? {
+            // Its old statements are still in the registry: the same key coming back must not revive them.
+            return Err(Reject::new(
+                ErrorCode::ConsentRejected,
+                "this identity key's account was erased; register with a new identity",
+            ));
+        }
         let holder = self.directory.lookup(&phone)?.map(|(holder, _)| holder);
         let admission = self.registration.admit(account, &phone, holder, &r.code, &r.registration_lock_pin).await?;
         let keys = AccountKeys { identity_key, sealing_key, sealing_key_signature };

@@ -8,11 +8,13 @@
 //! Families, each a handler given only the handles it may use (mini-redis's `apply(db, dst)` is the model):
 //! [`auth`] (`Register`, `Auth`, `RequestCode`, `SetRegistrationLock`, `GetSenderCertificate`), [`messaging`]
 //! (`Send`, `SealedSend`, `Ack`, `Subscribe`), [`keys`] (`Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`),
-//! [`consent`] (`PutConsent`, `ListConsent`, `ConsentHistory`, `ListExports`, `GetNotice`).
+//! [`consent`] (`PutConsent`, `ListConsent`, `ConsentHistory`, `ListExports`, `GetNotice`), [`account`]
+//! (`DeleteAccount`: once it is answered, the connection is closed and no other stream of it is served again).
 //! [`messaging::Messaging`] holds the mailboxes, the identity keys ([`crate::store::Identities`]) and the access
 //! keys, and no [`crate::store::Directory`]: the message path cannot read a phone number or device info, by type
 //! (invariant 2). The connection's own state is [`Session`].
 
+pub mod account;
 pub mod auth;
 pub mod checks;
 pub mod consent;
@@ -41,6 +43,8 @@ pub struct Handlers {
     pub keys: keys::Keys,
     /// `PutConsent`, `ListConsent`, `ConsentHistory`, `ListExports`, `GetNotice`.
     pub consent: consent::Consent,
+    /// `DeleteAccount`.
+    pub account: account::Account,
     /// Refusals are counted by code.
     pub metrics: Arc<Metrics>,
     /// Time a started request frame has to complete.
@@ -55,6 +59,9 @@ pub async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) {
     loop {
+        if session.ended() {
+            return;
+        }
         let error = |code, message| Reject::new(code, message).to_frame();
         let frame = match next_request::<ClientFrame, _>(&mut send, &mut recv, handlers.frame_timeout, error).await {
             NextRequest::Request(frame) => frame,
@@ -87,6 +94,7 @@ pub async fn serve_stream(
             Some(Req::ListExports(l)) => h.consent.list_exports(&session, l),
             Some(Req::GetNotice(n)) => h.consent.notice(&session, n),
             Some(Req::ConsentHistory(c)) => h.consent.history(&session, c),
+            Some(Req::DeleteAccount(d)) => h.account.delete(&session, d).await,
             None => Err(Reject::invalid("empty or unknown request")),
         };
         let frame = reply.unwrap_or_else(|r| {
@@ -94,6 +102,13 @@ pub async fn serve_stream(
             r.to_frame()
         });
         if write_frame(&mut send, &frame).await.is_err() {
+            return;
+        }
+        if session.ended() {
+            // The account was erased: the answer goes out whole, then the connection closes.
+            let _ = send.finish();
+            let _ = tokio::time::timeout(handlers.frame_timeout, send.stopped()).await;
+            session.close();
             return;
         }
     }

@@ -8,6 +8,9 @@
 
 use std::net::IpAddr;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
 
 use relay_proto::AccountId;
 use relay_proto::auth::EKM_LEN;
@@ -19,12 +22,14 @@ pub struct Session {
     ekm: [u8; EKM_LEN],
     account: OnceLock<AccountId>,
     peer: IpAddr,
+    ended: AtomicBool,
+    end: Notify,
 }
 
 impl Session {
     /// A new, unauthenticated session bound to the connection's exported keying material.
     pub fn new(ekm: [u8; EKM_LEN], peer: IpAddr) -> Self {
-        Self { ekm, account: OnceLock::new(), peer }
+        Self { ekm, account: OnceLock::new(), peer, ended: AtomicBool::new(false), end: Notify::new() }
     }
 
     /// The connection's exported keying material, which authentication transcripts include.
@@ -50,6 +55,28 @@ impl Session {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Marks the connection as ended (its account was erased): no further request is served, and the connection is
+    /// closed once the answer in hand is written ([`Session::closing`]).
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the connection was ended.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Asks the connection's owner to close it now.
+    pub fn close(&self) {
+        self.end();
+        self.end.notify_one();
+    }
+
+    /// Completes once [`Session::close`] was called (before or after this call: the wake-up is kept).
+    pub async fn closing(&self) {
+        self.end.notified().await;
     }
 
     /// Binds the connection to `account` (once; a different account later is refused).

@@ -263,6 +263,27 @@ impl Directory {
         Ok(out)
     }
 
+    /// Removes `account` from the directory: its keys, its profile and its number's mapping (the number can then be
+    /// registered again). Returns the number it held, if any. Not yet durable: await the group commit.
+    pub fn remove(&self, account: &AccountId) -> Result<Option<PhoneNumber>, DirectoryError> {
+        let abort = ConflictableTransactionError::Abort;
+        let trees = (&self.identities.tree, &self.profiles, &self.phones);
+        let result = trees.transaction(|(ids, profiles, phones)| {
+            ids.remove(account.as_bytes())?;
+            let Some(prev) = profiles.remove(account.as_bytes())? else { return Ok(None) };
+            let prev = Profile::decode(prev.as_ref()).map_err(|_| abort(DirectoryError::Corrupt))?;
+            if phones.get(prev.phone.as_bytes())?.is_some_and(|owner| owner.as_ref() == account.as_bytes()) {
+                phones.remove(prev.phone.as_bytes())?;
+            }
+            Ok(PhoneNumber::parse(&prev.phone).ok())
+        });
+        match result {
+            Ok(r) => Ok(r),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
     /// The account registered with `phone` and its keys.
     pub fn lookup(&self, phone: &PhoneNumber) -> Result<Option<(AccountId, AccountKeys)>, DirectoryError> {
         let Some(id) = self.phones.get(phone.as_str())? else { return Ok(None) };

@@ -221,6 +221,20 @@ impl Mailboxes {
         Ok(n)
     }
 
+    /// Removes every entry of `recipient`'s mailbox (the account is erased); returns how many. Not yet durable.
+    pub fn purge(&self, recipient: &AccountId) -> Result<u64, sled::Error> {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for item in self.tree.scan_prefix(recipient.as_bytes()) {
+            let (k, v) = item?;
+            if self.tree.remove(&k)?.is_some() {
+                n += 1;
+                bytes += envelope_len(&v);
+            }
+        }
+        self.release(recipient, n, bytes);
+        Ok(n)
+    }
+
     /// Removes every expired entry; returns how many.
     pub fn sweep_expired(&self, now_ms: u64) -> Result<u64, sled::Error> {
         let mut removed = 0;

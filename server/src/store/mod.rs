@@ -8,6 +8,7 @@
 pub mod commit;
 pub mod consent;
 pub mod directory;
+pub mod erasures;
 pub mod exportlog;
 pub mod mailbox;
 pub mod notices;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
 pub use directory::{AccountProfile, Claim, Directory, DirectoryError, Identities, Registered};
+pub use erasures::{Erasure, ErasureStoreError, Erasures};
 pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
 pub use notices::{NoticeStoreError, Notices};
@@ -58,6 +60,9 @@ pub mod trees {
     /// Export leases not yet released: `b'l' ‖ lease id (8, big-endian)` → pair, and `next` → the last lease id
     /// (see `fence`).
     pub const EXPORT_LEASES: &str = "export_leases";
+    /// Accepted `DeleteAccount` requests, append-only, in order: what the exporter's erasure feed reads (see
+    /// `store::erasures`).
+    pub const ERASURES: &str = "erasures";
 }
 
 /// Why the store could not be opened.
@@ -95,6 +100,8 @@ pub struct Store {
     pub commit: Arc<GroupCommit>,
     /// Export leases (the withdrawal fence), kept across restarts.
     pub fence: Arc<crate::fence::Fence>,
+    /// Accepted erasure requests.
+    pub erasures: Erasures,
 }
 
 impl Store {
@@ -119,6 +126,7 @@ impl Store {
             std::time::Instant::now(),
             crate::fence::LEASE_TTL,
         )?;
+        let erasures = Erasures::new(db.open_tree(trees::ERASURES)?);
         let commit = GroupCommit::start(db);
         Ok(Self {
             mailboxes,
@@ -130,6 +138,7 @@ impl Store {
             verifications,
             commit,
             fence: Arc::new(fence),
+            erasures,
         })
     }
 }

@@ -92,6 +92,14 @@ impl Verifications {
         }
     }
 
+    /// Removes whatever code is pending for `phone`; the request it belonged to, if any. Not yet durable.
+    pub fn drop_pending(&self, phone: &PhoneTag) -> Result<Option<RequestId>> {
+        match self.codes.remove(phone.0)? {
+            Some(old) => PendingCode::decode(&old).map(|p| Some(p.request_id)).ok_or(VerificationStoreError::Corrupt),
+            None => Ok(None),
+        }
+    }
+
     /// Removes every pending code expired at `now_ms`; their request ids.
     pub fn sweep_expired(&self, now_ms: u64) -> Result<Vec<RequestId>> {
         let mut removed = Vec::new();

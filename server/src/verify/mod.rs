@@ -433,6 +433,18 @@ impl Registration {
         }
     }
 
+    /// The account is erased: drops its registration lock and any code pending for `phone`, the number it held
+    /// (with the code's file). Not yet durable.
+    pub fn forget(&self, account: &AccountId, phone: Option<&PhoneNumber>) -> Result<(), VerifyError> {
+        self.store.set_lock(account, None)?;
+        if let (Some(v), Some(phone)) = (&self.verified, phone)
+            && let Some(id) = self.store.drop_pending(&v.key.phone_tag(phone))?
+        {
+            v.sender.withdraw(&id);
+        }
+        Ok(())
+    }
+
     /// Removes what the verifier holds for request `id` (its code file).
     pub fn withdraw(&self, id: &RequestId) {
         if let Some(v) = &self.verified {
