@@ -147,6 +147,20 @@ fn verified(evidence: &Evidence) -> Result<(ConsentStatement, [u8; 32]), &'stati
     Ok((statement, consent::statement_hash(&encoded)))
 }
 
+/// An erasure notice must follow from the account's own signed erasure request, recorded before it, and carry no
+/// fields.
+fn check_erasure_notice(record: &LogRecord, leaf: ExportLeaf) -> Result<ExportLeaf, String> {
+    let (account, hash) =
+        crate::core::erasure::verify_evidence(&record.evidence).map_err(|e| format!("erasure evidence: {e}"))?;
+    if account != record.account || hash != leaf.consent_hash {
+        return Err("the erasure request is another account's, or not the one the leaf names".into());
+    }
+    if record.evidence.recorded_at_ms > leaf.time_ms || !leaf.fields.is_empty() {
+        return Err("an erasure notice sent before its erasure was recorded, or with fields".into());
+    }
+    Ok(leaf)
+}
+
 /// The problem with one entry, if any.
 fn check_entry(
     store: &ExporterStore,
@@ -156,6 +170,10 @@ fn check_entry(
     let Ok(leaf) = ExportLeaf::decode(&record.leaf) else {
         return Ok(Err("leaf does not decode".into()));
     };
+    if leaf.kind == LeafKind::ErasureNotice {
+        // Its evidence is the user's signed erasure request, not a consent statement.
+        return Ok(check_erasure_notice(record, leaf));
+    }
     let (statement, statement_hash) = match verified(&record.evidence) {
         Ok(s) => s,
         Err(e) => return Ok(Err(format!("consent evidence: {e}"))),

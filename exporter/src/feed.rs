@@ -1,5 +1,6 @@
-//! The relay's two feeds as the exporter reads them: consent statements (`ConsentChanges`) and accounts whose
-//! exportable data changed (`SubjectChanges`), each a list of [`ConsentChange`]s after a cursor. What a change may
+//! The relay's feeds as the exporter reads them: consent statements (`ConsentChanges`) and accounts whose
+//! exportable data changed (`SubjectChanges`), each a list of [`ConsentChange`]s after a cursor, and erasures
+//! (`ErasureChanges`, checked by `crate::core::erasure`). What a change may
 //! lead to is decided by the core (`crate::core`); this module checks a change before anything acts on it, and
 //! writes the events it leads to.
 //!
@@ -10,7 +11,9 @@
 use ed25519_dalek::VerifyingKey;
 use relay_proto::AccountId;
 use relay_proto::consent::{self, ConsentStatement};
-use relay_proto::wire::{ConsentChange, ConsentChangeList, ConsentChanges, SubjectChanges, export_request};
+use relay_proto::wire::{
+    ConsentChange, ConsentChangeList, ConsentChanges, ErasureChanges, SubjectChanges, export_request,
+};
 use serde_json::{Value, json};
 
 use crate::payload;
@@ -22,10 +25,13 @@ pub enum Feed {
     Consents,
     /// Accounts whose phone number or device info changed, with the pairs in force for them.
     Subjects,
+    /// Accounts erased at their signed request (`ErasureChanges`), in the order the relay recorded them.
+    Erasures,
 }
 
 impl Feed {
-    /// Both feeds, in the order a pass reads them.
+    /// The two feeds of statements (each a `ConsentChange` list), in the order a pass reads them, after
+    /// [`Feed::Erasures`].
     pub const ALL: [Feed; 2] = [Feed::Consents, Feed::Subjects];
 
     /// The request for the changes after `after_cursor`.
@@ -33,6 +39,7 @@ impl Feed {
         match self {
             Feed::Consents => export_request::Body::ConsentChanges(ConsentChanges { after_cursor }),
             Feed::Subjects => export_request::Body::SubjectChanges(SubjectChanges { after_cursor }),
+            Feed::Erasures => export_request::Body::ErasureChanges(ErasureChanges { after_cursor }),
         }
     }
 }

@@ -6,8 +6,11 @@
 //! statement that allowed it), `heads` (its signed tree heads), `cosignatures` (head size ‖ witness key → the
 //! witness's cosignature of that head), `statements` (every verified statement per pair: the auditor's evidence
 //! that no later statement had withdrawn a grant) and `notices` (every notice document the exporter made, by hash,
-//! and the latest per pair: [`ExporterStore::version_notices`]). Keys are the text forms of
-//! [`crate::ids`].
+//! and the latest per pair: [`ExporterStore::version_notices`]) and `erased` (account → the signed erasure request
+//! it was erased at: no personal data). Keys are the text forms of [`crate::ids`]. An erasure
+//! (`crate::core::erasure`) removes the account's `exported` and `delivered` records; its outbox entries go as its
+//! notices are delivered or abandoned; its statements and log records stay (account ids, signed statements and
+//! hashes: no phone number, no device info).
 //!
 //! Contract: the store decides nothing; it performs the core's writes ([`ExporterStore::apply`]) in the order given
 //! and makes them durable at [`ExporterStore::flush`]. [`Write::Settle`] appends the log record (durably, once per
@@ -25,7 +28,7 @@ use serde::Serialize;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::core::{Delivered, Entry, Evidence, ExportMarker, Known, LogRecord, Write};
+use crate::core::{AccountRecords, Delivered, Entry, Evidence, ExportMarker, Known, LogRecord, Write};
 use crate::feed::Feed;
 use crate::ids::{Pair, WebhookId};
 
@@ -54,6 +57,7 @@ pub struct ExporterStore {
     cosignatures: sled::Tree,
     statements: sled::Tree,
     notices: sled::Tree,
+    erased: sled::Tree,
 }
 
 /// In the `notices` tree: `p ‖ affiliate ‖ / ‖ purpose` → the pair's latest notice document.
@@ -90,6 +94,7 @@ fn cursor_key(feed: Feed) -> &'static [u8] {
     match feed {
         Feed::Consents => b"feed_cursor",
         Feed::Subjects => b"subject_cursor",
+        Feed::Erasures => b"erasure_cursor",
     }
 }
 /// In the `log` tree: the number of records.
@@ -144,6 +149,7 @@ impl ExporterStore {
             cosignatures: db.open_tree("cosignatures")?,
             statements: db.open_tree("statements")?,
             notices: db.open_tree("notices")?,
+            erased: db.open_tree("erased")?,
             db,
         })
     }
@@ -231,6 +237,14 @@ impl ExporterStore {
             Write::ForgetDelivered { pair } => {
                 self.delivered.remove(pair.to_string())?;
             }
+            Write::EraseBodies { account } => {
+                // HOOK (erasure of delivered bodies): the body vault (`crate::vault`) is not wired into the store
+                // yet; once it is, this calls `Vault::erase_account(account)`. Until then no body is kept.
+                tracing::debug!(%account, "no delivered bodies kept to erase");
+            }
+            Write::Erased { account, evidence } => {
+                self.erased.insert(account.to_string(), json(evidence))?;
+            }
             Write::Cursor { feed, cursor } => {
                 self.meta.insert(cursor_key(*feed), &cursor.to_be_bytes())?;
             }
@@ -255,7 +269,34 @@ impl ExporterStore {
         // Purpose-level statements are kept under the pair with no affiliate.
         let purpose_level = self.statements_of(&Pair::new(pair.account, "", pair.purpose))?;
         let objection = Known::latest_objection(purpose_level.iter().map(|(_, e)| e));
-        Ok(Known { exported, delivered, latest: self.latest_statement(pair)?, objection })
+        let erased = self.erased.contains_key(pair.account.to_string())?;
+        Ok(Known { exported, delivered, latest: self.latest_statement(pair)?, objection, erased })
+    }
+
+    /// What an erasure of `account` needs to know: its pairs with a `delivered` record (and the record), and its
+    /// pairs with an `exported` marker.
+    pub fn account_records(&self, account: &relay_proto::AccountId) -> Result<AccountRecords, StoreError> {
+        let prefix = format!("{account}/");
+        let pair_of = |k: &[u8]| {
+            std::str::from_utf8(k)
+                .ok()
+                .and_then(|k| k.parse::<Pair>().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("pair key {:?}", String::from_utf8_lossy(k))))
+        };
+        let mut records = AccountRecords::default();
+        for item in self.delivered.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            records.delivered.push((pair_of(&k)?, Delivered::from_stored(&v)));
+        }
+        for item in self.exported.scan_prefix(&prefix) {
+            records.exported.push(pair_of(&item?.0)?);
+        }
+        Ok(records)
+    }
+
+    /// Whether `account` was erased.
+    pub fn is_erased(&self, account: &relay_proto::AccountId) -> Result<bool, StoreError> {
+        Ok(self.erased.contains_key(account.to_string())?)
     }
 
     /// The latest statement kept for `pair` (keys sort by sequence): its sequence and SHA-256.
@@ -652,11 +693,19 @@ mod tests {
                 delivered: Some(Delivered { phone_pseudonym: vec!["p".into()], ..Delivered::default() }),
                 latest: None,
                 objection: None,
+                erased: false,
             }
         );
+        let records = store.account_records(&ads.account).expect("records");
+        assert_eq!(records.exported, [ads.clone()]);
+        assert_eq!(records.delivered.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), [ads.clone()]);
         store.apply(&Write::ForgetDelivered { pair: ads.clone() }).expect("forget");
         assert_eq!(store.known(&ads).expect("known").delivered, None);
         assert_eq!(store.known(&analytics).expect("known"), Known::default());
+        let evidence = Evidence { statement: "00".into(), ..Evidence::default() };
+        store.apply(&Write::Erased { account: ads.account, evidence }).expect("erased");
+        assert!(store.known(&analytics).expect("known").erased, "an erasure covers every pair of the account");
+        assert!(store.is_erased(&ads.account).expect("erased"));
 
         for sequence in [2u64, 1, 10] {
             let statement = hex::encode(sequence.to_be_bytes());

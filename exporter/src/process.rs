@@ -45,7 +45,8 @@ use tokio::sync::watch;
 
 use crate::affiliates::Catalogue;
 use crate::core::{
-    Answer, CheckedChange, Core, CoreError, Effect, HTTP_TIMEOUT, Known, Lease, LeaseAnswer, SystemEntropy, Write,
+    AccountRecords, Answer, CheckedChange, CheckedErasure, Core, CoreError, Effect, HTTP_TIMEOUT, Known, Lease,
+    LeaseAnswer, SystemEntropy, Write,
 };
 use crate::feed::{self, Feed};
 use crate::http::{self, HttpError, Url};
@@ -212,8 +213,11 @@ impl Exporter {
         // Each notice gets its version from the store: a change of terms since the last start is a new version.
         catalogue.set_notices(store.version_notices(catalogue.notice_terms())?)?;
         let log = load_log(&store)?;
-        let cursors =
-            [(Feed::Consents, store.cursor(Feed::Consents)?), (Feed::Subjects, store.cursor(Feed::Subjects)?)];
+        let cursors = [
+            (Feed::Consents, store.cursor(Feed::Consents)?),
+            (Feed::Subjects, store.cursor(Feed::Subjects)?),
+            (Feed::Erasures, store.cursor(Feed::Erasures)?),
+        ];
         let core = Core::new(catalogue, master_key, store.entries()?, cursors, Box::new(SystemEntropy));
         let progress = watch::Sender::new(Progress {
             cursor: core.cursor(Feed::Consents),
@@ -462,6 +466,8 @@ impl Exporter {
         if !self.notices_published {
             self.publish_notices(client).await?;
         }
+        // Erasures first: a grant of an erased account read after them exports nothing.
+        self.read_erasures(client).await?;
         for feed in Feed::ALL {
             self.read_feed(client, feed).await?;
         }
@@ -499,6 +505,33 @@ impl Exporter {
                 p.cursor = cursor;
                 p.changes += read;
             });
+        }
+        Ok(())
+    }
+
+    /// Reads the erasure feed into the core, page by page, until it is caught up or the pass's pages are used.
+    async fn read_erasures(&mut self, client: &ExportClient) -> Result<(), PassError> {
+        for _ in 0..PAGES_PER_PASS {
+            let after_cursor = self.core.cursor(Feed::Erasures);
+            let page = match client.request(Feed::Erasures.request(after_cursor)).await? {
+                Resp::ErasureChangeList(l) => l,
+                _ => return Err(RelayLinkError::Unexpected("expected an erasure list".into()).into()),
+            };
+            if page.changes.is_empty() && page.next_cursor <= after_cursor {
+                return Ok(());
+            }
+            let now = relay_proto::now_ms();
+            for change in &page.changes {
+                let erasure = CheckedErasure::new(change);
+                let records = match erasure.account() {
+                    Some(account) => self.store.account_records(&account)?,
+                    None => AccountRecords::default(),
+                };
+                let (_, effects) = self.core.handle_erasure(erasure, records, now)?;
+                self.perform(client, effects).await?;
+            }
+            let effects = self.core.page_done(Feed::Erasures, page.next_cursor);
+            self.perform(client, effects).await?;
         }
         Ok(())
     }

@@ -95,6 +95,8 @@ pub struct Known {
     pub latest: Option<(u64, [u8; 32])>,
     /// The account's latest verified purpose-level statement (objection or lift) for the pair's purpose.
     pub objection: Option<ConsentStatement>,
+    /// Whether the account was erased (a verified erasure was applied): nothing of it is exported any more.
+    pub erased: bool,
 }
 
 impl Known {
@@ -208,6 +210,12 @@ impl Core {
             }
             tracing::info!(dropped, "objection to a purpose applied to the outbox");
             return Ok((Applied::Withdrawn { dropped, notified: false }, effects));
+        }
+        if known.erased && v.statement.decision == Decision::Grant {
+            // The account asked for its erasure: a grant of it (a relay replaying an old one, with a subject it
+            // should no longer hold) exports nothing.
+            tracing::warn!(cursor = change.cursor, "grant of an erased account; nothing exported");
+            return Ok((Applied::Nothing, effects));
         }
         let Some(affiliate) = self.catalogue.get(&v.pair.affiliate).cloned() else {
             return Ok((Applied::Nothing, effects));
@@ -330,7 +338,7 @@ impl Core {
 
     /// Queues `entry` under `id` unless an entry with that id is queued already (that one keeps its body, so a
     /// retry repeats the body the affiliate may have seen).
-    fn queue(&mut self, id: WebhookId, entry: Entry, effects: &mut Vec<Effect>) {
+    pub(super) fn queue(&mut self, id: WebhookId, entry: Entry, effects: &mut Vec<Effect>) {
         if let Slot::Vacant(slot) = self.outbox.entry(id) {
             effects.push(Effect::Write(Write::Put { id, entry: Box::new(entry.clone()) }));
             slot.insert(entry);
@@ -339,7 +347,7 @@ impl Core {
 
     /// Drops every queued export (not notice) of `pair`, in id order: how many, and how those logged as delivered
     /// (because an attempt of theirs got no answer) identified the user.
-    fn drop_exports_of(
+    pub(super) fn drop_exports_of(
         &mut self,
         pair: &Pair,
         effects: &mut Vec<Effect>,

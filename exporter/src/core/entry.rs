@@ -28,6 +28,9 @@ pub enum Kind {
     /// `consent.withdrawn`: names the user as the affiliate received them, delivered without a lease, logged as a
     /// withdrawal notice once the affiliate took it.
     Withdrawn,
+    /// `account.erased`: like a withdrawal notice, logged as an erasure notice; its evidence is the signed erasure
+    /// request.
+    Erased,
 }
 
 /// An export lease the relay granted for one attempt.
@@ -236,6 +239,7 @@ impl Entry {
                 (LeafKind::Export, statement.notice_hash)
             }
             Kind::Withdrawn => (LeafKind::WithdrawalNotice, self.notice_hash.unwrap_or([0; 32])),
+            Kind::Erased => (LeafKind::ErasureNotice, self.notice_hash.unwrap_or([0; 32])),
         };
         let leaf = ExportLeaf {
             kind,

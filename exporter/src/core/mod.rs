@@ -43,6 +43,7 @@
 mod changes;
 pub mod delivered;
 pub mod entry;
+pub mod erasure;
 pub mod retry;
 #[cfg(test)]
 mod sim;
@@ -58,6 +59,7 @@ pub use entry::{
     Attempt, Entry, EntryState, Evidence, InFlight, Kind, Lease, Leased, LogRecord, Reached, TransitionError,
     UnloggableError,
 };
+pub use erasure::{AccountRecords, CheckedErasure, Erased};
 pub use retry::{Entropy, RETRY_BASE, RETRY_MAX, SystemEntropy, backoff};
 
 use relay_proto::consent::ConsentStatement;
@@ -200,6 +202,18 @@ pub enum Write {
     ForgetDelivered {
         /// The pair.
         pair: Pair,
+    },
+    /// Delete the delivered bodies kept for `account` (erasure).
+    EraseBodies {
+        /// The erased account.
+        account: relay_proto::AccountId,
+    },
+    /// Mark `account` erased, with the signed request as evidence: no grant of it exports anything any more.
+    Erased {
+        /// The erased account.
+        account: relay_proto::AccountId,
+        /// The signed erasure request.
+        evidence: Evidence,
     },
     /// Move `feed`'s cursor to `cursor`.
     Cursor {
@@ -410,7 +424,7 @@ impl Core {
                 };
             }
             let first = match entry.kind {
-                Kind::Withdrawn => {
+                Kind::Withdrawn | Kind::Erased => {
                     self.current = Some(Current::Notifying { id, started_ms: now_ms });
                     Effect::Post { id, affiliate: entry.pair.affiliate.clone(), body: entry.body.clone() }
                 }
@@ -510,7 +524,7 @@ impl Core {
                             Write::Settle { id, pair: entry.pair.clone(), delivered: None, record: Box::new(record) }
                         }
                         Err(e) => {
-                            tracing::warn!(webhook = %id, error = %e, "withdrawal notice delivered but not logged");
+                            tracing::warn!(webhook = %id, error = %e, "notice delivered but not logged");
                             Write::Remove { id }
                         }
                     };
@@ -583,14 +597,15 @@ impl Core {
         if now_ms.saturating_sub(queued) < bound {
             return self.reschedule(id, failure, now_ms);
         }
-        let affiliate = entry.pair.affiliate.clone();
+        let (affiliate, kind) = (entry.pair.affiliate.clone(), entry.kind);
         self.outbox.remove(&id);
         self.abandoned += 1;
         tracing::error!(
             webhook = %id,
             affiliate = %affiliate,
             abandoned_total = self.abandoned,
-            "withdrawal notice abandoned after its retry period: the affiliate was not told of a withdrawal"
+            kind = ?kind,
+            "notice abandoned after its retry period: the affiliate was not told of a withdrawal or an erasure"
         );
         Ok(Effect::Write(Write::Remove { id }))
     }

@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use ed25519_dalek::{Signer, SigningKey};
 use relay_proto::AccountId;
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
-use relay_proto::wire::{ConsentChange, ConsentChangeList, DeviceInfo, Subject};
+use relay_proto::wire::{ConsentChange, ConsentChangeList, DeviceInfo, ErasureChange, Subject};
 
 use super::{
-    Answer, CheckedChange, Core, Delivered, Effect, Entropy, Entry, EntryState, Evidence, ExportMarker, Known, Lease,
-    LeaseAnswer, LogRecord, Write,
+    AccountRecords, Answer, CheckedChange, CheckedErasure, Core, Delivered, Effect, Entropy, Entry, EntryState,
+    Evidence, ExportMarker, Known, Lease, LeaseAnswer, LogRecord, Write,
 };
 use crate::affiliates::Catalogue;
 use crate::feed::{self, Feed};
@@ -80,6 +80,7 @@ pub struct Image {
     pub log: Vec<LogRecord>,
     pub logged: BTreeMap<WebhookId, u64>,
     pub cursors: HashMap<Feed, u64>,
+    pub erased: BTreeMap<AccountId, Evidence>,
 }
 
 impl Image {
@@ -113,6 +114,10 @@ impl Image {
             }
             Op::Write(Write::Cursor { feed, cursor }) => {
                 self.cursors.insert(*feed, *cursor);
+            }
+            Op::Write(Write::EraseBodies { .. }) => {}
+            Op::Write(Write::Erased { account, evidence }) => {
+                self.erased.insert(*account, evidence.clone());
             }
             Op::Write(Write::Settle { .. }) => unreachable!("a settle is split into its log append and its removal"),
             Op::Unlist { id, pair, delivered } => {
@@ -206,6 +211,21 @@ impl MemStore {
             delivered: self.live.delivered.get(pair).cloned(),
             latest,
             objection: Known::latest_objection(evidence),
+            erased: self.live.erased.contains_key(&pair.account),
+        }
+    }
+
+    /// What an erasure of `account` needs to know, as `ExporterStore::account_records` reads it.
+    pub fn account_records(&self, account: &AccountId) -> AccountRecords {
+        AccountRecords {
+            delivered: self
+                .live
+                .delivered
+                .iter()
+                .filter(|(p, _)| p.account == *account)
+                .map(|(p, d)| (p.clone(), d.clone()))
+                .collect(),
+            exported: self.live.exported.keys().filter(|p| p.account == *account).cloned().collect(),
         }
     }
 }
@@ -297,6 +317,8 @@ pub struct Relay {
     pub withdrawals: Vec<(Pair, usize, Option<u64>)>,
     /// Every lease asked for: pair, and whether it was granted.
     pub asked: Vec<(Pair, bool)>,
+    /// The erasure feed, in order.
+    pub erasures: Vec<ErasureChange>,
 }
 
 impl Relay {
@@ -339,6 +361,8 @@ impl Relay {
                     changes.push(change);
                 }
             }
+            // Served by `erasure_page`.
+            Feed::Erasures => {}
             Feed::Subjects => {
                 for (i, user) in self.subjects.iter().enumerate().skip(after as usize).take(self.page) {
                     next_cursor = i as u64 + 1;
@@ -361,6 +385,11 @@ impl Relay {
             }
         }
         ConsentChangeList { changes, next_cursor }
+    }
+
+    /// The erasure feed after `after`.
+    pub fn erasure_page(&self, after: u64) -> Vec<ErasureChange> {
+        self.erasures.iter().skip(after as usize).take(self.page).cloned().collect()
     }
 
     /// Leases granted and neither released nor lapsed.
@@ -553,6 +582,25 @@ impl World {
         self.relay.consents.push(r);
     }
 
+    /// The user erases their account: the relay records the signed request (made on a connection whose keying
+    /// material is `ekm`), and from then on holds nothing in force for it (an honest relay).
+    pub fn erase(&mut self, user: usize, ekm: [u8; 32]) -> ErasureChange {
+        let u = &self.relay.users[user];
+        let account = u.account();
+        let signed = relay_proto::auth::delete_transcript(&ekm, &account);
+        let change = ErasureChange {
+            cursor: self.relay.erasures.len() as u64 + 1,
+            account_id: account.as_bytes().to_vec().into(),
+            identity_key: u.key.verifying_key().as_bytes().to_vec().into(),
+            signature: u.key.sign(&signed).to_bytes().to_vec().into(),
+            signed: signed.into(),
+            recorded_at_ms: self.now,
+        };
+        self.relay.in_force.retain(|p, _| p.account != account);
+        self.relay.erasures.push(change.clone());
+        change
+    }
+
     /// The user reports a new device model.
     pub fn change_device(&mut self, user: usize, model: &str) {
         self.relay.users[user].model = model.into();
@@ -658,8 +706,24 @@ impl World {
         self.deliver()
     }
 
-    /// Reads both feeds until they are caught up.
+    /// Reads the feeds until they are caught up: erasures first, as `crate::process` does.
     pub fn read_feeds(&mut self) -> Result<(), Crashed> {
+        loop {
+            let after = self.core.cursor(Feed::Erasures);
+            if self.relay.down {
+                return Ok(());
+            }
+            let page = self.relay.erasure_page(after);
+            let Some(last) = page.last().map(|c| c.cursor) else { break };
+            for change in &page {
+                let erasure = CheckedErasure::new(change);
+                let records = erasure.account().map(|a| self.store.account_records(&a)).unwrap_or_default();
+                let (_, effects) = self.core.handle_erasure(erasure, records, self.now).expect("no attempt under way");
+                self.perform(effects)?;
+            }
+            let effects = self.core.page_done(Feed::Erasures, last);
+            self.perform(effects)?;
+        }
         for feed in Feed::ALL {
             loop {
                 let after = self.core.cursor(feed);
@@ -729,6 +793,11 @@ impl World {
     /// The webhook ids of the exports in the durable log, in order.
     pub fn logged(&self) -> Vec<WebhookId> {
         self.logged_of(relay_proto::merkle::LeafKind::Export)
+    }
+
+    /// The webhook ids of the erasure notices in the durable log, in order.
+    pub fn logged_erasures(&self) -> Vec<WebhookId> {
+        self.logged_of(relay_proto::merkle::LeafKind::ErasureNotice)
     }
 
     /// The webhook ids of the withdrawal notices in the durable log, in order.

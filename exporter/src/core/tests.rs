@@ -24,6 +24,8 @@ fn kind(effect: &Effect) -> &'static str {
         Effect::Write(Write::ForgetExported { .. }) => "forget-exported",
         Effect::Write(Write::ForgetDelivered { .. }) => "forget-delivered",
         Effect::Write(Write::Cursor { .. }) => "cursor",
+        Effect::Write(Write::EraseBodies { .. }) => "erase-bodies",
+        Effect::Write(Write::Erased { .. }) => "erased",
         Effect::Flush => "flush",
         Effect::CheckLease { .. } => "check",
         Effect::AskLease { .. } => "lease",
@@ -920,4 +922,211 @@ fn a_delivered_withdrawal_notice_is_logged_as_a_leaf_of_its_own_kind() {
     w.affiliate("adsco").script = [Refuse].into();
     w.pass().expect("no crash");
     assert!(w.logged_notices().is_empty());
+}
+
+/// Erasures that reach the core: each of the three pairs of Alice that received data, and Bob's, delivered.
+fn alice_and_bob_delivered() -> (World, usize, usize) {
+    let mut w = World::new(13);
+    let alice = w.user(1, "Pixel 9");
+    let bob = w.user(2, "Galaxy");
+    for (affiliate, purpose) in
+        [("shieldco", Purpose::Security), ("adsco", Purpose::Advertising), ("adsco", Purpose::Analytics)]
+    {
+        w.decide(alice, affiliate, purpose, Decision::Grant);
+    }
+    w.decide(bob, "shieldco", Purpose::Security, Decision::Grant);
+    w.drain(4, 0);
+    assert_eq!(w.logged().len(), 4);
+    (w, alice, bob)
+}
+
+/// What the durable store holds, as text: every outbox entry, delivered record, export marker, statement and log
+/// record (the places a phone number could be kept).
+fn stored_text(w: &World) -> String {
+    let image = &w.store.durable;
+    let mut text = String::new();
+    for v in image.outbox.values() {
+        text.push_str(&String::from_utf8_lossy(v));
+    }
+    text.push_str(&format!("{:?}", image.delivered.values().map(|d| d.to_stored()).collect::<Vec<_>>()));
+    for d in image.delivered.values() {
+        text.push_str(&String::from_utf8_lossy(&d.to_stored()));
+    }
+    for m in image.exported.values() {
+        text.push_str(&m.to_string());
+    }
+    for e in image.statements.values().chain(image.erased.values()) {
+        text.push_str(&serde_json::to_string(e).expect("evidence"));
+    }
+    for r in &image.log {
+        text.push_str(&serde_json::to_string(r).expect("record"));
+    }
+    text
+}
+
+/// Issue #12, point 6 (erasure): an erasure drops the account's queued exports, tells every affiliate that received
+/// data an `account.erased` notice naming the user exactly as that affiliate received them, logs each as an erasure
+/// notice whose evidence is the signed request, and forgets the account's delivered records and export markers: no
+/// phone number of the account is left in the store once the notices are delivered. Bob is untouched.
+#[test]
+fn an_erasure_notifies_each_affiliate_as_it_received_the_user_then_forgets_the_account() {
+    let (mut w, alice, bob) = alice_and_bob_delivered();
+    let analytics_id = w.affiliates["adsco"]
+        .received
+        .iter()
+        .find(|r| body(&r.body)["data"]["purpose"] == "analytics")
+        .map(|r| r.id.to_string())
+        .expect("the analytics export");
+    let phone = w.relay.users[alice].phone.clone();
+    assert!(stored_text(&w).contains(&phone), "the delivered record holds the phone shieldco received");
+    // A new device: an export queued for each pair that affiliates have not taken yet.
+    w.affiliate("adsco").script = [Unreachable, Unreachable].into();
+    w.affiliate("shieldco").script = [Unreachable].into();
+    w.change_device(alice, "Pixel 10");
+    w.pass().expect("no crash");
+    assert_eq!(w.core.outbox().values().filter(|e| e.kind == Kind::Export).count(), 3);
+
+    let erasure = w.erase(alice, [5; 32]);
+    w.drain(4, 0);
+    assert!(w.core.outbox().is_empty(), "{:?}", w.core.outbox());
+    let erased = |affiliate: &str, purpose: &str| {
+        let found: Vec<Value> = w.affiliates[affiliate]
+            .received
+            .iter()
+            .map(|r| body(&r.body))
+            .filter(|b| b["type"] == "account.erased" && b["data"]["purpose"] == purpose)
+            .collect();
+        assert_eq!(found.len(), 1, "one erasure notice to {affiliate} for {purpose}");
+        found[0]["data"].clone()
+    };
+    let pseudonym = phone_pseudonym(&MASTER_KEY, "adsco", &phone);
+    assert_eq!(erased("shieldco", "security"), serde_json::json!({"purpose": "security", "phone": [phone]}));
+    assert_eq!(
+        erased("adsco", "advertising"),
+        serde_json::json!({"purpose": "advertising", "phone_pseudonym": [pseudonym]})
+    );
+    assert_eq!(
+        erased("adsco", "analytics"),
+        serde_json::json!({"purpose": "analytics", "webhook_ids": [analytics_id]})
+    );
+    // Nothing of the new device left: the queued exports were dropped, not sent.
+    assert!(w.received().iter().all(|(_, r)| !r.body.contains("Pixel 10")));
+
+    // Logged as erasure notices, each following from the signed request.
+    let logged = w.logged_erasures();
+    assert_eq!(logged.len(), 3);
+    let signed_hash: [u8; 32] = sha2::Sha256::digest(&erasure.signed).into();
+    for record in w.store.durable.log.iter().filter(|r| leaf(r).kind == LeafKind::ErasureNotice) {
+        assert_eq!(leaf(record).consent_hash, signed_hash);
+        assert!(leaf(record).fields.is_empty());
+        assert_eq!(erasure::verify_evidence(&record.evidence), Ok((w.relay.users[alice].account(), signed_hash)));
+    }
+
+    // The account's records are gone, Bob's stay; no phone number of Alice anywhere in the store.
+    let alice_id = w.relay.users[alice].account();
+    assert!(w.store.durable.delivered.keys().all(|p| p.account != alice_id));
+    assert!(w.store.durable.exported.keys().all(|p| p.account != alice_id));
+    assert!(w.store.durable.erased.contains_key(&alice_id));
+    assert!(w.store.durable.delivered.contains_key(&w.pair(bob, "shieldco", Purpose::Security)));
+    let text = stored_text(&w);
+    assert!(!text.contains(&phone) && !text.contains(&phone[1..]), "Alice's phone number is still stored");
+    assert!(text.contains(&w.relay.users[bob].phone[1..]), "Bob's delivered record is kept");
+}
+
+/// Issue #12, point 6: a compromised relay that, after an erasure, serves the account's old grant again (validly
+/// signed, with a subject, and grants its leases) must get nothing exported: the exporter keeps its own record of
+/// the erasure.
+#[test]
+fn a_grant_of_an_erased_account_replayed_by_the_relay_exports_nothing() {
+    let (mut w, alice, _) = alice_grants();
+    w.drain(3, 0);
+    assert_eq!(w.affiliates["adsco"].received.len(), 1);
+    w.erase(alice, [6; 32]);
+    w.drain(3, 0);
+    assert_eq!(w.logged_erasures().len(), 1);
+    let received = w.affiliates["adsco"].received.len();
+    w.replay(0);
+    w.drain(3, 0);
+    assert_eq!(w.affiliates["adsco"].received.len(), received, "the replayed grant must not be exported");
+    assert!(w.core.outbox().is_empty());
+}
+
+/// An erasure the user did not sign, or that is not a delete request of the account it names, is ignored: nothing
+/// is dropped, forgotten or sent.
+#[test]
+fn an_erasure_the_user_did_not_sign_is_ignored() {
+    let (mut w, alice, _) = alice_grants();
+    w.affiliate("adsco").script = [Unreachable].into();
+    w.pass().expect("no crash");
+    let genuine = w.erase(alice, [7; 32]);
+    let account = w.relay.users[alice].account();
+    let mallory = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let mut forged = genuine.clone();
+    forged.signature = ed25519_dalek::Signer::sign(&mallory, &genuine.signed).to_bytes().to_vec().into();
+    // Mallory signs a request to erase Alice with her own key.
+    let mut other_key = forged.clone();
+    other_key.identity_key = mallory.verifying_key().as_bytes().to_vec().into();
+    // A signature the user really made, but over an authentication transcript, not a delete request.
+    let auth = relay_proto::auth::auth_transcript(&[7; 32], &account);
+    let mut not_delete = genuine.clone();
+    not_delete.signature = ed25519_dalek::Signer::sign(&w.relay.users[alice].key, &auth).to_bytes().to_vec().into();
+    not_delete.signed = auth.into();
+    let mut other_account = genuine.clone();
+    other_account.account_id = vec![0; 16].into();
+    for (change, why) in [
+        (&forged, "signature does not verify"),
+        (&other_key, "the erased account does not derive from the identity key"),
+        (&not_delete, "the signed bytes are not a delete request"),
+        (&other_account, "the request erases another account than the change names"),
+    ] {
+        let checked = CheckedErasure::new(change);
+        let (erased, effects) =
+            w.core.handle_erasure(checked, AccountRecords::default(), w.now).expect("no attempt under way");
+        assert_eq!(erased, Erased::Rejected(why));
+        assert!(effects.is_empty());
+    }
+    assert_eq!(w.core.outbox_len(), 1, "the export is still queued");
+}
+
+/// A crash anywhere while an erasure is applied loses neither a notice nor the erasure: the feed's cursor moves only
+/// once its writes are durable, and applying it again queues nothing twice.
+#[test]
+fn a_crash_while_an_erasure_is_applied_loses_neither_a_notice_nor_the_erasure() {
+    let (probe, alice, _) = alice_and_bob_delivered();
+    let start = probe.step;
+    for offset in 0..16 {
+        let (mut w, _, _) = alice_and_bob_delivered();
+        assert_eq!(w.step, start);
+        w.erase(alice, [8; 32]);
+        w.crash_at = Some(start + offset);
+        w.drain(12, offset as usize % 3);
+        let notices: Vec<_> = w
+            .received()
+            .into_iter()
+            .filter(|(_, r)| body(&r.body)["type"] == "account.erased")
+            .map(|(a, r)| (a.to_owned(), r.id))
+            .collect();
+        let distinct: std::collections::BTreeSet<_> = notices.iter().cloned().collect();
+        assert_eq!(distinct.len(), 3, "crash at +{offset}: {notices:?}");
+        assert_eq!(w.logged_erasures().len(), 3, "crash at +{offset}");
+        let alice_id = w.relay.users[alice].account();
+        assert!(w.store.durable.erased.contains_key(&alice_id), "crash at +{offset}");
+        assert!(w.store.durable.delivered.keys().all(|p| p.account != alice_id), "crash at +{offset}");
+        assert!(w.core.outbox().is_empty(), "crash at +{offset}");
+    }
+}
+
+/// Erasure notices are retried for a bounded time like withdrawal notices, then abandoned (counted, out of the
+/// outbox, which then holds no personal data of the account).
+#[test]
+fn an_erasure_notice_is_abandoned_after_its_retry_period() {
+    let (mut w, alice, _) = alice_and_bob_delivered();
+    w.core.set_notice_retry_for(std::time::Duration::from_secs(60));
+    w.affiliate("shieldco").script = std::iter::repeat_n(Unreachable, 64).collect();
+    w.erase(alice, [9; 32]);
+    w.drain(40, 0);
+    assert_eq!(w.core.abandoned(), 1);
+    assert!(w.core.outbox().is_empty());
+    assert_eq!(w.logged_erasures().len(), 2, "adsco's two notices were delivered");
+    assert!(!stored_text(&w).contains(&w.relay.users[alice].phone[1..]));
 }
