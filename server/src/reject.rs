@@ -5,8 +5,8 @@ use relay_proto::ErrorCode;
 use relay_proto::wire::ServerFrame;
 
 use crate::store::{
-    CommitError, DirectoryError, ErasureStoreError, ExportLogError, MailboxError, NoticeStoreError, PrekeyError, RegistryError,
-    VerificationStoreError,
+    CommitError, DirectoryError, ErasureStoreError, ExportLogError, MailboxError, NoticeStoreError, PrekeyError,
+    RegistryError, VerificationStoreError,
 };
 use crate::verify::VerifyError;
 

@@ -19,13 +19,13 @@ use relay_proto::consent::{Purpose, statement_hash, valid_affiliate_id};
 use relay_proto::merkle::{SignedTreeHead, log_key_from_wire};
 use relay_proto::wire::{
     BeginExport, ConsentChange, ConsentChangeList, ConsentChanges, EndExport, ErasureChange, ErasureChangeList,
-    ErasureChanges, ExportDenied, ExportEnded, ExportGranted,
-    ExportResponse, LogCopy, LogPublished, NoticesPublished, PublishLog, PublishNotices, PublishedEntry, ReadLog,
-    Subject, SubjectChangeList, SubjectChanges, export_request::Body as Req, export_response::Body as Resp,
+    ErasureChanges, ExportDenied, ExportEnded, ExportGranted, ExportResponse, LogCopy, LogPublished, NoticesPublished,
+    PublishLog, PublishNotices, PublishedEntry, ReadLog, Subject, SubjectChangeList, SubjectChanges,
+    export_request::Body as Req, export_response::Body as Resp,
 };
 use relay_proto::{
-    AccountId, MAX_CONSENT_CHANGES, MAX_ERASURE_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_READ_LOG_BYTES, MAX_READ_LOG_ENTRIES,
-    MAX_SUBJECT_CHANGES,
+    AccountId, MAX_CONSENT_CHANGES, MAX_ERASURE_CHANGES, MAX_PUBLISHED_ENTRIES, MAX_READ_LOG_BYTES,
+    MAX_READ_LOG_ENTRIES, MAX_SUBJECT_CHANGES,
 };
 
 use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
