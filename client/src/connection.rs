@@ -445,6 +445,7 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::RegistrationLockSet(_) => "RegistrationLockSet",
         Resp::NoticeDocument(_) => "NoticeDocument",
         Resp::ConsentHistoryPage(_) => "ConsentHistoryPage",
+        Resp::AccountDeleted(_) => "AccountDeleted",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

@@ -358,6 +358,12 @@ impl Home {
         Ok(identity)
     }
 
+    /// Removes the home and everything in it (keys, profile, contacts, sessions, receipts, held and quarantined
+    /// messages): what `relay account delete` does once the relay has erased the account.
+    pub fn erase(&self) -> Result<(), HomeError> {
+        std::fs::remove_dir_all(&self.dir).map_err(|source| HomeError::Io { path: self.dir.clone(), source })
+    }
+
     /// Makes the home 0700 and every file in it 0600 (homes written by earlier versions left some files 0644 and
     /// the directory as the umask made it).
     pub fn secure(&self) -> Result<(), HomeError> {

@@ -1062,6 +1062,16 @@ impl Messenger {
         }
     }
 
+    /// Erases this account on the relay (`DeleteAccount`, signed by the identity key over this connection's delete
+    /// transcript): the relay records the erasure for the exporter, which tells every affiliate that received data,
+    /// then removes the directory entry, keys, prekeys and mailbox, and closes the connection. The home is left as it
+    /// is ([`Home::erase`] removes it); if the relay refused, nothing was erased.
+    pub async fn delete_account(self) -> Result<(), MessengerError> {
+        let deleted = self.conn.delete_account(&self.identity).await;
+        self.close().await;
+        Ok(deleted?)
+    }
+
     /// Closes the connections.
     pub async fn close(self) {
         if let Some(anon) = self.anonymous.into_inner() {

@@ -17,6 +17,7 @@
 
 pub mod affiliates;
 pub mod audit;
+pub mod compact;
 pub mod core;
 pub mod feed;
 pub mod http;

@@ -42,6 +42,9 @@ pub enum StoreError {
     /// A stored value does not decode.
     #[error("exporter store holds a corrupt value: {0}")]
     Corrupt(String),
+    /// Settling or swapping a compaction's files failed.
+    #[error("exporter store compaction: {0}")]
+    Compaction(#[from] std::io::Error),
 }
 
 /// The exporter's sled database.
@@ -138,6 +141,7 @@ fn decode(bytes: &[u8]) -> Result<Entry, StoreError> {
 impl ExporterStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        crate::compact::settle(path)?;
         let db = sled::open(path)?;
         Ok(Self {
             outbox: db.open_tree("outbox")?,
@@ -244,6 +248,7 @@ impl ExporterStore {
             }
             Write::Erased { account, evidence } => {
                 self.erased.insert(account.to_string(), json(evidence))?;
+                self.meta.insert(crate::compact::COMPACTION_DUE, &[1][..])?;
             }
             Write::Cursor { feed, cursor } => {
                 self.meta.insert(cursor_key(*feed), &cursor.to_be_bytes())?;
@@ -292,6 +297,39 @@ impl ExporterStore {
             records.exported.push(pair_of(&item?.0)?);
         }
         Ok(records)
+    }
+
+    /// Whether an erasure left removed personal data in the database files (see `crate::compact`).
+    pub fn compaction_due(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.contains_key(crate::compact::COMPACTION_DUE)?)
+    }
+
+    /// Rewrites the database at `path` (this store's) into fresh files and reopens it (see `crate::compact`). On an
+    /// error the store is gone: reopen it from `path`.
+    pub async fn compacted(self, path: &Path) -> Result<Self, StoreError> {
+        self.db.flush_async().await?;
+        crate::compact::copy(&self.db, path)?;
+        drop(self);
+        crate::compact::swap(path)?;
+        crate::compact::reopen(|| Self::open(path)).await
+    }
+
+    /// A throwaway store in a temporary directory (what stands in while the real one is compacted).
+    pub fn temporary() -> Result<Self, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Ok(Self {
+            outbox: db.open_tree("outbox")?,
+            delivered: db.open_tree("delivered")?,
+            exported: db.open_tree("exported")?,
+            meta: db.open_tree("meta")?,
+            log: db.open_tree("log")?,
+            heads: db.open_tree("heads")?,
+            cosignatures: db.open_tree("cosignatures")?,
+            statements: db.open_tree("statements")?,
+            notices: db.open_tree("notices")?,
+            erased: db.open_tree("erased")?,
+            db,
+        })
     }
 
     /// Whether `account` was erased.

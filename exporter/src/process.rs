@@ -156,6 +156,8 @@ pub struct Exporter {
     log_key: SigningKey,
     log: MerkleLog,
     store: ExporterStore,
+    /// Where the store's database is (what a compaction rewrites).
+    db_path: PathBuf,
     core: Core,
     endpoints: BTreeMap<String, Endpoint>,
     tls: http::Tls,
@@ -235,6 +237,7 @@ impl Exporter {
             log_key,
             log,
             store,
+            db_path: data_dir.join("db"),
             core,
             endpoints,
             tls,
@@ -472,7 +475,26 @@ impl Exporter {
             self.read_feed(client, feed).await?;
         }
         self.deliver_due(client).await?;
-        self.publish(client).await
+        self.publish(client).await?;
+        Ok(self.compact_if_due().await?)
+    }
+
+    /// After an erasure, once no outbox entry of an erased account is left (its notices delivered or abandoned),
+    /// rewrites the database so that what was removed leaves the disk (`crate::compact`). A failure ends the
+    /// process, whose restart settles the files.
+    async fn compact_if_due(&mut self) -> Result<(), StoreError> {
+        if !self.store.compaction_due()? {
+            return Ok(());
+        }
+        for entry in self.core.outbox().values() {
+            if self.store.is_erased(&entry.pair.account)? {
+                return Ok(());
+            }
+        }
+        let store = std::mem::replace(&mut self.store, ExporterStore::temporary()?);
+        self.store = store.compacted(&self.db_path).await?;
+        tracing::info!("store compacted after an erasure");
+        Ok(())
     }
 
     /// Reads one feed into the core, page by page, until it is caught up or the pass's pages are used.

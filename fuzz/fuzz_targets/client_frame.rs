@@ -140,6 +140,13 @@ fn client_frame(f: ClientFrame) {
             pair(&[], &n.affiliate, &n.purpose);
             let _ = <[u8; 32]>::try_from(n.hash.as_ref());
         }
+        Some(Req::DeleteAccount(d)) => {
+            // As the relay checks it (server/src/session/account.rs) and the exporter takes the transcript apart.
+            let transcript = auth::delete_transcript(&ekm, &AccountId([0x11; 16]));
+            assert!(auth::parse_delete_transcript(&transcript).is_some());
+            let _ = auth::parse_delete_transcript(&d.signature);
+            let _ = Signature::from_slice(&d.signature);
+        }
         // Bare integers, nothing to take apart; listed so that a new request type fails to compile here.
         Some(
             Req::Subscribe(_)
@@ -192,7 +199,13 @@ fn export_request(r: ExportRequest) {
         }
         // Cursors and counts only, nothing to take apart (the relay bounds `max_entries` itself); listed so that a
         // new request type fails to compile here.
-        Some(ExportReq::ConsentChanges(_) | ExportReq::SubjectChanges(_) | ExportReq::ReadLog(_)) | None => {}
+        Some(
+            ExportReq::ConsentChanges(_)
+            | ExportReq::SubjectChanges(_)
+            | ExportReq::ReadLog(_)
+            | ExportReq::ErasureChanges(_),
+        )
+        | None => {}
     }
 }
 

@@ -14,6 +14,7 @@
 //! relay --home D exports [--verify] [--json]
 //! relay --home D consent history [--json]
 //! relay --home D data export FILE
+//! relay --home D account delete [--yes]
 //! ```
 //! Exit status 0 means success (for `send`: the relay acknowledged the message durably); errors go to stderr with
 //! status 1. `register` exits 3 when the relay verifies phone numbers and no code was given: it has asked the relay
@@ -21,6 +22,10 @@
 //! exits 3 when it set aside (quarantined) an envelope it could not read, after printing everything else.
 //! `verify` exits 2 when a contact's identity changed; `exports --verify` exits 1 when a check fails. `consent grant`
 //! shows the notice and signs only after `yes` is typed (or with `--yes`); anything else exits 1, nothing signed.
+//! `account delete` asks to type the account's phone number (or takes `--yes`): anything else exits 1 with nothing
+//! deleted; a refusal by the relay exits 1 with nothing deleted either; exit 0 means the relay erased the account and
+//! the home directory was removed; exit 4 means the relay erased the account but the home could not be removed
+//! (the path is printed: remove it by hand).
 //! Text another party chose (a message, a sender, anything the relay relays) reaches the terminal only through
 //! `relay_client::display`: control characters are dropped from human output and escaped in JSON.
 
@@ -153,6 +158,12 @@ enum Command {
         #[arg(long = "witness-key", value_name = "HEX", requires = "verify")]
         witness_keys: Vec<String>,
     },
+    /// Your account: `delete` erases it on the relay (directory entry, keys, mailbox; affiliates that received
+    /// data are told) and removes this home.
+    Account {
+        #[command(subcommand)]
+        action: AccountAction,
+    },
     /// Your data, as one portable document.
     Data {
         #[command(subcommand)]
@@ -175,6 +186,19 @@ enum Command {
         /// Accept the contact's new identity key.
         #[arg(long)]
         accept: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountAction {
+    /// Erase this account: asks you to type its phone number, then the relay removes your directory entry, phone
+    /// number, device info, keys and queued messages, every affiliate that received data about you is sent an
+    /// erasure notice, and this home directory (keys and all local state) is removed. The number can be registered
+    /// again, by a new identity only.
+    Delete {
+        /// Delete without asking (for scripts).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -363,6 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             exports(&home, verify, json).await?
         }
+        Command::Account { action: AccountAction::Delete { yes } } => delete_account(&home, yes).await?,
         Command::Data { action: DataAction::Export { file } } => {
             let m = Messenger::open(&home).await?;
             let export = m.data_export().await;
@@ -449,6 +474,33 @@ async fn register(home: &Home, server: &str, cert_sha256: &str, mut proof: Verif
 /// characters, but the relay served it).
 fn terminal_safe_notice(document: &str) -> String {
     document.lines().map(|l| format!("{}\n", terminal_safe(l))).collect()
+}
+
+/// Exit status of `account delete` when the relay erased the account but the home could not be removed.
+const EXIT_HOME_LEFT: i32 = 4;
+
+async fn delete_account(home: &Home, yes: bool) -> anyhow::Result<()> {
+    let phone = home.profile()?.phone;
+    if !yes {
+        let answer = read_secret(&format!(
+            "This erases the account of {phone} on the relay and removes {} for good. Type the phone number to \
+             confirm: ",
+            home.dir().display()
+        ))
+        .unwrap_or_default();
+        if answer.trim() != phone {
+            anyhow::bail!("not deleted: the number typed is not this account's (or pass --yes in a script)");
+        }
+    }
+    let m = Messenger::open(home).await?;
+    m.delete_account().await?;
+    println!("account of {phone} erased on the relay; affiliates that received data will be told");
+    if let Err(e) = home.erase() {
+        eprintln!("error: the account is erased, but {} could not be removed: {e}", home.dir().display());
+        std::process::exit(EXIT_HOME_LEFT);
+    }
+    println!("removed {}", home.dir().display());
+    Ok(())
 }
 
 /// Prompts on stderr (when stdin is a terminal) and reads one line from stdin. The line is echoed by the terminal:

@@ -5,13 +5,13 @@
 
 use bytes::Bytes;
 use relay_client::{Connection, Identity, InboxEvent};
-use relay_proto::auth::{auth_transcript, register_transcript};
+use relay_proto::auth::{auth_transcript, delete_transcript, register_transcript};
 use relay_proto::consent::{ConsentStatement, Decision, Purpose};
 use relay_proto::wire::{
-    Ack, Auth, ConsentChanges, ConsentHistory, EndExport, ExportRequest, FetchBundle, GetNotice, GetSenderCertificate,
-    ListConsent, ListExports, Lookup, PublishLog, PublishNotices, PutConsent, Register, RequestCode, SealedSend, Send,
-    ServerFrame, SetAccessKey, SetRegistrationLock, SubjectChanges, Subscribe, UploadPrekeys, client_frame::Body,
-    export_request::Body as ExportBody, server_frame::Body as Resp,
+    Ack, Auth, ConsentChanges, ConsentHistory, DeleteAccount, EndExport, ErasureChanges, ExportRequest, FetchBundle,
+    GetNotice, GetSenderCertificate, ListConsent, ListExports, Lookup, PublishLog, PublishNotices, PutConsent,
+    Register, RequestCode, SealedSend, Send, ServerFrame, SetAccessKey, SetRegistrationLock, SubjectChanges, Subscribe,
+    UploadPrekeys, client_frame::Body, export_request::Body as ExportBody, server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use relay_tests::TestRelay;
@@ -116,6 +116,10 @@ fn operations(conn: &Connection, bob: &Identity, signer: &Identity, bob_server_i
         Body::SetRegistrationLock(SetRegistrationLock { pin: "2468".into() }),
         Body::GetNotice(GetNotice { affiliate: "adsco".into(), purpose: "advertising".into(), hash: Bytes::new() }),
         Body::ConsentHistory(ConsentHistory { after_sequence: 0 }),
+        // An erasure of Bob's account, signed by `signer` for this connection.
+        Body::DeleteAccount(DeleteAccount {
+            signature: Bytes::copy_from_slice(&signer.sign(&delete_transcript(&ekm_of(conn), &b))),
+        }),
     ]
 }
 
@@ -132,6 +136,8 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
         Body::RequestCode(_) => Refused(ErrorCode::InvalidRequest),
         _ if !authenticated => Refused(ErrorCode::Unauthenticated),
         Body::PutConsent(_) => Refused(ErrorCode::ConsentRejected),
+        // Only ever the caller's own account, and only with its own key's signature over this connection's transcript.
+        Body::DeleteAccount(_) => Refused(ErrorCode::BadSignature),
         // Notices are the same for everyone: what any user is shown before granting.
         Body::Lookup(_) | Body::FetchBundle(_) | Body::Send(_) | Body::GetNotice(_) => Public,
         Body::Subscribe(_)
@@ -246,6 +252,7 @@ fn export_operations(bob: AccountId) -> Vec<ExportBody> {
         ExportBody::PublishLog(PublishLog::default()),
         ExportBody::ReadLog(relay_proto::wire::ReadLog { start_index: 0, max_entries: 256 }),
         ExportBody::PublishNotices(PublishNotices { documents: vec![] }),
+        ExportBody::ErasureChanges(ErasureChanges { after_cursor: 0 }),
     ];
     // A new export operation must be added above (this match has no wildcard).
     for op in &ops {
@@ -256,7 +263,8 @@ fn export_operations(bob: AccountId) -> Vec<ExportBody> {
             | ExportBody::SubjectChanges(_)
             | ExportBody::PublishLog(_)
             | ExportBody::ReadLog(_)
-            | ExportBody::PublishNotices(_) => {}
+            | ExportBody::PublishNotices(_)
+            | ExportBody::ErasureChanges(_) => {}
         }
     }
     ops

@@ -8,6 +8,7 @@ mod consent;
 mod crash;
 mod durability;
 mod e2ee;
+mod erasure;
 mod export;
 mod exporter;
 mod exportlog;

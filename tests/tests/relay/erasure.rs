@@ -1,0 +1,137 @@
+//! `DeleteAccount` end to end (issue #12, point 6): the signed request is bound to its connection; the relay removes
+//! the directory entry, keys and mailbox and frees the number (for a new identity only); the exporter sends every
+//! affiliate that received data an `account.erased` notice naming the user as it received them, logs it, and keeps
+//! no phone number of the account in its data dir once the notices are delivered.
+
+use bytes::Bytes;
+use relay_client::{Connection, Messenger};
+use relay_proto::ErrorCode;
+use relay_proto::auth::delete_transcript;
+use relay_proto::consent::Decision;
+use relay_proto::wire::{DeleteAccount, client_frame::Body};
+use relay_tests::affiliate::{Sink, TestExporter, catalogue};
+use relay_tests::{TestRelay, files_containing};
+
+use crate::{WAIT, bounded};
+
+const ALICE: &str = "+33612345678";
+const BOB: &str = "+33698765432";
+
+fn fp(relay: &TestRelay) -> [u8; 32] {
+    relay_client::pin::parse_fingerprint(relay.fingerprint()).expect("fingerprint")
+}
+
+fn delete_frame(conn: &Connection, identity: &relay_client::Identity) -> Body {
+    let ekm = relay_quic::ekm(conn.quic()).expect("keying material");
+    Body::DeleteAccount(DeleteAccount {
+        signature: Bytes::copy_from_slice(&identity.sign(&delete_transcript(&ekm, &identity.account_id()))),
+    })
+}
+
+/// A `DeleteAccount` signature made for one connection, replayed on another connection authenticated as the same
+/// account (a relay operator or anyone who saw it), erases nothing; without authentication it is refused too. The
+/// genuine request erases the account and the relay closes that connection.
+#[tokio::test]
+async fn a_delete_request_replayed_on_another_connection_is_refused() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let (first, alice) = relay.raw_user(ALICE).await.expect("alice");
+    let second = Connection::connect(relay.addr(), fp(&relay)).await.expect("connect");
+    second.authenticate(&alice).await.expect("auth");
+    let anonymous = Connection::connect(relay.addr(), fp(&relay)).await.expect("connect");
+    let signed_on_first = delete_frame(&first, &alice);
+
+    let replayed = bounded("replay", second.request(signed_on_first.clone())).await.expect_err("replayed");
+    assert_eq!(replayed.code(), Some(ErrorCode::BadSignature), "{replayed}");
+    let unauthenticated = bounded("anonymous", anonymous.request(signed_on_first.clone())).await.expect_err("anon");
+    assert_eq!(unauthenticated.code(), Some(ErrorCode::Unauthenticated), "{unauthenticated}");
+    let (bob, _) = relay.raw_user(BOB).await.expect("bob");
+    assert!(bob.lookup(ALICE).await.is_ok(), "alice still exists");
+
+    bounded("delete", first.request(signed_on_first)).await.expect("deleted");
+    let gone = bob.lookup(ALICE).await.expect_err("alice is gone");
+    assert_eq!(gone.code(), Some(ErrorCode::NotFound), "{gone}");
+    assert!(bounded("after", first.request(Body::ListConsent(Default::default()))).await.is_err(), "closed");
+    let again = bounded("auth", second.authenticate(&alice)).await.expect_err("no such account");
+    assert_eq!(again.code(), Some(ErrorCode::NotFound), "{again}");
+}
+
+/// After an erasure the number is free for a new identity, the erased identity cannot come back (its statements
+/// stay on the relay as evidence and must never count again), and what was queued for the account is gone: the new
+/// holder of the number receives nothing sent to the old one.
+#[tokio::test]
+async fn an_erased_number_can_be_registered_again_by_a_new_identity_only() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let alice = relay.user(ALICE).await.expect("alice");
+    let mut bob = relay.user(BOB).await.expect("bob");
+    bob.messenger.send_text(ALICE, "queued for the old account").await.expect("queued");
+    let (old_home, old_dir) = (alice.home.clone(), alice.home_dir().to_path_buf());
+    let (messenger, _guard) = alice.split();
+    bounded("delete", messenger.delete_account()).await.expect("deleted");
+    assert!(old_dir.exists(), "the library leaves the home to the caller");
+
+    let err = bounded("old identity", Messenger::register(&old_home, &relay.addr().to_string(), relay.fingerprint()))
+        .await
+        .err()
+        .expect("the erased identity may not register again");
+    assert_eq!(err.code(), Some(ErrorCode::ConsentRejected), "{err}");
+
+    let (new_conn, _) = relay.raw_user(ALICE).await.expect("the number registers again, under a new identity");
+    let got = bounded("drain", relay_tests::drain_mailbox(&new_conn)).await.expect("mailbox");
+    assert!(got.is_empty(), "the old account's envelopes went with it: {} left", got.len());
+}
+
+/// The exporter side: every affiliate that received data gets an `account.erased` notice naming the user as it
+/// received them (shieldco got the phone, adsco a pseudonym), nothing else leaves, and once the notices are
+/// delivered no file of the exporter's data dir holds the phone number.
+#[tokio::test]
+async fn affiliates_are_told_and_the_exporter_keeps_no_phone_number_of_an_erased_account() {
+    let adsco = Sink::start(b"adsco webhook key 0123456789").await.expect("adsco sink");
+    let shieldco = Sink::start(b"shieldco webhook key 98765432").await.expect("shieldco sink");
+    // As the test catalogue, but shieldco receives the raw phone number for security.
+    let catalogue = catalogue(&[
+        ("adsco", &adsco, &[("advertising", &["phone_pseudonym", "device_model"])]),
+        ("shieldco", &shieldco, &[("security", &["phone", "os"])]),
+    ]);
+    let (relay, mut exporter) = TestExporter::start(&catalogue).await.expect("relay and exporter");
+    let alice = relay.user(ALICE).await.expect("alice");
+    alice.messenger.decide_consent("shieldco", "security", Decision::Grant, None).await.expect("grant");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    let sent = shieldco.wait_events(1, WAIT).await.expect("shieldco export").remove(0);
+    assert_eq!(sent.body["data"]["phone"], ALICE);
+    let export = adsco.wait_events(1, WAIT).await.expect("adsco export").remove(0);
+    let pseudonym = export.body["data"]["phone_pseudonym"].clone();
+    let digits = &ALICE.as_bytes()[1..];
+    exporter.wait_until(WAIT, |p| p.outbox == 0).await.expect("delivered");
+    assert!(!files_containing(&exporter.data_dir(), digits).expect("scan").is_empty(), "delivered record kept");
+
+    let (messenger, _guard) = alice.split();
+    bounded("delete", messenger.delete_account()).await.expect("deleted");
+    let erased = |events: &[relay_tests::affiliate::Attempt]| {
+        events.iter().any(|e| e.status < 300 && e.body["type"] == "account.erased")
+    };
+    let notice = |events: Vec<relay_tests::affiliate::Attempt>| {
+        events.into_iter().find(|e| e.body["type"] == "account.erased").expect("the erasure notice")
+    };
+    let to_shieldco = notice(shieldco.wait_until(WAIT, erased).await.expect("erasure notice"));
+    let to_adsco = notice(adsco.wait_until(WAIT, erased).await.expect("erasure notice"));
+    for (notice, data) in [
+        (&to_shieldco, serde_json::json!({"purpose": "security", "phone": [ALICE]})),
+        (&to_adsco, serde_json::json!({"purpose": "advertising", "phone_pseudonym": [pseudonym]})),
+    ] {
+        assert!(notice.signature_ok);
+        assert_eq!(notice.body["type"], "account.erased");
+        assert_eq!(notice.body["data"], data);
+    }
+    exporter.wait_until(WAIT, |p| p.outbox == 0 && p.logged >= 4).await.expect("notices logged");
+    exporter.wait_passes(2, WAIT).await.expect("passes");
+    for sink in [&adsco, &shieldco] {
+        let mut kinds: Vec<_> =
+            sink.events().iter().map(|e| e.body["type"].as_str().unwrap_or("").to_owned()).collect();
+        kinds.sort();
+        assert_eq!(kinds, ["account.erased", "user.metadata.exported"], "nothing else left");
+    }
+    exporter.stop().await.expect("stop");
+    let left = files_containing(&exporter.data_dir(), digits).expect("scan");
+    assert!(left.is_empty(), "the erased account's phone number is still in {left:?}");
+    drop(relay);
+}
