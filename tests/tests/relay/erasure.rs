@@ -135,3 +135,48 @@ async fn affiliates_are_told_and_the_exporter_keeps_no_phone_number_of_an_erased
     assert!(left.is_empty(), "the erased account's phone number is still in {left:?}");
     drop(relay);
 }
+
+/// `relay account delete` erases only once the account's own phone number is typed (anything else exits 1 with
+/// nothing deleted), or with `--yes`; then it exits 0, the relay no longer knows the number and the home is gone.
+#[tokio::test]
+async fn the_cli_deletes_only_after_the_number_is_typed_and_removes_the_home() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let alice = relay.user(ALICE).await.expect("alice");
+    let (bob, _) = relay.raw_user(BOB).await.expect("bob");
+    let home = alice.home_dir().to_owned();
+    let (messenger, _guard) = alice.split();
+    messenger.close().await;
+    let bin = relay_tests::binary_path("relay", "RELAY_BIN").expect("the relay binary");
+    let run = |args: &'static [&'static str], typed: &'static str| {
+        let (bin, home) = (bin.clone(), home.clone());
+        async move {
+            let mut child = tokio::process::Command::new(bin)
+                .arg("--home")
+                .arg(home)
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn relay");
+            let mut stdin = child.stdin.take().expect("stdin");
+            tokio::io::AsyncWriteExt::write_all(&mut stdin, typed.as_bytes()).await.expect("type");
+            drop(stdin);
+            bounded("relay account delete", child.wait_with_output()).await.expect("output")
+        }
+    };
+    for typed in ["yes\n", "", "+33612345679\n"] {
+        let out = run(&["account", "delete"], typed).await;
+        assert_eq!(out.status.code(), Some(1), "typed {typed:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not deleted"), "typed {typed:?}");
+        assert!(bob.lookup(ALICE).await.is_ok(), "typed {typed:?}: alice still exists");
+        assert!(home.join("identity.json").exists());
+    }
+    let out = run(&["account", "delete"], "+33612345678\n").await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(bob.lookup(ALICE).await.expect_err("erased").code(), Some(ErrorCode::NotFound));
+    assert!(!home.exists(), "the home is removed");
+    let out = run(&["account", "delete", "--yes"], "").await;
+    assert_eq!(out.status.code(), Some(1), "nothing left to delete");
+}
