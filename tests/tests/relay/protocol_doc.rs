@@ -92,6 +92,10 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
     let auth_signature = alice.sign(&auth);
     v.push(("auth_transcript", auth));
     v.push(("auth_signature", auth_signature.to_vec()));
+    let delete = relay_proto::auth::delete_transcript(&ekm, &alice.account_id());
+    let delete_signature = alice.sign(&delete);
+    v.push(("delete_transcript", delete));
+    v.push(("delete_signature", delete_signature.to_vec()));
     let frame = ClientFrame {
         body: Some(client_frame::Body::Auth(Auth {
             protocol_version: PROTOCOL_VERSION,
