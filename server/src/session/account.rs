@@ -84,3 +84,105 @@ impl Account {
         reply(Resp::AccountDeleted(AccountDeleted {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::{Duration, Instant};
+
+    use ed25519_dalek::{Signer, SigningKey};
+    use relay_proto::PhoneNumber;
+    use relay_proto::consent::{ConsentStatement, Decision, Purpose};
+
+    use super::*;
+    use crate::fence::LEASE_TTL;
+    use crate::store::directory::{AccountKeys, Claim};
+    use crate::store::{MailboxLimits, Store};
+    use crate::verify::{CodeLimits, VerifierSpec};
+
+    /// The erasure is recorded before anything is deleted, the account's records go, and the answer waits, like a
+    /// withdrawal, until the export lease held on one of the account's pairs is released.
+    #[tokio::test]
+    async fn a_deletion_is_recorded_first_removes_the_account_and_waits_for_exports_in_flight() {
+        let dir = tempfile::tempdir().expect("dir");
+        let limits = MailboxLimits { max_messages: 10, max_bytes: 10_000, ttl_ms: 60_000 };
+        let store = Store::open(&dir.path().join("store"), limits).expect("store");
+        let limits = CodeLimits { per_number_per_hour: 1, per_address_per_hour: 1 };
+        let registration = Registration::open(
+            &VerifierSpec::Open,
+            dir.path(),
+            store.verifications.clone(),
+            store.commit.clone(),
+            limits,
+        )
+        .expect("registration");
+        let handler = Arc::new(Account {
+            directory: store.directory.clone(),
+            prekeys: store.prekeys.clone(),
+            mailboxes: store.mailboxes.clone(),
+            registration: Arc::new(registration),
+            erasures: store.erasures.clone(),
+            registry: store.consent.clone(),
+            fence: store.fence.clone(),
+            commit: store.commit.clone(),
+        });
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let keys = AccountKeys {
+            identity_key: key.verifying_key().to_bytes(),
+            sealing_key: [5; 32],
+            sealing_key_signature: None,
+        };
+        let phone = PhoneNumber::parse("+33612345678").expect("phone");
+        let account =
+            store.directory.register(keys, &phone, Default::default(), 1, Claim::FirstCome).expect("register").account;
+        let grant = ConsentStatement {
+            account,
+            affiliate: "adsco".into(),
+            purpose: Purpose::Advertising,
+            decision: Decision::Grant,
+            notice_hash: [1; 32],
+            sequence: 1,
+            time_ms: 1,
+            expires_ms: None,
+        };
+        store.consent.record(&grant.encode(), &[0; 64], 1).expect("grant");
+        store.mailboxes.append(&account, b"queued", relay_proto::now_ms()).expect("envelope");
+        let (lease, _) = store
+            .fence
+            .acquire((account, Purpose::Advertising, "adsco".into()), Instant::now(), LEASE_TTL)
+            .expect("an export in flight");
+
+        let session = Arc::new(Session::new([9; 32], IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        session.authenticate(account).expect("auth");
+        let signature = key.sign(&delete_transcript(&[9; 32], &account)).to_bytes();
+        let request = DeleteRequest { signature: signature.to_vec().into() };
+        let task = {
+            let (handler, session) = (handler.clone(), session.clone());
+            tokio::spawn(async move { handler.delete(&session, request).await })
+        };
+        // Bounded wait for the removal, which comes after the erasure is durably recorded.
+        for _ in 0..1_000 {
+            if store.directory.lookup(&phone).expect("lookup").is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(store.directory.lookup(&phone).expect("lookup"), None, "the number is free");
+        let recorded = store.erasures.changes(0, 10).expect("feed");
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].1.account, account);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!task.is_finished(), "acknowledged while an export of the account was in flight");
+        store.fence.release(&(account, Purpose::Advertising, "adsco".into()), lease);
+        let answer = tokio::time::timeout(Duration::from_secs(10), task).await.expect("answered").expect("join");
+        assert!(matches!(answer.expect("deleted").body, Some(Resp::AccountDeleted(_))));
+        assert!(session.ended(), "the connection is to be closed");
+        assert_eq!(store.directory.keys(&account).expect("keys"), None);
+        assert_eq!(store.directory.profile(&account).expect("profile"), None);
+        assert_eq!(store.mailboxes.depth(&account).expect("depth"), 0, "the mailbox is empty");
+        assert!(store.erasures.erased(&account).expect("erased"));
+        assert_eq!(store.consent.history(&account).expect("history").len(), 1, "statements stay as evidence");
+    }
+}
