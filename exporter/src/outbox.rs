@@ -735,8 +735,8 @@ mod tests {
             }
         );
         let records = store.account_records(&ads.account).expect("records");
-        assert_eq!(records.exported, [ads.clone()]);
-        assert_eq!(records.delivered.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), [ads.clone()]);
+        assert_eq!(records.exported, std::slice::from_ref(&ads));
+        assert_eq!(records.delivered.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), std::slice::from_ref(&ads));
         store.apply(&Write::ForgetDelivered { pair: ads.clone() }).expect("forget");
         assert_eq!(store.known(&ads).expect("known").delivered, None);
         assert_eq!(store.known(&analytics).expect("known"), Known::default());
