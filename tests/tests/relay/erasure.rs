@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use relay_client::{Connection, Messenger};
+use relay_exporter::outbox::ExporterStore;
 use relay_proto::ErrorCode;
 use relay_proto::auth::delete_transcript;
 use relay_proto::consent::Decision;
@@ -133,6 +134,12 @@ async fn affiliates_are_told_and_the_exporter_keeps_no_phone_number_of_an_erased
     exporter.stop().await.expect("stop");
     let left = files_containing(&exporter.data_dir(), digits).expect("scan");
     assert!(left.is_empty(), "the erased account's phone number is still in {left:?}");
+    // The auditor accepts the erasure notices: each follows from the account's own signed request.
+    let key = relay_proto::merkle::log_key_from_wire(&hex::decode(exporter.log_key()).expect("hex")).expect("key");
+    let store = ExporterStore::open(&exporter.data_dir().join("db")).expect("exporter store");
+    let report = relay_exporter::audit::audit(&store, &key, None).expect("audit");
+    assert!(report.passed(), "{:?}", report.problems);
+    assert_eq!(report.entries, 4, "two exports, two erasure notices");
     drop(relay);
 }
 
