@@ -134,7 +134,7 @@ pub struct Progress {
     pub outbox: usize,
     /// Webhooks acknowledged with 2xx since start.
     pub delivered: u64,
-    /// Withdrawal notices abandoned since start, after their retry period: affiliates not told of a withdrawal.
+    /// Withdrawal and erasure notices abandoned since start, after their retry period: affiliates not told.
     pub abandoned: u64,
     /// Entries in the export log.
     pub logged: u64,

@@ -4,7 +4,7 @@
 //! tests). Nothing here touches a disk, a socket or a clock; the randomness of retry jitter and event nonces comes
 //! from an injected [`Entropy`].
 //!
-//! Events: [`Core::handle_change`] and [`Core::page_done`] for the feeds; for deliveries, [`Core::plan_deliveries`]
+//! Events: [`Core::handle_change`], [`Core::handle_erasure`] (see [`erasure`]) and [`Core::page_done`] for the feeds; for deliveries, [`Core::plan_deliveries`]
 //! then, attempt by attempt, [`Core::poll_attempt`] and the answers to the questions its effects ask:
 //! [`Core::handle_lease`] (the relay's answer to [`Effect::AskLease`]), [`Core::handle_lease_check`] (the time once
 //! the flush before a request is done, [`Effect::CheckLease`]), [`Core::handle_answer`] (the affiliate's answer to
@@ -33,7 +33,7 @@
 //!   hold it; a 2xx is logged at the answered attempt's time. Logging and removal are one [`Write::Settle`], which
 //!   the store performs log first, durably, then the removal.
 //! - A failed attempt is retried after [`backoff`] (1 s doubling to 10 min, with jitter), under the same webhook id
-//!   and with the same body. A withdrawal notice is retried only for [`Core::set_notice_retry_for`] (default
+//!   and with the same body. A withdrawal or erasure notice is retried only for [`Core::set_notice_retry_for`] (default
 //!   [`NOTICE_RETRY_FOR`], 7 days) from when it was queued: its first failure after that abandons it (out of the
 //!   outbox, counted in [`Core::abandoned`], an `error!` line naming its webhook id and affiliate).
 //! - Changes and deliveries take turns: no change is applied while an attempt is under way.
@@ -358,7 +358,7 @@ impl Core {
         self.notice_retry_for = bound;
     }
 
-    /// Withdrawal notices abandoned since this core was made: affiliates that were not told of a withdrawal.
+    /// Withdrawal and erasure notices abandoned since this core was made: affiliates that were not told.
     pub fn abandoned(&self) -> u64 {
         self.abandoned
     }
