@@ -147,6 +147,32 @@ pub struct Progress {
     pub notices: u32,
 }
 
+impl Progress {
+    /// The Prometheus text page of `relay-exporter --metrics-listen`: totals only, nothing about any user.
+    pub fn render_metrics(&self) -> String {
+        let rows: [(&str, &str, &str, u64); 8] = [
+            ("relay_exporter_passes_total", "counter", "Passes completed without a relay error.", self.passes),
+            ("relay_exporter_changes_total", "counter", "Consent and subject changes read since start.", self.changes),
+            ("relay_exporter_delivered_total", "counter", "Webhooks answered 2xx since start.", self.delivered),
+            (
+                "relay_exporter_abandoned_notices_total",
+                "counter",
+                "Withdrawal notices given up after their retry period since start: affiliates not told.",
+                self.abandoned,
+            ),
+            ("relay_exporter_outbox_entries", "gauge", "Entries waiting in the outbox.", self.outbox as u64),
+            ("relay_exporter_log_entries", "gauge", "Entries in the export log.", self.logged),
+            ("relay_exporter_log_published", "gauge", "Entries of the export log the relay holds.", self.published),
+            ("relay_exporter_notices_current", "gauge", "Notices the relay holds as current.", u64::from(self.notices)),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in rows {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        out
+    }
+}
+
 /// Where an affiliate's webhooks go, and the key that signs them.
 struct Endpoint {
     url: Url,
