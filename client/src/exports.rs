@@ -100,6 +100,21 @@ pub struct SignedHead {
     pub timestamp_ms: u64,
     /// Ed25519 signature, hex.
     pub signature: String,
+    /// The witnesses' cosignatures the relay served with the head (docs/protocol.md 10.4), as served: checked only
+    /// under the witness keys this home was configured with (`--witness-key`), whatever key each names.
+    pub cosignatures: Vec<HeadCosignature>,
+}
+
+/// A witness's cosignature of a head: Ed25519 by `witness_key` over "consent-relay witness cosignature v1" ‖
+/// SHA-256(log key) ‖ size (u64 BE) ‖ root ‖ timestamp_ms (u64 BE).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeadCosignature {
+    /// The witness key it names, hex.
+    pub witness_key: String,
+    /// When the witness cosigned (its clock, ms since the Unix epoch).
+    pub timestamp_ms: u64,
+    /// The signature, hex.
+    pub signature: String,
 }
 
 /// The RFC 6962 consistency proof from the head this home verified before to the report's head.
@@ -279,6 +294,16 @@ impl Messenger {
             root: hex::encode(head.head.root),
             timestamp_ms: head.head.timestamp_ms,
             signature: hex::encode(head.signature),
+            cosignatures: wire_head
+                .cosignatures
+                .iter()
+                .take(relay_proto::witness::MAX_COSIGNATURES)
+                .map(|c| HeadCosignature {
+                    witness_key: hex::encode(&c.witness_key),
+                    timestamp_ms: c.timestamp_ms,
+                    signature: hex::encode(&c.signature),
+                })
+                .collect(),
         });
         let witness_problems = if verify {
             let witnesses = crate::witnessed::Witnesses::load(self.home())?.parsed().map_err(MessengerError::Input)?;

@@ -370,7 +370,8 @@ mod tests {
             (with("advertising = [", "business_intelligence = ["), "unknown purpose"),
             (with("\"device_model\"]", "\"imei\"]"), "unknown field"),
             (with("whsec_", "wh_"), "secret must be"),
-            (with("country = \"FR\"", "country = \"France\""), "country"),
+            (with("country = \"FR\"\nendpoint", "country = \"France\"\nendpoint"), "country"),
+            (with("country = \"FR\"", "country = \"fr\""), "[controller]"),
             (with("endpoint = \"http://", "endpoint = \"ftp://"), "endpoint"),
             (with("http://127.0.0.1:9000", "http://hooks.example.com"), "only for a loopback host"),
             (with("http://127.0.0.1:9000", "http://10.0.0.7:9000"), "only for a loopback host"),
@@ -435,7 +436,9 @@ x = ["device_model""#,
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
         // Renaming the affiliate, moving it to another country: new notices.
-        for changed in [with("AdsCo SAS", "AdsCo Holding Ltd"), with("country = \"FR\"", "country = \"US\"")] {
+        for changed in
+            [with("AdsCo SAS", "AdsCo Holding Ltd"), with("country = \"FR\"\nendpoint", "country = \"US\"\nendpoint")]
+        {
             let c3 = Catalogue::parse(&changed).expect("catalogue");
             assert_ne!(
                 c3.notice("adsco", Purpose::Advertising).map(|n| n.hash),

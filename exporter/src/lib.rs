@@ -26,6 +26,7 @@ pub mod logcheck;
 pub mod outbox;
 pub mod payload;
 pub mod process;
+pub mod regulator;
 pub mod relay_link;
 pub mod vault;
 pub mod webhook;

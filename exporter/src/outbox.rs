@@ -588,6 +588,24 @@ impl ExporterStore {
         Ok(())
     }
 
+    /// The entry under `id`, if queued.
+    pub fn entry(&self, id: &WebhookId) -> Result<Option<Entry>, StoreError> {
+        self.outbox.get(id.to_string())?.map(|v| decode(&v)).transpose()
+    }
+
+    /// The tree the body vault keeps its sealed records in (`crate::vault`).
+    pub fn bodies_tree(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree("bodies")?)
+    }
+
+    /// The notice whose SHA-256 is `hash`, decoded, if this exporter made it.
+    pub fn notice(&self, hash: &[u8; 32]) -> Result<Option<Notice>, StoreError> {
+        match self.notice_document(hash)? {
+            Some(d) => Ok(Some(Notice::decode(&d).map_err(|e| StoreError::Corrupt(format!("notice: {e}")))?)),
+            None => Ok(None),
+        }
+    }
+
     /// Every outbox entry, by webhook id (each at rest: what a restart resumes from).
     pub fn entries(&self) -> Result<Vec<(WebhookId, Entry)>, StoreError> {
         let mut entries = Vec::new();

@@ -54,6 +54,7 @@ use crate::ids::{Pair, WebhookId};
 use crate::logcheck::{self, LogDamage, Recovered, RecoveryError};
 use crate::outbox::{ExporterStore, StoreError};
 use crate::relay_link::{ExportClient, RelayLinkError};
+use crate::vault::{self, Vault, VaultError};
 use crate::webhook;
 use crate::witness_link::{self, WitnessSpec};
 use relay_quic::identity::{Identity, TlsError};
@@ -89,6 +90,9 @@ pub enum ExporterError {
     /// The data dir or key file could not be used.
     #[error("exporter data dir: {0}")]
     Io(#[from] std::io::Error),
+    /// The vault of delivered bodies could not be opened or written.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
     /// The pseudonym key file is not 32 bytes.
     #[error("pseudonym key file {0} is not 32 bytes")]
     BadKey(PathBuf),
@@ -144,6 +148,32 @@ pub struct Progress {
     pub notices: u32,
 }
 
+impl Progress {
+    /// The Prometheus text page of `relay-exporter --metrics-listen`: totals only, nothing about any user.
+    pub fn render_metrics(&self) -> String {
+        let rows: [(&str, &str, &str, u64); 8] = [
+            ("relay_exporter_passes_total", "counter", "Passes completed without a relay error.", self.passes),
+            ("relay_exporter_changes_total", "counter", "Consent and subject changes read since start.", self.changes),
+            ("relay_exporter_delivered_total", "counter", "Webhooks answered 2xx since start.", self.delivered),
+            (
+                "relay_exporter_abandoned_notices_total",
+                "counter",
+                "Withdrawal notices given up after their retry period since start: affiliates not told.",
+                self.abandoned,
+            ),
+            ("relay_exporter_outbox_entries", "gauge", "Entries waiting in the outbox.", self.outbox as u64),
+            ("relay_exporter_log_entries", "gauge", "Entries in the export log.", self.logged),
+            ("relay_exporter_log_published", "gauge", "Entries of the export log the relay holds.", self.published),
+            ("relay_exporter_notices_current", "gauge", "Notices the relay holds as current.", u64::from(self.notices)),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in rows {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        out
+    }
+}
+
 /// Where an affiliate's webhooks go, and the key that signs them.
 struct Endpoint {
     url: Url,
@@ -173,6 +203,8 @@ pub struct Exporter {
     /// Leases whose `EndExport` failed (the relay restarted, the connection broke): their attempts are over, and
     /// releasing them at the next pass lets a withdrawal waiting for them go on before they lapse.
     unreleased: VecDeque<(Pair, Lease)>,
+    /// Delivered export bodies, sealed, kept for their notice's retention (`crate::vault`).
+    vault: Vault,
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], ExporterError> {
@@ -214,6 +246,7 @@ impl Exporter {
         relay_quic::durable_file::restrict_tree(data_dir)?;
         // Each notice gets its version from the store: a change of terms since the last start is a new version.
         catalogue.set_notices(store.version_notices(catalogue.notice_terms())?)?;
+        let vault = Vault::open(store.bodies_tree()?, &data_dir.join("bodies.key"))?;
         let log = load_log(&store)?;
         let cursors = [
             (Feed::Consents, store.cursor(Feed::Consents)?),
@@ -248,6 +281,7 @@ impl Exporter {
             notices_published: false,
             started: std::time::Instant::now(),
             unreleased: VecDeque::new(),
+            vault,
         };
         exporter.refresh_log_head()?;
         Ok(exporter)
@@ -466,6 +500,10 @@ impl Exporter {
         logcheck::check_local(&self.store, &self.log, &key, false)??;
         logcheck::check_relay(client, &self.log, &key).await??;
         self.release_leftovers(client).await?;
+        let purged = self.vault.purge(relay_proto::now_ms()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if purged > 0 {
+            tracing::info!(purged, "delivered bodies past their retention deleted");
+        }
         if !self.notices_published {
             self.publish_notices(client).await?;
         }
@@ -592,6 +630,7 @@ impl Exporter {
         while let Some(effect) = queue.pop_front() {
             let next = match effect {
                 Effect::Write(write) => {
+                    self.keep_body(&write)?;
                     self.store.apply(&write)?;
                     if let Write::Settle { .. } = write {
                         self.sync_log()?;
@@ -671,6 +710,36 @@ impl Exporter {
     }
 
     /// Signs a head over the log if it grew, then sends the relay what it does not hold yet, in pages.
+    /// Before `write` is performed: an export being settled (logged as delivered) leaves its body in the vault, for
+    /// its notice's retention; a withdrawal (the pair's delivered record forgotten) deletes the bodies kept until it.
+    fn keep_body(&mut self, write: &Write) -> Result<(), PassError> {
+        let sealed = |e: VaultError| PassError::Store(StoreError::Corrupt(e.to_string()));
+        match write {
+            Write::Settle { id, pair, record, .. } => {
+                let Ok(leaf) = relay_proto::merkle::ExportLeaf::decode(&record.leaf) else { return Ok(()) };
+                if leaf.kind != relay_proto::merkle::LeafKind::Export {
+                    return Ok(());
+                }
+                let Some(entry) = self.store.entry(id)? else { return Ok(()) };
+                let notice = match leaf.notice_hash {
+                    Some(hash) => self.store.notice(&hash)?,
+                    None => None,
+                };
+                let retention = match notice {
+                    Some(n) => n.retention,
+                    None => relay_proto::notice::Retention::default_for(pair.purpose),
+                };
+                let deadline = vault::deadline(leaf.time_ms, retention);
+                self.vault.put(id, pair, &entry.body, leaf.time_ms, deadline).map_err(sealed)?;
+            }
+            Write::ForgetDelivered { pair } => {
+                self.vault.withdrawn(pair).map_err(sealed)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Sends the catalogue's complete set of current notices: from then on the relay accepts grants under them only.
     async fn publish_notices(&mut self, client: &ExportClient) -> Result<(), PassError> {
         let documents = self.core.catalogue().notices().map(|n| n.document.clone().into()).collect();

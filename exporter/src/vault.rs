@@ -94,6 +94,15 @@ impl Vault {
         Ok(Self { tree, cipher: ChaCha20Poly1305::new(&key.into()) })
     }
 
+    /// The vault in `tree` with the key in `key_path`, without creating anything: `None` if there is no key (this
+    /// exporter never kept a body). For readers such as the auditor, which write nothing into the data dir.
+    pub fn open_existing(tree: sled::Tree, key_path: &Path) -> Result<Option<Self>, VaultError> {
+        if !key_path.exists() {
+            return Ok(None);
+        }
+        Self::open(tree, key_path).map(Some)
+    }
+
     /// Keeps `body`, delivered under `id` for `pair` at `delivered_ms`, until `delete_after_ms` (none: until the
     /// pair's withdrawal or the account's erasure). Not durable until the store's next flush.
     pub fn put(

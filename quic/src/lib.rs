@@ -12,6 +12,7 @@ pub mod accept;
 pub mod durable_file;
 pub mod identity;
 pub mod logging;
+pub mod metrics_http;
 pub mod pin;
 pub mod ready;
 

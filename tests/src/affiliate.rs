@@ -402,7 +402,7 @@ pub struct ExporterProcess {
     log_key: String,
     poll_ms: u64,
     relay: Option<(SocketAddr, String)>,
-    witnesses: Vec<String>,
+    extra_args: Vec<String>,
     child: Option<ServerChild>,
 }
 
@@ -418,7 +418,7 @@ impl ExporterProcess {
             log_key: String::new(),
             poll_ms,
             relay: Some((SocketAddr::from(([127, 0, 0, 1], 9)), "00".repeat(32))),
-            witnesses: Vec::new(),
+            extra_args: Vec::new(),
             child: None,
         };
         exporter.spawn().await?;
@@ -429,7 +429,12 @@ impl ExporterProcess {
 
     /// Has every later start ask the witness `spec` (`ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX`) to cosign its heads.
     pub fn add_witness(&mut self, spec: &str) {
-        self.witnesses.push(spec.to_owned());
+        self.add_args(&["--witness", spec]);
+    }
+
+    /// Passes `args` to every later start.
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.extra_args.extend(args.iter().map(|a| (*a).to_owned()));
     }
 
     /// Starts it against the export interface at `relay`, pinning the relay certificate `relay_fingerprint`.
@@ -515,9 +520,7 @@ impl ExporterProcess {
             .arg("--affiliates")
             .arg(self.catalogue_path())
             .env("RUST_LOG", "info");
-        for spec in &self.witnesses {
-            command.arg("--witness").arg(spec);
-        }
+        command.args(&self.extra_args);
         Ok(command)
     }
 

@@ -1,6 +1,7 @@
 //! `relay-audit --exporter-data DIR [--log-key HEX] [--affiliates FILE] [--head FILE]... [--relay ADDR
-//! --relay-cert-sha256 HEX] [--witness-key HEX]... [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]... [--json]`:
-//! checks a whole export log.
+//! --relay-cert-sha256 HEX] [--witness-key HEX]... [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]... [--json]
+//! [--regulator-pack DIR --from DATE --to DATE]`: checks a whole export log, and writes a regulator pack for a period
+//! (`relay_exporter::regulator`).
 //!
 //! Reads the log, its signed tree heads and the consent evidence from a `relay-exporter` data dir (the exporter must
 //! be stopped, or the dir a copy taken while it was), and reports every entry not backed by a user-signed grant in
@@ -67,6 +68,16 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write a regulator pack for the period into this new directory (needs --affiliates, whose catalogue must
+    /// name its [controller], and --from/--to).
+    #[arg(long, value_name = "DIR", requires_all = ["affiliates", "from", "to"])]
+    regulator_pack: Option<PathBuf>,
+    /// First day of the pack's period (YYYY-MM-DD, UTC, included).
+    #[arg(long, value_name = "DATE", requires = "regulator_pack")]
+    from: Option<String>,
+    /// Last day of the pack's period (YYYY-MM-DD, UTC, included).
+    #[arg(long, value_name = "DATE", requires = "regulator_pack")]
+    to: Option<String>,
 }
 
 fn run(args: &Args) -> anyhow::Result<bool> {
@@ -128,6 +139,30 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             for p in &report.problems {
                 println!("  - {p}");
             }
+        }
+    }
+    if let (Some(dir), Some(from), Some(to), Some(catalogue)) =
+        (&args.regulator_pack, &args.from, &args.to, catalogue.as_ref())
+    {
+        let day = |s: &str, flag: &str| {
+            relay_proto::time::parse_date(s).with_context(|| format!("--{flag} {s:?} is not a date YYYY-MM-DD"))
+        };
+        let (from_ms, to_ms) = (day(from, "from")?, day(to, "to")?.saturating_add(86_400_000));
+        let vault =
+            relay_exporter::vault::Vault::open_existing(store.bodies_tree()?, &args.exporter_data.join("bodies.key"))?;
+        let summary =
+            relay_exporter::regulator::write_pack(dir, &store, &log_key, catalogue, vault.as_ref(), from_ms, to_ms)?;
+        if !args.json {
+            println!(
+                "regulator pack {}: {} log entries, {} bodies, {} without a body any more, {} notice versions in \
+                 force, {} heads",
+                dir.display(),
+                summary.entries,
+                summary.bodies,
+                summary.without_body,
+                summary.notices_in_force,
+                summary.heads
+            );
         }
     }
     Ok(report.passed())

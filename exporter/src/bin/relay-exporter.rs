@@ -1,5 +1,6 @@
 //! `relay-exporter --data DIR --relay ADDR --relay-cert-sha256 HEX --affiliates FILE [--affiliate-ca PEM]
-//! [--poll-ms N] [--notice-retry-for DURATION] [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]... [--recover-log-from-relay]`: the metadata
+//! [--poll-ms N] [--notice-retry-for DURATION] [--witness ADDR,CERT_SHA256_HEX,WITNESS_KEY_HEX]...
+//! [--metrics-listen ADDR] [--recover-log-from-relay]`: the metadata
 //! exporter. Reads the relay's consent feed over the export interface and delivers signed webhooks to affiliates,
 //! within the withdrawal fence, until SIGINT or SIGTERM.
 //!
@@ -56,6 +57,9 @@ struct Args {
     /// a number followed by s, m, h or d.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     notice_retry_for: Duration,
+    /// Serve `GET /metrics` (Prometheus text: totals only, abandoned notices among them) on this local TCP address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Rebuild a damaged export log from the relay's copy (verified against the signed heads), then exit.
     #[arg(long)]
     recover_log_from_relay: bool,
@@ -135,6 +139,18 @@ async fn run() -> anyhow::Result<()> {
         writeln!(out, "{}", exporter.ready_line())?;
         out.flush()?;
     }
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+            let progress = exporter.progress();
+            let render: relay_quic::metrics_http::Renderer =
+                std::sync::Arc::new(move || progress.borrow().render_metrics());
+            tracing::info!(addr = %addr, "metrics on http://{addr}/metrics");
+            Some(tokio::spawn(relay_quic::metrics_http::serve(listener, render)))
+        }
+        None => None,
+    };
     let (stop, shutdown) = watch::channel(false);
     let mut run = tokio::spawn(exporter.run(args.relay, fingerprint, shutdown));
     tokio::select! {
@@ -145,6 +161,9 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     stop.send(true).ok();
     run.await??;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     Ok(())
 }
 

@@ -304,3 +304,44 @@ async fn a_relay_restart_does_not_let_a_withdrawal_overtake_an_export_in_flight(
     assert!(answered(&adsco), "acknowledged only after the affiliate answered the export");
     relay.stop().await.expect("stop");
 }
+
+/// An affiliate that never takes a withdrawal notice: after the retry period (`--notice-retry-for`, 1 s here) the
+/// notice is abandoned, `relay_exporter_abandoned_notices_total` on the exporter's metrics port counts it, and an
+/// error line names the webhook and the affiliate, never the user.
+#[tokio::test]
+async fn an_abandoned_withdrawal_notice_is_counted_on_the_metrics_port_and_logged_without_personal_data() {
+    let adsco = Sink::start(b"adsco webhook key 0123456789").await.expect("adsco sink");
+    let shieldco = Sink::start(b"shieldco webhook key 98765432").await.expect("shieldco sink");
+    let mut exporter = relay_tests::affiliate::ExporterProcess::new(&test_catalogue(&adsco, &shieldco), 20)
+        .await
+        .expect("exporter identity");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    exporter.add_args(&["--notice-retry-for", "1s", "--metrics-listen", &metrics.to_string()]);
+    let relay = TestRelay::with_export_for(exporter.fingerprint().to_owned()).await.expect("relay");
+    exporter.start(relay.export_addr().expect("export interface"), relay.fingerprint()).await.expect("exporter");
+    relay.wait_for_notices(WAIT).await.expect("notices");
+    let alice = relay.user(ALICE).await.expect("alice");
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
+    adsco.wait_events(1, WAIT).await.expect("the export");
+    adsco.set_failing(true);
+    alice.messenger.decide_consent("adsco", "advertising", Decision::Withdraw, None).await.expect("withdraw");
+
+    let abandoned = crate::bounded("the notice abandoned", async {
+        loop {
+            let (status, body) = crate::metrics::get(metrics, "/metrics").await;
+            assert!(status.contains("200"), "{status}");
+            if crate::metrics::sample(&body, "relay_exporter_abandoned_notices_total") >= 1.0 {
+                return body;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(crate::metrics::sample(&abandoned, "relay_exporter_delivered_total"), 1.0, "{abandoned}");
+    assert!(adsco.attempts().iter().any(|a| a.status == 503 && a.body["type"] == "consent.withdrawn"));
+    exporter.stop(WAIT).await.expect("stop");
+    let log = std::fs::read_to_string(exporter.log_path()).expect("the exporter's log");
+    assert!(log.contains("ERROR") && log.contains("abandoned"), "{log}");
+    assert!(!log.contains("612345678"), "no phone number in the exporter's log");
+}

@@ -21,6 +21,7 @@ mod metrics;
 mod prekeys;
 mod privacy;
 mod protocol_doc;
+mod regulator;
 mod storage;
 mod verification;
 mod witness;

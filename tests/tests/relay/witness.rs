@@ -201,7 +201,26 @@ async fn a_witness_refuses_rewrites_by_the_log_key_holder_and_the_verifiers_fail
     let required = [spec.key];
     relay_proto::witness::require_cosignatures(&log_key, &signed.head, &cosignatures, &required)
         .expect("the head in the body is cosigned by the witness");
-    let size = verified_clean(&alice, 3).await.tree_size;
+    let report = verified_clean(&alice, 3).await;
+    let size = report.tree_size;
+    // `exports --json` carries the head's cosignatures: an independent verifier checks them the same way.
+    let served = report.head.as_ref().expect("a head");
+    let cosignatures: Vec<_> = served
+        .cosignatures
+        .iter()
+        .map(|c| relay_proto::witness::Cosignature {
+            witness_key: hex32(&serde_json::Value::from(c.witness_key.clone())),
+            timestamp_ms: c.timestamp_ms,
+            signature: hex64(&serde_json::Value::from(c.signature.clone())),
+        })
+        .collect();
+    let served_head = TreeHead {
+        size: served.size,
+        root: hex32(&serde_json::Value::from(served.root.clone())),
+        timestamp_ms: served.timestamp_ms,
+    };
+    relay_proto::witness::require_cosignatures(&log_key, &served_head, &cosignatures, &required)
+        .expect("the exports report's head is cosigned by the witness");
     exporter.stop(WAIT).await.expect("stop the exporter");
 
     // The honest log passes the audit with the witness configured, both ways.

@@ -153,6 +153,10 @@ async fn run(dir: &Path) -> Result<()> {
         ),
         ("shieldco", &shieldco, &[("security", &["phone", "device_model", "os"])]),
     ]);
+    // The operator, named as controller in the regulator pack's Article 30 record.
+    let catalogue = format!(
+        "{catalogue}\n[controller]\nname = \"Consent Relay Demo SAS\"\ncontact = \"dpo@demo.example\"\ncountry = \"FR\"\n"
+    );
     let catalogue_path = dir.join("affiliates.toml");
     std::fs::write(&catalogue_path, &catalogue)?;
     println!("  adsco at {} may get: advertising = phone_pseudonym, device_model", adsco.url());
@@ -255,6 +259,13 @@ async fn run(dir: &Path) -> Result<()> {
     expect_events("shieldco", &shieldco, &mut shield_seen, 1).await?;
     expect_nothing_new("adsco", &adsco, ads_seen).await?;
 
+    section("Bob objects to security for every affiliate: ShieldCo is told, and nothing more leaves for it");
+    demo.relay_cli("bob", &["consent", "object", "--purpose", "security"])?;
+    expect_events("shieldco", &shieldco, &mut shield_seen, 2).await?;
+    demo.relay_cli("bob", &["device", "--os", "iOS 19"])?;
+    expect_nothing_new("shieldco", &shieldco, shield_seen).await?;
+    demo.relay_cli("bob", &["consent", "show"])?;
+
     section("Alice changes phone: AdsCo gets the new model; an app update is not AdsCo's to see");
     demo.relay_cli("alice", &["device", "--model", "Pixel 10"])?;
     expect_events("adsco", &adsco, &mut ads_seen, 2).await?;
@@ -293,13 +304,53 @@ async fn run(dir: &Path) -> Result<()> {
         bail!("the audit failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    section("A regulator asks what was shared today: the operator hands over a pack it can check on its own");
+    let today = relay_proto::time::date(relay_proto::now_ms());
+    let pack = dir.join("regulator-pack");
+    println!(
+        "{}",
+        styled(
+            "36",
+            &format!(
+                "$ relay-audit --exporter-data exporter --affiliates affiliates.toml --regulator-pack regulator-pack \
+                 --from {today} --to {today}"
+            )
+        )
+    );
+    let out = Command::new(bin.join("relay-audit"))
+        .args(["--exporter-data", &exporter_data, "--affiliates"])
+        .arg(&catalogue_path)
+        .arg("--regulator-pack")
+        .arg(&pack)
+        .args(["--from", &today, "--to", &today])
+        .output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("regulator pack")) {
+        println!("  {line}");
+    }
+    if !out.status.success() {
+        bail!("the regulator pack failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let record = std::fs::read_to_string(pack.join("article30.md"))?;
+    for line in record.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| recipient")) {
+        println!("  {line}");
+    }
+    // Bodies are kept for their notice's retention: Bob's security export (90 days) is there; Alice's advertising
+    // exports were kept only until her withdrawal.
+    let bodies = std::fs::read_to_string(pack.join("bodies.jsonl"))?.lines().count();
+    println!(
+        "  bodies kept: {bodies} (Bob's security export, 90 days; Alice's advertising ones left at her withdrawal)"
+    );
+    if bodies != 1 {
+        bail!("the pack holds {bodies} bodies, not exactly the one still within its retention");
+    }
+
     section("Summary");
     let bad = adsco.events().iter().chain(shieldco.events().iter()).filter(|e| !e.signature_ok).count();
     println!(
         "  adsco received {ads_seen} events (Alice: export, re-export, withdrawal); shieldco {shield_seen} (Bob's \
-         export); {bad} bad signatures"
+         export, objection); {bad} bad signatures"
     );
-    if ads_seen != 3 || shield_seen != 1 || bad != 0 {
+    if ads_seen != 3 || shield_seen != 2 || bad != 0 {
         bail!("the affiliates did not receive exactly what was consented");
     }
     println!("  every affiliate received exactly what was consented, and nothing else");
