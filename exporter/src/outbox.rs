@@ -241,11 +241,8 @@ impl ExporterStore {
             Write::ForgetDelivered { pair } => {
                 self.delivered.remove(pair.to_string())?;
             }
-            Write::EraseBodies { account } => {
-                // HOOK (erasure of delivered bodies): the body vault (`crate::vault`) is not wired into the store
-                // yet; once it is, this calls `Vault::erase_account(account)`. Until then no body is kept.
-                tracing::debug!(%account, "no delivered bodies kept to erase");
-            }
+            // Performed on the body vault by the driver (`crate::process`, `Vault::erase_account`), before this.
+            Write::EraseBodies { .. } => {}
             Write::Erased { account, evidence } => {
                 self.erased.insert(account.to_string(), json(evidence))?;
                 self.meta.insert(crate::compact::COMPACTION_DUE, &[1][..])?;

@@ -529,8 +529,14 @@ impl Exporter {
                 return Ok(());
             }
         }
-        let store = std::mem::replace(&mut self.store, ExporterStore::temporary()?);
+        // The vault holds a tree of the store's database: it lets go of it first, and opens the new one after.
+        let sealed = |e: VaultError| StoreError::Corrupt(e.to_string());
+        let key_path = self.db_path.with_file_name("bodies.key");
+        let placeholder = ExporterStore::temporary()?;
+        self.vault = Vault::open(placeholder.bodies_tree()?, &key_path).map_err(sealed)?;
+        let store = std::mem::replace(&mut self.store, placeholder);
         self.store = store.compacted(&self.db_path).await?;
+        self.vault = Vault::open(self.store.bodies_tree()?, &key_path).map_err(sealed)?;
         tracing::info!("store compacted after an erasure");
         Ok(())
     }
@@ -711,7 +717,8 @@ impl Exporter {
 
     /// Signs a head over the log if it grew, then sends the relay what it does not hold yet, in pages.
     /// Before `write` is performed: an export being settled (logged as delivered) leaves its body in the vault, for
-    /// its notice's retention; a withdrawal (the pair's delivered record forgotten) deletes the bodies kept until it.
+    /// its notice's retention; a withdrawal (the pair's delivered record forgotten) deletes the bodies kept until it;
+    /// an erasure deletes every body of the account.
     fn keep_body(&mut self, write: &Write) -> Result<(), PassError> {
         let sealed = |e: VaultError| PassError::Store(StoreError::Corrupt(e.to_string()));
         match write {
@@ -734,6 +741,10 @@ impl Exporter {
             }
             Write::ForgetDelivered { pair } => {
                 self.vault.withdrawn(pair).map_err(sealed)?;
+            }
+            Write::EraseBodies { account } => {
+                let erased = self.vault.erase_account(account).map_err(sealed)?;
+                tracing::info!(erased, "delivered bodies of an erased account deleted");
             }
             _ => {}
         }

@@ -140,6 +140,14 @@ async fn affiliates_are_told_and_the_exporter_keeps_no_phone_number_of_an_erased
     let report = relay_exporter::audit::audit(&store, &key, None).expect("audit");
     assert!(report.passed(), "{:?}", report.problems);
     assert_eq!(report.entries, 4, "two exports, two erasure notices");
+    // The bodies kept for a regulator (sealed, for the notice's retention) went with the account.
+    let bodies = relay_exporter::vault::Vault::open_existing(
+        store.bodies_tree().expect("bodies"),
+        &exporter.data_dir().join("bodies.key"),
+    )
+    .expect("vault")
+    .expect("the vault exists");
+    assert_eq!(bodies.len(), 0, "bodies of the erased account are still kept");
     drop(relay);
 }
 
