@@ -511,4 +511,26 @@ mod tests {
             CodeMessage { request_id: &id, phone: &phone, code: &code, expires_at_ms: 1_795_507_359_132, now_ms: 0 };
         assert_eq!(m.json(), r#"{"phone":"+33612345678","code":"042042","expires_at":"2026-11-24T08:02:39.132Z"}"#);
     }
+
+    /// An erased account's registration lock goes, and so does a code pending for the number it held (with its file).
+    #[tokio::test]
+    async fn forgetting_an_erased_account_drops_its_lock_and_the_numbers_pending_code() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sled::Config::new().temporary(true).open().expect("db");
+        let store = Verifications::new(db.open_tree("c").expect("tree"), db.open_tree("l").expect("tree"));
+        let commit = GroupCommit::start(db);
+        let limits = CodeLimits { per_number_per_hour: 5, per_address_per_hour: 5 };
+        let r = Registration::open(&VerifierSpec::File, dir.path(), store.clone(), commit, limits).expect("open");
+        let phone = PhoneNumber::parse("+33612345678").expect("phone");
+        let account = AccountId([3; 16]);
+        let (request, _) = r.request_code(&phone, IpAddr::from([127, 0, 0, 1])).await.expect("code");
+        r.set_lock(&account, "2468").await.expect("lock");
+        let Some(Sender::File(files)) = r.verified.as_ref().map(|v| &v.sender) else { panic!("a file verifier") };
+        let file = files.path(&request);
+        assert!(file.exists() && store.pending() == 1 && store.lock(&account).expect("lock").is_some());
+        r.forget(&account, Some(&phone)).expect("forget");
+        assert_eq!(store.pending(), 0, "the pending code is gone");
+        assert!(store.lock(&account).expect("lock").is_none(), "the lock is gone");
+        assert!(!file.exists(), "the code file is gone");
+    }
 }
