@@ -1,8 +1,9 @@
 //! `relay-demo`: the whole system on one screen. Starts a relay, the metadata exporter and two affiliate webhook
-//! sinks (in this process, printing every event they receive and whether its signature verifies), then drives two
-//! users with the real `relay` CLI: they chat, Alice grants AdsCo advertising, Bob grants ShieldCo security, Alice
-//! changes phone, updates her app, withdraws, and both list and verify what was shared about them; finally the
-//! auditor checks the whole export log.
+//! sinks (in this process, printing every event they receive and whether its signature verifies), then drives three
+//! users with the real `relay` CLI: they chat; Alice reads AdsCo's advertising notice and grants it; Bob grants
+//! ShieldCo security, then objects to security for every affiliate; Alice changes phone, updates her app, withdraws;
+//! both list and verify what was shared about them; Carol grants, then erases her account; the auditor checks the
+//! whole export log and writes a regulator pack for the day.
 //!
 //! It checks what it shows: each affiliate must receive exactly the events the consents allow, with valid
 //! signatures, or the demo exits with status 1. Everything runs on loopback in a temporary directory
@@ -20,6 +21,7 @@ use relay_tests::affiliate::{Attempt, Sink};
 const WAIT: Duration = Duration::from_secs(20);
 const ALICE: &str = "+33612345678";
 const BOB: &str = "+33698765432";
+const CAROL: &str = "+33644444444";
 
 struct Demo {
     bin: PathBuf,
@@ -284,6 +286,15 @@ async fn run(dir: &Path) -> Result<()> {
     demo.relay_cli("bob", &["exports", "--verify"])?;
     expect_nothing_new("shieldco", &shieldco, shield_seen).await?;
 
+    section("Carol grants AdsCo advertising, then erases her account: AdsCo is told to erase what it received");
+    demo.relay_cli("carol", &["init", "--phone", CAROL, "--device-model", "Fairphone 5", "--os", "Android 15"])?;
+    demo.relay_cli("carol", &["register", "--server", &demo.relay, "--cert-sha256", &demo.relay_cert])?;
+    demo.relay_cli("carol", &["consent", "grant", "--affiliate", "adsco", "--purpose", "advertising", "--yes"])?;
+    expect_events("adsco", &adsco, &mut ads_seen, 4).await?;
+    demo.relay_cli_answering("carol", &["account", "delete"], Some(CAROL))?;
+    expect_events("adsco", &adsco, &mut ads_seen, 5).await?;
+    println!("  (the relay removed Carol's number, keys, profile and mailbox; the exporter her data and bodies)");
+
     section("The auditor checks the whole export log (exporter stopped)");
     stop(exporter).await?;
     println!(
@@ -347,10 +358,10 @@ async fn run(dir: &Path) -> Result<()> {
     section("Summary");
     let bad = adsco.events().iter().chain(shieldco.events().iter()).filter(|e| !e.signature_ok).count();
     println!(
-        "  adsco received {ads_seen} events (Alice: export, re-export, withdrawal); shieldco {shield_seen} (Bob's \
-         export, objection); {bad} bad signatures"
+        "  adsco received {ads_seen} events (Alice: export, re-export, withdrawal; Carol: export, erasure); shieldco \
+         {shield_seen} (Bob's export, objection); {bad} bad signatures"
     );
-    if ads_seen != 3 || shield_seen != 2 || bad != 0 {
+    if ads_seen != 5 || shield_seen != 2 || bad != 0 {
         bail!("the affiliates did not receive exactly what was consented");
     }
     println!("  every affiliate received exactly what was consented, and nothing else");
