@@ -225,6 +225,21 @@ fn check_entry(
     if let Some(field) = leaf.fields.iter().find(|f| !notice.fields.iter().any(|n| n.as_str() == f.as_str())) {
         return Ok(Err(format!("fields: {field} left although the notice the user signed does not name it")));
     }
+    // And it must still have been the pair's current notice: no later version made before the export.
+    let replaced = store
+        .made_notices()?
+        .into_iter()
+        .filter(|m| m.notice.affiliate == notice.affiliate && m.notice.purpose == notice.purpose)
+        .filter(|m| m.notice.version > notice.version && m.made_ms > 0)
+        .map(|m| m.made_ms)
+        .min();
+    if let Some(at) = replaced.filter(|at| *at <= leaf.time_ms) {
+        return Ok(Err(format!(
+            "exported under notice version {} after a later version replaced it (at {})",
+            notice.version,
+            relay_proto::time::rfc3339(at)
+        )));
+    }
     // The statement's pair is the leaf's: both were checked above.
     let pair = Pair::new(statement.account, statement.affiliate.clone(), statement.purpose);
     for (sequence, later) in store.statements_of(&pair)? {
@@ -500,6 +515,33 @@ mod tests {
     }
 
     const FIELDS: &[&str] = &["phone_pseudonym", "device_model"];
+
+    /// An export logged under a notice version after the exporter had made the next one is reported: the notice
+    /// the user signed was no longer the pair's current one.
+    #[test]
+    fn an_export_under_a_notice_after_its_replacement_is_reported() {
+        let mut f = Fixture::new();
+        let grant = statement(&f.user, 1, Decision::Grant, 1_000);
+        f.record_statement(1, &grant.1);
+        let widened = include_str!("../affiliates.example.toml").replace(
+            r#"advertising = ["phone_pseudonym", "device_model"]"#,
+            r#"advertising = ["phone", "phone_pseudonym", "device_model"]"#,
+        );
+        let terms = Catalogue::parse(&widened).expect("catalogue").notice_terms();
+        let versioned = f.store.version_notices(terms).expect("version 2");
+        assert!(
+            versioned.iter().any(|n| n.affiliate == "adsco" && n.purpose == Purpose::Advertising && n.version == 2)
+        );
+        f.export(1, &grant, relay_proto::now_ms() + 60_000, FIELDS);
+        f.export(2, &grant, 5_000, FIELDS);
+        let report = f.audit();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(
+            report.problems[0].contains("entry 0: exported under notice version 1 after a later version"),
+            "{:?}",
+            report.problems
+        );
+    }
 
     #[test]
     fn a_log_of_exports_under_grants_in_force_passes() {
