@@ -64,54 +64,54 @@ async fn clients_that_open_every_stream_and_never_read_cost_a_bounded_number_of_
     let (before, _) = memory(pid);
 
     // (a) Authenticated: every stream of every connection sends `Subscribe` and is never read (one byte at most,
-    // to see that the relay acted on it). Each stream is held open, by a task, until the test ends.
-    let mut held = Vec::new();
-    let mut readers = tokio::task::JoinSet::new();
+    // to see that the relay acted on it). (b) Unauthenticated: every stream announces a maximal frame and sends all
+    // of it but the last byte. Each stream is opened, written and then held open by a task of its own until the test
+    // ends, so a stream the relay does not allow (yet) only leaves its task waiting.
+    let mut attacks = tokio::task::JoinSet::new();
     let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let mut held = Vec::new();
     for c in 0..AUTHENTICATED {
         let conn = relay.raw_connection().await.expect("connect");
         conn.authenticate(&attacker_id).await.expect("authenticate");
         for _ in 0..STREAMS {
-            let (mut send, mut recv) = bounded("open a stream", conn.quic().open_bi()).await.expect("stream");
-            relay_quic::write_frame(&mut send, &ClientFrame { body: Some(Body::Subscribe(Subscribe {})) })
-                .await
-                .expect("subscribe");
-            let answered = answered.clone();
-            readers.spawn(async move {
-                let mut one = [0u8; 1];
-                let got = recv.read(&mut one).await;
-                answered.send((c, got.is_ok())).ok();
+            let (quic, answered) = (conn.quic().clone(), answered.clone());
+            attacks.spawn(async move {
+                let Ok((mut send, mut recv)) = quic.open_bi().await else { return };
+                let subscribe = ClientFrame { body: Some(Body::Subscribe(Subscribe {})) };
+                if relay_quic::write_frame(&mut send, &subscribe).await.is_err() {
+                    return;
+                }
+                // Bytes or a reset: either way the relay acted on this `Subscribe`.
+                recv.read(&mut [0u8; 1]).await.ok();
+                answered.send(c).ok();
                 std::future::pending::<()>().await;
                 drop((send, recv));
             });
         }
         held.push(conn);
     }
-    // The relay acted on each connection's `Subscribe`s: at least one of its streams got a byte.
-    let mut served = [false; AUTHENTICATED];
-    while served.iter().any(|s| !s) {
-        let (c, got_bytes) = bounded("an answer to Subscribe", answers.recv()).await.expect("readers alive");
-        served[c] |= got_bytes;
-    }
-
-    // (b) Unauthenticated: every stream announces a maximal frame and sends all of it but the last byte.
-    let mut writers = tokio::task::JoinSet::new();
     let mut unauthenticated = Vec::new();
     for _ in 0..UNAUTHENTICATED {
         let conn = relay.raw_connection().await.expect("connect");
         for _ in 0..STREAMS {
-            let (mut send, recv) = bounded("open a stream", conn.quic().open_bi()).await.expect("stream");
-            writers.spawn(async move {
+            let quic = conn.quic().clone();
+            attacks.spawn(async move {
+                let Ok((mut send, recv)) = quic.open_bi().await else { return };
                 let mut frame = Vec::with_capacity(4 + MAX_FRAME_LEN - 1);
                 frame.extend_from_slice(&(MAX_FRAME_LEN as u32).to_be_bytes());
                 frame.resize(4 + MAX_FRAME_LEN - 1, 0x0a);
                 send.write_all(&frame).await.ok();
-                // Held open (never finished, never read) until the test ends.
                 std::future::pending::<()>().await;
                 drop((send, recv));
             });
         }
         unauthenticated.push(conn);
+    }
+    // The relay acted on each authenticated connection's `Subscribe`s (at least one of its streams was answered).
+    let mut served = [false; AUTHENTICATED];
+    while served.iter().any(|s| !s) {
+        let c = bounded("an answer to Subscribe", answers.recv()).await.expect("a sender is alive");
+        served[c] = true;
     }
     // Wait until each unauthenticated connection has put at least 1 MiB on the wire (what the relay lets in).
     for conn in &unauthenticated {
@@ -155,6 +155,5 @@ async fn clients_that_open_every_stream_and_never_read_cost_a_bounded_number_of_
     );
     assert!(growth <= bound, "relayd grew by {:.1} MiB, more than {:.1} MiB", mib(growth), mib(bound));
     drop((held, unauthenticated));
-    readers.shutdown().await;
-    writers.shutdown().await;
+    attacks.shutdown().await;
 }
