@@ -20,8 +20,8 @@
 //! max_streams_per_connection = 256    # concurrent bidirectional streams per connection
 //! delivery_window = 256               # envelopes pushed but not yet acknowledged, per delivery stream
 //! idle_timeout_secs = 60              # connection idle timeout
-//! # Per-connection byte budgets (see README, "Limits"): with these defaults a connection costs the relay at most
-//! # about 6.5 MiB however its peer behaves.
+//! # Per-connection byte budgets (README, "Memory per connection is bounded by bytes"): with these defaults a
+//! # connection costs the relay at most about 6.5 MiB however its peer behaves.
 //! receive_window_bytes = 2097152      # QUIC receive window of an authenticated connection (2 MiB)
 //! unauthenticated_receive_window_bytes = 1048576  # the same before `Auth`/`Register` (1 MiB)
 //! frame_budget_bytes = 2097152        # bytes of partially received frames, all streams of a connection (2 MiB)

@@ -175,8 +175,9 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         Duration::from_secs(limits.idle_timeout_secs),
         None,
     );
-    // Byte budgets of a connection (README, "Limits"): it starts with the unauthenticated receive window, raised
-    // when it authenticates (see `session::Budgets`); the send window bounds what waits for a slow reader.
+    // Byte budgets of a connection (README, "Memory per connection is bounded by bytes"): it starts with the
+    // unauthenticated receive window, raised when it authenticates (see `session::Budgets`); the send window bounds
+    // what waits for a slow reader.
     transport.receive_window(quinn::VarInt::from_u32(limits.unauthenticated_receive_window_bytes));
     transport.send_window(limits.send_window_bytes);
     server.transport_config(Arc::new(transport));
