@@ -9,6 +9,7 @@
 //! specific to one process.
 
 pub mod accept;
+pub mod budget;
 pub mod durable_file;
 pub mod identity;
 pub mod logging;
@@ -20,10 +21,13 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use prost::Message;
 use relay_proto::auth::{EKM_LABEL, EKM_LEN};
 use relay_proto::frame::{self, FrameError, PREFIX_LEN};
 use relay_proto::{ErrorCode, StreamCloseCode};
+
+pub use budget::FrameBudget;
 
 /// UDP send and receive buffer size. The 208 KiB Linux default drops datagrams under loopback load.
 pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -69,9 +73,6 @@ pub enum WriteError {
     Stream(#[from] quinn::WriteError),
 }
 
-/// The body buffer reserved up front; beyond this it grows only as bytes actually arrive.
-const INITIAL_BODY_CAPACITY: usize = 16 * 1024;
-
 /// Reads one frame. `Ok(None)` when the peer finished the stream cleanly between frames. The announced length is
 /// checked against `max` before anything is allocated, and memory then grows only with bytes actually received
 /// (which QUIC flow control bounds), so announcing a large frame and stalling costs the reader almost nothing.
@@ -81,7 +82,7 @@ pub async fn read_frame<M: Message + Default>(
 ) -> Result<Option<M>, ReadError> {
     let mut prefix = [0u8; PREFIX_LEN];
     match recv.read(&mut prefix).await? {
-        Some(n) => read_rest(recv, max, prefix, n).await.map(Some),
+        Some(n) => read_rest(recv, max, prefix, n, None).await.map(Some),
         None => Ok(None),
     }
 }
@@ -94,9 +95,20 @@ pub async fn read_frame_within<M: Message + Default>(
     max: usize,
     limit: Duration,
 ) -> Result<Option<M>, ReadError> {
+    read_frame_budgeted(recv, max, limit, None).await
+}
+
+/// Like [`read_frame_within`], and the frame's bytes are taken from the connection's `budget` before they are read
+/// out of quinn (see [`budget`]): waiting for budget counts against `limit` like waiting for bytes.
+pub async fn read_frame_budgeted<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    limit: Duration,
+    budget: Option<&FrameBudget>,
+) -> Result<Option<M>, ReadError> {
     let mut prefix = [0u8; PREFIX_LEN];
     match recv.read(&mut prefix).await? {
-        Some(n) => match tokio::time::timeout(limit, read_rest(recv, max, prefix, n)).await {
+        Some(n) => match tokio::time::timeout(limit, read_rest(recv, max, prefix, n, budget)).await {
             Ok(result) => result.map(Some),
             Err(_) => Err(ReadError::TimedOut(limit)),
         },
@@ -104,12 +116,15 @@ pub async fn read_frame_within<M: Message + Default>(
     }
 }
 
-/// The rest of a frame whose first `filled` prefix bytes are in `prefix`.
+/// The rest of a frame whose first `filled` prefix bytes are in `prefix`. The body is kept as the pieces quinn
+/// returns (no buffer sized to the announced length), each piece's bytes taken from `budget` first, and joined once
+/// complete.
 async fn read_rest<M: Message + Default>(
     recv: &mut quinn::RecvStream,
     max: usize,
     mut prefix: [u8; PREFIX_LEN],
     mut filled: usize,
+    budget: Option<&FrameBudget>,
 ) -> Result<M, ReadError> {
     if filled == 0 {
         // quinn never returns an empty read before the end of the stream; treat it as the end.
@@ -122,14 +137,37 @@ async fn read_rest<M: Message + Default>(
         }
     }
     let len = frame::body_len(prefix, max)?;
-    let mut body = Vec::with_capacity(len.min(INITIAL_BODY_CAPACITY));
-    while body.len() < len {
-        match recv.read_chunk(len - body.len(), true).await? {
-            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+    let mut held = budget.map(FrameBudget::hold);
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut got = 0;
+    while got < len {
+        let want = (len - got).min(budget::READ_STEP);
+        if let Some(h) = held.as_mut() {
+            h.take(want).await;
+        }
+        match recv.read_chunk(want, true).await? {
+            Some(chunk) => {
+                let n = chunk.bytes.len();
+                if let Some(h) = held.as_mut() {
+                    h.give_back(want.saturating_sub(n));
+                }
+                got += n;
+                pieces.push(chunk.bytes);
+            }
             None => return Err(ReadError::Truncated),
         }
     }
-    Ok(frame::decode_body(&body)?)
+    let body = match pieces.len() {
+        1 => pieces.pop().unwrap_or_default(),
+        _ => {
+            let mut joined = BytesMut::with_capacity(len);
+            for piece in pieces.drain(..) {
+                joined.extend_from_slice(&piece);
+            }
+            joined.freeze()
+        }
+    };
+    Ok(M::decode(body).map_err(FrameError::from)?)
 }
 
 /// What [`next_request`] got from a request stream.
@@ -153,7 +191,18 @@ pub async fn next_request<M: Message + Default, E: Message>(
     frame_timeout: Duration,
     error: impl FnOnce(ErrorCode, String) -> E,
 ) -> NextRequest<M> {
-    match read_frame_within::<M>(recv, relay_proto::MAX_FRAME_LEN, frame_timeout).await {
+    next_request_budgeted(send, recv, frame_timeout, None, error).await
+}
+
+/// Like [`next_request`], with the frame's bytes taken from the connection's `budget` as they are read.
+pub async fn next_request_budgeted<M: Message + Default, E: Message>(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    frame_timeout: Duration,
+    budget: Option<&FrameBudget>,
+    error: impl FnOnce(ErrorCode, String) -> E,
+) -> NextRequest<M> {
+    match read_frame_budgeted::<M>(recv, relay_proto::MAX_FRAME_LEN, frame_timeout, budget).await {
         Ok(Some(request)) => NextRequest::Request(request),
         Ok(None) => {
             send.finish().ok();

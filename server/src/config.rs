@@ -20,6 +20,14 @@
 //! max_streams_per_connection = 256    # concurrent bidirectional streams per connection
 //! delivery_window = 256               # envelopes pushed but not yet acknowledged, per delivery stream
 //! idle_timeout_secs = 60              # connection idle timeout
+//! # Per-connection byte budgets (README, "Memory per connection is bounded by bytes"): with these defaults a
+//! # connection costs the relay at most about 6.5 MiB however its peer behaves.
+//! receive_window_bytes = 2097152      # QUIC receive window of an authenticated connection (2 MiB)
+//! unauthenticated_receive_window_bytes = 1048576  # the same before `Auth`/`Register` (1 MiB)
+//! frame_budget_bytes = 2097152        # bytes of partially received frames, all streams of a connection (2 MiB)
+//! unauthenticated_frame_budget_bytes = 524288  # the same before `Auth`/`Register` (512 KiB)
+//! send_window_bytes = 2097152         # bytes written to a connection and not yet acknowledged by its peer (2 MiB)
+//! delivery_burst_bytes = 262144       # envelope bytes read from the store and written per push (256 KiB)
 //! ```
 //!
 //! `metrics_listen = "127.0.0.1:9464"` (absent by default) serves aggregate Prometheus metrics over HTTP on that
@@ -153,6 +161,20 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Time a client has to complete a frame once it sent its first byte, in seconds.
     pub frame_timeout_secs: u64,
+    /// QUIC receive window of an authenticated connection, in bytes: what its peer may send before the relay reads.
+    pub receive_window_bytes: u32,
+    /// QUIC receive window of a connection before it authenticates, in bytes.
+    pub unauthenticated_receive_window_bytes: u32,
+    /// Bytes of partially received frames the relay holds for one authenticated connection, all streams together;
+    /// taken before the bytes are read out of quinn.
+    pub frame_budget_bytes: usize,
+    /// The same before the connection authenticates.
+    pub unauthenticated_frame_budget_bytes: usize,
+    /// Bytes written to one connection and not yet acknowledged by its peer (QUIC send window); past it, writes
+    /// (deliveries included) wait for the peer.
+    pub send_window_bytes: u64,
+    /// Envelope bytes a delivery stream reads from the store and writes in one push (at least one envelope).
+    pub delivery_burst_bytes: usize,
 }
 
 impl Default for Config {
@@ -193,6 +215,12 @@ impl Default for Limits {
             delivery_window: 256,
             idle_timeout_secs: 60,
             frame_timeout_secs: 30,
+            receive_window_bytes: 2 * 1024 * 1024,
+            unauthenticated_receive_window_bytes: 1024 * 1024,
+            frame_budget_bytes: 2 * 1024 * 1024,
+            unauthenticated_frame_budget_bytes: 512 * 1024,
+            send_window_bytes: 2 * 1024 * 1024,
+            delivery_burst_bytes: 256 * 1024,
         }
     }
 }
@@ -274,6 +302,30 @@ impl Config {
         if !(1..=3600).contains(&l.idle_timeout_secs) {
             return invalid("limits.idle_timeout_secs must be between 1 and 3600".into());
         }
+        // A maximal frame (with its prefix) must be able to arrive, and its bytes to be held, before authentication.
+        let frame = (MAX_FRAME_LEN + relay_proto::frame::PREFIX_LEN) as u64;
+        let windows = [l.unauthenticated_receive_window_bytes, l.receive_window_bytes];
+        if windows.iter().any(|w| u64::from(*w) < frame)
+            || l.receive_window_bytes < l.unauthenticated_receive_window_bytes
+        {
+            return invalid(format!(
+                "limits.unauthenticated_receive_window_bytes must be at least {frame}, and limits.receive_window_bytes \
+                 at least that"
+            ));
+        }
+        if l.unauthenticated_frame_budget_bytes < MAX_FRAME_LEN
+            || l.frame_budget_bytes < l.unauthenticated_frame_budget_bytes
+        {
+            return invalid(format!(
+                "limits.unauthenticated_frame_budget_bytes must be at least {MAX_FRAME_LEN}, and \
+                 limits.frame_budget_bytes at least that"
+            ));
+        }
+        if l.send_window_bytes < frame || l.delivery_burst_bytes == 0 {
+            return invalid(format!(
+                "limits.send_window_bytes must be at least {frame} and limits.delivery_burst_bytes at least 1"
+            ));
+        }
         let r = &self.registration;
         if r.codes_per_hour_per_number == 0 || r.codes_per_hour_per_ip == 0 {
             return invalid(
@@ -352,6 +404,23 @@ mod tests {
         let mut c = Config::default();
         c.limits.mailbox_max_bytes = 10;
         assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn byte_budgets_must_leave_room_for_one_maximal_frame_and_only_grow_on_authentication() {
+        let refused: [fn(&mut Limits); 6] = [
+            |l| l.unauthenticated_receive_window_bytes = MAX_FRAME_LEN as u32,
+            |l| l.receive_window_bytes = l.unauthenticated_receive_window_bytes - 1,
+            |l| l.unauthenticated_frame_budget_bytes = MAX_FRAME_LEN - 1,
+            |l| l.frame_budget_bytes = l.unauthenticated_frame_budget_bytes - 1,
+            |l| l.send_window_bytes = MAX_FRAME_LEN as u64,
+            |l| l.delivery_burst_bytes = 0,
+        ];
+        for (i, tweak) in refused.iter().enumerate() {
+            let mut c = Config::default();
+            tweak(&mut c.limits);
+            assert!(c.check().is_err(), "case {i} accepted");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::{ConnectionLimiter, RateLimiter};
-use crate::session::{Handlers, Session, account, auth, consent, keys, messaging, serve_stream};
+use crate::session::{Budgets, Handlers, Session, account, auth, consent, keys, messaging, serve_stream};
 use crate::store::{GroupCommit, MailboxLimits, Mailboxes, Store};
 use crate::subscribers::Subscribers;
 use crate::verify::{Registration, VerifierSpec};
@@ -38,6 +38,8 @@ struct Shared {
     connections: Arc<ConnectionLimiter>,
     metrics: Arc<Metrics>,
     max_streams: u32,
+    /// The byte budgets of each connection (frame budgets and the authenticated receive window).
+    budgets: crate::config::Limits,
 }
 
 /// Why the relay could not start.
@@ -168,11 +170,17 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     relay_quic::durable_file::restrict_tree(data).map_err(|e| StartError::DataDir(data.clone(), e))?;
 
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(identity.server_crypto()?));
-    server.transport_config(Arc::new(relay_quic::transport_config(
+    let mut transport = relay_quic::transport_config(
         INITIAL_STREAMS.min(limits.max_streams_per_connection),
         Duration::from_secs(limits.idle_timeout_secs),
         None,
-    )));
+    );
+    // Byte budgets of a connection (README, "Memory per connection is bounded by bytes"): it starts with the
+    // unauthenticated receive window, raised when it authenticates (see `session::Budgets`); the send window bounds
+    // what waits for a slow reader.
+    transport.receive_window(quinn::VarInt::from_u32(limits.unauthenticated_receive_window_bytes));
+    transport.send_window(limits.send_window_bytes);
+    server.transport_config(Arc::new(transport));
     let endpoint = relay_quic::endpoint(config.listen, Some(server)).map_err(|e| StartError::Bind(config.listen, e))?;
     let local_addr = endpoint.local_addr().map_err(|e| StartError::Bind(config.listen, e))?;
 
@@ -241,6 +249,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
         connections: Arc::new(ConnectionLimiter::new(limits.max_connections_per_ip)),
         metrics: metrics.clone(),
         max_streams: limits.max_streams_per_connection,
+        budgets: limits.clone(),
     });
     let (metrics_task, metrics_addr) = match config.metrics_listen {
         Some(addr) => {
@@ -326,6 +335,7 @@ fn handlers(
                 subscribers,
                 metrics: metrics.clone(),
                 window: limits.delivery_window,
+                burst_bytes: limits.delivery_burst_bytes,
                 frame_timeout: limits.frame_timeout(),
             },
             recipients: store.directory.identities(),
@@ -411,7 +421,13 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     tracing::debug!("connected");
     let _open = shared.metrics.connection();
-    let session = Arc::new(Session::new(ekm, peer));
+    let budgets = Budgets {
+        frames: relay_quic::FrameBudget::new(shared.budgets.unauthenticated_frame_budget_bytes),
+        authenticated_frames: shared.budgets.frame_budget_bytes,
+        authenticated_window: shared.budgets.receive_window_bytes,
+        connection: Some(conn.clone()),
+    };
+    let session = Arc::new(Session::new(ekm, peer, budgets));
     let mut streams = JoinSet::new();
     let max_streams = shared.max_streams;
     let mut credit = INITIAL_STREAMS.min(max_streams);

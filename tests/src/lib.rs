@@ -224,6 +224,24 @@ impl TestRelay {
         Ok(())
     }
 
+    /// The process id of a running child-process relay (for reading its memory in `/proc`); `None` in process.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.running {
+            Running::Process(child) => child.pid(),
+            _ => None,
+        }
+    }
+
+    /// The configuration the relay runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A fresh connection to the relay, not authenticated.
+    pub async fn raw_connection(&self) -> Result<relay_client::Connection> {
+        Ok(relay_client::Connection::connect(self.addr, self.pinned()?).await?)
+    }
+
     /// The relay's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -152,7 +152,8 @@ mod tests {
             .acquire((account, Purpose::Advertising, "adsco".into()), Instant::now(), LEASE_TTL)
             .expect("an export in flight");
 
-        let session = Arc::new(Session::new([9; 32], IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        let session =
+            Arc::new(Session::new([9; 32], IpAddr::V4(Ipv4Addr::LOCALHOST), crate::session::Budgets::fixed(1 << 20)));
         session.authenticate(account).expect("auth");
         let signature = key.sign(&delete_transcript(&[9; 32], &account)).to_bytes();
         let request = DeleteRequest { signature: signature.to_vec().into() };

@@ -112,8 +112,14 @@ impl Messaging {
     }
 
     /// Turns the stream into `account`'s delivery stream until it ends.
-    pub async fn subscribe(&self, account: AccountId, send: quinn::SendStream, recv: quinn::RecvStream) {
-        crate::delivery::run(&self.delivery, account, send, recv).await;
+    pub async fn subscribe(
+        &self,
+        account: AccountId,
+        budget: &relay_quic::FrameBudget,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        crate::delivery::run(&self.delivery, account, budget.clone(), send, recv).await;
     }
 }
 

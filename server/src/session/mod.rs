@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_proto::wire::{ClientFrame, client_frame::Body as Req};
-use relay_quic::{NextRequest, next_request, write_frame};
+use relay_quic::{NextRequest, next_request_budgeted, write_frame};
 
-pub use state::Session;
+pub use state::{Budgets, Session};
 
 use crate::metrics::Metrics;
 use crate::reject::Reject;
@@ -63,7 +63,9 @@ pub async fn serve_stream(
             return;
         }
         let error = |code, message| Reject::new(code, message).to_frame();
-        let frame = match next_request::<ClientFrame, _>(&mut send, &mut recv, handlers.frame_timeout, error).await {
+        let budget = Some(session.frame_budget());
+        let next = next_request_budgeted::<ClientFrame, _>(&mut send, &mut recv, handlers.frame_timeout, budget, error);
+        let frame = match next.await {
             NextRequest::Request(frame) => frame,
             NextRequest::Closed => return,
             NextRequest::Refused(code) => {
@@ -74,7 +76,7 @@ pub async fn serve_stream(
         let h = &handlers;
         let reply = match frame.body {
             Some(Req::Subscribe(_)) => match session.account() {
-                Ok(account) => return h.messaging.subscribe(account, send, recv).await,
+                Ok(account) => return h.messaging.subscribe(account, session.frame_budget(), send, recv).await,
                 Err(reject) => Err(reject),
             },
             Some(Req::Register(r)) => h.auth.register(&session, r).await,

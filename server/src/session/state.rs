@@ -5,6 +5,9 @@
 //! Both sides derive it independently, it depends on fresh randomness from both, and no other connection has the
 //! same value, so it serves as the server's challenge without an extra round trip, and a signature cannot be
 //! replayed on another connection. A connection authenticates once, as one account.
+//!
+//! Authentication also raises the connection's byte budgets from their unauthenticated to their authenticated
+//! values (see [`Budgets`]): the budget for partially received frames and the connection's QUIC receive window.
 
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -14,8 +17,41 @@ use tokio::sync::Notify;
 
 use relay_proto::AccountId;
 use relay_proto::auth::EKM_LEN;
+use relay_quic::FrameBudget;
 
 use crate::reject::Reject;
+
+/// A connection's byte budgets: the budget for partially received frames (shared by its streams) and, once
+/// authenticated, the values both are raised to.
+pub struct Budgets {
+    /// Partially received frames, all streams together; starts at the unauthenticated value.
+    pub frames: FrameBudget,
+    /// The frame budget once authenticated.
+    pub authenticated_frames: usize,
+    /// The connection's QUIC receive window once authenticated (it starts at the endpoint's, unauthenticated).
+    pub authenticated_window: u32,
+    /// The connection, to raise its receive window; `None` in unit tests without one.
+    pub connection: Option<quinn::Connection>,
+}
+
+impl Budgets {
+    /// Budgets that never change (for sessions without a connection).
+    pub fn fixed(frames: usize) -> Self {
+        Self {
+            frames: FrameBudget::new(frames),
+            authenticated_frames: frames,
+            authenticated_window: 0,
+            connection: None,
+        }
+    }
+
+    fn raise(&self) {
+        self.frames.raise_to(self.authenticated_frames);
+        if let Some(conn) = &self.connection {
+            conn.set_receive_window(quinn::VarInt::from_u32(self.authenticated_window));
+        }
+    }
+}
 
 /// Per-connection state.
 pub struct Session {
@@ -24,12 +60,18 @@ pub struct Session {
     peer: IpAddr,
     ended: AtomicBool,
     end: Notify,
+    budgets: Budgets,
 }
 
 impl Session {
     /// A new, unauthenticated session bound to the connection's exported keying material.
-    pub fn new(ekm: [u8; EKM_LEN], peer: IpAddr) -> Self {
-        Self { ekm, account: OnceLock::new(), peer, ended: AtomicBool::new(false), end: Notify::new() }
+    pub fn new(ekm: [u8; EKM_LEN], peer: IpAddr, budgets: Budgets) -> Self {
+        Self { ekm, account: OnceLock::new(), peer, ended: AtomicBool::new(false), end: Notify::new(), budgets }
+    }
+
+    /// The connection's budget for partially received frames.
+    pub fn frame_budget(&self) -> &FrameBudget {
+        &self.budgets.frames
     }
 
     /// The connection's exported keying material, which authentication transcripts include.
@@ -81,7 +123,9 @@ impl Session {
 
     /// Binds the connection to `account` (once; a different account later is refused).
     pub fn authenticate(&self, account: AccountId) -> Result<(), Reject> {
-        self.account.get_or_init(|| account);
+        if self.account.set(account).is_ok() {
+            self.budgets.raise();
+        }
         self.check_same(account)
     }
 }

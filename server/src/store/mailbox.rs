@@ -189,16 +189,33 @@ impl Mailboxes {
         limit: usize,
         now_ms: u64,
     ) -> Result<Vec<StoredEnvelope>, sled::Error> {
+        self.scan_bytes(recipient, after, limit, usize::MAX, now_ms)
+    }
+
+    /// Like [`Mailboxes::scan`], and it stops once the envelopes read add up to `max_bytes` or more (it returns at
+    /// least one entry if there is one), so one scan holds a bounded number of bytes in memory.
+    pub fn scan_bytes(
+        &self,
+        recipient: &AccountId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredEnvelope>, sled::Error> {
         let start = key(recipient, after.saturating_add(1));
         let end = key(recipient, u64::MAX);
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for item in self.tree.range(start..=end) {
-            if out.len() >= limit {
+            if out.len() >= limit || bytes >= max_bytes {
                 break;
             }
             let (k, v) = item?;
             match decode(&k, &v) {
-                Some(e) if e.expires_at_ms > now_ms => out.push(e),
+                Some(e) if e.expires_at_ms > now_ms => {
+                    bytes = bytes.saturating_add(e.envelope.len());
+                    out.push(e);
+                }
                 Some(_) => {}
                 None => tracing::warn!("skipping undecodable mailbox entry"),
             }
@@ -274,6 +291,18 @@ mod tests {
         let db = sled::Config::new().path(dir.path()).temporary(true).open().expect("open");
         let limits = MailboxLimits { max_messages, max_bytes, ttl_ms: 1000 };
         (dir, Mailboxes::new(db.open_tree("m").expect("tree"), db, limits))
+    }
+
+    #[test]
+    fn a_scan_bounded_by_bytes_stops_after_the_entry_that_reaches_the_bound() {
+        let (_d, m) = mailboxes(100, 10_000);
+        let a = AccountId([1; 16]);
+        for _ in 0..5 {
+            m.append(&a, &[0u8; 100], 0).expect("append");
+        }
+        assert_eq!(m.scan_bytes(&a, 0, 10, 250, 1).expect("scan").len(), 3);
+        assert_eq!(m.scan_bytes(&a, 0, 10, 1, 1).expect("scan").len(), 1, "at least one entry");
+        assert_eq!(m.scan_bytes(&a, 0, 2, 10_000, 1).expect("scan").len(), 2, "the count still applies");
     }
 
     #[test]

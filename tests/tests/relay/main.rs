@@ -16,6 +16,7 @@ mod exports_verify;
 mod identity;
 mod limits;
 mod logdamage;
+mod memory;
 mod messaging;
 mod metrics;
 mod prekeys;

@@ -187,3 +187,60 @@ async fn a_receive_cut_off_after_acknowledging_still_hands_over_what_it_received
     bob.reconnect().await.expect("reconnect");
     assert!(bob.messenger.receive(0, Duration::ZERO).await.expect("receive").is_empty(), "nothing twice");
 }
+
+/// The next event of `inbox` that is not `Acked`, within the bound.
+async fn next_event(inbox: &mut relay_client::Inbox) -> Option<Result<InboxEvent, relay_client::ClientError>> {
+    loop {
+        match bounded("a delivery event", inbox.next()).await {
+            Some(Ok(InboxEvent::Acked(_))) => {}
+            other => return other,
+        }
+    }
+}
+
+/// The envelope of the next `Deliver` on `inbox` (skipping `QueueEmpty`).
+async fn next_delivery(inbox: &mut relay_client::Inbox) -> bytes::Bytes {
+    loop {
+        match next_event(inbox).await {
+            Some(Ok(InboxEvent::Deliver(d))) => return d.envelope,
+            Some(Ok(_)) => {}
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+}
+
+fn assert_replaced(event: Option<Result<InboxEvent, relay_client::ClientError>>) {
+    match event {
+        Some(Err(e)) => assert_eq!(e.code(), Some(relay_proto::ErrorCode::SubscriptionReplaced), "{e}"),
+        other => panic!("expected SUBSCRIPTION_REPLACED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_second_subscribe_of_an_account_replaces_the_first_on_one_connection_and_across_two() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let (sender, _) = relay.raw_user("+33611111111").await.expect("sender");
+    let (conn, id) = relay.raw_user("+33622222222").await.expect("recipient");
+    let mut first = conn.subscribe().await.expect("subscribe");
+    assert!(matches!(next_event(&mut first).await, Some(Ok(InboxEvent::QueueEmpty))));
+
+    // On the same connection: the newer stream is served, the older one is told and ended.
+    let mut second = conn.subscribe().await.expect("subscribe again");
+    assert!(matches!(next_event(&mut second).await, Some(Ok(InboxEvent::QueueEmpty))));
+    assert_replaced(next_event(&mut first).await);
+    assert!(next_event(&mut first).await.is_none(), "the replaced stream ended");
+
+    // On another connection of the same account: the same.
+    let other = relay.raw_connection().await.expect("connect");
+    other.authenticate(&id).await.expect("authenticate");
+    let mut third = other.subscribe().await.expect("subscribe on another connection");
+    assert!(matches!(next_event(&mut third).await, Some(Ok(InboxEvent::QueueEmpty))));
+    assert_replaced(next_event(&mut second).await);
+
+    // Only the newest stream gets what arrives next.
+    sender.send(&id.account_id(), bytes::Bytes::from_static(b"to the newest")).await.expect("send");
+    assert_eq!(&next_delivery(&mut third).await[..], b"to the newest");
+    // The first connection still serves requests: only its delivery stream ended.
+    conn.send(&id.account_id(), bytes::Bytes::from_static(b"from the first connection")).await.expect("send");
+    assert_eq!(&next_delivery(&mut third).await[..], b"from the first connection");
+}
