@@ -446,6 +446,8 @@ fn unexpected(wanted: &str, got: &Resp) -> ClientError {
         Resp::NoticeDocument(_) => "NoticeDocument",
         Resp::ConsentHistoryPage(_) => "ConsentHistoryPage",
         Resp::AccountDeleted(_) => "AccountDeleted",
+        Resp::SendAcks(_) => "SendAcks",
+        Resp::SendRefused(_) => "SendRefused",
         Resp::Error(_) => "Error",
     };
     ClientError::Protocol(format!("expected {wanted}, got {name}"))

@@ -19,6 +19,7 @@ pub mod home;
 pub mod identity;
 pub mod messenger;
 pub mod pin;
+pub mod pipeline;
 pub mod sealed;
 pub mod sessions;
 pub mod subject;
@@ -30,3 +31,4 @@ pub use identity::Identity;
 pub use messenger::{
     Accepted, CodeRequested, Messenger, MessengerError, Received, ReceivedMessage, Sent, Verification,
 };
+pub use pipeline::{PipelineAnswers, PipelineWriter, SendEvent};

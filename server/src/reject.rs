@@ -39,6 +39,11 @@ impl Reject {
     pub fn to_frame(&self) -> ServerFrame {
         ServerFrame::error(self.code, self.message.clone())
     }
+
+    /// The error message alone (inside a `SendRefused`).
+    pub fn to_frame_error(&self) -> relay_proto::wire::Error {
+        relay_proto::wire::Error { code: self.code as i32, message: self.message.clone() }
+    }
 }
 
 fn storage(e: impl std::fmt::Display) -> Reject {

@@ -17,7 +17,7 @@ use super::state::Session;
 use crate::delivery::Delivery;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
-use crate::store::{GroupCommit, Identities, Prekeys};
+use crate::store::{Appended, GroupCommit, Identities, Prekeys};
 use crate::tamper::Tamper;
 
 /// Length of a sealed-sender access key.
@@ -48,8 +48,9 @@ pub struct Messaging {
 }
 
 impl Messaging {
-    /// Stores an opaque envelope for the recipient and acknowledges once it is durable.
-    async fn store(&self, recipient: &[u8], envelope: &[u8]) -> Reply {
+    /// Checks and appends an opaque envelope for the recipient, without waiting for durability: the caller awaits
+    /// [`GroupCommit::durable`] (taken after this returns) before acknowledging it, then calls [`Messaging::stored`].
+    pub(crate) fn append(&self, recipient: &[u8], envelope: &[u8]) -> Result<(AccountId, Appended), Reject> {
         let recipient = AccountId::from_slice(recipient)
             .ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
         let max = self.max_envelope_bytes;
@@ -68,14 +69,25 @@ impl Messaging {
         let rewritten = self.tamper.envelope(&recipient, envelope);
         let envelope = rewritten.as_deref().unwrap_or(envelope);
         let stored = self.delivery.mailboxes.append(&recipient, envelope, relay_proto::now_ms())?;
-        self.commit.durable().await?;
+        Ok((recipient, stored))
+    }
+
+    /// Counts a durable envelope and wakes its recipient's delivery stream.
+    pub(crate) fn stored(&self, recipient: &AccountId) {
         self.delivery.metrics.stored();
-        self.delivery.subscribers.notify(&recipient);
+        self.delivery.subscribers.notify(recipient);
+    }
+
+    /// Stores an opaque envelope for the recipient and acknowledges once it is durable.
+    async fn store(&self, recipient: &[u8], envelope: &[u8]) -> Reply {
+        let (recipient, stored) = self.append(recipient, envelope)?;
+        self.commit.durable().await?;
+        self.stored(&recipient);
         reply(Resp::SendAck(SendAck { server_id: stored.id, stored_at_ms: stored.stored_at_ms }))
     }
 
-    /// A send on the authenticated connection (first contact, before the recipient's access key is known).
-    pub async fn send(&self, session: &Session, s: Send) -> Reply {
+    /// The checks of an authenticated send before its envelope is appended.
+    pub(crate) fn check_send(&self, session: &Session) -> Result<(), Reject> {
         let account = session.account()?;
         if !self.sends.allow(account, Instant::now()) {
             return Err(Reject::new(
@@ -83,12 +95,17 @@ impl Messaging {
                 format!("at most {} sends per second from one account", self.sends_per_second),
             ));
         }
+        Ok(())
+    }
+
+    /// A send on the authenticated connection (first contact, before the recipient's access key is known).
+    pub async fn send(&self, session: &Session, s: Send) -> Reply {
+        self.check_send(session)?;
         self.store(&s.recipient, &s.envelope).await
     }
 
-    /// A send that names no sender, on any connection: authorised by the recipient's access key, and limited per
-    /// recipient (on top of the mailbox quota) so that a leaked key cannot flood a mailbox faster than the limit.
-    pub async fn sealed_send(&self, s: SealedSend) -> Reply {
+    /// The checks of a sealed send before its envelope is appended: the access key and the per-recipient rate.
+    pub(crate) fn check_sealed(&self, s: &SealedSend) -> Result<(), Reject> {
         let recipient = AccountId::from_slice(&s.recipient)
             .ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
         let bad_key = || Reject::new(ErrorCode::BadAccessKey, "access key not valid for this recipient");
@@ -101,6 +118,13 @@ impl Messaging {
                 format!("at most {} sealed sends per minute to one recipient", self.sealed_sends_per_minute),
             ));
         }
+        Ok(())
+    }
+
+    /// A send that names no sender, on any connection: authorised by the recipient's access key, and limited per
+    /// recipient (on top of the mailbox quota) so that a leaked key cannot flood a mailbox faster than the limit.
+    pub async fn sealed_send(&self, s: SealedSend) -> Reply {
+        self.check_sealed(&s)?;
         self.store(&s.recipient, &s.envelope).await
     }
 

@@ -7,7 +7,7 @@
 //!
 //! Families, each a handler given only the handles it may use (mini-redis's `apply(db, dst)` is the model):
 //! [`auth`] (`Register`, `Auth`, `RequestCode`, `SetRegistrationLock`, `GetSenderCertificate`), [`messaging`]
-//! (`Send`, `SealedSend`, `Ack`, `Subscribe`), [`keys`] (`Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`),
+//! (`Send`, `SealedSend`, `Ack`, `Subscribe`; `OpenSendStream` turns the stream into a [`pipeline`]), [`keys`] (`Lookup`, `FetchBundle`, `UploadPrekeys`, `SetAccessKey`),
 //! [`consent`] (`PutConsent`, `ListConsent`, `ConsentHistory`, `ListExports`, `GetNotice`), [`account`]
 //! (`DeleteAccount`: once it is answered, the connection is closed and no other stream of it is served again).
 //! [`messaging::Messaging`] holds the mailboxes, the identity keys ([`crate::store::Identities`]) and the access
@@ -20,6 +20,7 @@ pub mod checks;
 pub mod consent;
 pub mod keys;
 pub mod messaging;
+pub mod pipeline;
 pub mod state;
 
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub async fn serve_stream(
                 Ok(account) => return h.messaging.subscribe(account, session.frame_budget(), send, recv).await,
                 Err(reject) => Err(reject),
             },
+            Some(Req::OpenSendStream(_)) => return pipeline::serve(h, &session, send, recv).await,
+            Some(Req::PipelinedSend(_)) => Err(Reject::invalid("PipelinedSend outside a pipelined send stream")),
             Some(Req::Register(r)) => h.auth.register(&session, r).await,
             Some(Req::Auth(a)) => h.auth.auth(&session, a),
             Some(Req::RequestCode(c)) => h.auth.request_code(&session, c).await,

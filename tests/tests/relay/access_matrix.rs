@@ -134,6 +134,9 @@ fn expect(op: &Body, authenticated: bool) -> Expect {
         // the relay text a code to any number (that is how a number is proven), rate-limited per number and address;
         // the verification tests cover it.
         Body::RequestCode(_) => Refused(ErrorCode::InvalidRequest),
+        // Only inside a pipelined send stream, where each is checked as the Send or SealedSend it carries
+        // (pipeline.rs); `OpenSendStream` itself has no answer and is not a row of this matrix.
+        Body::PipelinedSend(_) | Body::OpenSendStream(_) => Refused(ErrorCode::InvalidRequest),
         _ if !authenticated => Refused(ErrorCode::Unauthenticated),
         Body::PutConsent(_) => Refused(ErrorCode::ConsentRejected),
         // Only ever the caller's own account, and only with its own key's signature over this connection's transcript.

@@ -19,6 +19,7 @@ mod logdamage;
 mod memory;
 mod messaging;
 mod metrics;
+mod pipeline;
 mod prekeys;
 mod privacy;
 mod protocol_doc;
