@@ -2,7 +2,10 @@
 //! provider, ALPN and tuned sockets, answers each request stream's `Send` frame with a `Deliver` frame carrying the
 //! same envelope: framing and QUIC, no storage, no relay logic. The clients behave as `online` senders do (a stream
 //! per request, `--window` in flight per connection, `--size`-byte payloads), so the round trips per second it
-//! reaches is what `online` is compared with.
+//! reaches is what `online` is compared with. With `--pipeline` both sides model the pipelined send stream
+//! (protocol.md 4.3) instead: one stream per connection, sequence-numbered `PipelinedSend` frames, and per batch of
+//! frames read a `Deliver` echoing each envelope plus one `SendAcks`, written at once; what `online --pipeline` is
+//! compared with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +77,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
     while let Ok(Some(frame)) = read_frame::<ClientFrame>(&mut recv, MAX_FRAME_LEN).await {
         let envelope = match frame.body {
             Some(client_frame::Body::Send(s)) => s.envelope,
+            Some(client_frame::Body::OpenSendStream(_)) => return serve_pipeline(send, recv).await,
             _ => Bytes::new(),
         };
         let reply = Deliver { server_id: 0, stored_at_ms: 0, envelope };
@@ -82,6 +86,108 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
         }
     }
     send.finish().ok();
+}
+
+/// A pipelined send stream as the relay serves it (protocol.md 4.3), without storage: the reading half hands each
+/// frame on; the writing half takes every frame ready and answers them in one write, a `Deliver` echoing each
+/// envelope (the bytes the relay would push to the recipient) and one `SendAcks` for the batch.
+async fn serve_pipeline(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    const PENDING: usize = 1024;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(PENDING);
+    let read = async move {
+        while let Ok(Some(frame)) = read_frame::<ClientFrame>(&mut recv, MAX_FRAME_LEN).await {
+            let Some(client_frame::Body::PipelinedSend(p)) = frame.body else { return };
+            let envelope = p.send.map(|s| s.envelope).unwrap_or_default();
+            if tx.send((p.seq, envelope)).await.is_err() {
+                return;
+            }
+        }
+    };
+    let write = async {
+        let mut batch = Vec::new();
+        let mut out = bytes::BytesMut::new();
+        while rx.recv_many(&mut batch, PENDING).await > 0 {
+            out.clear();
+            let mut acks = wire::SendAcks::default();
+            for (seq, envelope) in batch.drain(..) {
+                let deliver = Deliver { server_id: seq, stored_at_ms: 0, envelope };
+                let frame = ServerFrame { body: Some(server_frame::Body::Deliver(deliver)) };
+                relay_proto::frame::encode_into(&frame, &mut out).ok();
+                acks.seqs.push(seq);
+                acks.server_ids.push(seq);
+            }
+            let frame = ServerFrame { body: Some(server_frame::Body::SendAcks(acks)) };
+            relay_proto::frame::encode_into(&frame, &mut out).ok();
+            if send.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+        send.finish().ok();
+    };
+    tokio::join!(read, write);
+}
+
+/// One connection's `msgs` echo round trips on one pipelined stream, `window` unanswered; returns the
+/// send-to-ack latencies, µs, and counts each answered frame in `done`.
+async fn pipelined(
+    conn: quinn::Connection,
+    msgs: u64,
+    window: usize,
+    envelope: Bytes,
+    deadline: Instant,
+    done: Arc<AtomicU64>,
+) -> Result<hdrhistogram::Histogram<u64>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let open = ClientFrame { body: Some(client_frame::Body::OpenSendStream(wire::OpenSendStream {})) };
+    write_frame(&mut send, &open).await?;
+    let slots = tokio::sync::Semaphore::new(window);
+    let sent_at = std::sync::Mutex::new(std::collections::VecDeque::<Instant>::new());
+    let write = async {
+        for seq in 1..=msgs {
+            match tokio::time::timeout_at(deadline.into(), slots.acquire()).await {
+                Ok(Ok(permit)) => permit.forget(),
+                _ => break,
+            }
+            let send_frame = wire::Send { recipient: Bytes::from_static(&[0; 16]), envelope: envelope.clone() };
+            let p = wire::PipelinedSend { seq, send: Some(send_frame), sealed: None };
+            sent_at.lock().unwrap_or_else(|p| p.into_inner()).push_back(Instant::now());
+            write_frame(&mut send, &ClientFrame { body: Some(client_frame::Body::PipelinedSend(p)) }).await?;
+        }
+        send.finish().ok();
+        Ok::<_, anyhow::Error>(())
+    };
+    let read = async {
+        let mut hist = crate::report::histogram();
+        let mut answered = 0u64;
+        while answered < msgs {
+            let next = read_frame::<ServerFrame>(&mut recv, MAX_FRAME_LEN);
+            let frame = match tokio::time::timeout_at(deadline.into(), next).await {
+                Ok(frame) => frame?,
+                Err(_) => break,
+            };
+            match frame {
+                Some(ServerFrame { body: Some(server_frame::Body::Deliver(_)) }) => {}
+                Some(ServerFrame { body: Some(server_frame::Body::SendAcks(a)) }) => {
+                    let n = a.seqs.len();
+                    let mut times = sent_at.lock().unwrap_or_else(|p| p.into_inner());
+                    let take = n.min(times.len());
+                    for t in times.drain(..take) {
+                        hist.saturating_record(t.elapsed().as_micros() as u64);
+                    }
+                    drop(times);
+                    answered += n as u64;
+                    done.fetch_add(n as u64, Ordering::Relaxed);
+                    slots.add_permits(n);
+                }
+                _ => break,
+            }
+        }
+        slots.close();
+        Ok::<_, anyhow::Error>(hist)
+    };
+    let (wrote, hist) = tokio::join!(write, read);
+    wrote?;
+    hist
 }
 
 /// One echo round trip on a new stream, as `Connection::request` does it.
@@ -122,6 +228,22 @@ pub async fn run(load: &Load, n: usize) -> Result<Report> {
     let client_before = ProcStats::read(None).ok();
     let mut workers = JoinSet::new();
     for conn in &conns {
+        if load.pipeline {
+            let mut filler = vec![0u8; load.size];
+            rand::rng().fill(&mut filler[..]);
+            let (conn, done, errors) = (conn.clone(), done.clone(), errors.clone());
+            let (msgs, window) = (load.msgs, load.window);
+            workers.spawn(async move {
+                match pipelined(conn, msgs, window, Bytes::from(filler), deadline, done).await {
+                    Ok(hist) => hist,
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        crate::report::histogram()
+                    }
+                }
+            });
+            continue;
+        }
         let next = Arc::new(AtomicU64::new(0));
         for _ in 0..load.window {
             let (conn, next, done, errors) = (conn.clone(), next.clone(), done.clone(), errors.clone());
@@ -160,7 +282,7 @@ pub async fn run(load: &Load, n: usize) -> Result<Report> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     progress.finish().await;
-    let mut report = Report::new("echo", load, n);
+    let mut report = Report::new(if load.pipeline { "echo-pipeline" } else { "echo" }, load, n);
     if let (Some(before), Ok(after)) = (client_before, ProcStats::read(None)) {
         // Server and clients share this process here.
         report.set("process_cpu_pct", round2((after.cpu_s - before.cpu_s) / elapsed * 100.0), true);

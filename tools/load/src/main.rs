@@ -21,6 +21,7 @@ mod e2ee;
 mod echo;
 mod offline;
 mod online;
+mod pipelined;
 mod progress;
 mod relayd;
 mod report;
@@ -87,6 +88,10 @@ pub struct Load {
     /// instead of random opaque payloads; each client then sends to its next 8 clients.
     #[arg(long)]
     pub e2ee: bool,
+    /// `online` and `offline-drain`: each client sends on one pipelined send stream (sequence-numbered sends,
+    /// batched acknowledgements) instead of one stream per send.
+    #[arg(long)]
+    pub pipeline: bool,
 }
 
 /// Where the relay under test is.
@@ -165,6 +170,15 @@ async fn main() -> Result<()> {
     };
     if e2ee_elsewhere {
         bail!("--e2ee applies to `online` only");
+    }
+    let pipeline_elsewhere = match &cli.mode {
+        Mode::Online(r) => r.load.e2ee && r.load.pipeline,
+        Mode::Echo(_) | Mode::OfflineDrain(_) => false,
+        Mode::Stalled(r) => r.load.pipeline,
+        Mode::Connections(c) => c.load.pipeline,
+    };
+    if pipeline_elsewhere {
+        bail!("--pipeline applies to `echo`, `online` (without --e2ee) and `offline-drain` only");
     }
     let (report, json) = match cli.mode {
         Mode::Echo(l) => {

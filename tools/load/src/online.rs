@@ -83,6 +83,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         deadline,
         rate: load.rate,
         e2ee: pairs.clone(),
+        pipeline: load.pipeline,
     };
     let senders = conns.iter().cloned().enumerate().collect();
     let sent = traffic::send_all(senders, plan, clock, counters.clone()).await;
@@ -90,7 +91,12 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let complete =
         traffic::wait_until(deadline, || counters.delivered.load(Ordering::Relaxed) >= acked).await && acked == total;
     let end_us = counters.last_delivery_us.load(Ordering::Relaxed).max(first_send_us + 1);
-    let mut report = Report::new(if load.e2ee { "online-e2ee" } else { "online" }, load, n);
+    let name = match (load.e2ee, load.pipeline) {
+        (true, _) => "online-e2ee",
+        (false, true) => "online-pipeline",
+        (false, false) => "online",
+    };
+    let mut report = Report::new(name, load, n);
     usage.finish(relay, &mut report);
     stop.send_replace(true);
     progress.finish().await;

@@ -55,6 +55,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         deadline,
         rate: load.rate,
         e2ee: None,
+        pipeline: false,
     };
     let senders = clients.iter().enumerate().skip(1).filter_map(|(i, c)| Some((i, c.conn.clone()?))).collect();
     let started = Instant::now();

@@ -100,6 +100,8 @@ pub struct SendPlan {
     pub rate: Option<f64>,
     /// End-to-end sessions (`--e2ee`): recipients are the sender's session peers and payloads are encrypted.
     pub e2ee: Option<Arc<Pairs>>,
+    /// `--pipeline`: each sender uses one pipelined send stream ([`crate::pipelined`]).
+    pub pipeline: bool,
 }
 
 /// What the senders did.
@@ -112,7 +114,7 @@ pub struct SendOutcome {
     pub acked_to: Vec<u64>,
 }
 
-fn reason(e: &ClientError) -> String {
+pub(crate) fn reason(e: &ClientError) -> String {
     match e.code() {
         Some(code) => code.as_str_name().trim_start_matches("ERROR_CODE_").to_owned(),
         None => "transport".to_owned(),
@@ -133,6 +135,11 @@ pub async fn send_all(
     let plan = Arc::new(plan);
     let mut workers = JoinSet::new();
     for (me, conn) in senders {
+        if plan.pipeline {
+            let (plan, counters) = (plan.clone(), counters.clone());
+            workers.spawn(crate::pipelined::sender(me, conn, plan, clock, counters, interval_us, start_us));
+            continue;
+        }
         let next = Arc::new(AtomicU64::new(0));
         for _ in 0..plan.window {
             let (conn, next, plan, counters) = (conn.clone(), next.clone(), plan.clone(), counters.clone());
