@@ -6,9 +6,10 @@
 #   tools/load/paired.sh OLD_RELAYD NEW_RELAYD PAIRS [relay-load arguments, default: online]
 #   e.g. tools/load/paired.sh /tmp/old/relayd target/release/relayd 5 online --msgs 1000
 #
-# RELAY_LOAD selects the load tool (default: target/release/relay-load). Needs python3 for the summary.
+# RELAY_LOAD selects the load tool (default: target/release/relay-load); B_ARGS, extra relay-load arguments for the
+# B runs only (e.g. B_ARGS=--pipeline with the same relayd twice compares two protocols). Needs python3.
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,9p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,10p' "$0" >&2; exit 2; }
 a=$1 b=$2 pairs=$3
 shift 3
 [ $# -gt 0 ] || set -- online
@@ -17,9 +18,9 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for i in $(seq 1 "$pairs"); do
   for side in a b; do
-    relayd=$a
-    [ "$side" = b ] && relayd=$b
-    "$load" "$@" --relayd "$relayd" --json "$out/$side$i.json" >"$out/$side$i.txt" 2>&1 ||
+    relayd=$a extra=()
+    [ "$side" = b ] && relayd=$b && read -ra extra <<<"${B_ARGS:-}"
+    "$load" "$@" "${extra[@]}" --relayd "$relayd" --json "$out/$side$i.json" >"$out/$side$i.txt" 2>&1 ||
       { cat "$out/$side$i.txt" >&2; exit 1; }
     echo "$side$i: $(tail -n 1 "$out/$side$i.txt")"
   done

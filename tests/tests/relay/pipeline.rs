@@ -185,3 +185,42 @@ async fn every_acknowledged_pipelined_send_survives_a_kill() {
     }
     assert!(acked.len() >= 100);
 }
+
+#[tokio::test]
+async fn a_sequence_gap_or_another_request_ends_the_pipeline_and_pipelined_send_needs_one() {
+    use relay_proto::wire::server_frame::Body as Resp;
+    use relay_proto::wire::{ClientFrame, OpenSendStream, PipelinedSend, ServerFrame, client_frame::Body};
+    let relay = TestRelay::in_process().await.expect("relay");
+    let (alice, _) = user(&relay, "+33611111111").await;
+    let (_, bob_id) = user(&relay, "+33622222222").await;
+    let send = |seq| {
+        let s = relay_proto::wire::Send {
+            recipient: Bytes::copy_from_slice(bob_id.account_id().as_bytes()),
+            envelope: Bytes::from_static(b"x"),
+        };
+        ClientFrame { body: Some(Body::PipelinedSend(PipelinedSend { seq, send: Some(s), sealed: None })) }
+    };
+
+    // Outside a pipelined send stream.
+    let err = bounded("request", alice.request(send(1).body.expect("body"))).await.expect_err("refused");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidRequest), "{err}");
+
+    for bad in [send(3), ClientFrame { body: Some(Body::OpenSendStream(OpenSendStream {})) }] {
+        let (mut tx, mut rx) = alice.quic().open_bi().await.expect("stream");
+        let open = ClientFrame { body: Some(Body::OpenSendStream(OpenSendStream {})) };
+        for frame in [open, send(1), bad] {
+            relay_quic::write_frame(&mut tx, &frame).await.expect("write");
+        }
+        let mut answers = Vec::new();
+        while let Some(frame) =
+            bounded("answers", relay_quic::read_frame::<ServerFrame>(&mut rx, relay_proto::MAX_FRAME_LEN))
+                .await
+                .expect("readable")
+        {
+            answers.push(frame.body.expect("a body"));
+        }
+        assert!(matches!(&answers[0], Resp::SendAcks(a) if a.seqs == [1]), "{answers:?}");
+        assert!(matches!(&answers[1], Resp::Error(e) if e.code() == ErrorCode::InvalidRequest), "{answers:?}");
+        assert_eq!(answers.len(), 2, "the stream ends after the error: {answers:?}");
+    }
+}
