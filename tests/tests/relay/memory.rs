@@ -1,7 +1,7 @@
 //! Memory bounded by bytes: clients that open every stream they are allowed and never read, authenticated
 //! (`Subscribe` on every stream, with a mailbox full of large envelopes) and not (a maximal frame announced on every
-//! stream, all but its last byte sent), several connections at once, while a well-behaved pair keeps exchanging
-//! messages. The relay is a `relayd` child process; its resident memory is read from `/proc/PID/status`, and its
+//! stream, half of them pipelined send streams, all but its last byte sent), several connections at once, while a
+//! well-behaved pair keeps exchanging messages. The relay is a `relayd` child process; its resident memory is read from `/proc/PID/status`, and its
 //! peak (`VmHWM`) must stay within [`BOUND_PER_CONNECTION`] per attacking connection of its resident size before
 //! the attack (the bound stated in the README), for the subscribing connections, for the stalling ones (measured
 //! from the resident size after the first phase) and for all four together.
@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use relay_client::InboxEvent;
 use relay_proto::MAX_FRAME_LEN;
-use relay_proto::wire::{ClientFrame, Subscribe, client_frame::Body};
+use relay_proto::wire::{ClientFrame, OpenSendStream, Subscribe, client_frame::Body};
 use relay_tests::TestRelay;
 
 use crate::bounded;
@@ -105,10 +105,19 @@ async fn clients_that_open_every_stream_and_never_read_cost_a_bounded_number_of_
     let mut unauthenticated = Vec::new();
     for _ in 0..UNAUTHENTICATED {
         let conn = relay.raw_connection().await.expect("connect");
-        for _ in 0..STREAMS {
+        for stream in 0..STREAMS {
             let quic = conn.quic().clone();
+            let pipelined = stream % 2 == 1;
             attacks.spawn(async move {
                 let Ok((mut send, recv)) = quic.open_bi().await else { return };
+                // Half the streams are pipelined send streams first (protocol.md 4.3): the stalled frame is then
+                // read by the pipeline, which must take the same budget.
+                if pipelined {
+                    let open = ClientFrame { body: Some(Body::OpenSendStream(OpenSendStream {})) };
+                    if relay_quic::write_frame(&mut send, &open).await.is_err() {
+                        return;
+                    }
+                }
                 let mut frame = Vec::with_capacity(4 + MAX_FRAME_LEN - 1);
                 frame.extend_from_slice(&(MAX_FRAME_LEN as u32).to_be_bytes());
                 frame.resize(4 + MAX_FRAME_LEN - 1, 0x0a);
