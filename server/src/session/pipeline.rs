@@ -37,7 +37,7 @@ enum Outcome {
     /// Refused before anything was stored.
     Refused { seq: u64, reject: Reject },
     /// The stream ends after this error frame (if any) is written.
-    End(Option<ServerFrame>),
+    End(Option<Box<ServerFrame>>),
 }
 
 /// Serves a stream that sent `OpenSendStream`, until it ends.
@@ -91,7 +91,7 @@ fn end(
 ) -> Outcome {
     handlers.metrics.error(code);
     recv.stop(close.code().into()).ok();
-    Outcome::End(Some(Reject::new(code, message).to_frame()))
+    Outcome::End(Some(Box::new(Reject::new(code, message).to_frame())))
 }
 
 /// Checks and appends one frame.
@@ -146,7 +146,7 @@ async fn write_half(handlers: &Handlers, send: &mut quinn::SendStream, mut rx: m
         if !acks.seqs.is_empty() {
             encode_into(&ServerFrame { body: Some(Resp::SendAcks(acks)) }, &mut out).ok();
         }
-        for frame in frames.iter().chain(last.iter().flatten()) {
+        for frame in frames.iter().chain(last.iter().flatten().map(|f| &**f)) {
             encode_into(frame, &mut out).ok();
         }
         if send.write_all(&out).await.is_err() {
