@@ -9,9 +9,10 @@
 //! - A refused frame (bad recipient, too large, rate, access key) gets its own `SendRefused` with its sequence
 //!   number and the stream goes on. A sequence number other than the previous plus one, another request, or a
 //!   frame error ends the stream (after the answers already due).
-//! - Memory: frames are read through the connection's [`relay_quic::FrameBudget`] like any request; at most
-//!   [`MAX_PENDING`] outcomes (a sequence number and a server id each, no envelope bytes) wait for their flush per
-//!   stream: past that the relay stops reading the stream, and QUIC flow control holds the client back.
+//! - Memory: frames are read through the connection's [`relay_quic::FrameBudget`] like any request; per stream at
+//!   most [`MAX_PENDING`] outcomes (a sequence number and a server id each, no envelope bytes) are queued and at most
+//!   as many more are in the batch being flushed: past that the relay stops reading the stream, and QUIC flow
+//!   control holds the client back.
 
 use bytes::BytesMut;
 use relay_proto::frame::encode_into;
@@ -27,7 +28,7 @@ use super::Handlers;
 use super::state::Session;
 use crate::reject::Reject;
 
-/// Outcomes (stored or refused frames) waiting for their flush or their write, per stream.
+/// Outcomes (stored or refused frames) queued for the writing half per stream; also the largest batch it takes.
 pub const MAX_PENDING: usize = 1024;
 
 /// What the reading half hands the writing half, in stream order.
