@@ -23,6 +23,7 @@ mod conns;
 mod curve;
 mod e2ee;
 mod echo;
+mod mqtt;
 mod offline;
 mod online;
 mod progress;
@@ -122,6 +123,10 @@ pub struct Target {
     /// The relayd binary to start [default: `relayd` beside this executable].
     #[arg(long, conflicts_with = "server")]
     pub relayd: Option<PathBuf>,
+    /// `online` and `sweep` only: run the same workload against an MQTT broker at `mqtt://IP:PORT` instead (QoS 1,
+    /// one inbox topic per user), for the peer comparison in tools/peers/run.sh.
+    #[arg(long = "target", value_parser = mqtt::parse_target, conflicts_with_all = ["server", "relayd"])]
+    pub mqtt: Option<SocketAddr>,
 }
 
 /// Settings of the modes that run against a relay.
@@ -207,6 +212,14 @@ async fn main() -> Result<()> {
         Mode::Connections(c) => c.load.e2ee,
         Mode::Sweep(_) | Mode::Plot(_) => false,
     };
+    let mqtt_elsewhere = match &cli.mode {
+        Mode::OfflineDrain(r) | Mode::Stalled(r) => r.target.mqtt.is_some(),
+        Mode::Connections(c) => c.target.mqtt.is_some(),
+        Mode::Echo(_) | Mode::Online(_) | Mode::Sweep(_) | Mode::Plot(_) => false,
+    };
+    if mqtt_elsewhere {
+        bail!("--target mqtt://… applies to `online` and `sweep` only");
+    }
     if e2ee_elsewhere {
         bail!("--e2ee applies to `online` only");
     }

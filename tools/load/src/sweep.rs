@@ -102,7 +102,11 @@ pub async fn run(args: &SweepArgs) -> Result<Curve> {
         bail!("the closed-loop run delivered nothing; no saturation rate to sweep against");
     }
     let mut curve = Curve {
-        target: if args.target.server.is_some() { "relay".into() } else { "relayd".into() },
+        target: match (&args.target.mqtt, &args.target.server) {
+            (Some(_), _) => "mqtt".into(),
+            (None, Some(_)) => "relay".into(),
+            (None, None) => "relayd".into(),
+        },
         clients,
         size: args.size,
         window: args.window,
