@@ -9,7 +9,8 @@
 # Installs Mosquitto from the distribution's packages (apt-get, as root) when `mosquitto` is not on PATH.
 # RELAY_LOAD selects the load tool (default target/release/relay-load; relayd is taken from beside it), so build
 # first: cargo build --release -p relay-load -p relay-server. SWEEP_OUT=DIR also runs `relay-load sweep` against
-# both (SWEEP_ARGS, default "--seconds 5") and draws the two curves on the same axes in DIR/sweep.svg.
+# both (SWEEP_ARGS, default "--seconds 5") into DIR/mosquitto and DIR/relayd, and draws the two curves on the same
+# axes in DIR/sweep.svg (and DIR/sweep.json).
 # Needs python3 for the summary.
 set -euo pipefail
 pairs=${1:-2}
@@ -73,7 +74,7 @@ PY
 
 if [ -n "${SWEEP_OUT:-}" ]; then
   read -r -a sweep_args <<<"${SWEEP_ARGS:---seconds 5}"
-  "$load" sweep "${sweep_args[@]}" --target "mqtt://127.0.0.1:$port" --out "$dir/sweep-mqtt"
-  "$load" sweep "${sweep_args[@]}" --out "$dir/sweep-relayd"
-  "$load" plot "$dir/sweep-relayd/sweep.json" "$dir/sweep-mqtt/sweep.json" --out "$SWEEP_OUT"
+  "$load" sweep "${sweep_args[@]}" --target "mqtt://127.0.0.1:$port" --label mosquitto --out "$SWEEP_OUT/mosquitto"
+  "$load" sweep "${sweep_args[@]}" --out "$SWEEP_OUT/relayd"
+  "$load" plot "$SWEEP_OUT/relayd/sweep.json" "$SWEEP_OUT/mosquitto/sweep.json" --out "$SWEEP_OUT"
 fi

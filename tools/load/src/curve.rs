@@ -54,9 +54,11 @@ pub struct Curve {
     pub points: Vec<Point>,
 }
 
+/// Reads one latency percentile of a point.
+type Percentile = fn(&Point) -> Option<f64>;
+
 /// The percentiles drawn, with the accessor of each.
-const PERCENTILES: [(&str, fn(&Point) -> Option<f64>); 3] =
-    [("p50", |p| p.p50_ms), ("p99", |p| p.p99_ms), ("p99.9", |p| p.p999_ms)];
+const PERCENTILES: [(&str, Percentile); 3] = [("p50", |p| p.p50_ms), ("p99", |p| p.p99_ms), ("p99.9", |p| p.p999_ms)];
 
 /// Writes `dir/sweep.json` and `dir/sweep.svg` for `curves`, creating `dir` if needed.
 pub fn write(dir: &Path, curves: &[Curve]) -> Result<()> {

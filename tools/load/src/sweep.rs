@@ -40,6 +40,9 @@ pub struct SweepArgs {
     /// Directory for sweep.json and sweep.svg.
     #[arg(long)]
     pub out: PathBuf,
+    /// Name of the curve in the legend [default: relayd; with --server: relay; with --target: mqtt].
+    #[arg(long)]
+    pub label: Option<String>,
     #[command(flatten)]
     pub target: Target,
 }
@@ -102,10 +105,11 @@ pub async fn run(args: &SweepArgs) -> Result<Curve> {
         bail!("the closed-loop run delivered nothing; no saturation rate to sweep against");
     }
     let mut curve = Curve {
-        target: match (&args.target.mqtt, &args.target.server) {
-            (Some(_), _) => "mqtt".into(),
-            (None, Some(_)) => "relay".into(),
-            (None, None) => "relayd".into(),
+        target: match (&args.label, &args.target.mqtt, &args.target.server) {
+            (Some(label), _, _) => label.clone(),
+            (None, Some(_), _) => "mqtt".into(),
+            (None, None, Some(_)) => "relay".into(),
+            (None, None, None) => "relayd".into(),
         },
         clients,
         size: args.size,
