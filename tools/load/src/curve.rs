@@ -119,6 +119,8 @@ pub fn render(curves: &[Curve]) -> Result<String> {
         chart
             .configure_mesh()
             .max_light_lines(2)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y}"))
             .x_desc("offered msg/s")
             .y_desc("send→deliver latency, ms")
             .draw()
@@ -156,6 +158,8 @@ pub fn render(curves: &[Curve]) -> Result<String> {
         chart
             .configure_mesh()
             .max_light_lines(2)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .x_desc("offered msg/s")
             .y_desc("delivered msg/s")
             .draw()
