@@ -155,7 +155,7 @@ pub async fn run(load: &Load, addr: SocketAddr, n: usize) -> Result<Report> {
                 };
                 let due_us = match interval_us {
                     Some(iv) => {
-                        let due = first_send_us + (seq as f64 * iv) as u64;
+                        let due = first_send_us + ((seq as f64 + traffic::phase_of(me, n)) * iv) as u64;
                         tokio::time::sleep_until(clock.at(due).into()).await;
                         due
                     }

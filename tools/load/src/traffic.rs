@@ -102,6 +102,11 @@ pub struct SendPlan {
     pub e2ee: Option<Arc<Pairs>>,
 }
 
+/// Where in each send interval sender `index` of `count` sends (0 ≤ phase < 1), so senders are evenly spread.
+pub fn phase_of(index: usize, count: usize) -> f64 {
+    index as f64 / count.max(1) as f64
+}
+
 /// What the senders did.
 pub struct SendOutcome {
     /// Send-to-acknowledgement latency, µs.
@@ -127,12 +132,14 @@ pub async fn send_all(
     counters: Arc<Counters>,
 ) -> SendOutcome {
     let clients = plan.accounts.len();
-    // Open loop: each sender's n-th send is due at start + n × interval, whatever happened to earlier ones.
-    let interval_us = plan.rate.map(|r| senders.len() as f64 / r.max(1e-3) * 1e6);
+    // Open loop: each sender's n-th send is due at start + (n + its phase) × interval, whatever happened to earlier
+    // ones; the phases (sender index ÷ senders) spread the senders over the interval instead of all sending at once.
+    let count = senders.len();
+    let interval_us = plan.rate.map(|r| count as f64 / r.max(1e-3) * 1e6);
     let start_us = clock.now_us();
     let plan = Arc::new(plan);
     let mut workers = JoinSet::new();
-    for (me, conn) in senders {
+    for (slot, (me, conn)) in senders.into_iter().enumerate() {
         let next = Arc::new(AtomicU64::new(0));
         for _ in 0..plan.window {
             let (conn, next, plan, counters) = (conn.clone(), next.clone(), plan.clone(), counters.clone());
@@ -161,7 +168,8 @@ pub async fn send_all(
                     // slow relay cannot hide its queueing (coordinated omission).
                     let due_us = match interval_us {
                         Some(iv) => {
-                            let due = start_us + (seq as f64 * iv) as u64;
+                            let phase = phase_of(slot, count);
+                            let due = start_us + ((seq as f64 + phase) * iv) as u64;
                             tokio::time::sleep_until(clock.at(due).into()).await;
                             due
                         }
