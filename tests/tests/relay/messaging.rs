@@ -76,10 +76,16 @@ async fn thousand_concurrent_sends_are_acked_and_delivered_exactly_once() {
         sends.spawn(async move { sender.send_to(&to, &format!("msg {i}")).await });
     }
     let mut server_ids = HashSet::new();
-    while let Some(r) = bounded("1000 sends", sends.join_next()).await {
-        let sent = r.expect("join").expect("send acknowledged");
-        assert!(server_ids.insert(sent.server_id), "server ids are unique");
-    }
+    // A liveness bound, not a speed check: 1,000 end-to-end encrypted sends in a debug build on a loaded 2-core
+    // machine (CI runs beside other builds) can take longer than the usual single-wait bound before the first one
+    // completes, since all of them start at once.
+    let all = async {
+        while let Some(r) = sends.join_next().await {
+            let sent = r.expect("join").expect("send acknowledged");
+            assert!(server_ids.insert(sent.server_id), "server ids are unique");
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(180), all).await.expect("1000 sends finished within 180 s");
     assert_eq!(server_ids.len(), N);
 
     let got = bob.messenger.receive(N, WAIT).await.expect("receive");

@@ -7,7 +7,10 @@
 //! - `offline-drain`: half the clients are offline while the other half send to them, then they connect and drain;
 //! - `connections`: K idle authenticated connections held open, server memory per connection;
 //! - `stalled`: one recipient subscribes and never reads while senders fill its mailbox, to show that the relay's
-//!   memory stays bounded.
+//!   memory stays bounded;
+//! - `sweep`: `online` open loop at a series of offered rates (percentages of the saturation a closed-loop run
+//!   measures), written as a latency/throughput curve to `--out` (sweep.json, sweep.svg);
+//! - `plot`: the curves of several `sweep.json` files on the same axes.
 //!
 //! Against a relay it starts itself (a `relayd` child process on 127.0.0.1:0 in a temporary directory, whose CPU time
 //! and memory it reads from /proc) or one given by `--server ADDR --cert-sha256 HEX`. Each run prints one summary
@@ -17,8 +20,10 @@
 
 mod clients;
 mod conns;
+mod curve;
 mod e2ee;
 mod echo;
+mod mqtt;
 mod offline;
 mod online;
 mod pipelined;
@@ -26,6 +31,7 @@ mod progress;
 mod relayd;
 mod report;
 mod stalled;
+mod sweep;
 mod traffic;
 
 use std::net::SocketAddr;
@@ -54,6 +60,22 @@ enum Mode {
     Connections(ConnectionsArgs),
     /// One recipient that never reads while senders fill its mailbox; relay memory must stay bounded.
     Stalled(RelayLoad),
+    /// `online` open loop at a series of offered rates: latency and delivered rate against offered rate, as SVG and
+    /// JSON.
+    Sweep(sweep::SweepArgs),
+    /// Draws the curves of several `sweep.json` files (e.g. relayd and an MQTT broker) on the same axes.
+    Plot(PlotArgs),
+}
+
+/// Settings of `plot`.
+#[derive(Args, Clone, Debug)]
+pub struct PlotArgs {
+    /// `sweep.json` files written by `sweep`; their curves are drawn in this order.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Directory for the combined sweep.json and sweep.svg.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// Settings common to every mode.
@@ -106,6 +128,10 @@ pub struct Target {
     /// The relayd binary to start [default: `relayd` beside this executable].
     #[arg(long, conflicts_with = "server")]
     pub relayd: Option<PathBuf>,
+    /// `online` and `sweep` only: run the same workload against an MQTT broker at `mqtt://IP:PORT` instead (QoS 1,
+    /// one inbox topic per user), for the peer comparison in tools/peers/run.sh.
+    #[arg(long = "target", value_parser = mqtt::parse_target, conflicts_with_all = ["server", "relayd"])]
+    pub mqtt: Option<SocketAddr>,
 }
 
 /// Settings of the modes that run against a relay.
@@ -162,23 +188,54 @@ impl Load {
 async fn main() -> Result<()> {
     relay_quic::logging::init("warn");
     let cli = Cli::parse();
+    if let Mode::Sweep(args) = &cli.mode {
+        let curve = sweep::run(args).await?;
+        println!(
+            "sweep: saturation={:.0}/s points={} written to {}",
+            curve.saturation_per_s,
+            curve.points.len(),
+            args.out.display()
+        );
+        if curve.points.iter().any(|p| !p.complete) {
+            eprintln!("sweep: some points did not finish within their time bound (marked incomplete)");
+        }
+        return Ok(());
+    }
+    if let Mode::Plot(args) = &cli.mode {
+        let mut curves = Vec::new();
+        for input in &args.inputs {
+            curves.extend(curve::read_json(input)?);
+        }
+        curve::write(&args.out, &curves)?;
+        println!("plot: {} curves written to {}", curves.len(), args.out.display());
+        return Ok(());
+    }
     let e2ee_elsewhere = match &cli.mode {
         Mode::Echo(l) => l.e2ee,
         Mode::Online(_) => false,
         Mode::OfflineDrain(r) | Mode::Stalled(r) => r.load.e2ee,
         Mode::Connections(c) => c.load.e2ee,
+        Mode::Sweep(_) | Mode::Plot(_) => false,
     };
+    let mqtt_elsewhere = match &cli.mode {
+        Mode::OfflineDrain(r) | Mode::Stalled(r) => r.target.mqtt.is_some(),
+        Mode::Connections(c) => c.target.mqtt.is_some(),
+        Mode::Echo(_) | Mode::Online(_) | Mode::Sweep(_) | Mode::Plot(_) => false,
+    };
+    if mqtt_elsewhere {
+        bail!("--target mqtt://… applies to `online` and `sweep` only");
+    }
     if e2ee_elsewhere {
         bail!("--e2ee applies to `online` only");
     }
     let pipeline_elsewhere = match &cli.mode {
-        Mode::Online(r) => r.load.e2ee && r.load.pipeline,
-        Mode::Echo(_) | Mode::OfflineDrain(_) => false,
+        Mode::Online(r) => r.load.pipeline && (r.load.e2ee || r.target.mqtt.is_some()),
+        Mode::Echo(_) | Mode::OfflineDrain(_) | Mode::Sweep(_) | Mode::Plot(_) => false,
         Mode::Stalled(r) => r.load.pipeline,
         Mode::Connections(c) => c.load.pipeline,
     };
     if pipeline_elsewhere {
-        bail!("--pipeline applies to `echo`, `online` (without --e2ee) and `offline-drain` only");
+        bail!("--pipeline applies to `echo`, `online` (without --e2ee, against relayd) and `offline-drain` only");
     }
     let (report, json) = match cli.mode {
         Mode::Echo(l) => {
@@ -206,6 +263,8 @@ async fn main() -> Result<()> {
             let clients = r.load.check(4, 2)?;
             (stalled::run(&r.load, &r.target, clients).await?, r.load.json)
         }
+        // Ran and returned above: a sweep is many runs, not one report; a plot runs nothing.
+        Mode::Sweep(_) | Mode::Plot(_) => return Ok(()),
     };
     println!("{}", report.summary_line());
     if let Some(path) = json {

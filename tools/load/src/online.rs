@@ -1,5 +1,6 @@
 //! `online`: every client is subscribed and sends `--msgs` envelopes to random other clients, `--window` in flight.
-//! The headline is delivered msg/s from the first send to the last delivery; latency is send-to-deliver.
+//! The headline is delivered msg/s from the first send to the last delivery; latency is send-to-deliver. With
+//! `--target mqtt://…` the same workload runs against an MQTT broker instead ([`crate::mqtt`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,6 +28,9 @@ pub fn overrides(load: &Load) -> Overrides {
 
 /// Runs `online`.
 pub async fn run(load: &Load, target: &Target, n: usize) -> Result<Report> {
+    if let Some(broker) = target.mqtt {
+        return crate::mqtt::run(load, broker, n).await;
+    }
     let deadline = Instant::now() + load.limit();
     let relay = Relay::open(target, overrides(load)).await?;
     let result = tokio::time::timeout_at(deadline.into(), measure(load, &relay, n, deadline)).await;

@@ -104,6 +104,11 @@ pub struct SendPlan {
     pub pipeline: bool,
 }
 
+/// Where in each send interval sender `index` of `count` sends (0 ≤ phase < 1), so senders are evenly spread.
+pub fn phase_of(index: usize, count: usize) -> f64 {
+    index as f64 / count.max(1) as f64
+}
+
 /// What the senders did.
 pub struct SendOutcome {
     /// Send-to-acknowledgement latency, µs.
@@ -129,15 +134,19 @@ pub async fn send_all(
     counters: Arc<Counters>,
 ) -> SendOutcome {
     let clients = plan.accounts.len();
-    // Open loop: each sender's n-th send is due at start + n × interval, whatever happened to earlier ones.
-    let interval_us = plan.rate.map(|r| senders.len() as f64 / r.max(1e-3) * 1e6);
+    // Open loop: each sender's n-th send is due at start + (n + its phase) × interval, whatever happened to earlier
+    // ones; the phases (sender index ÷ senders) spread the senders over the interval instead of all sending at once.
+    let count = senders.len();
+    let interval_us = plan.rate.map(|r| count as f64 / r.max(1e-3) * 1e6);
     let start_us = clock.now_us();
     let plan = Arc::new(plan);
     let mut workers = JoinSet::new();
-    for (me, conn) in senders {
+    for (slot, (me, conn)) in senders.into_iter().enumerate() {
         if plan.pipeline {
             let (plan, counters) = (plan.clone(), counters.clone());
-            workers.spawn(crate::pipelined::sender(me, conn, plan, clock, counters, interval_us, start_us));
+            // The sender's phase shifts its whole schedule, as for the window workers below.
+            let phased_start = start_us + interval_us.map_or(0, |iv| (phase_of(slot, count) * iv) as u64);
+            workers.spawn(crate::pipelined::sender(me, conn, plan, clock, counters, interval_us, phased_start));
             continue;
         }
         let next = Arc::new(AtomicU64::new(0));
@@ -168,7 +177,8 @@ pub async fn send_all(
                     // slow relay cannot hide its queueing (coordinated omission).
                     let due_us = match interval_us {
                         Some(iv) => {
-                            let due = start_us + (seq as f64 * iv) as u64;
+                            let phase = phase_of(slot, count);
+                            let due = start_us + ((seq as f64 + phase) * iv) as u64;
                             tokio::time::sleep_until(clock.at(due).into()).await;
                             due
                         }
