@@ -140,6 +140,19 @@ fn client_frame(f: ClientFrame) {
             pair(&[], &n.affiliate, &n.purpose);
             let _ = <[u8; 32]>::try_from(n.hash.as_ref());
         }
+        Some(Req::PipelinedSend(p)) => {
+            // As the pipelined stream takes a frame apart (server/src/session/pipeline.rs): the send it carries.
+            let _ = p.seq;
+            if let Some(s) = &p.send {
+                account(&s.recipient);
+            }
+            if let Some(s) = &p.sealed {
+                account(&s.recipient);
+                let _ = auth::sha256(&s.access_key);
+            }
+        }
+        // No fields: it only switches the stream into pipelined mode.
+        Some(Req::OpenSendStream(_)) => {}
         Some(Req::DeleteAccount(d)) => {
             // As the relay checks it (server/src/session/account.rs) and the exporter takes the transcript apart.
             let transcript = auth::delete_transcript(&ekm, &AccountId([0x11; 16]));
