@@ -142,20 +142,7 @@ impl ExporterStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         crate::compact::settle(path)?;
-        let db = sled::open(path)?;
-        Ok(Self {
-            outbox: db.open_tree("outbox")?,
-            delivered: db.open_tree("delivered")?,
-            exported: db.open_tree("exported")?,
-            meta: db.open_tree("meta")?,
-            log: db.open_tree("log")?,
-            heads: db.open_tree("heads")?,
-            cosignatures: db.open_tree("cosignatures")?,
-            statements: db.open_tree("statements")?,
-            notices: db.open_tree("notices")?,
-            erased: db.open_tree("erased")?,
-            db,
-        })
+        Self::with_db(sled::open(path)?)
     }
 
     /// Gives each notice of `terms` (version 1, from the catalogue) its version: the stored one if the pair's latest
@@ -313,7 +300,11 @@ impl ExporterStore {
 
     /// A throwaway store in a temporary directory (what stands in while the real one is compacted).
     pub fn temporary() -> Result<Self, StoreError> {
-        let db = sled::Config::new().temporary(true).open()?;
+        Self::with_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    /// The store's trees in `db`.
+    fn with_db(db: sled::Db) -> Result<Self, StoreError> {
         Ok(Self {
             outbox: db.open_tree("outbox")?,
             delivered: db.open_tree("delivered")?,

@@ -562,3 +562,21 @@ pub fn test_notices() -> Result<Vec<Vec<u8>>> {
     let catalogue = relay_exporter::Catalogue::parse(&test_catalogue())?;
     Ok(catalogue.notices().map(|n| n.document.clone()).collect())
 }
+
+/// Runs the `relay` CLI (beside the test executable, or `$RELAY_BIN`) on `home` with `args`, `typed` written to its
+/// stdin and then closed (an answer to a confirmation prompt); its output. Not bounded: callers bound it.
+pub async fn relay_cli_typing(home: &Path, args: &[&str], typed: &str) -> Result<std::process::Output> {
+    let mut child = Command::new(binary_path("relay", "RELAY_BIN")?)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, typed.as_bytes()).await?;
+    drop(stdin);
+    Ok(child.wait_with_output().await?)
+}

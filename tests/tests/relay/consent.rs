@@ -249,25 +249,11 @@ async fn the_cli_shows_the_notice_and_signs_only_after_yes() {
     let relay = TestRelay::in_process().await.expect("relay");
     relay.publish_test_notices().expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
-    let bin = relay_tests::binary_path("relay", "RELAY_BIN").expect("the relay binary");
+    let home = alice.home_dir().to_owned();
     let run = |args: &'static [&'static str], typed: &'static str| {
-        let bin = bin.clone();
-        let home = alice.home_dir().to_owned();
+        let home = home.clone();
         async move {
-            let mut child = tokio::process::Command::new(bin)
-                .arg("--home")
-                .arg(home)
-                .args(args)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawn relay");
-            let mut stdin = child.stdin.take().expect("stdin");
-            tokio::io::AsyncWriteExt::write_all(&mut stdin, typed.as_bytes()).await.expect("type");
-            drop(stdin);
-            crate::bounded("relay consent", child.wait_with_output()).await.expect("output")
+            crate::bounded("relay consent", relay_tests::relay_cli_typing(&home, args, typed)).await.expect("run relay")
         }
     };
     let grant: &[&str] = &["consent", "grant", "--affiliate", "adsco", "--purpose", "advertising"];

@@ -161,24 +161,12 @@ async fn the_cli_deletes_only_after_the_number_is_typed_and_removes_the_home() {
     let home = alice.home_dir().to_owned();
     let (messenger, _guard) = alice.split();
     messenger.close().await;
-    let bin = relay_tests::binary_path("relay", "RELAY_BIN").expect("the relay binary");
     let run = |args: &'static [&'static str], typed: &'static str| {
-        let (bin, home) = (bin.clone(), home.clone());
+        let home = home.clone();
         async move {
-            let mut child = tokio::process::Command::new(bin)
-                .arg("--home")
-                .arg(home)
-                .args(args)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawn relay");
-            let mut stdin = child.stdin.take().expect("stdin");
-            tokio::io::AsyncWriteExt::write_all(&mut stdin, typed.as_bytes()).await.expect("type");
-            drop(stdin);
-            bounded("relay account delete", child.wait_with_output()).await.expect("output")
+            crate::bounded("relay account delete", relay_tests::relay_cli_typing(&home, args, typed))
+                .await
+                .expect("run relay")
         }
     };
     for typed in ["yes\n", "", "+33612345679\n"] {
