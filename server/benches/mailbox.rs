@@ -35,11 +35,12 @@ fn append_and_ack(c: &mut Criterion) {
                                 let recipient = AccountId([w as u8; 16]);
                                 let mut ids = Vec::with_capacity(per_writer);
                                 for _ in 0..per_writer {
-                                    let stored = store.mailboxes.append(&recipient, &envelope, 0).expect("append");
+                                    let stored =
+                                        store.mailboxes.append(&recipient, &envelope, 0).await.expect("append");
                                     store.commit.durable().await.expect("durable");
                                     ids.push(stored.id);
                                 }
-                                store.mailboxes.remove(&recipient, &ids).expect("ack");
+                                store.mailboxes.remove(&recipient, &ids).await.expect("ack");
                             }));
                         }
                         for t in tasks {

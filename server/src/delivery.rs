@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::reject::Reject;
-use crate::store::Mailboxes;
+use crate::store::MailboxStore;
 use crate::subscribers::Subscribers;
 
 enum Incoming {
@@ -85,7 +85,7 @@ fn frame(body: server_frame::Body) -> ServerFrame {
 /// counters and its limits. Nothing else of the relay.
 pub struct Delivery {
     /// The mailboxes.
-    pub mailboxes: Arc<Mailboxes>,
+    pub mailboxes: Arc<dyn MailboxStore>,
     /// Wake-ups after durable sends.
     pub subscribers: Arc<Subscribers>,
     /// Counters.
@@ -168,7 +168,7 @@ async fn push_loop(
             // Mark the change seen before scanning: a send that lands during the scan wakes us again.
             subscription.rx.borrow_and_update();
             let burst = delivery.burst_bytes;
-            let batch = match delivery.mailboxes.scan_bytes(&account, cursor, room, burst, relay_proto::now_ms()) {
+            let batch = match delivery.mailboxes.scan(&account, cursor, room, burst, relay_proto::now_ms()).await {
                 Ok(b) => b,
                 Err(e) => {
                     let reject = Reject::from(e);
@@ -220,7 +220,7 @@ async fn push_loop(
             }
             item = incoming.recv() => match item {
                 Some(Incoming::Ack(ids)) => {
-                    let removed = match delivery.mailboxes.remove(&account, &ids) {
+                    let removed = match delivery.mailboxes.remove(&account, &ids).await {
                         Ok(n) => n,
                         Err(e) => {
                             let reject = Reject::from(e);

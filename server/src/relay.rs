@@ -23,7 +23,7 @@ use crate::delivery::Delivery;
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::{ConnectionLimiter, RateLimiter};
 use crate::session::{Budgets, Handlers, Session, account, auth, consent, keys, messaging, serve_stream};
-use crate::store::{GroupCommit, MailboxLimits, Mailboxes, Store};
+use crate::store::{GroupCommit, MailboxLimits, MailboxStore, Store};
 use crate::subscribers::Subscribers;
 use crate::verify::{Registration, VerifierSpec};
 
@@ -456,15 +456,14 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
 }
 
 /// Removes expired envelopes, and expired verification codes with their files, every `every`.
-async fn sweep_expired(mailboxes: Arc<Mailboxes>, registration: Arc<Registration>, every: Duration) {
+async fn sweep_expired(mailboxes: Arc<dyn MailboxStore>, registration: Arc<Registration>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let m = mailboxes.clone();
-        match tokio::task::spawn_blocking(move || m.sweep_expired(relay_proto::now_ms())).await {
-            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired envelopes removed"),
-            Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+        match mailboxes.sweep_expired(relay_proto::now_ms()).await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "expired envelopes removed"),
+            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
             _ => {}
         }
         let r = registration.clone();

@@ -1,7 +1,7 @@
 //! The export protocol's requests, answered from the consent registry, the directory's profiles and the fence.
 //!
 //! Contract: an [`ExportHandler`] is built from those three, the relay's copy of the export log, the notices and the
-//! group commit (a durability barrier that reads nothing), and nothing else. It holds no `Mailboxes` handle (nor
+//! group commit (a durability barrier that reads nothing), and nothing else. It holds no `MailboxStore` handle (nor
 //! the `Store` or the relay's `Shared` state), so no request of the export protocol can read, write or count a
 //! mailbox, whatever it carries (invariant 2 of `docs/exporter.md`). Personal data (a [`Subject`]) leaves only for a
 //! pair whose latest statement is a grant in force now, under the pair's current notice; `BeginExport` takes its lease *before* it reads the

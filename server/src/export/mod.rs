@@ -3,7 +3,7 @@
 //! It speaks its own ALPN ([`relay_proto::EXPORT_ALPN`]) and requires mutual TLS: the relay accepts exactly the
 //! client certificate pinned by `exporter_cert_sha256` ([`relay_quic::pin::PinnedClientCert`]). Requests are served by an
 //! [`handler::ExportHandler`] built from the consent registry, the directory and the withdrawal fence only; this
-//! module hands it nothing else, and in particular never a `Mailboxes` handle, so the export interface cannot serve
+//! module hands it nothing else, and in particular never a `MailboxStore` handle, so the export interface cannot serve
 //! or alter a mailbox. Framing is as on the messaging endpoint: one bidirectional stream per exchange, each request
 //! answered in order; a frame that does not decode (a messaging `ClientFrame`, say) is refused and closes its stream.
 

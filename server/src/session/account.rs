@@ -28,7 +28,7 @@ use super::checks::{self, Reply, reply};
 use super::state::Session;
 use crate::fence::Fence;
 use crate::reject::Reject;
-use crate::store::{ConsentRegistry, Directory, Erasure, Erasures, GroupCommit, Mailboxes, Prekeys};
+use crate::store::{ConsentRegistry, Directory, Erasure, Erasures, GroupCommit, MailboxStore, Prekeys};
 use crate::verify::Registration;
 
 /// The account-erasure handler.
@@ -38,7 +38,7 @@ pub struct Account {
     /// Prekey pools and access keys.
     pub prekeys: Prekeys,
     /// Mailboxes, emptied at erasure.
-    pub mailboxes: Arc<Mailboxes>,
+    pub mailboxes: Arc<dyn MailboxStore>,
     /// Registration locks and pending codes.
     pub registration: Arc<Registration>,
     /// The erasure feed.
@@ -71,7 +71,7 @@ impl Account {
         let phone = self.directory.remove(&account)?;
         self.prekeys.forget(&account)?;
         self.registration.forget(&account, phone.as_ref())?;
-        let purged = self.mailboxes.purge(&account)?;
+        let purged = self.mailboxes.purge(&account).await?;
         self.commit.durable().await?;
         for r in self.registry.latest(&account)? {
             let s = r.statement;
@@ -146,7 +146,7 @@ mod tests {
             expires_ms: None,
         };
         store.consent.record(&grant.encode(), &[0; 64], 1).expect("grant");
-        store.mailboxes.append(&account, b"queued", relay_proto::now_ms()).expect("envelope");
+        store.mailboxes.append(&account, b"queued", relay_proto::now_ms()).await.expect("envelope");
         let (lease, _) = store
             .fence
             .acquire((account, Purpose::Advertising, "adsco".into()), Instant::now(), LEASE_TTL)
@@ -182,7 +182,7 @@ mod tests {
         assert!(session.ended(), "the connection is to be closed");
         assert_eq!(store.directory.keys(&account).expect("keys"), None);
         assert_eq!(store.directory.profile(&account).expect("profile"), None);
-        assert_eq!(store.mailboxes.depth(&account).expect("depth"), 0, "the mailbox is empty");
+        assert_eq!(store.mailboxes.depth(&account).await.expect("depth"), 0, "the mailbox is empty");
         assert!(store.erasures.erased(&account).expect("erased"));
         assert_eq!(store.consent.history(&account).expect("history").len(), 1, "statements stay as evidence");
     }

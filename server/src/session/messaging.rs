@@ -50,7 +50,7 @@ pub struct Messaging {
 impl Messaging {
     /// Checks and appends an opaque envelope for the recipient, without waiting for durability: the caller awaits
     /// [`GroupCommit::durable`] (taken after this returns) before acknowledging it, then calls [`Messaging::stored`].
-    pub(crate) fn append(&self, recipient: &[u8], envelope: &[u8]) -> Result<(AccountId, Appended), Reject> {
+    pub(crate) async fn append(&self, recipient: &[u8], envelope: &[u8]) -> Result<(AccountId, Appended), Reject> {
         let recipient = AccountId::from_slice(recipient)
             .ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
         let max = self.max_envelope_bytes;
@@ -68,7 +68,7 @@ impl Messaging {
         }
         let rewritten = self.tamper.envelope(&recipient, envelope);
         let envelope = rewritten.as_deref().unwrap_or(envelope);
-        let stored = self.delivery.mailboxes.append(&recipient, envelope, relay_proto::now_ms())?;
+        let stored = self.delivery.mailboxes.append(&recipient, envelope, relay_proto::now_ms()).await?;
         Ok((recipient, stored))
     }
 
@@ -80,7 +80,7 @@ impl Messaging {
 
     /// Stores an opaque envelope for the recipient and acknowledges once it is durable.
     async fn store(&self, recipient: &[u8], envelope: &[u8]) -> Reply {
-        let (recipient, stored) = self.append(recipient, envelope)?;
+        let (recipient, stored) = self.append(recipient, envelope).await?;
         self.commit.durable().await?;
         self.stored(&recipient);
         reply(Resp::SendAck(SendAck { server_id: stored.id, stored_at_ms: stored.stored_at_ms }))
@@ -129,9 +129,9 @@ impl Messaging {
     }
 
     /// Removes acknowledged envelopes from the caller's own mailbox.
-    pub fn ack(&self, session: &Session, a: Ack) -> Reply {
+    pub async fn ack(&self, session: &Session, a: Ack) -> Reply {
         let account = session.account()?;
-        let removed = self.delivery.mailboxes.remove(&account, &a.server_ids)?;
+        let removed = self.delivery.mailboxes.remove(&account, &a.server_ids).await?;
         reply(Resp::Acked(Acked { removed }))
     }
 

@@ -89,7 +89,7 @@ pub async fn serve_stream(
             Some(Req::GetSenderCertificate(_)) => h.auth.sender_certificate(&session),
             Some(Req::Send(s)) => h.messaging.send(&session, s).await,
             Some(Req::SealedSend(s)) => h.messaging.sealed_send(s).await,
-            Some(Req::Ack(a)) => h.messaging.ack(&session, a),
+            Some(Req::Ack(a)) => h.messaging.ack(&session, a).await,
             Some(Req::Lookup(l)) => h.keys.lookup(&session, l),
             Some(Req::FetchBundle(f)) => h.keys.fetch_bundle(&session, f).await,
             Some(Req::UploadPrekeys(u)) => h.keys.upload_prekeys(&session, u).await,

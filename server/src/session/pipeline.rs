@@ -59,7 +59,7 @@ async fn read_half(handlers: &Handlers, session: &Session, recv: &mut quinn::Rec
         let outcome = match read {
             Ok(Some(ClientFrame { body: Some(Req::PipelinedSend(p)) })) if p.seq == expected => {
                 expected += 1;
-                one(handlers, session, p)
+                one(handlers, session, p).await
             }
             Ok(Some(ClientFrame { body: Some(Req::PipelinedSend(p)) })) => {
                 let message = format!("sequence number {} where {expected} was due", p.seq);
@@ -96,11 +96,17 @@ fn end(
 }
 
 /// Checks and appends one frame.
-fn one(handlers: &Handlers, session: &Session, p: PipelinedSend) -> Outcome {
+async fn one(handlers: &Handlers, session: &Session, p: PipelinedSend) -> Outcome {
     let m = &handlers.messaging;
     let appended = match (p.send, p.sealed) {
-        (Some(s), None) => m.check_send(session).and_then(|()| m.append(&s.recipient, &s.envelope)),
-        (None, Some(s)) => m.check_sealed(&s).and_then(|()| m.append(&s.recipient, &s.envelope)),
+        (Some(s), None) => match m.check_send(session) {
+            Ok(()) => m.append(&s.recipient, &s.envelope).await,
+            Err(reject) => Err(reject),
+        },
+        (None, Some(s)) => match m.check_sealed(&s) {
+            Ok(()) => m.append(&s.recipient, &s.envelope).await,
+            Err(reject) => Err(reject),
+        },
         _ => Err(Reject::invalid("a PipelinedSend holds exactly one of send and sealed")),
     };
     match appended {

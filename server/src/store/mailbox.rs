@@ -1,4 +1,4 @@
-//! Per-recipient mailboxes of opaque envelopes.
+//! Per-recipient mailboxes of opaque envelopes in sled: the embedded [`MailboxStore`].
 //!
 //! An entry is keyed by `recipient ‖ server id` (big-endian, so a prefix scan yields a mailbox in arrival order) and
 //! holds the arrival time, the expiry time and the envelope bytes: nothing about the sender, nothing decrypted.
@@ -13,6 +13,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 use relay_proto::{ACCOUNT_ID_LEN, AccountId};
+
+use super::backend::{BackendError, BoxFuture, MailboxStore};
 
 const HEADER_LEN: usize = 16;
 const KEY_LEN: usize = ACCOUNT_ID_LEN + 8;
@@ -70,8 +72,17 @@ pub enum MailboxError {
     },
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] BackendError),
 }
+
+impl From<sled::Error> for MailboxError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// Entries a sweep walks between two yields to the runtime.
+const SWEEP_YIELD_EVERY: usize = 1024;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Usage {
@@ -79,8 +90,8 @@ struct Usage {
     bytes: u64,
 }
 
-/// All mailboxes.
-pub struct Mailboxes {
+/// All mailboxes, in one sled tree.
+pub struct SledMailboxes {
     tree: sled::Tree,
     ids: sled::Db,
     limits: MailboxLimits,
@@ -109,7 +120,7 @@ fn envelope_len(v: &[u8]) -> u64 {
     v.len().saturating_sub(HEADER_LEN) as u64
 }
 
-impl Mailboxes {
+impl SledMailboxes {
     pub(crate) fn new(tree: sled::Tree, ids: sled::Db, limits: MailboxLimits) -> Self {
         // Counting the entries walks the tree once, at start.
         let queued = AtomicU64::new(tree.len() as u64);
@@ -139,7 +150,7 @@ impl Mailboxes {
     /// The recipient's shard lock is held from the quota check through id generation to the insert, so entries of
     /// one mailbox become visible in id order: a delivery stream that follows the mailbox with a cursor can never
     /// pass over an entry that is inserted later with a lower id.
-    pub fn append(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<Appended, MailboxError> {
+    fn append_now(&self, recipient: &AccountId, envelope: &[u8], now_ms: u64) -> Result<Appended, MailboxError> {
         let len = envelope.len() as u64;
         let mut shard = self.shard(recipient);
         let usage = match shard.get_mut(recipient) {
@@ -181,20 +192,7 @@ impl Mailboxes {
         }
     }
 
-    /// Up to `limit` unexpired entries of `recipient` with ids above `after`, oldest first.
-    pub fn scan(
-        &self,
-        recipient: &AccountId,
-        after: u64,
-        limit: usize,
-        now_ms: u64,
-    ) -> Result<Vec<StoredEnvelope>, sled::Error> {
-        self.scan_bytes(recipient, after, limit, usize::MAX, now_ms)
-    }
-
-    /// Like [`Mailboxes::scan`], and it stops once the envelopes read add up to `max_bytes` or more (it returns at
-    /// least one entry if there is one), so one scan holds a bounded number of bytes in memory.
-    pub fn scan_bytes(
+    fn scan_now(
         &self,
         recipient: &AccountId,
         after: u64,
@@ -223,10 +221,7 @@ impl Mailboxes {
         Ok(out)
     }
 
-    /// Removes the listed entries from `recipient`'s own mailbox; ids that are not there are ignored. Returns how
-    /// many were removed. Removal is not awaited durable: a removal lost in a crash means a redelivery, which
-    /// clients de-duplicate.
-    pub fn remove(&self, recipient: &AccountId, ids: &[u64]) -> Result<u32, sled::Error> {
+    fn remove_now(&self, recipient: &AccountId, ids: &[u64]) -> Result<u32, sled::Error> {
         let (mut n, mut bytes) = (0u32, 0u64);
         for &id in ids {
             if let Some(v) = self.tree.remove(key(recipient, id))? {
@@ -238,8 +233,7 @@ impl Mailboxes {
         Ok(n)
     }
 
-    /// Removes every entry of `recipient`'s mailbox (the account is erased); returns how many. Not yet durable.
-    pub fn purge(&self, recipient: &AccountId) -> Result<u64, sled::Error> {
+    fn purge_now(&self, recipient: &AccountId) -> Result<u64, sled::Error> {
         let (mut n, mut bytes) = (0u64, 0u64);
         for item in self.tree.scan_prefix(recipient.as_bytes()) {
             let (k, v) = item?;
@@ -252,10 +246,12 @@ impl Mailboxes {
         Ok(n)
     }
 
-    /// Removes every expired entry; returns how many.
-    pub fn sweep_expired(&self, now_ms: u64) -> Result<u64, sled::Error> {
+    async fn sweep_now(&self, now_ms: u64) -> Result<u64, sled::Error> {
         let mut removed = 0;
-        for item in self.tree.iter() {
+        for (walked, item) in self.tree.iter().enumerate() {
+            if walked % SWEEP_YIELD_EVERY == SWEEP_YIELD_EVERY - 1 {
+                tokio::task::yield_now().await;
+            }
             let (k, v) = item?;
             let expired = decode(&k, &v).is_none_or(|e| e.expires_at_ms <= now_ms);
             if expired && self.tree.compare_and_swap(&k, Some(&v), None::<&[u8]>)?.is_ok() {
@@ -268,13 +264,7 @@ impl Mailboxes {
         Ok(removed)
     }
 
-    /// Entries queued in all mailboxes.
-    pub fn queued(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed)
-    }
-
-    /// Entries queued for `recipient` (from the usage counters).
-    pub fn depth(&self, recipient: &AccountId) -> Result<u64, sled::Error> {
+    fn depth_now(&self, recipient: &AccountId) -> Result<u64, sled::Error> {
         if let Some(u) = self.shard(recipient).get(recipient) {
             return Ok(u.messages);
         }
@@ -282,109 +272,84 @@ impl Mailboxes {
     }
 }
 
+impl MailboxStore for SledMailboxes {
+    /// The recipient's shard lock is held from the quota check through id generation to the insert, so entries of
+    /// one mailbox become visible in id order. The entry is not yet durable: await the group commit.
+    fn append<'a>(
+        &'a self,
+        recipient: &'a AccountId,
+        envelope: &'a [u8],
+        now_ms: u64,
+    ) -> BoxFuture<'a, Result<Appended, MailboxError>> {
+        Box::pin(std::future::ready(self.append_now(recipient, envelope, now_ms)))
+    }
+
+    fn scan<'a>(
+        &'a self,
+        recipient: &'a AccountId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+        now_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEnvelope>, MailboxError>> {
+        Box::pin(std::future::ready(self.scan_now(recipient, after, limit, max_bytes, now_ms).map_err(Into::into)))
+    }
+
+    fn remove<'a>(&'a self, recipient: &'a AccountId, ids: &'a [u64]) -> BoxFuture<'a, Result<u32, MailboxError>> {
+        Box::pin(std::future::ready(self.remove_now(recipient, ids).map_err(Into::into)))
+    }
+
+    fn purge<'a>(&'a self, recipient: &'a AccountId) -> BoxFuture<'a, Result<u64, MailboxError>> {
+        Box::pin(std::future::ready(self.purge_now(recipient).map_err(Into::into)))
+    }
+
+    fn sweep_expired(&self, now_ms: u64) -> BoxFuture<'_, Result<u64, MailboxError>> {
+        Box::pin(async move { self.sweep_now(now_ms).await.map_err(Into::into) })
+    }
+
+    fn depth<'a>(&'a self, recipient: &'a AccountId) -> BoxFuture<'a, Result<u64, MailboxError>> {
+        Box::pin(std::future::ready(self.depth_now(recipient).map_err(Into::into)))
+    }
+
+    fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::conformance::mailboxes as suite;
 
-    fn mailboxes(max_messages: u64, max_bytes: u64) -> (tempfile::TempDir, Mailboxes) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new().path(dir.path()).temporary(true).open().expect("open");
-        let limits = MailboxLimits { max_messages, max_bytes, ttl_ms: 1000 };
-        (dir, Mailboxes::new(db.open_tree("m").expect("tree"), db, limits))
+    /// Hands out mailbox stores over one tree: each call is the store a restarted relay would open.
+    struct Sled {
+        _dir: tempfile::TempDir,
+        db: sled::Db,
+        tree: sled::Tree,
     }
 
-    #[test]
-    fn a_scan_bounded_by_bytes_stops_after_the_entry_that_reaches_the_bound() {
-        let (_d, m) = mailboxes(100, 10_000);
-        let a = AccountId([1; 16]);
-        for _ in 0..5 {
-            m.append(&a, &[0u8; 100], 0).expect("append");
+    impl Sled {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = sled::Config::new().path(dir.path()).temporary(true).open().expect("open");
+            let tree = db.open_tree("m").expect("tree");
+            Self { _dir: dir, db, tree }
         }
-        assert_eq!(m.scan_bytes(&a, 0, 10, 250, 1).expect("scan").len(), 3);
-        assert_eq!(m.scan_bytes(&a, 0, 10, 1, 1).expect("scan").len(), 1, "at least one entry");
-        assert_eq!(m.scan_bytes(&a, 0, 2, 10_000, 1).expect("scan").len(), 2, "the count still applies");
     }
 
-    #[test]
-    fn scan_is_ordered_and_isolated_per_recipient() {
-        let (_d, m) = mailboxes(100, 10_000);
-        let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
-        let e1 = m.append(&a, b"one", 0).expect("append");
-        m.append(&b, b"other", 0).expect("append");
-        let e2 = m.append(&a, b"two", 0).expect("append");
-        let got = m.scan(&a, 0, 10, 1).expect("scan");
-        assert_eq!(got.iter().map(|e| &e.envelope[..]).collect::<Vec<_>>(), vec![&b"one"[..], b"two"]);
-        assert_eq!(m.scan(&a, e1.id, 10, 1).expect("scan").len(), 1);
-        // b cannot remove a's entries by id.
-        assert_eq!(m.remove(&b, &[e1.id, e2.id]).expect("remove"), 0);
-        assert_eq!(m.remove(&a, &[e1.id, e2.id, 999]).expect("remove"), 2);
-        assert_eq!(m.depth(&a).expect("depth"), 0);
-        assert_eq!(m.depth(&b).expect("depth"), 1);
-    }
-
-    #[test]
-    fn quota_by_messages_and_bytes_and_release_on_remove() {
-        let (_d, m) = mailboxes(2, 10);
-        let a = AccountId([1; 16]);
-        let e = m.append(&a, b"12345", 0).expect("append");
-        assert!(matches!(m.append(&a, b"123456", 0), Err(MailboxError::QuotaExceeded { bytes: 5, .. })));
-        m.append(&a, b"1", 0).expect("append");
-        assert!(matches!(m.append(&a, b"1", 0), Err(MailboxError::QuotaExceeded { messages: 2, .. })));
-        m.remove(&a, &[e.id]).expect("remove");
-        m.append(&a, b"1", 0).expect("room again after removal");
-    }
-
-    #[test]
-    fn expired_entries_are_hidden_then_swept() {
-        let (_d, m) = mailboxes(10, 1000);
-        let a = AccountId([1; 16]);
-        m.append(&a, b"old", 0).expect("append");
-        m.append(&a, b"new", 5000).expect("append");
-        assert_eq!(m.scan(&a, 0, 10, 2000).expect("scan").len(), 1);
-        assert_eq!(m.sweep_expired(2000).expect("sweep"), 1);
-        assert_eq!(m.depth(&a).expect("depth"), 1);
-    }
-
-    /// A reader that follows a mailbox with a cursor (as a delivery stream does) must see every entry: an entry
-    /// must never become visible after an entry with a higher id for the same recipient.
-    #[test]
-    fn cursor_readers_miss_nothing_under_concurrent_appends() {
-        let (_d, m) = mailboxes(1_000_000, 1 << 40);
-        let m = std::sync::Arc::new(m);
-        let a = AccountId([1; 16]);
-        let writers: Vec<_> = (0..4)
-            .map(|_| {
-                let m = m.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..3000 {
-                        m.append(&a, b"x", 0).expect("append");
-                    }
-                })
-            })
-            .collect();
-        let (mut cursor, mut seen) = (0, 0usize);
-        while seen < 12_000 {
-            for e in m.scan(&a, cursor, 1000, 0).expect("scan") {
-                cursor = e.id;
-                seen += 1;
-            }
-            if writers.iter().all(|w| w.is_finished()) && m.scan(&a, cursor, 1, 0).expect("scan").is_empty() {
-                break;
-            }
+    impl suite::Fixture for Sled {
+        fn open(&self, limits: MailboxLimits) -> std::sync::Arc<dyn MailboxStore> {
+            std::sync::Arc::new(SledMailboxes::new(self.tree.clone(), self.db.clone(), limits))
         }
-        for w in writers {
-            w.join().expect("writer");
-        }
-        assert_eq!(seen, 12_000, "a cursor reader skipped entries that were inserted out of id order");
     }
 
-    #[test]
-    fn usage_is_reloaded_from_the_tree() {
-        let (_d, m) = mailboxes(2, 1000);
-        let a = AccountId([1; 16]);
-        m.append(&a, b"x", 0).expect("append");
-        m.append(&a, b"y", 0).expect("append");
-        let fresh = Mailboxes::new(m.tree.clone(), m.ids.clone(), m.limits);
-        assert!(matches!(fresh.append(&a, b"z", 0), Err(MailboxError::QuotaExceeded { .. })));
+    #[tokio::test]
+    async fn conformance() {
+        suite::run_all(&Sled::new).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn conformance_cursor_readers_under_concurrent_appends() {
+        suite::cursor_readers_miss_nothing_under_concurrent_appends(&Sled::new()).await;
     }
 }

@@ -1,11 +1,16 @@
 //! Durable state of the relay, in one sled database under `<data_dir>/store`.
 //!
-//! One tree per concern, all named in [`trees`]. The message path ([`Mailboxes`]) and the directory ([`Directory`])
-//! share nothing but the database handle and the [`GroupCommit`] that makes their writes durable; the message path
-//! reaches the directory only through [`Identities`], which holds the identity-keys tree alone. Each is a narrow
-//! concrete type today so that a distributed engine can later replace it behind the same methods.
+//! One tree per concern, all named in [`trees`]. The message path ([`MailboxStore`]) and the directory
+//! ([`Directory`]) share nothing but the database handle and the [`GroupCommit`] that makes their writes durable; the
+//! message path reaches the directory only through [`Identities`], which holds the identity-keys tree alone.
+//!
+//! Concerns move behind the traits of [`backend`] one at a time (mailboxes first), so that a distributed engine can
+//! serve them; the others are still narrow concrete types with the same shape.
 
+pub mod backend;
 pub mod commit;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod consent;
 pub mod directory;
 pub mod erasures;
@@ -18,12 +23,13 @@ pub mod verification;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use backend::{BackendError, BoxFuture, MailboxStore};
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
 pub use directory::{AccountProfile, Claim, Directory, DirectoryError, Identities, Registered};
 pub use erasures::{Erasure, ErasureStoreError, Erasures};
 pub use exportlog::{ExportLog, ExportLogError};
-pub use mailbox::{Appended, MailboxError, MailboxLimits, Mailboxes, StoredEnvelope};
+pub use mailbox::{Appended, MailboxError, MailboxLimits, SledMailboxes, StoredEnvelope};
 pub use notices::{NoticeStoreError, Notices};
 pub use prekeys::{PrekeyError, Prekeys};
 pub use verification::{VerificationStoreError, Verifications};
@@ -83,7 +89,7 @@ pub enum OpenError {
 /// The opened store.
 pub struct Store {
     /// Per-recipient queues of opaque envelopes.
-    pub mailboxes: Arc<Mailboxes>,
+    pub mailboxes: Arc<dyn MailboxStore>,
     /// Accounts, keys, phone numbers and device info.
     pub directory: Directory,
     /// Published prekeys and access keys.
@@ -108,7 +114,8 @@ impl Store {
     /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime: it starts the flusher task.
     pub fn open(dir: &Path, limits: MailboxLimits) -> Result<Self, OpenError> {
         let db = sled::Config::new().path(dir).open()?;
-        let mailboxes = Arc::new(Mailboxes::new(db.open_tree(trees::MAILBOXES)?, db.clone(), limits));
+        let mailboxes: Arc<dyn MailboxStore> =
+            Arc::new(SledMailboxes::new(db.open_tree(trees::MAILBOXES)?, db.clone(), limits));
         let directory = Directory::new(
             db.open_tree(trees::IDENTITIES)?,
             db.open_tree(trees::PROFILES)?,

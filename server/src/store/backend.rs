@@ -1,0 +1,79 @@
+//! The storage traits: one per concern the relay persists, so that the embedded sled store and a distributed engine
+//! can serve the same relay (DESIGN.md "Storage").
+//!
+//! Contract shared by every implementation:
+//! - Methods are async and may be slow (a network round trip for a distributed engine); none blocks a runtime
+//!   worker for long (a long walk yields now and then).
+//! - A write is not acknowledged to a client until the store's durability barrier ([`crate::store::GroupCommit`]
+//!   for sled) has covered it, unless the method says the write is durable when it returns.
+//! - Every method that touches a mailbox takes the account from its caller (the authenticated account): no method
+//!   lets one account read or remove another's entries.
+//! - Failures of the engine itself are [`BackendError`]s: the relay answers `STORAGE_UNAVAILABLE` and acknowledges
+//!   nothing; they never carry message contents or phone numbers.
+//!
+//! [`crate::store::conformance`] holds the tests every implementation must pass.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use relay_proto::AccountId;
+
+use super::mailbox::{Appended, MailboxError, StoredEnvelope};
+
+/// A boxed future, so that the traits can be used as `dyn` objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The storage engine failed (I/O, a lost quorum, a corrupt record). Its text names the engine's error, never the
+/// data.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+impl From<sled::Error> for BackendError {
+    fn from(e: sled::Error) -> Self {
+        Self(format!("sled: {e}"))
+    }
+}
+
+/// Per-recipient queues of opaque envelopes.
+///
+/// Ids are assigned by the store, at least 1, unique and increasing across restarts; within one mailbox, entries
+/// become visible to [`MailboxStore::scan`] in id order, so a reader that follows a mailbox with a cursor never
+/// passes over an entry. Appends are checked against the mailbox quota (messages and bytes) and refused with
+/// [`MailboxError::QuotaExceeded`] when it is reached. Expired entries are never returned by a scan.
+pub trait MailboxStore: Send + Sync {
+    /// Stores `envelope` for `recipient`, stamped `now_ms`.
+    fn append<'a>(
+        &'a self,
+        recipient: &'a AccountId,
+        envelope: &'a [u8],
+        now_ms: u64,
+    ) -> BoxFuture<'a, Result<Appended, MailboxError>>;
+
+    /// Up to `limit` unexpired entries of `recipient` with ids above `after`, oldest first; it stops once the
+    /// envelopes read add up to `max_bytes` or more (returning at least one entry if there is one).
+    fn scan<'a>(
+        &'a self,
+        recipient: &'a AccountId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+        now_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEnvelope>, MailboxError>>;
+
+    /// Removes the listed entries from `recipient`'s own mailbox; ids that are not there are ignored. Returns how
+    /// many were removed. A removal lost in a crash means a redelivery, which clients de-duplicate.
+    fn remove<'a>(&'a self, recipient: &'a AccountId, ids: &'a [u64]) -> BoxFuture<'a, Result<u32, MailboxError>>;
+
+    /// Removes every entry of `recipient`'s mailbox (the account is erased); returns how many.
+    fn purge<'a>(&'a self, recipient: &'a AccountId) -> BoxFuture<'a, Result<u64, MailboxError>>;
+
+    /// Removes every expired entry; returns how many.
+    fn sweep_expired(&self, now_ms: u64) -> BoxFuture<'_, Result<u64, MailboxError>>;
+
+    /// Entries queued for `recipient`.
+    fn depth<'a>(&'a self, recipient: &'a AccountId) -> BoxFuture<'a, Result<u64, MailboxError>>;
+
+    /// Entries queued in all mailboxes, as far as this node knows (for metrics).
+    fn queued(&self) -> u64;
+}

@@ -1,0 +1,144 @@
+//! Tests every storage backend must pass, written once against the traits of [`crate::store::backend`]; each
+//! backend's module runs them over its own fixture (a fresh, empty store per call of the factory).
+
+pub(crate) mod mailboxes {
+    use std::sync::Arc;
+
+    use relay_proto::AccountId;
+
+    use crate::store::{MailboxError, MailboxLimits, MailboxStore};
+
+    /// A backend under test: `open` gives a store over the fixture's data; a second `open` is what a restarted
+    /// relay would see.
+    pub(crate) trait Fixture {
+        fn open(&self, limits: MailboxLimits) -> Arc<dyn MailboxStore>;
+    }
+
+    fn limits(max_messages: u64, max_bytes: u64) -> MailboxLimits {
+        MailboxLimits { max_messages, max_bytes, ttl_ms: 1000 }
+    }
+
+    /// Runs every single-task test, each on a fresh fixture from `fresh`.
+    pub(crate) async fn run_all<F: Fixture>(fresh: &dyn Fn() -> F) {
+        a_scan_bounded_by_bytes_stops_after_the_entry_that_reaches_the_bound(&fresh()).await;
+        scan_is_ordered_and_isolated_per_recipient(&fresh()).await;
+        quota_by_messages_and_bytes_and_release_on_remove(&fresh()).await;
+        expired_entries_are_hidden_then_swept(&fresh()).await;
+        purge_empties_one_mailbox_only(&fresh()).await;
+        usage_and_ids_survive_a_reopen(&fresh()).await;
+    }
+
+    pub(crate) async fn a_scan_bounded_by_bytes_stops_after_the_entry_that_reaches_the_bound(f: &impl Fixture) {
+        let m = f.open(limits(100, 10_000));
+        let a = AccountId([1; 16]);
+        for _ in 0..5 {
+            m.append(&a, &[0u8; 100], 0).await.expect("append");
+        }
+        assert_eq!(m.scan(&a, 0, 10, 250, 1).await.expect("scan").len(), 3);
+        assert_eq!(m.scan(&a, 0, 10, 1, 1).await.expect("scan").len(), 1, "at least one entry");
+        assert_eq!(m.scan(&a, 0, 2, 10_000, 1).await.expect("scan").len(), 2, "the count still applies");
+    }
+
+    pub(crate) async fn scan_is_ordered_and_isolated_per_recipient(f: &impl Fixture) {
+        let m = f.open(limits(100, 10_000));
+        let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
+        let e1 = m.append(&a, b"one", 0).await.expect("append");
+        m.append(&b, b"other", 0).await.expect("append");
+        let e2 = m.append(&a, b"two", 0).await.expect("append");
+        assert!(e1.id >= 1 && e2.id > e1.id, "ids start at 1 and increase");
+        let got = m.scan(&a, 0, 10, usize::MAX, 1).await.expect("scan");
+        assert_eq!(got.iter().map(|e| &e.envelope[..]).collect::<Vec<_>>(), vec![&b"one"[..], b"two"]);
+        assert_eq!(m.scan(&a, e1.id, 10, usize::MAX, 1).await.expect("scan").len(), 1);
+        // b cannot remove a's entries by id.
+        assert_eq!(m.remove(&b, &[e1.id, e2.id]).await.expect("remove"), 0);
+        assert_eq!(m.remove(&a, &[e1.id, e2.id, 999]).await.expect("remove"), 2);
+        assert_eq!(m.depth(&a).await.expect("depth"), 0);
+        assert_eq!(m.depth(&b).await.expect("depth"), 1);
+        assert_eq!(m.queued(), 1);
+    }
+
+    pub(crate) async fn quota_by_messages_and_bytes_and_release_on_remove(f: &impl Fixture) {
+        let m = f.open(limits(2, 10));
+        let a = AccountId([1; 16]);
+        let e = m.append(&a, b"12345", 0).await.expect("append");
+        assert!(matches!(m.append(&a, b"123456", 0).await, Err(MailboxError::QuotaExceeded { bytes: 5, .. })));
+        m.append(&a, b"1", 0).await.expect("append");
+        assert!(matches!(m.append(&a, b"1", 0).await, Err(MailboxError::QuotaExceeded { messages: 2, .. })));
+        m.remove(&a, &[e.id]).await.expect("remove");
+        m.append(&a, b"1", 0).await.expect("room again after removal");
+    }
+
+    pub(crate) async fn expired_entries_are_hidden_then_swept(f: &impl Fixture) {
+        let m = f.open(limits(10, 1000));
+        let a = AccountId([1; 16]);
+        m.append(&a, b"old", 0).await.expect("append");
+        m.append(&a, b"new", 5000).await.expect("append");
+        assert_eq!(m.scan(&a, 0, 10, usize::MAX, 2000).await.expect("scan").len(), 1);
+        assert_eq!(m.sweep_expired(2000).await.expect("sweep"), 1);
+        assert_eq!(m.depth(&a).await.expect("depth"), 1);
+        assert_eq!(m.sweep_expired(2000).await.expect("sweep"), 0, "nothing left to sweep");
+    }
+
+    pub(crate) async fn purge_empties_one_mailbox_only(f: &impl Fixture) {
+        let m = f.open(limits(10, 1000));
+        let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
+        for _ in 0..3 {
+            m.append(&a, b"x", 0).await.expect("append");
+        }
+        m.append(&b, b"y", 0).await.expect("append");
+        assert_eq!(m.purge(&a).await.expect("purge"), 3);
+        assert_eq!(m.depth(&a).await.expect("depth"), 0);
+        assert!(m.scan(&a, 0, 10, usize::MAX, 1).await.expect("scan").is_empty());
+        assert_eq!(m.depth(&b).await.expect("depth"), 1, "another account's mailbox is untouched");
+    }
+
+    /// What a restart sees: the quota counts what is queued, and new ids stay above the old ones.
+    pub(crate) async fn usage_and_ids_survive_a_reopen(f: &impl Fixture) {
+        let a = AccountId([1; 16]);
+        let last = {
+            let m = f.open(limits(2, 1000));
+            m.append(&a, b"x", 0).await.expect("append");
+            m.append(&a, b"y", 0).await.expect("append").id
+        };
+        let fresh = f.open(limits(2, 1000));
+        assert!(matches!(fresh.append(&a, b"z", 0).await, Err(MailboxError::QuotaExceeded { .. })));
+        assert_eq!(fresh.depth(&a).await.expect("depth"), 2);
+        let b = AccountId([2; 16]);
+        assert!(fresh.append(&b, b"w", 0).await.expect("append").id > last, "ids increase across a reopen");
+    }
+
+    /// A reader that follows a mailbox with a cursor (as a delivery stream does) must see every entry: an entry
+    /// must never become visible after an entry with a higher id for the same recipient. Needs a multi-threaded
+    /// runtime.
+    pub(crate) async fn cursor_readers_miss_nothing_under_concurrent_appends(f: &impl Fixture) {
+        let m = f.open(limits(1_000_000, 1 << 40));
+        let a = AccountId([1; 16]);
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    for _ in 0..3000 {
+                        m.append(&a, b"x", 0).await.expect("append");
+                    }
+                })
+            })
+            .collect();
+        let (mut cursor, mut seen) = (0, 0usize);
+        while seen < 12_000 {
+            for e in m.scan(&a, cursor, 1000, usize::MAX, 0).await.expect("scan") {
+                cursor = e.id;
+                seen += 1;
+            }
+            if writers.iter().all(|w| w.is_finished())
+                && m.scan(&a, cursor, 1, usize::MAX, 0).await.expect("scan").is_empty()
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        for w in writers {
+            w.await.expect("writer");
+        }
+        assert_eq!(seen, 12_000, "a cursor reader skipped entries that were inserted out of id order");
+    }
+}
