@@ -9,6 +9,11 @@
 //! a handful of writes and spend a flush's CPU (sealing sled's log buffer, a write, an `fsync`, thread hand-offs) on
 //! each; spacing them makes every flush under load cover the whole interval's writes, for at most that much added
 //! latency. A write after a quiet interval is flushed at once.
+//!
+//! A store that keeps writes in memory until the flush (the round-log mailboxes) registers a [`BeforeFlush`] hook:
+//! the flusher runs it after reading which tickets the flush will serve and before flushing, so what the hook writes
+//! is covered by that flush; if the hook fails, the flush fails. [`GroupCommit::request_flush`] asks for a flush
+//! that no writer waits for (removals that should reach the disk soon).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +62,9 @@ impl StorageFaults {
     }
 }
 
+/// Written into the database by the flusher before each flush (see the module's contract).
+pub type BeforeFlush = Box<dyn Fn() -> Result<(), sled::Error> + Send + Sync>;
+
 /// A flush failed: the writes it covered may not be durable and must not be acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("storage flush failed: {0}")]
@@ -83,6 +91,8 @@ pub struct CommitStats {
 /// The group-commit barrier.
 pub struct GroupCommit {
     issued: AtomicU64,
+    /// A flush was asked for without a ticket.
+    requested: std::sync::atomic::AtomicBool,
     wake: Arc<Notify>,
     flushed: watch::Sender<Flushed>,
     flushes: AtomicU64,
@@ -94,8 +104,14 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the flusher task for `db`. The task ends when the last `Arc` is dropped.
     pub fn start(db: sled::Db) -> Arc<Self> {
+        Self::start_with(db, None)
+    }
+
+    /// Like [`GroupCommit::start`], running `before_flush` before every flush.
+    pub fn start_with(db: sled::Db, before_flush: Option<BeforeFlush>) -> Arc<Self> {
         let gc = Arc::new(Self {
             issued: AtomicU64::new(0),
+            requested: std::sync::atomic::AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
             flushed: watch::Sender::new(Flushed::default()),
             flushes: AtomicU64::new(0),
@@ -114,7 +130,8 @@ impl GroupCommit {
                     let f = gc.flushed.borrow();
                     f.durable.max(f.failed)
                 };
-                if target <= done {
+                let requested = gc.requested.swap(false, Ordering::SeqCst);
+                if target <= done && !requested {
                     // A permit stored by `notify_one` before this point makes the wait return at once.
                     drop(gc);
                     wake.notified().await;
@@ -130,18 +147,23 @@ impl GroupCommit {
                 }
                 let started = Instant::now();
                 last_start = Some(started);
-                let result = if gc.faults.fail_flushes.load(Ordering::SeqCst) {
+                let written = before_flush.as_ref().map_or(Ok(()), |hook| hook());
+                let result = if let Err(e) = written {
+                    Err(e)
+                } else if gc.faults.fail_flushes.load(Ordering::SeqCst) {
                     Err(sled::Error::Io(std::io::Error::other("injected flush failure")))
                 } else {
-                    db.flush_async().await
+                    db.flush_async().await.map(drop)
                 };
                 gc.flushes.fetch_add(1, Ordering::Relaxed);
-                gc.batch_sizes.record(target - done);
+                if target > done {
+                    gc.batch_sizes.record(target - done);
+                }
                 gc.latencies.record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
                 gc.flushed.send_modify(|f| match result {
-                    Ok(_) => f.durable = target,
+                    Ok(()) => f.durable = f.durable.max(target),
                     Err(ref e) => {
-                        f.failed = target;
+                        f.failed = f.failed.max(target);
                         f.error = Some(e.to_string());
                     }
                 });
@@ -164,6 +186,12 @@ impl GroupCommit {
             .await
             .map_err(|_| CommitError("store closed".into()))?;
         if state.durable >= ticket { Ok(()) } else { Err(CommitError(state.error.clone().unwrap_or_default())) }
+    }
+
+    /// Asks for a flush soon without waiting for it (at most one flush interval later).
+    pub fn request_flush(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
     }
 
     /// The fault injector of this store (tests only).

@@ -9,9 +9,11 @@ pub(crate) mod mailboxes {
     use crate::store::{MailboxError, MailboxLimits, MailboxStore};
 
     /// A backend under test: `open` gives a store over the fixture's data; a second `open` is what a restarted
-    /// relay would see.
+    /// relay would see of what `durable` made durable.
     pub(crate) trait Fixture {
         fn open(&self, limits: MailboxLimits) -> Arc<dyn MailboxStore>;
+        /// Makes everything the last opened store accepted durable (what the group commit does before an ack).
+        fn durable(&self) -> impl std::future::Future<Output = ()>;
     }
 
     fn limits(max_messages: u64, max_bytes: u64) -> MailboxLimits {
@@ -98,7 +100,9 @@ pub(crate) mod mailboxes {
         let last = {
             let m = f.open(limits(2, 1000));
             m.append(&a, b"x", 0).await.expect("append");
-            m.append(&a, b"y", 0).await.expect("append").id
+            let id = m.append(&a, b"y", 0).await.expect("append").id;
+            f.durable().await;
+            id
         };
         let fresh = f.open(limits(2, 1000));
         assert!(matches!(fresh.append(&a, b"z", 0).await, Err(MailboxError::QuotaExceeded { .. })));

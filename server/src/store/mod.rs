@@ -18,6 +18,7 @@ pub mod exportlog;
 pub mod mailbox;
 pub mod notices;
 pub mod prekeys;
+pub mod roundlog;
 pub mod verification;
 
 use std::path::Path;
@@ -29,14 +30,16 @@ pub use consent::{ConsentRegistry, RegistryError};
 pub use directory::{AccountProfile, Claim, Directory, DirectoryError, Identities, Registered};
 pub use erasures::{Erasure, ErasureStoreError, Erasures};
 pub use exportlog::{ExportLog, ExportLogError};
-pub use mailbox::{Appended, MailboxError, MailboxLimits, SledMailboxes, StoredEnvelope};
+pub use mailbox::{Appended, MailboxError, MailboxLimits, StoredEnvelope};
 pub use notices::{NoticeStoreError, Notices};
 pub use prekeys::{PrekeyError, Prekeys};
+pub use roundlog::RoundMailboxes;
 pub use verification::{VerificationStoreError, Verifications};
 
 /// Names of the sled trees. Nothing else in the relay opens a tree.
 pub mod trees {
-    /// `recipient account id (16) ‖ server id (8, big-endian)` → `stored_at_ms (8) ‖ expires_at_ms (8) ‖ envelope`.
+    /// Round records and removal records of the mailboxes (see `store::roundlog`); entries of the layout before
+    /// it (`recipient (16) ‖ server id (8)` → `stored_at_ms ‖ expires_at_ms ‖ envelope`) are converted at open.
     pub const MAILBOXES: &str = "mailboxes";
     /// `account id` → `identity key (32) ‖ sealing key (32) ‖ binding signature (64)`: all that authentication
     /// and routing need (records written before bindings existed lack the signature).
@@ -84,6 +87,9 @@ pub enum OpenError {
     /// The export leases do not load.
     #[error(transparent)]
     Fence(#[from] crate::fence::FenceError),
+    /// The mailboxes do not load.
+    #[error(transparent)]
+    Mailboxes(#[from] MailboxError),
 }
 
 /// The opened store.
@@ -114,8 +120,7 @@ impl Store {
     /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime: it starts the flusher task.
     pub fn open(dir: &Path, limits: MailboxLimits) -> Result<Self, OpenError> {
         let db = sled::Config::new().path(dir).open()?;
-        let mailboxes: Arc<dyn MailboxStore> =
-            Arc::new(SledMailboxes::new(db.open_tree(trees::MAILBOXES)?, db.clone(), limits));
+        let rounds = Arc::new(RoundMailboxes::open(db.open_tree(trees::MAILBOXES)?, db.clone(), limits)?);
         let directory = Directory::new(
             db.open_tree(trees::IDENTITIES)?,
             db.open_tree(trees::PROFILES)?,
@@ -134,7 +139,10 @@ impl Store {
             crate::fence::LEASE_TTL,
         )?;
         let erasures = Erasures::new(db.open_tree(trees::ERASURES)?);
-        let commit = GroupCommit::start(db);
+        let sealer = rounds.clone();
+        let commit = GroupCommit::start_with(db, Some(Box::new(move || sealer.seal())));
+        rounds.attach(&commit);
+        let mailboxes: Arc<dyn MailboxStore> = rounds;
         Ok(Self {
             mailboxes,
             directory,
