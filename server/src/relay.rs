@@ -23,7 +23,7 @@ use crate::delivery::Delivery;
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::{ConnectionLimiter, RateLimiter};
 use crate::session::{Budgets, Handlers, Session, account, auth, consent, keys, messaging, serve_stream};
-use crate::store::{GroupCommit, MailboxLimits, MailboxStore, Store};
+use crate::store::{Durability, MailboxLimits, MailboxStore, Store};
 use crate::subscribers::Subscribers;
 use crate::verify::{Registration, VerifierSpec};
 
@@ -383,7 +383,7 @@ fn handlers(
 async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
-    commit: Arc<GroupCommit>,
+    commit: Arc<dyn Durability>,
     shutdown: watch::Receiver<bool>,
 ) {
     relay_quic::accept::accept_until(&endpoint, shutdown, "messaging", |incoming| {

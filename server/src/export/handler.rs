@@ -32,7 +32,7 @@ use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
 use crate::reject::Reject;
 use crate::store::consent::Recorded;
 use crate::store::directory::AccountKeys;
-use crate::store::{AccountProfile, ConsentRegistry, Directory, Erasures, ExportLog, GroupCommit, Notices};
+use crate::store::{AccountProfile, ConsentRegistry, Directory, Durability, Erasures, ExportLog, Notices};
 
 /// Answers export requests. Cheap to share: every connection of the export interface uses the same one.
 pub struct ExportHandler {
@@ -41,7 +41,7 @@ pub struct ExportHandler {
     fence: Arc<Fence>,
     log: ExportLog,
     notices: Notices,
-    commit: Arc<GroupCommit>,
+    commit: Arc<dyn Durability>,
     erasures: Erasures,
 }
 
@@ -76,7 +76,7 @@ impl ExportHandler {
         fence: Arc<Fence>,
         log: ExportLog,
         notices: Notices,
-        commit: Arc<GroupCommit>,
+        commit: Arc<dyn Durability>,
         erasures: Erasures,
     ) -> Self {
         Self { consent, directory, fence, log, notices, commit, erasures }
@@ -336,7 +336,7 @@ mod tests {
             Arc::new(Fence::default()),
             ExportLog::open(tree("log")).expect("log"),
             Notices::new(tree("notices")),
-            GroupCommit::start(db.clone()),
+            crate::store::GroupCommit::start(db.clone()),
             Erasures::new(tree("erasures")),
         );
         (handler, db)

@@ -28,7 +28,7 @@ use super::checks::{self, Reply, reply};
 use super::state::Session;
 use crate::fence::Fence;
 use crate::reject::Reject;
-use crate::store::{ConsentRegistry, Directory, Erasure, Erasures, GroupCommit, MailboxStore, Prekeys};
+use crate::store::{ConsentRegistry, Directory, Durability, Erasure, Erasures, MailboxStore, Prekeys};
 use crate::verify::Registration;
 
 /// The account-erasure handler.
@@ -48,7 +48,7 @@ pub struct Account {
     /// Export leases the erasure waits for.
     pub fence: Arc<Fence>,
     /// Durability barrier.
-    pub commit: Arc<GroupCommit>,
+    pub commit: Arc<dyn Durability>,
 }
 
 impl Account {

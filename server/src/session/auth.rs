@@ -34,7 +34,7 @@ use crate::certificates::CertificateIssuer;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
 use crate::store::directory::AccountKeys;
-use crate::store::{Directory, DirectoryError, GroupCommit, Prekeys};
+use crate::store::{Directory, DirectoryError, Durability, Prekeys};
 use crate::verify::Registration;
 
 /// Longest accepted device-info field, in bytes.
@@ -47,7 +47,7 @@ pub struct Auth {
     /// Prekey pools, for the counts `AuthOk` reports.
     pub prekeys: Prekeys,
     /// Durability barrier.
-    pub commit: Arc<GroupCommit>,
+    pub commit: Arc<dyn Durability>,
     /// Verification codes and registration locks.
     pub registration: Arc<Registration>,
     /// The sender-certificate key.

@@ -26,7 +26,7 @@ use super::checks::{Reply, reply};
 use super::state::Session;
 use crate::fence::Fence;
 use crate::reject::Reject;
-use crate::store::{ConsentRegistry, ExportLog, GroupCommit, Identities, Notices};
+use crate::store::{ConsentRegistry, Durability, ExportLog, Identities, Notices};
 use crate::tamper::Tamper;
 
 /// The consent and export-history handler.
@@ -42,7 +42,7 @@ pub struct Consent {
     /// Export leases that withdrawals wait for.
     pub fence: Arc<Fence>,
     /// Durability barrier.
-    pub commit: Arc<GroupCommit>,
+    pub commit: Arc<dyn Durability>,
     /// Lies to tell, for tests only (see [`crate::tamper`]).
     pub tamper: Arc<Tamper>,
 }

@@ -18,7 +18,7 @@ use super::state::Session;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
 use crate::store::directory::AccountKeys;
-use crate::store::{Directory, GroupCommit, Prekeys};
+use crate::store::{Directory, Durability, Prekeys};
 use crate::tamper::Tamper;
 
 /// Clients are told to replenish a one-time prekey pool below this many keys.
@@ -31,7 +31,7 @@ pub struct Keys {
     /// Prekey pools and access-key verifiers.
     pub prekeys: Prekeys,
     /// Durability barrier.
-    pub commit: Arc<GroupCommit>,
+    pub commit: Arc<dyn Durability>,
     /// Lookups and bundle fetches per account.
     pub lookups: RateLimiter<AccountId>,
     /// The configured rate, for the refusal message.

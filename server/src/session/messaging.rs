@@ -17,7 +17,7 @@ use super::state::Session;
 use crate::delivery::Delivery;
 use crate::ratelimit::RateLimiter;
 use crate::reject::Reject;
-use crate::store::{Appended, GroupCommit, Identities, Prekeys};
+use crate::store::{Appended, Durability, Identities, Prekeys};
 use crate::tamper::Tamper;
 
 /// Length of a sealed-sender access key.
@@ -32,7 +32,7 @@ pub struct Messaging {
     /// Access-key verifiers for sealed sends (the prekey trees hold no personal data).
     pub access_keys: Prekeys,
     /// Durability barrier.
-    pub commit: Arc<GroupCommit>,
+    pub commit: Arc<dyn Durability>,
     /// Authenticated sends per account.
     pub sends: RateLimiter<AccountId>,
     /// Sealed sends per recipient.
@@ -49,7 +49,7 @@ pub struct Messaging {
 
 impl Messaging {
     /// Checks and appends an opaque envelope for the recipient, without waiting for durability: the caller awaits
-    /// [`GroupCommit::durable`] (taken after this returns) before acknowledging it, then calls [`Messaging::stored`].
+    /// [`Durability::durable`] (taken after this returns) before acknowledging it, then calls [`Messaging::stored`].
     pub(crate) async fn append(&self, recipient: &[u8], envelope: &[u8]) -> Result<(AccountId, Appended), Reject> {
         let recipient = AccountId::from_slice(recipient)
             .ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;

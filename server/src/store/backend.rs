@@ -18,6 +18,7 @@ use std::pin::Pin;
 
 use relay_proto::AccountId;
 
+use super::commit::CommitError;
 use super::mailbox::{Appended, MailboxError, StoredEnvelope};
 
 /// A boxed future, so that the traits can be used as `dyn` objects.
@@ -76,4 +77,11 @@ pub trait MailboxStore: Send + Sync {
 
     /// Entries queued in all mailboxes, as far as this node knows (for metrics).
     fn queued(&self) -> u64;
+}
+
+/// The durability barrier: [`Durability::durable`] returns once every write applied before the call is durable
+/// (a group-commit flush for sled), or fails if it may not be. Nothing is acknowledged to a client before it.
+pub trait Durability: Send + Sync {
+    /// Waits until every write applied before this call is durable.
+    fn durable(&self) -> BoxFuture<'_, Result<(), CommitError>>;
 }

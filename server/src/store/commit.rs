@@ -216,6 +216,12 @@ impl GroupCommit {
     }
 }
 
+impl super::backend::Durability for GroupCommit {
+    fn durable(&self) -> super::backend::BoxFuture<'_, Result<(), CommitError>> {
+        Box::pin(GroupCommit::durable(self))
+    }
+}
+
 impl Drop for GroupCommit {
     fn drop(&mut self) {
         // Wakes the flusher so that it sees the last reference is gone and exits.

@@ -24,7 +24,7 @@ pub mod verification;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use backend::{BackendError, BoxFuture, MailboxStore};
+pub use backend::{BackendError, BoxFuture, Durability, MailboxStore};
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
 pub use directory::{AccountProfile, Claim, Directory, DirectoryError, Identities, Registered};

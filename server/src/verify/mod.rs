@@ -34,7 +34,7 @@ use relay_proto::verification::{CODE_ATTEMPTS, FormatError, RegistrationPin, Ver
 use relay_proto::{AccountId, PhoneNumber};
 
 use crate::ratelimit::{RateLimiter, address_key};
-use crate::store::{Claim, CommitError, GroupCommit, VerificationStoreError, Verifications};
+use crate::store::{Claim, CommitError, Durability, VerificationStoreError, Verifications};
 use code::{Attempt, CodeKey, PendingCode, PhoneTag, RequestId};
 use file::FileSender;
 use lock::Lock;
@@ -290,7 +290,7 @@ pub struct Admission {
 pub struct Registration {
     verified: Option<Verified>,
     store: Verifications,
-    commit: Arc<GroupCommit>,
+    commit: Arc<dyn Durability>,
     clock: Clock,
 }
 
@@ -300,7 +300,7 @@ impl Registration {
         spec: &VerifierSpec,
         data_dir: &Path,
         store: Verifications,
-        commit: Arc<GroupCommit>,
+        commit: Arc<dyn Durability>,
         limits: CodeLimits,
     ) -> Result<Self, StartError> {
         let sender = match spec {
@@ -518,7 +518,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let db = sled::Config::new().temporary(true).open().expect("db");
         let store = Verifications::new(db.open_tree("c").expect("tree"), db.open_tree("l").expect("tree"));
-        let commit = GroupCommit::start(db);
+        let commit = crate::store::GroupCommit::start(db);
         let limits = CodeLimits { per_number_per_hour: 5, per_address_per_hour: 5 };
         let r = Registration::open(&VerifierSpec::File, dir.path(), store.clone(), commit, limits).expect("open");
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
