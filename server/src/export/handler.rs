@@ -85,10 +85,10 @@ impl ExportHandler {
     /// Answers one request; a refused one becomes an error frame.
     pub async fn handle(&self, body: Option<Req>) -> ExportResponse {
         let reply = match body {
-            Some(Req::ConsentChanges(c)) => self.consent_changes(c),
+            Some(Req::ConsentChanges(c)) => self.consent_changes(c).await,
             Some(Req::BeginExport(b)) => self.begin_export(b).await,
             Some(Req::EndExport(e)) => self.end_export(e),
-            Some(Req::SubjectChanges(c)) => self.subject_changes(c),
+            Some(Req::SubjectChanges(c)) => self.subject_changes(c).await,
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
             Some(Req::ReadLog(r)) => self.read_log(r),
             Some(Req::PublishNotices(p)) => self.publish_notices(p).await,
@@ -120,7 +120,7 @@ impl ExportHandler {
         Ok(latest.is_some_and(|l| l.statement.sequence == s.sequence))
     }
 
-    fn consent_changes(&self, c: ConsentChanges) -> Result<ExportResponse, Reject> {
+    async fn consent_changes(&self, c: ConsentChanges) -> Result<ExportResponse, Reject> {
         let now = relay_proto::now_ms();
         let mut changes = Vec::new();
         let mut next_cursor = c.after_cursor;
@@ -128,14 +128,17 @@ impl ExportHandler {
             // Past this entry even if it is skipped below, so that the exporter's next page moves on.
             next_cursor = cursor;
             let account = r.statement.account;
-            let Some(keys) = self.directory.keys(&account)? else {
+            let Some(keys) = self.directory.keys(&account).await? else {
                 // Normal after a takeover removed the account; the account id only at debug level, like every line
                 // naming one.
                 tracing::debug!(%account, "consent statement of an account missing from the directory");
                 continue;
             };
-            let subject =
-                if self.in_force_latest(&r, now)? { self.directory.profile(&account)?.map(subject) } else { None };
+            let subject = if self.in_force_latest(&r, now)? {
+                self.directory.profile(&account).await?.map(subject)
+            } else {
+                None
+            };
             changes.push(Self::change(cursor, &keys, r, subject));
         }
         resp(Resp::ConsentChangeList(ConsentChangeList { changes, next_cursor }))
@@ -176,13 +179,14 @@ impl ExportHandler {
         resp(Resp::ErasureChangeList(ErasureChangeList { changes, next_cursor }))
     }
 
-    fn subject_changes(&self, c: SubjectChanges) -> Result<ExportResponse, Reject> {
+    async fn subject_changes(&self, c: SubjectChanges) -> Result<ExportResponse, Reject> {
         let now = relay_proto::now_ms();
         let mut changes = Vec::new();
         let mut next_cursor = c.after_cursor;
-        for (cursor, account) in self.directory.subject_changes(c.after_cursor, MAX_SUBJECT_CHANGES)? {
+        for (cursor, account) in self.directory.subject_changes(c.after_cursor, MAX_SUBJECT_CHANGES).await? {
             next_cursor = cursor;
-            let (Some(keys), Some(profile)) = (self.directory.keys(&account)?, self.directory.profile(&account)?)
+            let (Some(keys), Some(profile)) =
+                (self.directory.keys(&account).await?, self.directory.profile(&account).await?)
             else {
                 continue;
             };
@@ -261,7 +265,7 @@ impl ExportHandler {
             b.statement_hash.as_ref().try_into().map_err(|_| Reject::invalid("statement_hash must be 32 bytes"))?;
         // The lease first, then the registry read (the fence's ordering; see the module header).
         let (lease, deadline) = self.fence.acquire(pair.clone(), Instant::now(), LEASE_TTL)?;
-        let granted = match self.check_grant(&pair, &hash) {
+        let granted = match self.check_grant(&pair, &hash).await {
             // The lease is durable before the exporter hears of it, so that a restart cannot forget it.
             Ok(Ok(subject)) => self.commit.durable().await.map(|()| Ok(subject)).map_err(Reject::from),
             other => other,
@@ -290,7 +294,7 @@ impl ExportHandler {
     }
 
     /// With the lease held: the subject if the pair's latest statement is `hash` and in force, else why not.
-    fn check_grant(
+    async fn check_grant(
         &self,
         (account, purpose, affiliate): &Pair,
         hash: &[u8; 32],
@@ -304,7 +308,7 @@ impl ExportHandler {
         if !self.in_force(&latest, relay_proto::now_ms())? {
             return Ok(Err("consent is not in force for this pair"));
         }
-        match self.directory.profile(account)? {
+        match self.directory.profile(account).await? {
             Some(p) => Ok(Ok(subject(p))),
             None => Ok(Err("no such account")),
         }
@@ -332,7 +336,7 @@ mod tests {
         let tree = |n: &str| db.open_tree(n).expect("tree");
         let handler = ExportHandler::new(
             ConsentRegistry::new(tree("consent")),
-            Directory::new(tree("i"), tree("p"), tree("n"), tree("s")),
+            Arc::new(crate::store::SledDirectory::new(tree("i"), tree("p"), tree("n"), tree("s"))),
             Arc::new(Fence::default()),
             ExportLog::open(tree("log")).expect("log"),
             Notices::new(tree("notices")),
@@ -402,7 +406,7 @@ mod tests {
         let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
         let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
-        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).expect("register").account;
+        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).await.expect("register").account;
 
         let stale = ConsentStatement { notice_hash: [7; 32], ..grant(account, 1, Purpose::Advertising) };
         let expired = ConsentStatement {
@@ -459,7 +463,7 @@ mod tests {
         let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
         let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
-        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).expect("register").account;
+        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).await.expect("register").account;
         let purpose_level = |decision, sequence| ConsentStatement {
             affiliate: String::new(),
             decision,
@@ -489,7 +493,7 @@ mod tests {
         let keys = AccountKeys { identity_key: [1; 32], sealing_key: [2; 32], sealing_key_signature: None };
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
         let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
-        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).expect("register").account;
+        let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).await.expect("register").account;
         let g = grant(account, 1, Purpose::Advertising);
         h.consent.record(&g.encode(), &[0; 64], relay_proto::now_ms()).expect("record");
         assert!(matches!(ask(&h, begin(&g)).await, Resp::ExportGranted(_)), "in force before the erasure");
@@ -502,8 +506,8 @@ mod tests {
             signed: relay_proto::auth::delete_transcript(&[4; 32], &account),
         };
         h.erasures.record(&erasure).expect("erasure");
-        assert_eq!(h.directory.remove(&account).expect("remove"), Some(phone.clone()));
-        assert_eq!(h.directory.lookup(&phone).expect("lookup"), None, "the number is free");
+        assert_eq!(h.directory.remove(&account).await.expect("remove"), Some(phone.clone()));
+        assert_eq!(h.directory.lookup(&phone).await.expect("lookup"), None, "the number is free");
 
         match ask(&h, begin(&g)).await {
             Resp::ExportDenied(d) => assert!(d.reason.contains("no such account"), "{}", d.reason),

@@ -55,7 +55,7 @@ impl Account {
     /// Erases the authenticated account (see the module header); the caller closes the connection after the answer.
     pub async fn delete(&self, session: &Session, d: DeleteRequest) -> Reply {
         let account = session.account()?;
-        let keys = self.directory.keys(&account)?.ok_or_else(Reject::unauthenticated)?;
+        let keys = self.directory.keys(&account).await?.ok_or_else(Reject::unauthenticated)?;
         let signed = delete_transcript(session.ekm(), &account);
         checks::signature(&keys.identity_key, &signed, &d.signature)?;
         let signature = d.signature.as_ref().try_into().map_err(|_| Reject::invalid("signature must be 64 bytes"))?;
@@ -68,7 +68,7 @@ impl Account {
         };
         let cursor = self.erasures.record(&erasure)?;
         self.commit.durable().await?;
-        let phone = self.directory.remove(&account)?;
+        let phone = self.directory.remove(&account).await?;
         self.prekeys.forget(&account)?;
         self.registration.forget(&account, phone.as_ref())?;
         let purged = self.mailboxes.purge(&account).await?;
@@ -133,8 +133,12 @@ mod tests {
             sealing_key_signature: None,
         };
         let phone = PhoneNumber::parse("+33612345678").expect("phone");
-        let account =
-            store.directory.register(keys, &phone, Default::default(), 1, Claim::FirstCome).expect("register").account;
+        let account = store
+            .directory
+            .register(keys, &phone, Default::default(), 1, Claim::FirstCome)
+            .await
+            .expect("register")
+            .account;
         let grant = ConsentStatement {
             account,
             affiliate: "adsco".into(),
@@ -163,12 +167,12 @@ mod tests {
         };
         // Bounded wait for the removal, which comes after the erasure is durably recorded.
         for _ in 0..1_000 {
-            if store.directory.lookup(&phone).expect("lookup").is_none() {
+            if store.directory.lookup(&phone).await.expect("lookup").is_none() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(store.directory.lookup(&phone).expect("lookup"), None, "the number is free");
+        assert_eq!(store.directory.lookup(&phone).await.expect("lookup"), None, "the number is free");
         let recorded = store.erasures.changes(0, 10).expect("feed");
         assert_eq!(recorded.len(), 1);
         assert_eq!(recorded[0].1.account, account);
@@ -180,8 +184,8 @@ mod tests {
         let answer = tokio::time::timeout(Duration::from_secs(10), task).await.expect("answered").expect("join");
         assert!(matches!(answer.expect("deleted").body, Some(Resp::AccountDeleted(_))));
         assert!(session.ended(), "the connection is to be closed");
-        assert_eq!(store.directory.keys(&account).expect("keys"), None);
-        assert_eq!(store.directory.profile(&account).expect("profile"), None);
+        assert_eq!(store.directory.keys(&account).await.expect("keys"), None);
+        assert_eq!(store.directory.profile(&account).await.expect("profile"), None);
         assert_eq!(store.mailboxes.depth(&account).await.expect("depth"), 0, "the mailbox is empty");
         assert!(store.erasures.erased(&account).expect("erased"));
         assert_eq!(store.consent.history(&account).expect("history").len(), 1, "statements stay as evidence");

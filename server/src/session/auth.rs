@@ -100,10 +100,10 @@ impl Auth {
                 "this identity key's account was erased; register with a new identity",
             ));
         }
-        let holder = self.directory.lookup(&phone)?.map(|(holder, _)| holder);
+        let holder = self.directory.lookup(&phone).await?.map(|(holder, _)| holder);
         let admission = self.registration.admit(account, &phone, holder, &r.code, &r.registration_lock_pin).await?;
         let keys = AccountKeys { identity_key, sealing_key, sealing_key_signature };
-        let registered = self.directory.register(keys, &phone, device, relay_proto::now_ms(), admission.claim)?;
+        let registered = self.directory.register(keys, &phone, device, relay_proto::now_ms(), admission.claim).await?;
         if let Some(old) = registered.displaced {
             self.prekeys.forget(&old)?;
         }
@@ -146,13 +146,14 @@ impl Auth {
     }
 
     /// Authenticates the connection as an existing account.
-    pub fn auth(&self, session: &Session, a: AuthRequest) -> Reply {
+    pub async fn auth(&self, session: &Session, a: AuthRequest) -> Reply {
         checks::version(a.protocol_version)?;
         let account =
             AccountId::from_slice(&a.account_id).ok_or_else(|| Reject::invalid("account_id must be 16 bytes"))?;
         let keys = self
             .directory
-            .keys(&account)?
+            .keys(&account)
+            .await?
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account: register first"))?;
         checks::signature(&keys.identity_key, &auth_transcript(session.ekm(), &account), &a.signature)?;
         session.authenticate(account)?;
@@ -168,11 +169,11 @@ impl Auth {
     }
 
     /// A sender certificate for the authenticated account, from the directory's record of it.
-    pub fn sender_certificate(&self, session: &Session) -> Reply {
+    pub async fn sender_certificate(&self, session: &Session) -> Reply {
         let account = session.account()?;
         let gone = || Reject::new(ErrorCode::NotFound, "no such account: register first");
-        let keys = self.directory.keys(&account)?.ok_or_else(gone)?;
-        let profile = self.directory.profile(&account)?.ok_or_else(gone)?;
+        let keys = self.directory.keys(&account).await?.ok_or_else(gone)?;
+        let profile = self.directory.profile(&account).await?.ok_or_else(gone)?;
         // The directory only ever holds numbers that parsed as strict E.164 at registration: anything else is a
         // damaged record.
         let phone = PhoneNumber::parse(&profile.phone).map_err(|_| Reject::from(DirectoryError::Corrupt))?;

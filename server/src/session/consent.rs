@@ -53,7 +53,7 @@ impl Consent {
         let account = session.account()?;
         let rejected = |e: ConsentError| Reject::new(ErrorCode::ConsentRejected, e.to_string());
         // The signature is checked over the bytes as received, before they are decoded; those bytes are stored.
-        let keys = self.identities.keys(&account)?.ok_or_else(Reject::unauthenticated)?;
+        let keys = self.identities.keys(&account).await?.ok_or_else(Reject::unauthenticated)?;
         let identity_key =
             VerifyingKey::from_bytes(&keys.identity_key).map_err(|_| rejected(ConsentError::BadSignature))?;
         consent::verify_signature(&c.statement, &c.signature, &identity_key).map_err(rejected)?;

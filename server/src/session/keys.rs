@@ -74,13 +74,14 @@ impl Keys {
     }
 
     /// The account registered with a phone number, and its public keys.
-    pub fn lookup(&self, session: &Session, l: Lookup) -> Reply {
+    pub async fn lookup(&self, session: &Session, l: Lookup) -> Reply {
         let account = session.account()?;
         self.rate_limit(account, "lookups")?;
         let phone = PhoneNumber::parse(&l.phone).map_err(|e| Reject::new(ErrorCode::InvalidPhone, e.to_string()))?;
         let (found, keys) = self
             .directory
-            .lookup(&phone)?
+            .lookup(&phone)
+            .await?
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no account with this phone number"))?;
         let (sealing_key, signature) = self.keys_handed_out(&found, &keys, false);
         reply(Resp::LookupResult(LookupResult {
@@ -111,7 +112,8 @@ impl Keys {
         self.rate_limit(me, "lookups and bundle fetches")?;
         let account =
             AccountId::from_slice(&f.account_id).ok_or_else(|| Reject::invalid("account_id must be 16 bytes"))?;
-        let keys = self.directory.keys(&account)?.ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account"))?;
+        let keys =
+            self.directory.keys(&account).await?.ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account"))?;
         let taken = self
             .prekeys
             .take_bundle(&account)?

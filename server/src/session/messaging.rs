@@ -63,7 +63,7 @@ impl Messaging {
         if envelope.is_empty() {
             return Err(Reject::invalid("empty envelope"));
         }
-        if !self.recipients.exists(&recipient)? {
+        if !self.recipients.exists(&recipient).await? {
             return Err(Reject::new(ErrorCode::UnknownRecipient, "no such recipient account"));
         }
         let rewritten = self.tamper.envelope(&recipient, envelope);

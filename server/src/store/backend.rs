@@ -15,10 +15,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use relay_proto::AccountId;
+use relay_proto::wire::DeviceInfo;
+use relay_proto::{AccountId, PhoneNumber};
 
 use super::commit::CommitError;
+use super::directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered};
 use super::mailbox::{Appended, MailboxError, StoredEnvelope};
 
 /// A boxed future, so that the traits can be used as `dyn` objects.
@@ -85,3 +88,61 @@ pub trait Durability: Send + Sync {
     /// Waits until every write applied before this call is durable.
     fn durable(&self) -> BoxFuture<'_, Result<(), CommitError>>;
 }
+
+/// The identity keys alone: what authentication and routing need, and all the message path may hold. It has no way
+/// to reach a phone number or device info (invariant 2: a type fact).
+pub trait IdentityStore: Send + Sync {
+    /// Public keys of `account`, if it exists.
+    fn keys<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<AccountKeys>, DirectoryError>>;
+
+    /// Whether `account` exists.
+    fn exists<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<bool, DirectoryError>>;
+}
+
+/// A handle on the identity keys alone.
+pub type Identities = Arc<dyn IdentityStore>;
+
+/// The directory: accounts, their public keys, phone numbers and device info. A phone number maps to at most one
+/// account, whatever the number of relay nodes writing at once; a registration and the takeover it may imply
+/// (removing the account that held the number) happen together or not at all.
+pub trait DirectoryStore: Send + Sync {
+    /// A handle on the identity keys alone, for code that must not read personal data.
+    fn identities(&self) -> Identities;
+
+    /// Creates the account of `keys.identity_key`, or updates its sealing key, phone and device info, on the
+    /// grounds of `claim` (see [`Claim`]); a changed number or device is recorded as a subject change. Not yet
+    /// durable: await the durability barrier before acknowledging.
+    fn register<'a>(
+        &'a self,
+        keys: AccountKeys,
+        phone: &'a PhoneNumber,
+        device: DeviceInfo,
+        now_ms: u64,
+        claim: Claim,
+    ) -> BoxFuture<'a, Result<Registered, DirectoryError>>;
+
+    /// Public keys of `account`, if it exists.
+    fn keys<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<AccountKeys>, DirectoryError>>;
+
+    /// The profile (phone number and device info) of `account`, if it exists. Personal data: only the export
+    /// interface and the account's own session read it, never the message path.
+    fn profile<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<AccountProfile>, DirectoryError>>;
+
+    /// Up to `limit` accounts whose phone number or device info changed after cursor `after` (0: from the start),
+    /// oldest first, each with its cursor; cursors become visible in order.
+    fn subject_changes(&self, after: u64, limit: usize)
+    -> BoxFuture<'_, Result<Vec<(u64, AccountId)>, DirectoryError>>;
+
+    /// Removes `account`: its keys, its profile and its number's mapping (the number can then be registered
+    /// again). Returns the number it held, if any. Not yet durable.
+    fn remove<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<PhoneNumber>, DirectoryError>>;
+
+    /// The account registered with `phone` and its keys.
+    fn lookup<'a>(
+        &'a self,
+        phone: &'a PhoneNumber,
+    ) -> BoxFuture<'a, Result<Option<(AccountId, AccountKeys)>, DirectoryError>>;
+}
+
+/// A handle on the directory.
+pub type Directory = Arc<dyn DirectoryStore>;

@@ -146,3 +146,103 @@ pub(crate) mod mailboxes {
         assert_eq!(seen, 12_000, "a cursor reader skipped entries that were inserted out of id order");
     }
 }
+
+pub(crate) mod directory {
+    use relay_proto::wire::DeviceInfo;
+    use relay_proto::{AccountId, PhoneNumber};
+
+    use crate::store::{AccountKeys, Claim, Directory, DirectoryError, Registered};
+
+    pub(crate) fn keys(n: u8) -> AccountKeys {
+        AccountKeys { identity_key: [n; 32], sealing_key: [n + 100; 32], sealing_key_signature: Some([n; 64]) }
+    }
+
+    /// Runs every test, each on a fresh, empty directory from `fresh`.
+    pub(crate) async fn run_all(fresh: &dyn Fn() -> Directory) {
+        register_lookup_update_and_phone_ownership(&fresh()).await;
+        changed_phone_or_device_is_recorded_in_order_and_a_plain_reregistration_is_not(&fresh()).await;
+        a_verified_claim_takes_the_number_over_and_removes_the_old_account(&fresh()).await;
+        removal_frees_the_number_and_forgets_keys_and_profile(&fresh()).await;
+    }
+
+    /// A first-come registration: (account, created).
+    async fn first_come(
+        d: &Directory,
+        keys: AccountKeys,
+        phone: &PhoneNumber,
+        device: DeviceInfo,
+        now: u64,
+    ) -> Result<(AccountId, bool), DirectoryError> {
+        d.register(keys, phone, device, now, Claim::FirstCome).await.map(|r| (r.account, r.created))
+    }
+
+    fn phone(s: &str) -> PhoneNumber {
+        PhoneNumber::parse(s).expect("valid")
+    }
+
+    pub(crate) async fn register_lookup_update_and_phone_ownership(d: &Directory) {
+        let (p1, p2) = (phone("+33612345678"), phone("+33698765432"));
+        let (a, created) = first_come(d, keys(1), &p1, DeviceInfo::default(), 1).await.expect("register");
+        assert!(created);
+        assert_eq!(d.lookup(&p1).await.expect("lookup"), Some((a, keys(1))));
+        let taken = first_come(d, keys(2), &p1, DeviceInfo::default(), 2).await;
+        assert!(matches!(taken, Err(DirectoryError::PhoneTaken)), "{taken:?}");
+        // The same identity moves to a new number: the old one is released.
+        let (a2, created) = first_come(d, keys(1), &p2, DeviceInfo::default(), 3).await.expect("update");
+        assert_eq!((a2, created), (a, false));
+        assert_eq!(d.lookup(&p1).await.expect("lookup"), None);
+        let (b, _) = first_come(d, keys(2), &p1, DeviceInfo::default(), 4).await.expect("number is free again");
+        assert!(d.identities().exists(&b).await.expect("exists"));
+        assert!(!d.identities().exists(&AccountId([9; 16])).await.expect("exists"));
+        assert_eq!(d.identities().keys(&b).await.expect("keys"), Some(keys(2)));
+        assert_eq!(d.profile(&a).await.expect("profile").map(|p| p.phone), Some(p2.as_str().to_owned()));
+        assert_eq!(d.profile(&AccountId([9; 16])).await.expect("profile"), None);
+    }
+
+    pub(crate) async fn changed_phone_or_device_is_recorded_in_order_and_a_plain_reregistration_is_not(d: &Directory) {
+        let (p1, p2) = (phone("+33612345678"), phone("+33698765432"));
+        let pixel = DeviceInfo { model: "Pixel 8".into(), os: "Android 15".into(), app_version: "1.0".into() };
+        let (a, _) = first_come(d, keys(1), &p1, pixel.clone(), 1).await.expect("register");
+        let (b, _) = first_come(d, keys(2), &p2, pixel.clone(), 1).await.expect("register");
+        assert!(d.subject_changes(0, 10).await.expect("changes").is_empty(), "a first registration is not a change");
+        first_come(d, keys(1), &p1, pixel.clone(), 2).await.expect("same again");
+        assert!(d.subject_changes(0, 10).await.expect("changes").is_empty(), "nothing changed");
+        let newer = DeviceInfo { app_version: "1.1".into(), ..pixel.clone() };
+        first_come(d, keys(1), &p1, newer, 3).await.expect("new version");
+        first_come(d, keys(2), &phone("+33600000000"), pixel, 3).await.expect("new number");
+        assert_eq!(d.subject_changes(0, 10).await.expect("changes"), [(1, a), (2, b)]);
+        assert_eq!(d.subject_changes(1, 10).await.expect("changes"), [(2, b)]);
+        assert_eq!(d.subject_changes(0, 1).await.expect("changes"), [(1, a)]);
+        assert!(d.subject_changes(2, 10).await.expect("changes").is_empty());
+    }
+
+    pub(crate) async fn a_verified_claim_takes_the_number_over_and_removes_the_old_account(d: &Directory) {
+        let p = phone("+33612345678");
+        let (squatter, _) = first_come(d, keys(1), &p, DeviceInfo::default(), 1).await.expect("first come");
+        let owner = AccountId::from_identity_key(&keys(2).identity_key);
+        let stale = Claim::Verified { holder: None };
+        let refused = d.register(keys(2), &p, DeviceInfo::default(), 2, stale).await;
+        assert!(matches!(refused, Err(DirectoryError::HolderChanged)), "{refused:?}");
+        let claim = Claim::Verified { holder: Some(squatter) };
+        let r = d.register(keys(2), &p, DeviceInfo::default(), 2, claim).await.expect("takeover");
+        assert_eq!(r, Registered { account: owner, created: true, displaced: Some(squatter) });
+        assert_eq!(d.lookup(&p).await.expect("lookup").map(|(a, _)| a), Some(owner));
+        assert_eq!(d.keys(&squatter).await.expect("keys"), None, "the old key no longer authenticates");
+        assert_eq!(d.profile(&squatter).await.expect("profile"), None, "nothing of the old account can be exported");
+        assert!(!d.identities().exists(&squatter).await.expect("exists"), "and it receives nothing");
+        // A claim on one's own number displaces nobody.
+        let r = d.register(keys(2), &p, DeviceInfo::default(), 3, Claim::Verified { holder: Some(owner) }).await;
+        assert_eq!(r.expect("own number").displaced, None);
+    }
+
+    pub(crate) async fn removal_frees_the_number_and_forgets_keys_and_profile(d: &Directory) {
+        let p = phone("+33612345678");
+        let (a, _) = first_come(d, keys(1), &p, DeviceInfo::default(), 1).await.expect("register");
+        assert_eq!(d.remove(&a).await.expect("remove"), Some(p.clone()));
+        assert_eq!(d.lookup(&p).await.expect("lookup"), None, "the number is free");
+        assert_eq!(d.keys(&a).await.expect("keys"), None);
+        assert_eq!(d.profile(&a).await.expect("profile"), None);
+        assert_eq!(d.remove(&a).await.expect("remove again"), None);
+        first_come(d, keys(2), &p, DeviceInfo::default(), 2).await.expect("someone else takes the number");
+    }
+}

@@ -12,12 +12,16 @@
 //! reads and bumps the last cursor, so cursors become visible in order and the export interface can page through
 //! them without missing one.
 
+use std::sync::Arc;
+
 use prost::Message;
 use relay_proto::auth::{KEY_LEN, SIGNATURE_LEN};
 use relay_proto::wire::DeviceInfo;
 use relay_proto::{AccountId, PhoneNumber};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::backend::{BackendError, BoxFuture, DirectoryStore, Identities, IdentityStore};
 
 /// Public keys of an account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,53 +126,56 @@ pub enum DirectoryError {
     Corrupt,
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] BackendError),
+}
+
+impl From<sled::Error> for DirectoryError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 /// The identity-keys tree alone: what authentication and routing need, and all the message path may hold. It has
 /// no way to reach a phone number or device info (invariant 2: a type fact).
 #[derive(Clone)]
-pub struct Identities {
+pub struct SledIdentities {
     tree: sled::Tree,
 }
 
-impl Identities {
-    /// Public keys of `account`, if it exists.
-    pub fn keys(&self, account: &AccountId) -> Result<Option<AccountKeys>, DirectoryError> {
+impl SledIdentities {
+    fn keys_now(&self, account: &AccountId) -> Result<Option<AccountKeys>, DirectoryError> {
         match self.tree.get(account.as_bytes())? {
             Some(v) => AccountKeys::from_bytes(&v).map(Some).ok_or(DirectoryError::Corrupt),
             None => Ok(None),
         }
     }
+}
 
-    /// Whether `account` exists.
-    pub fn exists(&self, account: &AccountId) -> Result<bool, DirectoryError> {
-        Ok(self.tree.contains_key(account.as_bytes())?)
+impl IdentityStore for SledIdentities {
+    fn keys<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<AccountKeys>, DirectoryError>> {
+        Box::pin(std::future::ready(self.keys_now(account)))
+    }
+
+    fn exists<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<bool, DirectoryError>> {
+        Box::pin(std::future::ready(self.tree.contains_key(account.as_bytes()).map_err(Into::into)))
     }
 }
 
-/// The directory trees (a cheap handle: clones share the trees).
+/// The directory in sled trees (a cheap handle: clones share the trees).
 #[derive(Clone)]
-pub struct Directory {
-    identities: Identities,
+pub struct SledDirectory {
+    identities: SledIdentities,
     profiles: sled::Tree,
     phones: sled::Tree,
     subjects: sled::Tree,
 }
 
-impl Directory {
+impl SledDirectory {
     pub(crate) fn new(identities: sled::Tree, profiles: sled::Tree, phones: sled::Tree, subjects: sled::Tree) -> Self {
-        Self { identities: Identities { tree: identities }, profiles, phones, subjects }
+        Self { identities: SledIdentities { tree: identities }, profiles, phones, subjects }
     }
 
-    /// A handle on the identity keys alone, for code that must not read personal data.
-    pub fn identities(&self) -> Identities {
-        self.identities.clone()
-    }
-
-    /// Creates the account of `keys.identity_key`, or updates its sealing key, phone and device info, on the
-    /// grounds of `claim` (see [`Claim`]). Not yet durable: await the group commit before acknowledging.
-    pub fn register(
+    fn register_now(
         &self,
         keys: AccountKeys,
         phone: &PhoneNumber,
@@ -234,22 +241,13 @@ impl Directory {
         }
     }
 
-    /// Public keys of `account`, if it exists.
-    pub fn keys(&self, account: &AccountId) -> Result<Option<AccountKeys>, DirectoryError> {
-        self.identities.keys(account)
-    }
-
-    /// The profile (phone number and device info) of `account`, if it exists. Personal data: only the export
-    /// interface reads it, never the message path.
-    pub fn profile(&self, account: &AccountId) -> Result<Option<AccountProfile>, DirectoryError> {
+    fn profile_now(&self, account: &AccountId) -> Result<Option<AccountProfile>, DirectoryError> {
         let Some(v) = self.profiles.get(account.as_bytes())? else { return Ok(None) };
         let p = Profile::decode(v.as_ref()).map_err(|_| DirectoryError::Corrupt)?;
         Ok(Some(AccountProfile { phone: p.phone, device: p.device.unwrap_or_default() }))
     }
 
-    /// Up to `limit` accounts whose phone number or device info changed after cursor `after` (0: from the start),
-    /// oldest first, each with its cursor.
-    pub fn subject_changes(&self, after: u64, limit: usize) -> Result<Vec<(u64, AccountId)>, DirectoryError> {
+    fn subject_changes_now(&self, after: u64, limit: usize) -> Result<Vec<(u64, AccountId)>, DirectoryError> {
         let start = subject_key(after.saturating_add(1));
         let mut out = Vec::new();
         for item in self.subjects.range(start..).take(limit) {
@@ -263,9 +261,7 @@ impl Directory {
         Ok(out)
     }
 
-    /// Removes `account` from the directory: its keys, its profile and its number's mapping (the number can then be
-    /// registered again). Returns the number it held, if any. Not yet durable: await the group commit.
-    pub fn remove(&self, account: &AccountId) -> Result<Option<PhoneNumber>, DirectoryError> {
+    fn remove_now(&self, account: &AccountId) -> Result<Option<PhoneNumber>, DirectoryError> {
         let abort = ConflictableTransactionError::Abort;
         let trees = (&self.identities.tree, &self.profiles, &self.phones);
         let result = trees.transaction(|(ids, profiles, phones)| {
@@ -284,35 +280,65 @@ impl Directory {
         }
     }
 
-    /// The account registered with `phone` and its keys.
-    pub fn lookup(&self, phone: &PhoneNumber) -> Result<Option<(AccountId, AccountKeys)>, DirectoryError> {
+    fn lookup_now(&self, phone: &PhoneNumber) -> Result<Option<(AccountId, AccountKeys)>, DirectoryError> {
         let Some(id) = self.phones.get(phone.as_str())? else { return Ok(None) };
         let account = AccountId::from_slice(&id).ok_or(DirectoryError::Corrupt)?;
-        Ok(self.keys(&account)?.map(|k| (account, k)))
+        Ok(self.identities.keys_now(&account)?.map(|k| (account, k)))
+    }
+}
+
+impl DirectoryStore for SledDirectory {
+    fn identities(&self) -> Identities {
+        Arc::new(self.identities.clone())
+    }
+
+    fn register<'a>(
+        &'a self,
+        keys: AccountKeys,
+        phone: &'a PhoneNumber,
+        device: DeviceInfo,
+        now_ms: u64,
+        claim: Claim,
+    ) -> BoxFuture<'a, Result<Registered, DirectoryError>> {
+        Box::pin(std::future::ready(self.register_now(keys, phone, device, now_ms, claim)))
+    }
+
+    fn keys<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<AccountKeys>, DirectoryError>> {
+        Box::pin(std::future::ready(self.identities.keys_now(account)))
+    }
+
+    fn profile<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<AccountProfile>, DirectoryError>> {
+        Box::pin(std::future::ready(self.profile_now(account)))
+    }
+
+    fn subject_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(u64, AccountId)>, DirectoryError>> {
+        Box::pin(std::future::ready(self.subject_changes_now(after, limit)))
+    }
+
+    fn remove<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<PhoneNumber>, DirectoryError>> {
+        Box::pin(std::future::ready(self.remove_now(account)))
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        phone: &'a PhoneNumber,
+    ) -> BoxFuture<'a, Result<Option<(AccountId, AccountKeys)>, DirectoryError>> {
+        Box::pin(std::future::ready(self.lookup_now(phone)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn directory() -> Directory {
-        let db = sled::Config::new().temporary(true).open().expect("open");
-        Directory::new(
-            db.open_tree("i").expect("tree"),
-            db.open_tree("p").expect("tree"),
-            db.open_tree("n").expect("tree"),
-            db.open_tree("s").expect("tree"),
-        )
-    }
-
-    fn keys(n: u8) -> AccountKeys {
-        AccountKeys { identity_key: [n; 32], sealing_key: [n + 100; 32], sealing_key_signature: Some([n; 64]) }
-    }
+    use crate::store::conformance::directory as suite;
 
     #[test]
     fn key_records_with_and_without_a_binding_decode_and_others_do_not() {
-        let k = keys(1);
+        let k = suite::keys(1);
         assert_eq!(AccountKeys::from_bytes(&k.to_bytes()), Some(k));
         let old = AccountKeys { sealing_key_signature: None, ..k };
         assert_eq!(old.to_bytes().len(), 64, "the layout written before bindings existed");
@@ -321,75 +347,18 @@ mod tests {
         assert_eq!(AccountKeys::from_bytes(&[0; 63]), None);
     }
 
-    /// A first-come registration: (account, created).
-    fn first_come(
-        d: &Directory,
-        keys: AccountKeys,
-        phone: &PhoneNumber,
-        device: DeviceInfo,
-        now: u64,
-    ) -> Result<(AccountId, bool), DirectoryError> {
-        d.register(keys, phone, device, now, Claim::FirstCome).map(|r| (r.account, r.created))
+    fn fresh() -> crate::store::Directory {
+        let db = sled::Config::new().temporary(true).open().expect("open");
+        Arc::new(SledDirectory::new(
+            db.open_tree("i").expect("tree"),
+            db.open_tree("p").expect("tree"),
+            db.open_tree("n").expect("tree"),
+            db.open_tree("s").expect("tree"),
+        ))
     }
 
-    #[test]
-    fn register_lookup_update_and_phone_ownership() {
-        let d = directory();
-        let p1 = PhoneNumber::parse("+33612345678").expect("valid");
-        let p2 = PhoneNumber::parse("+33698765432").expect("valid");
-        let (a, created) = first_come(&d, keys(1), &p1, DeviceInfo::default(), 1).expect("register");
-        assert!(created);
-        assert_eq!(d.lookup(&p1).expect("lookup"), Some((a, keys(1))));
-        assert!(matches!(first_come(&d, keys(2), &p1, DeviceInfo::default(), 2), Err(DirectoryError::PhoneTaken)));
-        // The same identity moves to a new number: the old one is released.
-        let (a2, created) = first_come(&d, keys(1), &p2, DeviceInfo::default(), 3).expect("update");
-        assert_eq!((a2, created), (a, false));
-        assert_eq!(d.lookup(&p1).expect("lookup"), None);
-        let (b, _) = first_come(&d, keys(2), &p1, DeviceInfo::default(), 4).expect("number is free again");
-        assert!(d.identities().exists(&b).expect("exists"));
-        assert!(!d.identities().exists(&AccountId([9; 16])).expect("exists"));
-        assert_eq!(d.profile(&a).expect("profile").map(|p| p.phone), Some(p2.as_str().to_owned()));
-        assert_eq!(d.profile(&AccountId([9; 16])).expect("profile"), None);
-    }
-
-    #[test]
-    fn changed_phone_or_device_is_recorded_in_order_and_a_plain_reregistration_is_not() {
-        let d = directory();
-        let p1 = PhoneNumber::parse("+33612345678").expect("valid");
-        let p2 = PhoneNumber::parse("+33698765432").expect("valid");
-        let pixel = DeviceInfo { model: "Pixel 8".into(), os: "Android 15".into(), app_version: "1.0".into() };
-        let (a, _) = first_come(&d, keys(1), &p1, pixel.clone(), 1).expect("register");
-        let (b, _) = first_come(&d, keys(2), &p2, pixel.clone(), 1).expect("register");
-        assert!(d.subject_changes(0, 10).expect("changes").is_empty(), "a first registration is not a change");
-        first_come(&d, keys(1), &p1, pixel.clone(), 2).expect("same again");
-        assert!(d.subject_changes(0, 10).expect("changes").is_empty(), "nothing changed");
-        let newer = DeviceInfo { app_version: "1.1".into(), ..pixel.clone() };
-        first_come(&d, keys(1), &p1, newer, 3).expect("new version");
-        first_come(&d, keys(2), &PhoneNumber::parse("+33600000000").expect("valid"), pixel, 3).expect("new number");
-        assert_eq!(d.subject_changes(0, 10).expect("changes"), [(1, a), (2, b)]);
-        assert_eq!(d.subject_changes(1, 10).expect("changes"), [(2, b)]);
-        assert_eq!(d.subject_changes(0, 1).expect("changes"), [(1, a)]);
-        assert!(d.subject_changes(2, 10).expect("changes").is_empty());
-    }
-
-    #[test]
-    fn a_verified_claim_takes_the_number_over_and_removes_the_old_account() {
-        let d = directory();
-        let phone = PhoneNumber::parse("+33612345678").expect("valid");
-        let (squatter, _) = first_come(&d, keys(1), &phone, DeviceInfo::default(), 1).expect("first come");
-        let owner = AccountId::from_identity_key(&keys(2).identity_key);
-        let stale = Claim::Verified { holder: None };
-        let refused = d.register(keys(2), &phone, DeviceInfo::default(), 2, stale);
-        assert!(matches!(refused, Err(DirectoryError::HolderChanged)), "{refused:?}");
-        let claim = Claim::Verified { holder: Some(squatter) };
-        let r = d.register(keys(2), &phone, DeviceInfo::default(), 2, claim).expect("takeover");
-        assert_eq!(r, Registered { account: owner, created: true, displaced: Some(squatter) });
-        assert_eq!(d.lookup(&phone).expect("lookup").map(|(a, _)| a), Some(owner));
-        assert_eq!(d.keys(&squatter).expect("keys"), None, "the old key no longer authenticates");
-        assert_eq!(d.profile(&squatter).expect("profile"), None, "nothing of the old account can be exported");
-        assert!(!d.identities().exists(&squatter).expect("exists"), "and it receives nothing");
-        // A claim on one's own number displaces nobody.
-        let r = d.register(keys(2), &phone, DeviceInfo::default(), 3, Claim::Verified { holder: Some(owner) });
-        assert_eq!(r.expect("own number").displaced, None);
+    #[tokio::test]
+    async fn conformance() {
+        suite::run_all(&fresh).await;
     }
 }

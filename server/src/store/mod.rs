@@ -24,10 +24,12 @@ pub mod verification;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use backend::{BackendError, BoxFuture, Durability, MailboxStore};
+pub use backend::{
+    BackendError, BoxFuture, Directory, DirectoryStore, Durability, Identities, IdentityStore, MailboxStore,
+};
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
-pub use directory::{AccountProfile, Claim, Directory, DirectoryError, Identities, Registered};
+pub use directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered, SledDirectory, SledIdentities};
 pub use erasures::{Erasure, ErasureStoreError, Erasures};
 pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, StoredEnvelope};
@@ -121,12 +123,12 @@ impl Store {
     pub fn open(dir: &Path, limits: MailboxLimits) -> Result<Self, OpenError> {
         let db = sled::Config::new().path(dir).open()?;
         let rounds = Arc::new(RoundMailboxes::open(db.open_tree(trees::MAILBOXES)?, db.clone(), limits)?);
-        let directory = Directory::new(
+        let directory: Directory = Arc::new(SledDirectory::new(
             db.open_tree(trees::IDENTITIES)?,
             db.open_tree(trees::PROFILES)?,
             db.open_tree(trees::PHONES)?,
             db.open_tree(trees::SUBJECT_CHANGES)?,
-        );
+        ));
         let prekeys = Prekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?);
         let consent = ConsentRegistry::new(db.open_tree(trees::CONSENT)?);
         let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
