@@ -5,6 +5,7 @@
 //! Each test starts its own cluster (tests/src/nats.rs), which is killed when the test ends, passing or not.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -341,5 +342,28 @@ async fn a_wakeup_published_through_one_node_reaches_a_subscriber_on_another() {
             Err(_) => {}
         }
         assert!(Instant::now() < deadline, "the junk wake-up never arrived");
+    }
+}
+
+#[tokio::test]
+async fn a_node_stops_and_restarts_and_a_dropped_cluster_leaves_no_server_even_after_a_panic() {
+    let mut cluster = cluster().await;
+    // SIGTERM one node and start it again on its ports and store: it answers through the cluster again.
+    let stopped = cluster.pid(1).expect("running");
+    cluster.stop(1).await.expect("SIGTERM");
+    assert!(cluster.pid(1).is_none() && !Path::new(&format!("/proc/{stopped}")).exists(), "exited and reaped");
+    cluster.restart(1).await.expect("restarted");
+    let js = cluster.jetstream(1).await.expect("js");
+    bounded("account info", js.query_account()).await.expect("JetStream answers through the restarted node");
+
+    // A test that panics while it owns the cluster still kills and reaps every node.
+    let pids: Vec<u32> = (0..3).map(|i| cluster.pid(i).expect("running")).collect();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _owned = cluster;
+        panic!("deliberate: checking that the nodes die when a test panics");
+    }));
+    assert!(outcome.is_err());
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "nats-server {pid} outlived its cluster");
     }
 }
