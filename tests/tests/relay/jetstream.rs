@@ -50,7 +50,7 @@ async fn until_ok<T, F: std::future::Future<Output = Result<T, StoreError>>>(
         match f().await {
             Ok(v) => return v,
             Err(e) if Instant::now() < deadline => {
-                eprintln!("{what}: {e}; retrying");
+                eprintln!("{what}: {e}; retrying ({:?} in)", WAIT - (deadline - Instant::now()));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => panic!("{what} still failing after {WAIT:?}: {e}"),
@@ -125,8 +125,12 @@ async fn an_acknowledged_append_survives_killing_and_restarting_a_node() {
     let mut cluster = cluster().await;
     let layout = layout(1, 1_000);
     // A client that knows all three nodes and fails over between them, as a relay node's would.
-    let js = async_nats::jetstream::new(cluster.connect_any().await.expect("client"));
+    let client = cluster.connect_any().await.expect("client");
+    let js = async_nats::jetstream::new(client.clone());
     let boxes = Mailboxes::open(js.clone(), layout.clone()).await.expect("streams");
+    // The same client with requests that time out after a second (not five), for the retries during elections.
+    let quick = async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(client);
+    let quick = Mailboxes::open(quick, layout.clone()).await.expect("streams");
     let alice = account(0, 7);
     let mut acked: BTreeMap<u64, Bytes> = BTreeMap::new();
     for i in 0..20 {
@@ -141,14 +145,14 @@ async fn an_acknowledged_append_survives_killing_and_restarting_a_node() {
     cluster.kill(victim).expect("SIGKILL");
 
     // The two others elect a new leader and still have every acknowledged message; appends go on.
-    let during = until_ok("scan while a node is down", || boxes.scan(&alice, 0, 1_000)).await;
+    let during = until_ok("scan while a node is down", || quick.scan(&alice, 0, 1_000)).await;
     let found: BTreeMap<u64, Bytes> = during.into_iter().map(|s| (s.seq, s.envelope)).collect();
     assert_eq!(found, acked, "every acknowledged message, and nothing else, after the leader's death");
     let mut tried = Vec::new();
     for i in 0..5 {
         let envelope = Bytes::from(format!("while down {i}"));
         tried.push(envelope.clone());
-        let seq = until_ok("append while a node is down", || boxes.append(&alice, envelope.clone())).await;
+        let seq = until_ok("append while a node is down", || quick.append(&alice, envelope.clone())).await;
         acked.insert(seq, envelope);
     }
 
@@ -156,7 +160,7 @@ async fn an_acknowledged_append_survives_killing_and_restarting_a_node() {
     // includes the node that was dead: everything acknowledged, before and during its absence, is still there.
     cluster.restart(victim).await.expect("restarted");
     cluster.kill((victim + 1) % 3).expect("SIGKILL");
-    let after = until_ok("scan after the restart", || boxes.scan(&alice, 0, 1_000)).await;
+    let after = until_ok("scan after the restart", || quick.scan(&alice, 0, 1_000)).await;
     let found: BTreeMap<u64, Bytes> = after.into_iter().map(|s| (s.seq, s.envelope)).collect();
     for (seq, envelope) in &acked {
         assert_eq!(found.get(seq), Some(envelope), "acknowledged message {seq} lost");
