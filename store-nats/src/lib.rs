@@ -9,7 +9,8 @@
 //!   of its replicas stored it (and, with the shipped server configuration, `sync_interval: always`, wrote it to
 //!   disk).
 //! - What a mailbox holds is opaque bytes keyed by recipient: nothing here reads, logs or derives anything from
-//!   envelope contents, and no phone number appears in a subject or key ([`cas::ClaimKey`] hashes it).
+//!   envelope contents. A phone number enters a key only through [`cas::ClaimKey`], which hashes it; a key in its
+//!   E.164 form (with `+`) is not a valid key and is refused.
 //! - Engine errors are returned as [`StoreError`], never as panics; a refusal the caller must act on (a full
 //!   mailbox, a key that exists, a revision that moved, a lease held by another) has a variant of its own.
 //!
