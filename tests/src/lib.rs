@@ -14,11 +14,13 @@
 //! [`affiliate::Sink`] is an affiliate's webhook endpoint and [`affiliate::TestExporter`] the exporter process logic
 //! running in-process against such a relay, [`affiliate::ExporterProcess`] the `relay-exporter` binary as a child
 //! process, [`witness::WitnessProcess`] the `relay-witness` binary. [`chaos::Rng`] gives crash campaigns a replayable
-//! random schedule.
+//! random schedule. [`nats::NatsCluster`] is a 3-node NATS JetStream cluster on loopback, from the nats-server that
+//! `tools/nats/install.sh` installs in the checkout.
 
 pub mod affiliate;
 pub mod chaos;
 pub mod export;
+pub mod nats;
 pub mod witness;
 
 use std::net::SocketAddr;

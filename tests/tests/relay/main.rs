@@ -14,6 +14,7 @@ mod exporter;
 mod exportlog;
 mod exports_verify;
 mod identity;
+mod jetstream;
 mod limits;
 mod logdamage;
 mod memory;
