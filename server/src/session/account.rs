@@ -69,7 +69,7 @@ impl Account {
         let cursor = self.erasures.record(&erasure)?;
         self.commit.durable().await?;
         let phone = self.directory.remove(&account).await?;
-        self.prekeys.forget(&account)?;
+        self.prekeys.forget(&account).await?;
         self.registration.forget(&account, phone.as_ref())?;
         let purged = self.mailboxes.purge(&account).await?;
         self.commit.durable().await?;

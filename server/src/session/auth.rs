@@ -105,7 +105,7 @@ impl Auth {
         let keys = AccountKeys { identity_key, sealing_key, sealing_key_signature };
         let registered = self.directory.register(keys, &phone, device, relay_proto::now_ms(), admission.claim).await?;
         if let Some(old) = registered.displaced {
-            self.prekeys.forget(&old)?;
+            self.prekeys.forget(&old).await?;
         }
         let used = self.registration.registered(&admission, &account, registered.displaced)?;
         self.commit.durable().await?;
@@ -159,7 +159,7 @@ impl Auth {
         session.authenticate(account)?;
         self.registration.touch(&account)?;
         tracing::debug!(%account, "authenticated");
-        let prekeys = Some(prekey_counts(&self.prekeys, &account)?);
+        let prekeys = Some(prekey_counts(&self.prekeys, &account).await?);
         reply(Resp::AuthOk(AuthOk {
             account_id: a.account_id,
             server_time_ms: relay_proto::now_ms(),

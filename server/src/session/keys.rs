@@ -41,8 +41,8 @@ pub struct Keys {
 }
 
 /// The pool counts of `account`, as `AuthOk` and `PrekeyCounts` report them.
-pub fn prekey_counts(prekeys: &Prekeys, account: &AccountId) -> Result<PrekeyCounts, Reject> {
-    let c = prekeys.counts(account)?;
+pub async fn prekey_counts(prekeys: &Prekeys, account: &AccountId) -> Result<PrekeyCounts, Reject> {
+    let c = prekeys.counts(account).await?;
     Ok(PrekeyCounts {
         one_time_prekeys: c.one_time,
         kem_prekeys: c.kem,
@@ -95,15 +95,17 @@ impl Keys {
     /// Publishes the caller's prekeys.
     pub async fn upload_prekeys(&self, session: &Session, u: UploadPrekeys) -> Reply {
         let account = session.account()?;
-        self.prekeys.upload(
-            &account,
-            u.signed_prekey.as_ref(),
-            &u.one_time_prekeys,
-            &u.kem_prekeys,
-            u.last_resort_kem_prekey.as_ref(),
-        )?;
+        self.prekeys
+            .upload(
+                &account,
+                u.signed_prekey.as_ref(),
+                &u.one_time_prekeys,
+                &u.kem_prekeys,
+                u.last_resort_kem_prekey.as_ref(),
+            )
+            .await?;
         self.commit.durable().await?;
-        reply(Resp::PrekeyCounts(prekey_counts(&self.prekeys, &account)?))
+        reply(Resp::PrekeyCounts(prekey_counts(&self.prekeys, &account).await?))
     }
 
     /// A prekey bundle of another account, consuming one one-time key of each kind.
@@ -116,7 +118,8 @@ impl Keys {
             self.directory.keys(&account).await?.ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account"))?;
         let taken = self
             .prekeys
-            .take_bundle(&account)?
+            .take_bundle(&account)
+            .await?
             .ok_or_else(|| Reject::new(ErrorCode::NoPrekeys, "this account has not published prekeys"))?;
         // The consumed one-time keys must stay consumed across a crash before the bundle is handed out.
         self.commit.durable().await?;
@@ -136,7 +139,7 @@ impl Keys {
     /// Replaces the caller's sealed-sender access-key verifier.
     pub async fn set_access_key(&self, session: &Session, k: SetAccessKey) -> Reply {
         let account = session.account()?;
-        self.prekeys.set_access_verifier(&account, &k.verifier)?;
+        self.prekeys.set_access_verifier(&account, &k.verifier).await?;
         self.commit.durable().await?;
         reply(Resp::AccessKeySet(AccessKeySet {}))
     }

@@ -105,11 +105,11 @@ impl Messaging {
     }
 
     /// The checks of a sealed send before its envelope is appended: the access key and the per-recipient rate.
-    pub(crate) fn check_sealed(&self, s: &SealedSend) -> Result<(), Reject> {
+    pub(crate) async fn check_sealed(&self, s: &SealedSend) -> Result<(), Reject> {
         let recipient = AccountId::from_slice(&s.recipient)
             .ok_or_else(|| Reject::invalid("recipient must be a 16-byte account id"))?;
         let bad_key = || Reject::new(ErrorCode::BadAccessKey, "access key not valid for this recipient");
-        if s.access_key.len() != ACCESS_KEY_LEN || !self.access_keys.access_allowed(&recipient, &s.access_key)? {
+        if s.access_key.len() != ACCESS_KEY_LEN || !self.access_keys.access_allowed(&recipient, &s.access_key).await? {
             return Err(bad_key());
         }
         if !self.sealed_sends.allow(recipient, Instant::now()) {
@@ -124,7 +124,7 @@ impl Messaging {
     /// A send that names no sender, on any connection: authorised by the recipient's access key, and limited per
     /// recipient (on top of the mailbox quota) so that a leaked key cannot flood a mailbox faster than the limit.
     pub async fn sealed_send(&self, s: SealedSend) -> Reply {
-        self.check_sealed(&s)?;
+        self.check_sealed(&s).await?;
         self.store(&s.recipient, &s.envelope).await
     }
 

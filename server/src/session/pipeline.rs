@@ -103,7 +103,7 @@ async fn one(handlers: &Handlers, session: &Session, p: PipelinedSend) -> Outcom
             Ok(()) => m.append(&s.recipient, &s.envelope).await,
             Err(reject) => Err(reject),
         },
-        (None, Some(s)) => match m.check_sealed(&s) {
+        (None, Some(s)) => match m.check_sealed(&s).await {
             Ok(()) => m.append(&s.recipient, &s.envelope).await,
             Err(reject) => Err(reject),
         },

@@ -17,12 +17,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use relay_proto::wire::DeviceInfo;
+use relay_proto::wire::{DeviceInfo, KemPrekey, OneTimePrekey, SignedPrekey};
 use relay_proto::{AccountId, PhoneNumber};
 
 use super::commit::CommitError;
 use super::directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered};
 use super::mailbox::{Appended, MailboxError, StoredEnvelope};
+use super::prekeys::{Counts, PrekeyError, Taken};
 
 /// A boxed future, so that the traits can be used as `dyn` objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -146,3 +147,44 @@ pub trait DirectoryStore: Send + Sync {
 
 /// A handle on the directory.
 pub type Directory = Arc<dyn DirectoryStore>;
+
+/// Published public prekeys and sealed-sender access-key verifiers. Keys are stored as opaque, size-checked bytes;
+/// a one-time prekey is handed out at most once, even to fetches racing on several nodes.
+pub trait PrekeyStore: Send + Sync {
+    /// Stores what `account` uploads (size-checked, pools bounded); the counts after it. Not yet durable.
+    fn upload<'a>(
+        &'a self,
+        account: &'a AccountId,
+        signed: Option<&'a SignedPrekey>,
+        one_time: &'a [OneTimePrekey],
+        kem: &'a [KemPrekey],
+        last_resort: Option<&'a KemPrekey>,
+    ) -> BoxFuture<'a, Result<Counts, PrekeyError>>;
+
+    /// How many prekeys `account` has published.
+    fn counts<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Counts, PrekeyError>>;
+
+    /// A bundle for a new session with `account`: its signed prekey, one one-time prekey (removed), one one-time
+    /// KEM prekey (removed) or the last-resort one. `None` if it published no signed prekey.
+    fn take_bundle<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<Taken>, PrekeyError>>;
+
+    /// Sets the SHA-256 of `account`'s sealed-sender access key. Not yet durable.
+    fn set_access_verifier<'a>(
+        &'a self,
+        account: &'a AccountId,
+        verifier: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), PrekeyError>>;
+
+    /// Removes every prekey and the access key of `account` (erasure, takeover). Not yet durable.
+    fn forget<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<(), PrekeyError>>;
+
+    /// Whether `access_key` is `account`'s sealed-sender access key (false when none is set).
+    fn access_allowed<'a>(
+        &'a self,
+        account: &'a AccountId,
+        access_key: &'a [u8],
+    ) -> BoxFuture<'a, Result<bool, PrekeyError>>;
+}
+
+/// A handle on the prekeys.
+pub type Prekeys = Arc<dyn PrekeyStore>;

@@ -246,3 +246,111 @@ pub(crate) mod directory {
         first_come(d, keys(2), &p, DeviceInfo::default(), 2).await.expect("someone else takes the number");
     }
 }
+
+pub(crate) mod prekeys {
+    use std::collections::HashSet;
+
+    use relay_proto::AccountId;
+    use relay_proto::wire::{KemPrekey, OneTimePrekey, SignedPrekey};
+    use sha2::{Digest, Sha256};
+
+    use crate::store::prekeys::{KEM_PUBLIC_LEN, MAX_POOL};
+    use crate::store::{Counts, PrekeyError, Prekeys};
+
+    fn kem(id: u32) -> KemPrekey {
+        KemPrekey { id, public_key: vec![id as u8; KEM_PUBLIC_LEN].into(), signature: vec![1; 64].into() }
+    }
+
+    fn signed() -> SignedPrekey {
+        SignedPrekey { id: 1, public_key: vec![2; 32].into(), signature: vec![3; 64].into() }
+    }
+
+    /// Runs every single-task test, each on a fresh, empty store from `fresh`.
+    pub(crate) async fn run_all(fresh: &dyn Fn() -> Prekeys) {
+        bundle_consumes_one_time_keys_then_falls_back_to_last_resort(&fresh()).await;
+        sizes_and_pool_bound_are_checked(&fresh()).await;
+        access_key_checks(&fresh()).await;
+        forgetting_an_account_removes_its_keys_and_no_one_elses(&fresh()).await;
+    }
+
+    pub(crate) async fn bundle_consumes_one_time_keys_then_falls_back_to_last_resort(p: &Prekeys) {
+        let a = AccountId([1; 16]);
+        assert_eq!(p.take_bundle(&a).await.expect("take"), None, "nothing published");
+        let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
+        let c = p.upload(&a, Some(&signed()), &ot, &[kem(10)], Some(&kem(99))).await.expect("upload");
+        assert_eq!(c, Counts { one_time: 1, kem: 1, signed: true, last_resort: true });
+        let first = p.take_bundle(&a).await.expect("take").expect("bundle");
+        assert_eq!(first.one_time.map(|k| k.id), Some(7));
+        assert_eq!((first.kem.id, first.kem_last_resort), (10, false));
+        let second = p.take_bundle(&a).await.expect("take").expect("bundle");
+        assert_eq!(second.one_time, None, "pool empty: no one-time X25519 key");
+        assert_eq!((second.kem.id, second.kem_last_resort), (99, true));
+        let after = p.counts(&a).await.expect("counts");
+        assert_eq!(after, Counts { one_time: 0, kem: 0, signed: true, last_resort: true });
+    }
+
+    /// Needs a multi-threaded runtime.
+    pub(crate) async fn racing_fetches_never_share_a_one_time_key(p: &Prekeys) {
+        let a = AccountId([1; 16]);
+        let ot: Vec<_> = (0..200).map(|i| OneTimePrekey { id: i, public_key: vec![0; 32].into() }).collect();
+        let kems: Vec<_> = (0..200).map(kem).collect();
+        p.upload(&a, Some(&signed()), &ot, &kems, Some(&kem(999))).await.expect("upload");
+        let takers: Vec<_> = (0..4)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    for _ in 0..60 {
+                        got.extend(p.take_bundle(&a).await.expect("take"));
+                    }
+                    got
+                })
+            })
+            .collect();
+        let (mut ids, mut kem_ids) = (HashSet::new(), HashSet::new());
+        for t in takers {
+            for b in t.await.expect("join") {
+                if let Some(k) = b.one_time {
+                    assert!(ids.insert(k.id), "one-time prekey {} handed out twice", k.id);
+                }
+                if !b.kem_last_resort {
+                    assert!(kem_ids.insert(b.kem.id), "KEM prekey {} handed out twice", b.kem.id);
+                }
+            }
+        }
+        assert_eq!((ids.len(), kem_ids.len()), (200, 200));
+    }
+
+    pub(crate) async fn sizes_and_pool_bound_are_checked(p: &Prekeys) {
+        let a = AccountId([1; 16]);
+        let bad = SignedPrekey { id: 1, public_key: vec![2; 31].into(), signature: vec![3; 64].into() };
+        assert!(matches!(p.upload(&a, Some(&bad), &[], &[], None).await, Err(PrekeyError::Invalid(_))));
+        let too_many: Vec<_> =
+            (0..=MAX_POOL as u32).map(|i| OneTimePrekey { id: i, public_key: vec![0; 32].into() }).collect();
+        assert!(matches!(p.upload(&a, None, &too_many, &[], None).await, Err(PrekeyError::Invalid(_))));
+    }
+
+    pub(crate) async fn access_key_checks(p: &Prekeys) {
+        let a = AccountId([1; 16]);
+        assert!(!p.access_allowed(&a, b"anything").await.expect("check"), "no key set: sealed sends refused");
+        p.set_access_verifier(&a, &Sha256::digest(b"secret-key")).await.expect("set");
+        assert!(p.access_allowed(&a, b"secret-key").await.expect("check"));
+        assert!(!p.access_allowed(&a, b"secret-kez").await.expect("check"));
+        assert!(!p.access_allowed(&AccountId([2; 16]), b"secret-key").await.expect("check"));
+    }
+
+    pub(crate) async fn forgetting_an_account_removes_its_keys_and_no_one_elses(p: &Prekeys) {
+        let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
+        let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
+        for account in [&a, &b] {
+            p.upload(account, Some(&signed()), &ot, &[kem(10)], Some(&kem(99))).await.expect("upload");
+            p.set_access_verifier(account, &Sha256::digest(b"k")).await.expect("set");
+        }
+        p.forget(&a).await.expect("forget");
+        assert_eq!(p.counts(&a).await.expect("counts"), Counts::default());
+        assert!(!p.access_allowed(&a, b"k").await.expect("check"));
+        let full = Counts { one_time: 1, kem: 1, signed: true, last_resort: true };
+        assert_eq!(p.counts(&b).await.expect("counts"), full);
+        assert!(p.access_allowed(&b, b"k").await.expect("check"));
+    }
+}

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 pub use backend::{
     BackendError, BoxFuture, Directory, DirectoryStore, Durability, Identities, IdentityStore, MailboxStore,
+    PrekeyStore, Prekeys,
 };
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{ConsentRegistry, RegistryError};
@@ -34,7 +35,7 @@ pub use erasures::{Erasure, ErasureStoreError, Erasures};
 pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, StoredEnvelope};
 pub use notices::{NoticeStoreError, Notices};
-pub use prekeys::{PrekeyError, Prekeys};
+pub use prekeys::{Counts, PrekeyError, SledPrekeys, Taken};
 pub use roundlog::RoundMailboxes;
 pub use verification::{VerificationStoreError, Verifications};
 
@@ -129,7 +130,8 @@ impl Store {
             db.open_tree(trees::PHONES)?,
             db.open_tree(trees::SUBJECT_CHANGES)?,
         ));
-        let prekeys = Prekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?);
+        let prekeys: Prekeys =
+            Arc::new(SledPrekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?));
         let consent = ConsentRegistry::new(db.open_tree(trees::CONSENT)?);
         let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
         let notices = Notices::new(db.open_tree(trees::NOTICES)?);

@@ -10,6 +10,8 @@ use relay_proto::wire::{KemPrekey, OneTimePrekey, SignedPrekey};
 use relay_proto::{ACCOUNT_ID_LEN, AccountId};
 use sha2::{Digest, Sha256};
 
+use super::backend::{BackendError, BoxFuture, PrekeyStore};
+
 /// Length of an X25519 public key.
 pub const X25519_LEN: usize = 32;
 /// Length of an ML-KEM-768 encapsulation key.
@@ -36,7 +38,13 @@ pub enum PrekeyError {
     Corrupt,
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] BackendError),
+}
+
+impl From<sled::Error> for PrekeyError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 /// How many prekeys an account has published.
@@ -65,9 +73,9 @@ pub struct Taken {
     pub kem_last_resort: bool,
 }
 
-/// The prekey and access-key trees (a cheap handle: clones share the trees).
+/// The prekey and access-key trees in sled (a cheap handle: clones share the trees).
 #[derive(Clone)]
-pub struct Prekeys {
+pub struct SledPrekeys {
     prekeys: sled::Tree,
     access: sled::Tree,
 }
@@ -115,13 +123,12 @@ fn decode_kem(v: &[u8]) -> Option<KemPrekey> {
     Some(KemPrekey { id, public_key, signature })
 }
 
-impl Prekeys {
+impl SledPrekeys {
     pub(crate) fn new(prekeys: sled::Tree, access: sled::Tree) -> Self {
         Self { prekeys, access }
     }
 
-    /// Stores what `account` uploads. Not yet durable: await the group commit before answering.
-    pub fn upload(
+    fn upload_now(
         &self,
         account: &AccountId,
         signed: Option<&SignedPrekey>,
@@ -139,7 +146,7 @@ impl Prekeys {
         for k in kem.iter().chain(last_resort) {
             check_kem(k)?;
         }
-        let before = self.counts(account)?;
+        let before = self.counts_now(account)?;
         let after = |held: u32, added: usize| usize::try_from(held).unwrap_or(usize::MAX).saturating_add(added);
         if after(before.one_time, one_time.len()) > MAX_POOL || after(before.kem, kem.len()) > MAX_POOL {
             return Err(PrekeyError::Invalid(format!("at most {MAX_POOL} one-time prekeys of each kind")));
@@ -162,11 +169,10 @@ impl Prekeys {
             batch.insert(prefix(account, KEM_LAST_RESORT), encode_kem(k));
         }
         self.prekeys.apply_batch(batch)?;
-        self.counts(account)
+        self.counts_now(account)
     }
 
-    /// Prekeys published by `account`.
-    pub fn counts(&self, account: &AccountId) -> Result<Counts, PrekeyError> {
+    fn counts_now(&self, account: &AccountId) -> Result<Counts, PrekeyError> {
         let count = |kind| -> Result<u32, sled::Error> {
             let mut n = 0u32;
             for item in self.prekeys.scan_prefix(prefix(account, kind)) {
@@ -196,10 +202,7 @@ impl Prekeys {
         }
     }
 
-    /// Takes a bundle's worth of prekeys of `account`: `None` if it has no signed prekey or no KEM prekey at all.
-    /// Not yet durable: await the group commit before answering, so a consumed one-time key is never handed out
-    /// twice across a crash.
-    pub fn take_bundle(&self, account: &AccountId) -> Result<Option<Taken>, PrekeyError> {
+    fn take_bundle_now(&self, account: &AccountId) -> Result<Option<Taken>, PrekeyError> {
         let Some(sv) = self.prekeys.get(prefix(account, SIGNED))? else { return Ok(None) };
         if sv.len() != 4 + X25519_LEN + SIGNATURE_LEN {
             return Err(PrekeyError::Corrupt);
@@ -221,16 +224,13 @@ impl Prekeys {
         Ok(Some(Taken { signed, one_time, kem, kem_last_resort }))
     }
 
-    /// Sets the access-key verifier (SHA-256 of the access key) of `account`.
-    pub fn set_access_verifier(&self, account: &AccountId, verifier: &[u8]) -> Result<(), PrekeyError> {
+    fn set_access_verifier_now(&self, account: &AccountId, verifier: &[u8]) -> Result<(), PrekeyError> {
         check_len("access key verifier", verifier.len(), 32)?;
         self.access.insert(account.as_bytes(), verifier)?;
         Ok(())
     }
 
-    /// Removes everything `account` published (prekeys and access-key verifier): the account lost its number to
-    /// another identity and no longer exists. Not yet durable.
-    pub fn forget(&self, account: &AccountId) -> Result<(), PrekeyError> {
+    fn forget_now(&self, account: &AccountId) -> Result<(), PrekeyError> {
         let mut batch = sled::Batch::default();
         for item in self.prekeys.scan_prefix(account.as_bytes()) {
             batch.remove(item?.0);
@@ -240,8 +240,7 @@ impl Prekeys {
         Ok(())
     }
 
-    /// Whether `access_key` is the current access key of `account` (false if it has none).
-    pub fn access_allowed(&self, account: &AccountId, access_key: &[u8]) -> Result<bool, PrekeyError> {
+    fn access_allowed_now(&self, account: &AccountId, access_key: &[u8]) -> Result<bool, PrekeyError> {
         let Some(verifier) = self.access.get(account.as_bytes())? else { return Ok(false) };
         let presented = Sha256::digest(access_key);
         // Constant-time comparison: the verifier is secret-derived.
@@ -250,104 +249,66 @@ impl Prekeys {
     }
 }
 
+impl PrekeyStore for SledPrekeys {
+    fn upload<'a>(
+        &'a self,
+        account: &'a AccountId,
+        signed: Option<&'a SignedPrekey>,
+        one_time: &'a [OneTimePrekey],
+        kem: &'a [KemPrekey],
+        last_resort: Option<&'a KemPrekey>,
+    ) -> BoxFuture<'a, Result<Counts, PrekeyError>> {
+        Box::pin(std::future::ready(self.upload_now(account, signed, one_time, kem, last_resort)))
+    }
+
+    fn counts<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Counts, PrekeyError>> {
+        Box::pin(std::future::ready(self.counts_now(account)))
+    }
+
+    fn take_bundle<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<Taken>, PrekeyError>> {
+        Box::pin(std::future::ready(self.take_bundle_now(account)))
+    }
+
+    fn set_access_verifier<'a>(
+        &'a self,
+        account: &'a AccountId,
+        verifier: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), PrekeyError>> {
+        Box::pin(std::future::ready(self.set_access_verifier_now(account, verifier)))
+    }
+
+    fn forget<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<(), PrekeyError>> {
+        Box::pin(std::future::ready(self.forget_now(account)))
+    }
+
+    fn access_allowed<'a>(
+        &'a self,
+        account: &'a AccountId,
+        access_key: &'a [u8],
+    ) -> BoxFuture<'a, Result<bool, PrekeyError>> {
+        Box::pin(std::future::ready(self.access_allowed_now(account, access_key)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::sync::Arc;
 
-    fn store() -> Prekeys {
+    use super::*;
+    use crate::store::conformance::prekeys as suite;
+
+    fn fresh() -> crate::store::Prekeys {
         let db = sled::Config::new().temporary(true).open().expect("open");
-        Prekeys::new(db.open_tree("p").expect("tree"), db.open_tree("a").expect("tree"))
+        Arc::new(SledPrekeys::new(db.open_tree("p").expect("tree"), db.open_tree("a").expect("tree")))
     }
 
-    fn kem(id: u32) -> KemPrekey {
-        KemPrekey { id, public_key: vec![id as u8; KEM_PUBLIC_LEN].into(), signature: vec![1; 64].into() }
+    #[tokio::test]
+    async fn conformance() {
+        suite::run_all(&fresh).await;
     }
 
-    fn signed() -> SignedPrekey {
-        SignedPrekey { id: 1, public_key: vec![2; 32].into(), signature: vec![3; 64].into() }
-    }
-
-    #[test]
-    fn bundle_consumes_one_time_keys_then_falls_back_to_last_resort() {
-        let p = store();
-        let a = AccountId([1; 16]);
-        assert_eq!(p.take_bundle(&a).expect("take"), None, "nothing published");
-        let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
-        let c = p.upload(&a, Some(&signed()), &ot, &[kem(10)], Some(&kem(99))).expect("upload");
-        assert_eq!(c, Counts { one_time: 1, kem: 1, signed: true, last_resort: true });
-        let first = p.take_bundle(&a).expect("take").expect("bundle");
-        assert_eq!(first.one_time.map(|k| k.id), Some(7));
-        assert_eq!((first.kem.id, first.kem_last_resort), (10, false));
-        let second = p.take_bundle(&a).expect("take").expect("bundle");
-        assert_eq!(second.one_time, None, "pool empty: no one-time X25519 key");
-        assert_eq!((second.kem.id, second.kem_last_resort), (99, true));
-        assert_eq!(p.counts(&a).expect("counts"), Counts { one_time: 0, kem: 0, signed: true, last_resort: true });
-    }
-
-    #[test]
-    fn racing_fetches_never_share_a_one_time_key() {
-        let p = Arc::new(store());
-        let a = AccountId([1; 16]);
-        let ot: Vec<_> = (0..200).map(|i| OneTimePrekey { id: i, public_key: vec![0; 32].into() }).collect();
-        let kems: Vec<_> = (0..200).map(kem).collect();
-        p.upload(&a, Some(&signed()), &ot, &kems, Some(&kem(999))).expect("upload");
-        let takers: Vec<_> = (0..4)
-            .map(|_| {
-                let p = p.clone();
-                std::thread::spawn(move || (0..60).filter_map(|_| p.take_bundle(&a).expect("take")).collect::<Vec<_>>())
-            })
-            .collect();
-        let mut ids = std::collections::HashSet::new();
-        let mut kem_ids = std::collections::HashSet::new();
-        for t in takers {
-            for b in t.join().expect("join") {
-                if let Some(k) = b.one_time {
-                    assert!(ids.insert(k.id), "one-time prekey {} handed out twice", k.id);
-                }
-                if !b.kem_last_resort {
-                    assert!(kem_ids.insert(b.kem.id), "KEM prekey {} handed out twice", b.kem.id);
-                }
-            }
-        }
-        assert_eq!((ids.len(), kem_ids.len()), (200, 200));
-    }
-
-    #[test]
-    fn sizes_and_pool_bound_are_checked() {
-        let p = store();
-        let a = AccountId([1; 16]);
-        let bad = SignedPrekey { id: 1, public_key: vec![2; 31].into(), signature: vec![3; 64].into() };
-        assert!(matches!(p.upload(&a, Some(&bad), &[], &[], None), Err(PrekeyError::Invalid(_))));
-        let too_many: Vec<_> =
-            (0..=MAX_POOL as u32).map(|i| OneTimePrekey { id: i, public_key: vec![0; 32].into() }).collect();
-        assert!(matches!(p.upload(&a, None, &too_many, &[], None), Err(PrekeyError::Invalid(_))));
-    }
-
-    #[test]
-    fn access_key_checks() {
-        let p = store();
-        let a = AccountId([1; 16]);
-        assert!(!p.access_allowed(&a, b"anything").expect("check"), "no key set: sealed sends refused");
-        p.set_access_verifier(&a, &Sha256::digest(b"secret-key")).expect("set");
-        assert!(p.access_allowed(&a, b"secret-key").expect("check"));
-        assert!(!p.access_allowed(&a, b"secret-kez").expect("check"));
-        assert!(!p.access_allowed(&AccountId([2; 16]), b"secret-key").expect("check"));
-    }
-
-    #[test]
-    fn forgetting_an_account_removes_its_keys_and_no_one_elses() {
-        let p = store();
-        let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
-        let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
-        for account in [&a, &b] {
-            p.upload(account, Some(&signed()), &ot, &[kem(10)], Some(&kem(99))).expect("upload");
-            p.set_access_verifier(account, &Sha256::digest(b"k")).expect("set");
-        }
-        p.forget(&a).expect("forget");
-        assert_eq!(p.counts(&a).expect("counts"), Counts::default());
-        assert!(!p.access_allowed(&a, b"k").expect("check"));
-        assert_eq!(p.counts(&b).expect("counts"), Counts { one_time: 1, kem: 1, signed: true, last_resort: true });
-        assert!(p.access_allowed(&b, b"k").expect("check"));
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn conformance_racing_fetches() {
+        suite::racing_fetches_never_share_a_one_time_key(&fresh()).await;
     }
 }
