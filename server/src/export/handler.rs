@@ -100,23 +100,23 @@ impl ExportHandler {
 
     /// Whether `r` is in force at `now_ms` under its pair's current notice and not objected to (not whether it is the
     /// latest).
-    fn in_force(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
+    async fn in_force(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
         let s = &r.statement;
         if !s.granted_at(now_ms) {
             return Ok(false);
         }
-        let objection = self.consent.latest_for(&s.account, s.purpose, "")?;
+        let objection = self.consent.latest_for(&s.account, s.purpose, "").await?;
         Ok(s.in_force(now_ms, self.notices.current_hash(&s.affiliate, s.purpose)?.as_ref())
             && s.not_objected(objection.as_ref().map(|o| &o.statement)))
     }
 
     /// Whether `r` is a grant that is the latest statement for its pair and in force at `now_ms`.
-    fn in_force_latest(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
-        if !self.in_force(r, now_ms)? {
+    async fn in_force_latest(&self, r: &Recorded, now_ms: u64) -> Result<bool, Reject> {
+        if !self.in_force(r, now_ms).await? {
             return Ok(false);
         }
         let s = &r.statement;
-        let latest = self.consent.latest_for(&s.account, s.purpose, &s.affiliate)?;
+        let latest = self.consent.latest_for(&s.account, s.purpose, &s.affiliate).await?;
         Ok(latest.is_some_and(|l| l.statement.sequence == s.sequence))
     }
 
@@ -124,7 +124,7 @@ impl ExportHandler {
         let now = relay_proto::now_ms();
         let mut changes = Vec::new();
         let mut next_cursor = c.after_cursor;
-        for (cursor, r) in self.consent.changes(c.after_cursor, MAX_CONSENT_CHANGES)? {
+        for (cursor, r) in self.consent.changes(c.after_cursor, MAX_CONSENT_CHANGES).await? {
             // Past this entry even if it is skipped below, so that the exporter's next page moves on.
             next_cursor = cursor;
             let account = r.statement.account;
@@ -134,7 +134,7 @@ impl ExportHandler {
                 tracing::debug!(%account, "consent statement of an account missing from the directory");
                 continue;
             };
-            let subject = if self.in_force_latest(&r, now)? {
+            let subject = if self.in_force_latest(&r, now).await? {
                 self.directory.profile(&account).await?.map(subject)
             } else {
                 None
@@ -190,8 +190,8 @@ impl ExportHandler {
             else {
                 continue;
             };
-            for r in self.consent.latest(&account)? {
-                if self.in_force(&r, now)? {
+            for r in self.consent.latest(&account).await? {
+                if self.in_force(&r, now).await? {
                     changes.push(Self::change(cursor, &keys, r, Some(subject(profile.clone()))));
                 }
             }
@@ -299,13 +299,13 @@ impl ExportHandler {
         (account, purpose, affiliate): &Pair,
         hash: &[u8; 32],
     ) -> Result<Result<Subject, &'static str>, Reject> {
-        let Some(latest) = self.consent.latest_for(account, *purpose, affiliate)? else {
+        let Some(latest) = self.consent.latest_for(account, *purpose, affiliate).await? else {
             return Ok(Err("no consent recorded for this pair"));
         };
         if statement_hash(&latest.encoded) != *hash {
             return Ok(Err("not the latest statement for this pair"));
         }
-        if !self.in_force(&latest, relay_proto::now_ms())? {
+        if !self.in_force(&latest, relay_proto::now_ms()).await? {
             return Ok(Err("consent is not in force for this pair"));
         }
         match self.directory.profile(account).await? {
@@ -335,7 +335,7 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().expect("db");
         let tree = |n: &str| db.open_tree(n).expect("tree");
         let handler = ExportHandler::new(
-            ConsentRegistry::new(tree("consent")),
+            Arc::new(crate::store::SledConsentRegistry::new(tree("consent"))),
             Arc::new(crate::store::SledDirectory::new(tree("i"), tree("p"), tree("n"), tree("s"))),
             Arc::new(Fence::default()),
             ExportLog::open(tree("log")).expect("log"),
@@ -415,7 +415,7 @@ mod tests {
         };
         let current = grant(account, 3, Purpose::Security);
         for s in [&stale, &expired, &current] {
-            h.consent.record(&s.encode(), &[0; 64], relay_proto::now_ms()).expect("record");
+            h.consent.record(&s.encode(), &[0; 64], relay_proto::now_ms()).await.expect("record");
         }
 
         let Resp::ConsentChangeList(list) = ask(&h, Req::ConsentChanges(ConsentChanges { after_cursor: 0 })).await
@@ -470,17 +470,18 @@ mod tests {
             notice_hash: [0; 32],
             ..grant(account, sequence, Purpose::Advertising)
         };
-        let record =
-            |s: &ConsentStatement| h.consent.record(&s.encode(), &[0; 64], relay_proto::now_ms()).expect("record");
+        let record = async |s: &ConsentStatement| {
+            h.consent.record(&s.encode(), &[0; 64], relay_proto::now_ms()).await.expect("record")
+        };
         let first = grant(account, 1, Purpose::Advertising);
-        record(&first);
+        record(&first).await;
         assert!(matches!(ask(&h, begin(&first)).await, Resp::ExportGranted(_)));
-        record(&purpose_level(Decision::Object, 2));
+        record(&purpose_level(Decision::Object, 2)).await;
         assert!(matches!(ask(&h, begin(&first)).await, Resp::ExportDenied(_)), "objected: denied");
-        record(&purpose_level(Decision::Lift, 3));
+        record(&purpose_level(Decision::Lift, 3)).await;
         assert!(matches!(ask(&h, begin(&first)).await, Resp::ExportDenied(_)), "a lift does not revive it");
         let second = grant(account, 4, Purpose::Advertising);
-        record(&second);
+        record(&second).await;
         assert!(matches!(ask(&h, begin(&second)).await, Resp::ExportGranted(_)), "granted again after the lift");
     }
 
@@ -495,7 +496,7 @@ mod tests {
         let device = DeviceInfo { model: "Pixel 9".into(), os: "Android 16".into(), app_version: "1.0".into() };
         let account = h.directory.register(keys, &phone, device, 1, Claim::FirstCome).await.expect("register").account;
         let g = grant(account, 1, Purpose::Advertising);
-        h.consent.record(&g.encode(), &[0; 64], relay_proto::now_ms()).expect("record");
+        h.consent.record(&g.encode(), &[0; 64], relay_proto::now_ms()).await.expect("record");
         assert!(matches!(ask(&h, begin(&g)).await, Resp::ExportGranted(_)), "in force before the erasure");
 
         let erasure = crate::store::Erasure {
@@ -518,7 +519,7 @@ mod tests {
             panic!("expected a change list")
         };
         assert!(list.changes.iter().all(|c| c.subject.is_none()), "no subject of an erased account");
-        assert_eq!(h.consent.history(&account).expect("history").len(), 1, "the statement stays as evidence");
+        assert_eq!(h.consent.history(&account).await.expect("history").len(), 1, "the statement stays as evidence");
 
         let Resp::ErasureChangeList(list) = ask(&h, Req::ErasureChanges(ErasureChanges { after_cursor: 0 })).await
         else {

@@ -73,7 +73,7 @@ impl Account {
         self.registration.forget(&account, phone.as_ref())?;
         let purged = self.mailboxes.purge(&account).await?;
         self.commit.durable().await?;
-        for r in self.registry.latest(&account)? {
+        for r in self.registry.latest(&account).await? {
             let s = r.statement;
             if !s.decision.is_purpose_level() {
                 self.fence.wait_clear(&(account, s.purpose, s.affiliate)).await;
@@ -149,7 +149,7 @@ mod tests {
             time_ms: 1,
             expires_ms: None,
         };
-        store.consent.record(&grant.encode(), &[0; 64], 1).expect("grant");
+        store.consent.record(&grant.encode(), &[0; 64], 1).await.expect("grant");
         store.mailboxes.append(&account, b"queued", relay_proto::now_ms()).await.expect("envelope");
         let (lease, _) = store
             .fence
@@ -188,6 +188,6 @@ mod tests {
         assert_eq!(store.directory.profile(&account).await.expect("profile"), None);
         assert_eq!(store.mailboxes.depth(&account).await.expect("depth"), 0, "the mailbox is empty");
         assert!(store.erasures.erased(&account).expect("erased"));
-        assert_eq!(store.consent.history(&account).expect("history").len(), 1, "statements stay as evidence");
+        assert_eq!(store.consent.history(&account).await.expect("history").len(), 1, "statements stay as evidence");
     }
 }

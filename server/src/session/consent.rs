@@ -65,7 +65,7 @@ impl Consent {
         let current = self.notices.current_hash(&statement.affiliate, statement.purpose)?;
         statement.names_notice(current.as_ref()).map_err(rejected)?;
         if statement.decision == Decision::Grant {
-            let objection = self.registry.latest_for(&account, statement.purpose, "")?;
+            let objection = self.registry.latest_for(&account, statement.purpose, "").await?;
             if !statement.not_objected(objection.as_ref().map(|o| &o.statement)) {
                 return Err(Reject::new(
                     ErrorCode::ConsentRejected,
@@ -78,7 +78,7 @@ impl Consent {
             }
         }
         let now = relay_proto::now_ms();
-        self.registry.record(&c.statement, &signature, now)?;
+        self.registry.record(&c.statement, &signature, now).await?;
         self.commit.durable().await?;
         match statement.decision {
             Decision::Withdraw => {
@@ -90,7 +90,7 @@ impl Consent {
             Decision::Object => {
                 // The same for every affiliate of the purpose: a lease needs a grant, so the pairs the account has
                 // statements for are all the pairs that can hold one.
-                for r in self.registry.latest(&account)? {
+                for r in self.registry.latest(&account).await? {
                     let s = r.statement;
                     if s.purpose == statement.purpose && !s.decision.is_purpose_level() {
                         self.fence.wait_clear(&(account, s.purpose, s.affiliate)).await;
@@ -107,11 +107,12 @@ impl Consent {
     }
 
     /// The caller's latest statement per (affiliate, purpose), as signed.
-    pub fn list(&self, session: &Session) -> Reply {
+    pub async fn list(&self, session: &Session) -> Reply {
         let account = session.account()?;
         let latest = self
             .registry
-            .latest(&account)?
+            .latest(&account)
+            .await?
             .into_iter()
             .map(|r| SignedStatement {
                 statement: r.encoded.into(),
@@ -119,14 +120,15 @@ impl Consent {
                 recorded_at_ms: r.recorded_at_ms,
             })
             .collect();
-        let last_sequence = self.registry.last_sequence(&account)?;
+        let last_sequence = self.registry.last_sequence(&account).await?;
         reply(Resp::ConsentList(ConsentList { latest, last_sequence }))
     }
 
     /// A page of the caller's statements, as signed, oldest first.
-    pub fn history(&self, session: &Session, h: ConsentHistory) -> Reply {
+    pub async fn history(&self, session: &Session, h: ConsentHistory) -> Reply {
         let account = session.account()?;
-        let (page, more) = self.registry.history_page(&account, h.after_sequence, relay_proto::MAX_HISTORY_PAGE)?;
+        let (page, more) =
+            self.registry.history_page(&account, h.after_sequence, relay_proto::MAX_HISTORY_PAGE).await?;
         let page = page.into_iter().map(|r| (r.encoded, r.signature.to_vec(), r.recorded_at_ms)).collect();
         let statements = self
             .tamper

@@ -17,10 +17,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use relay_proto::consent::{ConsentStatement, Purpose};
 use relay_proto::wire::{DeviceInfo, KemPrekey, OneTimePrekey, SignedPrekey};
 use relay_proto::{AccountId, PhoneNumber};
 
 use super::commit::CommitError;
+use super::consent::{Recorded, RegistryError};
 use super::directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered};
 use super::mailbox::{Appended, MailboxError, StoredEnvelope};
 use super::prekeys::{Counts, PrekeyError, Taken};
@@ -188,3 +190,52 @@ pub trait PrekeyStore: Send + Sync {
 
 /// A handle on the prekeys.
 pub type Prekeys = Arc<dyn PrekeyStore>;
+
+/// The consent registry: every consent statement an account signed, the latest per (affiliate, purpose), and one
+/// global recording order that the export interface pages through (cursors become visible in order). Sequence
+/// numbers strictly increase per account, whichever node records them, so a replayed or reordered statement never
+/// overrides a later one.
+pub trait ConsentStore: Send + Sync {
+    /// Records a statement whose signature was verified over `encoded`, the bytes as received, which are what is
+    /// stored (never a re-encoding); refuses one that does not decode or whose sequence number is not above the
+    /// account's last. Not yet durable: await the group commit before acknowledging.
+    fn record<'a>(
+        &'a self,
+        encoded: &'a [u8],
+        signature: &'a [u8; 64],
+        now_ms: u64,
+    ) -> BoxFuture<'a, Result<ConsentStatement, RegistryError>>;
+
+    /// The highest sequence number recorded for `account` (0 if none).
+    fn last_sequence<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<u64, RegistryError>>;
+
+    /// The latest statement of `account` for every pair it ever decided on.
+    fn latest<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Vec<Recorded>, RegistryError>>;
+
+    /// The latest statement of `account` for one pair, if any.
+    fn latest_for<'a>(
+        &'a self,
+        account: &'a AccountId,
+        purpose: Purpose,
+        affiliate: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Recorded>, RegistryError>>;
+
+    /// Up to `limit` statements of any account recorded after `after` (a cursor; 0 for the start), in recording
+    /// order, each with its cursor.
+    fn changes(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<(u64, Recorded)>, RegistryError>>;
+
+    /// Up to `limit` statements of `account` with a sequence number above `after_sequence`, oldest first, and whether
+    /// others follow.
+    fn history_page<'a>(
+        &'a self,
+        account: &'a AccountId,
+        after_sequence: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Recorded>, bool), RegistryError>>;
+
+    /// Every statement of `account`, in sequence order.
+    fn history<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Vec<Recorded>, RegistryError>>;
+}
+
+/// A handle on the consent registry.
+pub type ConsentRegistry = Arc<dyn ConsentStore>;

@@ -354,3 +354,95 @@ pub(crate) mod prekeys {
         assert!(p.access_allowed(&b, b"k").await.expect("check"));
     }
 }
+
+pub(crate) mod consent {
+    use relay_proto::AccountId;
+    use relay_proto::consent::{ConsentError, ConsentStatement, Decision, Purpose};
+
+    use crate::store::{ConsentRegistry, Recorded, RegistryError};
+
+    fn statement(sequence: u64, affiliate: &str, purpose: Purpose, decision: Decision) -> ConsentStatement {
+        ConsentStatement {
+            account: AccountId([1; 16]),
+            affiliate: affiliate.into(),
+            purpose,
+            decision,
+            notice_hash: [9; 32],
+            sequence,
+            time_ms: 1000 + sequence,
+            expires_ms: None,
+        }
+    }
+
+    pub(crate) async fn latest_per_pair_wins_and_history_keeps_everything(r: &ConsentRegistry) {
+        let a = AccountId([1; 16]);
+        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 10)
+            .await
+            .expect("record");
+        r.record(&statement(2, "adsco", Purpose::Analytics, Decision::Grant).encode(), &[0; 64], 11)
+            .await
+            .expect("record");
+        r.record(&statement(3, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 12)
+            .await
+            .expect("record");
+        let ads = r.latest_for(&a, Purpose::Advertising, "adsco").await.expect("get").expect("present");
+        assert_eq!((ads.statement.decision, ads.recorded_at_ms), (Decision::Withdraw, 12));
+        assert_eq!(r.latest(&a).await.expect("latest").len(), 2);
+        assert_eq!(
+            r.history(&a).await.expect("history").iter().map(|h| h.statement.sequence).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        let seqs =
+            |(page, more): (Vec<Recorded>, bool)| (page.iter().map(|h| h.statement.sequence).collect::<Vec<_>>(), more);
+        assert_eq!(seqs(r.history_page(&a, 0, 2).await.expect("page")), (vec![1, 2], true));
+        assert_eq!(seqs(r.history_page(&a, 2, 2).await.expect("page")), (vec![3], false));
+        assert_eq!(seqs(r.history_page(&a, 3, 2).await.expect("page")), (vec![], false));
+        assert_eq!(seqs(r.history_page(&a, u64::MAX, 2).await.expect("page")), (vec![], false));
+        assert_eq!(r.last_sequence(&a).await.expect("seq"), 3);
+        assert_eq!(r.latest_for(&a, Purpose::Advertising, "otherco").await.expect("get"), None, "default: nothing");
+    }
+
+    pub(crate) async fn changes_page_through_every_account_in_recording_order(r: &ConsentRegistry) {
+        let other = |seq| ConsentStatement {
+            account: AccountId([2; 16]),
+            ..statement(seq, "adsco", Purpose::Security, Decision::Grant)
+        };
+        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 10)
+            .await
+            .expect("record");
+        r.record(&other(1).encode(), &[0; 64], 11).await.expect("record");
+        r.record(&statement(2, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 12)
+            .await
+            .expect("record");
+        assert!(r.record(&other(1).encode(), &[0; 64], 13).await.is_err(), "a refused statement gets no cursor");
+        let all = r.changes(0, 10).await.expect("changes");
+        let seen: Vec<_> =
+            all.iter().map(|(c, rec)| (*c, rec.statement.account.0[0], rec.statement.sequence)).collect();
+        assert_eq!(seen, [(1, 1, 1), (2, 2, 1), (3, 1, 2)]);
+        let page: Vec<_> = r.changes(1, 1).await.expect("changes").into_iter().map(|(c, _)| c).collect();
+        assert_eq!(page, [2]);
+        assert!(r.changes(3, 10).await.expect("changes").is_empty());
+        assert!(r.changes(u64::MAX, 10).await.expect("changes").is_empty());
+    }
+
+    pub(crate) async fn replayed_or_reordered_statements_are_refused(r: &ConsentRegistry) {
+        r.record(&statement(5, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 10)
+            .await
+            .expect("record");
+        for seq in [5, 4, 1] {
+            let err =
+                r.record(&statement(seq, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 11).await;
+            assert!(matches!(err, Err(RegistryError::Rejected(ConsentError::StaleSequence { .. }))), "{seq}");
+        }
+        let a = AccountId([1; 16]);
+        let latest = r.latest_for(&a, Purpose::Advertising, "adsco").await.expect("get").expect("present");
+        assert_eq!(latest.statement.decision, Decision::Withdraw, "the replayed grant did not override");
+    }
+
+    /// Runs every test, each on a fresh, empty store from `fresh`.
+    pub(crate) async fn run_all(fresh: &dyn Fn() -> ConsentRegistry) {
+        latest_per_pair_wins_and_history_keeps_everything(&fresh()).await;
+        changes_page_through_every_account_in_recording_order(&fresh()).await;
+        replayed_or_reordered_statements_are_refused(&fresh()).await;
+    }
+}

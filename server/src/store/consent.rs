@@ -18,6 +18,8 @@ use relay_proto::{ACCOUNT_ID_LEN, AccountId};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use super::backend::{BackendError, BoxFuture, ConsentStore};
+
 const SEQ: u8 = 0;
 const LATEST: u8 = 1;
 const HISTORY: u8 = 2;
@@ -50,7 +52,13 @@ pub enum RegistryError {
     Corrupt,
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] BackendError),
+}
+
+impl From<sled::Error> for RegistryError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 fn seq_key(account: &AccountId) -> Vec<u8> {
@@ -115,19 +123,16 @@ fn decode_unvalidated(encoded: &[u8]) -> Result<ConsentStatement, RegistryError>
 
 /// The consent tree (a cheap handle: clones share the tree).
 #[derive(Clone)]
-pub struct ConsentRegistry {
+pub struct SledConsentRegistry {
     tree: sled::Tree,
 }
 
-impl ConsentRegistry {
+impl SledConsentRegistry {
     pub(crate) fn new(tree: sled::Tree) -> Self {
         Self { tree }
     }
 
-    /// Records a statement whose signature was verified over `encoded`, the bytes as received, which are what is
-    /// stored (never a re-encoding); refuses one that does not decode or whose sequence number is not above the
-    /// account's last. Not yet durable: await the group commit before acknowledging.
-    pub fn record(
+    fn record_now(
         &self,
         encoded: &[u8],
         signature: &[u8; SIGNATURE_LEN],
@@ -171,21 +176,18 @@ impl ConsentRegistry {
         }
     }
 
-    /// The highest sequence number recorded for `account` (0 if none).
-    pub fn last_sequence(&self, account: &AccountId) -> Result<u64, RegistryError> {
+    fn last_sequence_now(&self, account: &AccountId) -> Result<u64, RegistryError> {
         match self.tree.get(seq_key(account))? {
             Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| RegistryError::Corrupt)?)),
             None => Ok(0),
         }
     }
 
-    /// The latest statement of `account` for every pair it ever decided on.
-    pub fn latest(&self, account: &AccountId) -> Result<Vec<Recorded>, RegistryError> {
+    fn latest_now(&self, account: &AccountId) -> Result<Vec<Recorded>, RegistryError> {
         self.tree.scan_prefix(latest_prefix(account)).map(|item| decode_record(&item?.1)).collect()
     }
 
-    /// The latest statement of `account` for one pair, if any.
-    pub fn latest_for(
+    fn latest_for_now(
         &self,
         account: &AccountId,
         purpose: Purpose,
@@ -194,9 +196,7 @@ impl ConsentRegistry {
         self.tree.get(latest_key(account, purpose, affiliate))?.map(|v| decode_record(&v)).transpose()
     }
 
-    /// Up to `limit` statements of any account recorded after `after` (a cursor; 0 for the start), in recording
-    /// order, each with its cursor.
-    pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<(u64, Recorded)>, RegistryError> {
+    fn changes_now(&self, after: u64, limit: usize) -> Result<Vec<(u64, Recorded)>, RegistryError> {
         let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for item in self.tree.range(change_key(start)..change_key(u64::MAX)).take(limit) {
@@ -211,9 +211,7 @@ impl ConsentRegistry {
         Ok(out)
     }
 
-    /// Up to `limit` statements of `account` with a sequence number above `after_sequence`, oldest first, and whether
-    /// others follow.
-    pub fn history_page(
+    fn history_page_now(
         &self,
         account: &AccountId,
         after_sequence: u64,
@@ -232,8 +230,7 @@ impl ConsentRegistry {
         Ok((page, more))
     }
 
-    /// Every statement of `account`, in sequence order.
-    pub fn history(&self, account: &AccountId) -> Result<Vec<Recorded>, RegistryError> {
+    fn history_now(&self, account: &AccountId) -> Result<Vec<Recorded>, RegistryError> {
         let mut prefix = vec![HISTORY];
         prefix.extend_from_slice(account.as_bytes());
         debug_assert_eq!(prefix.len(), 1 + ACCOUNT_ID_LEN);
@@ -241,84 +238,65 @@ impl ConsentRegistry {
     }
 }
 
+impl ConsentStore for SledConsentRegistry {
+    fn record<'a>(
+        &'a self,
+        encoded: &'a [u8],
+        signature: &'a [u8; SIGNATURE_LEN],
+        now_ms: u64,
+    ) -> BoxFuture<'a, Result<ConsentStatement, RegistryError>> {
+        Box::pin(std::future::ready(self.record_now(encoded, signature, now_ms)))
+    }
+
+    fn last_sequence<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<u64, RegistryError>> {
+        Box::pin(std::future::ready(self.last_sequence_now(account)))
+    }
+
+    fn latest<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Vec<Recorded>, RegistryError>> {
+        Box::pin(std::future::ready(self.latest_now(account)))
+    }
+
+    fn latest_for<'a>(
+        &'a self,
+        account: &'a AccountId,
+        purpose: Purpose,
+        affiliate: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Recorded>, RegistryError>> {
+        Box::pin(std::future::ready(self.latest_for_now(account, purpose, affiliate)))
+    }
+
+    fn changes(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<(u64, Recorded)>, RegistryError>> {
+        Box::pin(std::future::ready(self.changes_now(after, limit)))
+    }
+
+    fn history_page<'a>(
+        &'a self,
+        account: &'a AccountId,
+        after_sequence: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Recorded>, bool), RegistryError>> {
+        Box::pin(std::future::ready(self.history_page_now(account, after_sequence, limit)))
+    }
+
+    fn history<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Vec<Recorded>, RegistryError>> {
+        Box::pin(std::future::ready(self.history_now(account)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use relay_proto::consent::Decision;
+    use crate::store::conformance::consent as suite;
 
-    fn statement(sequence: u64, affiliate: &str, purpose: Purpose, decision: Decision) -> ConsentStatement {
-        ConsentStatement {
-            account: AccountId([1; 16]),
-            affiliate: affiliate.into(),
-            purpose,
-            decision,
-            notice_hash: [9; 32],
-            sequence,
-            time_ms: 1000 + sequence,
-            expires_ms: None,
-        }
-    }
-
-    fn registry() -> ConsentRegistry {
+    fn registry() -> crate::store::ConsentRegistry {
         let db = sled::Config::new().temporary(true).open().expect("open");
-        ConsentRegistry::new(db.open_tree("c").expect("tree"))
+        Arc::new(SledConsentRegistry::new(db.open_tree("c").expect("tree")))
     }
 
-    #[test]
-    fn latest_per_pair_wins_and_history_keeps_everything() {
-        let r = registry();
-        let a = AccountId([1; 16]);
-        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 10).expect("record");
-        r.record(&statement(2, "adsco", Purpose::Analytics, Decision::Grant).encode(), &[0; 64], 11).expect("record");
-        r.record(&statement(3, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 12)
-            .expect("record");
-        let ads = r.latest_for(&a, Purpose::Advertising, "adsco").expect("get").expect("present");
-        assert_eq!((ads.statement.decision, ads.recorded_at_ms), (Decision::Withdraw, 12));
-        assert_eq!(r.latest(&a).expect("latest").len(), 2);
-        assert_eq!(r.history(&a).expect("history").iter().map(|h| h.statement.sequence).collect::<Vec<_>>(), [1, 2, 3]);
-        let seqs =
-            |(page, more): (Vec<Recorded>, bool)| (page.iter().map(|h| h.statement.sequence).collect::<Vec<_>>(), more);
-        assert_eq!(seqs(r.history_page(&a, 0, 2).expect("page")), (vec![1, 2], true));
-        assert_eq!(seqs(r.history_page(&a, 2, 2).expect("page")), (vec![3], false));
-        assert_eq!(seqs(r.history_page(&a, 3, 2).expect("page")), (vec![], false));
-        assert_eq!(seqs(r.history_page(&a, u64::MAX, 2).expect("page")), (vec![], false));
-        assert_eq!(r.last_sequence(&a).expect("seq"), 3);
-        assert_eq!(r.latest_for(&a, Purpose::Advertising, "otherco").expect("get"), None, "default: nothing");
-    }
-
-    #[test]
-    fn changes_page_through_every_account_in_recording_order() {
-        let r = registry();
-        let other = |seq| ConsentStatement {
-            account: AccountId([2; 16]),
-            ..statement(seq, "adsco", Purpose::Security, Decision::Grant)
-        };
-        r.record(&statement(1, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 10).expect("record");
-        r.record(&other(1).encode(), &[0; 64], 11).expect("record");
-        r.record(&statement(2, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 12)
-            .expect("record");
-        assert!(r.record(&other(1).encode(), &[0; 64], 13).is_err(), "a refused statement gets no cursor");
-        let all = r.changes(0, 10).expect("changes");
-        let seen: Vec<_> =
-            all.iter().map(|(c, rec)| (*c, rec.statement.account.0[0], rec.statement.sequence)).collect();
-        assert_eq!(seen, [(1, 1, 1), (2, 2, 1), (3, 1, 2)]);
-        let page: Vec<_> = r.changes(1, 1).expect("changes").into_iter().map(|(c, _)| c).collect();
-        assert_eq!(page, [2]);
-        assert!(r.changes(3, 10).expect("changes").is_empty());
-        assert!(r.changes(u64::MAX, 10).expect("changes").is_empty());
-    }
-
-    #[test]
-    fn replayed_or_reordered_statements_are_refused() {
-        let r = registry();
-        r.record(&statement(5, "adsco", Purpose::Advertising, Decision::Withdraw).encode(), &[0; 64], 10)
-            .expect("record");
-        for seq in [5, 4, 1] {
-            let err = r.record(&statement(seq, "adsco", Purpose::Advertising, Decision::Grant).encode(), &[0; 64], 11);
-            assert!(matches!(err, Err(RegistryError::Rejected(ConsentError::StaleSequence { .. }))), "{seq}");
-        }
-        let a = AccountId([1; 16]);
-        let latest = r.latest_for(&a, Purpose::Advertising, "adsco").expect("get").expect("present");
-        assert_eq!(latest.statement.decision, Decision::Withdraw, "the replayed grant did not override");
+    #[tokio::test]
+    async fn conformance() {
+        suite::run_all(&registry).await;
     }
 }

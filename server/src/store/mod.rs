@@ -25,11 +25,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use backend::{
-    BackendError, BoxFuture, Directory, DirectoryStore, Durability, Identities, IdentityStore, MailboxStore,
-    PrekeyStore, Prekeys,
+    BackendError, BoxFuture, ConsentRegistry, ConsentStore, Directory, DirectoryStore, Durability, Identities,
+    IdentityStore, MailboxStore, PrekeyStore, Prekeys,
 };
 pub use commit::{CommitError, GroupCommit};
-pub use consent::{ConsentRegistry, RegistryError};
+pub use consent::{Recorded, RegistryError, SledConsentRegistry};
 pub use directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered, SledDirectory, SledIdentities};
 pub use erasures::{Erasure, ErasureStoreError, Erasures};
 pub use exportlog::{ExportLog, ExportLogError};
@@ -132,7 +132,7 @@ impl Store {
         ));
         let prekeys: Prekeys =
             Arc::new(SledPrekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?));
-        let consent = ConsentRegistry::new(db.open_tree(trees::CONSENT)?);
+        let consent: ConsentRegistry = Arc::new(SledConsentRegistry::new(db.open_tree(trees::CONSENT)?));
         let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
         let notices = Notices::new(db.open_tree(trees::NOTICES)?);
         let verifications =
