@@ -265,9 +265,9 @@ impl TestRelay {
     /// Seeds an in-process relay with the notices of the exporter's example catalogue plus `metrico` (analytics), as
     /// an exporter publishes them at start: for tests that grant consent without running an exporter. Returns the
     /// documents published.
-    pub fn publish_test_notices(&self) -> Result<Vec<Vec<u8>>> {
+    pub async fn publish_test_notices(&self) -> Result<Vec<Vec<u8>>> {
         let documents = test_notices()?;
-        self.publish_notices(&documents)?;
+        self.publish_notices(&documents).await?;
         Ok(documents)
     }
 
@@ -277,7 +277,7 @@ impl TestRelay {
         let Running::InProcess(h) = &self.running else { bail!("in-process relays only") };
         let notices = h.notices();
         tokio::time::timeout(bound, async {
-            while notices.current_count() == 0 {
+            while notices.current_count().await == 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -286,10 +286,10 @@ impl TestRelay {
     }
 
     /// Publishes `documents` as an exporter's complete set of current notices (in-process relays only).
-    pub fn publish_notices(&self, documents: &[Vec<u8>]) -> Result<()> {
+    pub async fn publish_notices(&self, documents: &[Vec<u8>]) -> Result<()> {
         match &self.running {
             Running::InProcess(h) => {
-                h.notices().publish(documents)?;
+                h.notices().publish(documents).await?;
                 Ok(())
             }
             _ => bail!("notices are seeded in-process only; a relayd child gets them from its exporter"),

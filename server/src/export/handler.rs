@@ -92,7 +92,7 @@ impl ExportHandler {
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
             Some(Req::ReadLog(r)) => self.read_log(r),
             Some(Req::PublishNotices(p)) => self.publish_notices(p).await,
-            Some(Req::ErasureChanges(c)) => self.erasure_changes(c),
+            Some(Req::ErasureChanges(c)) => self.erasure_changes(c).await,
             None => Err(Reject::invalid("empty or unknown export request")),
         };
         reply.unwrap_or_else(|r| ExportResponse::error(r.code, r.message))
@@ -106,7 +106,7 @@ impl ExportHandler {
             return Ok(false);
         }
         let objection = self.consent.latest_for(&s.account, s.purpose, "").await?;
-        Ok(s.in_force(now_ms, self.notices.current_hash(&s.affiliate, s.purpose)?.as_ref())
+        Ok(s.in_force(now_ms, self.notices.current_hash(&s.affiliate, s.purpose).await?.as_ref())
             && s.not_objected(objection.as_ref().map(|o| &o.statement)))
     }
 
@@ -162,10 +162,10 @@ impl ExportHandler {
     }
 
     /// Recorded erasures, as the users signed them: the exporter verifies each itself.
-    fn erasure_changes(&self, c: ErasureChanges) -> Result<ExportResponse, Reject> {
+    async fn erasure_changes(&self, c: ErasureChanges) -> Result<ExportResponse, Reject> {
         let mut next_cursor = c.after_cursor;
         let mut changes = Vec::new();
-        for (cursor, e) in self.erasures.changes(c.after_cursor, MAX_ERASURE_CHANGES)? {
+        for (cursor, e) in self.erasures.changes(c.after_cursor, MAX_ERASURE_CHANGES).await? {
             next_cursor = cursor;
             changes.push(ErasureChange {
                 cursor,
@@ -229,7 +229,7 @@ impl ExportHandler {
 
     async fn publish_notices(&self, p: PublishNotices) -> Result<ExportResponse, Reject> {
         let documents: Vec<Vec<u8>> = p.documents.iter().map(|d| d.to_vec()).collect();
-        let published = self.notices.publish(&documents)?;
+        let published = self.notices.publish(&documents).await?;
         self.commit.durable().await?;
         tracing::info!(new = published.new_documents, current = published.current, "notices published");
         resp(Resp::NoticesPublished(NoticesPublished {
@@ -339,9 +339,9 @@ mod tests {
             Arc::new(crate::store::SledDirectory::new(tree("i"), tree("p"), tree("n"), tree("s"))),
             Arc::new(Fence::default()),
             ExportLog::open(tree("log")).expect("log"),
-            Notices::new(tree("notices")),
+            Arc::new(crate::store::SledNotices::new(tree("notices"))),
             crate::store::GroupCommit::start(db.clone()),
-            Erasures::new(tree("erasures")),
+            Arc::new(crate::store::SledErasures::new(tree("erasures"))),
         );
         (handler, db)
     }
@@ -506,7 +506,7 @@ mod tests {
             signature: [3; 64],
             signed: relay_proto::auth::delete_transcript(&[4; 32], &account),
         };
-        h.erasures.record(&erasure).expect("erasure");
+        h.erasures.record(&erasure).await.expect("erasure");
         assert_eq!(h.directory.remove(&account).await.expect("remove"), Some(phone.clone()));
         assert_eq!(h.directory.lookup(&phone).await.expect("lookup"), None, "the number is free");
 

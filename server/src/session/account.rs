@@ -66,7 +66,7 @@ impl Account {
             signature,
             signed,
         };
-        let cursor = self.erasures.record(&erasure)?;
+        let cursor = self.erasures.record(&erasure).await?;
         self.commit.durable().await?;
         let phone = self.directory.remove(&account).await?;
         self.prekeys.forget(&account).await?;
@@ -173,7 +173,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(store.directory.lookup(&phone).await.expect("lookup"), None, "the number is free");
-        let recorded = store.erasures.changes(0, 10).expect("feed");
+        let recorded = store.erasures.changes(0, 10).await.expect("feed");
         assert_eq!(recorded.len(), 1);
         assert_eq!(recorded[0].1.account, account);
         for _ in 0..10 {
@@ -187,7 +187,7 @@ mod tests {
         assert_eq!(store.directory.keys(&account).await.expect("keys"), None);
         assert_eq!(store.directory.profile(&account).await.expect("profile"), None);
         assert_eq!(store.mailboxes.depth(&account).await.expect("depth"), 0, "the mailbox is empty");
-        assert!(store.erasures.erased(&account).expect("erased"));
+        assert!(store.erasures.erased(&account).await.expect("erased"));
         assert_eq!(store.consent.history(&account).await.expect("history").len(), 1, "statements stay as evidence");
     }
 }

@@ -93,7 +93,7 @@ impl Auth {
         let sealing_key_signature = r.sealing_key_signature.as_ref().try_into().ok();
         let account = AccountId::from_identity_key(&identity_key);
         session.check_same(account)?;
-        if self.erasures.erased(&account)? {
+        if self.erasures.erased(&account).await? {
             // Its old statements are still in the registry: the same key coming back must not revive them.
             return Err(Reject::new(
                 ErrorCode::ConsentRejected,

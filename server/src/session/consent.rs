@@ -62,7 +62,7 @@ impl Consent {
         if statement.account != account {
             return Err(rejected(ConsentError::WrongAccount));
         }
-        let current = self.notices.current_hash(&statement.affiliate, statement.purpose)?;
+        let current = self.notices.current_hash(&statement.affiliate, statement.purpose).await?;
         statement.names_notice(current.as_ref()).map_err(rejected)?;
         if statement.decision == Decision::Grant {
             let objection = self.registry.latest_for(&account, statement.purpose, "").await?;
@@ -144,12 +144,12 @@ impl Consent {
     }
 
     /// A notice document: the pair's current one, or the one with the hash asked for.
-    pub fn notice(&self, session: &Session, n: GetNotice) -> Reply {
+    pub async fn notice(&self, session: &Session, n: GetNotice) -> Reply {
         session.account()?;
         let document = if n.hash.is_empty() {
             let purpose = consent::Purpose::parse(&n.purpose)
                 .ok_or_else(|| Reject::new(ErrorCode::NotFound, format!("unknown purpose {:?}", n.purpose)))?;
-            self.notices.current(&n.affiliate, purpose)?.ok_or_else(|| {
+            self.notices.current(&n.affiliate, purpose).await?.ok_or_else(|| {
                 Reject::new(
                     ErrorCode::NotFound,
                     format!("no notice is published for {}/{purpose}: nothing can be granted for it", n.affiliate),
@@ -159,7 +159,8 @@ impl Consent {
             let hash: [u8; 32] =
                 n.hash.as_ref().try_into().map_err(|_| Reject::invalid("a notice hash is 32 bytes"))?;
             self.notices
-                .by_hash(&hash)?
+                .by_hash(&hash)
+                .await?
                 .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no notice with this hash was ever published"))?
         };
         reply(Resp::NoticeDocument(NoticeDocument { document: document.into() }))

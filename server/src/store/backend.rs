@@ -24,7 +24,9 @@ use relay_proto::{AccountId, PhoneNumber};
 use super::commit::CommitError;
 use super::consent::{Recorded, RegistryError};
 use super::directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered};
+use super::erasures::{Erasure, ErasureStoreError};
 use super::mailbox::{Appended, MailboxError, StoredEnvelope};
+use super::notices::{NoticeStoreError, Published};
 use super::prekeys::{Counts, PrekeyError, Taken};
 
 /// A boxed future, so that the traits can be used as `dyn` objects.
@@ -239,3 +241,50 @@ pub trait ConsentStore: Send + Sync {
 
 /// A handle on the consent registry.
 pub type ConsentRegistry = Arc<dyn ConsentStore>;
+
+/// Accepted DeleteAccount requests, append-only, in recording order: what the exporter's erasure feed pages
+/// through (cursors become visible in order).
+pub trait ErasureStore: Send + Sync {
+    /// Appends `erasure`; its cursor. Not yet durable: await the group commit before deleting anything.
+    fn record<'a>(&'a self, erasure: &'a Erasure) -> BoxFuture<'a, Result<u64, ErasureStoreError>>;
+
+    /// Whether `account` was ever erased (its identity key may not register again).
+    fn erased<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<bool, ErasureStoreError>>;
+
+    /// Up to `limit` erasures recorded after cursor `after` (0: from the start), oldest first, with their cursors.
+    fn changes(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<(u64, Erasure)>, ErasureStoreError>>;
+}
+
+/// A handle on it (see [`ErasureStore`]).
+pub type Erasures = Arc<dyn ErasureStore>;
+
+/// The exporter's published notice documents, by hash (kept for ever, so old statements stay checkable), and the
+/// current notice per (affiliate, purpose).
+pub trait NoticeStore: Send + Sync {
+    /// Stores every document of `documents` and makes them the complete current set. Not durable until the next
+    /// group commit.
+    fn publish<'a>(&'a self, documents: &'a [Vec<u8>]) -> BoxFuture<'a, Result<Published, NoticeStoreError>>;
+
+    /// How many pairs have a current notice.
+    fn current_count(&self) -> BoxFuture<'_, usize>;
+
+    /// The current notice hash of the pair, if the exporter published one.
+    fn current_hash<'a>(
+        &'a self,
+        affiliate: &'a str,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Option<[u8; 32]>, NoticeStoreError>>;
+
+    /// The current notice document of the pair.
+    fn current<'a>(
+        &'a self,
+        affiliate: &'a str,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, NoticeStoreError>>;
+
+    /// The document whose SHA-256 is `hash`, current or not.
+    fn by_hash<'a>(&'a self, hash: &'a [u8; 32]) -> BoxFuture<'a, Result<Option<Vec<u8>>, NoticeStoreError>>;
+}
+
+/// A handle on it (see [`NoticeStore`]).
+pub type Notices = Arc<dyn NoticeStore>;

@@ -446,3 +446,101 @@ pub(crate) mod consent {
         replayed_or_reordered_statements_are_refused(&fresh()).await;
     }
 }
+
+pub(crate) mod erasures {
+    use relay_proto::AccountId;
+
+    use crate::store::{Erasure, Erasures};
+
+    fn erasure(n: u8) -> Erasure {
+        Erasure {
+            account: AccountId([n; 16]),
+            identity_key: [n; 32],
+            recorded_at_ms: u64::from(n),
+            signature: [n; 64],
+            signed: vec![n; 3],
+        }
+    }
+
+    pub(crate) async fn erasures_page_in_order_and_mark_the_account(feed: &Erasures) {
+        assert_eq!(feed.record(&erasure(1)).await.expect("record"), 1);
+        assert_eq!(feed.record(&erasure(2)).await.expect("record"), 2);
+        assert_eq!(feed.changes(0, 10).await.expect("changes"), [(1, erasure(1)), (2, erasure(2))]);
+        assert_eq!(feed.changes(1, 10).await.expect("changes"), [(2, erasure(2))]);
+        assert_eq!(feed.changes(0, 1).await.expect("changes").len(), 1);
+        assert!(feed.changes(u64::MAX, 10).await.expect("changes").is_empty());
+        assert!(feed.erased(&AccountId([1; 16])).await.expect("erased"));
+        assert!(!feed.erased(&AccountId([3; 16])).await.expect("erased"));
+    }
+
+    /// Runs every test, each on a fresh, empty store from `fresh`.
+    pub(crate) async fn run_all(fresh: &dyn Fn() -> Erasures) {
+        erasures_page_in_order_and_mark_the_account(&fresh()).await;
+    }
+}
+
+pub(crate) mod notices {
+    use relay_proto::consent::Purpose;
+    use relay_proto::notice::{Field, Notice, Retention, notice_hash};
+
+    use crate::store::{NoticeStoreError, Notices, Published};
+
+    fn notice(affiliate: &str, purpose: Purpose, fields: Vec<Field>, version: u32) -> Vec<u8> {
+        Notice {
+            version,
+            affiliate: affiliate.into(),
+            legal_name: "Some Company SA".into(),
+            country: "FR".into(),
+            purpose,
+            fields,
+            retention: Retention::Days(30),
+        }
+        .encode()
+        .expect("valid notice")
+    }
+
+    pub(crate) async fn the_published_set_replaces_the_current_one_and_old_documents_stay_readable(n: &Notices) {
+        let ads_v1 = notice("adsco", Purpose::Advertising, vec![Field::DeviceModel], 1);
+        let sec = notice("shieldco", Purpose::Security, vec![Field::Phone], 1);
+        assert_eq!(
+            n.publish(&[ads_v1.clone(), sec.clone()]).await.expect("publish"),
+            Published { new_documents: 2, current: 2 }
+        );
+        assert_eq!(n.current("adsco", Purpose::Advertising).await.expect("read"), Some(ads_v1.clone()));
+        assert_eq!(n.current_hash("adsco", Purpose::Analytics).await.expect("read"), None);
+
+        let ads_v2 = notice("adsco", Purpose::Advertising, vec![Field::Phone, Field::DeviceModel], 2);
+        assert_eq!(
+            n.publish(std::slice::from_ref(&ads_v2)).await.expect("publish"),
+            Published { new_documents: 1, current: 1 }
+        );
+        assert_eq!(n.current_hash("adsco", Purpose::Advertising).await.expect("read"), Some(notice_hash(&ads_v2)));
+        assert_eq!(n.current_hash("shieldco", Purpose::Security).await.expect("read"), None, "left the set: no notice");
+        assert_eq!(
+            n.by_hash(&notice_hash(&ads_v1)).await.expect("read"),
+            Some(ads_v1),
+            "the old version stays readable"
+        );
+        assert_eq!(n.publish(&[ads_v2]).await.expect("again"), Published { new_documents: 0, current: 1 });
+    }
+
+    pub(crate) async fn only_canonical_documents_one_per_pair_are_published(n: &Notices) {
+        let good = notice("adsco", Purpose::Advertising, vec![Field::DeviceModel], 1);
+        let mut bad = good.clone();
+        bad.push(b'\n');
+        assert!(matches!(n.publish(&[good.clone(), bad]).await, Err(NoticeStoreError::Invalid { index: 1, .. })));
+        let other = notice("adsco", Purpose::Advertising, vec![Field::Os], 2);
+        assert!(matches!(n.publish(&[good, other]).await, Err(NoticeStoreError::Duplicate { .. })));
+        assert_eq!(
+            n.current_hash("adsco", Purpose::Advertising).await.expect("read"),
+            None,
+            "a refused set changes nothing"
+        );
+    }
+
+    /// Runs every test, each on a fresh, empty store from `fresh`.
+    pub(crate) async fn run_all(fresh: &dyn Fn() -> Notices) {
+        the_published_set_replaces_the_current_one_and_old_documents_stay_readable(&fresh()).await;
+        only_canonical_documents_one_per_pair_are_published(&fresh()).await;
+    }
+}

@@ -11,6 +11,8 @@ use relay_proto::auth::{KEY_LEN, SIGNATURE_LEN};
 use relay_proto::{ACCOUNT_ID_LEN, AccountId};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use super::backend::{BackendError, BoxFuture, ErasureStore};
+
 const LAST_CURSOR: u8 = 0;
 const RECORD: u8 = 1;
 const BY_ACCOUNT: u8 = 2;
@@ -25,7 +27,13 @@ pub enum ErasureStoreError {
     Corrupt,
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] BackendError),
+}
+
+impl From<sled::Error> for ErasureStoreError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 /// One recorded erasure request.
@@ -82,17 +90,16 @@ fn be_u64(v: &[u8]) -> Result<u64, ErasureStoreError> {
 
 /// The erasure feed (a cheap handle: clones share the tree).
 #[derive(Clone)]
-pub struct Erasures {
+pub struct SledErasures {
     tree: sled::Tree,
 }
 
-impl Erasures {
+impl SledErasures {
     pub(crate) fn new(tree: sled::Tree) -> Self {
         Self { tree }
     }
 
-    /// Appends `erasure`; its cursor. Not yet durable: await the group commit before deleting anything.
-    pub fn record(&self, erasure: &Erasure) -> Result<u64, ErasureStoreError> {
+    fn record_now(&self, erasure: &Erasure) -> Result<u64, ErasureStoreError> {
         let record = erasure.encode();
         let result = self.tree.transaction(|t| {
             let last = match t.get([LAST_CURSOR])? {
@@ -112,13 +119,11 @@ impl Erasures {
         }
     }
 
-    /// Whether `account` was ever erased (its identity key may not register again).
-    pub fn erased(&self, account: &AccountId) -> Result<bool, ErasureStoreError> {
+    fn erased_now(&self, account: &AccountId) -> Result<bool, ErasureStoreError> {
         Ok(self.tree.contains_key(account_key(account))?)
     }
 
-    /// Up to `limit` erasures recorded after cursor `after` (0: from the start), oldest first, with their cursors.
-    pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<(u64, Erasure)>, ErasureStoreError> {
+    fn changes_now(&self, after: u64, limit: usize) -> Result<Vec<(u64, Erasure)>, ErasureStoreError> {
         let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for item in self.tree.range(record_key(start)..=record_key(u64::MAX)).take(limit) {
@@ -130,31 +135,34 @@ impl Erasures {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn erasure(n: u8) -> Erasure {
-        Erasure {
-            account: AccountId([n; 16]),
-            identity_key: [n; 32],
-            recorded_at_ms: u64::from(n),
-            signature: [n; 64],
-            signed: vec![n; 3],
-        }
+impl ErasureStore for SledErasures {
+    fn record<'a>(&'a self, erasure: &'a Erasure) -> BoxFuture<'a, Result<u64, ErasureStoreError>> {
+        Box::pin(std::future::ready(self.record_now(erasure)))
     }
 
-    #[test]
-    fn erasures_page_in_order_and_mark_the_account() {
+    fn erased<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<bool, ErasureStoreError>> {
+        Box::pin(std::future::ready(self.erased_now(account)))
+    }
+
+    fn changes(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<(u64, Erasure)>, ErasureStoreError>> {
+        Box::pin(std::future::ready(self.changes_now(after, limit)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::conformance::erasures as suite;
+
+    fn fresh() -> crate::store::Erasures {
         let db = sled::Config::new().temporary(true).open().expect("db");
-        let feed = Erasures::new(db.open_tree("e").expect("tree"));
-        assert_eq!(feed.record(&erasure(1)).expect("record"), 1);
-        assert_eq!(feed.record(&erasure(2)).expect("record"), 2);
-        assert_eq!(feed.changes(0, 10).expect("changes"), [(1, erasure(1)), (2, erasure(2))]);
-        assert_eq!(feed.changes(1, 10).expect("changes"), [(2, erasure(2))]);
-        assert_eq!(feed.changes(0, 1).expect("changes").len(), 1);
-        assert!(feed.changes(u64::MAX, 10).expect("changes").is_empty());
-        assert!(feed.erased(&AccountId([1; 16])).expect("erased"));
-        assert!(!feed.erased(&AccountId([3; 16])).expect("erased"));
+        Arc::new(SledErasures::new(db.open_tree("e").expect("tree")))
+    }
+
+    #[tokio::test]
+    async fn conformance() {
+        suite::run_all(&fresh).await;
     }
 }

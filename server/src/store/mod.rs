@@ -25,16 +25,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use backend::{
-    BackendError, BoxFuture, ConsentRegistry, ConsentStore, Directory, DirectoryStore, Durability, Identities,
-    IdentityStore, MailboxStore, PrekeyStore, Prekeys,
+    BackendError, BoxFuture, ConsentRegistry, ConsentStore, Directory, DirectoryStore, Durability, ErasureStore,
+    Erasures, Identities, IdentityStore, MailboxStore, NoticeStore, Notices, PrekeyStore, Prekeys,
 };
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{Recorded, RegistryError, SledConsentRegistry};
 pub use directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered, SledDirectory, SledIdentities};
-pub use erasures::{Erasure, ErasureStoreError, Erasures};
+pub use erasures::{Erasure, ErasureStoreError, SledErasures};
 pub use exportlog::{ExportLog, ExportLogError};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, StoredEnvelope};
-pub use notices::{NoticeStoreError, Notices};
+pub use notices::{NoticeStoreError, Published, SledNotices};
 pub use prekeys::{Counts, PrekeyError, SledPrekeys, Taken};
 pub use roundlog::RoundMailboxes;
 pub use verification::{VerificationStoreError, Verifications};
@@ -134,7 +134,7 @@ impl Store {
             Arc::new(SledPrekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?));
         let consent: ConsentRegistry = Arc::new(SledConsentRegistry::new(db.open_tree(trees::CONSENT)?));
         let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
-        let notices = Notices::new(db.open_tree(trees::NOTICES)?);
+        let notices: Notices = Arc::new(SledNotices::new(db.open_tree(trees::NOTICES)?));
         let verifications =
             Verifications::new(db.open_tree(trees::VERIFICATION_CODES)?, db.open_tree(trees::REGISTRATION_LOCKS)?);
         let fence = crate::fence::Fence::open(
@@ -142,7 +142,7 @@ impl Store {
             std::time::Instant::now(),
             crate::fence::LEASE_TTL,
         )?;
-        let erasures = Erasures::new(db.open_tree(trees::ERASURES)?);
+        let erasures: Erasures = Arc::new(SledErasures::new(db.open_tree(trees::ERASURES)?));
         let sealer = rounds.clone();
         let commit = GroupCommit::start_with(db, Some(Box::new(move || sealer.seal())));
         rounds.attach(&commit);

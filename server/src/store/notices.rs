@@ -17,6 +17,8 @@ use relay_proto::notice::{Notice, NoticeError, notice_hash};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use super::backend::{BackendError, BoxFuture, NoticeStore};
+
 const DOCUMENT: u8 = 0;
 const CURRENT: u8 = 1;
 
@@ -51,7 +53,13 @@ pub enum NoticeStoreError {
     Corrupt,
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] BackendError),
+}
+
+impl From<sled::Error> for NoticeStoreError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 /// What a publication changed.
@@ -65,7 +73,7 @@ pub struct Published {
 
 /// The relay's notices.
 #[derive(Clone)]
-pub struct Notices {
+pub struct SledNotices {
     tree: sled::Tree,
 }
 
@@ -78,15 +86,13 @@ fn current_key(affiliate: &str, purpose: Purpose) -> Vec<u8> {
     [&[CURRENT, index][..], affiliate.as_bytes()].concat()
 }
 
-impl Notices {
+impl SledNotices {
     /// Notices kept in `tree`.
     pub fn new(tree: sled::Tree) -> Self {
         Self { tree }
     }
 
-    /// Stores every document of `documents` and makes them the complete current set. Not durable until the next
-    /// group commit.
-    pub fn publish(&self, documents: &[Vec<u8>]) -> Result<Published, NoticeStoreError> {
+    fn publish_now(&self, documents: &[Vec<u8>]) -> Result<Published, NoticeStoreError> {
         if documents.len() > MAX_PUBLISHED_NOTICES {
             return Err(NoticeStoreError::TooMany(documents.len()));
         }
@@ -122,96 +128,79 @@ impl Notices {
             Ok::<(), ConflictableTransactionError<()>>(())
         });
         result.map_err(|e| match e {
-            TransactionError::Storage(e) => NoticeStoreError::Store(e),
+            TransactionError::Storage(e) => NoticeStoreError::from(e),
             TransactionError::Abort(()) => NoticeStoreError::Corrupt,
         })?;
         Ok(Published { new_documents, current: current.len() })
     }
 
-    /// How many pairs have a current notice.
-    pub fn current_count(&self) -> usize {
+    fn current_count_now(&self) -> usize {
         self.tree.scan_prefix([CURRENT]).count()
     }
 
-    /// The current notice hash of the pair, if the exporter published one.
-    pub fn current_hash(&self, affiliate: &str, purpose: Purpose) -> Result<Option<[u8; 32]>, NoticeStoreError> {
+    fn current_hash_now(&self, affiliate: &str, purpose: Purpose) -> Result<Option<[u8; 32]>, NoticeStoreError> {
         self.tree
             .get(current_key(affiliate, purpose))?
             .map(|v| v.as_ref().try_into().map_err(|_| NoticeStoreError::Corrupt))
             .transpose()
     }
 
-    /// The current notice document of the pair.
-    pub fn current(&self, affiliate: &str, purpose: Purpose) -> Result<Option<Vec<u8>>, NoticeStoreError> {
-        match self.current_hash(affiliate, purpose)? {
-            Some(hash) => Ok(Some(self.by_hash(&hash)?.ok_or(NoticeStoreError::Corrupt)?)),
+    fn current_now(&self, affiliate: &str, purpose: Purpose) -> Result<Option<Vec<u8>>, NoticeStoreError> {
+        match self.current_hash_now(affiliate, purpose)? {
+            Some(hash) => Ok(Some(self.by_hash_now(&hash)?.ok_or(NoticeStoreError::Corrupt)?)),
             None => Ok(None),
         }
     }
 
-    /// The document whose SHA-256 is `hash`, current or not.
-    pub fn by_hash(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, NoticeStoreError> {
+    fn by_hash_now(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, NoticeStoreError> {
         Ok(self.tree.get(document_key(hash))?.map(|v| v.to_vec()))
+    }
+}
+
+impl NoticeStore for SledNotices {
+    fn publish<'a>(&'a self, documents: &'a [Vec<u8>]) -> BoxFuture<'a, Result<Published, NoticeStoreError>> {
+        Box::pin(std::future::ready(self.publish_now(documents)))
+    }
+
+    fn current_count(&self) -> BoxFuture<'_, usize> {
+        Box::pin(std::future::ready(self.current_count_now()))
+    }
+
+    fn current_hash<'a>(
+        &'a self,
+        affiliate: &'a str,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Option<[u8; 32]>, NoticeStoreError>> {
+        Box::pin(std::future::ready(self.current_hash_now(affiliate, purpose)))
+    }
+
+    fn current<'a>(
+        &'a self,
+        affiliate: &'a str,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, NoticeStoreError>> {
+        Box::pin(std::future::ready(self.current_now(affiliate, purpose)))
+    }
+
+    fn by_hash<'a>(&'a self, hash: &'a [u8; 32]) -> BoxFuture<'a, Result<Option<Vec<u8>>, NoticeStoreError>> {
+        Box::pin(std::future::ready(self.by_hash_now(hash)))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use relay_proto::notice::{Field, Retention};
+    use std::sync::Arc;
 
     use super::*;
+    use crate::store::conformance::notices as suite;
 
-    fn notice(affiliate: &str, purpose: Purpose, fields: Vec<Field>, version: u32) -> Vec<u8> {
-        Notice {
-            version,
-            affiliate: affiliate.into(),
-            legal_name: "Some Company SA".into(),
-            country: "FR".into(),
-            purpose,
-            fields,
-            retention: Retention::Days(30),
-        }
-        .encode()
-        .expect("valid notice")
-    }
-
-    fn store() -> Notices {
+    fn store() -> crate::store::Notices {
         let db = sled::Config::new().temporary(true).open().expect("sled");
-        Notices::new(db.open_tree("notices").expect("tree"))
+        Arc::new(SledNotices::new(db.open_tree("notices").expect("tree")))
     }
 
-    #[test]
-    fn the_published_set_replaces_the_current_one_and_old_documents_stay_readable() {
-        let n = store();
-        let ads_v1 = notice("adsco", Purpose::Advertising, vec![Field::DeviceModel], 1);
-        let sec = notice("shieldco", Purpose::Security, vec![Field::Phone], 1);
-        assert_eq!(
-            n.publish(&[ads_v1.clone(), sec.clone()]).expect("publish"),
-            Published { new_documents: 2, current: 2 }
-        );
-        assert_eq!(n.current("adsco", Purpose::Advertising).expect("read"), Some(ads_v1.clone()));
-        assert_eq!(n.current_hash("adsco", Purpose::Analytics).expect("read"), None);
-
-        let ads_v2 = notice("adsco", Purpose::Advertising, vec![Field::Phone, Field::DeviceModel], 2);
-        assert_eq!(
-            n.publish(std::slice::from_ref(&ads_v2)).expect("publish"),
-            Published { new_documents: 1, current: 1 }
-        );
-        assert_eq!(n.current_hash("adsco", Purpose::Advertising).expect("read"), Some(notice_hash(&ads_v2)));
-        assert_eq!(n.current_hash("shieldco", Purpose::Security).expect("read"), None, "left the set: no notice");
-        assert_eq!(n.by_hash(&notice_hash(&ads_v1)).expect("read"), Some(ads_v1), "the old version stays readable");
-        assert_eq!(n.publish(&[ads_v2]).expect("again"), Published { new_documents: 0, current: 1 });
-    }
-
-    #[test]
-    fn only_canonical_documents_one_per_pair_are_published() {
-        let n = store();
-        let good = notice("adsco", Purpose::Advertising, vec![Field::DeviceModel], 1);
-        let mut bad = good.clone();
-        bad.push(b'\n');
-        assert!(matches!(n.publish(&[good.clone(), bad]), Err(NoticeStoreError::Invalid { index: 1, .. })));
-        let other = notice("adsco", Purpose::Advertising, vec![Field::Os], 2);
-        assert!(matches!(n.publish(&[good, other]), Err(NoticeStoreError::Duplicate { .. })));
-        assert_eq!(n.current_hash("adsco", Purpose::Advertising).expect("read"), None, "a refused set changes nothing");
+    #[tokio::test]
+    async fn conformance() {
+        suite::run_all(&store).await;
     }
 }

@@ -185,7 +185,7 @@ async fn every_operation_is_refused_or_confined_without_the_right_identity() {
     let bob_identity = bob.home.identity().expect("bob's keys");
     let (alice, _) = relay.raw_user("+33612345678").await.expect("alice");
     let queued = alice.send(&bob_identity.account_id(), Bytes::from_static(b"for bob")).await.expect("send");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     bob.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("bob's grant");
 
     // No identity at all.

@@ -19,7 +19,7 @@ fn own(a: &str, p: &str, s: &str) -> (String, String, String) {
 #[tokio::test]
 async fn grants_are_specific_withdrawable_and_off_by_default() {
     let relay = TestRelay::in_process().await.expect("relay");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let m = &alice.messenger;
     assert!(m.consent_state().await.expect("show").is_empty(), "default: nothing granted");
@@ -75,7 +75,7 @@ fn statement(account: relay_proto::AccountId, sequence: u64, decision: Decision)
 #[tokio::test]
 async fn the_relay_accepts_only_the_accounts_own_fresh_signed_statements() {
     let relay = TestRelay::in_process().await.expect("relay");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     let (bob, bob_id) = relay.raw_user("+33698765432").await.expect("bob");
     let (eve, eve_id) = relay.raw_user("+33655555555").await.expect("eve");
     let sign = |id: &relay_client::Identity, s: &ConsentStatement| id.sign(&s.signed_bytes());
@@ -118,7 +118,7 @@ async fn the_relay_accepts_only_the_accounts_own_fresh_signed_statements() {
 #[tokio::test]
 async fn messaging_does_not_depend_on_consent() {
     let relay = TestRelay::in_process().await.expect("relay");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     let mut alice = relay.user("+33612345678").await.expect("alice");
     let mut bob = relay.user("+33698765432").await.expect("bob");
     for (i, step) in ["none", "granted", "withdrawn", "rejected all"].iter().enumerate() {
@@ -148,7 +148,7 @@ async fn messaging_does_not_depend_on_consent() {
 #[tokio::test]
 async fn a_consent_sequence_at_its_maximum_is_refused_cleanly() {
     let relay = TestRelay::in_process().await.expect("relay");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let identity = alice.home.identity().expect("keys");
     let last = statement(identity.account_id(), u64::MAX, Decision::Grant);
@@ -186,7 +186,7 @@ async fn a_grant_signs_the_notice_shown_and_a_change_of_terms_voids_it() {
     assert_eq!(err.code(), Some(ErrorCode::ConsentRejected), "{err}");
 
     let catalogue = relay_tests::test_catalogue();
-    relay.publish_notices(&notices_of(&catalogue)).expect("publish");
+    relay.publish_notices(&notices_of(&catalogue)).await.expect("publish");
     let shown = m.notice("adsco", "advertising").await.expect("the notice");
     for term in ["recipient: AdsCo SAS", "country: FR", "fields: phone_pseudonym, device_model", "until withdrawn"] {
         assert!(shown.document.contains(term), "{term} in {}", shown.document);
@@ -217,7 +217,7 @@ async fn a_grant_signs_the_notice_shown_and_a_change_of_terms_voids_it() {
         })
         .collect();
     v2.set_notices(bumped).expect("versions");
-    relay.publish_notices(&v2.notices().map(|n| n.document.clone()).collect::<Vec<_>>()).expect("publish");
+    relay.publish_notices(&v2.notices().map(|n| n.document.clone()).collect::<Vec<_>>()).await.expect("publish");
     let pairs = m.consent_state().await.expect("show");
     assert_eq!(states(&pairs), [own("adsco", "advertising", "notice changed")]);
     assert!(!pairs[0].in_force);
@@ -247,7 +247,7 @@ fn notices_of(catalogue: &str) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn the_cli_shows_the_notice_and_signs_only_after_yes() {
     let relay = TestRelay::in_process().await.expect("relay");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let home = alice.home_dir().to_owned();
     let run = |args: &'static [&'static str], typed: &'static str| {
@@ -287,7 +287,7 @@ async fn the_cli_shows_the_notice_and_signs_only_after_yes() {
 #[tokio::test]
 async fn the_history_is_every_signed_decision_and_the_data_export_carries_it() {
     let relay = TestRelay::in_process().await.expect("relay");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let m = &alice.messenger;
     m.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
@@ -367,7 +367,7 @@ async fn the_history_is_every_signed_decision_and_the_data_export_carries_it() {
 #[tokio::test]
 async fn an_objection_withdraws_the_purpose_and_refuses_grants_until_lifted() {
     let relay = TestRelay::in_process().await.expect("relay");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     let alice = relay.user("+33612345678").await.expect("alice");
     let m = &alice.messenger;
     m.decide_consent("adsco", "analytics", Decision::Grant, None).await.expect("grant");

@@ -124,7 +124,7 @@ async fn a_takeover_ends_the_exports_the_old_identity_granted() {
     .await
     .expect("relay");
     let exporter = relay.exporter(Some(&exporter_identity)).await.expect("exporter");
-    relay.publish_test_notices().expect("notices");
+    relay.publish_test_notices().await.expect("notices");
     // Mallory once held the number (a recycled number, or codes read off a phone she had): she grants AdsCo.
     let mallory = relay.user(OWNER).await.expect("mallory");
     let receipt = mallory.messenger.decide_consent("adsco", "advertising", Decision::Grant, None).await.expect("grant");
