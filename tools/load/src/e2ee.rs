@@ -1,14 +1,28 @@
-//! `online --e2ee`: the client-side cost of end-to-end encryption on the load path.
+//! `online --e2ee`: the client-side cost of end-to-end encryption on the load path, doing per message what the
+//! messenger does.
 //!
 //! Every sender gets real Double Ratchet sessions with [`PEERS`] recipients (its next clients in index order), set
 //! up in memory with real PQXDH (each recipient's prekey store, one-time keys included) before the clock starts:
-//! set-up cost is measured by the criterion benchmark, not here. Each message is then handled as the messenger does
-//! it: the stamped payload is ratchet-encrypted, wrapped in the signed sealed-sender envelope, sent; the recipient
-//! opens the envelope, checks the sender certificate and the signature, and ratchet-decrypts before reading the
-//! stamp. The certificates are issued in memory by a key of the run's own (what they cost to check is the same as
-//! under the relay's key). Nothing touches disk.
+//! set-up cost is measured by the criterion benchmark, not here. The certificates are issued in memory by a key of
+//! the run's own (what they cost to check is the same as under the relay's key).
+//!
+//! Sending ([`Pairs::seal_batch`]) takes a batch of messages, as the messenger's `send_batch` does: each is
+//! ratchet-encrypted; then the sending state of every session the batch touched is written, once, to the run's
+//! state directory (a temporary directory: JSON, written atomically with fsync, as `relay_quic::durable_file::replace`
+//! writes the messenger's session files), under that session's lock, so no state older than a message sent can
+//! overwrite a newer one; only then is each message wrapped in the signed sealed-sender envelope and returned to be
+//! sent. With `--e2ee-in-memory` the write is skipped, to separate the CPU cost from the disk's. A batch is what a
+//! sender can hand over at once: with `--pipeline`, every free window slot; without it, each window worker sends one
+//! message at a time, so its batches are of one.
+//!
+//! Receiving ([`Pairs::open`]): the recipient opens the envelope, checks the sender certificate through its own
+//! [`VerifiedCertificates`] (the relay's signature once per certificate, the expiry every time) and the sender's
+//! signature (every time), and ratchet-decrypts before reading the stamp, as the messenger does; before it
+//! acknowledges a batch of deliveries it writes the receiving state of each session the batch touched, once
+//! ([`Pairs::persist_received`]), as the messenger flushes its sessions before acknowledging.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::{Result, anyhow};
@@ -18,27 +32,39 @@ use relay_client::e2ee::message::E2eeMessage;
 use relay_client::e2ee::pqxdh;
 use relay_client::e2ee::prekeys::PrekeyStore;
 use relay_client::e2ee::ratchet::RatchetState;
-use relay_client::sealed::{open_message, seal_message};
-use relay_proto::identity::{CERTIFICATE_VALIDITY_MS, SenderCertificate, SignedCertificate, SigningKey, VerifyingKey};
+use relay_client::sealed::{open_message_with, seal_message};
+use relay_client::verified_certificates::VerifiedCertificates;
+use relay_proto::identity::{CERTIFICATE_VALIDITY_MS, SenderCertificate, SignedCertificate, SigningKey};
 use relay_proto::{AccountId, PhoneNumber};
+use relay_quic::durable_file::{self, Access};
+use serde::Serialize;
 
 /// Recipients each client holds a session with.
 pub const PEERS: usize = 8;
 
+#[derive(Serialize)]
 struct Half {
     ratchet: RatchetState,
+    #[serde(serialize_with = "as_hex")]
     ad: Vec<u8>,
+}
+
+fn as_hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(bytes))
 }
 
 /// The sessions of every (sender, recipient) pair of a run.
 pub struct Pairs {
     identities: Vec<Identity>,
     certificates: Vec<SignedCertificate>,
-    issuer: VerifyingKey,
+    /// Each recipient's cache of the sender certificates it verified.
+    verified: Vec<VerifiedCertificates>,
     by_key: HashMap<[u8; 32], usize>,
     sending: HashMap<(usize, usize), Mutex<Half>>,
     receiving: HashMap<(usize, usize), Mutex<Half>>,
     peers: usize,
+    /// Where sending states are written before a batch leaves; `None` with `--e2ee-in-memory`.
+    state_dir: Option<tempfile::TempDir>,
 }
 
 fn lock(m: &Mutex<Half>) -> std::sync::MutexGuard<'_, Half> {
@@ -47,8 +73,9 @@ fn lock(m: &Mutex<Half>) -> std::sync::MutexGuard<'_, Half> {
 }
 
 impl Pairs {
-    /// Sets up the sessions of every client with its next [`PEERS`] clients.
-    pub fn establish(identities: Vec<Identity>) -> Result<Self> {
+    /// Sets up the sessions of every client with its next [`PEERS`] clients; sending states are written to a new
+    /// temporary directory unless `in_memory`.
+    pub fn establish(identities: Vec<Identity>, in_memory: bool) -> Result<Self> {
         let n = identities.len();
         let peers = PEERS.min(n.saturating_sub(1)).max(1);
         let mut stores: Vec<PrekeyStore> = identities
@@ -87,7 +114,9 @@ impl Pairs {
                 Ok(SenderCertificate::new(id.identity_key(), id.sealing_key(), phone, expires_ms).sign(&issuer))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { identities, certificates, issuer: issuer.verifying_key(), by_key, sending, receiving, peers })
+        let verified = identities.iter().map(|_| VerifiedCertificates::new(issuer.verifying_key())).collect();
+        let state_dir = if in_memory { None } else { Some(tempfile::tempdir()?) };
+        Ok(Self { identities, certificates, verified, by_key, sending, receiving, peers, state_dir })
     }
 
     /// The recipient of `me`'s message, from a random `pick`.
@@ -95,29 +124,48 @@ impl Pairs {
         (me + 1 + pick % self.peers) % self.identities.len()
     }
 
-    /// Encrypts `body` from `from` to `to` as the messenger would.
-    pub fn seal(&self, from: usize, to: usize, body: &[u8]) -> Result<Bytes> {
-        let half = self.sending.get(&(from, to)).ok_or_else(|| anyhow!("no session {from}->{to}"))?;
-        let message = {
+    /// Encrypts a batch of `(recipient, body)` from `from` as the messenger's `send_batch` does (see the module
+    /// header): ratchet, write each touched sending state once, then seal. Blocks on the disk: call it off the
+    /// async workers.
+    pub fn seal_batch(&self, from: usize, items: &[(usize, Vec<u8>)]) -> Result<Vec<Bytes>> {
+        let mut payloads: Vec<Option<Vec<u8>>> = vec![None; items.len()];
+        let mut peers: Vec<usize> = items.iter().map(|(to, _)| *to).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        for to in peers {
+            let half = self.sending.get(&(from, to)).ok_or_else(|| anyhow!("no session {from}->{to}"))?;
             let mut h = lock(half);
-            let Half { ratchet, ad } = &mut *h;
-            ratchet.encrypt(body, ad)?
-        };
-        let payload = E2eeMessage::Ratchet(message).encode();
-        let recipient = &self.identities[to];
-        let envelope = seal_message(
-            &self.identities[from],
-            &self.certificates[from],
-            &AccountId::from_identity_key(&recipient.identity_key()),
-            &recipient.sealing_key(),
-            payload,
-        )?;
-        Ok(Bytes::from(envelope))
+            for (slot, (_, body)) in payloads.iter_mut().zip(items).filter(|(_, (t, _))| *t == to) {
+                let Half { ratchet, ad } = &mut *h;
+                *slot = Some(E2eeMessage::Ratchet(ratchet.encrypt(body, ad)?).encode());
+            }
+            if let Some(dir) = &self.state_dir {
+                let path: PathBuf = dir.path().join(format!("session-{from}-{to}.json"));
+                durable_file::replace(&path, &serde_json::to_vec_pretty(&*h)?, Access::Owner)?;
+            }
+        }
+        let sender = &self.identities[from];
+        items
+            .iter()
+            .zip(payloads)
+            .map(|((to, _), payload)| {
+                let payload = payload.ok_or_else(|| anyhow!("message left unencrypted"))?;
+                let recipient = &self.identities[*to];
+                let envelope = seal_message(
+                    sender,
+                    &self.certificates[from],
+                    &AccountId::from_identity_key(&recipient.identity_key()),
+                    &recipient.sealing_key(),
+                    payload,
+                )?;
+                Ok(Bytes::from(envelope))
+            })
+            .collect()
     }
 
-    /// Opens an envelope delivered to `me`, returning the stamped payload.
-    pub fn open(&self, me: usize, envelope: &[u8]) -> Result<Vec<u8>> {
-        let sealed = open_message(&self.identities[me], envelope, &self.issuer, relay_proto::now_ms())?;
+    /// Opens an envelope delivered to `me`, returning its sender and the stamped payload.
+    pub fn open(&self, me: usize, envelope: &[u8]) -> Result<(usize, Vec<u8>)> {
+        let sealed = open_message_with(&self.identities[me], envelope, &self.verified[me], relay_proto::now_ms())?;
         let from = *self.by_key.get(&sealed.sender_identity_key()).ok_or_else(|| anyhow!("unknown sender"))?;
         let E2eeMessage::Ratchet(message) = E2eeMessage::decode(&sealed.payload)? else {
             return Err(anyhow!("unexpected session set-up message"));
@@ -125,6 +173,62 @@ impl Pairs {
         let half = self.receiving.get(&(from, me)).ok_or_else(|| anyhow!("no session {from}->{me}"))?;
         let mut h = lock(half);
         let Half { ratchet, ad } = &mut *h;
-        Ok(ratchet.decrypt(&message, ad)?)
+        Ok((from, ratchet.decrypt(&message, ad)?))
+    }
+
+    /// Writes `me`'s receiving state of the session with each of `senders`, once each, as the messenger does before
+    /// acknowledging a receive batch (nothing with `--e2ee-in-memory`). Blocks on the disk.
+    pub fn persist_received(&self, me: usize, senders: &[usize]) -> Result<()> {
+        let Some(dir) = &self.state_dir else { return Ok(()) };
+        for &from in senders {
+            let half = self.receiving.get(&(from, me)).ok_or_else(|| anyhow!("no session {from}->{me}"))?;
+            let h = lock(half);
+            let path = dir.path().join(format!("received-{me}-{from}.json"));
+            durable_file::replace(&path, &serde_json::to_vec_pretty(&*h)?, Access::Owner)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message number the next encryption would use, as the state written for `file` says.
+    fn next_number_written(pairs: &Pairs, file: &str) -> u32 {
+        let dir = pairs.state_dir.as_ref().expect("a state directory");
+        let text = std::fs::read(dir.path().join(file)).expect("written");
+        let mut v: serde_json::Value = serde_json::from_slice(&text).expect("JSON");
+        let mut ratchet: RatchetState = serde_json::from_value(v["ratchet"].take()).expect("a ratchet state");
+        let ad = hex::decode(v["ad"].as_str().expect("hex")).expect("hex");
+        ratchet.encrypt(b"probe", &ad).expect("encrypt").header.n
+    }
+
+    /// When a batch is returned (what the sender then hands to the relay), each touched sending state is on disk
+    /// as it is after the batch's last message; the recipients open everything in order, and their receiving
+    /// states are written when they acknowledge.
+    #[test]
+    fn a_batch_is_written_before_it_is_returned_and_opens_in_order() {
+        let pairs = Pairs::establish((0..3).map(|_| Identity::generate()).collect(), false).expect("sessions");
+        let items = vec![(1, b"a".to_vec()), (2, b"b".to_vec()), (1, b"c".to_vec())];
+        let envelopes = pairs.seal_batch(0, &items).expect("seal");
+        assert_eq!(next_number_written(&pairs, "session-0-1.json"), 2);
+        assert_eq!(next_number_written(&pairs, "session-0-2.json"), 1);
+        let opened: Vec<_> = [(1, &envelopes[0]), (2, &envelopes[1]), (1, &envelopes[2])]
+            .iter()
+            .map(|(me, e)| pairs.open(*me, e).expect("open"))
+            .collect();
+        assert_eq!(opened, [(0, b"a".to_vec()), (0, b"b".to_vec()), (0, b"c".to_vec())]);
+        pairs.persist_received(1, &[0]).expect("write");
+        assert_eq!(next_number_written(&pairs, "received-1-0.json"), 0, "the recipient has sent nothing on it");
+        assert_eq!(pairs.verified[1].len(), 1, "one certificate verified in full for two envelopes");
+    }
+
+    #[test]
+    fn in_memory_writes_nothing() {
+        let pairs = Pairs::establish((0..2).map(|_| Identity::generate()).collect(), true).expect("sessions");
+        let envelopes = pairs.seal_batch(0, &[(1, b"a".to_vec())]).expect("seal");
+        assert!(pairs.state_dir.is_none());
+        assert_eq!(pairs.open(1, &envelopes[0]).expect("open"), (0, b"a".to_vec()));
     }
 }

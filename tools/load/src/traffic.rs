@@ -187,7 +187,14 @@ pub async fn send_all(
                     // Indices and sequence numbers fit in u32: checked when the arguments were parsed.
                     let mut body = payload(due_us, me as u32, seq as u32, &filler);
                     if let Some(pairs) = &plan.e2ee {
-                        match pairs.seal(me, to, &body) {
+                        // A batch of one: this worker has one message to hand over.
+                        let pairs = pairs.clone();
+                        let sealed = tokio::task::spawn_blocking(move || pairs.seal_batch(me, &[(to, body.to_vec())]))
+                            .await
+                            .map_err(anyhow::Error::from)
+                            .and_then(|r| r)
+                            .and_then(|mut v| v.pop().ok_or_else(|| anyhow::anyhow!("empty batch")));
+                        match sealed {
                             Ok(sealed) => body = sealed,
                             Err(e) => {
                                 *errors.entry(format!("encrypt: {e}")).or_default() += 1;
@@ -257,6 +264,8 @@ pub async fn receive(
     let mut out = Received { latency: crate::report::histogram(), delivered: 0, errors: BTreeMap::new() };
     let mut seen = HashSet::new();
     let mut pending = Vec::with_capacity(MAX_ACK_BATCH);
+    // Senders whose session states the deliveries in `pending` changed.
+    let mut touched: Vec<usize> = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -267,7 +276,10 @@ pub async fn receive(
                     let opened;
                     let body = match &e2ee {
                         Some((pairs, me)) => match pairs.open(*me, &d.envelope) {
-                            Ok(plain) => {
+                            Ok((from, plain)) => {
+                                if !touched.contains(&from) {
+                                    touched.push(from);
+                                }
                                 opened = plain;
                                 &opened[..]
                             }
@@ -302,6 +314,16 @@ pub async fn receive(
                 None => break,
             },
             _ = std::future::ready(()), if !pending.is_empty() => {
+                // --e2ee: the sessions' new receiving states are written before the batch is acknowledged.
+                if let Some((pairs, me)) = e2ee.clone().filter(|_| !touched.is_empty()) {
+                    let senders = std::mem::take(&mut touched);
+                    let written = tokio::task::spawn_blocking(move || pairs.persist_received(me, &senders)).await;
+                    if !matches!(written, Ok(Ok(()))) {
+                        *out.errors.entry("writing session state".into()).or_default() += 1;
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
                 if let Err(e) = inbox.ack(&pending).await {
                     *out.errors.entry(format!("ack: {}", reason(&e))).or_default() += 1;
                     counters.errors.fetch_add(1, Ordering::Relaxed);
