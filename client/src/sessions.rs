@@ -5,10 +5,11 @@
 //! - after encrypting a batch of outgoing messages ([`Sessions::encrypt_batch`]), once per peer the batch touched
 //!   and before any message of the batch is returned, so none can leave the device before the state that follows
 //!   it is on disk, and a crash can never make the device reuse a key; a batch of N messages to one peer costs one
-//!   write, not N;
+//!   write, not N, and the files of all the peers a batch touched are flushed together (about one flush per batch,
+//!   `relay_quic::durable_file::replace_all`);
 //! - after decrypting, at the latest in [`Sessions::flush`], which the messenger calls before acknowledging
 //!   deliveries to the relay. A crash before that only means the relay delivers again and the old state decrypts
-//!   again, so receiving a batch costs one write per peer instead of one per message.
+//!   again, so receiving a batch costs one write per peer instead of one per message, all flushed together.
 //!
 //! One writer: a `Sessions` is loaded from disk under the home's lock ([`HomeLock`]) and owns it until it is
 //! closed or dropped, so no two of them (in one process or two) ever hold state for the same home at once, and
@@ -353,9 +354,18 @@ impl Sessions {
     }
 
     fn save_peer(&mut self, peer: &AccountId) -> Result<(), SessionError> {
-        self.dirty.remove(peer);
-        self.session_writes += 1;
-        Ok(self.home.save_private(&session_file(peer), &self.peers.get(peer))?)
+        self.save_peers(std::slice::from_ref(peer))
+    }
+
+    /// Writes the sessions with `peers`, together (one flush for all of them).
+    fn save_peers(&mut self, peers: &[AccountId]) -> Result<(), SessionError> {
+        let docs: Vec<_> = peers.iter().map(|p| (session_file(p), self.peers.get(p))).collect();
+        self.home.save_private_all(&docs)?;
+        for peer in peers {
+            self.dirty.remove(peer);
+        }
+        self.session_writes += peers.len() as u64;
+        Ok(())
     }
 
     /// Writes every state changed by decryption since the last flush.
@@ -371,10 +381,7 @@ impl Sessions {
             self.initial_dirty = false;
         }
         let dirty: Vec<_> = self.dirty.iter().copied().collect();
-        for peer in dirty {
-            self.save_peer(&peer)?;
-        }
-        Ok(())
+        self.save_peers(&dirty)
     }
 
     /// Whether a session with `peer` exists.
@@ -445,9 +452,7 @@ impl Sessions {
                 }
             }
         }
-        for peer in &changed {
-            self.save_peer(peer)?;
-        }
+        self.save_peers(&changed)?;
         match failure {
             Some(e) => Err(e),
             None => Ok(out),

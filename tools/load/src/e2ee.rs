@@ -8,9 +8,9 @@
 //!
 //! Sending ([`Pairs::seal_batch`]) takes a batch of messages, as the messenger's `send_batch` does: each is
 //! ratchet-encrypted; then the sending state of every session the batch touched is written, once, to the run's
-//! state directory (a temporary directory: JSON, written atomically with fsync, as `relay_quic::durable_file::replace`
-//! writes the messenger's session files), under that session's lock, so no state older than a message sent can
-//! overwrite a newer one; only then is each message wrapped in the signed sealed-sender envelope and returned to be
+//! state directory (a temporary directory: JSON, each file atomic and all flushed together, with
+//! `relay_quic::durable_file::replace_all` as the messenger writes its session files), under those sessions' locks,
+//! so no state older than a message sent can overwrite a newer one; only then is each message wrapped in the signed sealed-sender envelope and returned to be
 //! sent. With `--e2ee-in-memory` the write is skipped, to separate the CPU cost from the disk's. A batch is what a
 //! sender can hand over at once: with `--pipeline`, every free window slot; without it, each window worker sends one
 //! message at a time, so its batches are of one.
@@ -132,18 +132,29 @@ impl Pairs {
         let mut peers: Vec<usize> = items.iter().map(|(to, _)| *to).collect();
         peers.sort_unstable();
         peers.dedup();
-        for to in peers {
+        // Locked in recipient order (so two batches of one sender cannot deadlock) and held until written, so a
+        // state older than a message sent never overwrites a newer one.
+        let mut held = Vec::with_capacity(peers.len());
+        for &to in &peers {
             let half = self.sending.get(&(from, to)).ok_or_else(|| anyhow!("no session {from}->{to}"))?;
-            let mut h = lock(half);
-            for (slot, (_, body)) in payloads.iter_mut().zip(items).filter(|(_, (t, _))| *t == to) {
-                let Half { ratchet, ad } = &mut *h;
+            held.push((to, lock(half)));
+        }
+        for (to, h) in held.iter_mut() {
+            for (slot, (_, body)) in payloads.iter_mut().zip(items).filter(|(_, (t, _))| t == to) {
+                let Half { ratchet, ad } = &mut **h;
                 *slot = Some(E2eeMessage::Ratchet(ratchet.encrypt(body, ad)?).encode());
             }
-            if let Some(dir) = &self.state_dir {
-                let path: PathBuf = dir.path().join(format!("session-{from}-{to}.json"));
-                durable_file::replace(&path, &serde_json::to_vec_pretty(&*h)?, Access::Owner)?;
-            }
         }
+        if let Some(dir) = &self.state_dir {
+            let files = held
+                .iter()
+                .map(|(to, h)| {
+                    Ok((dir.path().join(format!("session-{from}-{to}.json")), serde_json::to_vec_pretty(&**h)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            write_all(&files)?;
+        }
+        drop(held);
         let sender = &self.identities[from];
         items
             .iter()
@@ -180,14 +191,28 @@ impl Pairs {
     /// acknowledging a receive batch (nothing with `--e2ee-in-memory`). Blocks on the disk.
     pub fn persist_received(&self, me: usize, senders: &[usize]) -> Result<()> {
         let Some(dir) = &self.state_dir else { return Ok(()) };
-        for &from in senders {
+        let mut senders = senders.to_vec();
+        senders.sort_unstable();
+        senders.dedup();
+        let mut held = Vec::with_capacity(senders.len());
+        for from in senders {
             let half = self.receiving.get(&(from, me)).ok_or_else(|| anyhow!("no session {from}->{me}"))?;
-            let h = lock(half);
-            let path = dir.path().join(format!("received-{me}-{from}.json"));
-            durable_file::replace(&path, &serde_json::to_vec_pretty(&*h)?, Access::Owner)?;
+            held.push((from, lock(half)));
         }
-        Ok(())
+        let files = held
+            .iter()
+            .map(|(from, h)| {
+                Ok((dir.path().join(format!("received-{me}-{from}.json")), serde_json::to_vec_pretty(&**h)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        write_all(&files)
     }
+}
+
+/// The session files of one batch, written together as the messenger writes them (`durable_file::replace_all`).
+fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    let refs: Vec<(&std::path::Path, &[u8])> = files.iter().map(|(p, b)| (p.as_path(), b.as_slice())).collect();
+    Ok(durable_file::replace_all(&refs, Access::Owner)?)
 }
 
 #[cfg(test)]
