@@ -11,7 +11,9 @@
 //! state directory (a temporary directory: JSON, each file atomic and all flushed together, with
 //! `relay_quic::durable_file::replace_all` as the messenger writes its session files), under those sessions' locks,
 //! so no state older than a message sent can overwrite a newer one; only then is each message wrapped in the signed sealed-sender envelope and returned to be
-//! sent. With `--e2ee-in-memory` the write is skipped, to separate the CPU cost from the disk's. A batch is what a
+//! sent. With `--e2ee-in-memory` the writes are skipped, to separate the CPU cost from the disk's; with
+//! `--e2ee-state-dir` they go elsewhere (all simulated clients share one directory and one disk's flushes, where
+//! real devices each have their own: on tmpfs the writes cost their CPU and no flush). A batch is what a
 //! sender can hand over at once: with `--pipeline`, every free window slot; without it, each window worker sends one
 //! message at a time, so its batches are of one.
 //!
@@ -38,6 +40,24 @@ use relay_proto::identity::{CERTIFICATE_VALIDITY_MS, SenderCertificate, SignedCe
 use relay_proto::{AccountId, PhoneNumber};
 use relay_quic::durable_file::{self, Access};
 use serde::Serialize;
+
+/// Where a run writes its session states.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateDir {
+    /// A temporary directory in the system's temporary directory.
+    SystemTemp,
+    /// A temporary directory inside this one.
+    In(PathBuf),
+}
+
+/// Where `--e2ee` writes session states: `None` with `--e2ee-in-memory`.
+pub fn state_dir(load: &crate::Load) -> Option<StateDir> {
+    match (&load.e2ee_state_dir, load.e2ee_in_memory) {
+        (_, true) => None,
+        (Some(dir), false) => Some(StateDir::In(dir.clone())),
+        (None, false) => Some(StateDir::SystemTemp),
+    }
+}
 
 /// Recipients each client holds a session with.
 pub const PEERS: usize = 8;
@@ -73,9 +93,9 @@ fn lock(m: &Mutex<Half>) -> std::sync::MutexGuard<'_, Half> {
 }
 
 impl Pairs {
-    /// Sets up the sessions of every client with its next [`PEERS`] clients; sending states are written to a new
-    /// temporary directory unless `in_memory`.
-    pub fn establish(identities: Vec<Identity>, in_memory: bool) -> Result<Self> {
+    /// Sets up the sessions of every client with its next [`PEERS`] clients; session states are written to a new
+    /// temporary directory in `state_dir` (see [`state_dir`]), or kept in memory if it is `None`.
+    pub fn establish(identities: Vec<Identity>, state_dir: Option<StateDir>) -> Result<Self> {
         let n = identities.len();
         let peers = PEERS.min(n.saturating_sub(1)).max(1);
         let mut stores: Vec<PrekeyStore> = identities
@@ -115,7 +135,11 @@ impl Pairs {
             })
             .collect::<Result<_>>()?;
         let verified = identities.iter().map(|_| VerifiedCertificates::new(issuer.verifying_key())).collect();
-        let state_dir = if in_memory { None } else { Some(tempfile::tempdir()?) };
+        let state_dir = match state_dir {
+            None => None,
+            Some(StateDir::SystemTemp) => Some(tempfile::tempdir()?),
+            Some(StateDir::In(parent)) => Some(tempfile::tempdir_in(parent)?),
+        };
         Ok(Self { identities, certificates, verified, by_key, sending, receiving, peers, state_dir })
     }
 
@@ -234,7 +258,8 @@ mod tests {
     /// states are written when they acknowledge.
     #[test]
     fn a_batch_is_written_before_it_is_returned_and_opens_in_order() {
-        let pairs = Pairs::establish((0..3).map(|_| Identity::generate()).collect(), false).expect("sessions");
+        let pairs = Pairs::establish((0..3).map(|_| Identity::generate()).collect(), Some(StateDir::SystemTemp))
+            .expect("sessions");
         let items = vec![(1, b"a".to_vec()), (2, b"b".to_vec()), (1, b"c".to_vec())];
         let envelopes = pairs.seal_batch(0, &items).expect("seal");
         assert_eq!(next_number_written(&pairs, "session-0-1.json"), 2);
@@ -250,8 +275,22 @@ mod tests {
     }
 
     #[test]
+    fn states_go_inside_the_directory_asked_for() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let pairs = Pairs::establish(
+            (0..2).map(|_| Identity::generate()).collect(),
+            Some(StateDir::In(parent.path().to_path_buf())),
+        )
+        .expect("sessions");
+        pairs.seal_batch(0, &[(1, b"a".to_vec())]).expect("seal");
+        let dir = pairs.state_dir.as_ref().expect("a state directory");
+        assert!(dir.path().starts_with(parent.path()));
+        assert_eq!(next_number_written(&pairs, "session-0-1.json"), 1);
+    }
+
+    #[test]
     fn in_memory_writes_nothing() {
-        let pairs = Pairs::establish((0..2).map(|_| Identity::generate()).collect(), true).expect("sessions");
+        let pairs = Pairs::establish((0..2).map(|_| Identity::generate()).collect(), None).expect("sessions");
         let envelopes = pairs.seal_batch(0, &[(1, b"a".to_vec())]).expect("seal");
         assert!(pairs.state_dir.is_none());
         assert_eq!(pairs.open(1, &envelopes[0]).expect("open"), (0, b"a".to_vec()));

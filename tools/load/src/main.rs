@@ -110,10 +110,15 @@ pub struct Load {
     /// instead of random opaque payloads; each client then sends to its next 8 clients.
     #[arg(long)]
     pub e2ee: bool,
-    /// With `--e2ee`: keep the sending states in memory instead of writing them (atomically, with fsync, to a
-    /// temporary directory) before each batch leaves, as the messenger does.
-    #[arg(long, requires = "e2ee")]
+    /// With `--e2ee`: keep the session states in memory instead of writing them (atomically, with fsync) before
+    /// each batch leaves and before each receive batch is acknowledged, as the messenger does.
+    #[arg(long, requires = "e2ee", conflicts_with = "e2ee_state_dir")]
     pub e2ee_in_memory: bool,
+    /// With `--e2ee`: where the session states are written (a new temporary directory inside it, removed at the
+    /// end) [default: the system's temporary directory]. All simulated clients share it, where real devices each
+    /// have their own disk: a directory on tmpfs (/dev/shm) keeps the writes' CPU cost and drops the shared flush.
+    #[arg(long, requires = "e2ee")]
+    pub e2ee_state_dir: Option<PathBuf>,
     /// `online` and `offline-drain`: each client sends on one pipelined send stream (sequence-numbered sends,
     /// batched acknowledgements) instead of one stream per send.
     #[arg(long)]

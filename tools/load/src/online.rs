@@ -45,7 +45,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let pairs = if load.e2ee {
         let set_up = Instant::now();
         let pairs =
-            Arc::new(Pairs::establish(clients.iter().map(|c| c.identity.clone()).collect(), load.e2ee_in_memory)?);
+            Arc::new(Pairs::establish(clients.iter().map(|c| c.identity.clone()).collect(), e2ee::state_dir(load))?);
         eprintln!("e2ee: {} sessions set up in {:.2} s", n * e2ee::PEERS.min(n - 1), set_up.elapsed().as_secs_f64());
         Some(pairs)
     } else {

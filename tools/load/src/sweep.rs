@@ -66,6 +66,7 @@ impl SweepArgs {
             json: None,
             e2ee: false,
             e2ee_in_memory: false,
+            e2ee_state_dir: None,
             pipeline: false,
         }
     }
