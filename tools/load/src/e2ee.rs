@@ -11,11 +11,12 @@
 //! state directory (a temporary directory: JSON, each file atomic and all flushed together, with
 //! `relay_quic::durable_file::replace_all` as the messenger writes its session files), under those sessions' locks,
 //! so no state older than a message sent can overwrite a newer one; only then is each message wrapped in the signed sealed-sender envelope and returned to be
-//! sent. With `--e2ee-in-memory` the writes are skipped, to separate the CPU cost from the disk's; with
+//! sent. Concurrent sends of one sender go through its [`Outbox`], a group commit: what is handed over while a
+//! batch is being written goes into the next batch. With `--e2ee-in-memory` the writes are skipped, to separate the CPU cost from the disk's; with
 //! `--e2ee-state-dir` they go elsewhere (all simulated clients share one directory and one disk's flushes, where
 //! real devices each have their own: on tmpfs the writes cost their CPU and no flush). A batch is what a
-//! sender can hand over at once: with `--pipeline`, every free window slot; without it, each window worker sends one
-//! message at a time, so its batches are of one.
+//! sender has to hand over at once: with `--pipeline`, every free window slot; without it, what its window workers
+//! (each one send at a time) queued in its [`Outbox`] meanwhile.
 //!
 //! Receiving ([`Pairs::open`]): the recipient opens the envelope, checks the sender certificate through its own
 //! [`VerifiedCertificates`] (the relay's signature once per certificate, the expiry every time) and the sender's
@@ -25,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow};
 use bytes::Bytes;
@@ -239,6 +240,59 @@ fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
     Ok(durable_file::replace_all(&refs, Access::Owner)?)
 }
 
+type Queued = (usize, Vec<u8>, tokio::sync::oneshot::Sender<std::result::Result<Bytes, String>>);
+
+/// One sender's group commit for concurrent sends: each message handed over waits for its turn, and the sender
+/// whose turn it is encrypts, writes and seals everything queued by then as one [`Pairs::seal_batch`], as a
+/// messenger that collects its outgoing messages while the previous batch is written would.
+pub struct Outbox {
+    me: usize,
+    pairs: Arc<Pairs>,
+    queue: Mutex<Vec<Queued>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Outbox {
+    /// The outbox of sender `me`.
+    pub fn new(pairs: Arc<Pairs>, me: usize) -> Self {
+        Self { me, pairs, queue: Mutex::new(Vec::new()), turn: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Encrypts `body` for `to` in the next batch and returns its envelope, once the batch's states are written.
+    pub async fn seal(&self, to: usize, body: Vec<u8>) -> Result<Bytes> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // A panic while holding the queue's lock leaves a queue of whole entries: usable.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push((to, body, tx));
+        {
+            let _turn = self.turn.lock().await;
+            let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+            // Empty if an earlier turn took this message along.
+            if !batch.is_empty() {
+                let (items, answers): (Vec<_>, Vec<_>) = batch.into_iter().map(|(to, b, tx)| ((to, b), tx)).unzip();
+                let (pairs, me) = (self.pairs.clone(), self.me);
+                let sealed = tokio::task::spawn_blocking(move || pairs.seal_batch(me, &items))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r);
+                match sealed {
+                    Ok(envelopes) => {
+                        for (tx, envelope) in answers.into_iter().zip(envelopes) {
+                            // The waiter may have gone (its task ended): nothing to tell it.
+                            let _ = tx.send(Ok(envelope));
+                        }
+                    }
+                    Err(e) => {
+                        for tx in answers {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        rx.await.map_err(|_| anyhow!("the batch was dropped"))?.map_err(|e| anyhow!(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +340,31 @@ mod tests {
         let dir = pairs.state_dir.as_ref().expect("a state directory");
         assert!(dir.path().starts_with(parent.path()));
         assert_eq!(next_number_written(&pairs, "session-0-1.json"), 1);
+    }
+
+    /// Concurrent sends of one sender through its outbox: every one is sealed, written before it is returned, and
+    /// opens at the recipient.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_sends_share_batches_and_all_open() {
+        let pairs = Arc::new(
+            Pairs::establish((0..2).map(|_| Identity::generate()).collect(), Some(StateDir::SystemTemp))
+                .expect("sessions"),
+        );
+        let outbox = Arc::new(Outbox::new(pairs.clone(), 0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..20u8 {
+            let outbox = outbox.clone();
+            tasks.spawn(async move { (i, outbox.seal(1, vec![i]).await.expect("sealed")) });
+        }
+        let mut opened = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            let (i, envelope) = done.expect("task");
+            let (from, body) = pairs.open(1, &envelope).expect("opens");
+            assert_eq!((from, body), (0, vec![i]));
+            opened.push(i);
+        }
+        assert_eq!(opened.len(), 20);
+        assert_eq!(next_number_written(&pairs, "session-0-1.json"), 20);
     }
 
     #[test]

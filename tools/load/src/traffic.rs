@@ -19,7 +19,7 @@ use relay_proto::AccountId;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::e2ee::Pairs;
+use crate::e2ee::{Outbox, Pairs};
 
 /// Bytes of the stamp at the start of every payload.
 pub const HEADER_LEN: usize = 16;
@@ -150,8 +150,11 @@ pub async fn send_all(
             continue;
         }
         let next = Arc::new(AtomicU64::new(0));
+        // --e2ee: the window workers of one sender share its group commit.
+        let outbox = plan.e2ee.as_ref().map(|pairs| Arc::new(Outbox::new(pairs.clone(), me)));
         for _ in 0..plan.window {
             let (conn, next, plan, counters) = (conn.clone(), next.clone(), plan.clone(), counters.clone());
+            let outbox = outbox.clone();
             workers.spawn(async move {
                 let mut rng = SmallRng::from_rng(&mut rand::rng());
                 let mut filler = vec![0u8; plan.size - HEADER_LEN];
@@ -186,15 +189,8 @@ pub async fn send_all(
                     };
                     // Indices and sequence numbers fit in u32: checked when the arguments were parsed.
                     let mut body = payload(due_us, me as u32, seq as u32, &filler);
-                    if let Some(pairs) = &plan.e2ee {
-                        // A batch of one: this worker has one message to hand over.
-                        let pairs = pairs.clone();
-                        let sealed = tokio::task::spawn_blocking(move || pairs.seal_batch(me, &[(to, body.to_vec())]))
-                            .await
-                            .map_err(anyhow::Error::from)
-                            .and_then(|r| r)
-                            .and_then(|mut v| v.pop().ok_or_else(|| anyhow::anyhow!("empty batch")));
-                        match sealed {
+                    if let Some(outbox) = &outbox {
+                        match outbox.seal(to, body.to_vec()).await {
                             Ok(sealed) => body = sealed,
                             Err(e) => {
                                 *errors.entry(format!("encrypt: {e}")).or_default() += 1;
