@@ -474,6 +474,21 @@ impl Home {
         self.write_json(name, value)
     }
 
+    /// Saves several private JSON documents, each atomically and all durably when it returns, for about the cost of
+    /// one flush (`relay_quic::durable_file::replace_all`).
+    pub fn save_private_all<T: Serialize>(&self, docs: &[(String, T)]) -> Result<(), HomeError> {
+        let mut files = Vec::with_capacity(docs.len());
+        for (name, value) in docs {
+            let path = self.path(name);
+            let text =
+                serde_json::to_vec_pretty(value).map_err(|source| HomeError::Corrupt { path: path.clone(), source })?;
+            files.push((path, text));
+        }
+        let refs: Vec<(&Path, &[u8])> = files.iter().map(|(p, t)| (p.as_path(), t.as_slice())).collect();
+        relay_quic::durable_file::replace_all(&refs, Access::Owner)
+            .map_err(|source| HomeError::Io { path: self.dir.clone(), source })
+    }
+
     /// Loads the profile.
     pub fn profile(&self) -> Result<Profile, HomeError> {
         if !self.path("profile.json").exists() {

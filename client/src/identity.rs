@@ -11,6 +11,9 @@ use x25519_dalek::{PublicKey, StaticSecret};
 pub struct Identity {
     signing: SigningKey,
     sealing: StaticSecret,
+    /// The public half of `sealing`, derived once: every envelope sealed or opened names it, and deriving it is a
+    /// scalar multiplication.
+    sealing_public: [u8; 32],
 }
 
 impl std::fmt::Debug for Identity {
@@ -23,12 +26,17 @@ impl Identity {
     /// Fresh random keys.
     pub fn generate() -> Self {
         let mut rng = rand::rng();
-        Self { signing: SigningKey::generate(&mut rng), sealing: StaticSecret::random_from_rng(&mut rng) }
+        Self::from_keys(SigningKey::generate(&mut rng), StaticSecret::random_from_rng(&mut rng))
+    }
+
+    fn from_keys(signing: SigningKey, sealing: StaticSecret) -> Self {
+        let sealing_public = PublicKey::from(&sealing).to_bytes();
+        Self { signing, sealing, sealing_public }
     }
 
     /// Keys from their secret bytes.
     pub fn from_secrets(signing: [u8; 32], sealing: [u8; 32]) -> Self {
-        Self { signing: SigningKey::from_bytes(&signing), sealing: StaticSecret::from(sealing) }
+        Self::from_keys(SigningKey::from_bytes(&signing), StaticSecret::from(sealing))
     }
 
     /// The secret bytes (identity, sealing), for the key file.
@@ -48,7 +56,7 @@ impl Identity {
 
     /// X25519 public key for sealed envelopes.
     pub fn sealing_key(&self) -> [u8; 32] {
-        PublicKey::from(&self.sealing).to_bytes()
+        self.sealing_public
     }
 
     /// The X25519 secret, for opening envelopes.
@@ -71,5 +79,21 @@ impl Identity {
     /// Signs `msg` with the identity key.
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.signing.sign(msg).to_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The public key kept beside the secret is the one the secret derives, however the identity was made.
+    #[test]
+    fn the_kept_sealing_key_is_the_secrets_public_key() {
+        let generated = Identity::generate();
+        assert_eq!(generated.sealing_key(), PublicKey::from(generated.sealing_secret()).to_bytes());
+        let (signing, sealing) = generated.secrets();
+        let restored = Identity::from_secrets(signing, sealing);
+        assert_eq!(restored.sealing_key(), generated.sealing_key());
+        assert_eq!(restored.sealing_key(), PublicKey::from(&StaticSecret::from(sealing)).to_bytes());
     }
 }

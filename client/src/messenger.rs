@@ -61,8 +61,9 @@ use crate::home::{
 };
 use crate::identity::Identity;
 use crate::pin::parse_fingerprint;
-use crate::sealed::{OpenError, open_message, seal_message};
+use crate::sealed::{OpenError, open_message_with, seal_message};
 use crate::sessions::{SessionError, Sessions};
+use crate::verified_certificates::VerifiedCertificates;
 
 /// Acknowledge received envelopes at least every this many.
 const ACK_BATCH: usize = 64;
@@ -163,6 +164,16 @@ pub struct Sent {
     pub server_id: u64,
     /// Whether it went without naming the sender (sealed send with the recipient's access key).
     pub sealed: bool,
+}
+
+/// What [`Messenger::send_batch`] did.
+#[derive(Debug)]
+pub struct BatchSent {
+    /// The messages the relay acknowledged: the first ones of the batch, in order.
+    pub sent: Vec<Sent>,
+    /// What stopped the rest, if anything did. Messages after it were not sent (those already encrypted only
+    /// skip message numbers of their session).
+    pub stopped_by: Option<MessengerError>,
 }
 
 /// What became of a delivered envelope that this device processed; acknowledge it in every case. (When the device
@@ -390,8 +401,9 @@ pub struct Messenger {
     /// The contacts as last read from the home.
     contacts: BTreeMap<String, Contact>,
     contact_recheck_ms: u64,
-    /// The relay's sender-certificate key, pinned at registration: what every sender's certificate must verify under.
-    certificate_key: VerifyingKey,
+    /// The certificates of senders that verified under the relay's sender-certificate key, pinned at registration
+    /// (what every sender's certificate must verify under): each is checked in full once, its expiry at every use.
+    certificates: VerifiedCertificates,
     /// This account's own sender certificate, once fetched (also cached in the home). Issued by the relay from its
     /// directory, not state this device derives: a stale copy is replaced, never merged.
     certificate: Mutex<Option<SignedCertificate>>,
@@ -505,7 +517,7 @@ impl Messenger {
             SignedCertificate::from_parts(&certificate, &signature).ok()
         });
         Ok(Self {
-            certificate_key,
+            certificates: VerifiedCertificates::new(certificate_key),
             certificate: Mutex::new(certificate),
             state: Mutex::new(None),
             contacts: home.contacts()?,
@@ -684,19 +696,60 @@ impl Messenger {
 
     /// Sends `text` to `to` in the end-to-end session with it (set up from its prekey bundle if there is none).
     /// `to` is trusted as given: resolve it with [`Messenger::contact`], which checks its keys. Takes `&self`, so
-    /// many sends can run at once.
+    /// many sends can run at once. A batch of one ([`Messenger::send_batch`]).
     pub async fn send_to(&self, to: &DirectoryEntry, text: &str) -> Result<Sent, MessengerError> {
-        let id: [u8; MESSAGE_ID_LEN] = rand::random();
-        // Encrypting with the latest state on disk, under the lock, and writing the new state before the lock goes:
-        // another client of this home then continues from it, never from a key already used.
-        let (payload, access_key) = {
-            let mut op = self.begin(false).await?;
-            // Read under the lock: another client of this home may have rotated it.
-            let own_access_key = self.home.access_key()?;
+        let BatchSent { mut sent, stopped_by } = self.send_batch(&[(to, text)]).await;
+        match (stopped_by, sent.pop()) {
+            (Some(e), _) => Err(e),
+            (None, Some(s)) => Ok(s),
+            (None, None) => Err(MessengerError::Input("nothing was sent".into())),
+        }
+    }
+
+    /// Sends each `(to, text)` in order, as [`Messenger::send_to`] does, with the state of every session the batch
+    /// uses written once, before the first message leaves: all are encrypted under one hold of the home's lock
+    /// ([`Sessions::encrypt_batch`] writes each session it changed, then returns the messages), then sealed and
+    /// handed to the relay one after the other. Stops at the first failure ([`BatchSent::stopped_by`]).
+    pub async fn send_batch(&self, items: &[(&DirectoryEntry, &str)]) -> BatchSent {
+        if items.is_empty() {
+            return BatchSent { sent: Vec::new(), stopped_by: None };
+        }
+        let encrypted = match self.encrypt_batch(items).await {
+            Ok(e) => e,
+            Err(e) => return BatchSent { sent: Vec::new(), stopped_by: Some(e) },
+        };
+        let certificate = match self.sender_certificate().await {
+            Ok(c) => c,
+            Err(e) => return BatchSent { sent: Vec::new(), stopped_by: Some(e) },
+        };
+        let mut sent = Vec::with_capacity(items.len());
+        for ((to, _), (id, payload, access_key)) in items.iter().zip(encrypted) {
+            match self.seal_and_send(to, &certificate, id, payload, access_key).await {
+                Ok(s) => sent.push(s),
+                Err(e) => return BatchSent { sent, stopped_by: Some(e) },
+            }
+        }
+        BatchSent { sent, stopped_by: None }
+    }
+
+    /// Encrypts every message of a batch with the latest state on disk, under the lock, and writes the new states
+    /// before the lock goes (and before any message leaves): another client of this home then continues from them,
+    /// never from a key already used. Returns each message's id, payload and the recipient's access key (if known).
+    async fn encrypt_batch(
+        &self,
+        items: &[(&DirectoryEntry, &str)],
+    ) -> Result<Vec<([u8; MESSAGE_ID_LEN], Vec<u8>, Option<[u8; 32]>)>, MessengerError> {
+        let mut op = self.begin(false).await?;
+        // Read under the lock: another client of this home may have rotated it.
+        let own_access_key = self.home.access_key()?;
+        let mut ids = Vec::with_capacity(items.len());
+        let mut plaintexts = Vec::with_capacity(items.len());
+        for (to, text) in items {
+            let id: [u8; MESSAGE_ID_LEN] = rand::random();
             let content = Content {
                 message_id: id.to_vec(),
                 sent_at_ms: relay_proto::now_ms(),
-                text: text.to_owned(),
+                text: (*text).to_owned(),
                 sender_access_key: own_access_key.to_vec(),
             };
             let sessions = op.sessions();
@@ -704,12 +757,32 @@ impl Messenger {
                 let bundle = self.conn.fetch_bundle(&to.account).await?;
                 sessions.start(&bundle, &to.identity_key, &to.sealing_key)?;
             }
-            let out = (sessions.encrypt(&to.account, &content.encode_to_vec())?, sessions.peer_access_key(&to.account));
-            op.end(&self.home)?;
-            out
-        };
-        let certificate = self.sender_certificate().await?;
-        let envelope = Bytes::from(seal_message(&self.identity, &certificate, &to.account, &to.sealing_key, payload)?);
+            ids.push(id);
+            plaintexts.push((to.account, content.encode_to_vec()));
+        }
+        let sessions = op.sessions();
+        let payloads = sessions.encrypt_batch(&plaintexts)?;
+        let out = ids
+            .into_iter()
+            .zip(payloads)
+            .zip(items)
+            .map(|((id, payload), (to, _))| (id, payload, sessions.peer_access_key(&to.account)))
+            .collect();
+        op.end(&self.home)?;
+        Ok(out)
+    }
+
+    /// Seals one encrypted message and sends it: sealed (unauthenticated, with `access_key`) if the recipient
+    /// shared its key, else on the authenticated connection.
+    async fn seal_and_send(
+        &self,
+        to: &DirectoryEntry,
+        certificate: &SignedCertificate,
+        id: [u8; MESSAGE_ID_LEN],
+        payload: Vec<u8>,
+        access_key: Option<[u8; 32]>,
+    ) -> Result<Sent, MessengerError> {
+        let envelope = Bytes::from(seal_message(&self.identity, certificate, &to.account, &to.sealing_key, payload)?);
         if let Some(key) = access_key {
             match self.anonymous_connection().await?.sealed_send(&to.account, envelope.clone(), &key).await {
                 Ok(ack) => return Ok(Sent { id: hex::encode(id), server_id: ack.server_id, sealed: true }),
@@ -757,8 +830,9 @@ impl Messenger {
 
     /// What `c` states, if it is a certificate of this device's keys by the pinned relay key, valid at `at_ms`.
     fn own_certificate(&self, c: &SignedCertificate, at_ms: u64) -> Result<SenderCertificate, MessengerError> {
-        let cert =
-            c.verify(&self.certificate_key, at_ms).map_err(|e| MessengerError::SenderCertificate(e.to_string()))?;
+        let cert = c
+            .verify(self.certificates.issuer(), at_ms)
+            .map_err(|e| MessengerError::SenderCertificate(e.to_string()))?;
         if cert.identity_key != self.identity.identity_key() || cert.sealing_key != self.identity.sealing_key() {
             return Err(MessengerError::SenderCertificate("the relay certified other keys than this device's".into()));
         }
@@ -832,17 +906,8 @@ impl Messenger {
         let mine: Vec<_> = self.home.held()?.into_iter().filter(|h| h.to == phone).collect();
         op.end(&self.home)?;
         self.contacts = contacts;
-        let mut sent = Vec::new();
-        let mut failure = None;
-        for h in &mine {
-            match self.send_to(&to, &h.text).await {
-                Ok(s) => sent.push(s),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let batch: Vec<(&DirectoryEntry, &str)> = mine.iter().map(|h| (&to, h.text.as_str())).collect();
+        let BatchSent { sent, stopped_by: failure } = self.send_batch(&batch).await;
         // Drop exactly what was sent from the held messages as they are now (others may have been held meanwhile).
         let op = self.begin(false).await?;
         let mut held = self.home.held()?;
@@ -922,7 +987,7 @@ impl Messenger {
         contacts: &BTreeMap<String, Contact>,
         d: &Deliver,
     ) -> Result<Option<ReceivedMessage>, MessengerError> {
-        let sealed = open_message(&self.identity, &d.envelope, &self.certificate_key, d.stored_at_ms)?;
+        let sealed = open_message_with(&self.identity, &d.envelope, &self.certificates, d.stored_at_ms)?;
         // A session's first message names the sender's X25519 identity key: it must be the one the relay certified.
         if let Ok(E2eeMessage::PreKey { header, .. }) = E2eeMessage::decode(&sealed.payload)
             && header.identity_dh_key != sealed.sender.sealing_key

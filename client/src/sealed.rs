@@ -25,6 +25,13 @@
 //! relay that handed out its own sealing key for the recipient and opened the envelope cannot re-seal it to the
 //! real key unnoticed. The relay sees none of this, so its mailbox entries name no sender.
 //!
+//! Cost per envelope: the sender makes one ephemeral X25519 key (a fixed-base multiplication) and one key agreement
+//! and one Ed25519 signature; the recipient one key agreement and one signature verification, plus the relay's
+//! signature over the sender's certificate the first time it sees that certificate ([`open_message_with`] and
+//! [`crate::verified_certificates`]; [`open_message`] verifies it every time). There is no static–static agreement
+//! to cache: the only agreement is with a key made for that one envelope, and reusing it would reuse the key and
+//! zero nonce. Both keys of the device are kept derived ([`Identity::sealing_key`]).
+//!
 //! # How a sealed send is authorised without naming the sender
 //! - Every account has a random 32-byte *access key* (made at `init`, kept in `identity.json`). At registration the
 //!   client gives the relay only its SHA-256 (`SetAccessKey`); setting a new one revokes the old.
@@ -51,6 +58,7 @@ use sha2::Sha256;
 use x25519_dalek::{EphemeralSecret, PublicKey, StaticSecret};
 
 use crate::identity::Identity;
+use crate::verified_certificates::VerifiedCertificates;
 
 /// Version byte of the envelope format. Versions 1 and 2 let the sender state its own number; they are refused.
 pub const VERSION: u8 = 3;
@@ -192,8 +200,28 @@ impl SealedContent {
             .map_err(OpenError::Certificate)?;
         let sender = certificate.verify(issuer, at_ms).map_err(OpenError::Certificate)?;
         let vk = VerifyingKey::from_bytes(&sender.identity_key).map_err(|_| OpenError::Signature)?;
+        self.verify_message(sender, &vk)
+    }
+
+    /// As [`SealedContent::verify`], with the certificate checked through `certificates` (its issuer's signature
+    /// verified once per certificate, its expiry at every use: [`crate::verified_certificates`]). The sender's
+    /// signature over the message is verified every time.
+    pub fn verify_with(&self, certificates: &VerifiedCertificates, at_ms: u64) -> Result<SealedMessage, OpenError> {
+        let verified = certificates
+            .verify(&self.sender_certificate, &self.certificate_signature, at_ms)
+            .map_err(OpenError::Certificate)?;
+        self.verify_message(verified.certificate.clone(), &verified.identity_key)
+    }
+
+    /// The sender's signature under `identity_key` (the one `sender` names), then the message's decoding.
+    fn verify_message(
+        &self,
+        sender: SenderCertificate,
+        identity_key: &VerifyingKey,
+    ) -> Result<SealedMessage, OpenError> {
         let sig = Signature::from_slice(&self.signature).map_err(|_| OpenError::Signature)?;
-        vk.verify_strict(&signature_input(&sender.identity_key, &self.message), &sig)
+        identity_key
+            .verify_strict(&signature_input(&sender.identity_key, &self.message), &sig)
             .map_err(|_| OpenError::Signature)?;
         let m = WireMessage::decode(self.message.as_slice()).map_err(|_| OpenError::Content)?;
         let recipient_account = AccountId::from_slice(&m.recipient_account).ok_or(OpenError::Content)?;
@@ -301,9 +329,28 @@ pub fn open_message(
     issuer: &VerifyingKey,
     stored_at_ms: u64,
 ) -> Result<SealedMessage, OpenError> {
+    let content = open_content(me, envelope)?;
+    addressed_to(me, content.verify(issuer, stored_at_ms)?)
+}
+
+/// As [`open_message`], with the certificate checked through `certificates` (bound to the relay's pinned key):
+/// every check is made, the relay's signature over a certificate only the first time it is seen.
+pub fn open_message_with(
+    me: &Identity,
+    envelope: &[u8],
+    certificates: &VerifiedCertificates,
+    stored_at_ms: u64,
+) -> Result<SealedMessage, OpenError> {
+    let content = open_content(me, envelope)?;
+    addressed_to(me, content.verify_with(certificates, stored_at_ms)?)
+}
+
+fn open_content(me: &Identity, envelope: &[u8]) -> Result<SealedContent, OpenError> {
     let plain = open(me, envelope)?;
-    let content = SealedContent::decode(plain.as_slice()).map_err(|_| OpenError::Content)?;
-    let m = content.verify(issuer, stored_at_ms)?;
+    SealedContent::decode(plain.as_slice()).map_err(|_| OpenError::Content)
+}
+
+fn addressed_to(me: &Identity, m: SealedMessage) -> Result<SealedMessage, OpenError> {
     if m.recipient_account != me.account_id() {
         return Err(OpenError::WrongRecipient);
     }
@@ -465,6 +512,53 @@ mod tests {
         let resigned = SealedContent { message, ..SealedContent::sign_encoded(&alice, &alice_cert(&alice), canonical) };
         let env = seal(&bob.sealing_key(), &resigned.encode_to_vec()).expect("seal");
         assert_eq!(open_message(&bob, &env, &issuer(), STORED_AT), Err(OpenError::Signature));
+    }
+
+    /// With the sender's certificate already verified and held, every check still runs: a signature that does not
+    /// verify, content altered under it, a genuine certificate borrowed by another signer, a certificate signature
+    /// altered, and a held certificate that expired are all refused as without the cache.
+    #[test]
+    fn a_warm_certificate_cache_refuses_what_a_full_check_refuses() {
+        let (alice, bob, mallory) = (Identity::generate(), Identity::generate(), Identity::generate());
+        let cache = VerifiedCertificates::new(issuer());
+        let open = |env: &[u8], at: u64| open_message_with(&bob, env, &cache, at);
+        let cert = alice_cert(&alice);
+        let sign = |who: &Identity, payload: &[u8]| {
+            SealedContent::sign(who, &cert, &bob.account_id(), &bob.sealing_key(), payload.to_vec())
+        };
+        let seal_content = |c: &SealedContent| seal(&bob.sealing_key(), &c.encode_to_vec()).expect("seal");
+        // Warm: a genuine envelope opens and its certificate is held.
+        assert_eq!(open(&seal_content(&sign(&alice, b"one")), STORED_AT).expect("genuine").payload, b"one");
+        assert_eq!(cache.len(), 1);
+        // A flipped signature byte.
+        let mut c = sign(&alice, b"two");
+        c.signature[7] ^= 1;
+        assert_eq!(open(&seal_content(&c), STORED_AT), Err(OpenError::Signature));
+        // The message changed under Alice's signature.
+        let mut c = sign(&alice, b"two");
+        let mut m = WireMessage::decode(c.message.as_slice()).expect("decodes");
+        m.payload = b"pay mallory".to_vec();
+        c.message = m.encode_to_vec();
+        assert_eq!(open(&seal_content(&c), STORED_AT), Err(OpenError::Signature));
+        // Mallory carries Alice's held certificate and signs with its own key.
+        assert_eq!(open(&seal_content(&sign(&mallory, b"hi")), STORED_AT), Err(OpenError::Signature));
+        // Alice's certificate with its relay signature altered is a miss, verified in full.
+        let mut c = sign(&alice, b"three");
+        c.certificate_signature[0] ^= 1;
+        assert_eq!(open(&seal_content(&c), STORED_AT), Err(OpenError::Certificate(IdentityError::BadSignature)));
+        // Stored when the held certificate had expired.
+        assert_eq!(
+            open(&seal_content(&sign(&alice, b"late")), STORED_AT + 1),
+            Err(OpenError::Certificate(IdentityError::Expired { expires_ms: STORED_AT + 1 }))
+        );
+        // Not for Bob, and for Bob but sealed to a substituted key, as in the tests without the cache.
+        let c = SealedContent::sign(&alice, &cert, &mallory.account_id(), &bob.sealing_key(), b"x".to_vec());
+        assert_eq!(open(&seal_content(&c), STORED_AT), Err(OpenError::WrongRecipient));
+        let c = SealedContent::sign(&alice, &cert, &bob.account_id(), &mallory.sealing_key(), b"x".to_vec());
+        assert_eq!(open(&seal_content(&c), STORED_AT), Err(OpenError::WrongSealingKey));
+        // And the genuine sender still gets through, with the certificate held once.
+        assert_eq!(open(&seal_content(&sign(&alice, b"four")), STORED_AT).expect("genuine").payload, b"four");
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

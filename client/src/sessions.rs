@@ -2,10 +2,14 @@
 //! session per peer account (`session-<account>.json`) and the first messages already answered
 //! (`initial-messages.json`), each file private (0600) in the home, rewritten (synced, then renamed) when it
 //! changes:
-//! - after encrypting, before the message leaves the device, so a crash can never make the device reuse a key;
+//! - after encrypting a batch of outgoing messages ([`Sessions::encrypt_batch`]), once per peer the batch touched
+//!   and before any message of the batch is returned, so none can leave the device before the state that follows
+//!   it is on disk, and a crash can never make the device reuse a key; a batch of N messages to one peer costs one
+//!   write, not N, and the files of all the peers a batch touched are flushed together (about one flush per batch,
+//!   `relay_quic::durable_file::replace_all`);
 //! - after decrypting, at the latest in [`Sessions::flush`], which the messenger calls before acknowledging
 //!   deliveries to the relay. A crash before that only means the relay delivers again and the old state decrypts
-//!   again, so receiving a batch costs one write per peer instead of one per message.
+//!   again, so receiving a batch costs one write per peer instead of one per message, all flushed together.
 //!
 //! One writer: a `Sessions` is loaded from disk under the home's lock ([`HomeLock`]) and owns it until it is
 //! closed or dropped, so no two of them (in one process or two) ever hold state for the same home at once, and
@@ -193,6 +197,8 @@ pub struct Sessions {
     /// Loaded when a first message needs answering.
     initial: Option<InitialMessages>,
     initial_dirty: bool,
+    /// Session files written since loading (what a test counts to check one write per peer per batch).
+    session_writes: u64,
     _lock: HomeLock,
 }
 
@@ -271,6 +277,7 @@ impl Sessions {
             prekeys_dirty: false,
             initial: None,
             initial_dirty: false,
+            session_writes: 0,
             _lock: lock,
         })
     }
@@ -347,8 +354,18 @@ impl Sessions {
     }
 
     fn save_peer(&mut self, peer: &AccountId) -> Result<(), SessionError> {
-        self.dirty.remove(peer);
-        Ok(self.home.save_private(&session_file(peer), &self.peers.get(peer))?)
+        self.save_peers(std::slice::from_ref(peer))
+    }
+
+    /// Writes the sessions with `peers`, together (one flush for all of them).
+    fn save_peers(&mut self, peers: &[AccountId]) -> Result<(), SessionError> {
+        let docs: Vec<_> = peers.iter().map(|p| (session_file(p), self.peers.get(p))).collect();
+        self.home.save_private_all(&docs)?;
+        for peer in peers {
+            self.dirty.remove(peer);
+        }
+        self.session_writes += peers.len() as u64;
+        Ok(())
     }
 
     /// Writes every state changed by decryption since the last flush.
@@ -364,10 +381,7 @@ impl Sessions {
             self.initial_dirty = false;
         }
         let dirty: Vec<_> = self.dirty.iter().copied().collect();
-        for peer in dirty {
-            self.save_peer(&peer)?;
-        }
-        Ok(())
+        self.save_peers(&dirty)
     }
 
     /// Whether a session with `peer` exists.
@@ -409,8 +423,44 @@ impl Sessions {
         self.save_peer(&peer)
     }
 
-    /// Encrypts `plaintext` for `peer`; the new state is persisted before the message is returned.
+    /// Encrypts `plaintext` for `peer`; the new state is persisted before the message is returned. A batch of one
+    /// ([`Sessions::encrypt_batch`]).
     pub fn encrypt(&mut self, peer: &AccountId, plaintext: &[u8]) -> Result<Vec<u8>, SessionError> {
+        let mut out = self.encrypt_batch(std::slice::from_ref(&(*peer, plaintext)))?;
+        out.pop().ok_or(SessionError::NoSession)
+    }
+
+    /// Encrypts each `(peer, plaintext)` in order, then writes every session the batch changed, once each, and only
+    /// then returns the messages: whatever it returns may leave the device at once, since no key it used can be
+    /// used again after a crash. If one fails, the sessions already advanced are written all the same (a state
+    /// ahead of what was sent only skips message numbers) and the error is returned, with no message.
+    pub fn encrypt_batch<P: AsRef<[u8]>>(&mut self, items: &[(AccountId, P)]) -> Result<Vec<Vec<u8>>, SessionError> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut changed: Vec<AccountId> = Vec::new();
+        let mut failure = None;
+        for (peer, plaintext) in items {
+            match self.encrypt_in_memory(peer, plaintext.as_ref()) {
+                Ok(message) => {
+                    if !changed.contains(peer) {
+                        changed.push(*peer);
+                    }
+                    out.push(message);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        self.save_peers(&changed)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// One encryption, the new state in memory only: [`Sessions::encrypt_batch`] writes it.
+    fn encrypt_in_memory(&mut self, peer: &AccountId, plaintext: &[u8]) -> Result<Vec<u8>, SessionError> {
         let s = self.peer(peer)?.ok_or(SessionError::NoSession)?;
         let s = s.states.first_mut().ok_or(SessionError::NoSession)?;
         let message = s.ratchet.encrypt(plaintext, &s.ad)?;
@@ -418,7 +468,6 @@ impl Sessions {
             Some(header) => E2eeMessage::PreKey { header: header.clone(), message },
             None => E2eeMessage::Ratchet(message),
         };
-        self.save_peer(peer)?;
         Ok(out.encode())
     }
 
@@ -527,5 +576,107 @@ impl Sessions {
     pub fn forget(&mut self, peer: &AccountId) -> Result<(), SessionError> {
         self.peers.remove(peer);
         Ok(self.home.save_private(&session_file(peer), &None::<PeerSession>)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::home::{Device, Profile};
+
+    struct Device_ {
+        home: Home,
+        identity: Identity,
+        _dir: tempfile::TempDir,
+    }
+
+    fn device(phone: &str) -> Device_ {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path().join("home"));
+        let profile = Profile { phone: phone.into(), device: Device::default(), relay: None };
+        let identity = home.init(&profile).expect("init");
+        Device_ { home, identity, _dir: dir }
+    }
+
+    fn sessions(d: &Device_) -> Sessions {
+        let lock = d.home.try_lock().expect("lock").expect("free");
+        Sessions::load(&d.home, &d.identity, lock).expect("load")
+    }
+
+    /// What the relay would hand out for `of`: a bundle from its prekey store.
+    fn bundle(of: &Device_, store: &Sessions) -> wire::Bundle {
+        let b = store.prekeys.store.bundle(&of.identity);
+        wire::Bundle {
+            account_id: of.identity.account_id().as_bytes().to_vec().into(),
+            identity_key: b.identity_key.to_vec().into(),
+            identity_dh_key: b.identity_dh_key.to_vec().into(),
+            signed_prekey: Some(wire_signed(&b.signed_prekey)),
+            one_time_prekey: b
+                .one_time_prekey
+                .map(|k| OneTimePrekey { id: k.id, public_key: k.public.to_vec().into() }),
+            kem_prekey: Some(wire_kem(&b.kem_prekey)),
+            kem_last_resort: b.kem_prekey.last_resort,
+            identity_dh_signature: b.identity_dh_signature.to_vec().into(),
+        }
+    }
+
+    /// The message number the next encryption of the session with `peer` would use, as the state on disk says.
+    fn next_number_on_disk(d: &Device_, peer: &AccountId) -> u32 {
+        let stored: Option<PeerSession> = d.home.load_private(&session_file(peer)).expect("readable");
+        let mut state = stored.expect("a session file").states.remove(0);
+        state.ratchet.encrypt(b"probe", &state.ad).expect("encrypt").header.n
+    }
+
+    /// A batch is written once per peer it touched, and before it is returned: at the moment the caller can hand
+    /// the messages to the relay, the state on disk is the one after the last of them. Then a crash (the sessions
+    /// dropped without closing) and a restart continue from there: the next message uses a new key, which the
+    /// recipient accepts after the whole batch.
+    #[test]
+    fn a_batch_is_on_disk_once_per_peer_before_it_is_returned() {
+        let (alice, bob, carol) = (device("+33611111111"), device("+33622222222"), device("+33633333333"));
+        let (mut bob_s, mut carol_s) = (sessions(&bob), sessions(&carol));
+        let (bob_id, carol_id) = (bob.identity.account_id(), carol.identity.account_id());
+        let mut a = sessions(&alice);
+        a.start(&bundle(&bob, &bob_s), &bob.identity.identity_key(), &bob.identity.sealing_key()).expect("start");
+        a.start(&bundle(&carol, &carol_s), &carol.identity.identity_key(), &carol.identity.sealing_key())
+            .expect("start");
+        assert_eq!(next_number_on_disk(&alice, &bob_id), 0);
+        let writes = a.session_writes;
+
+        let batch: Vec<(AccountId, Vec<u8>)> = vec![
+            (bob_id, b"b1".to_vec()),
+            (carol_id, b"c1".to_vec()),
+            (bob_id, b"b2".to_vec()),
+            (bob_id, b"b3".to_vec()),
+        ];
+        let out = a.encrypt_batch(&batch).expect("encrypt");
+        // What a sender would do now: send. The disk already says the keys are used.
+        assert_eq!((next_number_on_disk(&alice, &bob_id), next_number_on_disk(&alice, &carol_id)), (3, 1));
+        assert_eq!(a.session_writes - writes, 2, "one write per peer of the batch");
+
+        drop(a);
+        let mut a = sessions(&alice);
+        let next = a.encrypt(&bob_id, b"b4").expect("encrypt after a restart");
+        let alice_key = alice.identity.identity_key();
+        let to_bob: Vec<_> = [&out[0], &out[2], &out[3], &next]
+            .iter()
+            .map(|m| bob_s.decrypt(&alice_key, m).expect("bob decrypts"))
+            .collect();
+        assert_eq!(to_bob, [b"b1".to_vec(), b"b2".to_vec(), b"b3".to_vec(), b"b4".to_vec()]);
+        assert_eq!(carol_s.decrypt(&alice_key, &out[1]).expect("carol decrypts"), b"c1");
+    }
+
+    /// A batch that fails part-way returns no message and leaves on disk the states it advanced.
+    #[test]
+    fn a_failed_batch_returns_nothing_and_keeps_the_advanced_state() {
+        let (alice, bob) = (device("+33611111111"), device("+33622222222"));
+        let bob_s = sessions(&bob);
+        let bob_id = bob.identity.account_id();
+        let mut a = sessions(&alice);
+        a.start(&bundle(&bob, &bob_s), &bob.identity.identity_key(), &bob.identity.sealing_key()).expect("start");
+        let stranger = Identity::generate().account_id();
+        let batch = vec![(bob_id, b"b1".to_vec()), (stranger, b"x".to_vec())];
+        assert!(matches!(a.encrypt_batch(&batch), Err(SessionError::NoSession)));
+        assert_eq!(next_number_on_disk(&alice, &bob_id), 1);
     }
 }

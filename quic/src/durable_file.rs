@@ -45,23 +45,53 @@ pub fn create_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Replaces `path` atomically with `bytes`: written to a temporary file beside it (with `access` from the start),
 /// fsynced, renamed over `path`, and the directory fsynced so that the rename itself survives a power loss.
 pub fn replace(path: &Path, bytes: &[u8], access: Access) -> std::io::Result<()> {
+    replace_all(&[(path, bytes)], access)
+}
+
+/// Replaces each `(path, bytes)` as [`replace`] does, for the cost of about one flush however many there are: every
+/// temporary file is written first, then each is fsynced (the first fsync commits them all on a journalling file
+/// system; the others find little left to do), then all are renamed, then each parent directory is fsynced once.
+/// Each file ends either old or new, never torn; after a crash part-way some may be new and others old. When it
+/// returns, all are on disk.
+pub fn replace_all(files: &[(&Path, &[u8])], access: Access) -> std::io::Result<()> {
+    let mut written = Vec::with_capacity(files.len());
+    for (path, bytes) in files {
+        let tmp = temporary(path)?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, access.mode());
+        let mut file = opts.open(&tmp)?;
+        // A temporary file left by an earlier crash keeps its old mode: set it again before writing.
+        #[cfg(unix)]
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(access.mode()))?;
+        file.write_all(bytes)?;
+        written.push((file, tmp, *path));
+    }
+    for (file, _, _) in &written {
+        file.sync_all()?;
+    }
+    for (_, tmp, path) in &written {
+        std::fs::rename(tmp, path)?;
+    }
+    // One fsync per parent directory: `synced` holds one path of each directory already done.
+    let mut synced: Vec<&Path> = Vec::new();
+    for (_, _, path) in &written {
+        if !synced.iter().any(|done| done.parent() == path.parent()) {
+            sync_parent(path)?;
+            synced.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The temporary file [`replace`] writes `path` through: `.NAME.tmp` beside it.
+fn temporary(path: &Path) -> std::io::Result<std::path::PathBuf> {
     let name = path.file_name().ok_or_else(|| std::io::Error::other("replace: path has no file name"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, access.mode());
-    let mut file = opts.open(&tmp)?;
-    // A temporary file left by an earlier crash keeps its old mode: set it again before writing.
-    #[cfg(unix)]
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(access.mode()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_parent(path)
+    Ok(path.with_file_name(tmp_name))
 }
 
 /// Creates `dir` (and missing parents) with mode 0700, or tightens it to 0700 if it exists.
@@ -142,6 +172,29 @@ mod tests {
         let again = create_secret(&path, b"two").expect_err("an existing secret is never overwritten");
         assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&path).expect("read"), b"one");
+    }
+
+    #[test]
+    fn replace_all_writes_every_file_owner_only_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), sub.join("c"));
+        std::fs::write(&a, b"old").expect("old a");
+        replace_all(&[(&a, b"new a"), (&b, b"new b"), (&c, b"new c")], Access::Owner).expect("replace");
+        for (path, want) in [(&a, &b"new a"[..]), (&b, b"new b"), (&c, b"new c")] {
+            assert_eq!(std::fs::read(path).expect("read"), want);
+            #[cfg(unix)]
+            assert_eq!(mode(path), 0o600);
+        }
+        let left: Vec<_> = [dir.path(), sub.as_path()]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).expect("list"))
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporaries renamed away: {left:?}");
+        replace_all(&[], Access::Owner).expect("nothing to write");
     }
 
     #[test]

@@ -150,3 +150,33 @@ async fn a_rotated_access_key_stops_old_sealed_sends_without_losing_messages() {
     assert!(bob.messenger.send_text(PHONES[0], "sealed again").await.expect("send").sealed);
     assert_eq!(drain(&mut alice, 1).await[0].text, "sealed again");
 }
+
+/// A batch to two contacts, the first message to each starting its session: every message arrives, in order per
+/// recipient, and later messages (sealed, once the replies shared the access keys) continue the same sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_sends_arrives_in_order_and_sessions_continue() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let mut users = Vec::new();
+    for p in PHONES {
+        users.push(relay.user(p).await.expect("user"));
+    }
+    let bob = users[0].messenger.contact(PHONES[1]).await.expect("bob");
+    let carol = users[0].messenger.contact(PHONES[2]).await.expect("carol");
+    let texts = ["b1", "c1", "b2", "b3", "c2"];
+    let batch: Vec<_> = texts.iter().map(|t| (if t.starts_with('b') { &bob } else { &carol }, *t)).collect();
+    let done = users[0].messenger.send_batch(&batch).await;
+    assert!(done.stopped_by.is_none(), "{:?}", done.stopped_by);
+    assert_eq!(done.sent.len(), texts.len());
+    let texts_of = |got: Vec<relay_client::ReceivedMessage>| got.into_iter().map(|m| m.text).collect::<Vec<_>>();
+    assert_eq!(texts_of(drain(&mut users[1], 3).await), ["b1", "b2", "b3"]);
+    assert_eq!(texts_of(drain(&mut users[2], 2).await), ["c1", "c2"]);
+    for i in [1, 2] {
+        users[i].messenger.send_text(PHONES[0], "reply").await.expect("reply");
+    }
+    assert_eq!(drain(&mut users[0], 2).await.len(), 2);
+    let again = users[0].messenger.send_batch(&[(&bob, "b4"), (&carol, "c3")]).await;
+    assert!(again.stopped_by.is_none(), "{:?}", again.stopped_by);
+    assert!(again.sent.iter().all(|s| s.sealed), "the replies shared the access keys");
+    assert_eq!(texts_of(drain(&mut users[1], 1).await), ["b4"]);
+    assert_eq!(texts_of(drain(&mut users[2], 1).await), ["c3"]);
+}

@@ -44,7 +44,8 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let conns: Vec<_> = clients.iter().filter_map(|c| c.conn.clone()).collect();
     let pairs = if load.e2ee {
         let set_up = Instant::now();
-        let pairs = Arc::new(Pairs::establish(clients.iter().map(|c| c.identity.clone()).collect())?);
+        let pairs =
+            Arc::new(Pairs::establish(clients.iter().map(|c| c.identity.clone()).collect(), e2ee::state_dir(load))?);
         eprintln!("e2ee: {} sessions set up in {:.2} s", n * e2ee::PEERS.min(n - 1), set_up.elapsed().as_secs_f64());
         Some(pairs)
     } else {
@@ -96,7 +97,8 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         traffic::wait_until(deadline, || counters.delivered.load(Ordering::Relaxed) >= acked).await && acked == total;
     let end_us = counters.last_delivery_us.load(Ordering::Relaxed).max(first_send_us + 1);
     let name = match (load.e2ee, load.pipeline) {
-        (true, _) => "online-e2ee",
+        (true, true) => "online-e2ee-pipeline",
+        (true, false) => "online-e2ee",
         (false, true) => "online-pipeline",
         (false, false) => "online",
     };

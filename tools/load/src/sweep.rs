@@ -65,6 +65,8 @@ impl SweepArgs {
             per_endpoint: self.per_endpoint,
             json: None,
             e2ee: false,
+            e2ee_in_memory: false,
+            e2ee_state_dir: None,
             pipeline: false,
         }
     }

@@ -19,7 +19,7 @@ use relay_proto::AccountId;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::e2ee::Pairs;
+use crate::e2ee::{Outbox, Pairs};
 
 /// Bytes of the stamp at the start of every payload.
 pub const HEADER_LEN: usize = 16;
@@ -150,8 +150,11 @@ pub async fn send_all(
             continue;
         }
         let next = Arc::new(AtomicU64::new(0));
+        // --e2ee: the window workers of one sender share its group commit.
+        let outbox = plan.e2ee.as_ref().map(|pairs| Arc::new(Outbox::new(pairs.clone(), me)));
         for _ in 0..plan.window {
             let (conn, next, plan, counters) = (conn.clone(), next.clone(), plan.clone(), counters.clone());
+            let outbox = outbox.clone();
             workers.spawn(async move {
                 let mut rng = SmallRng::from_rng(&mut rand::rng());
                 let mut filler = vec![0u8; plan.size - HEADER_LEN];
@@ -186,8 +189,8 @@ pub async fn send_all(
                     };
                     // Indices and sequence numbers fit in u32: checked when the arguments were parsed.
                     let mut body = payload(due_us, me as u32, seq as u32, &filler);
-                    if let Some(pairs) = &plan.e2ee {
-                        match pairs.seal(me, to, &body) {
+                    if let Some(outbox) = &outbox {
+                        match outbox.seal(to, body.to_vec()).await {
                             Ok(sealed) => body = sealed,
                             Err(e) => {
                                 *errors.entry(format!("encrypt: {e}")).or_default() += 1;
@@ -257,6 +260,8 @@ pub async fn receive(
     let mut out = Received { latency: crate::report::histogram(), delivered: 0, errors: BTreeMap::new() };
     let mut seen = HashSet::new();
     let mut pending = Vec::with_capacity(MAX_ACK_BATCH);
+    // Senders whose session states the deliveries in `pending` changed.
+    let mut touched: Vec<usize> = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -267,7 +272,10 @@ pub async fn receive(
                     let opened;
                     let body = match &e2ee {
                         Some((pairs, me)) => match pairs.open(*me, &d.envelope) {
-                            Ok(plain) => {
+                            Ok((from, plain)) => {
+                                if !touched.contains(&from) {
+                                    touched.push(from);
+                                }
                                 opened = plain;
                                 &opened[..]
                             }
@@ -302,6 +310,16 @@ pub async fn receive(
                 None => break,
             },
             _ = std::future::ready(()), if !pending.is_empty() => {
+                // --e2ee: the sessions' new receiving states are written before the batch is acknowledged.
+                if let Some((pairs, me)) = e2ee.clone().filter(|_| !touched.is_empty()) {
+                    let senders = std::mem::take(&mut touched);
+                    let written = tokio::task::spawn_blocking(move || pairs.persist_received(me, &senders)).await;
+                    if !matches!(written, Ok(Ok(()))) {
+                        *out.errors.entry("writing session state".into()).or_default() += 1;
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
                 if let Err(e) = inbox.ack(&pending).await {
                     *out.errors.entry(format!("ack: {}", reason(&e))).or_default() += 1;
                     counters.errors.fetch_add(1, Ordering::Relaxed);
