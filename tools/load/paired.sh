@@ -7,7 +7,7 @@
 #   e.g. tools/load/paired.sh /tmp/old/relayd target/release/relayd 5 online --msgs 1000
 #
 # RELAY_LOAD selects the load tool (default: target/release/relay-load); B_ARGS, extra relay-load arguments for the
-# B runs only (e.g. B_ARGS=--pipeline with the same relayd twice compares two protocols). Needs python3.
+# B runs only (e.g. B_ARGS=--stream-per-send with the same relayd twice compares two protocols). Needs python3.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,10p' "$0" >&2; exit 2; }
 a=$1 b=$2 pairs=$3

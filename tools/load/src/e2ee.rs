@@ -15,8 +15,8 @@
 //! batch is being written goes into the next batch. With `--e2ee-in-memory` the writes are skipped, to separate the CPU cost from the disk's; with
 //! `--e2ee-state-dir` they go elsewhere (all simulated clients share one directory and one disk's flushes, where
 //! real devices each have their own: on tmpfs the writes cost their CPU and no flush). A batch is what a
-//! sender has to hand over at once: with `--pipeline`, every free window slot; without it, what its window workers
-//! (each one send at a time) queued in its [`Outbox`] meanwhile.
+//! sender has to hand over at once: pipelined (the default), every free window slot; with `--stream-per-send`, what
+//! its window workers (each one send at a time) queued in its [`Outbox`] meanwhile.
 //!
 //! Receiving ([`Pairs::open`]): the recipient opens the envelope, checks the sender certificate through its own
 //! [`VerifiedCertificates`] (the relay's signature once per certificate, the expiry every time) and the sender's

@@ -1,11 +1,11 @@
 //! `echo`: the transport ceiling. A QUIC echo server in this process, with the relay's transport settings, TLS
-//! provider, ALPN and tuned sockets, answers each request stream's `Send` frame with a `Deliver` frame carrying the
-//! same envelope: framing and QUIC, no storage, no relay logic. The clients behave as `online` senders do (a stream
-//! per request, `--window` in flight per connection, `--size`-byte payloads), so the round trips per second it
-//! reaches is what `online` is compared with. With `--pipeline` both sides model the pipelined send stream
-//! (protocol.md 4.3) instead: one stream per connection, sequence-numbered `PipelinedSend` frames, and per batch of
-//! frames read a `Deliver` echoing each envelope plus one `SendAcks`, written at once; what `online --pipeline` is
-//! compared with.
+//! provider, ALPN and tuned sockets, answers what the clients send with `Deliver` frames carrying the same envelopes:
+//! framing and QUIC, no storage, no relay logic. The clients behave as `online` senders do (`--window` in flight per
+//! connection, `--size`-byte payloads), so the round trips per second it reaches is what `online` is compared with.
+//! By default both sides model the pipelined send stream (protocol.md 4.3): one stream per connection,
+//! sequence-numbered `PipelinedSend` frames, and per batch of frames read a `Deliver` echoing each envelope plus one
+//! `SendAcks`, written at once. With `--stream-per-send`, one stream per request, a `Send` frame out and a frame
+//! back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -228,7 +228,7 @@ pub async fn run(load: &Load, n: usize) -> Result<Report> {
     let client_before = ProcStats::read(None).ok();
     let mut workers = JoinSet::new();
     for conn in &conns {
-        if load.pipeline {
+        if load.pipelined() {
             let mut filler = vec![0u8; load.size];
             rand::rng().fill(&mut filler[..]);
             let (conn, done, errors) = (conn.clone(), done.clone(), errors.clone());
@@ -282,7 +282,7 @@ pub async fn run(load: &Load, n: usize) -> Result<Report> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     progress.finish().await;
-    let mut report = Report::new(if load.pipeline { "echo-pipeline" } else { "echo" }, load, n);
+    let mut report = Report::new(if load.pipelined() { "echo-pipeline" } else { "echo" }, load, n);
     if let (Some(before), Ok(after)) = (client_before, ProcStats::read(None)) {
         // Server and clients share this process here.
         report.set("process_cpu_pct", round2((after.cpu_s - before.cpu_s) / elapsed * 100.0), true);

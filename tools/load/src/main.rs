@@ -119,10 +119,21 @@ pub struct Load {
     /// have their own disk: a directory on tmpfs (/dev/shm) keeps the writes' CPU cost and drops the shared flush.
     #[arg(long, requires = "e2ee")]
     pub e2ee_state_dir: Option<PathBuf>,
-    /// `online` and `offline-drain`: each client sends on one pipelined send stream (sequence-numbered sends,
-    /// batched acknowledgements) instead of one stream per send.
+    /// `echo`, `online` and `offline-drain`: one bidirectional stream and one `SendAck` per send, the protocol
+    /// before the pipelined send stream, instead of one pipelined send stream per client (sequence-numbered sends,
+    /// batched acknowledgements; the default since 2026-12-01).
     #[arg(long)]
+    pub stream_per_send: bool,
+    /// The default; kept so that older command lines still run.
+    #[arg(long, hide = true, conflicts_with = "stream_per_send")]
     pub pipeline: bool,
+}
+
+impl Load {
+    /// Whether clients send on the pipelined send stream (the default) rather than one stream per send.
+    pub fn pipelined(&self) -> bool {
+        !self.stream_per_send
+    }
 }
 
 /// Where the relay under test is.
@@ -237,14 +248,14 @@ async fn main() -> Result<()> {
     if e2ee_elsewhere {
         bail!("--e2ee applies to `online` only");
     }
-    let pipeline_elsewhere = match &cli.mode {
-        Mode::Online(r) => r.load.pipeline && r.target.mqtt.is_some(),
+    let protocol_elsewhere = match &cli.mode {
+        Mode::Online(r) => r.load.stream_per_send && r.target.mqtt.is_some(),
         Mode::Echo(_) | Mode::OfflineDrain(_) | Mode::Sweep(_) | Mode::Plot(_) => false,
-        Mode::Stalled(r) => r.load.pipeline,
-        Mode::Connections(c) => c.load.pipeline,
+        Mode::Stalled(r) => r.load.stream_per_send,
+        Mode::Connections(c) => c.load.stream_per_send,
     };
-    if pipeline_elsewhere {
-        bail!("--pipeline applies to `echo`, `online` (against relayd) and `offline-drain` only");
+    if protocol_elsewhere {
+        bail!("--stream-per-send applies to `echo`, `online` (against relayd) and `offline-drain` only");
     }
     let (report, json) = match cli.mode {
         Mode::Echo(l) => {

@@ -70,7 +70,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         deadline,
         rate: load.rate,
         e2ee: None,
-        pipeline: load.pipeline,
+        pipeline: load.pipelined(),
     };
     let senders = clients[..half].iter().enumerate().filter_map(|(i, c)| Some((i, c.conn.clone()?))).collect();
     let send_started = clock.now_us();

@@ -88,7 +88,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         deadline,
         rate: load.rate,
         e2ee: pairs.clone(),
-        pipeline: load.pipeline,
+        pipeline: load.pipelined(),
     };
     let senders = conns.iter().cloned().enumerate().collect();
     let sent = traffic::send_all(senders, plan, clock, counters.clone()).await;
@@ -96,7 +96,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
     let complete =
         traffic::wait_until(deadline, || counters.delivered.load(Ordering::Relaxed) >= acked).await && acked == total;
     let end_us = counters.last_delivery_us.load(Ordering::Relaxed).max(first_send_us + 1);
-    let name = match (load.e2ee, load.pipeline) {
+    let name = match (load.e2ee, load.pipelined()) {
         (true, true) => "online-e2ee-pipeline",
         (true, false) => "online-e2ee",
         (false, true) => "online-pipeline",

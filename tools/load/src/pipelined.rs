@@ -1,9 +1,10 @@
-//! `--pipeline`: a sender writes all its sends on one pipelined send stream (protocol.md 4.3) instead of one stream
-//! per send, with at most `--window` unanswered, and reads the batched answers on the same stream.
+//! The default (off with `--stream-per-send`): a sender writes all its sends on one pipelined send stream
+//! (protocol.md 4.3) instead of one stream per send, with at most `--window` unanswered, and reads the batched
+//! answers on the same stream.
 //!
 //! Latency is counted from when a send was due, as in [`crate::traffic::send_all`]; the payloads, recipients and
-//! counters are the same, so a run with and without `--pipeline` differ only in the wire protocol. With `--e2ee`
-//! (closed loop), a sender encrypts every message its free window slots allow as one batch ([`crate::e2ee`]).
+//! counters are the same, so a run with and without `--stream-per-send` differ only in the wire protocol. With
+//! `--e2ee` (closed loop), a sender encrypts every message its free window slots allow as one batch ([`crate::e2ee`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -55,7 +55,7 @@ async fn measure(load: &Load, relay: &Relay, n: usize, deadline: Instant) -> Res
         deadline,
         rate: load.rate,
         e2ee: None,
-        pipeline: false,
+        pipeline: false, // the stalled recipient's senders use one stream per send, as before
     };
     let senders = clients.iter().enumerate().skip(1).filter_map(|(i, c)| Some((i, c.conn.clone()?))).collect();
     let started = Instant::now();

@@ -37,6 +37,9 @@ pub struct SweepArgs {
     /// Connections sharing one client UDP socket.
     #[arg(long, default_value_t = 50)]
     pub per_endpoint: usize,
+    /// One stream and one `SendAck` per send instead of the pipelined send stream (against relayd).
+    #[arg(long)]
+    pub stream_per_send: bool,
     /// Directory for sweep.json and sweep.svg.
     #[arg(long)]
     pub out: PathBuf,
@@ -67,6 +70,7 @@ impl SweepArgs {
             e2ee: false,
             e2ee_in_memory: false,
             e2ee_state_dir: None,
+            stream_per_send: self.stream_per_send,
             pipeline: false,
         }
     }

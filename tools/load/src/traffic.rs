@@ -100,7 +100,7 @@ pub struct SendPlan {
     pub rate: Option<f64>,
     /// End-to-end sessions (`--e2ee`): recipients are the sender's session peers and payloads are encrypted.
     pub e2ee: Option<Arc<Pairs>>,
-    /// `--pipeline`: each sender uses one pipelined send stream ([`crate::pipelined`]).
+    /// Each sender uses one pipelined send stream ([`crate::pipelined`]; the default, off with `--stream-per-send`).
     pub pipeline: bool,
 }
 
