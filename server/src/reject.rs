@@ -83,7 +83,7 @@ impl From<PrekeyError> for Reject {
 impl From<ExportLogError> for Reject {
     fn from(e: ExportLogError) -> Self {
         match e {
-            ExportLogError::Sled(_) | ExportLogError::Corrupt => storage(e),
+            ExportLogError::Store(_) | ExportLogError::Corrupt => storage(e),
             ExportLogError::NoSuchHead(_) => Reject::new(ErrorCode::NotFound, e.to_string()),
             ExportLogError::KeyChanged
             | ExportLogError::HeadSize { .. }

@@ -90,7 +90,7 @@ impl ExportHandler {
             Some(Req::EndExport(e)) => self.end_export(e),
             Some(Req::SubjectChanges(c)) => self.subject_changes(c).await,
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
-            Some(Req::ReadLog(r)) => self.read_log(r),
+            Some(Req::ReadLog(r)) => self.read_log(r).await,
             Some(Req::PublishNotices(p)) => self.publish_notices(p).await,
             Some(Req::ErasureChanges(c)) => self.erasure_changes(c).await,
             None => Err(Reject::invalid("empty or unknown export request")),
@@ -222,7 +222,7 @@ impl ExportHandler {
             .transpose()
             .map_err(|e| Reject::invalid(e.to_string()))?
             .unwrap_or_default();
-        let size = self.log.publish(p.first_index, &entries, &head, &key, &cosignatures)?;
+        let size = self.log.publish(p.first_index, &entries, &head, &key, &cosignatures).await?;
         self.commit.durable().await?;
         resp(Resp::LogPublished(LogPublished { size }))
     }
@@ -240,13 +240,21 @@ impl ExportHandler {
 
     /// The relay's copy of the log as published: what the exporter checks its own log against and recovers from.
     /// It names accounts only by id, which the exporter itself supplied.
-    fn read_log(&self, r: ReadLog) -> Result<ExportResponse, Reject> {
+    async fn read_log(&self, r: ReadLog) -> Result<ExportResponse, Reject> {
         let max = usize::try_from(r.max_entries).unwrap_or(usize::MAX).min(MAX_READ_LOG_ENTRIES);
-        let page = self.log.copy(r.start_index, max, MAX_READ_LOG_BYTES)?;
+        let page = self.log.copy(r.start_index, max, MAX_READ_LOG_BYTES).await?;
+        let latest = match &page.latest {
+            Some(h) => Some(self.log.wire_head(h).await?),
+            None => None,
+        };
+        let mut heads = Vec::with_capacity(page.heads.len());
+        for h in &page.heads {
+            heads.push(self.log.wire_head(h).await?);
+        }
         resp(Resp::LogCopy(LogCopy {
             size: page.size,
             log_key: page.log_key.map(|k| k.to_bytes().to_vec()).unwrap_or_default().into(),
-            latest: page.latest.as_ref().map(|h| self.log.wire_head(h)).transpose()?,
+            latest,
             entries: page
                 .entries
                 .into_iter()
@@ -255,7 +263,7 @@ impl ExportHandler {
                     leaf: leaf.into(),
                 })
                 .collect(),
-            heads: page.heads.iter().map(|h| self.log.wire_head(h)).collect::<Result<_, _>>()?,
+            heads,
         }))
     }
 
@@ -338,7 +346,7 @@ mod tests {
             Arc::new(crate::store::SledConsentRegistry::new(tree("consent"))),
             Arc::new(crate::store::SledDirectory::new(tree("i"), tree("p"), tree("n"), tree("s"))),
             Arc::new(Fence::default()),
-            ExportLog::open(tree("log")).expect("log"),
+            Arc::new(crate::store::SledExportLog::open(tree("log")).expect("log")),
             Arc::new(crate::store::SledNotices::new(tree("notices"))),
             crate::store::GroupCommit::start(db.clone()),
             Arc::new(crate::store::SledErasures::new(tree("erasures"))),

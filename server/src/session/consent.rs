@@ -167,9 +167,9 @@ impl Consent {
     }
 
     /// The caller's entries of the export log, with proofs.
-    pub fn list_exports(&self, session: &Session, l: ListExports) -> Reply {
+    pub async fn list_exports(&self, session: &Session, l: ListExports) -> Reply {
         let account = session.account()?;
-        let honest = self.export_list(&account, &l);
+        let honest = self.export_list(&account, &l).await;
         match self.tamper.export_list(&l, honest.as_ref().ok()) {
             Some(lie) => reply(Resp::ExportList(lie)),
             None => reply(Resp::ExportList(honest?)),
@@ -177,17 +177,23 @@ impl Consent {
     }
 
     /// The honest answer to `l`.
-    fn export_list(&self, account: &relay_proto::AccountId, l: &ListExports) -> Result<ExportList, Reject> {
-        let listing =
-            self.export_log.list(account, l.tree_size, l.start_index, l.since_size, relay_proto::MAX_LISTED_EXPORTS)?;
+    async fn export_list(&self, account: &relay_proto::AccountId, l: &ListExports) -> Result<ExportList, Reject> {
+        let listing = self
+            .export_log
+            .list(account, l.tree_size, l.start_index, l.since_size, relay_proto::MAX_LISTED_EXPORTS)
+            .await?;
         let entries = listing
             .entries
             .into_iter()
             .map(|(index, leaf, proof)| LogLeaf { index, leaf: leaf.into(), proof: merkle::proof_to_wire(&proof) })
             .collect();
+        let head = match &listing.head {
+            Some(h) => Some(self.export_log.wire_head(h).await?),
+            None => None,
+        };
         Ok(ExportList {
             log_key: listing.log_key.map(|k| k.to_bytes().to_vec().into()).unwrap_or_default(),
-            head: listing.head.as_ref().map(|h| self.export_log.wire_head(h)).transpose()?,
+            head,
             entries,
             next_index: listing.next_index,
             more: listing.more,

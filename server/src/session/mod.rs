@@ -96,7 +96,7 @@ pub async fn serve_stream(
             Some(Req::SetAccessKey(k)) => h.keys.set_access_key(&session, k).await,
             Some(Req::PutConsent(c)) => h.consent.put(&session, c).await,
             Some(Req::ListConsent(_)) => h.consent.list(&session).await,
-            Some(Req::ListExports(l)) => h.consent.list_exports(&session, l),
+            Some(Req::ListExports(l)) => h.consent.list_exports(&session, l).await,
             Some(Req::GetNotice(n)) => h.consent.notice(&session, n).await,
             Some(Req::ConsentHistory(c)) => h.consent.history(&session, c).await,
             Some(Req::DeleteAccount(d)) => h.account.delete(&session, d).await,

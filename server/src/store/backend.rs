@@ -17,14 +17,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ed25519_dalek::VerifyingKey;
 use relay_proto::consent::{ConsentStatement, Purpose};
+use relay_proto::merkle::SignedTreeHead;
 use relay_proto::wire::{DeviceInfo, KemPrekey, OneTimePrekey, SignedPrekey};
+use relay_proto::witness::Cosignature;
 use relay_proto::{AccountId, PhoneNumber};
 
 use super::commit::CommitError;
 use super::consent::{Recorded, RegistryError};
 use super::directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered};
 use super::erasures::{Erasure, ErasureStoreError};
+use super::exportlog::{CopyPage, ExportLogError, Listing};
 use super::mailbox::{Appended, MailboxError, StoredEnvelope};
 use super::notices::{NoticeStoreError, Published};
 use super::prekeys::{Counts, PrekeyError, Taken};
@@ -288,3 +292,55 @@ pub trait NoticeStore: Send + Sync {
 
 /// A handle on it (see [`NoticeStore`]).
 pub type Notices = Arc<dyn NoticeStore>;
+
+/// The relay's copy of the exporter's Merkle export log: leaves indexed by account, the signed heads and the
+/// witnesses' cosignatures. A publication is accepted only if it extends the log consistently under the same key;
+/// what the relay serves to users is always a prefix the exporter signed.
+pub trait ExportLogStore: Send + Sync {
+    /// Number of leaves held.
+    fn len(&self) -> BoxFuture<'_, u64>;
+
+    /// Whether no leaf was published.
+    fn is_empty(&self) -> BoxFuture<'_, bool>;
+
+    /// Appends `entries` at `first_index` with the exporter's `head` over the result. Returns the log size afterwards;
+    /// if `first_index` is not the current size, nothing is written and the current size is returned, so that the
+    /// exporter resumes from it. Not yet durable: the caller awaits the group commit.
+    fn publish<'a>(
+        &'a self,
+        first_index: u64,
+        entries: &'a [(AccountId, Vec<u8>)],
+        head: &'a SignedTreeHead,
+        key: &'a VerifyingKey,
+        cosignatures: &'a [Cosignature],
+    ) -> BoxFuture<'a, Result<u64, ExportLogError>>;
+
+    /// The witnesses' cosignatures of the head of size `size`.
+    fn cosignatures(&self, size: u64) -> BoxFuture<'_, Result<Vec<Cosignature>, ExportLogError>>;
+
+    /// `head` as sent on the wire, with the cosignatures the relay holds for it.
+    fn wire_head<'a>(
+        &'a self,
+        head: &'a SignedTreeHead,
+    ) -> BoxFuture<'a, Result<relay_proto::wire::SignedTreeHead, ExportLogError>>;
+
+    /// The whole log from `start`: at most `max_entries` entries whose leaves total at most `max_bytes` (at least
+    /// one entry if any is asked for and there is one), with the heads over them, the size, the key and the latest
+    /// head. Read under the state's lock, so one page never mixes two publications.
+    fn copy(&self, start: u64, max_entries: usize, max_bytes: usize)
+    -> BoxFuture<'_, Result<CopyPage, ExportLogError>>;
+
+    /// `account`'s entries from `start_index`, at most `limit`, with audit paths to the head of size `tree_size` (0:
+    /// the latest head), and a consistency proof from `since_size` (0: none).
+    fn list<'a>(
+        &'a self,
+        account: &'a AccountId,
+        tree_size: u64,
+        start_index: u64,
+        since_size: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Listing, ExportLogError>>;
+}
+
+/// A handle on the export log copy.
+pub type ExportLog = Arc<dyn ExportLogStore>;

@@ -28,6 +28,8 @@ use relay_proto::merkle::{ExportLeaf, Hash, MerkleError, MerkleLog, SignedTreeHe
 use relay_proto::witness::{Cosignature, MAX_COSIGNATURES, WitnessError};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use super::backend::{BackendError, BoxFuture, ExportLogStore};
+
 const KEY: u8 = 0;
 const LEAF: u8 = 1;
 const BY_ACCOUNT: u8 = 2;
@@ -38,9 +40,9 @@ const COSIGNATURE: u8 = 4;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExportLogError {
-    /// sled failed.
+    /// The store failed.
     #[error("export log store: {0}")]
-    Sled(#[from] sled::Error),
+    Store(#[from] BackendError),
     /// A stored value does not decode.
     #[error("export log store holds a corrupt value")]
     Corrupt,
@@ -64,6 +66,12 @@ pub enum ExportLogError {
     /// No published head has the size asked for.
     #[error("no tree head of size {0} was published")]
     NoSuchHead(u64),
+}
+
+impl From<sled::Error> for ExportLogError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 /// A page of the relay's copy of the whole log, as `ReadLog` returns it.
@@ -106,7 +114,7 @@ struct State {
 
 /// The export log tree and the Merkle tree over it (rebuilt at open from the stored leaves). Clones share both.
 #[derive(Clone)]
-pub struct ExportLog {
+pub struct SledExportLog {
     tree: sled::Tree,
     state: Arc<Mutex<State>>,
 }
@@ -164,7 +172,7 @@ fn decode_head(size: u64, v: &[u8]) -> Result<SignedTreeHead, ExportLogError> {
     })
 }
 
-impl ExportLog {
+impl SledExportLog {
     /// Opens the log over `tree`, rebuilding the Merkle tree from the stored leaves.
     pub(crate) fn open(tree: sled::Tree) -> Result<Self, ExportLogError> {
         let key = match tree.get([KEY])? {
@@ -196,20 +204,15 @@ impl ExportLog {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Number of leaves held.
-    pub fn len(&self) -> u64 {
+    fn len_now(&self) -> u64 {
         self.state().log.len()
     }
 
-    /// Whether no leaf was published.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn is_empty_now(&self) -> bool {
+        self.len_now() == 0
     }
 
-    /// Appends `entries` at `first_index` with the exporter's `head` over the result. Returns the log size afterwards;
-    /// if `first_index` is not the current size, nothing is written and the current size is returned, so that the
-    /// exporter resumes from it. Not yet durable: the caller awaits the group commit.
-    pub fn publish(
+    fn publish_now(
         &self,
         first_index: u64,
         entries: &[(AccountId, Vec<u8>)],
@@ -240,7 +243,7 @@ impl ExportLog {
             c.verify_self_named(key, &head.head)?;
         }
         let mut witnesses: std::collections::BTreeSet<[u8; 32]> =
-            self.cosignatures(head.head.size)?.iter().map(|c| c.witness_key).collect();
+            self.cosignatures_now(head.head.size)?.iter().map(|c| c.witness_key).collect();
         witnesses.extend(cosignatures.iter().map(|c| c.witness_key));
         if witnesses.len() > MAX_COSIGNATURES {
             return Err(WitnessError::TooMany(witnesses.len()).into());
@@ -276,8 +279,7 @@ impl ExportLog {
         Ok(state.log.len())
     }
 
-    /// The witnesses' cosignatures of the head of size `size`.
-    pub fn cosignatures(&self, size: u64) -> Result<Vec<Cosignature>, ExportLogError> {
+    fn cosignatures_now(&self, size: u64) -> Result<Vec<Cosignature>, ExportLogError> {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(cosignature_prefix(size)) {
             let (k, v) = item?;
@@ -291,15 +293,11 @@ impl ExportLog {
         Ok(out)
     }
 
-    /// `head` as sent on the wire, with the cosignatures the relay holds for it.
-    pub fn wire_head(&self, head: &SignedTreeHead) -> Result<relay_proto::wire::SignedTreeHead, ExportLogError> {
-        Ok(relay_proto::witness::head_to_wire(head, &self.cosignatures(head.head.size)?))
+    fn wire_head_now(&self, head: &SignedTreeHead) -> Result<relay_proto::wire::SignedTreeHead, ExportLogError> {
+        Ok(relay_proto::witness::head_to_wire(head, &self.cosignatures_now(head.head.size)?))
     }
 
-    /// The whole log from `start`: at most `max_entries` entries whose leaves total at most `max_bytes` (at least
-    /// one entry if any is asked for and there is one), with the heads over them, the size, the key and the latest
-    /// head. Read under the state's lock, so one page never mixes two publications.
-    pub fn copy(&self, start: u64, max_entries: usize, max_bytes: usize) -> Result<CopyPage, ExportLogError> {
+    fn copy_now(&self, start: u64, max_entries: usize, max_bytes: usize) -> Result<CopyPage, ExportLogError> {
         let state = self.state();
         let latest = match state.latest {
             Some(size) => match self.tree.get(head_key(size))? {
@@ -334,9 +332,7 @@ impl ExportLog {
         Ok(CopyPage { size: state.log.len(), log_key: state.key, latest, entries, heads })
     }
 
-    /// `account`'s entries from `start_index`, at most `limit`, with audit paths to the head of size `tree_size` (0:
-    /// the latest head), and a consistency proof from `since_size` (0: none).
-    pub fn list(
+    fn list_now(
         &self,
         account: &AccountId,
         tree_size: u64,
@@ -376,6 +372,58 @@ impl ExportLog {
     }
 }
 
+impl ExportLogStore for SledExportLog {
+    fn len(&self) -> BoxFuture<'_, u64> {
+        Box::pin(std::future::ready(self.len_now()))
+    }
+
+    fn is_empty(&self) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(self.is_empty_now()))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        first_index: u64,
+        entries: &'a [(AccountId, Vec<u8>)],
+        head: &'a SignedTreeHead,
+        key: &'a VerifyingKey,
+        cosignatures: &'a [Cosignature],
+    ) -> BoxFuture<'a, Result<u64, ExportLogError>> {
+        Box::pin(std::future::ready(self.publish_now(first_index, entries, head, key, cosignatures)))
+    }
+
+    fn cosignatures(&self, size: u64) -> BoxFuture<'_, Result<Vec<Cosignature>, ExportLogError>> {
+        Box::pin(std::future::ready(self.cosignatures_now(size)))
+    }
+
+    fn wire_head<'a>(
+        &'a self,
+        head: &'a SignedTreeHead,
+    ) -> BoxFuture<'a, Result<relay_proto::wire::SignedTreeHead, ExportLogError>> {
+        Box::pin(std::future::ready(self.wire_head_now(head)))
+    }
+
+    fn copy(
+        &self,
+        start: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<CopyPage, ExportLogError>> {
+        Box::pin(std::future::ready(self.copy_now(start, max_entries, max_bytes)))
+    }
+
+    fn list<'a>(
+        &'a self,
+        account: &'a AccountId,
+        tree_size: u64,
+        start_index: u64,
+        since_size: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Listing, ExportLogError>> {
+        Box::pin(std::future::ready(self.list_now(account, tree_size, start_index, since_size, limit)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ed25519_dalek::SigningKey;
@@ -398,9 +446,10 @@ mod tests {
         .expect("leaf")
     }
 
-    fn open() -> (ExportLog, sled::Db) {
+    /// The log as the relay holds it (behind its trait), and the database, to reopen it as a restart would.
+    fn open() -> (crate::store::ExportLog, sled::Db) {
         let db = sled::Config::new().temporary(true).open().expect("db");
-        (ExportLog::open(db.open_tree("export_log").expect("tree")).expect("open"), db)
+        (Arc::new(SledExportLog::open(db.open_tree("export_log").expect("tree")).expect("open")), db)
     }
 
     fn head_over(leaves: &[Vec<u8>], key: &SigningKey) -> SignedTreeHead {
@@ -413,8 +462,8 @@ mod tests {
 
     /// Cosignatures come with a publication or a re-publication of the latest head (no entries), are checked under
     /// the key they name, bounded per head, and served with the head.
-    #[test]
-    fn cosignatures_are_checked_kept_and_served_with_their_head() {
+    #[tokio::test]
+    async fn cosignatures_are_checked_kept_and_served_with_their_head() {
         let (log, _db) = open();
         let key = SigningKey::from_bytes(&[1; 32]);
         let alice = AccountId::from_identity_key(&[1; 32]);
@@ -422,46 +471,46 @@ mod tests {
         let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
         let head = head_over(&leaves, &key);
         let witness = |n: u8| Cosignature::sign(&SigningKey::from_bytes(&[n; 32]), &key.verifying_key(), &head.head, 9);
-        assert_eq!(log.publish(0, &entries, &head, &key.verifying_key(), &[witness(10)]).expect("publish"), 2);
+        assert_eq!(log.publish(0, &entries, &head, &key.verifying_key(), &[witness(10)]).await.expect("publish"), 2);
         // The witness that was down answers later: the head is re-published with its cosignature.
-        assert_eq!(log.publish(2, &[], &head, &key.verifying_key(), &[witness(11)]).expect("republish"), 2);
-        let served = log.wire_head(&head).expect("wire");
+        assert_eq!(log.publish(2, &[], &head, &key.verifying_key(), &[witness(11)]).await.expect("republish"), 2);
+        let served = log.wire_head(&head).await.expect("wire");
         let keys: Vec<_> = served.cosignatures.iter().map(|c| c.witness_key.to_vec()).collect();
         assert_eq!(keys, [witness(10).witness_key.to_vec(), witness(11).witness_key.to_vec()]);
         // One that does not verify under the key it names is refused, and nothing of that publication is kept.
         let mut forged = witness(12);
         forged.witness_key = witness(13).witness_key;
         assert!(matches!(
-            log.publish(2, &[], &head, &key.verifying_key(), &[forged]),
+            log.publish(2, &[], &head, &key.verifying_key(), &[forged]).await,
             Err(ExportLogError::Cosignature(_))
         ));
-        assert_eq!(log.cosignatures(2).expect("read").len(), 2);
+        assert_eq!(log.cosignatures(2).await.expect("read").len(), 2);
         let many: Vec<_> = (20..40).map(witness).collect();
-        assert!(log.publish(2, &[], &head, &key.verifying_key(), &many).is_err(), "bounded per head");
-        assert_eq!(log.cosignatures(2).expect("read").len(), 2);
+        assert!(log.publish(2, &[], &head, &key.verifying_key(), &many).await.is_err(), "bounded per head");
+        assert_eq!(log.cosignatures(2).await.expect("read").len(), 2);
     }
 
-    #[test]
-    fn publications_extend_the_log_and_each_account_sees_only_its_entries() {
+    #[tokio::test]
+    async fn publications_extend_the_log_and_each_account_sees_only_its_entries() {
         let (log, db) = open();
         let key = SigningKey::from_bytes(&[1; 32]);
         let (alice, bob) = (AccountId::from_identity_key(&[1; 32]), AccountId::from_identity_key(&[2; 32]));
         let leaves: Vec<_> = (0..5).map(leaf).collect();
         let first = [(alice, leaves[0].clone()), (bob, leaves[1].clone()), (alice, leaves[2].clone())];
         assert_eq!(
-            log.publish(0, &first, &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).expect("publish"),
+            log.publish(0, &first, &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).await.expect("publish"),
             3
         );
         // A stale or future start writes nothing and reports the size.
         assert_eq!(
-            log.publish(1, &first, &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).expect("stale"),
+            log.publish(1, &first, &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).await.expect("stale"),
             3
         );
         let second = [(alice, leaves[3].clone()), (bob, leaves[4].clone())];
         let head = head_over(&leaves, &key);
-        assert_eq!(log.publish(3, &second, &head, &key.verifying_key(), &[]).expect("publish"), 5);
+        assert_eq!(log.publish(3, &second, &head, &key.verifying_key(), &[]).await.expect("publish"), 5);
 
-        let listing = log.list(&alice, 0, 0, 3, 100).expect("list");
+        let listing = log.list(&alice, 0, 0, 3, 100).await.expect("list");
         assert_eq!(listing.head, Some(head));
         let indices: Vec<_> = listing.entries.iter().map(|(i, _, _)| *i).collect();
         assert_eq!(indices, [0, 2, 3]);
@@ -470,61 +519,63 @@ mod tests {
         }
         let old_root = head_over(&leaves[..3], &key).head.root;
         relay_proto::merkle::verify_consistency(3, 5, &old_root, &head.head.root, &listing.consistency).expect("cons");
-        let bob_listing = log.list(&bob, 0, 0, 0, 100).expect("list");
+        let bob_listing = log.list(&bob, 0, 0, 0, 100).await.expect("list");
         assert_eq!(bob_listing.entries.iter().map(|(i, _, _)| *i).collect::<Vec<_>>(), [1, 4]);
 
         // Pages, and the state survives a reopen.
-        let page = log.list(&alice, 5, 0, 0, 2).expect("page");
+        let page = log.list(&alice, 5, 0, 0, 2).await.expect("page");
         assert!(page.more);
         assert_eq!(page.next_index, 3);
-        let reopened = ExportLog::open(db.open_tree("export_log").expect("tree")).expect("reopen");
-        assert_eq!(reopened.len(), 5);
-        assert_eq!(reopened.list(&alice, 5, 3, 0, 2).expect("page").entries.len(), 1);
-        assert!(matches!(reopened.list(&alice, 4, 0, 0, 2), Err(ExportLogError::NoSuchHead(4))));
+        let reopened = SledExportLog::open(db.open_tree("export_log").expect("tree")).expect("reopen");
+        assert_eq!(reopened.len().await, 5);
+        assert_eq!(reopened.list(&alice, 5, 3, 0, 2).await.expect("page").entries.len(), 1);
+        assert!(matches!(reopened.list(&alice, 4, 0, 0, 2).await, Err(ExportLogError::NoSuchHead(4))));
     }
 
     /// `ReadLog`'s pages: entries in order with the heads over them, bounded by count and bytes (never empty while
     /// an entry is asked for and there is one), and extreme starts list nothing.
-    #[test]
-    fn the_copy_is_read_back_in_bounded_pages_with_its_heads() {
+    #[tokio::test]
+    async fn the_copy_is_read_back_in_bounded_pages_with_its_heads() {
         let (log, _db) = open();
         let key = SigningKey::from_bytes(&[1; 32]);
         let alice = AccountId::from_identity_key(&[1; 32]);
         let leaves: Vec<_> = (0..5).map(leaf).collect();
         let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
-        assert!(log.copy(0, 256, 1 << 20).expect("empty").latest.is_none());
-        log.publish(0, &entries[..3], &head_over(&leaves[..3], &key), &key.verifying_key(), &[]).expect("publish");
+        assert!(log.copy(0, 256, 1 << 20).await.expect("empty").latest.is_none());
+        log.publish(0, &entries[..3], &head_over(&leaves[..3], &key), &key.verifying_key(), &[])
+            .await
+            .expect("publish");
         let last = head_over(&leaves, &key);
-        log.publish(3, &entries[3..], &last, &key.verifying_key(), &[]).expect("publish");
+        log.publish(3, &entries[3..], &last, &key.verifying_key(), &[]).await.expect("publish");
 
-        let all = log.copy(0, 256, 1 << 20).expect("copy");
+        let all = log.copy(0, 256, 1 << 20).await.expect("copy");
         assert_eq!((all.size, all.latest, all.log_key), (5, Some(last), Some(key.verifying_key())));
         assert_eq!(all.entries, entries);
         assert_eq!(all.heads.iter().map(|h| h.head.size).collect::<Vec<_>>(), [3, 5]);
-        let page = log.copy(1, 2, 1 << 20).expect("page");
+        let page = log.copy(1, 2, 1 << 20).await.expect("page");
         assert_eq!(page.entries, entries[1..3]);
         assert_eq!(page.heads.iter().map(|h| h.head.size).collect::<Vec<_>>(), [3]);
-        let one = log.copy(0, 256, 1).expect("a byte bound");
+        let one = log.copy(0, 256, 1).await.expect("a byte bound");
         assert_eq!(one.entries.len(), 1, "at least one entry");
-        let head_only = log.copy(0, 0, 1 << 20).expect("size only");
+        let head_only = log.copy(0, 0, 1 << 20).await.expect("size only");
         assert!(head_only.entries.is_empty() && head_only.heads.is_empty());
         assert_eq!(head_only.latest, Some(last));
         for start in [5, u64::MAX] {
-            let past = log.copy(start, 256, 1 << 20).expect("past the end");
+            let past = log.copy(start, 256, 1 << 20).await.expect("past the end");
             assert!(past.entries.is_empty() && past.heads.is_empty(), "{start}");
         }
     }
 
     /// `tree_size`, `start_index` and `since_size` come from the client: extreme values are refused or list
     /// nothing, and never panic.
-    #[test]
-    fn listing_with_extreme_numbers_from_the_client_never_panics() {
+    #[tokio::test]
+    async fn listing_with_extreme_numbers_from_the_client_never_panics() {
         let (log, _db) = open();
         let key = SigningKey::from_bytes(&[1; 32]);
         let alice = AccountId::from_identity_key(&[1; 32]);
         let leaves: Vec<_> = (0..3).map(leaf).collect();
         let entries: Vec<_> = leaves.iter().map(|l| (alice, l.clone())).collect();
-        log.publish(0, &entries, &head_over(&leaves, &key), &key.verifying_key(), &[]).expect("publish");
+        log.publish(0, &entries, &head_over(&leaves, &key), &key.verifying_key(), &[]).await.expect("publish");
         for (tree_size, start, since) in [
             (0, u64::MAX, 0),
             (0, 4, 0),
@@ -534,18 +585,18 @@ mod tests {
             (3, u64::MAX, u64::MAX),
             (0, u64::MAX - 1, 3),
         ] {
-            match log.list(&alice, tree_size, start, since, 100) {
+            match log.list(&alice, tree_size, start, since, 100).await {
                 Ok(listing) => assert!(listing.entries.is_empty(), "{tree_size} {start} {since}"),
                 Err(e) => assert!(!e.to_string().is_empty()),
             }
         }
-        let all = log.list(&alice, 0, 0, 0, 100).expect("list");
+        let all = log.list(&alice, 0, 0, 0, 100).await.expect("list");
         assert_eq!(all.entries.len(), 3);
         assert_eq!(all.next_index, 3);
     }
 
-    #[test]
-    fn bad_publications_are_refused_and_change_nothing() {
+    #[tokio::test]
+    async fn bad_publications_are_refused_and_change_nothing() {
         let (log, _db) = open();
         let key = SigningKey::from_bytes(&[1; 32]);
         let other = SigningKey::from_bytes(&[2; 32]);
@@ -556,22 +607,22 @@ mod tests {
         let mut bad_sig = good;
         bad_sig.signature[0] ^= 1;
         assert!(matches!(
-            log.publish(0, &entries, &bad_sig, &key.verifying_key(), &[]),
+            log.publish(0, &entries, &bad_sig, &key.verifying_key(), &[]).await,
             Err(ExportLogError::Merkle(MerkleError::BadSignature))
         ));
         let wrong_root = head_over(&leaves[..1], &key);
-        assert!(log.publish(0, &entries, &wrong_root, &key.verifying_key(), &[]).is_err());
+        assert!(log.publish(0, &entries, &wrong_root, &key.verifying_key(), &[]).await.is_err());
         let garbage = [(alice, vec![9, 9, 9])];
-        assert!(log.publish(0, &garbage, &good, &key.verifying_key(), &[]).is_err());
-        assert_eq!(log.len(), 0);
-        log.publish(0, &entries, &good, &key.verifying_key(), &[]).expect("publish");
+        assert!(log.publish(0, &garbage, &good, &key.verifying_key(), &[]).await.is_err());
+        assert_eq!(log.len().await, 0);
+        log.publish(0, &entries, &good, &key.verifying_key(), &[]).await.expect("publish");
         let more = [(alice, leaf(3))];
         let mut all = leaves.clone();
         all.push(leaf(3));
         assert!(matches!(
-            log.publish(2, &more, &head_over(&all, &other), &other.verifying_key(), &[]),
+            log.publish(2, &more, &head_over(&all, &other), &other.verifying_key(), &[]).await,
             Err(ExportLogError::KeyChanged)
         ));
-        assert_eq!(log.len(), 2);
+        assert_eq!(log.len().await, 2);
     }
 }

@@ -26,13 +26,14 @@ use std::sync::Arc;
 
 pub use backend::{
     BackendError, BoxFuture, ConsentRegistry, ConsentStore, Directory, DirectoryStore, Durability, ErasureStore,
-    Erasures, Identities, IdentityStore, MailboxStore, NoticeStore, Notices, PrekeyStore, Prekeys,
+    Erasures, ExportLog, ExportLogStore, Identities, IdentityStore, MailboxStore, NoticeStore, Notices, PrekeyStore,
+    Prekeys,
 };
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{Recorded, RegistryError, SledConsentRegistry};
 pub use directory::{AccountKeys, AccountProfile, Claim, DirectoryError, Registered, SledDirectory, SledIdentities};
 pub use erasures::{Erasure, ErasureStoreError, SledErasures};
-pub use exportlog::{ExportLog, ExportLogError};
+pub use exportlog::{CopyPage, ExportLogError, Listing, SledExportLog};
 pub use mailbox::{Appended, MailboxError, MailboxLimits, StoredEnvelope};
 pub use notices::{NoticeStoreError, Published, SledNotices};
 pub use prekeys::{Counts, PrekeyError, SledPrekeys, Taken};
@@ -133,7 +134,7 @@ impl Store {
         let prekeys: Prekeys =
             Arc::new(SledPrekeys::new(db.open_tree(trees::PREKEYS)?, db.open_tree(trees::ACCESS_KEYS)?));
         let consent: ConsentRegistry = Arc::new(SledConsentRegistry::new(db.open_tree(trees::CONSENT)?));
-        let export_log = ExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?;
+        let export_log: ExportLog = Arc::new(SledExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?);
         let notices: Notices = Arc::new(SledNotices::new(db.open_tree(trees::NOTICES)?));
         let verifications =
             Verifications::new(db.open_tree(trees::VERIFICATION_CODES)?, db.open_tree(trees::REGISTRATION_LOCKS)?);
