@@ -466,10 +466,9 @@ async fn sweep_expired(mailboxes: Arc<dyn MailboxStore>, registration: Arc<Regis
             Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
             _ => {}
         }
-        let r = registration.clone();
-        match tokio::task::spawn_blocking(move || r.sweep()).await {
-            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired verification codes removed"),
-            Ok(Err(e)) => tracing::error!(error = %e, "verification code sweep failed"),
+        match registration.sweep().await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "expired verification codes removed"),
+            Err(e) => tracing::error!(error = %e, "verification code sweep failed"),
             _ => {}
         }
     }

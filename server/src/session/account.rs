@@ -70,7 +70,7 @@ impl Account {
         self.commit.durable().await?;
         let phone = self.directory.remove(&account).await?;
         self.prekeys.forget(&account).await?;
-        self.registration.forget(&account, phone.as_ref())?;
+        self.registration.forget(&account, phone.as_ref()).await?;
         let purged = self.mailboxes.purge(&account).await?;
         self.commit.durable().await?;
         for r in self.registry.latest(&account).await? {

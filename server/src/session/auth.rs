@@ -107,7 +107,7 @@ impl Auth {
         if let Some(old) = registered.displaced {
             self.prekeys.forget(&old).await?;
         }
-        let used = self.registration.registered(&admission, &account, registered.displaced)?;
+        let used = self.registration.registered(&admission, &account, registered.displaced).await?;
         self.commit.durable().await?;
         if let Some(request) = used {
             self.registration.withdraw(&request);
@@ -157,7 +157,7 @@ impl Auth {
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "no such account: register first"))?;
         checks::signature(&keys.identity_key, &auth_transcript(session.ekm(), &account), &a.signature)?;
         session.authenticate(account)?;
-        self.registration.touch(&account)?;
+        self.registration.touch(&account).await?;
         tracing::debug!(%account, "authenticated");
         let prekeys = Some(prekey_counts(&self.prekeys, &account).await?);
         reply(Resp::AuthOk(AuthOk {

@@ -32,6 +32,9 @@ use super::exportlog::{CopyPage, ExportLogError, Listing};
 use super::mailbox::{Appended, MailboxError, StoredEnvelope};
 use super::notices::{NoticeStoreError, Published};
 use super::prekeys::{Counts, PrekeyError, Taken};
+use super::verification::VerificationStoreError;
+use crate::verify::code::{Attempt, PendingCode, PhoneTag, RequestId};
+use crate::verify::lock::Lock;
 
 /// A boxed future, so that the traits can be used as `dyn` objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -344,3 +347,66 @@ pub trait ExportLogStore: Send + Sync {
 
 /// A handle on the export log copy.
 pub type ExportLog = Arc<dyn ExportLogStore>;
+
+/// Pending verification codes (keyed by a phone tag, never the number) and registration locks. An attempt is
+/// checked and counted in one step, so concurrent guesses cannot exceed the attempts a code allows.
+pub trait VerificationStore: Send + Sync {
+    /// Stores `pending` as `phone`'s code; returns the request it replaced, if any. Not yet durable.
+    fn replace_pending<'a>(
+        &'a self,
+        phone: &'a PhoneTag,
+        pending: &'a PendingCode,
+    ) -> BoxFuture<'a, Result<Option<PendingCode>, VerificationStoreError>>;
+
+    /// One use of `phone`'s pending code at `now_ms`; `matches` says whether the code given is the pending one.
+    /// `None` when no code is pending. The request id is returned with the answer so that its file can go when
+    /// the request is dropped.
+    fn attempt<'a>(
+        &'a self,
+        phone: &'a PhoneTag,
+        now_ms: u64,
+        matches: &'a (dyn Fn(&PendingCode) -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<Option<(Attempt, RequestId)>, VerificationStoreError>>;
+
+    /// Drops `phone`'s pending code if it is still request `id` (a newer request is left alone); whether it was.
+    fn remove_pending<'a>(
+        &'a self,
+        phone: &'a PhoneTag,
+        id: &'a RequestId,
+    ) -> BoxFuture<'a, Result<bool, VerificationStoreError>>;
+
+    /// The request whose code is pending for `phone`, if any.
+    fn pending_request<'a>(
+        &'a self,
+        phone: &'a PhoneTag,
+    ) -> BoxFuture<'a, Result<Option<RequestId>, VerificationStoreError>>;
+
+    /// Removes whatever code is pending for `phone`; the request it belonged to, if any. Not yet durable.
+    fn drop_pending<'a>(
+        &'a self,
+        phone: &'a PhoneTag,
+    ) -> BoxFuture<'a, Result<Option<RequestId>, VerificationStoreError>>;
+
+    /// Removes every pending code expired at `now_ms`; their request ids.
+    fn sweep_expired(&self, now_ms: u64) -> BoxFuture<'_, Result<Vec<RequestId>, VerificationStoreError>>;
+
+    /// Number of pending codes.
+    fn pending(&self) -> BoxFuture<'_, usize>;
+
+    /// `account`'s registration lock, if it set one.
+    fn lock<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<Lock>, VerificationStoreError>>;
+
+    /// Sets (`Some`) or removes (`None`) `account`'s lock. Not yet durable.
+    fn set_lock<'a>(
+        &'a self,
+        account: &'a AccountId,
+        lock: Option<&'a Lock>,
+    ) -> BoxFuture<'a, Result<(), VerificationStoreError>>;
+
+    /// Records activity of `account` at `now_ms` if it has a lock (what keeps the lock holding). Not awaited
+    /// durable: losing the latest activity in a crash leaves the one before, which only shortens the lock.
+    fn touch<'a>(&'a self, account: &'a AccountId, now_ms: u64) -> BoxFuture<'a, Result<(), VerificationStoreError>>;
+}
+
+/// A handle on the pending codes and registration locks.
+pub type Verifications = Arc<dyn VerificationStore>;

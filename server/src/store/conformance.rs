@@ -544,3 +544,57 @@ pub(crate) mod notices {
         only_canonical_documents_one_per_pair_are_published(&fresh()).await;
     }
 }
+
+pub(crate) mod verification {
+    use relay_proto::AccountId;
+    use relay_proto::verification::{CODE_ATTEMPTS, CODE_TTL_MS, VerificationCode};
+
+    use crate::store::Verifications;
+    use crate::verify::code::{Attempt, CodeKey, PendingCode, PhoneTag, RequestId};
+    use crate::verify::lock::Lock;
+
+    pub(crate) async fn a_new_request_replaces_the_pending_one_and_attempts_are_counted_in_the_store(
+        s: &Verifications,
+    ) {
+        let key = CodeKey::from_bytes(&[1; 32]);
+        let phone = PhoneTag([5; 32]);
+        let code = VerificationCode::parse("111111").expect("code");
+        let first = PendingCode::new(&key, RequestId([1; 16]), &code, 0);
+        assert_eq!(s.replace_pending(&phone, &first).await.expect("put"), None);
+        let second = PendingCode::new(&key, RequestId([2; 16]), &code, 0);
+        assert_eq!(s.replace_pending(&phone, &second).await.expect("put"), Some(first));
+        assert_eq!(s.pending_request(&phone).await.expect("read"), Some(RequestId([2; 16])));
+        assert!(!s.remove_pending(&phone, &RequestId([1; 16])).await.expect("remove"), "an older id leaves it alone");
+
+        for left in (0..CODE_ATTEMPTS).rev() {
+            let got = s.attempt(&phone, 1, &|_| false).await.expect("attempt");
+            assert_eq!(got, Some((Attempt::Wrong { left }, RequestId([2; 16]))));
+        }
+        assert_eq!(s.attempt(&phone, 1, &|_| true).await.expect("attempt"), None, "used up: dropped");
+        assert_eq!(s.pending().await, 0);
+
+        s.replace_pending(&phone, &second).await.expect("put");
+        assert_eq!(s.sweep_expired(CODE_TTL_MS - 1).await.expect("sweep"), []);
+        assert_eq!(s.sweep_expired(CODE_TTL_MS).await.expect("sweep"), [RequestId([2; 16])]);
+        assert_eq!(s.pending().await, 0);
+    }
+
+    pub(crate) async fn locks_are_set_touched_and_removed(s: &Verifications) {
+        let account = AccountId([3; 16]);
+        s.touch(&account, 5).await.expect("touching an account without a lock does nothing");
+        assert_eq!(s.lock(&account).await.expect("read"), None);
+        let pin = relay_proto::verification::RegistrationPin::parse("0000").expect("pin");
+        let lock = Lock::new(&pin, 10);
+        s.set_lock(&account, Some(&lock)).await.expect("set");
+        s.touch(&account, 20).await.expect("touch");
+        assert_eq!(s.lock(&account).await.expect("read").map(|l| l.last_active_ms), Some(20));
+        s.set_lock(&account, None).await.expect("remove");
+        assert_eq!(s.lock(&account).await.expect("read"), None);
+    }
+
+    /// Runs every test, each on a fresh, empty store from `fresh`.
+    pub(crate) async fn run_all(fresh: &dyn Fn() -> Verifications) {
+        a_new_request_replaces_the_pending_one_and_attempts_are_counted_in_the_store(&fresh()).await;
+        locks_are_set_touched_and_removed(&fresh()).await;
+    }
+}

@@ -27,7 +27,7 @@ use std::sync::Arc;
 pub use backend::{
     BackendError, BoxFuture, ConsentRegistry, ConsentStore, Directory, DirectoryStore, Durability, ErasureStore,
     Erasures, ExportLog, ExportLogStore, Identities, IdentityStore, MailboxStore, NoticeStore, Notices, PrekeyStore,
-    Prekeys,
+    Prekeys, VerificationStore, Verifications,
 };
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{Recorded, RegistryError, SledConsentRegistry};
@@ -38,7 +38,7 @@ pub use mailbox::{Appended, MailboxError, MailboxLimits, StoredEnvelope};
 pub use notices::{NoticeStoreError, Published, SledNotices};
 pub use prekeys::{Counts, PrekeyError, SledPrekeys, Taken};
 pub use roundlog::RoundMailboxes;
-pub use verification::{VerificationStoreError, Verifications};
+pub use verification::{SledVerifications, VerificationStoreError};
 
 /// Names of the sled trees. Nothing else in the relay opens a tree.
 pub mod trees {
@@ -136,8 +136,10 @@ impl Store {
         let consent: ConsentRegistry = Arc::new(SledConsentRegistry::new(db.open_tree(trees::CONSENT)?));
         let export_log: ExportLog = Arc::new(SledExportLog::open(db.open_tree(trees::EXPORT_LOG)?)?);
         let notices: Notices = Arc::new(SledNotices::new(db.open_tree(trees::NOTICES)?));
-        let verifications =
-            Verifications::new(db.open_tree(trees::VERIFICATION_CODES)?, db.open_tree(trees::REGISTRATION_LOCKS)?);
+        let verifications: Verifications = Arc::new(SledVerifications::new(
+            db.open_tree(trees::VERIFICATION_CODES)?,
+            db.open_tree(trees::REGISTRATION_LOCKS)?,
+        ));
         let fence = crate::fence::Fence::open(
             db.open_tree(trees::EXPORT_LEASES)?,
             std::time::Instant::now(),

@@ -13,6 +13,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use crate::verify::code::{Attempt, PendingCode, PhoneTag, RequestId};
 use crate::verify::lock::Lock;
 
+use super::backend::{BackendError, BoxFuture, VerificationStore};
+
 /// Why the verification store failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -22,39 +24,41 @@ pub enum VerificationStoreError {
     Corrupt,
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] BackendError),
+}
+
+impl From<sled::Error> for VerificationStoreError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 type Result<T> = std::result::Result<T, VerificationStoreError>;
 
 /// Pending codes and registration locks (a cheap handle: clones share the trees).
 #[derive(Clone)]
-pub struct Verifications {
+pub struct SledVerifications {
     codes: sled::Tree,
     locks: sled::Tree,
 }
 
-impl Verifications {
+impl SledVerifications {
     pub(crate) fn new(codes: sled::Tree, locks: sled::Tree) -> Self {
         Self { codes, locks }
     }
 
-    /// Stores `pending` as `phone`'s code; returns the request it replaced, if any. Not yet durable.
-    pub fn replace_pending(&self, phone: &PhoneTag, pending: &PendingCode) -> Result<Option<PendingCode>> {
+    fn replace_pending_now(&self, phone: &PhoneTag, pending: &PendingCode) -> Result<Option<PendingCode>> {
         match self.codes.insert(phone.0, &pending.encode()[..])? {
             Some(old) => PendingCode::decode(&old).map(Some).ok_or(VerificationStoreError::Corrupt),
             None => Ok(None),
         }
     }
 
-    /// One use of `phone`'s pending code at `now_ms`; `matches` says whether the code given is the pending one.
-    /// `None` when no code is pending. The request id is returned with the answer so that its file can go when
-    /// the request is dropped.
-    pub fn attempt(
+    fn attempt_now(
         &self,
         phone: &PhoneTag,
         now_ms: u64,
-        matches: impl Fn(&PendingCode) -> bool,
+        matches: &(dyn Fn(&PendingCode) -> bool + Send + Sync),
     ) -> Result<Option<(Attempt, RequestId)>> {
         let result = self.codes.transaction(|codes| {
             let Some(stored) = codes.get(phone.0)? else { return Ok(None) };
@@ -74,8 +78,7 @@ impl Verifications {
         }
     }
 
-    /// Drops `phone`'s pending code if it is still request `id` (a newer request is left alone); whether it was.
-    pub fn remove_pending(&self, phone: &PhoneTag, id: &RequestId) -> Result<bool> {
+    fn remove_pending_now(&self, phone: &PhoneTag, id: &RequestId) -> Result<bool> {
         let Some(stored) = self.codes.get(phone.0)? else { return Ok(false) };
         let pending = PendingCode::decode(&stored).ok_or(VerificationStoreError::Corrupt)?;
         if pending.request_id != *id {
@@ -84,24 +87,21 @@ impl Verifications {
         Ok(self.codes.compare_and_swap(phone.0, Some(stored), None::<&[u8]>)?.is_ok())
     }
 
-    /// The request whose code is pending for `phone`, if any.
-    pub fn pending_request(&self, phone: &PhoneTag) -> Result<Option<RequestId>> {
+    fn pending_request_now(&self, phone: &PhoneTag) -> Result<Option<RequestId>> {
         match self.codes.get(phone.0)? {
             Some(v) => PendingCode::decode(&v).map(|p| Some(p.request_id)).ok_or(VerificationStoreError::Corrupt),
             None => Ok(None),
         }
     }
 
-    /// Removes whatever code is pending for `phone`; the request it belonged to, if any. Not yet durable.
-    pub fn drop_pending(&self, phone: &PhoneTag) -> Result<Option<RequestId>> {
+    fn drop_pending_now(&self, phone: &PhoneTag) -> Result<Option<RequestId>> {
         match self.codes.remove(phone.0)? {
             Some(old) => PendingCode::decode(&old).map(|p| Some(p.request_id)).ok_or(VerificationStoreError::Corrupt),
             None => Ok(None),
         }
     }
 
-    /// Removes every pending code expired at `now_ms`; their request ids.
-    pub fn sweep_expired(&self, now_ms: u64) -> Result<Vec<RequestId>> {
+    fn sweep_expired_now(&self, now_ms: u64) -> Result<Vec<RequestId>> {
         let mut removed = Vec::new();
         for item in self.codes.iter() {
             let (k, v) = item?;
@@ -113,21 +113,18 @@ impl Verifications {
         Ok(removed)
     }
 
-    /// Number of pending codes.
-    pub fn pending(&self) -> usize {
+    fn pending_now(&self) -> usize {
         self.codes.len()
     }
 
-    /// `account`'s registration lock, if it set one.
-    pub fn lock(&self, account: &AccountId) -> Result<Option<Lock>> {
+    fn lock_now(&self, account: &AccountId) -> Result<Option<Lock>> {
         match self.locks.get(account.as_bytes())? {
             Some(v) => Lock::decode(&v).map(Some).ok_or(VerificationStoreError::Corrupt),
             None => Ok(None),
         }
     }
 
-    /// Sets (`Some`) or removes (`None`) `account`'s lock. Not yet durable.
-    pub fn set_lock(&self, account: &AccountId, lock: Option<&Lock>) -> Result<()> {
+    fn set_lock_now(&self, account: &AccountId, lock: Option<&Lock>) -> Result<()> {
         match lock {
             Some(l) => self.locks.insert(account.as_bytes(), &l.encode()[..])?,
             None => self.locks.remove(account.as_bytes())?,
@@ -135,9 +132,7 @@ impl Verifications {
         Ok(())
     }
 
-    /// Records activity of `account` at `now_ms` if it has a lock (what keeps the lock holding). Not awaited
-    /// durable: losing the latest activity in a crash leaves the one before, which only shortens the lock.
-    pub fn touch(&self, account: &AccountId, now_ms: u64) -> Result<()> {
+    fn touch_now(&self, account: &AccountId, now_ms: u64) -> Result<()> {
         let mut corrupt = false;
         self.locks.fetch_and_update(account.as_bytes(), |old| {
             let old = old?;
@@ -156,54 +151,71 @@ impl Verifications {
     }
 }
 
+impl VerificationStore for SledVerifications {
+    fn replace_pending<'a>(
+        &'a self,
+        phone: &'a PhoneTag,
+        pending: &'a PendingCode,
+    ) -> BoxFuture<'a, Result<Option<PendingCode>>> {
+        Box::pin(std::future::ready(self.replace_pending_now(phone, pending)))
+    }
+
+    fn attempt<'a>(
+        &'a self,
+        phone: &'a PhoneTag,
+        now_ms: u64,
+        matches: &'a (dyn Fn(&PendingCode) -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<Option<(Attempt, RequestId)>>> {
+        Box::pin(std::future::ready(self.attempt_now(phone, now_ms, matches)))
+    }
+
+    fn remove_pending<'a>(&'a self, phone: &'a PhoneTag, id: &'a RequestId) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(std::future::ready(self.remove_pending_now(phone, id)))
+    }
+
+    fn pending_request<'a>(&'a self, phone: &'a PhoneTag) -> BoxFuture<'a, Result<Option<RequestId>>> {
+        Box::pin(std::future::ready(self.pending_request_now(phone)))
+    }
+
+    fn drop_pending<'a>(&'a self, phone: &'a PhoneTag) -> BoxFuture<'a, Result<Option<RequestId>>> {
+        Box::pin(std::future::ready(self.drop_pending_now(phone)))
+    }
+
+    fn sweep_expired(&self, now_ms: u64) -> BoxFuture<'_, Result<Vec<RequestId>>> {
+        Box::pin(std::future::ready(self.sweep_expired_now(now_ms)))
+    }
+
+    fn pending(&self) -> BoxFuture<'_, usize> {
+        Box::pin(std::future::ready(self.pending_now()))
+    }
+
+    fn lock<'a>(&'a self, account: &'a AccountId) -> BoxFuture<'a, Result<Option<Lock>>> {
+        Box::pin(std::future::ready(self.lock_now(account)))
+    }
+
+    fn set_lock<'a>(&'a self, account: &'a AccountId, lock: Option<&'a Lock>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(std::future::ready(self.set_lock_now(account, lock)))
+    }
+
+    fn touch<'a>(&'a self, account: &'a AccountId, now_ms: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(std::future::ready(self.touch_now(account, now_ms)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::verify::code::CodeKey;
-    use relay_proto::verification::{CODE_ATTEMPTS, CODE_TTL_MS, VerificationCode};
+    use crate::store::conformance::verification as suite;
 
-    fn store() -> Verifications {
+    fn store() -> crate::store::Verifications {
         let db = sled::Config::new().temporary(true).open().expect("open");
-        Verifications::new(db.open_tree("c").expect("tree"), db.open_tree("l").expect("tree"))
+        Arc::new(SledVerifications::new(db.open_tree("c").expect("tree"), db.open_tree("l").expect("tree")))
     }
 
-    #[test]
-    fn a_new_request_replaces_the_pending_one_and_attempts_are_counted_in_the_store() {
-        let (s, key) = (store(), CodeKey::from_bytes(&[1; 32]));
-        let phone = PhoneTag([5; 32]);
-        let code = VerificationCode::parse("111111").expect("code");
-        let first = PendingCode::new(&key, RequestId([1; 16]), &code, 0);
-        assert_eq!(s.replace_pending(&phone, &first).expect("put"), None);
-        let second = PendingCode::new(&key, RequestId([2; 16]), &code, 0);
-        assert_eq!(s.replace_pending(&phone, &second).expect("put"), Some(first));
-        assert_eq!(s.pending_request(&phone).expect("read"), Some(RequestId([2; 16])));
-        assert!(!s.remove_pending(&phone, &RequestId([1; 16])).expect("remove"), "an older id leaves it alone");
-
-        for left in (0..CODE_ATTEMPTS).rev() {
-            let got = s.attempt(&phone, 1, |_| false).expect("attempt");
-            assert_eq!(got, Some((Attempt::Wrong { left }, RequestId([2; 16]))));
-        }
-        assert_eq!(s.attempt(&phone, 1, |_| true).expect("attempt"), None, "used up: dropped");
-        assert_eq!(s.pending(), 0);
-
-        s.replace_pending(&phone, &second).expect("put");
-        assert_eq!(s.sweep_expired(CODE_TTL_MS - 1).expect("sweep"), []);
-        assert_eq!(s.sweep_expired(CODE_TTL_MS).expect("sweep"), [RequestId([2; 16])]);
-        assert_eq!(s.pending(), 0);
-    }
-
-    #[test]
-    fn locks_are_set_touched_and_removed() {
-        let s = store();
-        let account = AccountId([3; 16]);
-        s.touch(&account, 5).expect("touching an account without a lock does nothing");
-        assert_eq!(s.lock(&account).expect("read"), None);
-        let pin = relay_proto::verification::RegistrationPin::parse("0000").expect("pin");
-        let lock = Lock::new(&pin, 10);
-        s.set_lock(&account, Some(&lock)).expect("set");
-        s.touch(&account, 20).expect("touch");
-        assert_eq!(s.lock(&account).expect("read").map(|l| l.last_active_ms), Some(20));
-        s.set_lock(&account, None).expect("remove");
-        assert_eq!(s.lock(&account).expect("read"), None);
+    #[tokio::test]
+    async fn conformance() {
+        suite::run_all(&store).await;
     }
 }

@@ -340,20 +340,20 @@ impl Registration {
         }
         let (id, code, now_ms) = (RequestId::random(), code::draw_code(), self.clock.now_ms());
         let pending = PendingCode::new(&v.key, id, &code, now_ms);
-        if let Some(old) = self.store.replace_pending(&tag, &pending)? {
+        if let Some(old) = self.store.replace_pending(&tag, &pending).await? {
             v.sender.withdraw(&old.request_id);
         }
         self.commit.durable().await?;
         let message = CodeMessage { request_id: &id, phone, code: &code, expires_at_ms: pending.expires_at_ms, now_ms };
         if let Err(e) = v.sender.deliver(&message).await {
             tracing::warn!(request = %id, error = %e, "verification code not delivered");
-            self.store.remove_pending(&tag, &id)?;
+            self.store.remove_pending(&tag, &id).await?;
             v.sender.withdraw(&id);
             return Err(VerifyError::Unavailable(e));
         }
         // A newer request for the number may have replaced this one while it was being delivered (and found no file
         // to remove yet): then this request's file must not outlive it.
-        if self.store.pending_request(&tag)? != Some(id) {
+        if self.store.pending_request(&tag).await? != Some(id) {
             v.sender.withdraw(&id);
         }
         tracing::info!(request = %id, "verification code sent");
@@ -383,7 +383,7 @@ impl Registration {
         let pin = (!pin.is_empty()).then(|| RegistrationPin::parse(pin)).transpose()?;
         let tag = v.key.phone_tag(phone);
         let now_ms = self.clock.now_ms();
-        let Some((answer, id)) = self.store.attempt(&tag, now_ms, |p| v.key.matches(p, &code))? else {
+        let Some((answer, id)) = self.store.attempt(&tag, now_ms, &|p| v.key.matches(p, &code)).await? else {
             return Err(VerifyError::NoCode);
         };
         // The store dropped a request that expired or whose attempts are used up: its code file goes with it now,
@@ -397,7 +397,7 @@ impl Registration {
             Attempt::Right { left } => left,
         };
         if let Some(holder) = holder
-            && let Some(lock) = self.store.lock(&holder)?
+            && let Some(lock) = self.store.lock(&holder).await?
             && lock.holds(now_ms)
         {
             let remaining_ms = lock.remaining_ms(now_ms);
@@ -414,19 +414,19 @@ impl Registration {
     /// After the directory write of an admitted registration of `account` (not yet durable): closes the code
     /// request, drops the lock of the account it displaced, and counts the registration as `account`'s activity.
     /// Returns the request whose file to remove once the write is durable ([`Registration::withdraw`]).
-    pub fn registered(
+    pub async fn registered(
         &self,
         admission: &Admission,
         account: &AccountId,
         displaced: Option<AccountId>,
     ) -> Result<Option<RequestId>, VerifyError> {
         if let Some(old) = displaced {
-            self.store.set_lock(&old, None)?;
+            self.store.set_lock(&old, None).await?;
         }
-        self.store.touch(account, self.clock.now_ms())?;
+        self.store.touch(account, self.clock.now_ms()).await?;
         match admission.code {
             Some((tag, id)) => {
-                self.store.remove_pending(&tag, &id)?;
+                self.store.remove_pending(&tag, &id).await?;
                 Ok(Some(id))
             }
             None => Ok(None),
@@ -435,10 +435,10 @@ impl Registration {
 
     /// The account is erased: drops its registration lock and any code pending for `phone`, the number it held
     /// (with the code's file). Not yet durable.
-    pub fn forget(&self, account: &AccountId, phone: Option<&PhoneNumber>) -> Result<(), VerifyError> {
-        self.store.set_lock(account, None)?;
+    pub async fn forget(&self, account: &AccountId, phone: Option<&PhoneNumber>) -> Result<(), VerifyError> {
+        self.store.set_lock(account, None).await?;
         if let (Some(v), Some(phone)) = (&self.verified, phone)
-            && let Some(id) = self.store.drop_pending(&v.key.phone_tag(phone))?
+            && let Some(id) = self.store.drop_pending(&v.key.phone_tag(phone)).await?
         {
             v.sender.withdraw(&id);
         }
@@ -453,8 +453,8 @@ impl Registration {
     }
 
     /// Counts an authentication as `account`'s activity (what keeps its registration lock holding).
-    pub fn touch(&self, account: &AccountId) -> Result<(), VerifyError> {
-        Ok(self.store.touch(account, self.clock.now_ms())?)
+    pub async fn touch(&self, account: &AccountId) -> Result<(), VerifyError> {
+        Ok(self.store.touch(account, self.clock.now_ms()).await?)
     }
 
     /// `SetRegistrationLock`: sets `account`'s lock to `pin`, or removes it when `pin` is empty; durable before it
@@ -467,16 +467,16 @@ impl Registration {
             let now_ms = self.clock.now_ms();
             Some(off_thread(move || Lock::new(&pin, now_ms)).await?)
         };
-        self.store.set_lock(account, lock.as_ref())?;
+        self.store.set_lock(account, lock.as_ref()).await?;
         self.commit.durable().await?;
         tracing::debug!(%account, enabled = lock.is_some(), "registration lock changed");
         Ok(lock.is_some())
     }
 
     /// Removes expired codes (and their files); how many.
-    pub fn sweep(&self) -> Result<usize, VerifyError> {
+    pub async fn sweep(&self) -> Result<usize, VerifyError> {
         let Some(v) = &self.verified else { return Ok(0) };
-        let expired = self.store.sweep_expired(self.clock.now_ms())?;
+        let expired = self.store.sweep_expired(self.clock.now_ms()).await?;
         for id in &expired {
             v.sender.withdraw(id);
         }
@@ -517,7 +517,10 @@ mod tests {
     async fn forgetting_an_erased_account_drops_its_lock_and_the_numbers_pending_code() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sled::Config::new().temporary(true).open().expect("db");
-        let store = Verifications::new(db.open_tree("c").expect("tree"), db.open_tree("l").expect("tree"));
+        let store: Verifications = Arc::new(crate::store::SledVerifications::new(
+            db.open_tree("c").expect("tree"),
+            db.open_tree("l").expect("tree"),
+        ));
         let commit = crate::store::GroupCommit::start(db);
         let limits = CodeLimits { per_number_per_hour: 5, per_address_per_hour: 5 };
         let r = Registration::open(&VerifierSpec::File, dir.path(), store.clone(), commit, limits).expect("open");
@@ -527,10 +530,10 @@ mod tests {
         r.set_lock(&account, "2468").await.expect("lock");
         let Some(Sender::File(files)) = r.verified.as_ref().map(|v| &v.sender) else { panic!("a file verifier") };
         let file = files.path(&request);
-        assert!(file.exists() && store.pending() == 1 && store.lock(&account).expect("lock").is_some());
-        r.forget(&account, Some(&phone)).expect("forget");
-        assert_eq!(store.pending(), 0, "the pending code is gone");
-        assert!(store.lock(&account).expect("lock").is_none(), "the lock is gone");
+        assert!(file.exists() && store.pending().await == 1 && store.lock(&account).await.expect("lock").is_some());
+        r.forget(&account, Some(&phone)).await.expect("forget");
+        assert_eq!(store.pending().await, 0, "the pending code is gone");
+        assert!(store.lock(&account).await.expect("lock").is_none(), "the lock is gone");
         assert!(!file.exists(), "the code file is gone");
     }
 }
