@@ -21,6 +21,8 @@ use relay_proto::AccountId;
 use relay_proto::consent::Purpose;
 use tokio::sync::Notify;
 
+use crate::store::{BoxFuture, LeaseStore};
+
 /// How long a lease lasts if the exporter never releases it. It must exceed what the exporter needs of a lease
 /// before it may start a request (`relay_exporter::core::LEASE_NEEDED`: the HTTP timeout, a bound on the flush
 /// before the request, and slack for clock rates and for tearing the socket down), plus the round trip of the lease
@@ -194,6 +196,21 @@ impl Fence {
         }
     }
 }
+impl LeaseStore for Fence {
+    fn acquire(&self, pair: Pair, ttl: Duration) -> BoxFuture<'_, Result<(LeaseId, Instant), FenceError>> {
+        Box::pin(std::future::ready(Fence::acquire(self, pair, Instant::now(), ttl)))
+    }
+
+    fn release<'a>(&'a self, pair: &'a Pair, id: LeaseId) -> BoxFuture<'a, ()> {
+        Fence::release(self, pair, id);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn wait_clear<'a>(&'a self, pair: &'a Pair) -> BoxFuture<'a, ()> {
+        Box::pin(Fence::wait_clear(self, pair))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -313,7 +313,7 @@ fn handlers(
     limits: &crate::config::Limits,
     registration: Arc<Registration>,
     certificates: Arc<crate::certificates::CertificateIssuer>,
-    fence: Arc<crate::fence::Fence>,
+    fence: crate::store::Leases,
     subscribers: Arc<Subscribers>,
     metrics: Arc<Metrics>,
     tamper: Arc<crate::tamper::Tamper>,

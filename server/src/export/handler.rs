@@ -28,7 +28,7 @@ use relay_proto::{
     MAX_READ_LOG_ENTRIES, MAX_SUBJECT_CHANGES,
 };
 
-use crate::fence::{Fence, LEASE_TTL, LeaseId, Pair};
+use crate::fence::{LEASE_TTL, LeaseId, Pair};
 use crate::reject::Reject;
 use crate::store::consent::Recorded;
 use crate::store::directory::AccountKeys;
@@ -38,7 +38,7 @@ use crate::store::{AccountProfile, ConsentRegistry, Directory, Durability, Erasu
 pub struct ExportHandler {
     consent: ConsentRegistry,
     directory: Directory,
-    fence: Arc<Fence>,
+    fence: crate::store::Leases,
     log: ExportLog,
     notices: Notices,
     commit: Arc<dyn Durability>,
@@ -73,7 +73,7 @@ impl ExportHandler {
     pub fn new(
         consent: ConsentRegistry,
         directory: Directory,
-        fence: Arc<Fence>,
+        fence: crate::store::Leases,
         log: ExportLog,
         notices: Notices,
         commit: Arc<dyn Durability>,
@@ -87,7 +87,7 @@ impl ExportHandler {
         let reply = match body {
             Some(Req::ConsentChanges(c)) => self.consent_changes(c).await,
             Some(Req::BeginExport(b)) => self.begin_export(b).await,
-            Some(Req::EndExport(e)) => self.end_export(e),
+            Some(Req::EndExport(e)) => self.end_export(e).await,
             Some(Req::SubjectChanges(c)) => self.subject_changes(c).await,
             Some(Req::PublishLog(p)) => self.publish_log(p).await,
             Some(Req::ReadLog(r)) => self.read_log(r).await,
@@ -272,7 +272,7 @@ impl ExportHandler {
         let hash: [u8; 32] =
             b.statement_hash.as_ref().try_into().map_err(|_| Reject::invalid("statement_hash must be 32 bytes"))?;
         // The lease first, then the registry read (the fence's ordering; see the module header).
-        let (lease, deadline) = self.fence.acquire(pair.clone(), Instant::now(), LEASE_TTL)?;
+        let (lease, deadline) = self.fence.acquire(pair.clone(), LEASE_TTL).await?;
         let granted = match self.check_grant(&pair, &hash).await {
             // The lease is durable before the exporter hears of it, so that a restart cannot forget it.
             Ok(Ok(subject)) => self.commit.durable().await.map(|()| Ok(subject)).map_err(Reject::from),
@@ -291,11 +291,11 @@ impl ExportHandler {
                 }))
             }
             Ok(Err(reason)) => {
-                self.fence.release(&pair, lease);
+                self.fence.release(&pair, lease).await;
                 resp(Resp::ExportDenied(ExportDenied { reason: reason.into() }))
             }
             Err(reject) => {
-                self.fence.release(&pair, lease);
+                self.fence.release(&pair, lease).await;
                 Err(reject)
             }
         }
@@ -322,9 +322,9 @@ impl ExportHandler {
         }
     }
 
-    fn end_export(&self, e: EndExport) -> Result<ExportResponse, Reject> {
+    async fn end_export(&self, e: EndExport) -> Result<ExportResponse, Reject> {
         let pair = pair(&e.account_id, &e.affiliate, &e.purpose)?;
-        self.fence.release(&pair, LeaseId(e.lease_id));
+        self.fence.release(&pair, LeaseId(e.lease_id)).await;
         resp(Resp::ExportEnded(ExportEnded {}))
     }
 }
@@ -345,7 +345,7 @@ mod tests {
         let handler = ExportHandler::new(
             Arc::new(crate::store::SledConsentRegistry::new(tree("consent"))),
             Arc::new(crate::store::SledDirectory::new(tree("i"), tree("p"), tree("n"), tree("s"))),
-            Arc::new(Fence::default()),
+            Arc::new(crate::fence::Fence::default()),
             Arc::new(crate::store::SledExportLog::open(tree("log")).expect("log")),
             Arc::new(crate::store::SledNotices::new(tree("notices"))),
             crate::store::GroupCommit::start(db.clone()),

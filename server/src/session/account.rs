@@ -26,7 +26,6 @@ use relay_proto::wire::{AccountDeleted, DeleteAccount as DeleteRequest, server_f
 
 use super::checks::{self, Reply, reply};
 use super::state::Session;
-use crate::fence::Fence;
 use crate::reject::Reject;
 use crate::store::{ConsentRegistry, Directory, Durability, Erasure, Erasures, MailboxStore, Prekeys};
 use crate::verify::Registration;
@@ -46,7 +45,7 @@ pub struct Account {
     /// Consent statements, for the account's pairs.
     pub registry: ConsentRegistry,
     /// Export leases the erasure waits for.
-    pub fence: Arc<Fence>,
+    pub fence: crate::store::Leases,
     /// Durability barrier.
     pub commit: Arc<dyn Durability>,
 }
@@ -88,7 +87,7 @@ impl Account {
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use ed25519_dalek::{Signer, SigningKey};
     use relay_proto::PhoneNumber;
@@ -153,7 +152,8 @@ mod tests {
         store.mailboxes.append(&account, b"queued", relay_proto::now_ms()).await.expect("envelope");
         let (lease, _) = store
             .fence
-            .acquire((account, Purpose::Advertising, "adsco".into()), Instant::now(), LEASE_TTL)
+            .acquire((account, Purpose::Advertising, "adsco".into()), LEASE_TTL)
+            .await
             .expect("an export in flight");
 
         let session =
@@ -180,7 +180,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(!task.is_finished(), "acknowledged while an export of the account was in flight");
-        store.fence.release(&(account, Purpose::Advertising, "adsco".into()), lease);
+        store.fence.release(&(account, Purpose::Advertising, "adsco".into()), lease).await;
         let answer = tokio::time::timeout(Duration::from_secs(10), task).await.expect("answered").expect("join");
         assert!(matches!(answer.expect("deleted").body, Some(Resp::AccountDeleted(_))));
         assert!(session.ended(), "the connection is to be closed");

@@ -24,7 +24,6 @@ use relay_proto::wire::{
 
 use super::checks::{Reply, reply};
 use super::state::Session;
-use crate::fence::Fence;
 use crate::reject::Reject;
 use crate::store::{ConsentRegistry, Durability, ExportLog, Identities, Notices};
 use crate::tamper::Tamper;
@@ -40,7 +39,7 @@ pub struct Consent {
     /// The exporter's notices.
     pub notices: Notices,
     /// Export leases that withdrawals wait for.
-    pub fence: Arc<Fence>,
+    pub fence: crate::store::Leases,
     /// Durability barrier.
     pub commit: Arc<dyn Durability>,
     /// Lies to tell, for tests only (see [`crate::tamper`]).

@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 use relay_proto::consent::{ConsentStatement, Purpose};
@@ -33,6 +34,7 @@ use super::mailbox::{Appended, MailboxError, StoredEnvelope};
 use super::notices::{NoticeStoreError, Published};
 use super::prekeys::{Counts, PrekeyError, Taken};
 use super::verification::VerificationStoreError;
+use crate::fence::{FenceError, LeaseId, Pair};
 use crate::verify::code::{Attempt, PendingCode, PhoneTag, RequestId};
 use crate::verify::lock::Lock;
 
@@ -410,3 +412,21 @@ pub trait VerificationStore: Send + Sync {
 
 /// A handle on the pending codes and registration locks.
 pub type Verifications = Arc<dyn VerificationStore>;
+
+/// Export leases (the withdrawal fence, see `crate::fence`): the exporter takes a lease on a consent pair before
+/// each delivery attempt; a withdrawal, once durable, waits until the pair has no unexpired lease, whichever node
+/// took it. Leases survive restarts and lapse after their time to live; ids are never reused.
+pub trait LeaseStore: Send + Sync {
+    /// Takes a lease on `pair` for `ttl`: its id and until when it holds, on this process's monotonic clock. Take
+    /// it before reading the registry; make it durable before telling the exporter.
+    fn acquire(&self, pair: Pair, ttl: Duration) -> BoxFuture<'_, Result<(LeaseId, Instant), FenceError>>;
+
+    /// Releases a lease (unknown or lapsed ids are ignored).
+    fn release<'a>(&'a self, pair: &'a Pair, id: LeaseId) -> BoxFuture<'a, ()>;
+
+    /// Waits until `pair` has no unexpired lease.
+    fn wait_clear<'a>(&'a self, pair: &'a Pair) -> BoxFuture<'a, ()>;
+}
+
+/// A handle on the export leases.
+pub type Leases = Arc<dyn LeaseStore>;

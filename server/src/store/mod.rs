@@ -4,8 +4,9 @@
 //! ([`Directory`]) share nothing but the database handle and the [`GroupCommit`] that makes their writes durable; the
 //! message path reaches the directory only through [`Identities`], which holds the identity-keys tree alone.
 //!
-//! Concerns move behind the traits of [`backend`] one at a time (mailboxes first), so that a distributed engine can
-//! serve them; the others are still narrow concrete types with the same shape.
+//! Every concern is reached through a trait of [`backend`] (held as `Arc<dyn …>`), so that a distributed engine can
+//! serve it; the `Sled…` types here implement them, and [`conformance`] holds the tests every implementation
+//! passes. The export log's and the fence's own tests still run against their sled implementations only.
 
 pub mod backend;
 pub mod commit;
@@ -26,8 +27,8 @@ use std::sync::Arc;
 
 pub use backend::{
     BackendError, BoxFuture, ConsentRegistry, ConsentStore, Directory, DirectoryStore, Durability, ErasureStore,
-    Erasures, ExportLog, ExportLogStore, Identities, IdentityStore, MailboxStore, NoticeStore, Notices, PrekeyStore,
-    Prekeys, VerificationStore, Verifications,
+    Erasures, ExportLog, ExportLogStore, Identities, IdentityStore, LeaseStore, Leases, MailboxStore, NoticeStore,
+    Notices, PrekeyStore, Prekeys, VerificationStore, Verifications,
 };
 pub use commit::{CommitError, GroupCommit};
 pub use consent::{Recorded, RegistryError, SledConsentRegistry};
@@ -115,7 +116,7 @@ pub struct Store {
     /// Durability barrier shared by every write that is acknowledged to a client.
     pub commit: Arc<GroupCommit>,
     /// Export leases (the withdrawal fence), kept across restarts.
-    pub fence: Arc<crate::fence::Fence>,
+    pub fence: Leases,
     /// Accepted erasure requests.
     pub erasures: Erasures,
 }
@@ -159,7 +160,7 @@ impl Store {
             notices,
             verifications,
             commit,
-            fence: Arc::new(fence),
+            fence: Arc::new(fence) as Leases,
             erasures,
         })
     }
