@@ -11,7 +11,7 @@
 //! - Failures of the engine itself are [`BackendError`]s: the relay answers `STORAGE_UNAVAILABLE` and acknowledges
 //!   nothing; they never carry message contents or phone numbers.
 //!
-//! [`crate::store::conformance`] holds the tests every implementation must pass.
+//! `crate::store::conformance` (test builds) holds the tests every implementation must pass.
 
 use std::future::Future;
 use std::pin::Pin;

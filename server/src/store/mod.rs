@@ -5,7 +5,7 @@
 //! message path reaches the directory only through [`Identities`], which holds the identity-keys tree alone.
 //!
 //! Every concern is reached through a trait of [`backend`] (held as `Arc<dyn …>`), so that a distributed engine can
-//! serve it; the `Sled…` types here implement them, and [`conformance`] holds the tests every implementation
+//! serve it; the `Sled…` types here implement them, and `conformance` (test builds) holds the tests every implementation
 //! passes. The export log's and the fence's own tests still run against their sled implementations only.
 
 pub mod backend;

@@ -5,7 +5,7 @@
 //! - `0 ‖ SHA-256 (32)` → the notice document, byte for byte (kept for good: old grants and audits refer to it);
 //! - `1 ‖ purpose index (1) ‖ affiliate` → the SHA-256 of the pair's current notice.
 //!
-//! [`Notices::publish`] takes the exporter's complete current set and replaces the current map with it in one
+//! [`NoticeStore::publish`](super::NoticeStore::publish) takes the exporter's complete current set and replaces the current map with it in one
 //! transaction, so a pair the catalogue no longer allows has no current notice from then on, and a reader never sees
 //! half of a publication. Every document is decoded ([`Notice::decode`]) before it is stored: the relay serves only
 //! canonical notices, and two documents for one pair in one publication are refused.

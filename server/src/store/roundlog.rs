@@ -9,7 +9,7 @@
 //!   purged) during one round.
 //!
 //! Contract (on top of [`MailboxStore`]'s):
-//! - An appended envelope sits in memory until the next group commit seals it: [`RoundMailboxes::seal`], called by
+//! - An appended envelope sits in memory until the next group commit seals it: `RoundMailboxes::seal`, called by
 //!   the flusher before each flush, writes the envelopes appended since the last seal and still queued as round
 //!   records (a new one every 128 KiB), and one record of the removals since then. A sender's acknowledgement waits for that flush, so
 //!   what was acknowledged is on disk; an envelope acknowledged by its recipient before the seal is never written.
