@@ -36,6 +36,8 @@ struct Shared {
     handlers: Arc<Handlers>,
     /// Concurrent connections per client address.
     connections: Arc<ConnectionLimiter>,
+    /// Authenticated connections per account (closed together when the account is erased).
+    accounts: Arc<crate::session::connections::AccountConnections>,
     metrics: Arc<Metrics>,
     max_streams: u32,
     /// The byte budgets of each connection (frame budgets and the authenticated receive window).
@@ -234,8 +236,10 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let tamper = Arc::new(crate::tamper::Tamper::default());
     let metrics = Arc::new(Metrics::default());
     let subscribers = Arc::new(Subscribers::default());
+    let accounts = Arc::new(crate::session::connections::AccountConnections::default());
     let handlers = Arc::new(handlers(
         &store,
+        accounts.clone(),
         &limits,
         registration.clone(),
         certificates,
@@ -247,6 +251,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
     let shared = Arc::new(Shared {
         handlers,
         connections: Arc::new(ConnectionLimiter::new(limits.max_connections_per_ip)),
+        accounts,
         metrics: metrics.clone(),
         max_streams: limits.max_streams_per_connection,
         budgets: limits.clone(),
@@ -310,6 +315,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, StartError> {
 #[expect(clippy::too_many_arguments, reason = "the wiring names every handle it hands out, one argument each")]
 fn handlers(
     store: &Store,
+    connections: Arc<crate::session::connections::AccountConnections>,
     limits: &crate::config::Limits,
     registration: Arc<Registration>,
     certificates: Arc<crate::certificates::CertificateIssuer>,
@@ -360,6 +366,7 @@ fn handlers(
             directory: store.directory.clone(),
             prekeys: store.prekeys.clone(),
             mailboxes: store.mailboxes.clone(),
+            connections: connections.clone(),
             registration,
             erasures: store.erasures.clone(),
             registry: store.consent.clone(),
@@ -427,7 +434,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         authenticated_window: shared.budgets.receive_window_bytes,
         connection: Some(conn.clone()),
     };
-    let session = Arc::new(Session::new(ekm, peer, budgets));
+    let session = Arc::new(Session::new(ekm, peer, budgets).registered_in(shared.accounts.clone()));
     let mut streams = JoinSet::new();
     let max_streams = shared.max_streams;
     let mut credit = INITIAL_STREAMS.min(max_streams);

@@ -8,6 +8,7 @@
 //!    exporter reads (`store::erasures`);
 //! 2. the directory entry (keys, phone number, device info; the number becomes free), prekeys, access key,
 //!    registration lock, the number's pending code and every queued envelope of the account are removed, durably;
+//!    then every other connection authenticated as the account is closed (`super::connections`);
 //! 3. the request waits on the withdrawal fence for every pair the account ever decided about, like a withdrawal:
 //!    an export in flight ends before the user hears the account is gone, and a later one finds no profile;
 //! 4. `AccountDeleted` is answered and the connection is closed.
@@ -38,6 +39,8 @@ pub struct Account {
     pub prekeys: Prekeys,
     /// Mailboxes, emptied at erasure.
     pub mailboxes: Arc<dyn MailboxStore>,
+    /// The account's other live connections, closed at erasure.
+    pub connections: Arc<super::connections::AccountConnections>,
     /// Registration locks and pending codes.
     pub registration: Arc<Registration>,
     /// The erasure feed.
@@ -72,6 +75,8 @@ impl Account {
         self.registration.forget(&account, phone.as_ref()).await?;
         let purged = self.mailboxes.purge(&account).await?;
         self.commit.durable().await?;
+        // Nothing of the account is left to serve: its other connections go now, this one after its answer.
+        let closed = self.connections.close_all(&account, session.closer());
         for r in self.registry.latest(&account).await? {
             let s = r.statement;
             if !s.decision.is_purpose_level() {
@@ -79,7 +84,7 @@ impl Account {
             }
         }
         session.end();
-        tracing::debug!(%account, cursor, purged, "account erased");
+        tracing::debug!(%account, cursor, purged, closed, "account erased");
         reply(Resp::AccountDeleted(AccountDeleted {}))
     }
 }
@@ -119,6 +124,7 @@ mod tests {
             directory: store.directory.clone(),
             prekeys: store.prekeys.clone(),
             mailboxes: store.mailboxes.clone(),
+            connections: Arc::default(),
             registration: Arc::new(registration),
             erasures: store.erasures.clone(),
             registry: store.consent.clone(),

@@ -17,6 +17,7 @@
 pub mod account;
 pub mod auth;
 pub mod checks;
+pub mod connections;
 pub mod consent;
 pub mod keys;
 pub mod messaging;

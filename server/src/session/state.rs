@@ -10,8 +10,8 @@
 //! values (see [`Budgets`]): the budget for partially received frames and the connection's QUIC receive window.
 
 use std::net::IpAddr;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Notify;
 
@@ -53,20 +53,57 @@ impl Budgets {
     }
 }
 
+/// What ends a connection: held by its session and, once it authenticates, by the registry of its account's
+/// connections ([`super::connections::AccountConnections`]), so that erasing the account can close it.
+#[derive(Default)]
+pub struct Closer {
+    ended: AtomicBool,
+    end: Notify,
+}
+
+impl Closer {
+    /// Marks the connection as ended: no further request is served.
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was ended.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Ends it and asks the connection's owner to close it now.
+    pub fn close(&self) {
+        self.end();
+        self.end.notify_one();
+    }
+}
+
 /// Per-connection state.
 pub struct Session {
     ekm: [u8; EKM_LEN],
     account: OnceLock<AccountId>,
     peer: IpAddr,
-    ended: AtomicBool,
-    end: Notify,
+    closer: Arc<Closer>,
     budgets: Budgets,
+    connections: Option<Arc<super::connections::AccountConnections>>,
 }
 
 impl Session {
     /// A new, unauthenticated session bound to the connection's exported keying material.
     pub fn new(ekm: [u8; EKM_LEN], peer: IpAddr, budgets: Budgets) -> Self {
-        Self { ekm, account: OnceLock::new(), peer, ended: AtomicBool::new(false), end: Notify::new(), budgets }
+        Self { ekm, account: OnceLock::new(), peer, closer: Arc::default(), budgets, connections: None }
+    }
+
+    /// Registers the session in `connections` when it authenticates (so that erasing its account closes it).
+    pub fn registered_in(mut self, connections: Arc<super::connections::AccountConnections>) -> Self {
+        self.connections = Some(connections);
+        self
+    }
+
+    /// What ends this connection.
+    pub fn closer(&self) -> &Arc<Closer> {
+        &self.closer
     }
 
     /// The connection's budget for partially received frames.
@@ -102,30 +139,41 @@ impl Session {
     /// Marks the connection as ended (its account was erased): no further request is served, and the connection is
     /// closed once the answer in hand is written ([`Session::closing`]).
     pub fn end(&self) {
-        self.ended.store(true, Ordering::SeqCst);
+        self.closer.end();
     }
 
     /// Whether the connection was ended.
     pub fn ended(&self) -> bool {
-        self.ended.load(Ordering::SeqCst)
+        self.closer.ended()
     }
 
     /// Asks the connection's owner to close it now.
     pub fn close(&self) {
-        self.end();
-        self.end.notify_one();
+        self.closer.close();
     }
 
-    /// Completes once [`Session::close`] was called (before or after this call: the wake-up is kept).
+    /// Completes once [`Session::close`] was called, here or through the account's registry (before or after
+    /// this call: the wake-up is kept).
     pub async fn closing(&self) {
-        self.end.notified().await;
+        self.closer.end.notified().await;
     }
 
     /// Binds the connection to `account` (once; a different account later is refused).
     pub fn authenticate(&self, account: AccountId) -> Result<(), Reject> {
         if self.account.set(account).is_ok() {
             self.budgets.raise();
+            if let Some(connections) = &self.connections {
+                connections.add(account, &self.closer);
+            }
         }
         self.check_same(account)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let (Some(connections), Some(account)) = (&self.connections, self.account.get()) {
+            connections.remove(account, &self.closer);
+        }
     }
 }

@@ -52,8 +52,31 @@ async fn a_delete_request_replayed_on_another_connection_is_refused() {
     let gone = bob.lookup(ALICE).await.expect_err("alice is gone");
     assert_eq!(gone.code(), Some(ErrorCode::NotFound), "{gone}");
     assert!(bounded("after", first.request(Body::ListConsent(Default::default()))).await.is_err(), "closed");
-    let again = bounded("auth", second.authenticate(&alice)).await.expect_err("no such account");
+    assert!(bounded("second", second.authenticate(&alice)).await.is_err(), "the other connection is closed too");
+    let third = Connection::connect(relay.addr(), fp(&relay)).await.expect("connect");
+    let again = bounded("auth", third.authenticate(&alice)).await.expect_err("no such account");
     assert_eq!(again.code(), Some(ErrorCode::NotFound), "{again}");
+}
+
+/// An erased account is served nowhere: its other connections, authenticated before the erasure, are closed with
+/// it. Before, a second connection kept reading the account's consent history and sending as the account after
+/// `AccountDeleted` was answered on the first.
+#[tokio::test]
+async fn an_erasure_closes_every_connection_of_the_account() {
+    let relay = TestRelay::in_process().await.expect("relay");
+    let (first, alice) = relay.raw_user(ALICE).await.expect("alice");
+    let second = Connection::connect(relay.addr(), fp(&relay)).await.expect("connect");
+    second.authenticate(&alice).await.expect("auth");
+    let (bob, bob_id) = relay.raw_user(BOB).await.expect("bob");
+    bounded("before", second.request(Body::ListConsent(Default::default()))).await.expect("served before");
+
+    bounded("delete", first.request(delete_frame(&first, &alice))).await.expect("deleted");
+    let listed = bounded("list", second.request(Body::ListConsent(Default::default()))).await;
+    assert!(listed.is_err(), "an erased account's other connection was still served: {listed:?}");
+    let sent = bounded("send", second.send(&bob_id.account_id(), Bytes::from_static(b"from the grave"))).await;
+    assert!(sent.is_err(), "an erased account's other connection could still send");
+    // Other accounts are untouched.
+    assert!(bob.lookup(BOB).await.is_ok(), "bob is still served");
 }
 
 /// After an erasure the number is free for a new identity, the erased identity cannot come back (its statements
