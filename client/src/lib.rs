@@ -19,6 +19,7 @@ pub mod exports;
 pub mod home;
 pub mod identity;
 pub mod messenger;
+pub mod nodes;
 pub mod pin;
 pub mod pipeline;
 pub mod sealed;

@@ -36,7 +36,6 @@
 //! bounded seen list forgot of that sender (see [`crate::home::Seen`]).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,7 +59,7 @@ use crate::home::{
     ChangedIdentity, Contact, Device, Freshness, HeldMessage, Home, HomeError, Profile, Quarantined, RelayInfo, Seen,
 };
 use crate::identity::Identity;
-use crate::pin::parse_fingerprint;
+use crate::nodes::Nodes;
 use crate::sealed::{OpenError, open_message_with, seal_message};
 use crate::sessions::{SessionError, Sessions};
 use crate::verified_certificates::VerifiedCertificates;
@@ -238,11 +237,8 @@ pub fn init(home: &Home, phone: &str, device: Device) -> Result<Identity, Messen
     Ok(home.init(&Profile { phone: phone.to_owned(), device, relay: None })?)
 }
 
-fn parse_relay(server: &str, cert_sha256: &str) -> Result<(SocketAddr, [u8; 32]), MessengerError> {
-    let addr = server.parse().map_err(|_| MessengerError::Input(format!("invalid server address {server:?}")))?;
-    let fp = parse_fingerprint(cert_sha256)
-        .ok_or_else(|| MessengerError::Input("--cert-sha256 must be 64 hex characters".into()))?;
-    Ok((addr, fp))
+fn parse_relay(server: &str, cert_sha256: &str) -> Result<Nodes, MessengerError> {
+    Nodes::parse(server, cert_sha256).map_err(|e| MessengerError::Input(e.to_string()))
 }
 
 /// A number the user typed, checked against its numbering plan before it is sent anywhere (refused, not repaired).
@@ -393,7 +389,7 @@ pub struct Messenger {
     home: Home,
     identity: Identity,
     profile: Profile,
-    relay: (SocketAddr, [u8; 32]),
+    relay: Nodes,
     conn: Connection,
     anonymous: OnceCell<Connection>,
     /// The home's state while this messenger holds the home's lock; `None` otherwise.
@@ -440,7 +436,7 @@ impl Messenger {
             Some(p) => RegistrationPin::parse(p).map_err(|e| MessengerError::Input(e.to_string()))?.as_str().to_owned(),
             None => String::new(),
         };
-        let conn = Connection::connect(relay.0, relay.1).await?;
+        let conn = relay.connect().await?;
         let d = &profile.device;
         let device = DeviceInfo { model: d.model.clone(), os: d.os.clone(), app_version: d.app_version.clone() };
         let created = conn.register_verified(&identity, &profile.phone, device, &code, &pin).await?;
@@ -469,7 +465,7 @@ impl Messenger {
     pub async fn request_code(home: &Home, server: &str, cert_sha256: &str) -> Result<CodeRequested, MessengerError> {
         let profile = home.profile()?;
         let relay = parse_relay(server, cert_sha256)?;
-        let conn = Connection::connect(relay.0, relay.1).await?;
+        let conn = relay.connect().await?;
         let sent = conn.request_code(&profile.phone).await;
         conn.close().await;
         let sent = sent?;
@@ -487,13 +483,19 @@ impl Messenger {
         Ok(self.conn.set_registration_lock(&pin).await?)
     }
 
-    /// Connects to the home's relay, authenticates, and replenishes the published prekeys if the relay reports
-    /// them low.
+    /// Connects to the home's relay (the first of its nodes that answers within
+    /// [`crate::nodes::DEFAULT_CONNECT_TIMEOUT`]), authenticates, and replenishes the published prekeys if the relay
+    /// reports them low.
     pub async fn open(home: &Home) -> Result<Self, MessengerError> {
+        Self::open_via(home, crate::nodes::DEFAULT_CONNECT_TIMEOUT).await
+    }
+
+    /// [`Messenger::open`], giving each node `timeout` to answer.
+    pub async fn open_via(home: &Home, timeout: std::time::Duration) -> Result<Self, MessengerError> {
         let (identity, mut profile) = (home.identity()?, home.profile()?);
         let info = profile.relay.clone().ok_or(HomeError::NotRegistered)?;
-        let relay = parse_relay(&info.server, &info.cert_sha256)?;
-        let conn = Connection::connect(relay.0, relay.1).await?;
+        let relay = parse_relay(&info.server, &info.cert_sha256)?.with_timeout(timeout);
+        let conn = relay.connect().await?;
         let auth = conn.authenticate_as(&identity).await?;
         let certificate_key = pin_certificate_key(home, &mut profile, &auth).await?;
         let m = Self::with(home, identity, profile, relay, conn, certificate_key)?;
@@ -505,7 +507,7 @@ impl Messenger {
         home: &Home,
         identity: Identity,
         profile: Profile,
-        relay: (SocketAddr, [u8; 32]),
+        relay: Nodes,
         conn: Connection,
         certificate_key: VerifyingKey,
     ) -> Result<Self, MessengerError> {
@@ -589,9 +591,9 @@ impl Messenger {
         &self.home
     }
 
-    /// The relay's address, `ip:port`.
+    /// The address (`ip:port`) of the relay node this messenger is connected to.
     pub fn relay_address(&self) -> String {
-        self.relay.0.to_string()
+        self.relay.current().addr.to_string()
     }
 
     /// The authenticated connection.
@@ -840,7 +842,7 @@ impl Messenger {
     }
 
     async fn anonymous_connection(&self) -> Result<&Connection, ClientError> {
-        self.anonymous.get_or_try_init(|| Connection::connect(self.relay.0, self.relay.1)).await
+        self.anonymous.get_or_try_init(|| self.relay.connect()).await
     }
 
     /// Replaces this account's sealed-sender access key: the relay refuses sealed sends under the old one at once,

@@ -69,10 +69,12 @@ enum Command {
     /// Register with a relay, pinning its certificate. If the relay verifies phone numbers and no code is given,
     /// asks it to send one and prompts for it on a terminal; otherwise exits with status 3.
     Register {
-        /// Relay address, ip:port.
+        /// Relay address, ip:port; for a relay of several nodes, a comma list (the first that answers within 5 s
+        /// is used, the one that answered last tried first).
         #[arg(long)]
         server: String,
-        /// SHA-256 of the relay's certificate (printed by relayd at start).
+        /// SHA-256 of the relay's certificate (printed by relayd at start): one shared by every node, or one per
+        /// node in --server's order, comma-separated.
         #[arg(long)]
         cert_sha256: String,
         /// The verification code sent to your number.

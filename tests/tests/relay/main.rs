@@ -13,6 +13,7 @@ mod export;
 mod exporter;
 mod exportlog;
 mod exports_verify;
+mod failover;
 mod identity;
 mod jetstream;
 mod limits;
