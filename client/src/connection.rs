@@ -55,6 +55,15 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the connection itself failed (could not be set up, was lost, or a frame could not be moved), as
+    /// opposed to an answer of the relay: connecting again may help.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect(_) | ClientError::Connection(_) | ClientError::Write(_) | ClientError::Read(_)
+        )
+    }
 }
 
 /// A contact as the directory returns it.
@@ -113,16 +122,21 @@ pub fn tls_config(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, ClientE
     Ok(tls)
 }
 
+/// How long the client waits without hearing from the relay before it treats the connection as lost (the relay's
+/// own idle timeout, if shorter, wins): a relay that crashed or whose node went away is noticed within this, and
+/// `chat` reconnects.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often an otherwise idle client pings the relay: three times per idle timeout, so one lost ping does not
+/// end a healthy connection.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(6);
+
 /// Builds the quinn client configuration that pins `fingerprint`.
 pub fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls_config(fingerprint)?))
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(relay_quic::transport_config(
-        1024,
-        Duration::from_secs(60),
-        Some(Duration::from_secs(10)),
-    )));
+    config.transport_config(Arc::new(relay_quic::transport_config(1024, CLIENT_IDLE_TIMEOUT, Some(KEEP_ALIVE))));
     Ok(config)
 }
 

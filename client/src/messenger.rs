@@ -131,6 +131,11 @@ impl MessengerError {
             _ => None,
         }
     }
+
+    /// Whether the connection to the relay failed (see [`ClientError::is_transport`]).
+    pub fn is_transport(&self) -> bool {
+        matches!(self, MessengerError::Client(c) if c.is_transport())
+    }
 }
 
 /// A message received, decrypted and verified.

@@ -815,6 +815,32 @@ fn format_time(ms: u64) -> String {
     format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
+/// Opens the home's relay again after the connection was lost (a node went down, the relay restarted, the network
+/// dropped): tries every listed node, again and again with a growing pause (at most [`RECONNECT_PAUSE_MAX`]), until
+/// one answers; an answer of the relay itself (the account is gone, say) ends the chat.
+async fn reconnect(home: &Home) -> anyhow::Result<(Messenger, relay_client::Inbox)> {
+    eprintln!("(the connection to the relay was lost; reconnecting…)");
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match Messenger::open(home).await {
+            Ok(m) => {
+                let inbox = m.inbox().await?;
+                eprintln!("(reconnected to {})", m.relay_address());
+                return Ok((m, inbox));
+            }
+            Err(e) if e.is_transport() => {
+                tracing::debug!(error = %e, "reconnect attempt failed");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The longest pause between two reconnection attempts of `chat`.
+const RECONNECT_PAUSE_MAX: Duration = Duration::from_secs(5);
+
 async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
     let mut m = Messenger::open(home).await?;
     relay_proto::PhoneNumber::parse_valid(to).with_context(|| format!("invalid phone number {to:?}"))?;
@@ -843,6 +869,12 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
                     }
                     Err(e @ (MessengerError::IdentityChanged { .. } | MessengerError::UnboundKey { .. })) => {
                         eprintln!("{}", terminal_safe(&e.to_string()));
+                    }
+                    // Whether the relay stored it is unknown: say so rather than send it twice.
+                    Err(e) if e.is_transport() => {
+                        eprintln!("(not known to be sent — the connection was lost; type it again once reconnected)");
+                        (m, inbox) = reconnect(home).await?;
+                        pending.clear();
                     }
                     Err(e) => return Err(e.into()),
                 },
@@ -882,8 +914,16 @@ async fn chat(home: &Home, to: &str) -> anyhow::Result<()> {
                     }
                 }
                 Some(Ok(InboxEvent::Acked(_))) => {}
+                // Unacknowledged messages stay on the relay and come again on the new delivery stream.
+                Some(Err(e)) if e.is_transport() => {
+                    (m, inbox) = reconnect(home).await?;
+                    pending.clear();
+                }
                 Some(Err(e)) => return Err(e.into()),
-                None => anyhow::bail!("relay closed the connection"),
+                None => {
+                    (m, inbox) = reconnect(home).await?;
+                    pending.clear();
+                }
             }
         }
     }

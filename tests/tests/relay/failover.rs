@@ -48,3 +48,49 @@ async fn a_home_reaches_its_relay_through_whichever_listed_node_answers() {
     assert!(text.contains(&silent.to_string()) && text.contains(&impostor.addr().to_string()), "{text}");
     assert!(text.contains("no answer within"), "the silent node timed out: {text}");
 }
+
+/// `relay chat` outlives its relay's restart: when the connection is lost it reconnects by itself, and a line typed
+/// afterwards reaches the peer. Before, the chat ended with "relay closed the connection".
+#[tokio::test]
+async fn chat_reconnects_after_its_relay_is_killed_and_restarted() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let mut relay = TestRelay::process().await.expect("relayd child");
+    let alice = relay.user(ALICE).await.expect("alice");
+    let bob = relay.user(BOB).await.expect("bob");
+    let mut chat = tokio::process::Command::new(relay_tests::binary_path("relay", "RELAY_BIN").expect("relay CLI"))
+        .arg("--home")
+        .arg(alice.home.dir())
+        .args(["chat", "--to", BOB])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chat");
+    let mut stdin = chat.stdin.take().expect("stdin");
+    let mut stderr = BufReader::new(chat.stderr.take().expect("stderr")).lines();
+    let mut wait_for = async |needle: &str| {
+        while let Some(line) = stderr.next_line().await.expect("stderr") {
+            if line.contains(needle) {
+                return;
+            }
+        }
+        panic!("the chat ended before printing {needle:?}");
+    };
+    tokio::time::timeout(WAIT, wait_for("chatting with")).await.expect("chat started");
+
+    relay.kill().await.expect("kill");
+    relay.restart().await.expect("restart");
+    // A killed relay sends nothing: the chat notices when its connection idles out (20 s), then reconnects.
+    let noticed = relay_client::connection::CLIENT_IDLE_TIMEOUT + WAIT;
+    tokio::time::timeout(noticed, wait_for("reconnected")).await.expect("chat reconnected");
+    stdin.write_all(b"after the restart\n").await.expect("type");
+    // Bob's own connection died with the relay too: he connects again.
+    let mut bob = Messenger::open(&bob.home).await.expect("bob again");
+    let got = bob.receive(1, WAIT).await.expect("receive");
+    assert_eq!(got.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(), ["after the restart"]);
+    drop(stdin);
+    let status = tokio::time::timeout(WAIT, chat.wait()).await.expect("chat ended").expect("status");
+    assert!(status.success(), "{status}");
+}
