@@ -1,11 +1,17 @@
 //! A connection's byte budget for partially received frames.
 //!
 //! Contract: the bytes of frames being received on all streams of one connection, copied out of QUIC's flow
-//! control into the reader's own buffers, never exceed the budget. A reader takes budget for a piece of a frame
-//! *before* reading that piece out of quinn, and gives it back when the frame is complete (decoded or refused).
-//! When the budget is spent, readers wait and the bytes stay in quinn, where the connection's receive window bounds
-//! them. A frame's buffer is never allocated to its announced length up front: it grows with the pieces read. The
-//! budget may be raised (after authentication), never lowered.
+//! control into the reader's own buffers, never exceed the budget. A reader takes budget for a frame's whole
+//! announced body (at most `MAX_FRAME_LEN`) *before* reading any of it out of quinn, and gives it back when the
+//! frame is complete (decoded or refused). Taking it whole means a frame never waits for budget while holding part
+//! of it, so the frames of many streams cannot deadlock on each other's partial holds. When the budget is spent,
+//! readers wait and the bytes stay in quinn, where the connection's receive window bounds them. A frame's buffer is
+//! never allocated to its announced length up front: it grows with the pieces read. The budget may be raised (after
+//! authentication), never lowered.
+//!
+//! A reader that keeps the decoded request while it is served (the relay, until the request is answered) reads
+//! with [`crate::read_frame_held`] and keeps the returned [`FrameHold`]: the frame's bytes then stay counted until
+//! the hold is dropped, so requests waiting for the disk are bounded by the same budget as frames still arriving.
 
 use std::sync::{Arc, Mutex};
 
@@ -51,18 +57,18 @@ impl FrameBudget {
     }
 
     /// An empty hold on this budget, for one frame.
-    pub(crate) fn hold(&self) -> Held {
-        Held { budget: self.clone(), bytes: 0 }
+    pub(crate) fn hold(&self) -> FrameHold {
+        FrameHold { budget: self.clone(), bytes: 0 }
     }
 }
 
-/// Budget taken by one frame being received; given back on drop.
-pub(crate) struct Held {
+/// Budget taken by one frame, being received or being served; given back on drop.
+pub struct FrameHold {
     budget: FrameBudget,
     bytes: usize,
 }
 
-impl Held {
+impl FrameHold {
     /// Takes `more` bytes of budget, waiting until they are free. `more` must not exceed the budget's total (a
     /// frame's pieces are at most [`READ_STEP`] and the budget is checked to be at least one frame).
     pub(crate) async fn take(&mut self, more: usize) {
@@ -75,7 +81,13 @@ impl Held {
         }
     }
 
-    /// Gives back `fewer` bytes of what is held (a read returned less than was taken for it).
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Gives back `fewer` bytes of what is held (tests of waiting readers).
+    #[cfg(test)]
     pub(crate) fn give_back(&mut self, fewer: usize) {
         let fewer = fewer.min(self.bytes);
         self.budget.inner.free.add_permits(fewer);
@@ -83,7 +95,7 @@ impl Held {
     }
 }
 
-impl Drop for Held {
+impl Drop for FrameHold {
     fn drop(&mut self) {
         self.budget.inner.free.add_permits(self.bytes);
     }

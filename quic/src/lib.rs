@@ -27,7 +27,7 @@ use relay_proto::auth::{EKM_LABEL, EKM_LEN};
 use relay_proto::frame::{self, FrameError, PREFIX_LEN};
 use relay_proto::{ErrorCode, StreamCloseCode};
 
-pub use budget::FrameBudget;
+pub use budget::{FrameBudget, FrameHold};
 
 /// UDP send and receive buffer size. The 208 KiB Linux default drops datagrams under loopback load.
 pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -82,7 +82,7 @@ pub async fn read_frame<M: Message + Default>(
 ) -> Result<Option<M>, ReadError> {
     let mut prefix = [0u8; PREFIX_LEN];
     match recv.read(&mut prefix).await? {
-        Some(n) => read_rest(recv, max, prefix, n, None).await.map(Some),
+        Some(n) => read_rest(recv, max, prefix, n, None).await.map(|(m, _)| Some(m)),
         None => Ok(None),
     }
 }
@@ -106,6 +106,17 @@ pub async fn read_frame_budgeted<M: Message + Default>(
     limit: Duration,
     budget: Option<&FrameBudget>,
 ) -> Result<Option<M>, ReadError> {
+    Ok(read_frame_held(recv, max, limit, budget).await?.map(|(m, _)| m))
+}
+
+/// Like [`read_frame_budgeted`], and the frame's bytes stay counted against `budget` until the returned hold is
+/// dropped (see [`budget`]'s contract): for requests kept while they are served.
+pub async fn read_frame_held<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    limit: Duration,
+    budget: Option<&FrameBudget>,
+) -> Result<Option<(M, Option<FrameHold>)>, ReadError> {
     let mut prefix = [0u8; PREFIX_LEN];
     match recv.read(&mut prefix).await? {
         Some(n) => match tokio::time::timeout(limit, read_rest(recv, max, prefix, n, budget)).await {
@@ -125,7 +136,7 @@ async fn read_rest<M: Message + Default>(
     mut prefix: [u8; PREFIX_LEN],
     mut filled: usize,
     budget: Option<&FrameBudget>,
-) -> Result<M, ReadError> {
+) -> Result<(M, Option<FrameHold>), ReadError> {
     if filled == 0 {
         // quinn never returns an empty read before the end of the stream; treat it as the end.
         return Err(ReadError::Truncated);
@@ -138,20 +149,18 @@ async fn read_rest<M: Message + Default>(
     }
     let len = frame::body_len(prefix, max)?;
     let mut held = budget.map(FrameBudget::hold);
+    // The whole announced body at once, before any of it is read: a frame never waits for budget while holding
+    // part of it, so frames of many streams cannot hold each other's budget hostage.
+    if let Some(h) = held.as_mut() {
+        h.take(len).await;
+    }
     let mut pieces: Vec<Bytes> = Vec::new();
     let mut got = 0;
     while got < len {
         let want = (len - got).min(budget::READ_STEP);
-        if let Some(h) = held.as_mut() {
-            h.take(want).await;
-        }
         match recv.read_chunk(want, true).await? {
             Some(chunk) => {
-                let n = chunk.bytes.len();
-                if let Some(h) = held.as_mut() {
-                    h.give_back(want.saturating_sub(n));
-                }
-                got += n;
+                got += chunk.bytes.len();
                 pieces.push(chunk.bytes);
             }
             None => return Err(ReadError::Truncated),
@@ -167,7 +176,7 @@ async fn read_rest<M: Message + Default>(
             joined.freeze()
         }
     };
-    Ok(M::decode(body).map_err(FrameError::from)?)
+    Ok((M::decode(body).map_err(FrameError::from)?, held))
 }
 
 /// What [`next_request`] got from a request stream.
@@ -202,8 +211,19 @@ pub async fn next_request_budgeted<M: Message + Default, E: Message>(
     budget: Option<&FrameBudget>,
     error: impl FnOnce(ErrorCode, String) -> E,
 ) -> NextRequest<M> {
-    match read_frame_budgeted::<M>(recv, relay_proto::MAX_FRAME_LEN, frame_timeout, budget).await {
-        Ok(Some(request)) => NextRequest::Request(request),
+    next_request_held(send, recv, frame_timeout, budget, error).await.0
+}
+
+/// Like [`next_request_budgeted`], with the request's hold on `budget` (kept until the request is answered).
+pub async fn next_request_held<M: Message + Default, E: Message>(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    frame_timeout: Duration,
+    budget: Option<&FrameBudget>,
+    error: impl FnOnce(ErrorCode, String) -> E,
+) -> (NextRequest<M>, Option<FrameHold>) {
+    let next = match read_frame_held::<M>(recv, relay_proto::MAX_FRAME_LEN, frame_timeout, budget).await {
+        Ok(Some((request, hold))) => return (NextRequest::Request(request), hold),
         Ok(None) => {
             send.finish().ok();
             NextRequest::Closed
@@ -217,7 +237,8 @@ pub async fn next_request_budgeted<M: Message + Default, E: Message>(
             send.finish().ok();
             NextRequest::Refused(code)
         }
-    }
+    };
+    (next, None)
 }
 
 /// Writes one frame.

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_proto::wire::{ClientFrame, client_frame::Body as Req};
-use relay_quic::{NextRequest, next_request_budgeted, write_frame};
+use relay_quic::{NextRequest, next_request_held, write_frame};
 
 pub use state::{Budgets, Session};
 
@@ -66,8 +66,11 @@ pub async fn serve_stream(
         }
         let error = |code, message| Reject::new(code, message).to_frame();
         let budget = Some(session.frame_budget());
-        let next = next_request_budgeted::<ClientFrame, _>(&mut send, &mut recv, handlers.frame_timeout, budget, error);
-        let frame = match next.await {
+        let next = next_request_held::<ClientFrame, _>(&mut send, &mut recv, handlers.frame_timeout, budget, error);
+        // The request's bytes stay counted against the connection's frame budget until it is answered (a send
+        // waiting for the disk is bounded like a frame still arriving).
+        let (next, _hold) = next.await;
+        let frame = match next {
             NextRequest::Request(frame) => frame,
             NextRequest::Closed => return,
             NextRequest::Refused(code) => {

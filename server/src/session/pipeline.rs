@@ -9,8 +9,9 @@
 //! - A refused frame (bad recipient, too large, rate, access key) gets its own `SendRefused` with its sequence
 //!   number and the stream goes on. A sequence number other than the previous plus one, another request, or a
 //!   frame error ends the stream (after the answers already due).
-//! - Memory: frames are read through the connection's [`relay_quic::FrameBudget`] like any request; per stream at
-//!   most [`MAX_PENDING`] outcomes (a sequence number and a server id each, no envelope bytes) are queued and at most
+//! - Memory: frames are read through the connection's [`relay_quic::FrameBudget`] like any request, and a stored
+//!   frame's bytes stay counted against it until its answer is written (a stalled disk stops the reading, not the
+//!   budget); per stream at most [`MAX_PENDING`] outcomes (a sequence number and a server id each, no envelope bytes) are queued and at most
 //!   as many more are in the batch being flushed: past that the relay stops reading the stream, and QUIC flow
 //!   control holds the client back.
 
@@ -21,7 +22,7 @@ use relay_proto::wire::{
     server_frame::Body as Resp,
 };
 use relay_proto::{AccountId, ErrorCode, MAX_FRAME_LEN, StreamCloseCode};
-use relay_quic::{ReadError, read_frame_budgeted};
+use relay_quic::{FrameHold, ReadError, read_frame_held};
 use tokio::sync::mpsc;
 
 use super::Handlers;
@@ -33,8 +34,9 @@ pub const MAX_PENDING: usize = 1024;
 
 /// What the reading half hands the writing half, in stream order.
 enum Outcome {
-    /// Appended, not yet known durable.
-    Stored { seq: u64, recipient: AccountId, id: u64, stored_at_ms: u64 },
+    /// Appended, not yet known durable; the frame's bytes stay counted against the connection's budget until it is
+    /// answered.
+    Stored { seq: u64, recipient: AccountId, id: u64, stored_at_ms: u64, hold: Option<FrameHold> },
     /// Refused before anything was stored.
     Refused { seq: u64, reject: Reject },
     /// The stream ends after this error frame (if any) is written.
@@ -55,13 +57,13 @@ async fn read_half(handlers: &Handlers, session: &Session, recv: &mut quinn::Rec
             return;
         }
         let budget = Some(session.frame_budget());
-        let read = read_frame_budgeted::<ClientFrame>(recv, MAX_FRAME_LEN, handlers.frame_timeout, budget).await;
+        let read = read_frame_held::<ClientFrame>(recv, MAX_FRAME_LEN, handlers.frame_timeout, budget).await;
         let outcome = match read {
-            Ok(Some(ClientFrame { body: Some(Req::PipelinedSend(p)) })) if p.seq == expected => {
+            Ok(Some((ClientFrame { body: Some(Req::PipelinedSend(p)) }, hold))) if p.seq == expected => {
                 expected += 1;
-                one(handlers, session, p).await
+                one(handlers, session, p, hold).await
             }
-            Ok(Some(ClientFrame { body: Some(Req::PipelinedSend(p)) })) => {
+            Ok(Some((ClientFrame { body: Some(Req::PipelinedSend(p)) }, _))) => {
                 let message = format!("sequence number {} where {expected} was due", p.seq);
                 end(handlers, recv, ErrorCode::InvalidRequest, StreamCloseCode::ProtocolError, message)
             }
@@ -96,7 +98,7 @@ fn end(
 }
 
 /// Checks and appends one frame.
-async fn one(handlers: &Handlers, session: &Session, p: PipelinedSend) -> Outcome {
+async fn one(handlers: &Handlers, session: &Session, p: PipelinedSend, hold: Option<FrameHold>) -> Outcome {
     let m = &handlers.messaging;
     let appended = match (p.send, p.sealed) {
         (Some(s), None) => match m.check_send(session) {
@@ -111,7 +113,7 @@ async fn one(handlers: &Handlers, session: &Session, p: PipelinedSend) -> Outcom
     };
     match appended {
         Ok((recipient, stored)) => {
-            Outcome::Stored { seq: p.seq, recipient, id: stored.id, stored_at_ms: stored.stored_at_ms }
+            Outcome::Stored { seq: p.seq, recipient, id: stored.id, stored_at_ms: stored.stored_at_ms, hold }
         }
         Err(reject) => {
             handlers.metrics.error(reject.code);
@@ -136,15 +138,21 @@ async fn write_half(handlers: &Handlers, send: &mut quinn::SendStream, mut rx: m
         let mut acks = SendAcks::default();
         let mut last = None;
         let mut frames = Vec::new();
+        // The frames' budget, given back once their answers are written.
+        let mut holds = Vec::new();
         for outcome in batch.drain(..) {
             match (outcome, &durable) {
-                (Outcome::Stored { seq, recipient, id, stored_at_ms }, Ok(())) => {
+                (Outcome::Stored { seq, recipient, id, stored_at_ms, hold }, Ok(())) => {
                     handlers.messaging.stored(&recipient);
                     acks.seqs.push(seq);
                     acks.server_ids.push(id);
                     acks.stored_at_ms = stored_at_ms;
+                    holds.extend(hold);
                 }
-                (Outcome::Stored { seq, .. }, Err(reject)) => frames.push(refused(seq, reject)),
+                (Outcome::Stored { seq, hold, .. }, Err(reject)) => {
+                    frames.push(refused(seq, reject));
+                    holds.extend(hold);
+                }
                 (Outcome::Refused { seq, reject }, _) => frames.push(refused(seq, &reject)),
                 (Outcome::End(frame), _) => last = Some(frame),
             }
@@ -159,6 +167,7 @@ async fn write_half(handlers: &Handlers, send: &mut quinn::SendStream, mut rx: m
         if send.write_all(&out).await.is_err() {
             return;
         }
+        drop(holds);
         if last.is_some() {
             send.finish().ok();
             return;

@@ -53,9 +53,16 @@ pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 #[derive(Debug, Default)]
 pub struct StorageFaults {
     fail_flushes: std::sync::atomic::AtomicBool,
+    hold_flushes: std::sync::atomic::AtomicBool,
 }
 
 impl StorageFaults {
+    /// Makes flushes wait (`true`), as a stalled disk would, or go on again (`false`): nothing is acknowledged
+    /// meanwhile.
+    pub fn hold_flushes(&self, hold: bool) {
+        self.hold_flushes.store(hold, Ordering::SeqCst);
+    }
+
     /// Makes every flush from now on fail (`true`) or behave normally again (`false`).
     pub fn fail_flushes(&self, fail: bool) {
         self.fail_flushes.store(fail, Ordering::SeqCst);
@@ -143,6 +150,11 @@ impl GroupCommit {
                     // Writes arriving meanwhile join this flush.
                     drop(gc);
                     tokio::time::sleep_until(next.into()).await;
+                    continue;
+                }
+                if gc.faults.hold_flushes.load(Ordering::SeqCst) {
+                    drop(gc);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
                 }
                 let started = Instant::now();

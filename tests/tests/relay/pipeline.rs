@@ -224,3 +224,97 @@ async fn a_sequence_gap_or_another_request_ends_the_pipeline_and_pipelined_send_
         assert_eq!(answers.len(), 2, "the stream ends after the error: {answers:?}");
     }
 }
+
+/// Sends waiting for a stalled disk stay within the connection's frame budget (2 MiB once authenticated): the
+/// relay stops reading the stream, and the rest waits in QUIC's flow control. Before, a frame's bytes left the
+/// budget as soon as it was read, so the relay kept reading and holding every frame that arrived (here 48 frames
+/// of 64 KiB, 3 MiB) for as long as the disk stalled.
+#[tokio::test]
+async fn sends_waiting_for_a_stalled_disk_stay_within_the_frame_budget() {
+    use std::net::SocketAddr;
+
+    let relay = TestRelay::in_process_with(|c| c.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .await
+        .expect("relay");
+    let metrics = relay.metrics_addr().expect("metrics enabled");
+    let depth = async || crate::metrics::sample(&crate::metrics::get(metrics, "/metrics").await.1, "relay_queue_depth");
+    let faults = relay.storage_faults().expect("in-process relay");
+    let (alice, _) = user(&relay, "+33611111111").await;
+    let (_bob, bob_id) = user(&relay, "+33622222222").await;
+    let to = bob_id.account_id();
+    let (mut writer, mut answers) = alice.open_send_stream().await.expect("open");
+
+    faults.hold_flushes(true);
+    const FRAMES: usize = 48;
+    let envelope = Bytes::from(vec![7u8; 64 * 1024]);
+    // The writes block once the relay stops reading (QUIC flow control), so they go on beside the watching.
+    let writing = tokio::spawn(async move {
+        for _ in 0..FRAMES {
+            writer.send(&to, envelope.clone()).await.expect("write");
+        }
+        writer
+    });
+    assert_held_within_budget(metrics).await;
+
+    faults.hold_flushes(false);
+    let _writer = bounded("writes", writing).await.expect("writer");
+    let mut acked = 0;
+    while acked < FRAMES {
+        match bounded("answer", answers.next()).await.expect("an answer").expect("readable") {
+            SendEvent::Acked { .. } => acked += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(depth().await, FRAMES as f64, "every send stored once the disk is back");
+}
+
+/// The same through one stream per send (the first protocol): each request's bytes stay counted until answered.
+#[tokio::test]
+async fn stream_per_send_requests_waiting_for_a_stalled_disk_stay_within_the_frame_budget() {
+    use std::net::SocketAddr;
+
+    let relay = TestRelay::in_process_with(|c| c.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .await
+        .expect("relay");
+    let metrics = relay.metrics_addr().expect("metrics enabled");
+    let faults = relay.storage_faults().expect("in-process relay");
+    let (alice, _) = user(&relay, "+33611111111").await;
+    let (_bob, bob_id) = user(&relay, "+33622222222").await;
+    let (alice, to) = (std::sync::Arc::new(alice), bob_id.account_id());
+
+    faults.hold_flushes(true);
+    let envelope = Bytes::from(vec![7u8; 64 * 1024]);
+    let sends: Vec<_> = (0..48)
+        .map(|_| {
+            let (alice, envelope) = (alice.clone(), envelope.clone());
+            tokio::spawn(async move { alice.send(&to, envelope).await })
+        })
+        .collect();
+    assert_held_within_budget(metrics).await;
+    faults.hold_flushes(false);
+    for send in sends {
+        bounded("send", send).await.expect("join").expect("acknowledged once the disk is back");
+    }
+}
+
+/// Watches the relay's queue depth while its flushes are held, until it stops changing for a while (at most 5 s),
+/// and checks that what it took in fits the authenticated frame budget (2 MiB) in 64 KiB envelopes.
+async fn assert_held_within_budget(metrics: std::net::SocketAddr) {
+    let depth = async || crate::metrics::sample(&crate::metrics::get(metrics, "/metrics").await.1, "relay_queue_depth");
+    let (mut most, mut still) = (0.0f64, 0);
+    for _ in 0..100 {
+        let now = depth().await;
+        if now > most {
+            (most, still) = (now, 0);
+        } else {
+            still += 1;
+        }
+        if still >= 10 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let budget_frames = (2 * 1024 * 1024 / (64 * 1024)) as f64;
+    assert!(most > 0.0, "nothing was taken in at all");
+    assert!(most <= budget_frames, "{most} frames of 64 KiB held while the disk stalled, beyond the 2 MiB budget");
+}
