@@ -10,8 +10,8 @@
 
 pub mod backend;
 pub mod commit;
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod consent;
 pub mod directory;
 pub mod erasures;
