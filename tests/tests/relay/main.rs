@@ -15,6 +15,7 @@ mod exportlog;
 mod exports_verify;
 mod identity;
 mod jetstream;
+mod jetstream_conformance;
 mod limits;
 mod logdamage;
 mod memory;
