@@ -1,7 +1,8 @@
 //! The relay's JetStream mailboxes (`relay_server::store::nats::NatsMailboxes`) on a real 3-node cluster: the
 //! mailbox conformance suite that the sled mailboxes pass (relay-server's `store::conformance::mailboxes`, public
-//! through its `conformance` feature), and an envelope appended through one node read through another after the
-//! death of its stream's leader.
+//! through its `conformance` feature); an envelope appended through one node read through another after the
+//! death of its stream's leader; and what the JetStream mailboxes promise beyond the suite (the sweep's stop rule,
+//! the cached `queued`, damage reported).
 //!
 //! Each test starts its own cluster (tests/src/nats.rs), killed when the test ends, passing or not; each fixture
 //! of the suite starts from no mailbox stream at all (it deletes them at its first open).
@@ -186,4 +187,60 @@ async fn an_envelope_appended_through_one_node_is_read_through_another_after_its
             .await;
     acked.insert(during.id, (now + 50, b"after the death".to_vec()));
     assert_eq!(by_id(read), acked);
+}
+
+/// What `NatsMailboxes` adds to the suite's contract: the sweep's stop rule, the cached `queued` figure, `depth`
+/// counting expired entries until they are swept, and a message without a stamp reported as damage.
+#[tokio::test]
+async fn the_jetstream_mailboxes_keep_their_own_contract_on_sweeps_counts_and_damage() {
+    let cluster = cluster().await;
+    let nodes = contexts(&cluster, false).await;
+    let layout = Layout { shards: 1, ..layout() };
+    let limits = MailboxLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 1000 };
+    let a = NatsMailboxes::open(nodes[0].clone(), &layout, limits).await.expect("streams through node 0");
+    let b = NatsMailboxes::open(nodes[1].clone(), &layout, limits).await.expect("streams through node 1");
+    let alice = AccountId([3; 16]);
+
+    // An entry that expires far beyond the skew allowance, then one already expired at `now`: appended in that
+    // order (two relay clocks far apart), the sweep stops at the first and leaves the second to the backstop, while
+    // scans still hide it and depth still counts it.
+    let far = 10 * relay_server::store::nats::mailbox::SWEEP_CLOCK_SKEW_MS;
+    a.append(&alice, b"far future", far).await.expect("append");
+    a.append(&alice, b"expired", 0).await.expect("append");
+    let now = 2000;
+    let seen: Vec<_> =
+        a.scan(&alice, 0, 10, usize::MAX, now).await.expect("scan").into_iter().map(|e| e.envelope).collect();
+    assert_eq!(seen, [&b"far future"[..]]);
+    assert_eq!(a.depth(&alice).await.expect("depth"), 2, "an expired entry counts until it is swept");
+    assert_eq!(a.sweep_expired(now).await.expect("sweep"), 0, "the walk stopped at the far-future entry");
+    assert_eq!(a.depth(&alice).await.expect("depth"), 2);
+
+    // Behind an entry within the allowance, the walk goes on and removes what expired.
+    let bob = AccountId([4; 16]);
+    b.purge(&alice).await.expect("purge");
+    b.append(&bob, b"expired", 0).await.expect("append");
+    b.append(&bob, b"within the skew", now + 1).await.expect("append");
+    b.append(&bob, b"also expired", 0).await.expect("append");
+    assert_eq!(b.sweep_expired(now).await.expect("sweep"), 2);
+    assert_eq!(b.depth(&bob).await.expect("depth"), 1);
+
+    // `queued` is node-local between sweeps: node 0 saw its own appends and not node 1's purge and appends; its
+    // next sweep reads the streams' counts.
+    assert_eq!(a.queued(), 2, "node 0's own two appends");
+    assert_eq!(b.queued(), 1, "node 1 swept: the streams' count");
+    assert_eq!(a.sweep_expired(now).await.expect("sweep"), 0);
+    assert_eq!(a.queued(), 1, "refreshed by the sweep");
+
+    // A message on a mailbox subject without a stamp is damage, in scans and sweeps alike.
+    let raw = relay_store_nats::mailbox::Mailboxes::open(
+        nodes[2].clone(),
+        relay_server::store::nats::mailbox::stream_layout(&layout, &limits).expect("layout"),
+    )
+    .await
+    .expect("streams");
+    raw.append(&alice, bytes::Bytes::from_static(b"short")).await.expect("raw append");
+    let scanned = a.scan(&alice, 0, 10, usize::MAX, now).await;
+    assert!(scanned.as_ref().is_err_and(|e| e.to_string().contains("no stamp")), "{scanned:?}");
+    let swept = a.sweep_expired(now).await;
+    assert!(swept.as_ref().is_err_and(|e| e.to_string().contains("no stamp")), "{swept:?}");
 }
