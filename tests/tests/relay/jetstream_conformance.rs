@@ -187,6 +187,11 @@ async fn an_envelope_appended_through_one_node_is_read_through_another_after_its
             .await;
     acked.insert(during.id, (now + 50, b"after the death".to_vec()));
     assert_eq!(by_id(read), acked);
+    // And an append through the restarted node still gets an id above all of them.
+    let after =
+        until_ok("append through the restarted node", || through_victim.append(&alice, b"after the restart", now + 60))
+            .await;
+    assert!(after.id > during.id, "id {} not above {}", after.id, during.id);
 }
 
 /// What `NatsMailboxes` adds to the suite's contract: the sweep's stop rule, the cached `queued` figure, `depth`
