@@ -118,6 +118,13 @@ pub fn mailbox_subject(shard: Shard, account: &AccountId) -> String {
     format!("mbox.{}.{account}", shard.0)
 }
 
+/// The account whose mailbox subject in shard `shard` is `subject`; `None` if `subject` is not one.
+pub fn mailbox_account(shard: Shard, subject: &str) -> Option<AccountId> {
+    let hex = subject.strip_prefix(&format!("mbox.{}.", shard.0))?;
+    let bytes = hex::decode(hex).ok()?;
+    AccountId::from_slice(&bytes)
+}
+
 /// The subject of `account`'s consent statements: `consent.<account hex>`.
 pub fn feed_subject(account: &AccountId) -> String {
     format!("consent.{account}")
@@ -137,6 +144,10 @@ mod tests {
         assert_eq!(mailbox_subject(shard, &account), format!("mbox.3.{}", "ab".repeat(16)));
         assert_eq!(feed_subject(&account), format!("consent.{}", "ab".repeat(16)));
         assert_eq!(shard.wake_subject(), "wake.3");
+        assert_eq!(mailbox_account(shard, &mailbox_subject(shard, &account)), Some(account));
+        assert_eq!(mailbox_account(Shard(2), &mailbox_subject(shard, &account)), None, "another shard's subject");
+        assert_eq!(mailbox_account(shard, "mbox.3.zz"), None);
+        assert_eq!(mailbox_account(shard, &format!("consent.{account}")), None);
         assert_eq!(layout.shards().count(), 8);
     }
 

@@ -14,9 +14,13 @@
 //! - [`Mailboxes::remove`] deletes a message only if it is in the caller's mailbox: a sequence from another
 //!   mailbox is refused ([`StoreError::NotInMailbox`]) and left in place. Deletion erases the message's bytes.
 //! - The account is always the caller's argument (the authenticated account): no function here takes a mailbox
-//!   from message contents.
+//!   from message contents. The exceptions are shard-wide and say so: [`Mailboxes::scan_shard`] and
+//!   [`Mailboxes::expire`] (the expiry sweep, which has no recipient) and [`Mailboxes::queued`] (a count).
+//! - [`Mailboxes::purge`] removes a whole mailbox with one purge by subject (the account is erased);
+//!   [`Mailboxes::depth`] is the per-subject message count the stream leader reports.
 
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use relay_proto::AccountId;
 
 use async_nats::jetstream::stream::{self, DiscardPolicy, RawMessageErrorKind, StorageType, Stream};
@@ -24,7 +28,7 @@ use async_nats::jetstream::{self, ErrorCode};
 
 use crate::StoreError;
 use crate::error::jetstream_error;
-use crate::layout::{Layout, Shard, mailbox_subject};
+use crate::layout::{Layout, Shard, mailbox_account, mailbox_subject};
 
 /// The server's error code when a subject holds `max_msgs_per_subject` messages and the stream discards new ones.
 const MAX_MSGS_PER_SUBJECT: ErrorCode = ErrorCode(10077);
@@ -139,6 +143,82 @@ impl Mailboxes {
             Ok(_) => Ok(true),
             Err(e) if jetstream_error(&e).is_some_and(|j| j.error_code() == ErrorCode::NO_MESSAGE_FOUND) => Ok(false),
             Err(e) => Err(StoreError::engine("removing a mailbox message")(e)),
+        }
+    }
+
+    /// Removes every message of `account`'s mailbox with one purge by subject; how many.
+    pub async fn purge(&self, account: &AccountId) -> Result<u64, StoreError> {
+        let (stream, subject) = self.locate(account);
+        let purged = stream.purge().filter(subject).await.map_err(StoreError::engine("purging a mailbox"))?;
+        Ok(purged.purged)
+    }
+
+    /// How many messages `account`'s mailbox holds, as the stream leader counts them.
+    pub async fn depth(&self, account: &AccountId) -> Result<u64, StoreError> {
+        let (stream, subject) = self.locate(account);
+        let mut subjects =
+            stream.info_with_subjects(&subject).await.map_err(StoreError::engine("counting a mailbox"))?;
+        let mut depth = 0;
+        while let Some((name, count)) = subjects.try_next().await.map_err(StoreError::engine("counting a mailbox"))? {
+            if name == subject {
+                depth = count as u64;
+            }
+        }
+        Ok(depth)
+    }
+
+    /// How many messages all the mailbox streams hold.
+    pub async fn queued(&self) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        for stream in &self.streams {
+            let info = stream.get_info().await.map_err(StoreError::engine("reading a mailbox stream's state"))?;
+            total = total.saturating_add(info.state.messages);
+        }
+        Ok(total)
+    }
+
+    /// Up to `max` messages of any mailbox of `shard` with a sequence above `after`, in sequence order, each with
+    /// its mailbox's account: what an expiry sweep walks. A subject that is not a mailbox's is reported
+    /// ([`StoreError::Corrupt`]), not skipped.
+    pub async fn scan_shard(
+        &self,
+        shard: Shard,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(AccountId, Stored)>, StoreError> {
+        let stream = self.streams.get(shard.0 as usize).ok_or_else(|| StoreError::Invalid("no such shard".into()))?;
+        let subjects = shard.mailbox_subjects();
+        let mut found = Vec::new();
+        let mut next = after.saturating_add(1);
+        while found.len() < max {
+            match stream.get_first_raw_message_by_subject(&subjects, next).await {
+                Ok(m) => {
+                    next = m.sequence.saturating_add(1);
+                    let account = mailbox_account(shard, m.subject.as_str()).ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "message {} of {} is on a foreign subject",
+                            m.sequence,
+                            shard.mailbox_stream()
+                        ))
+                    })?;
+                    let stored_at_ms = u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                    found.push((account, Stored { seq: m.sequence, stored_at_ms, envelope: m.payload }));
+                }
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(StoreError::engine("walking a mailbox shard")(e)),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes message `seq` of `shard` whatever its mailbox (the expiry sweep's removal; everything else removes
+    /// through [`Mailboxes::remove`]): `true` if it was there. Deletion erases the message's bytes.
+    pub async fn expire(&self, shard: Shard, seq: u64) -> Result<bool, StoreError> {
+        let stream = self.streams.get(shard.0 as usize).ok_or_else(|| StoreError::Invalid("no such shard".into()))?;
+        match stream.delete_message(seq).await {
+            Ok(_) => Ok(true),
+            Err(e) if jetstream_error(&e).is_some_and(|j| j.error_code() == ErrorCode::NO_MESSAGE_FOUND) => Ok(false),
+            Err(e) => Err(StoreError::engine("removing an expired mailbox message")(e)),
         }
     }
 }

@@ -55,10 +55,12 @@ impl From<sled::Error> for BackendError {
 
 /// Per-recipient queues of opaque envelopes.
 ///
-/// Ids are assigned by the store, at least 1, unique and increasing across restarts; within one mailbox, entries
-/// become visible to [`MailboxStore::scan`] in id order, so a reader that follows a mailbox with a cursor never
-/// passes over an entry. Appends are checked against the mailbox quota (messages and bytes) and refused with
-/// [`MailboxError::QuotaExceeded`] when it is reached. Expired entries are never returned by a scan.
+/// Ids are assigned by the store: at least 1, unique across all mailboxes and never reused; within one mailbox they
+/// increase, across restarts too, and entries become visible to [`MailboxStore::scan`] in id order, so a reader
+/// that follows a mailbox with a cursor never passes over an entry. Appends are checked against the mailbox's
+/// message quota, and against its byte quota where the backend enforces one (sled does; JetStream cannot, see
+/// [`crate::store::nats::mailbox`]), and refused with [`MailboxError::QuotaExceeded`] when it is reached. Expiry
+/// follows the `now_ms` the relay passes: expired entries are never returned by a scan.
 pub trait MailboxStore: Send + Sync {
     /// Stores `envelope` for `recipient`, stamped `now_ms`.
     fn append<'a>(

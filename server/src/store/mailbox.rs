@@ -50,7 +50,7 @@ pub enum MailboxError {
     QuotaExceeded {
         /// Messages queued.
         messages: u64,
-        /// Bytes queued.
+        /// Bytes queued (0 from a backend that does not count a mailbox's bytes).
         bytes: u64,
         /// Message limit.
         max_messages: u64,

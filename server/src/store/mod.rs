@@ -5,18 +5,20 @@
 //! message path reaches the directory only through [`Identities`], which holds the identity-keys tree alone.
 //!
 //! Every concern is reached through a trait of [`backend`] (held as `Arc<dyn …>`), so that a distributed engine can
-//! serve it; the `Sled…` types here implement them, and `conformance` (test builds) holds the tests every implementation
-//! passes. The export log's and the fence's own tests still run against their sled implementations only.
+//! serve it; the `Sled…` types here implement them, [`nats`] holds the JetStream implementations written so far
+//! (mailboxes and the durability barrier; relayd does not open them yet), and `conformance` (test builds, or the
+//! `conformance` feature) holds the tests every implementation passes. The export log's and the fence's own tests still run against their sled implementations only.
 
 pub mod backend;
 pub mod commit;
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod consent;
 pub mod directory;
 pub mod erasures;
 pub mod exportlog;
 pub mod mailbox;
+pub mod nats;
 pub mod notices;
 pub mod prekeys;
 pub mod roundlog;

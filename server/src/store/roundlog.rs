@@ -678,7 +678,11 @@ mod tests {
     }
 
     impl suite::Fixture for Rounds {
-        fn open(&self, limits: MailboxLimits) -> Arc<dyn MailboxStore> {
+        fn byte_quota(&self) -> suite::ByteQuota {
+            suite::ByteQuota::Enforced
+        }
+
+        async fn open(&self, limits: MailboxLimits) -> Arc<dyn MailboxStore> {
             self.open_rounds(limits)
         }
 

@@ -16,6 +16,7 @@ mod exports_verify;
 mod failover;
 mod identity;
 mod jetstream;
+mod jetstream_conformance;
 mod limits;
 mod logdamage;
 mod memory;
