@@ -499,8 +499,11 @@ pub(crate) mod consent {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod erasures {
+#[cfg(any(test, feature = "conformance"))]
+pub mod erasures {
+    //! The [`crate::store::ErasureStore`] suite (public with the `conformance` feature: the JetStream feed runs it
+    //! on a real cluster).
+
     use relay_proto::AccountId;
 
     use crate::store::{Erasure, Erasures};
@@ -515,7 +518,9 @@ pub(crate) mod erasures {
         }
     }
 
-    pub(crate) async fn erasures_page_in_order_and_mark_the_account(feed: &Erasures) {
+    /// Cursors start at 1 and follow recording order; pages are bounded; an erased account is marked. `feed`
+    /// must be empty.
+    pub async fn erasures_page_in_order_and_mark_the_account(feed: &Erasures) {
         assert_eq!(feed.record(&erasure(1)).await.expect("record"), 1);
         assert_eq!(feed.record(&erasure(2)).await.expect("record"), 2);
         assert_eq!(feed.changes(0, 10).await.expect("changes"), [(1, erasure(1)), (2, erasure(2))]);
@@ -527,7 +532,7 @@ pub(crate) mod erasures {
     }
 
     /// Runs every test, each on a fresh, empty store from `fresh`.
-    pub(crate) async fn run_all(fresh: &dyn Fn() -> Erasures) {
+    pub async fn run_all(fresh: &dyn Fn() -> Erasures) {
         erasures_page_in_order_and_mark_the_account(&fresh()).await;
     }
 }

@@ -52,7 +52,8 @@ pub struct Erasure {
 }
 
 impl Erasure {
-    fn encode(&self) -> Vec<u8> {
+    /// The stored form (both backends): account, identity key, time, signature, then the signed transcript.
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.signed.len());
         out.extend_from_slice(self.account.as_bytes());
         out.extend_from_slice(&self.identity_key);
@@ -62,7 +63,8 @@ impl Erasure {
         out
     }
 
-    fn decode(v: &[u8]) -> Option<Self> {
+    /// Reads the stored form back; `None` if it does not decode.
+    pub(crate) fn decode(v: &[u8]) -> Option<Self> {
         let account = AccountId::from_slice(v.get(..ACCOUNT_ID_LEN)?)?;
         let identity_key = v.get(ACCOUNT_ID_LEN..ACCOUNT_ID_LEN + KEY_LEN)?.try_into().ok()?;
         let at = ACCOUNT_ID_LEN + KEY_LEN;

@@ -2,17 +2,20 @@
 //! the layout and its primitives are `relay_store_nats`; this module puts them behind [`crate::store::backend`].
 //!
 //! Contract:
-//! - What exists: the mailboxes ([`NatsMailboxes`]) and the durability barrier ([`JetStreamDurability`]). The other
+//! - What exists: the mailboxes ([`NatsMailboxes`]), the erasure feed ([`NatsErasures`]) and the durability barrier
+//!   ([`JetStreamDurability`]). The other
 //!   concerns still have only their sled implementations, and relayd does not open this backend yet
 //!   (docs/scale.md says what exists).
 //! - Every write here returns only after JetStream's publish acknowledgement: for the layout's R3 streams, after a
 //!   quorum of two replicas stored it (fsynced first with the shipped `sync_interval: always`).
 //! - Engine failures become the traits' [`crate::store::BackendError`]s, carrying the engine's text, never data.
 
+pub mod erasures;
 mod ids;
 pub mod mailbox;
 mod stamp;
 
+pub use erasures::NatsErasures;
 pub use mailbox::NatsMailboxes;
 
 use super::backend::{BoxFuture, Durability};

@@ -1,0 +1,87 @@
+//! The relay's JetStream erasure feed (`relay_server::store::nats::NatsErasures`) on a real 3-node cluster: the
+//! erasure conformance suite the sled feed passes; one feed across relay nodes (an erasure recorded through one node
+//! is read, in order, through another), which survives the death of its stream's leader; and a feed the server
+//! refuses to shorten.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use relay_proto::AccountId;
+use relay_server::store::conformance::erasures as suite;
+use relay_server::store::nats::NatsErasures;
+use relay_server::store::{Erasure, ErasureStore, Erasures};
+use relay_store_nats::Layout;
+use relay_tests::nats::NatsCluster;
+
+use crate::WAIT;
+
+fn erasure(n: u8) -> Erasure {
+    Erasure {
+        account: AccountId([n; 16]),
+        identity_key: [n; 32],
+        recorded_at_ms: u64::from(n),
+        signature: [n; 64],
+        signed: vec![n; 40],
+    }
+}
+
+/// A JetStream context on node `i`, with short requests (retried during elections).
+async fn context(cluster: &NatsCluster, i: usize) -> jetstream::Context {
+    let client = cluster.connect(i).await.expect("client");
+    jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(client)
+}
+
+/// Retries `f` until it succeeds, for at most [`WAIT`] (an election after a node is killed takes seconds).
+async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{what}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what} still failing after {WAIT:?}: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_jetstream_erasure_feed_passes_the_suite_and_is_one_feed_across_nodes() {
+    let mut cluster = NatsCluster::start().await.expect("3-node cluster");
+    let layout = Layout::default();
+    let through_a = NatsErasures::open(context(&cluster, 0).await, &layout).await.expect("feed through node 0");
+    let feed: Erasures = Arc::new(through_a);
+    suite::erasures_page_in_order_and_mark_the_account(&feed).await;
+
+    // Another relay node, on another NATS server, records into the same feed: one order, no gap.
+    let through_b = NatsErasures::open(context(&cluster, 1).await, &layout).await.expect("feed through node 1");
+    assert_eq!(through_b.record(&erasure(3)).await.expect("record through node 1"), 3);
+    assert!(feed.erased(&AccountId([3; 16])).await.expect("seen through node 0"));
+    let all = feed.changes(0, 10).await.expect("changes");
+    assert_eq!(all.iter().map(|(c, e)| (*c, e.account.0[0])).collect::<Vec<_>>(), [(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(all[2].1, erasure(3), "read back exactly as recorded");
+
+    // The server refuses to shorten the feed: no delete, no purge.
+    let js = context(&cluster, 2).await;
+    let stream = js.get_stream(relay_server::store::nats::erasures::STREAM).await.expect("stream");
+    assert!(stream.delete_message(1).await.is_err(), "a recorded erasure was deleted");
+    assert!(stream.purge().await.is_err(), "the feed was purged");
+
+    // The stream's leader dies: the feed is read whole through a surviving node, and recording goes on.
+    let mut stream = js.get_stream(relay_server::store::nats::erasures::STREAM).await.expect("stream");
+    let info = stream.info().await.expect("info");
+    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a leader");
+    let victim = cluster.index_of(&leader).expect("the leader is a node");
+    let survivor = [2, 1, 0].into_iter().find(|&i| i != victim).expect("a survivor");
+    let through_c = NatsErasures::open(context(&cluster, survivor).await, &layout).await.expect("feed");
+    cluster.kill(victim).expect("SIGKILL the stream leader");
+    let read = until_ok("read after the leader died", || through_c.changes(0, 10)).await;
+    assert_eq!(read, all, "every acknowledged erasure, in order");
+    let fourth = erasure(4);
+    assert_eq!(until_ok("record after the leader died", || through_c.record(&fourth)).await, 4);
+}
