@@ -277,7 +277,7 @@ impl TestRelay {
         let Running::InProcess(h) = &self.running else { bail!("in-process relays only") };
         let notices = h.notices();
         tokio::time::timeout(bound, async {
-            while notices.current_count().await == 0 {
+            while notices.current_count().await.unwrap_or(0) == 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })

@@ -277,7 +277,7 @@ pub trait NoticeStore: Send + Sync {
     fn publish<'a>(&'a self, documents: &'a [Vec<u8>]) -> BoxFuture<'a, Result<Published, NoticeStoreError>>;
 
     /// How many pairs have a current notice.
-    fn current_count(&self) -> BoxFuture<'_, usize>;
+    fn current_count(&self) -> BoxFuture<'_, Result<usize, NoticeStoreError>>;
 
     /// The current notice hash of the pair, if the exporter published one.
     fn current_hash<'a>(

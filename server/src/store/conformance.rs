@@ -537,8 +537,11 @@ pub mod erasures {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod notices {
+#[cfg(any(test, feature = "conformance"))]
+pub mod notices {
+    //! The [`crate::store::NoticeStore`] suite (public with the `conformance` feature: the JetStream notices run it
+    //! on a real cluster). Each test needs an empty store.
+
     use relay_proto::consent::Purpose;
     use relay_proto::notice::{Field, Notice, Retention, notice_hash};
 
@@ -558,7 +561,8 @@ pub(crate) mod notices {
         .expect("valid notice")
     }
 
-    pub(crate) async fn the_published_set_replaces_the_current_one_and_old_documents_stay_readable(n: &Notices) {
+    /// A publication replaces the current set whole; every document ever published stays readable by hash.
+    pub async fn the_published_set_replaces_the_current_one_and_old_documents_stay_readable(n: &Notices) {
         let ads_v1 = notice("adsco", Purpose::Advertising, vec![Field::DeviceModel], 1);
         let sec = notice("shieldco", Purpose::Security, vec![Field::Phone], 1);
         assert_eq!(
@@ -567,6 +571,7 @@ pub(crate) mod notices {
         );
         assert_eq!(n.current("adsco", Purpose::Advertising).await.expect("read"), Some(ads_v1.clone()));
         assert_eq!(n.current_hash("adsco", Purpose::Analytics).await.expect("read"), None);
+        assert_eq!(n.current_count().await.expect("count"), 2);
 
         let ads_v2 = notice("adsco", Purpose::Advertising, vec![Field::Phone, Field::DeviceModel], 2);
         assert_eq!(
@@ -575,6 +580,7 @@ pub(crate) mod notices {
         );
         assert_eq!(n.current_hash("adsco", Purpose::Advertising).await.expect("read"), Some(notice_hash(&ads_v2)));
         assert_eq!(n.current_hash("shieldco", Purpose::Security).await.expect("read"), None, "left the set: no notice");
+        assert_eq!(n.current_count().await.expect("count"), 1);
         assert_eq!(
             n.by_hash(&notice_hash(&ads_v1)).await.expect("read"),
             Some(ads_v1),
@@ -583,7 +589,8 @@ pub(crate) mod notices {
         assert_eq!(n.publish(&[ads_v2]).await.expect("again"), Published { new_documents: 0, current: 1 });
     }
 
-    pub(crate) async fn only_canonical_documents_one_per_pair_are_published(n: &Notices) {
+    /// Non-canonical documents and two documents for one pair are refused, and change nothing.
+    pub async fn only_canonical_documents_one_per_pair_are_published(n: &Notices) {
         let good = notice("adsco", Purpose::Advertising, vec![Field::DeviceModel], 1);
         let mut bad = good.clone();
         bad.push(b'\n');
@@ -598,7 +605,7 @@ pub(crate) mod notices {
     }
 
     /// Runs every test, each on a fresh, empty store from `fresh`.
-    pub(crate) async fn run_all(fresh: &dyn Fn() -> Notices) {
+    pub async fn run_all(fresh: &dyn Fn() -> Notices) {
         the_published_set_replaces_the_current_one_and_old_documents_stay_readable(&fresh()).await;
         only_canonical_documents_one_per_pair_are_published(&fresh()).await;
     }

@@ -86,6 +86,25 @@ fn current_key(affiliate: &str, purpose: Purpose) -> Vec<u8> {
     [&[CURRENT, index][..], affiliate.as_bytes()].concat()
 }
 
+/// A checked publication: each (affiliate, purpose) with its document's hash and the document.
+pub(crate) type Checked<'a> = BTreeMap<(String, Purpose), ([u8; 32], &'a Vec<u8>)>;
+
+/// Checks a publication as every backend must: at most [`MAX_PUBLISHED_NOTICES`] documents, each a canonical
+/// notice, at most one per (affiliate, purpose).
+pub(crate) fn checked_publication(documents: &[Vec<u8>]) -> Result<Checked<'_>, NoticeStoreError> {
+    if documents.len() > MAX_PUBLISHED_NOTICES {
+        return Err(NoticeStoreError::TooMany(documents.len()));
+    }
+    let mut current = BTreeMap::new();
+    for (index, document) in documents.iter().enumerate() {
+        let notice = Notice::decode(document).map_err(|source| NoticeStoreError::Invalid { index, source })?;
+        if current.insert((notice.affiliate.clone(), notice.purpose), (notice_hash(document), document)).is_some() {
+            return Err(NoticeStoreError::Duplicate { affiliate: notice.affiliate, purpose: notice.purpose });
+        }
+    }
+    Ok(current)
+}
+
 impl SledNotices {
     /// Notices kept in `tree`.
     pub fn new(tree: sled::Tree) -> Self {
@@ -93,17 +112,10 @@ impl SledNotices {
     }
 
     fn publish_now(&self, documents: &[Vec<u8>]) -> Result<Published, NoticeStoreError> {
-        if documents.len() > MAX_PUBLISHED_NOTICES {
-            return Err(NoticeStoreError::TooMany(documents.len()));
-        }
-        let mut current = BTreeMap::new();
-        for (index, document) in documents.iter().enumerate() {
-            let notice = Notice::decode(document).map_err(|source| NoticeStoreError::Invalid { index, source })?;
-            let key = current_key(&notice.affiliate, notice.purpose);
-            if current.insert(key, (notice_hash(document), document)).is_some() {
-                return Err(NoticeStoreError::Duplicate { affiliate: notice.affiliate, purpose: notice.purpose });
-            }
-        }
+        let current: BTreeMap<Vec<u8>, ([u8; 32], &Vec<u8>)> = checked_publication(documents)?
+            .into_iter()
+            .map(|((affiliate, purpose), v)| (current_key(&affiliate, purpose), v))
+            .collect();
         let stale: Vec<sled::IVec> = self
             .tree
             .scan_prefix([CURRENT])
@@ -162,8 +174,8 @@ impl NoticeStore for SledNotices {
         Box::pin(std::future::ready(self.publish_now(documents)))
     }
 
-    fn current_count(&self) -> BoxFuture<'_, usize> {
-        Box::pin(std::future::ready(self.current_count_now()))
+    fn current_count(&self) -> BoxFuture<'_, Result<usize, NoticeStoreError>> {
+        Box::pin(std::future::ready(Ok(self.current_count_now())))
     }
 
     fn current_hash<'a>(

@@ -17,7 +17,7 @@ mod failover;
 mod identity;
 mod jetstream;
 mod jetstream_conformance;
-mod jetstream_erasures;
+mod jetstream_stores;
 mod limits;
 mod logdamage;
 mod memory;

@@ -2,8 +2,8 @@
 //! the layout and its primitives are `relay_store_nats`; this module puts them behind [`crate::store::backend`].
 //!
 //! Contract:
-//! - What exists: the mailboxes ([`NatsMailboxes`]), the erasure feed ([`NatsErasures`]) and the durability barrier
-//!   ([`JetStreamDurability`]). The other
+//! - What exists: the mailboxes ([`NatsMailboxes`]), the erasure feed ([`NatsErasures`]), the notices
+//!   ([`NatsNotices`]) and the durability barrier ([`JetStreamDurability`]). The other
 //!   concerns still have only their sled implementations, and relayd does not open this backend yet
 //!   (docs/scale.md says what exists).
 //! - Every write here returns only after JetStream's publish acknowledgement: for the layout's R3 streams, after a
@@ -13,10 +13,12 @@
 pub mod erasures;
 mod ids;
 pub mod mailbox;
+pub mod notices;
 mod stamp;
 
 pub use erasures::NatsErasures;
 pub use mailbox::NatsMailboxes;
+pub use notices::NatsNotices;
 
 use super::backend::{BoxFuture, Durability};
 use super::commit::CommitError;

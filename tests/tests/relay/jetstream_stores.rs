@@ -1,7 +1,7 @@
-//! The relay's JetStream erasure feed (`relay_server::store::nats::NatsErasures`) on a real 3-node cluster: the
-//! erasure conformance suite the sled feed passes; one feed across relay nodes (an erasure recorded through one node
-//! is read, in order, through another), which survives the death of its stream's leader; and a feed the server
-//! refuses to shorten.
+//! The relay's JetStream erasure feed and notices (`relay_server::store::nats::{NatsErasures, NatsNotices}`) on a
+//! real 3-node cluster: the conformance suites the sled stores pass; one feed across relay nodes (an erasure
+//! recorded through one node is read, in order, through another), which survives the death of its stream's leader
+//! and which the server refuses to shorten; notices published through one node served by another.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use relay_proto::AccountId;
 use relay_server::store::conformance::erasures as suite;
-use relay_server::store::nats::NatsErasures;
-use relay_server::store::{Erasure, ErasureStore, Erasures};
+use relay_server::store::nats::{NatsErasures, NatsNotices};
+use relay_server::store::{Erasure, ErasureStore, Erasures, NoticeStore, Notices};
 use relay_store_nats::Layout;
 use relay_tests::nats::NatsCluster;
 
@@ -84,4 +84,25 @@ async fn the_jetstream_erasure_feed_passes_the_suite_and_is_one_feed_across_node
     assert_eq!(read, all, "every acknowledged erasure, in order");
     let fourth = erasure(4);
     assert_eq!(until_ok("record after the leader died", || through_c.record(&fourth)).await, 4);
+}
+
+#[tokio::test]
+async fn the_jetstream_notices_pass_the_suite_and_every_node_serves_what_one_published() {
+    use relay_server::store::conformance::notices;
+
+    let cluster = NatsCluster::start().await.expect("3-node cluster");
+    let layout = Layout::default();
+    let store: Notices = Arc::new(NatsNotices::open(context(&cluster, 0).await, &layout).await.expect("bucket"));
+    // The refusal test first: it needs an empty bucket, and a refused set changes nothing.
+    notices::only_canonical_documents_one_per_pair_are_published(&store).await;
+    notices::the_published_set_replaces_the_current_one_and_old_documents_stay_readable(&store).await;
+
+    // What node 0 published, node 2 serves: the current set and every document by hash.
+    let other = NatsNotices::open(context(&cluster, 2).await, &layout).await.expect("bucket through node 2");
+    let here = store.current_hash("adsco", relay_proto::consent::Purpose::Advertising).await.expect("read");
+    let there = other.current_hash("adsco", relay_proto::consent::Purpose::Advertising).await.expect("read");
+    assert!(here.is_some() && here == there, "{here:?} against {there:?}");
+    let document = other.by_hash(&there.expect("a current notice")).await.expect("read").expect("the document");
+    assert_eq!(relay_proto::notice::notice_hash(&document), there.expect("hash"));
+    assert_eq!(other.current_count().await.expect("count"), 1);
 }
