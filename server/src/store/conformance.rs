@@ -297,8 +297,11 @@ pub(crate) mod directory {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod prekeys {
+#[cfg(any(test, feature = "conformance"))]
+pub mod prekeys {
+    //! The [`crate::store::PrekeyStore`] suite (public with the `conformance` feature: the JetStream prekeys run it
+    //! on a real cluster).
+
     use std::collections::HashSet;
 
     use relay_proto::AccountId;
@@ -317,14 +320,16 @@ pub(crate) mod prekeys {
     }
 
     /// Runs every single-task test, each on a fresh, empty store from `fresh`.
-    pub(crate) async fn run_all(fresh: &dyn Fn() -> Prekeys) {
+    /// Runs every single-task test, each on a fresh, empty store from `fresh`.
+    pub async fn run_all(fresh: &dyn Fn() -> Prekeys) {
         bundle_consumes_one_time_keys_then_falls_back_to_last_resort(&fresh()).await;
         sizes_and_pool_bound_are_checked(&fresh()).await;
         access_key_checks(&fresh()).await;
         forgetting_an_account_removes_its_keys_and_no_one_elses(&fresh()).await;
     }
 
-    pub(crate) async fn bundle_consumes_one_time_keys_then_falls_back_to_last_resort(p: &Prekeys) {
+    /// A bundle takes one one-time key of each kind, then falls back to the last-resort KEM key.
+    pub async fn bundle_consumes_one_time_keys_then_falls_back_to_last_resort(p: &Prekeys) {
         let a = AccountId([1; 16]);
         assert_eq!(p.take_bundle(&a).await.expect("take"), None, "nothing published");
         let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
@@ -341,7 +346,7 @@ pub(crate) mod prekeys {
     }
 
     /// Needs a multi-threaded runtime.
-    pub(crate) async fn racing_fetches_never_share_a_one_time_key(p: &Prekeys) {
+    pub async fn racing_fetches_never_share_a_one_time_key(p: &Prekeys) {
         let a = AccountId([1; 16]);
         let ot: Vec<_> = (0..200).map(|i| OneTimePrekey { id: i, public_key: vec![0; 32].into() }).collect();
         let kems: Vec<_> = (0..200).map(kem).collect();
@@ -372,7 +377,8 @@ pub(crate) mod prekeys {
         assert_eq!((ids.len(), kem_ids.len()), (200, 200));
     }
 
-    pub(crate) async fn sizes_and_pool_bound_are_checked(p: &Prekeys) {
+    /// Wrong sizes and pools past `MAX_POOL` are refused.
+    pub async fn sizes_and_pool_bound_are_checked(p: &Prekeys) {
         let a = AccountId([1; 16]);
         let bad = SignedPrekey { id: 1, public_key: vec![2; 31].into(), signature: vec![3; 64].into() };
         assert!(matches!(p.upload(&a, Some(&bad), &[], &[], None).await, Err(PrekeyError::Invalid(_))));
@@ -381,7 +387,8 @@ pub(crate) mod prekeys {
         assert!(matches!(p.upload(&a, None, &too_many, &[], None).await, Err(PrekeyError::Invalid(_))));
     }
 
-    pub(crate) async fn access_key_checks(p: &Prekeys) {
+    /// Sealed sends are allowed only with the access key whose hash was set, for that account only.
+    pub async fn access_key_checks(p: &Prekeys) {
         let a = AccountId([1; 16]);
         assert!(!p.access_allowed(&a, b"anything").await.expect("check"), "no key set: sealed sends refused");
         p.set_access_verifier(&a, &Sha256::digest(b"secret-key")).await.expect("set");
@@ -390,7 +397,8 @@ pub(crate) mod prekeys {
         assert!(!p.access_allowed(&AccountId([2; 16]), b"secret-key").await.expect("check"));
     }
 
-    pub(crate) async fn forgetting_an_account_removes_its_keys_and_no_one_elses(p: &Prekeys) {
+    /// Forgetting an account removes its prekeys and access key, and no other account's.
+    pub async fn forgetting_an_account_removes_its_keys_and_no_one_elses(p: &Prekeys) {
         let (a, b) = (AccountId([1; 16]), AccountId([2; 16]));
         let ot = [OneTimePrekey { id: 7, public_key: vec![7; 32].into() }];
         for account in [&a, &b] {

@@ -105,7 +105,7 @@ fn check_kem(k: &KemPrekey) -> Result<(), PrekeyError> {
     check_len("KEM prekey signature", k.signature.len(), SIGNATURE_LEN)
 }
 
-fn encode_kem(k: &KemPrekey) -> Vec<u8> {
+pub(crate) fn encode_kem(k: &KemPrekey) -> Vec<u8> {
     let mut v = Vec::with_capacity(4 + KEM_PUBLIC_LEN + SIGNATURE_LEN);
     v.extend_from_slice(&k.id.to_be_bytes());
     v.extend_from_slice(&k.public_key);
@@ -113,7 +113,7 @@ fn encode_kem(k: &KemPrekey) -> Vec<u8> {
     v
 }
 
-fn decode_kem(v: &[u8]) -> Option<KemPrekey> {
+pub(crate) fn decode_kem(v: &[u8]) -> Option<KemPrekey> {
     if v.len() != 4 + KEM_PUBLIC_LEN + SIGNATURE_LEN {
         return None;
     }
@@ -121,6 +121,35 @@ fn decode_kem(v: &[u8]) -> Option<KemPrekey> {
     let public_key = v[4..4 + KEM_PUBLIC_LEN].to_vec().into();
     let signature = v[4 + KEM_PUBLIC_LEN..].to_vec().into();
     Some(KemPrekey { id, public_key, signature })
+}
+
+/// Checks the sizes of an upload, as every backend must.
+pub(crate) fn check_upload(
+    signed: Option<&SignedPrekey>,
+    one_time: &[OneTimePrekey],
+    kem: &[KemPrekey],
+    last_resort: Option<&KemPrekey>,
+) -> Result<(), PrekeyError> {
+    if let Some(s) = signed {
+        check_len("signed prekey", s.public_key.len(), X25519_LEN)?;
+        check_len("signed prekey signature", s.signature.len(), SIGNATURE_LEN)?;
+    }
+    for k in one_time {
+        check_len("one-time prekey", k.public_key.len(), X25519_LEN)?;
+    }
+    for k in kem.iter().chain(last_resort) {
+        check_kem(k)?;
+    }
+    Ok(())
+}
+
+/// A signed prekey as stored: `id (4, BE) ‖ public key ‖ signature`.
+pub(crate) fn encode_signed(s: &SignedPrekey) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + X25519_LEN + SIGNATURE_LEN);
+    v.extend_from_slice(&s.id.to_be_bytes());
+    v.extend_from_slice(&s.public_key);
+    v.extend_from_slice(&s.signature);
+    v
 }
 
 impl SledPrekeys {
@@ -136,16 +165,7 @@ impl SledPrekeys {
         kem: &[KemPrekey],
         last_resort: Option<&KemPrekey>,
     ) -> Result<Counts, PrekeyError> {
-        if let Some(s) = signed {
-            check_len("signed prekey", s.public_key.len(), X25519_LEN)?;
-            check_len("signed prekey signature", s.signature.len(), SIGNATURE_LEN)?;
-        }
-        for k in one_time {
-            check_len("one-time prekey", k.public_key.len(), X25519_LEN)?;
-        }
-        for k in kem.iter().chain(last_resort) {
-            check_kem(k)?;
-        }
+        check_upload(signed, one_time, kem, last_resort)?;
         let before = self.counts_now(account)?;
         let after = |held: u32, added: usize| usize::try_from(held).unwrap_or(usize::MAX).saturating_add(added);
         if after(before.one_time, one_time.len()) > MAX_POOL || after(before.kem, kem.len()) > MAX_POOL {
@@ -153,11 +173,7 @@ impl SledPrekeys {
         }
         let mut batch = sled::Batch::default();
         if let Some(s) = signed {
-            let mut v = Vec::with_capacity(4 + X25519_LEN + SIGNATURE_LEN);
-            v.extend_from_slice(&s.id.to_be_bytes());
-            v.extend_from_slice(&s.public_key);
-            v.extend_from_slice(&s.signature);
-            batch.insert(prefix(account, SIGNED), v);
+            batch.insert(prefix(account, SIGNED), encode_signed(s));
         }
         for k in one_time {
             batch.insert(pooled_key(account, ONE_TIME, k.id), k.public_key.to_vec());

@@ -1,7 +1,8 @@
 //! The relay's JetStream erasure feed and notices (`relay_server::store::nats::{NatsErasures, NatsNotices}`) on a
 //! real 3-node cluster: the conformance suites the sled stores pass; one feed across relay nodes (an erasure
 //! recorded through one node is read, in order, through another), which survives the death of its stream's leader
-//! and which the server refuses to shorten; notices published through one node served by another.
+//! and which the server refuses to shorten; notices published through one node served by another; prekeys whose
+//! one-time keys are each handed out once to fetches racing through different nodes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +10,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use relay_proto::AccountId;
 use relay_server::store::conformance::erasures as suite;
-use relay_server::store::nats::{NatsErasures, NatsNotices};
-use relay_server::store::{Erasure, ErasureStore, Erasures, NoticeStore, Notices};
+use relay_server::store::nats::{NatsErasures, NatsNotices, NatsPrekeys};
+use relay_server::store::{Erasure, ErasureStore, Erasures, NoticeStore, Notices, Prekeys};
 use relay_store_nats::Layout;
 use relay_tests::nats::NatsCluster;
 
@@ -105,4 +106,66 @@ async fn the_jetstream_notices_pass_the_suite_and_every_node_serves_what_one_pub
     let document = other.by_hash(&there.expect("a current notice")).await.expect("read").expect("the document");
     assert_eq!(relay_proto::notice::notice_hash(&document), there.expect("hash"));
     assert_eq!(other.current_count().await.expect("count"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_jetstream_prekeys_pass_the_suite_and_racing_nodes_never_share_a_one_time_key() {
+    use relay_server::store::conformance::prekeys;
+
+    let cluster = NatsCluster::start().await.expect("3-node cluster");
+    let layout = Layout::default();
+    let js = context(&cluster, 0).await;
+    let store: Prekeys = Arc::new(NatsPrekeys::open(js.clone(), &layout).await.expect("stream"));
+    // Each test of the suite on an empty stream.
+    let empty = async || {
+        let stream = js.get_stream(relay_server::store::nats::prekeys::STREAM).await.expect("stream");
+        stream.purge().await.expect("purge");
+    };
+    empty().await;
+    prekeys::bundle_consumes_one_time_keys_then_falls_back_to_last_resort(&store).await;
+    empty().await;
+    prekeys::sizes_and_pool_bound_are_checked(&store).await;
+    empty().await;
+    prekeys::access_key_checks(&store).await;
+    empty().await;
+    prekeys::forgetting_an_account_removes_its_keys_and_no_one_elses(&store).await;
+    empty().await;
+    prekeys::racing_fetches_never_share_a_one_time_key(&store).await;
+
+    // Takers on three nodes share one pool: every one-time key goes to exactly one of them.
+    let account = AccountId([42; 16]);
+    let nodes = [
+        store.clone(),
+        Arc::new(NatsPrekeys::open(context(&cluster, 1).await, &layout).await.expect("node 1")) as Prekeys,
+        Arc::new(NatsPrekeys::open(context(&cluster, 2).await, &layout).await.expect("node 2")) as Prekeys,
+    ];
+    let signed =
+        relay_proto::wire::SignedPrekey { id: 1, public_key: vec![2; 32].into(), signature: vec![3; 64].into() };
+    let pool: Vec<_> =
+        (0..60).map(|i| relay_proto::wire::OneTimePrekey { id: i, public_key: vec![i as u8; 32].into() }).collect();
+    let last_resort = relay_proto::wire::KemPrekey {
+        id: 99,
+        public_key: vec![9; relay_server::store::prekeys::KEM_PUBLIC_LEN].into(),
+        signature: vec![1; 64].into(),
+    };
+    store.upload(&account, Some(&signed), &pool, &[], Some(&last_resort)).await.expect("upload");
+    let takers: Vec<_> = (0..6)
+        .map(|i| {
+            let node = nodes[i % 3].clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..15 {
+                    got.extend(node.take_bundle(&account).await.expect("take").and_then(|b| b.one_time).map(|k| k.id));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for t in takers {
+        for id in t.await.expect("taker") {
+            assert!(seen.insert(id), "one-time prekey {id} handed out twice");
+        }
+    }
+    assert_eq!(seen.len(), 60, "every key handed out once");
 }
