@@ -95,6 +95,31 @@ impl CasBucket {
         Self::open(js, layout::CLAIMS_BUCKET, layout, None).await
     }
 
+    /// Bucket `name` (created if absent), for state other than claims (a relay node's verification codes, say).
+    pub async fn named(js: jetstream::Context, name: &str, layout: &Layout) -> Result<Self, StoreError> {
+        Self::open(js, name, layout, None).await
+    }
+
+    /// The keys under `prefix` (which ends with a dot) that hold a live value, as the bucket stream's leader has
+    /// them: what a sweep walks.
+    pub async fn live_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        use futures_util::TryStreamExt;
+
+        let filter = format!("{}>", self.subject(prefix));
+        let mut subjects =
+            self.stream.info_with_subjects(&filter).await.map_err(StoreError::engine("listing bucket keys"))?;
+        let strip = self.subject("");
+        let mut keys = Vec::new();
+        while let Some((subject, _)) = subjects.try_next().await.map_err(StoreError::engine("listing bucket keys"))? {
+            if let Some(key) = subject.strip_prefix(&strip)
+                && matches!(self.last(key).await?, Last::Live(_))
+            {
+                keys.push(key.to_owned());
+            }
+        }
+        Ok(keys)
+    }
+
     /// Creates bucket `name`, or brings an existing one to `layout`'s replicas; `ttl_markers` enables per-key TTLs
     /// (the server leaves a marker, kept that long, where a TTL removed a key).
     pub(crate) async fn open(

@@ -619,8 +619,11 @@ pub mod notices {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod verification {
+#[cfg(any(test, feature = "conformance"))]
+pub mod verification {
+    //! The [`crate::store::VerificationStore`] suite (public with the `conformance` feature: the JetStream bucket
+    //! runs it on a real cluster). Each test needs an empty store.
+
     use relay_proto::AccountId;
     use relay_proto::verification::{CODE_ATTEMPTS, CODE_TTL_MS, VerificationCode};
 
@@ -628,9 +631,8 @@ pub(crate) mod verification {
     use crate::verify::code::{Attempt, CodeKey, PendingCode, PhoneTag, RequestId};
     use crate::verify::lock::Lock;
 
-    pub(crate) async fn a_new_request_replaces_the_pending_one_and_attempts_are_counted_in_the_store(
-        s: &Verifications,
-    ) {
+    /// A new request replaces the pending one; attempts are counted in the store, then the code is dropped.
+    pub async fn a_new_request_replaces_the_pending_one_and_attempts_are_counted_in_the_store(s: &Verifications) {
         let key = CodeKey::from_bytes(&[1; 32]);
         let phone = PhoneTag([5; 32]);
         let code = VerificationCode::parse("111111").expect("code");
@@ -654,7 +656,8 @@ pub(crate) mod verification {
         assert_eq!(s.pending().await, 0);
     }
 
-    pub(crate) async fn locks_are_set_touched_and_removed(s: &Verifications) {
+    /// Registration locks are set, touched and removed.
+    pub async fn locks_are_set_touched_and_removed(s: &Verifications) {
         let account = AccountId([3; 16]);
         s.touch(&account, 5).await.expect("touching an account without a lock does nothing");
         assert_eq!(s.lock(&account).await.expect("read"), None);
@@ -668,7 +671,7 @@ pub(crate) mod verification {
     }
 
     /// Runs every test, each on a fresh, empty store from `fresh`.
-    pub(crate) async fn run_all(fresh: &dyn Fn() -> Verifications) {
+    pub async fn run_all(fresh: &dyn Fn() -> Verifications) {
         a_new_request_replaces_the_pending_one_and_attempts_are_counted_in_the_store(&fresh()).await;
         locks_are_set_touched_and_removed(&fresh()).await;
     }

@@ -2,7 +2,8 @@
 //! real 3-node cluster: the conformance suites the sled stores pass; one feed across relay nodes (an erasure
 //! recorded through one node is read, in order, through another), which survives the death of its stream's leader
 //! and which the server refuses to shorten; notices published through one node served by another; prekeys whose
-//! one-time keys are each handed out once to fetches racing through different nodes.
+//! one-time keys are each handed out once to fetches racing through different nodes; verification codes whose
+//! attempts, guessed through different nodes at once, never exceed what a code allows.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,8 +11,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use relay_proto::AccountId;
 use relay_server::store::conformance::erasures as suite;
-use relay_server::store::nats::{NatsErasures, NatsNotices, NatsPrekeys};
-use relay_server::store::{Erasure, ErasureStore, Erasures, NoticeStore, Notices, Prekeys};
+use relay_server::store::nats::{NatsErasures, NatsNotices, NatsPrekeys, NatsVerifications};
+use relay_server::store::{Erasure, ErasureStore, Erasures, NoticeStore, Notices, Prekeys, Verifications};
 use relay_store_nats::Layout;
 use relay_tests::nats::NatsCluster;
 
@@ -168,4 +169,57 @@ async fn the_jetstream_prekeys_pass_the_suite_and_racing_nodes_never_share_a_one
         }
     }
     assert_eq!(seen.len(), 60, "every key handed out once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_jetstream_verification_codes_pass_the_suite_and_racing_guesses_never_exceed_the_attempts() {
+    use relay_proto::verification::{CODE_ATTEMPTS, VerificationCode};
+    use relay_server::store::conformance::verification;
+    use relay_server::verify::code::{Attempt, CodeKey, PendingCode, PhoneTag, RequestId};
+
+    let cluster = NatsCluster::start().await.expect("3-node cluster");
+    let layout = Layout::default();
+    let js = context(&cluster, 0).await;
+    let empty = async || {
+        let stream = js.get_stream(format!("KV_{}", relay_server::store::nats::verification::BUCKET)).await;
+        stream.expect("bucket stream").purge().await.expect("purge");
+    };
+    let store: Verifications = Arc::new(NatsVerifications::open(js.clone(), &layout).await.expect("bucket"));
+    empty().await;
+    verification::a_new_request_replaces_the_pending_one_and_attempts_are_counted_in_the_store(&store).await;
+    empty().await;
+    verification::locks_are_set_touched_and_removed(&store).await;
+
+    // Wrong guesses through three nodes at once: the code allows CODE_ATTEMPTS of them, whoever makes them.
+    empty().await;
+    let key = CodeKey::from_bytes(&[1; 32]);
+    let phone = PhoneTag([5; 32]);
+    let code = VerificationCode::parse("111111").expect("code");
+    store.replace_pending(&phone, &PendingCode::new(&key, RequestId([1; 16]), &code, 0)).await.expect("put");
+    let mut nodes = vec![store.clone()];
+    for i in 1..3 {
+        nodes.push(Arc::new(NatsVerifications::open(context(&cluster, i).await, &layout).await.expect("bucket")));
+    }
+    let guessers: Vec<_> = (0..9)
+        .map(|i| {
+            let node = nodes[i % 3].clone();
+            tokio::spawn(async move {
+                let mut counted = 0;
+                for _ in 0..3 {
+                    match node.attempt(&PhoneTag([5; 32]), 1, &|_| false).await.expect("attempt") {
+                        Some((Attempt::Wrong { .. }, _)) => counted += 1,
+                        Some((other, _)) => panic!("{other:?}"),
+                        None => {}
+                    }
+                }
+                counted
+            })
+        })
+        .collect();
+    let mut counted = 0;
+    for g in guessers {
+        counted += g.await.expect("guesser");
+    }
+    assert_eq!(counted, CODE_ATTEMPTS, "27 guesses through three nodes, as many counted as the code allows");
+    assert_eq!(store.pending_request(&phone).await.expect("read"), None, "used up: dropped");
 }

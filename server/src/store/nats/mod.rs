@@ -3,7 +3,8 @@
 //!
 //! Contract:
 //! - What exists: the mailboxes ([`NatsMailboxes`]), the erasure feed ([`NatsErasures`]), the notices
-//!   ([`NatsNotices`]), the prekeys ([`NatsPrekeys`]) and the durability barrier ([`JetStreamDurability`]). The other
+//!   ([`NatsNotices`]), the prekeys ([`NatsPrekeys`]), the
+//!   verification codes and locks ([`NatsVerifications`]) and the durability barrier ([`JetStreamDurability`]). The other
 //!   concerns still have only their sled implementations, and relayd does not open this backend yet
 //!   (docs/scale.md says what exists).
 //! - Every write here returns only after JetStream's publish acknowledgement: for the layout's R3 streams, after a
@@ -16,11 +17,13 @@ pub mod mailbox;
 pub mod notices;
 pub mod prekeys;
 mod stamp;
+pub mod verification;
 
 pub use erasures::NatsErasures;
 pub use mailbox::NatsMailboxes;
 pub use notices::NatsNotices;
 pub use prekeys::NatsPrekeys;
+pub use verification::NatsVerifications;
 
 use super::backend::{BoxFuture, Durability};
 use super::commit::CommitError;
