@@ -6,6 +6,7 @@
 //! | consent statements (the feed) | stream `CONSENT` | `consent.<account hex>` |
 //! | claims (a phone number → its account) | KV bucket `CLAIMS` | `<SHA-256 hex of the claimed name>` |
 //! | leases | KV bucket `LEASES` | the lease's name |
+//! | withdrawal-fence export leases | stream `FENCE` | `fence.<SHA-256 hex of the consent pair>`, one message a lease |
 //! | wake-ups, shard k | core subject (not stored) | `wake.<k>` |
 //!
 //! Contract: these functions are the only place the names are written. An account's shard is its account id's
@@ -26,6 +27,10 @@ pub const FEED_SUBJECTS: &str = "consent.*";
 pub const CLAIMS_BUCKET: &str = "CLAIMS";
 /// The bucket of leases.
 pub const LEASES_BUCKET: &str = "LEASES";
+/// The stream of the withdrawal fence's export leases.
+pub const FENCE_STREAM: &str = "FENCE";
+/// The subjects of [`FENCE_STREAM`].
+pub const FENCE_SUBJECTS: &str = "fence.*";
 /// Largest message the nats-server accepts by default (its `max_payload`).
 pub const SERVER_MAX_PAYLOAD: u32 = 1024 * 1024;
 
@@ -128,6 +133,11 @@ pub fn mailbox_account(shard: Shard, subject: &str) -> Option<AccountId> {
 /// The subject of `account`'s consent statements: `consent.<account hex>`.
 pub fn feed_subject(account: &AccountId) -> String {
     format!("consent.{account}")
+}
+
+/// The subject of the leases of the consent pair whose key is `pair`: `fence.<key>`.
+pub fn fence_subject(pair: &crate::cas::ClaimKey) -> String {
+    format!("fence.{}", pair.as_str())
 }
 
 #[cfg(test)]

@@ -15,12 +15,14 @@
 //!   mailbox, a key that exists, a revision that moved, a lease held by another) has a variant of its own.
 //!
 //! Modules, one concern each: [`mailbox`] (sharded mailbox streams), [`cas`] (compare-and-set key-value buckets:
-//! claims), [`lease`] (leases with a server-side TTL), [`feed`] (the consent statement stream and its cursor),
+//! claims), [`lease`] (leases with a server-side TTL), [`fence`] (the withdrawal fence's export leases, several per
+//! consent pair), [`feed`] (the consent statement stream and its cursor),
 //! [`wake`] (cross-node wake-up subjects).
 
 pub mod cas;
 mod error;
 pub mod feed;
+pub mod fence;
 pub mod layout;
 pub mod lease;
 pub mod mailbox;
