@@ -1,10 +1,11 @@
 //! Tests every storage backend must pass, written once against the traits of [`crate::store::backend`]; each
 //! backend's module runs them over its own fixture (a fresh, empty store per call of the factory).
 //!
-//! Built for this crate's tests and, with the `conformance` feature, for backends tested elsewhere: the mailbox
-//! suite is public so that the integration harness runs it against the JetStream mailboxes on a real cluster. Where
-//! backends legitimately differ (the byte quota), the fixture declares what its backend does ([`mailboxes::ByteQuota`])
-//! and the suite checks exactly that, both ways: a backend that enforced what it claims not to would fail too.
+//! Built for this crate's tests and, with the `conformance` feature, for backends tested elsewhere: the mailbox and
+//! lease suites are public so that the integration harness runs them against the JetStream mailboxes and leases on a
+//! real cluster. Where backends legitimately differ (the byte quota), the fixture declares what its backend does
+//! ([`mailboxes::ByteQuota`]) and the suite checks exactly that, both ways: a backend that enforced what it claims
+//! not to would fail too.
 
 pub mod mailboxes {
     //! The [`MailboxStore`] suite.
@@ -193,6 +194,127 @@ pub mod mailboxes {
             w.await.expect("writer");
         }
         assert_eq!(seen, 12_000, "a cursor reader skipped entries that were inserted out of id order");
+    }
+}
+
+pub mod leases {
+    //! The [`LeaseStore`] suite: the withdrawal fence's export leases.
+    //!
+    //! A wait that must not end yet is watched for [`STILL_WAITING`]: long enough for a backend that polls (the
+    //! JetStream one looks every 250 ms) to have looked several times, so a store that let the withdrawal through
+    //! would be caught; a wait that must end is bounded by [`BOUND`] only to stop a test that would hang.
+
+    use std::collections::HashSet;
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use relay_proto::AccountId;
+    use relay_proto::consent::Purpose;
+
+    use crate::fence::{LEASE_TTL, LeaseId, Pair};
+    use crate::store::LeaseStore;
+
+    /// How long a wait that must not end is watched.
+    pub const STILL_WAITING: Duration = Duration::from_secs(1);
+    /// Hang protection for a wait that must end.
+    pub const BOUND: Duration = Duration::from_secs(60);
+
+    /// A backend under test: `open` gives a lease store over the fixture's leases; a second `open` is what a
+    /// restarted relay node (or another node) sees of what `durable` made durable.
+    pub trait Fixture {
+        /// A lease store over the fixture's leases.
+        fn open(&self) -> impl Future<Output = Arc<dyn LeaseStore>>;
+        /// Makes the leases the opened stores took durable (what the export handler does before answering).
+        fn durable(&self) -> impl Future<Output = ()>;
+        /// A short TTL the backend keeps exactly or longer, for the lapse test.
+        fn short_ttl(&self) -> Duration;
+    }
+
+    fn pair(n: u8) -> Pair {
+        (AccountId([n; 16]), Purpose::Advertising, "adsco".into())
+    }
+
+    async fn clears(leases: &dyn LeaseStore, pair: &Pair, what: &str) {
+        if tokio::time::timeout(BOUND, leases.wait_clear(pair)).await.is_err() {
+            panic!("{what}: wait_clear did not return within {BOUND:?}");
+        }
+    }
+
+    async fn still_waits(leases: &dyn LeaseStore, pair: &Pair, what: &str) {
+        let waited = tokio::time::timeout(STILL_WAITING, leases.wait_clear(pair)).await;
+        assert!(waited.is_err(), "{what}: wait_clear returned while a lease was held");
+    }
+
+    /// Runs every test, each on a fresh fixture from `fresh`.
+    pub async fn run_all<F: Fixture>(fresh: &dyn Fn() -> F) {
+        a_withdrawal_waits_for_every_lease_of_its_pair_and_no_other(&fresh()).await;
+        a_lapsed_lease_stops_holding_a_withdrawal(&fresh()).await;
+        leases_and_ids_survive_a_reopen(&fresh()).await;
+    }
+
+    /// No lease, no wait; several leases on one pair each hold its withdrawal until the last is released; another
+    /// pair's lease holds nothing up; unknown ids are ignored; ids are distinct.
+    pub async fn a_withdrawal_waits_for_every_lease_of_its_pair_and_no_other(f: &impl Fixture) {
+        let leases = f.open().await;
+        let (p, q) = (pair(1), pair(2));
+        clears(&*leases, &p, "no lease").await;
+        let (a1, _) = leases.acquire(p.clone(), LEASE_TTL).await.expect("lease");
+        let (a2, _) = leases.acquire(p.clone(), LEASE_TTL).await.expect("a second lease on the same pair");
+        let (b1, _) = leases.acquire(q.clone(), LEASE_TTL).await.expect("lease");
+        assert_eq!(HashSet::from([a1, a2, b1]).len(), 3, "ids must be distinct: {a1:?} {a2:?} {b1:?}");
+        f.durable().await;
+        still_waits(&*leases, &p, "two leases").await;
+        leases.release(&p, a1).await;
+        still_waits(&*leases, &p, "the second lease of the pair").await;
+        // Unknown ids and another pair's id are ignored: they release nothing.
+        leases.release(&p, LeaseId(u64::MAX)).await;
+        leases.release(&p, b1).await;
+        still_waits(&*leases, &q, "another pair's release must not release this lease").await;
+        leases.release(&p, a2).await;
+        clears(&*leases, &p, "every lease of the pair released").await;
+        still_waits(&*leases, &q, "the other pair's lease").await;
+        leases.release(&q, b1).await;
+        clears(&*leases, &q, "released").await;
+    }
+
+    /// An abandoned lease holds a withdrawal until its TTL has run out, and then no longer (only a lower bound on
+    /// the time is checked: no upper bound on a shared machine).
+    pub async fn a_lapsed_lease_stops_holding_a_withdrawal(f: &impl Fixture) {
+        let leases = f.open().await;
+        let ttl = f.short_ttl();
+        let before = Instant::now();
+        let (_, deadline) = leases.acquire(pair(3), ttl).await.expect("lease");
+        assert!(deadline >= before + ttl, "the deadline is at least the TTL after the request");
+        f.durable().await;
+        clears(&*leases, &pair(3), "a lapsed lease").await;
+        assert!(before.elapsed() >= ttl, "held until the TTL ran out");
+    }
+
+    /// After a reopen (a restarted or another relay node), a lease taken and not released still holds its pair's
+    /// withdrawal until released by the id granted before; a released one is not brought back; ids granted after
+    /// the reopen are none of the earlier ones.
+    pub async fn leases_and_ids_survive_a_reopen(f: &impl Fixture) {
+        let (p, q) = (pair(4), pair(5));
+        let before = f.open().await;
+        let (held, _) = before.acquire(p.clone(), LEASE_TTL).await.expect("lease");
+        let (released, _) = before.acquire(q.clone(), LEASE_TTL).await.expect("lease");
+        before.release(&q, released).await;
+        // Another pair's release by this id is ignored, in the durable record too.
+        before.release(&q, held).await;
+        f.durable().await;
+
+        let after = f.open().await;
+        clears(&*after, &q, "a lease released before the reopen").await;
+        still_waits(&*after, &p, "a lease from before the reopen").await;
+        let mut earlier = HashSet::from([held, released]);
+        for _ in 0..3 {
+            let (fresh, _) = after.acquire(q.clone(), LEASE_TTL).await.expect("lease");
+            assert!(earlier.insert(fresh), "id {fresh:?} granted again after the reopen");
+            after.release(&q, fresh).await;
+        }
+        after.release(&p, held).await;
+        clears(&*after, &p, "released through the reopened store by its old id").await;
     }
 }
 

@@ -3,9 +3,9 @@
 //!
 //! Contract:
 //! - What exists: the mailboxes ([`NatsMailboxes`]), the erasure feed ([`NatsErasures`]), the notices
-//!   ([`NatsNotices`]), the prekeys ([`NatsPrekeys`]), the
-//!   verification codes and locks ([`NatsVerifications`]) and the durability barrier ([`JetStreamDurability`]). The other
-//!   concerns still have only their sled implementations, and relayd does not open this backend yet
+//!   ([`NatsNotices`]), the prekeys ([`NatsPrekeys`]), the verification codes and locks ([`NatsVerifications`]), the
+//!   withdrawal fence's export leases ([`NatsLeases`]) and the durability barrier ([`JetStreamDurability`]). The
+//!   other concerns still have only their sled implementations, and relayd does not open this backend yet
 //!   (docs/scale.md says what exists).
 //! - Every write here returns only after JetStream's publish acknowledgement: for the layout's R3 streams, after a
 //!   quorum of two replicas stored it (fsynced first with the shipped `sync_interval: always`).
@@ -13,6 +13,7 @@
 
 pub mod erasures;
 mod ids;
+pub mod leases;
 pub mod mailbox;
 pub mod notices;
 pub mod prekeys;
@@ -20,6 +21,7 @@ mod stamp;
 pub mod verification;
 
 pub use erasures::NatsErasures;
+pub use leases::NatsLeases;
 pub use mailbox::NatsMailboxes;
 pub use notices::NatsNotices;
 pub use prekeys::NatsPrekeys;
