@@ -17,6 +17,7 @@ mod failover;
 mod identity;
 mod jetstream;
 mod jetstream_conformance;
+mod jetstream_leases;
 mod jetstream_stores;
 mod limits;
 mod logdamage;
