@@ -1,5 +1,5 @@
-//! Leases with a time to live, in the KV bucket [`layout::LEASES_BUCKET`]: the exporter's withdrawal-fence leases
-//! (one per account) will live here, so that a lease taken through one relay node is seen through every other.
+//! Exclusive named leases with a time to live, in the KV bucket [`layout::LEASES_BUCKET`]: one holder at a time, seen
+//! through every relay node. (The withdrawal fence's export leases, several per pair, are [`crate::fence`]'s.)
 //!
 //! Contract:
 //! - [`Leases::take`] succeeds only if the lease is absent, released or expired, with one conditional write (of
