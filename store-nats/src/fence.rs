@@ -11,9 +11,10 @@
 //!   and leader changes, because JetStream never reuses a stream's sequences (the stream is never deleted by the
 //!   relay).
 //! - Expiry is the server's: the stream removes a lease's message when its TTL has run out (no marker is left; the
-//!   stream keeps none), so no relay node's clock is compared with another machine's. A holder computes its
-//!   deadline from just before it published, and the server counts the TTL from when it stored the message, which
-//!   is later: the server never drops a lease before the holder's deadline.
+//!   stream keeps none), so no relay node's clock is compared with another machine's (the NATS servers' clocks
+//!   must agree: after a change of leader, the new leader counts the TTL from the old one's time stamp). A holder
+//!   computes its deadline from just before it published, and the server counts the TTL from when it stored the
+//!   message, which is later: the server never drops a lease before the holder's deadline.
 //! - [`Fence::release`] deletes the lease's message, only if it is on the pair's subject (an id of another pair is
 //!   left in place); an id already gone (released or lapsed) is not an error.
 //! - [`Fence::held`] asks the stream leader whether the pair's subject holds any message, that is any lease not
