@@ -6,9 +6,9 @@
 //!
 //! Every concern is reached through a trait of [`backend`] (held as `Arc<dyn …>`), so that a distributed engine can
 //! serve it; the `Sled…` types here implement them, [`nats`] holds the JetStream implementations written so far
-//! (mailboxes, the fence's export leases and the durability barrier; relayd does not open them yet), and
-//! `conformance` (test builds, or the `conformance` feature) holds the tests every implementation passes. The export
-//! log's own tests still run against its sled implementation only.
+//! (mailboxes, erasures, notices, prekeys, verification codes, the fence's export leases and the durability barrier;
+//! relayd does not open them yet), and `conformance` (test builds, or the `conformance` feature) holds the tests
+//! every implementation passes. The export log's own tests still run against its sled implementation only.
 
 pub mod backend;
 pub mod commit;
