@@ -53,6 +53,7 @@ impl NatsErasures {
     /// Creates the stream, or opens it as it is.
     pub async fn open(js: jetstream::Context, layout: &Layout) -> Result<Self, ErasureStoreError> {
         js.create_or_update_stream(stream_config(layout)).await.map_err(|e| engine("creating the stream")(&e))?;
+        super::ready(&js, STREAM).await.map_err(|e| engine("waiting for the stream")(&e))?;
         let stream = js.get_stream_no_info(STREAM).await.map_err(|e| engine("opening the stream")(&e))?;
         Ok(Self { js, stream })
     }

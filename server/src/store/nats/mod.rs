@@ -28,6 +28,30 @@ pub use prekeys::NatsPrekeys;
 pub use verification::NatsVerifications;
 
 use super::backend::{BoxFuture, Durability};
+
+/// How long [`ready`] waits for a stream just created or updated to have a leader that answers.
+pub const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Waits until stream `name` answers through `js` with a leader elected (or no cluster at all): a stream just
+/// created in a cluster takes a moment to be placed and to elect its leader, and a publish before that fails with
+/// "no stream found". Bounded by [`READY_WITHIN`]; the error names the stream and the last failure.
+pub async fn ready(js: &async_nats::jetstream::Context, name: &str) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + READY_WITHIN;
+    loop {
+        let last = match js.get_stream(name).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) => return Ok(()),
+                Ok(_) => "no leader yet".to_owned(),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("stream {name} not ready within {READY_WITHIN:?}: {last}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
 use super::commit::CommitError;
 
 /// The durability barrier of a store whose every write is durable when it returns.

@@ -79,6 +79,7 @@ impl NatsNotices {
         };
         let bucket =
             js.create_or_update_key_value(config).await.map_err(|e| engine("creating the notice bucket")(&e))?;
+        super::ready(&js, &format!("KV_{BUCKET}")).await.map_err(|e| engine("waiting for the bucket")(&e))?;
         let stream =
             js.get_stream_no_info(format!("KV_{BUCKET}")).await.map_err(|e| engine("opening the notice bucket")(&e))?;
         Ok(Self { bucket, stream })

@@ -64,6 +64,7 @@ impl NatsPrekeys {
     /// Creates the stream, or opens it as it is.
     pub async fn open(js: jetstream::Context, layout: &Layout) -> Result<Self, PrekeyError> {
         js.create_or_update_stream(stream_config(layout)).await.map_err(|e| engine("creating the stream")(&e))?;
+        super::ready(&js, STREAM).await.map_err(|e| engine("waiting for the stream")(&e))?;
         let stream = js.get_stream_no_info(STREAM).await.map_err(|e| engine("opening the stream")(&e))?;
         Ok(Self { js, stream })
     }

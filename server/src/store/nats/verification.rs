@@ -50,7 +50,11 @@ pub struct NatsVerifications {
 impl NatsVerifications {
     /// Creates the bucket, or opens it as it is.
     pub async fn open(js: async_nats::jetstream::Context, layout: &Layout) -> Result<Self> {
-        Ok(Self { bucket: CasBucket::named(js, BUCKET, layout).await.map_err(engine)? })
+        let bucket = CasBucket::named(js.clone(), BUCKET, layout).await.map_err(engine)?;
+        super::ready(&js, &format!("KV_{BUCKET}"))
+            .await
+            .map_err(|e| VerificationStoreError::Store(BackendError(format!("jetstream: {e}"))))?;
+        Ok(Self { bucket })
     }
 
     async fn entry(&self, key: &str) -> Result<Option<Entry>> {
