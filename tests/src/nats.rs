@@ -290,6 +290,21 @@ impl NatsCluster {
         Ok(async_nats::jetstream::new(self.connect(i).await?))
     }
 
+    /// A JetStream context on node `i` whose requests time out after `timeout` (short for retries during an
+    /// election, the default 5 s otherwise).
+    pub async fn context(&self, i: usize, timeout: Duration) -> Result<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::ContextBuilder::new().timeout(timeout).build(self.connect(i).await?))
+    }
+
+    /// [`NatsCluster::context`] on every node, in order.
+    pub async fn contexts(&self, timeout: Duration) -> Result<Vec<async_nats::jetstream::Context>> {
+        let mut nodes = Vec::new();
+        for i in 0..self.nodes.len() {
+            nodes.push(self.context(i, timeout).await?);
+        }
+        Ok(nodes)
+    }
+
     /// The index of the node whose server name is `name`.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.spec.name == name)
@@ -352,6 +367,26 @@ impl Drop for NatsCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
             node.kill();
+        }
+    }
+}
+
+/// Retries `f` until it succeeds, for at most `bound` (an election after a node is killed takes seconds), saying
+/// each failure on stderr; panics with the last failure after `bound`.
+pub async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = std::result::Result<T, E>>>(
+    what: &str,
+    bound: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + bound;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{what}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what} still failing after {bound:?}: {e}"),
         }
     }
 }

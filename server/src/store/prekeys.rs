@@ -143,6 +143,13 @@ pub(crate) fn check_upload(
     Ok(())
 }
 
+/// Whether `access_key` hashes to the stored `verifier`, compared in constant time (the verifier is secret-derived).
+pub(crate) fn access_key_matches(verifier: &[u8], access_key: &[u8]) -> bool {
+    let presented = Sha256::digest(access_key);
+    let diff = presented.iter().zip(verifier.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    verifier.len() == presented.len() && diff == 0
+}
+
 /// A signed prekey as stored: `id (4, BE) ‖ public key ‖ signature`.
 pub(crate) fn encode_signed(s: &SignedPrekey) -> Vec<u8> {
     let mut v = Vec::with_capacity(4 + X25519_LEN + SIGNATURE_LEN);
@@ -257,11 +264,7 @@ impl SledPrekeys {
     }
 
     fn access_allowed_now(&self, account: &AccountId, access_key: &[u8]) -> Result<bool, PrekeyError> {
-        let Some(verifier) = self.access.get(account.as_bytes())? else { return Ok(false) };
-        let presented = Sha256::digest(access_key);
-        // Constant-time comparison: the verifier is secret-derived.
-        let diff = presented.iter().zip(verifier.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        Ok(verifier.len() == presented.len() && diff == 0)
+        Ok(self.access.get(account.as_bytes())?.is_some_and(|verifier| access_key_matches(&verifier, access_key)))
     }
 }
 

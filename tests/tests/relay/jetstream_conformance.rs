@@ -8,7 +8,6 @@
 //! of the suite starts from no mailbox stream at all (it deletes them at its first open).
 
 use std::collections::BTreeMap;
-use std::fmt::Display;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -38,16 +37,11 @@ async fn cluster() -> NatsCluster {
     cluster
 }
 
-/// A JetStream context on each node. With `quick`, requests time out after a second instead of five (for retries
-/// during an election); the suite keeps the default, so that a loaded machine slows it down without failing it.
+/// A JetStream context on each node; with `quick`, requests time out after a second instead of five (for retries
+/// during an election).
 async fn contexts(cluster: &NatsCluster, quick: bool) -> Vec<jetstream::Context> {
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let client = cluster.connect(i).await.expect("client");
-        let timeout = if quick { Duration::from_secs(1) } else { Duration::from_secs(5) };
-        nodes.push(jetstream::ContextBuilder::new().timeout(timeout).build(client));
-    }
-    nodes
+    let timeout = if quick { Duration::from_secs(1) } else { Duration::from_secs(5) };
+    cluster.contexts(timeout).await.expect("contexts")
 }
 
 /// Hang protection for the suite's tests: far above what they take on a loaded 2-core machine (seconds), so it
@@ -116,22 +110,12 @@ async fn jetstream_cursor_readers_miss_nothing_under_concurrent_appends() {
     eprintln!("concurrent cursor test on JetStream: {:?}", started.elapsed());
 }
 
-/// Retries `f` until it succeeds, for at most [`WAIT`] (an election after a node is killed takes seconds).
-async fn until_ok<T, E: Display, F: std::future::Future<Output = Result<T, E>>>(
+/// Retries `f` until it succeeds, for at most [`WAIT`] (see `relay_tests::nats::until_ok`).
+async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
     what: &str,
-    mut f: impl FnMut() -> F,
+    f: impl FnMut() -> F,
 ) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("{what}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("{what} still failing after {WAIT:?}: {e}"),
-        }
-    }
+    relay_tests::nats::until_ok(what, WAIT, f).await
 }
 
 fn by_id(entries: Vec<StoredEnvelope>) -> BTreeMap<u64, (u64, Vec<u8>)> {

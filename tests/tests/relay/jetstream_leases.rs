@@ -7,7 +7,6 @@
 //! (tests/src/nats.rs), killed when the test ends, passing or not; each fixture of the suite starts from no fence
 //! stream at all (it deletes it at its first open).
 
-use std::fmt::Display;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -31,16 +30,11 @@ async fn cluster() -> NatsCluster {
     cluster
 }
 
-/// A JetStream context on each node; with `quick`, requests time out after a second (for retries during an
-/// election).
+/// A JetStream context on each node; with `quick`, requests time out after a second instead of five (for retries
+/// during an election).
 async fn contexts(cluster: &NatsCluster, quick: bool) -> Vec<jetstream::Context> {
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let client = cluster.connect(i).await.expect("client");
-        let timeout = if quick { Duration::from_secs(1) } else { Duration::from_secs(5) };
-        nodes.push(jetstream::ContextBuilder::new().timeout(timeout).build(client));
-    }
-    nodes
+    let timeout = if quick { Duration::from_secs(1) } else { Duration::from_secs(5) };
+    cluster.contexts(timeout).await.expect("contexts")
 }
 
 /// Fresh leases on the cluster: the first `open` deletes the fence stream; each `open` goes through the next node,
@@ -130,22 +124,12 @@ async fn a_lease_taken_through_one_node_holds_a_withdrawal_through_another() {
     eprintln!("cross-node lease test: {:?}", started.elapsed());
 }
 
-/// Retries `f` until it succeeds, for at most [`WAIT`] (an election after a node is killed takes seconds).
-async fn until_ok<T, E: Display, F: std::future::Future<Output = Result<T, E>>>(
+/// Retries `f` until it succeeds, for at most [`WAIT`] (see `relay_tests::nats::until_ok`).
+async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
     what: &str,
-    mut f: impl FnMut() -> F,
+    f: impl FnMut() -> F,
 ) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("{what}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("{what} still failing after {WAIT:?}: {e}"),
-        }
-    }
+    relay_tests::nats::until_ok(what, WAIT, f).await
 }
 
 /// A lease taken through one node is still held, and still holds the withdrawal, after the fence stream's leader

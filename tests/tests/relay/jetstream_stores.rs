@@ -6,7 +6,7 @@
 //! attempts, guessed through different nodes at once, never exceed what a code allows.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use relay_proto::AccountId;
@@ -30,26 +30,15 @@ fn erasure(n: u8) -> Erasure {
 
 /// A JetStream context on node `i`, with short requests (retried during elections).
 async fn context(cluster: &NatsCluster, i: usize) -> jetstream::Context {
-    let client = cluster.connect(i).await.expect("client");
-    jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(client)
+    cluster.context(i, Duration::from_secs(1)).await.expect("context")
 }
 
-/// Retries `f` until it succeeds, for at most [`WAIT`] (an election after a node is killed takes seconds).
+/// Retries `f` until it succeeds, for at most [`WAIT`] (see `relay_tests::nats::until_ok`).
 async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
     what: &str,
-    mut f: impl FnMut() -> F,
+    f: impl FnMut() -> F,
 ) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("{what}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("{what} still failing after {WAIT:?}: {e}"),
-        }
-    }
+    relay_tests::nats::until_ok(what, WAIT, f).await
 }
 
 #[tokio::test]

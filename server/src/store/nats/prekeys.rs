@@ -23,12 +23,11 @@ use futures_util::TryStreamExt;
 use relay_proto::AccountId;
 use relay_proto::wire::{KemPrekey, OneTimePrekey, SignedPrekey};
 use relay_store_nats::Layout;
-use sha2::{Digest, Sha256};
 
 use crate::store::backend::{BackendError, BoxFuture, PrekeyStore};
 use crate::store::prekeys::{
-    Counts, KEM_PUBLIC_LEN, MAX_POOL, PrekeyError, SIGNATURE_LEN, Taken, X25519_LEN, check_upload, decode_kem,
-    encode_kem, encode_signed,
+    Counts, KEM_PUBLIC_LEN, MAX_POOL, PrekeyError, SIGNATURE_LEN, Taken, X25519_LEN, access_key_matches, check_upload,
+    decode_kem, encode_kem, encode_signed,
 };
 
 /// The stream's name.
@@ -203,11 +202,7 @@ impl NatsPrekeys {
     }
 
     async fn access_allowed_now(&self, account: &AccountId, access_key: &[u8]) -> Result<bool, PrekeyError> {
-        let Some(verifier) = self.last(&subject(account, "access")).await? else { return Ok(false) };
-        let presented = Sha256::digest(access_key);
-        // Constant-time comparison: the verifier is secret-derived.
-        let diff = presented.iter().zip(verifier.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        Ok(verifier.len() == presented.len() && diff == 0)
+        Ok(self.last(&subject(account, "access")).await?.is_some_and(|v| access_key_matches(&v, access_key)))
     }
 }
 
